@@ -1,0 +1,333 @@
+//! The client side of the clean room: a bearer-token channel to the service, readers for the
+//! retailer's export files and the partners' lists, and streaming uploads in chunks. The demo, the
+//! tests and any Rust integration use it; other languages use the proto directly.
+
+pub mod sample;
+
+use std::path::Path;
+
+use cleanroom_proto::v1::admin_service_client::AdminServiceClient;
+use cleanroom_proto::v1::partner_service_client::PartnerServiceClient;
+use cleanroom_proto::v1::{
+    ConsentChunk, ConsentRecord, CustomerRecord, IngestConsentRequest, IngestHeader,
+    IngestMembersRequest, IngestPurchasesRequest, IngestSummary, ListChunk, MemberChunk,
+    MemberRecord, PurchaseChunk, PurchaseRecord, UploadListHeader, UploadListRequest,
+    UploadListResponse, ingest_consent_request, ingest_members_request, ingest_purchases_request,
+    upload_list_request,
+};
+use serde::Deserialize;
+use tonic::metadata::MetadataValue;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+use tonic::{Request, Status};
+
+/// Records per streamed message: small enough to stay far below the message size limit.
+pub const CHUNK_RECORDS: usize = 2_000;
+
+/// Errors of the client side.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The service could not be reached.
+    #[error("cannot connect to {addr}: {source}")]
+    Connect {
+        /// Address tried.
+        addr: String,
+        /// Why.
+        source: tonic::transport::Error,
+    },
+    /// A bearer token with characters metadata cannot carry.
+    #[error("the bearer token is not valid metadata")]
+    Token,
+    /// A file could not be read or parsed.
+    #[error("{path}: {message}")]
+    File {
+        /// Which file.
+        path: String,
+        /// What went wrong (never the offending value).
+        message: String,
+    },
+    /// The service refused a call.
+    #[error("{}: {}", .0.code(), .0.message())]
+    Status(#[from] Status),
+}
+
+/// Result alias of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Adds `authorization: Bearer <token>` to every call.
+#[derive(Clone)]
+pub struct Bearer(MetadataValue<tonic::metadata::Ascii>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut request: Request<()>) -> std::result::Result<Request<()>, Status> {
+        request
+            .metadata_mut()
+            .insert("authorization", self.0.clone());
+        Ok(request)
+    }
+}
+
+/// A partner client that authenticates every call.
+pub type PartnerClient = PartnerServiceClient<InterceptedService<Channel, Bearer>>;
+/// An admin client that authenticates every call.
+pub type AdminClient = AdminServiceClient<InterceptedService<Channel, Bearer>>;
+
+/// An open channel to the service.
+#[derive(Clone)]
+pub struct Connection {
+    channel: Channel,
+}
+
+impl Connection {
+    /// Connects to `http://host:port`.
+    pub async fn open(addr: &str) -> Result<Self> {
+        let channel = Channel::from_shared(addr.to_string())
+            .map_err(|_| Error::File {
+                path: addr.into(),
+                message: "not a valid URI".into(),
+            })?
+            .connect()
+            .await
+            .map_err(|source| Error::Connect {
+                addr: addr.into(),
+                source,
+            })?;
+        Ok(Self { channel })
+    }
+
+    fn bearer(token: &str) -> Result<Bearer> {
+        format!("Bearer {token}")
+            .parse()
+            .map(Bearer)
+            .map_err(|_| Error::Token)
+    }
+
+    /// The partner API, as the holder of `token`.
+    pub fn partner(&self, token: &str) -> Result<PartnerClient> {
+        Ok(
+            PartnerServiceClient::with_interceptor(self.channel.clone(), Self::bearer(token)?)
+                .max_decoding_message_size(64 * 1024 * 1024),
+        )
+    }
+
+    /// The admin API, as the holder of `token`.
+    pub fn admin(&self, token: &str) -> Result<AdminClient> {
+        Ok(AdminServiceClient::with_interceptor(
+            self.channel.clone(),
+            Self::bearer(token)?,
+        ))
+    }
+}
+
+fn read_csv<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Vec<T>> {
+    let fail = |message: String| Error::File {
+        path: path.display().to_string(),
+        message,
+    };
+    let mut reader = csv::Reader::from_path(path).map_err(|e| fail(e.to_string()))?;
+    reader
+        .deserialize()
+        .enumerate()
+        .map(|(i, row)| {
+            row.map_err(|_| fail(format!("row {} does not match the expected columns", i + 1)))
+        })
+        .collect()
+}
+
+/// A row of the retailer's member export. Names, addresses and postal codes are read past and
+/// never leave this function.
+#[derive(Deserialize)]
+struct MemberRow {
+    member_id: String,
+    email: String,
+    phone: String,
+    prefecture: String,
+    birth_date: String,
+    gender: String,
+}
+
+/// Reads the retailer's member export (`members.csv`).
+pub fn read_members(path: &Path) -> Result<Vec<MemberRecord>> {
+    Ok(read_csv::<MemberRow>(path)?
+        .into_iter()
+        .map(|r| MemberRecord {
+            member_id: r.member_id,
+            email: r.email,
+            phone: r.phone,
+            prefecture: r.prefecture,
+            birth_date: r.birth_date,
+            gender: r.gender,
+        })
+        .collect())
+}
+
+#[derive(Deserialize)]
+struct PurchaseRow {
+    member_id: String,
+    purchased_at: String,
+    sku: String,
+    brand: String,
+    manufacturer: String,
+    category: String,
+    quantity: i64,
+    amount: i64,
+}
+
+/// Reads the retailer's purchase export (`purchases.csv`).
+pub fn read_purchases(path: &Path) -> Result<Vec<PurchaseRecord>> {
+    Ok(read_csv::<PurchaseRow>(path)?
+        .into_iter()
+        .map(|r| PurchaseRecord {
+            member_id: r.member_id,
+            purchased_at: r.purchased_at,
+            sku: r.sku,
+            brand: r.brand,
+            manufacturer: r.manufacturer,
+            category: r.category,
+            quantity: r.quantity,
+            amount: r.amount,
+        })
+        .collect())
+}
+
+#[derive(Deserialize)]
+struct ConsentRow {
+    member_id: String,
+    purpose: String,
+    notice_version: u32,
+    action: String,
+    at: String,
+    source: String,
+    expires_at: String,
+}
+
+/// Reads the retailer's consent log export (`consent_events.csv`).
+pub fn read_consent(path: &Path) -> Result<Vec<ConsentRecord>> {
+    Ok(read_csv::<ConsentRow>(path)?
+        .into_iter()
+        .map(|r| ConsentRecord {
+            member_id: r.member_id,
+            purpose: r.purpose,
+            notice_version: r.notice_version,
+            action: r.action,
+            at: r.at,
+            source: r.source,
+            expires_at: r.expires_at,
+        })
+        .collect())
+}
+
+#[derive(Deserialize)]
+struct ListRow {
+    #[serde(default)]
+    email: String,
+    #[serde(default)]
+    phone: String,
+    #[serde(default)]
+    email_token: String,
+    #[serde(default)]
+    phone_token: String,
+    #[serde(default)]
+    attribute: String,
+}
+
+/// Reads a partner's customer list: `email,phone,attribute` (raw) or
+/// `email_token,phone_token,attribute` (from `cleanroom prep`).
+pub fn read_list(path: &Path) -> Result<Vec<CustomerRecord>> {
+    Ok(read_csv::<ListRow>(path)?
+        .into_iter()
+        .map(|r| CustomerRecord {
+            email: r.email,
+            phone: r.phone,
+            email_token: r.email_token,
+            phone_token: r.phone_token,
+            attribute: r.attribute,
+        })
+        .collect())
+}
+
+/// Streams a member export: a header, then chunks.
+pub async fn ingest_members(
+    client: &mut AdminClient,
+    header: IngestHeader,
+    records: Vec<MemberRecord>,
+) -> Result<IngestSummary> {
+    let mut messages = vec![IngestMembersRequest {
+        kind: Some(ingest_members_request::Kind::Header(header)),
+    }];
+    messages.extend(chunks(records).map(|records| IngestMembersRequest {
+        kind: Some(ingest_members_request::Kind::Chunk(MemberChunk { records })),
+    }));
+    Ok(client
+        .ingest_members(tokio_stream::iter(messages))
+        .await?
+        .into_inner())
+}
+
+/// Streams purchases: a header, then chunks.
+pub async fn ingest_purchases(
+    client: &mut AdminClient,
+    header: IngestHeader,
+    records: Vec<PurchaseRecord>,
+) -> Result<IngestSummary> {
+    let mut messages = vec![IngestPurchasesRequest {
+        kind: Some(ingest_purchases_request::Kind::Header(header)),
+    }];
+    messages.extend(chunks(records).map(|records| IngestPurchasesRequest {
+        kind: Some(ingest_purchases_request::Kind::Chunk(PurchaseChunk {
+            records,
+        })),
+    }));
+    Ok(client
+        .ingest_purchases(tokio_stream::iter(messages))
+        .await?
+        .into_inner())
+}
+
+/// Streams consent events: a header, then chunks.
+pub async fn ingest_consent(
+    client: &mut AdminClient,
+    header: IngestHeader,
+    records: Vec<ConsentRecord>,
+) -> Result<IngestSummary> {
+    let mut messages = vec![IngestConsentRequest {
+        kind: Some(ingest_consent_request::Kind::Header(header)),
+    }];
+    messages.extend(chunks(records).map(|records| IngestConsentRequest {
+        kind: Some(ingest_consent_request::Kind::Chunk(ConsentChunk {
+            records,
+        })),
+    }));
+    Ok(client
+        .ingest_consent(tokio_stream::iter(messages))
+        .await?
+        .into_inner())
+}
+
+/// Streams a customer list: a header, then chunks.
+pub async fn upload_list(
+    client: &mut PartnerClient,
+    strict: bool,
+    records: Vec<CustomerRecord>,
+) -> Result<UploadListResponse> {
+    let mut messages = vec![UploadListRequest {
+        kind: Some(upload_list_request::Kind::Header(UploadListHeader {
+            strict,
+        })),
+    }];
+    messages.extend(chunks(records).map(|records| UploadListRequest {
+        kind: Some(upload_list_request::Kind::Chunk(ListChunk { records })),
+    }));
+    Ok(client
+        .upload_list(tokio_stream::iter(messages))
+        .await?
+        .into_inner())
+}
+
+fn chunks<T>(records: Vec<T>) -> impl Iterator<Item = Vec<T>> {
+    let mut records = records.into_iter().peekable();
+    std::iter::from_fn(move || {
+        records.peek()?;
+        Some(records.by_ref().take(CHUNK_RECORDS).collect())
+    })
+}

@@ -1,0 +1,478 @@
+//! The allow-list: reviewed query files in `queries/`, each SQL over the safe views plus metadata a
+//! lawyer can read, and the binding of a caller's parameters to typed values.
+//!
+//! Parameters are checked against their declared type, range, granularity and allowed values, then
+//! handed to the engine as typed values for placeholders. They are never spliced into SQL text.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use chrono::{Datelike, NaiveDate, Weekday};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use crate::rules::Rules;
+use crate::{Error, Result};
+
+/// One allow-listed query, as reviewed.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueryDef {
+    /// Stable id; the file is `queries/<id>.toml`.
+    pub id: String,
+    /// Content version, raised on every edit.
+    pub version: u32,
+    /// Short title.
+    pub title: String,
+    /// Japanese title, when the reviewers keep one.
+    #[serde(default)]
+    pub title_ja: Option<String>,
+    /// What the query answers, in plain language.
+    pub description: String,
+    /// Japanese description, when the reviewers keep one.
+    #[serde(default)]
+    pub description_ja: Option<String>,
+    /// The consent purposes it may serve; a contract of another purpose cannot run it.
+    pub purposes: Vec<String>,
+    /// The contract clause that allows it.
+    pub contract_clause: String,
+    /// Partners it is open to (the contract must list it too).
+    pub partners: Vec<String>,
+    /// The query's own k; the effective k is never below the floor or the contract's k.
+    pub k: u32,
+    /// SQL over the safe views `members` and `purchases`, with `$name` placeholders.
+    pub sql: String,
+    /// Typed parameters.
+    #[serde(default)]
+    pub params: Vec<ParamSpec>,
+    /// Output columns that group rows, in output order.
+    #[serde(default)]
+    pub dimensions: Vec<DimensionSpec>,
+    /// Output columns that carry aggregates, in output order after the dimensions.
+    pub metrics: Vec<String>,
+    /// Where the file was read from.
+    #[serde(skip)]
+    pub source: PathBuf,
+    /// SHA-256 (hex) of the file's bytes.
+    #[serde(skip)]
+    pub content_sha256: String,
+}
+
+/// A typed parameter.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ParamSpec {
+    /// Placeholder name (`$name` in the SQL).
+    pub name: String,
+    /// Its type.
+    #[serde(rename = "type")]
+    pub kind: ParamKind,
+    /// What it means.
+    pub description: String,
+    /// Inclusive lower bound (a date or an integer).
+    #[serde(default)]
+    pub min: Option<toml::Value>,
+    /// Inclusive upper bound (a date or an integer).
+    #[serde(default)]
+    pub max: Option<toml::Value>,
+    /// For dates: the calendar unit values must fall on.
+    #[serde(default)]
+    pub granularity: Option<Granularity>,
+    /// For dates: a parameter this one must come strictly after (an exclusive window end).
+    #[serde(default)]
+    pub after: Option<String>,
+    /// For enums: the allowed values, listed here.
+    #[serde(default)]
+    pub values: Option<Vec<String>>,
+    /// For enums: the allowed values, taken from a named domain of the rules.
+    #[serde(default)]
+    pub domain: Option<String>,
+}
+
+/// Parameter types.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ParamKind {
+    /// A calendar date, `YYYY-MM-DD`, meaning local midnight.
+    Date,
+    /// A whole number.
+    Int,
+    /// One value from a fixed list.
+    Enum,
+}
+
+impl ParamKind {
+    /// Lowercase name, as the API describes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ParamKind::Date => "date",
+            ParamKind::Int => "int",
+            ParamKind::Enum => "enum",
+        }
+    }
+}
+
+/// The calendar unit a date parameter snaps to. Coarse units stop trackers that subtract two
+/// windows one day apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Granularity {
+    /// Any day.
+    Day,
+    /// Mondays only.
+    Week,
+    /// The first of a month only.
+    Month,
+}
+
+impl Granularity {
+    /// Lowercase name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Granularity::Day => "day",
+            Granularity::Week => "week",
+            Granularity::Month => "month",
+        }
+    }
+
+    fn admits(self, date: NaiveDate) -> bool {
+        match self {
+            Granularity::Day => true,
+            Granularity::Week => date.weekday() == Weekday::Mon,
+            Granularity::Month => date.day() == 1,
+        }
+    }
+}
+
+/// A grouping column of the output and the domain its values come from.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DimensionSpec {
+    /// Output column name.
+    pub name: String,
+    /// Domain name: built in (`age_band`, `prefecture`, `gender`, `partner_attribute`) or from the
+    /// rules' `[domains]`.
+    pub domain: String,
+}
+
+/// A parameter value as the caller sent it, before any check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RawValue {
+    /// A string.
+    Str(String),
+    /// An integer.
+    Int(i64),
+    /// A date string.
+    Date(String),
+}
+
+impl RawValue {
+    fn kind_name(&self) -> &'static str {
+        match self {
+            RawValue::Str(_) => "a string",
+            RawValue::Int(_) => "an integer",
+            RawValue::Date(_) => "a date",
+        }
+    }
+}
+
+/// A checked, typed parameter value.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum BoundValue {
+    /// A date, to be bound as local midnight.
+    Date(NaiveDate),
+    /// An integer.
+    Int(i64),
+    /// One of the allowed strings.
+    Str(String),
+}
+
+impl std::fmt::Display for BoundValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BoundValue::Date(d) => write!(f, "{d}"),
+            BoundValue::Int(i) => write!(f, "{i}"),
+            BoundValue::Str(s) => f.write_str(s),
+        }
+    }
+}
+
+fn bound_date(value: &toml::Value) -> Option<NaiveDate> {
+    match value {
+        toml::Value::String(s) => NaiveDate::parse_from_str(s, "%Y-%m-%d").ok(),
+        toml::Value::Datetime(dt) => dt
+            .date
+            .and_then(|d| NaiveDate::from_ymd_opt(i32::from(d.year), d.month.into(), d.day.into())),
+        _ => None,
+    }
+}
+
+impl QueryDef {
+    /// Checks the metadata on its own and against the rules: parameter constraints present and
+    /// well-formed, dimensions drawing on known domains, k at or above the floor.
+    pub fn validate(&self, rules: &Rules) -> Result<()> {
+        let fail = |msg: String| Err(Error::Config(format!("query {}: {msg}", self.id)));
+        if self.purposes.is_empty() {
+            return fail("names no purpose".into());
+        }
+        for purpose in &self.purposes {
+            if !rules.purposes.contains_key(purpose) {
+                return fail(format!("unknown purpose `{purpose}`"));
+            }
+        }
+        if self.k < rules.privacy.k_floor {
+            return fail(format!(
+                "k {} is below the floor {}",
+                self.k, rules.privacy.k_floor
+            ));
+        }
+        for partner in &self.partners {
+            if !rules.partners.contains_key(partner) {
+                return fail(format!("unknown partner `{partner}`"));
+            }
+        }
+        if self.metrics.is_empty() {
+            return fail("declares no metric".into());
+        }
+        let mut names = BTreeSet::new();
+        for p in &self.params {
+            if !names.insert(p.name.as_str()) {
+                return fail(format!("parameter `{}` declared twice", p.name));
+            }
+            if !self.sql.contains(&format!("${}", p.name)) {
+                return fail(format!("parameter `{}` is not used in the SQL", p.name));
+            }
+            match p.kind {
+                ParamKind::Date => {
+                    let (Some(min), Some(max)) = (&p.min, &p.max) else {
+                        return fail(format!("date parameter `{}` needs min and max", p.name));
+                    };
+                    if bound_date(min).is_none() || bound_date(max).is_none() {
+                        return fail(format!(
+                            "date parameter `{}`: min/max must be dates",
+                            p.name
+                        ));
+                    }
+                    if p.granularity.is_none() {
+                        return fail(format!("date parameter `{}` needs a granularity", p.name));
+                    }
+                }
+                ParamKind::Int => {
+                    let (Some(toml::Value::Integer(_)), Some(toml::Value::Integer(_))) =
+                        (&p.min, &p.max)
+                    else {
+                        return fail(format!(
+                            "int parameter `{}` needs integer min and max",
+                            p.name
+                        ));
+                    };
+                }
+                ParamKind::Enum => match (&p.values, &p.domain) {
+                    (Some(values), None) if !values.is_empty() => {}
+                    (None, Some(domain)) if rules.has_domain(domain) => {}
+                    _ => {
+                        return fail(format!(
+                            "enum parameter `{}` needs a non-empty `values` list or a known `domain`",
+                            p.name
+                        ));
+                    }
+                },
+            }
+            if let Some(after) = &p.after
+                && !self
+                    .params
+                    .iter()
+                    .any(|o| &o.name == after && o.kind == p.kind)
+            {
+                return fail(format!(
+                    "parameter `{}`: `after` names no parameter of its type",
+                    p.name
+                ));
+            }
+        }
+        for d in &self.dimensions {
+            if !rules.has_domain(&d.domain) {
+                return fail(format!(
+                    "dimension `{}`: unknown domain `{}`",
+                    d.name, d.domain
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Output column names in order: dimensions, then metrics.
+    pub fn output_columns(&self) -> Vec<String> {
+        self.dimensions
+            .iter()
+            .map(|d| d.name.clone())
+            .chain(self.metrics.iter().cloned())
+            .collect()
+    }
+
+    /// The values an enum parameter accepts, for a given partner.
+    pub fn allowed_values(&self, spec: &ParamSpec, rules: &Rules, partner: &str) -> Vec<String> {
+        match (&spec.values, &spec.domain) {
+            (Some(values), _) => values.clone(),
+            (None, Some(domain)) => rules.domain(domain, partner).unwrap_or_default(),
+            (None, None) => Vec::new(),
+        }
+    }
+
+    /// Checks the caller's values against the declared parameters and returns them typed. Every
+    /// declared parameter must be present, no other name is accepted, and no error message echoes
+    /// a value (a caller could put anything in it).
+    pub fn bind(
+        &self,
+        raw: &BTreeMap<String, RawValue>,
+        rules: &Rules,
+        partner: &str,
+    ) -> Result<BTreeMap<String, BoundValue>> {
+        let invalid =
+            |name: &str, msg: &str| Err(Error::Input(format!("parameter `{name}`: {msg}")));
+        if let Some(unknown) = raw
+            .keys()
+            .find(|k| !self.params.iter().any(|p| &p.name == *k))
+        {
+            // Unknown names are the caller's own text; show at most a prefix of safe characters.
+            let shown: String = unknown
+                .chars()
+                .take(40)
+                .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            return Err(Error::Input(format!(
+                "query {} has no parameter `{shown}`",
+                self.id
+            )));
+        }
+        let mut bound = BTreeMap::new();
+        for spec in &self.params {
+            let Some(value) = raw.get(&spec.name) else {
+                return invalid(&spec.name, "missing");
+            };
+            let typed = match (spec.kind, value) {
+                (ParamKind::Date, RawValue::Date(text) | RawValue::Str(text)) => {
+                    let Ok(date) = NaiveDate::parse_from_str(text, "%Y-%m-%d") else {
+                        return invalid(&spec.name, "expected a date as YYYY-MM-DD");
+                    };
+                    let min = spec.min.as_ref().and_then(bound_date);
+                    let max = spec.max.as_ref().and_then(bound_date);
+                    if min.is_some_and(|m| date < m) || max.is_some_and(|m| date > m) {
+                        return invalid(
+                            &spec.name,
+                            &format!(
+                                "out of range {}..={}",
+                                min.map(|d| d.to_string()).unwrap_or_default(),
+                                max.map(|d| d.to_string()).unwrap_or_default()
+                            ),
+                        );
+                    }
+                    let granularity = spec.granularity.unwrap_or(Granularity::Day);
+                    if !granularity.admits(date) {
+                        return invalid(
+                            &spec.name,
+                            &format!(
+                                "must fall on a {} boundary ({})",
+                                granularity.as_str(),
+                                match granularity {
+                                    Granularity::Week => "a Monday",
+                                    Granularity::Month => "the 1st of a month",
+                                    Granularity::Day => "any day",
+                                }
+                            ),
+                        );
+                    }
+                    BoundValue::Date(date)
+                }
+                (ParamKind::Int, RawValue::Int(i)) => {
+                    let in_range =
+                        |bound: &Option<toml::Value>, ok: fn(i64, i64) -> bool| match bound {
+                            Some(toml::Value::Integer(b)) => ok(*i, *b),
+                            _ => true,
+                        };
+                    if !in_range(&spec.min, |v, b| v >= b) || !in_range(&spec.max, |v, b| v <= b) {
+                        return invalid(&spec.name, "out of range");
+                    }
+                    BoundValue::Int(*i)
+                }
+                (ParamKind::Enum, RawValue::Str(s)) => {
+                    if !self.allowed_values(spec, rules, partner).contains(s) {
+                        return invalid(
+                            &spec.name,
+                            "not one of the allowed values (see DescribeQuery)",
+                        );
+                    }
+                    BoundValue::Str(s.clone())
+                }
+                (kind, other) => {
+                    return invalid(
+                        &spec.name,
+                        &format!("expected {}, got {}", kind.as_str(), other.kind_name()),
+                    );
+                }
+            };
+            bound.insert(spec.name.clone(), typed);
+        }
+        for spec in &self.params {
+            if let Some(after) = &spec.after
+                && bound.get(&spec.name) <= bound.get(after)
+            {
+                return invalid(&spec.name, &format!("must come after `{after}`"));
+            }
+        }
+        Ok(bound)
+    }
+}
+
+/// Every allow-listed query, by id.
+#[derive(Debug, Clone, Default)]
+pub struct AllowList {
+    queries: BTreeMap<String, QueryDef>,
+}
+
+impl AllowList {
+    /// Reads every `*.toml` file of a directory. A file whose name differs from its id, a duplicate
+    /// id or a query that fails validation makes the whole load fail: half an allow-list is worse
+    /// than none.
+    pub fn load(dir: &Path, rules: &Rules) -> Result<Self> {
+        let entries = std::fs::read_dir(dir)
+            .map_err(|e| Error::Config(format!("cannot read allow-list {}: {e}", dir.display())))?;
+        let mut paths: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+            .collect();
+        paths.sort();
+        let mut queries = BTreeMap::new();
+        for path in paths {
+            let bytes = std::fs::read(&path)
+                .map_err(|e| Error::Config(format!("cannot read {}: {e}", path.display())))?;
+            let text = String::from_utf8(bytes.clone())
+                .map_err(|_| Error::Config(format!("{}: not UTF-8", path.display())))?;
+            let mut def: QueryDef = toml::from_str(&text)
+                .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+            if path.file_stem().and_then(|s| s.to_str()) != Some(def.id.as_str()) {
+                return Err(Error::Config(format!(
+                    "{}: file name must be <id>.toml",
+                    path.display()
+                )));
+            }
+            def.validate(rules)?;
+            def.content_sha256 = hex::encode(Sha256::digest(&bytes));
+            def.source = path;
+            if queries.insert(def.id.clone(), def).is_some() {
+                return Err(Error::Config("duplicate query id".into()));
+            }
+        }
+        Ok(Self { queries })
+    }
+
+    /// One query by id.
+    pub fn get(&self, id: &str) -> Option<&QueryDef> {
+        self.queries.get(id)
+    }
+
+    /// All queries in id order.
+    pub fn iter(&self) -> impl Iterator<Item = &QueryDef> {
+        self.queries.values()
+    }
+}

@@ -1,0 +1,159 @@
+//! Normalization of emails and phone numbers before they are keyed, following the UID2 rules for
+//! emails and E.164 for phones, with Japanese input (full-width forms, domestic numbers) folded in.
+//!
+//! A rejected identifier is never hashed: a keyed hash of garbage would only create false matches.
+//! Rejection reasons are fixed strings that never echo the input, so they can be logged and counted.
+
+use unicode_normalization::UnicodeNormalization;
+
+/// Why an identifier was rejected. The text is stable and contains no part of the input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Rejection(pub &'static str);
+
+impl std::fmt::Display for Rejection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
+/// Normalizes an email address: NFKC, trim, ASCII lowercase, and for gmail.com only, remove the
+/// dots of the local part and drop everything from the first `+`.
+pub fn email(raw: &str) -> Result<String, Rejection> {
+    let folded: String = raw.nfkc().collect();
+    let trimmed = folded.trim();
+    if trimmed.is_empty() {
+        return Err(Rejection("email: empty"));
+    }
+    if trimmed.chars().any(char::is_whitespace) {
+        return Err(Rejection("email: contains whitespace"));
+    }
+    let lower = trimmed.to_ascii_lowercase();
+    let mut parts = lower.split('@');
+    let (Some(local), Some(domain)) = (parts.next(), parts.next()) else {
+        return Err(Rejection("email: no @"));
+    };
+    if parts.next().is_some() {
+        return Err(Rejection("email: more than one @"));
+    }
+    if local.is_empty() {
+        return Err(Rejection("email: empty local part"));
+    }
+    if domain.is_empty()
+        || !domain.contains('.')
+        || domain.starts_with('.')
+        || domain.ends_with('.')
+    {
+        return Err(Rejection("email: invalid domain"));
+    }
+    if domain == "gmail.com" {
+        let without_tag = local.split('+').next().unwrap_or_default();
+        let canonical: String = without_tag.chars().filter(|c| *c != '.').collect();
+        if canonical.is_empty() {
+            return Err(Rejection("email: empty local part"));
+        }
+        return Ok(format!("{canonical}@{domain}"));
+    }
+    Ok(format!("{local}@{domain}"))
+}
+
+/// Characters accepted as separators inside a phone number. NFKC keeps the katakana long mark
+/// (U+30FC) and some dashes, which Japanese forms often use between digit groups.
+fn is_phone_separator(c: char) -> bool {
+    matches!(
+        c,
+        ' ' | '-' | '(' | ')' | '.' | '\u{30FC}' | '\u{2010}'..='\u{2015}' | '\u{2212}'
+    )
+}
+
+/// Shortest and longest E.164 numbers, in digits after the `+`.
+const E164_MIN_DIGITS: usize = 8;
+const E164_MAX_DIGITS: usize = 15;
+
+/// Normalizes a phone number to E.164. A Japanese domestic number (leading 0) becomes `+81`
+/// followed by the rest of its digits.
+pub fn phone(raw: &str) -> Result<String, Rejection> {
+    let folded: String = raw.nfkc().collect();
+    let trimmed = folded.trim();
+    if trimmed.is_empty() {
+        return Err(Rejection("phone: empty"));
+    }
+    let (international, body) = match trimmed.strip_prefix('+') {
+        Some(rest) => (true, rest),
+        None => (false, trimmed),
+    };
+    let mut digits = String::with_capacity(body.len());
+    for c in body.chars() {
+        if c.is_ascii_digit() {
+            digits.push(c);
+        } else if !is_phone_separator(c) {
+            return Err(
+                if digits.is_empty() && !body.chars().any(|c| c.is_ascii_digit()) {
+                    Rejection("phone: no digits")
+                } else {
+                    Rejection("phone: invalid character")
+                },
+            );
+        }
+    }
+    if digits.is_empty() {
+        return Err(Rejection("phone: no digits"));
+    }
+    let e164_digits = if international {
+        digits
+    } else if let Some(domestic) = digits.strip_prefix('0') {
+        // Japanese domestic numbers are 10 or 11 digits with the trunk prefix 0.
+        if !(9..=10).contains(&domestic.len()) {
+            return Err(Rejection(if domestic.len() < 9 {
+                "phone: too short"
+            } else {
+                "phone: too long"
+            }));
+        }
+        format!("81{domestic}")
+    } else if digits.len() < E164_MIN_DIGITS {
+        return Err(Rejection("phone: too short"));
+    } else {
+        return Err(Rejection("phone: no country code"));
+    };
+    if e164_digits.len() < E164_MIN_DIGITS {
+        return Err(Rejection("phone: too short"));
+    }
+    if e164_digits.len() > E164_MAX_DIGITS {
+        return Err(Rejection("phone: too long"));
+    }
+    if e164_digits.starts_with('0') {
+        return Err(Rejection("phone: invalid country code"));
+    }
+    Ok(format!("+{e164_digits}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn rejections_never_echo_input() {
+        let secret = "secret-local-part";
+        let err = email(&format!("{secret}@@example.com")).unwrap_err();
+        assert!(!err.0.contains(secret));
+    }
+
+    proptest! {
+        #[test]
+        fn email_normalization_is_idempotent(s in "\\PC{0,40}") {
+            if let Ok(once) = email(&s) {
+                prop_assert_eq!(email(&once), Ok(once.clone()));
+            }
+        }
+
+        #[test]
+        fn phone_normalization_is_idempotent_and_e164(s in "[+]?[0-9０-９ー() -]{0,20}") {
+            if let Ok(once) = phone(&s) {
+                prop_assert!(once.starts_with('+'));
+                prop_assert!(once[1..].chars().all(|c| c.is_ascii_digit()));
+                prop_assert_eq!(phone(&once), Ok(once.clone()));
+            }
+        }
+    }
+}

@@ -1,0 +1,227 @@
+//! The per-collaboration safe views. For one query they hold only the members who are both in the
+//! partner's current list and consented to the contract's purpose at the current notice version,
+//! evaluated at query time, and no column that identifies anyone: no member id, no token, no
+//! identifier. They are the only tables a query's SQL can name.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use cleanroom_core::consent::{self, Action, Event, Requirement};
+use cleanroom_core::rules::{Contract, UNKNOWN_ATTRIBUTE};
+use datafusion::arrow::array::{Array, AsArray, BooleanArray, RecordBatch, StringArray};
+use datafusion::arrow::compute::filter_record_batch;
+use datafusion::arrow::datatypes::{
+    DataType, Field, Int64Type, Schema, TimestampMicrosecondType, UInt32Type,
+};
+use datafusion::datasource::MemTable;
+use datafusion::prelude::{SessionConfig, SessionContext};
+
+use crate::Result;
+use crate::ingest::purchases_schema;
+use crate::store::Snapshot;
+
+/// Names of the tables a query may read. Nothing else is registered in a query's session.
+pub const SAFE_VIEWS: &[&str] = &["members", "purchases"];
+
+/// The column of every safe view that carries the member pseudonym. It may be joined on and
+/// counted, never output.
+pub const MEMBER_KEY: &str = "member_key";
+
+/// Safe views built for one query.
+pub struct SafeViews {
+    /// The `members` view.
+    pub members: RecordBatch,
+    /// The `purchases` view.
+    pub purchases: Vec<RecordBatch>,
+    /// The consent state they reflect.
+    pub consent_snapshot_id: String,
+    /// The partner list version they reflect.
+    pub list_version: u32,
+    /// Matched members before the consent filter.
+    pub matched_members: usize,
+}
+
+/// Schema of the `members` view.
+pub fn members_view_schema() -> Arc<Schema> {
+    Arc::new(Schema::new(vec![
+        Field::new(MEMBER_KEY, DataType::Int64, false),
+        Field::new("age_band", DataType::Utf8, false),
+        Field::new("prefecture", DataType::Utf8, false),
+        Field::new("gender", DataType::Utf8, false),
+        Field::new("partner_attribute", DataType::Utf8, false),
+    ]))
+}
+
+impl SafeViews {
+    /// Builds the views of one collaboration from a snapshot, at `now`.
+    pub fn build(
+        snapshot: &Snapshot,
+        contract_id: &str,
+        contract: &Contract,
+        requirement: &Requirement,
+        now: DateTime<Utc>,
+    ) -> Result<Self> {
+        let Some(list) = snapshot.lists.get(&contract.partner) else {
+            return Err(cleanroom_core::Error::Precondition(
+                "no customer list uploaded yet: call UploadList first".into(),
+            )
+            .into());
+        };
+        let matched = match_members(snapshot, contract_id, &list.tokens);
+        let eligible = consented(snapshot, &matched, &contract.purpose, requirement, now);
+
+        let members = match &snapshot.members {
+            Some(batch) => members_view(batch, &matched, &eligible)?,
+            None => RecordBatch::new_empty(members_view_schema()),
+        };
+        let purchases = snapshot
+            .purchases
+            .iter()
+            .map(|batch| keep_members(batch, &eligible))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            members,
+            purchases,
+            consent_snapshot_id: snapshot.consent_snapshot_id.clone(),
+            list_version: list.version,
+            matched_members: matched.len(),
+        })
+    }
+
+    /// A fresh DataFusion session in which the safe views are the only tables.
+    pub fn session(&self) -> Result<SessionContext> {
+        let config = SessionConfig::new()
+            .with_information_schema(false)
+            .with_default_catalog_and_schema("cleanroom", "safe");
+        let ctx = SessionContext::new_with_config(config);
+        ctx.register_table(
+            SAFE_VIEWS[0],
+            Arc::new(MemTable::try_new(
+                members_view_schema(),
+                vec![vec![self.members.clone()]],
+            )?),
+        )?;
+        ctx.register_table(
+            SAFE_VIEWS[1],
+            Arc::new(MemTable::try_new(
+                purchases_schema(),
+                vec![self.purchases.clone()],
+            )?),
+        )?;
+        Ok(ctx)
+    }
+}
+
+/// Members whose tokens for this collaboration appear in the partner's list, with the partner's
+/// attribute for them (the first one given, if several records match).
+fn match_members(
+    snapshot: &Snapshot,
+    contract_id: &str,
+    list: &RecordBatch,
+) -> HashMap<i64, Option<String>> {
+    let versions = list.column(1).as_primitive::<UInt32Type>();
+    let macs = list.column(2).as_fixed_size_binary();
+    let attributes = list.column(3).as_string::<i32>();
+    let mut wanted: HashMap<(u32, &[u8]), Option<&str>> = HashMap::with_capacity(list.num_rows());
+    for i in 0..list.num_rows() {
+        let attribute = attributes.is_valid(i).then(|| attributes.value(i));
+        wanted
+            .entry((versions.value(i), macs.value(i)))
+            .or_insert(attribute);
+    }
+    let mut matched = HashMap::new();
+    if let Some(tokens) = snapshot.member_tokens.get(contract_id) {
+        let owners = tokens.column(0).as_primitive::<Int64Type>();
+        let versions = tokens.column(1).as_primitive::<UInt32Type>();
+        let macs = tokens.column(2).as_fixed_size_binary();
+        for i in 0..tokens.num_rows() {
+            if let Some(attribute) = wanted.get(&(versions.value(i), macs.value(i))) {
+                let entry = matched.entry(owners.value(i)).or_insert(None);
+                if entry.is_none() {
+                    *entry = attribute.map(str::to_string);
+                }
+            }
+        }
+    }
+    matched
+}
+
+/// The matched members whose consent for `purpose` holds at `now`.
+fn consented(
+    snapshot: &Snapshot,
+    matched: &HashMap<i64, Option<String>>,
+    purpose: &str,
+    requirement: &Requirement,
+    now: DateTime<Utc>,
+) -> HashSet<i64> {
+    let mut latest: HashMap<i64, Option<Event>> = HashMap::new();
+    for batch in &snapshot.consent {
+        let members = batch.column(0).as_primitive::<Int64Type>();
+        let purposes = batch.column(1).as_string::<i32>();
+        let versions = batch.column(2).as_primitive::<UInt32Type>();
+        let actions = batch.column(3).as_string::<i32>();
+        let ats = batch.column(4).as_primitive::<TimestampMicrosecondType>();
+        let expiries = batch.column(6).as_primitive::<TimestampMicrosecondType>();
+        for i in 0..batch.num_rows() {
+            let member = members.value(i);
+            if purposes.value(i) != purpose || !matched.contains_key(&member) {
+                continue;
+            }
+            let (Some(action), Some(at)) = (
+                Action::parse(actions.value(i)),
+                DateTime::from_timestamp_micros(ats.value(i)),
+            ) else {
+                continue;
+            };
+            let event = Event {
+                action,
+                notice_version: versions.value(i),
+                at,
+                expires_at: expiries
+                    .is_valid(i)
+                    .then(|| DateTime::from_timestamp_micros(expiries.value(i)))
+                    .flatten(),
+            };
+            consent::keep_latest(latest.entry(member).or_default(), event, now);
+        }
+    }
+    latest
+        .into_iter()
+        .filter(|(_, event)| consent::admits(event.as_ref(), requirement, now))
+        .map(|(member, _)| member)
+        .collect()
+}
+
+fn membership_mask(batch: &RecordBatch, eligible: &HashSet<i64>) -> BooleanArray {
+    let keys = batch.column(0).as_primitive::<Int64Type>();
+    keys.iter()
+        .map(|k| Some(k.is_some_and(|k| eligible.contains(&k))))
+        .collect()
+}
+
+fn keep_members(batch: &RecordBatch, eligible: &HashSet<i64>) -> Result<RecordBatch> {
+    Ok(filter_record_batch(
+        batch,
+        &membership_mask(batch, eligible),
+    )?)
+}
+
+fn members_view(
+    batch: &RecordBatch,
+    matched: &HashMap<i64, Option<String>>,
+    eligible: &HashSet<i64>,
+) -> Result<RecordBatch> {
+    let kept = keep_members(batch, eligible)?;
+    let keys = kept.column(0).as_primitive::<Int64Type>();
+    let attributes: StringArray = keys
+        .iter()
+        .map(|k| {
+            let attribute = k.and_then(|k| matched.get(&k).cloned().flatten());
+            Some(attribute.unwrap_or_else(|| UNKNOWN_ATTRIBUTE.to_string()))
+        })
+        .collect();
+    let mut columns = kept.columns().to_vec();
+    columns.push(Arc::new(attributes));
+    Ok(RecordBatch::try_new(members_view_schema(), columns)?)
+}

@@ -1,0 +1,19 @@
+//! The clean room's gRPC service: the partner and admin handlers, bearer-token authentication, the
+//! hash-chained audit trail and the single mapping from errors to gRPC statuses.
+//!
+//! A query's path: [`partner::PartnerApi::run_query`] authenticates the caller and resolves its
+//! contract, binds the parameters ([`cleanroom_core::allowlist`]), builds the safe views
+//! ([`cleanroom_engine::views`]), hands the plan to the guard ([`cleanroom_engine::guard::run`]),
+//! writes the audit record, and only then answers.
+
+pub mod admin;
+pub mod app;
+pub mod audit;
+pub mod auth;
+pub mod error;
+pub mod partner;
+pub mod results;
+pub mod status;
+
+pub use app::{App, AppConfig, Clock, FixedClock, Running, SystemClock, serve, spawn};
+pub use error::{Error, Result};

@@ -1,0 +1,424 @@
+//! The partner-facing API: list, describe and run allow-listed queries, and upload the customer
+//! list. The partner is always the authenticated principal's; no request field can name another.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use cleanroom_core::allowlist::{ParamKind, QueryDef, RawValue};
+use cleanroom_core::consent::Requirement;
+use cleanroom_core::rules::{Contract, Role};
+use cleanroom_engine::guard::{self, Policy};
+use cleanroom_engine::ingest::{self, ListInput};
+use cleanroom_engine::views::SafeViews;
+use cleanroom_proto::v1::partner_service_server::PartnerService;
+use cleanroom_proto::v1::{
+    DescribeQueryRequest, DimensionSpec, ListQueriesRequest, ListQueriesResponse, ParameterSpec,
+    QueryDescription, QuerySummary, RunQueryRequest, RunQueryResponse, UploadListRequest,
+    UploadListResponse, param_value, upload_list_request,
+};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::app::{App, Audited};
+use crate::audit::Entry;
+use crate::auth::Principal;
+use crate::status::to_status;
+use crate::{Error, Result};
+
+/// Handlers of `cleanroom.v1.PartnerService`.
+pub struct PartnerApi {
+    app: Arc<App>,
+}
+
+impl PartnerApi {
+    /// Wraps the shared state.
+    pub fn new(app: Arc<App>) -> Self {
+        Self { app }
+    }
+}
+
+impl Audited for RunQueryResponse {
+    fn set_audit_id(&mut self, id: String) {
+        self.audit_id = id;
+    }
+}
+
+impl Audited for UploadListResponse {
+    fn set_audit_id(&mut self, id: String) {
+        self.audit_id = id;
+    }
+}
+
+/// A caller's text shown back in an error: safe characters only, bounded.
+pub(crate) fn shown(text: &str) -> String {
+    text.chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+        .take(64)
+        .collect()
+}
+
+/// The caller as a partner, with its contract.
+struct PartnerCall<'a> {
+    principal: Principal,
+    partner: String,
+    contract_id: &'a str,
+    contract: &'a Contract,
+}
+
+impl PartnerApi {
+    fn partner_call<T>(
+        &self,
+        request: &Request<T>,
+        method: &str,
+        entry: &mut Entry,
+    ) -> Result<PartnerCall<'_>> {
+        let principal = self.app.auth.principal(request.metadata())?;
+        entry.principal = principal.name.clone();
+        entry.role = principal.role.as_str().to_string();
+        entry.partner = principal.partner.clone();
+        principal.require(Role::Partner, method)?;
+        let partner = principal
+            .partner
+            .clone()
+            .expect("partner principals name a partner");
+        let (contract_id, contract) = self.app.rules.contract_of(&partner).ok_or_else(|| {
+            cleanroom_core::Error::Precondition(format!("partner `{partner}` has no contract"))
+        })?;
+        Ok(PartnerCall {
+            principal,
+            partner,
+            contract_id,
+            contract,
+        })
+    }
+
+    fn require_in_force(&self, call: &PartnerCall<'_>) -> Result<()> {
+        let today = self.app.today();
+        if today > call.contract.expires {
+            return Err(cleanroom_core::Error::Precondition(format!(
+                "contract {} expired on {}",
+                call.contract_id, call.contract.expires
+            ))
+            .into());
+        }
+        Ok(())
+    }
+
+    fn visible_query(&self, call: &PartnerCall<'_>, id: &str) -> Result<&QueryDef> {
+        self.app
+            .allowlist
+            .get(id)
+            .filter(|q| {
+                q.partners.contains(&call.partner) && call.contract.queries.iter().any(|c| c == id)
+            })
+            .ok_or_else(|| {
+                cleanroom_core::Error::NotFound(format!(
+                    "query `{}` is not on your allow-list",
+                    shown(id)
+                ))
+                .into()
+            })
+    }
+
+    fn describe(&self, call: &PartnerCall<'_>, query: &QueryDef) -> QueryDescription {
+        let rules = &self.app.rules;
+        let bound_text = |v: &Option<toml::Value>| match v {
+            Some(toml::Value::String(s)) => s.clone(),
+            Some(other) => other.to_string(),
+            None => String::new(),
+        };
+        QueryDescription {
+            id: query.id.clone(),
+            version: query.version,
+            title: query.title.clone(),
+            description: query.description.clone(),
+            purposes: query.purposes.clone(),
+            contract_clause: query.contract_clause.clone(),
+            parameters: query
+                .params
+                .iter()
+                .map(|p| ParameterSpec {
+                    name: p.name.clone(),
+                    r#type: p.kind.as_str().to_string(),
+                    description: p.description.clone(),
+                    allowed_values: if p.kind == ParamKind::Enum {
+                        query.allowed_values(p, rules, &call.partner)
+                    } else {
+                        Vec::new()
+                    },
+                    min: bound_text(&p.min),
+                    max: bound_text(&p.max),
+                    granularity: p
+                        .granularity
+                        .map(|g| g.as_str().to_string())
+                        .unwrap_or_default(),
+                })
+                .collect(),
+            dimensions: query
+                .dimensions
+                .iter()
+                .map(|d| DimensionSpec {
+                    name: d.name.clone(),
+                    domain: rules.domain(&d.domain, &call.partner).unwrap_or_default(),
+                })
+                .collect(),
+            metrics: query.metrics.clone(),
+            effective_k: rules.effective_k(call.contract, query.k),
+            content_sha256: query.content_sha256.clone(),
+        }
+    }
+
+    async fn run(
+        &self,
+        request: Request<RunQueryRequest>,
+        entry: &mut Entry,
+    ) -> Result<RunQueryResponse> {
+        let started = Instant::now();
+        let call = self.partner_call(&request, "RunQuery", entry)?;
+        let request = request.into_inner();
+        let query = self.visible_query(&call, &request.query_id)?;
+        entry.query_id = Some(query.id.clone());
+        entry.query_sha256 = Some(query.content_sha256.clone());
+        self.require_in_force(&call)?;
+        let rules = &self.app.rules;
+        if !query.purposes.contains(&call.contract.purpose) {
+            return Err(cleanroom_core::Error::Precondition(format!(
+                "query {} does not serve the contract's purpose `{}`",
+                query.id, call.contract.purpose
+            ))
+            .into());
+        }
+        let mut raw = BTreeMap::new();
+        for (name, value) in request.params {
+            let value = match value.kind {
+                Some(param_value::Kind::StringValue(s)) => RawValue::Str(s),
+                Some(param_value::Kind::IntValue(i)) => RawValue::Int(i),
+                Some(param_value::Kind::DateValue(d)) => RawValue::Date(d),
+                None => {
+                    return Err(cleanroom_core::Error::Input(format!(
+                        "parameter `{}`: no value",
+                        shown(&name)
+                    ))
+                    .into());
+                }
+            };
+            raw.insert(name, value);
+        }
+        let bound = query.bind(&raw, rules, &call.partner)?;
+        entry.params = Some(serde_json::Value::Object(
+            bound
+                .iter()
+                .map(|(k, v)| (k.clone(), serde_json::Value::String(v.to_string())))
+                .collect(),
+        ));
+
+        let purpose = &rules.purposes[&call.contract.purpose];
+        let requirement = Requirement {
+            min_notice_version: purpose.min_notice_version,
+            grant_valid_days: purpose.grant_valid_days,
+        };
+        let snapshot = self.app.store.snapshot();
+        let views = SafeViews::build(
+            &snapshot,
+            call.contract_id,
+            call.contract,
+            &requirement,
+            self.app.clock.now(),
+        )?;
+        entry.consent_snapshot = Some(views.consent_snapshot_id.clone());
+        entry.list_version = Some(views.list_version);
+        let policy = Policy {
+            k: rules.effective_k(call.contract, query.k),
+            dimensions: query
+                .dimensions
+                .iter()
+                .map(|d| {
+                    (
+                        d.name.clone(),
+                        rules.domain(&d.domain, &call.partner).unwrap_or_default(),
+                    )
+                })
+                .collect(),
+            metrics: query.metrics.clone(),
+            sensitive_columns: rules.sensitive_column_names(),
+        };
+        let params = bound
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    guard::bind_value(v, rules.retailer.utc_offset_minutes),
+                )
+            })
+            .collect();
+        let ctx = views.session()?;
+        let released = guard::run(&ctx, &query.sql, &params, &policy).await?;
+        entry.rows_released = Some(released.batch.num_rows() as u64);
+        entry.rows_suppressed = Some(released.suppressed_rows);
+        entry.complementary_suppressed = Some(released.complementary_suppressed);
+        let (columns, rows) = crate::results::rows(&released.batch)?;
+        Ok(RunQueryResponse {
+            query_id: query.id.clone(),
+            query_version: query.version,
+            columns,
+            rows,
+            arrow_ipc: crate::results::arrow_ipc(&released.batch)?,
+            suppressed_rows: released.suppressed_rows,
+            effective_k: policy.k,
+            consent_snapshot_id: views.consent_snapshot_id,
+            list_version: views.list_version,
+            audit_id: String::new(),
+            elapsed_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        })
+    }
+
+    async fn upload(
+        &self,
+        request: Request<Streaming<UploadListRequest>>,
+        entry: &mut Entry,
+    ) -> Result<UploadListResponse> {
+        let call = self.partner_call(&request, "UploadList", entry)?;
+        self.require_in_force(&call)?;
+        let limit = self.app.rules.privacy.max_upload_records;
+        let mut stream = request.into_inner();
+        let mut strict = None;
+        let mut records = Vec::new();
+        while let Some(message) = stream.message().await.map_err(|s| malformed_stream(&s))? {
+            match (message.kind, strict) {
+                (Some(upload_list_request::Kind::Header(h)), None) => strict = Some(h.strict),
+                (Some(upload_list_request::Kind::Header(_)), Some(_)) => {
+                    return Err(
+                        cleanroom_core::Error::Input("upload has a second header".into()).into(),
+                    );
+                }
+                (Some(upload_list_request::Kind::Chunk(chunk)), Some(_)) => {
+                    if records.len() as u64 + chunk.records.len() as u64 > limit {
+                        return Err(cleanroom_core::Error::Limit(format!(
+                            "an upload may hold at most {limit} records"
+                        ))
+                        .into());
+                    }
+                    records.extend(chunk.records.into_iter().map(|r| ListInput {
+                        email: r.email,
+                        phone: r.phone,
+                        email_token: r.email_token,
+                        phone_token: r.phone_token,
+                        attribute: r.attribute,
+                    }));
+                }
+                (Some(upload_list_request::Kind::Chunk(_)), None) => {
+                    return Err(cleanroom_core::Error::Input(
+                        "upload must start with a header".into(),
+                    )
+                    .into());
+                }
+                (None, _) => {
+                    return Err(cleanroom_core::Error::Input("empty upload message".into()).into());
+                }
+            }
+        }
+        let Some(strict) = strict else {
+            return Err(
+                cleanroom_core::Error::Input("upload must start with a header".into()).into(),
+            );
+        };
+        let partner = &self.app.rules.partners[&call.partner];
+        let key = self
+            .app
+            .secret
+            .collaboration_key(call.contract_id, call.contract.key_version);
+        let (batch, report) = ingest::partner_list(&records, partner, &key, strict)?;
+        drop(records);
+        entry.records = Some((report.received, report.accepted));
+        if report.accepted == 0 {
+            return Err(
+                cleanroom_core::Error::Input("the upload has no valid record".into()).into(),
+            );
+        }
+        let version = self.app.store.append_list(&call.partner, batch)?;
+        entry.list_version = Some(version);
+        tracing::info!(partner = %call.partner, principal = %call.principal.name, version, accepted = report.accepted, "list uploaded");
+        Ok(UploadListResponse {
+            list_version: version,
+            records_received: report.received,
+            records_accepted: report.accepted,
+            rejected_by_reason: report.rejected.into_iter().collect(),
+            audit_id: String::new(),
+        })
+    }
+}
+
+/// A stream that broke mid-way (a client error, a message over the size limit) fails the upload.
+pub(crate) fn malformed_stream(status: &Status) -> Error {
+    match status.code() {
+        tonic::Code::ResourceExhausted | tonic::Code::OutOfRange => cleanroom_core::Error::Limit(
+            "a message exceeds the size limit; send smaller chunks".into(),
+        )
+        .into(),
+        _ => cleanroom_core::Error::Input("the upload stream broke off; nothing was stored".into())
+            .into(),
+    }
+}
+
+#[tonic::async_trait]
+impl PartnerService for PartnerApi {
+    async fn list_queries(
+        &self,
+        request: Request<ListQueriesRequest>,
+    ) -> std::result::Result<Response<ListQueriesResponse>, Status> {
+        let mut entry = Entry::default();
+        let call = self
+            .partner_call(&request, "ListQueries", &mut entry)
+            .map_err(|e| to_status(&e, "-"))?;
+        let queries = self
+            .app
+            .allowlist
+            .iter()
+            .filter(|q| q.partners.contains(&call.partner) && call.contract.queries.contains(&q.id))
+            .map(|q| QuerySummary {
+                id: q.id.clone(),
+                version: q.version,
+                title: q.title.clone(),
+            })
+            .collect();
+        Ok(Response::new(ListQueriesResponse { queries }))
+    }
+
+    async fn describe_query(
+        &self,
+        request: Request<DescribeQueryRequest>,
+    ) -> std::result::Result<Response<QueryDescription>, Status> {
+        let mut entry = Entry::default();
+        let call = self
+            .partner_call(&request, "DescribeQuery", &mut entry)
+            .map_err(|e| to_status(&e, "-"))?;
+        let query = self
+            .visible_query(&call, &request.get_ref().query_id)
+            .map_err(|e| to_status(&e, "-"))?;
+        Ok(Response::new(self.describe(&call, query)))
+    }
+
+    async fn run_query(
+        &self,
+        request: Request<RunQueryRequest>,
+    ) -> std::result::Result<Response<RunQueryResponse>, Status> {
+        let mut entry = Entry {
+            method: "RunQuery".into(),
+            ..Default::default()
+        };
+        let result = self.run(request, &mut entry).await;
+        self.app.finish(entry, result)
+    }
+
+    async fn upload_list(
+        &self,
+        request: Request<Streaming<UploadListRequest>>,
+    ) -> std::result::Result<Response<UploadListResponse>, Status> {
+        let mut entry = Entry {
+            method: "UploadList".into(),
+            ..Default::default()
+        };
+        let result = self.upload(request, &mut entry).await;
+        self.app.finish(entry, result)
+    }
+}

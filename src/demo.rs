@@ -1,0 +1,350 @@
+//! `cleanroom demo`: the whole path on the bundled sample data, through the real gRPC API. A
+//! throwaway service (fresh data directory, random master secret, clock pinned to the sample's
+//! export date) on loopback; the analyst loads the retailer's exports; each partner uploads its
+//! list and runs every query open to it; then requests the service must refuse.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use chrono::{DateTime, Datelike, Duration, NaiveDate};
+use cleanroom_client::{Connection, PartnerClient, sample};
+use cleanroom_core::allowlist::AllowList;
+use cleanroom_core::rules::Rules;
+use cleanroom_core::token::MasterSecret;
+use cleanroom_proto::v1::{
+    ConsentRecord, DescribeQueryRequest, IngestHeader, ListQueriesRequest, ParamValue,
+    QueryDescription, RunQueryRequest, RunQueryResponse, param_value, value::Kind,
+};
+use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
+use rand::RngCore;
+
+/// The window every demo query asks about: the sample's last twelve months.
+const WINDOW: (&str, &str) = ("2025-11-01", "2026-11-01");
+
+pub async fn run(sample_dir: &Path, queries_dir: &Path) -> Result<()> {
+    let rules = Rules::load(&sample_dir.join("rules.toml"))?;
+    let allowlist = AllowList::load(queries_dir, &rules)?;
+    let data_dir = tempfile::tempdir().context("creating a throwaway data directory")?;
+    let mut secret = vec![0u8; 32];
+    rand::rng().fill_bytes(&mut secret);
+    let as_of: DateTime<chrono::Utc> = DateTime::parse_from_rfc3339(sample::AS_OF)?.into();
+    let app = cleanroom_server::App::new(cleanroom_server::AppConfig {
+        data_dir: data_dir.path().to_path_buf(),
+        rules,
+        allowlist,
+        secret: MasterSecret::new(secret)?,
+        clock: Arc::new(cleanroom_server::FixedClock(as_of)),
+    })?;
+    let server = cleanroom_server::spawn(app, SocketAddr::from(([127, 0, 0, 1], 0))).await?;
+    println!(
+        "clean room listening on {} (throwaway data dir, random master secret)",
+        server.addr
+    );
+    println!(
+        "clock pinned to the sample's export date {}\n",
+        sample::AS_OF
+    );
+    let conn = Connection::open(&format!("http://{}", server.addr)).await?;
+
+    println!("== Retailer analyst: ingest (identifiers are keyed and dropped on arrival) ==");
+    let loaded = sample::load(&conn, sample_dir).await?;
+    for (name, summary, took) in &loaded.ingests {
+        println!(
+            "{name:>15}: {} received, {} accepted in {} ms{}",
+            summary.records_received,
+            summary.records_accepted,
+            took.as_millis(),
+            reasons(&summary.rejected_by_reason)
+        );
+    }
+    println!("\n== Partners: customer lists (raw identifiers hashed on arrival, never stored) ==");
+    for (partner, response, took) in &loaded.lists {
+        println!(
+            "{partner:>15}: list v{}: {} received, {} accepted in {} ms{}",
+            response.list_version,
+            response.records_received,
+            response.records_accepted,
+            took.as_millis(),
+            reasons(&response.rejected_by_reason)
+        );
+    }
+
+    for (partner, token) in sample::PARTNERS {
+        let mut client = conn.partner(token)?;
+        let queries = client
+            .list_queries(ListQueriesRequest {})
+            .await?
+            .into_inner()
+            .queries;
+        println!(
+            "\n== Partner {partner}: {} allowed queries ==",
+            queries.len()
+        );
+        for summary in queries {
+            let description = client
+                .describe_query(DescribeQueryRequest {
+                    query_id: summary.id.clone(),
+                })
+                .await?
+                .into_inner();
+            let params = demo_params(&description);
+            let response = client
+                .run_query(RunQueryRequest {
+                    query_id: summary.id.clone(),
+                    params: params.clone(),
+                })
+                .await
+                .with_context(|| format!("running {}", summary.id))?
+                .into_inner();
+            print_result(&description, &params, &response);
+        }
+    }
+
+    println!("\n== Refused and withdrawn ==");
+    let mut sakura = conn.partner(sample::partner_token("sakura_foods"))?;
+    show_refusal(
+        "Sakura Foods runs Kumo Denki's query",
+        sakura
+            .run_query(RunQueryRequest {
+                query_id: "appliance_buyers_by_owned_model".into(),
+                params: BTreeMap::new(),
+            })
+            .await,
+    );
+    let mut injected = window_params();
+    injected.insert("brand".into(), text("Sakura Cha' OR '1'='1"));
+    show_refusal(
+        "Sakura Foods puts SQL in a parameter",
+        sakura
+            .run_query(RunQueryRequest {
+                query_id: "brand_buyers_by_prefecture".into(),
+                params: injected,
+            })
+            .await,
+    );
+    let mut daily = window_params();
+    daily.insert("start".into(), date("2025-11-02"));
+    show_refusal(
+        "Sakura Foods asks for a window that does not start on a month boundary",
+        sakura
+            .run_query(RunQueryRequest {
+                query_id: "category_buyers_by_age_band".into(),
+                params: daily,
+            })
+            .await,
+    );
+    let mut admin_as_partner = conn.admin(sample::partner_token("sakura_foods"))?;
+    show_refusal(
+        "Sakura Foods calls an analyst method",
+        cleanroom_client::ingest_consent(
+            &mut admin_as_partner,
+            IngestHeader::default(),
+            Vec::new(),
+        )
+        .await
+        .map_err(|e| match e {
+            cleanroom_client::Error::Status(s) => s,
+            other => tonic::Status::unknown(other.to_string()),
+        }),
+    );
+    withdrawal(&conn, &mut sakura, sample_dir, as_of).await?;
+
+    drop(conn);
+    server.stop().await?;
+    println!("\ndemo finished: the throwaway data directory is removed.");
+    Ok(())
+}
+
+/// Withdraws the consent of members who count for Sakura Foods and shows the next query no longer
+/// counts them.
+async fn withdrawal(
+    conn: &Connection,
+    sakura: &mut PartnerClient,
+    sample_dir: &Path,
+    as_of: DateTime<chrono::Utc>,
+) -> Result<()> {
+    let overlap = |r: &RunQueryResponse| -> i64 {
+        r.rows
+            .iter()
+            .filter_map(
+                |row| match row.values.last().and_then(|v| v.kind.as_ref()) {
+                    Some(Kind::IntValue(i)) => Some(*i),
+                    _ => None,
+                },
+            )
+            .sum()
+    };
+    let run_overlap = |mut client: PartnerClient| async move {
+        client
+            .run_query(RunQueryRequest {
+                query_id: "matched_overlap".into(),
+                params: BTreeMap::new(),
+            })
+            .await
+            .map(|r| r.into_inner())
+    };
+    let before = run_overlap(sakura.clone()).await?;
+
+    // The retailer knows who consented; it withdraws 40 current product_insight grants, as if those
+    // members had opted out in the app a minute ago.
+    let events = cleanroom_client::read_consent(&sample_dir.join("consent_events.csv"))?;
+    let mut latest: BTreeMap<&str, &ConsentRecord> = BTreeMap::new();
+    for e in events.iter().filter(|e| e.purpose == "product_insight") {
+        latest.insert(&e.member_id, e);
+    }
+    let at = (as_of - Duration::minutes(1)).to_rfc3339();
+    let withdrawals: Vec<ConsentRecord> = latest
+        .values()
+        .filter(|e| e.action == "granted" && e.notice_version >= 3 && e.expires_at.is_empty())
+        .take(40)
+        .map(|e| ConsentRecord {
+            member_id: e.member_id.clone(),
+            purpose: "product_insight".into(),
+            notice_version: e.notice_version,
+            action: "withdrawn".into(),
+            at: at.clone(),
+            source: "app".into(),
+            expires_at: String::new(),
+        })
+        .collect();
+    let mut admin = conn.admin(sample::ANALYST_TOKEN)?;
+    let summary = cleanroom_client::ingest_consent(
+        &mut admin,
+        IngestHeader {
+            source: "app-withdrawals".into(),
+            strict: true,
+        },
+        withdrawals,
+    )
+    .await?;
+    let after = run_overlap(sakura.clone()).await?;
+    println!(
+        "  40 members withdraw consent (snapshot {} -> {}): matched_overlap released {} -> {} members",
+        before.consent_snapshot_id,
+        summary.consent_snapshot_id,
+        overlap(&before),
+        overlap(&after)
+    );
+    Ok(())
+}
+
+fn show_refusal<T>(what: &str, result: std::result::Result<T, tonic::Status>) {
+    match result {
+        Ok(_) => println!("  {what}: NOT refused (unexpected)"),
+        Err(status) => println!(
+            "  {what}: refused, {:?}: {}",
+            status.code(),
+            status.message()
+        ),
+    }
+}
+
+fn reasons(rejected: &BTreeMap<String, u64>) -> String {
+    if rejected.is_empty() {
+        return String::new();
+    }
+    let parts: Vec<String> = rejected.iter().map(|(r, n)| format!("{r} x{n}")).collect();
+    format!("; skipped: {}", parts.join(", "))
+}
+
+fn text(s: &str) -> ParamValue {
+    ParamValue {
+        kind: Some(param_value::Kind::StringValue(s.into())),
+    }
+}
+
+fn date(s: &str) -> ParamValue {
+    ParamValue {
+        kind: Some(param_value::Kind::DateValue(s.into())),
+    }
+}
+
+fn window_params() -> BTreeMap<String, ParamValue> {
+    BTreeMap::from([
+        ("start".to_string(), date(WINDOW.0)),
+        ("end".to_string(), date(WINDOW.1)),
+    ])
+}
+
+/// Parameters for a query: the sample's last twelve months (snapped to Mondays for weekly
+/// windows), and the first allowed value of each enum.
+fn demo_params(description: &QueryDescription) -> BTreeMap<String, ParamValue> {
+    let monday_on_or_after = |s: &str| {
+        let mut d = NaiveDate::parse_from_str(s, "%Y-%m-%d").expect("demo window date");
+        while d.weekday() != chrono::Weekday::Mon {
+            d += Duration::days(1);
+        }
+        d.to_string()
+    };
+    description
+        .parameters
+        .iter()
+        .map(|p| {
+            let value = match (p.r#type.as_str(), p.name.as_str(), p.granularity.as_str()) {
+                ("date", "start", "week") => date(&monday_on_or_after(WINDOW.0)),
+                ("date", "end", "week") => date(&monday_on_or_after(WINDOW.1)),
+                ("date", "start", _) => date(WINDOW.0),
+                ("date", _, _) => date(WINDOW.1),
+                _ => text(
+                    p.allowed_values
+                        .first()
+                        .map(String::as_str)
+                        .unwrap_or_default(),
+                ),
+            };
+            (p.name.clone(), value)
+        })
+        .collect()
+}
+
+fn print_result(
+    description: &QueryDescription,
+    params: &BTreeMap<String, ParamValue>,
+    response: &RunQueryResponse,
+) {
+    let shown: Vec<String> = params
+        .iter()
+        .map(|(k, v)| match &v.kind {
+            Some(param_value::Kind::StringValue(s) | param_value::Kind::DateValue(s)) => {
+                format!("{k}={s}")
+            }
+            Some(param_value::Kind::IntValue(i)) => format!("{k}={i}"),
+            None => k.clone(),
+        })
+        .collect();
+    println!(
+        "\n-- {} ({}) {}",
+        description.title,
+        description.id,
+        shown.join(" ")
+    );
+    let mut table = Table::new();
+    table.load_preset(UTF8_FULL_CONDENSED);
+    table.set_header(response.columns.iter().map(|c| c.name.clone()));
+    for row in &response.rows {
+        table.add_row(row.values.iter().map(|v| match &v.kind {
+            Some(Kind::StringValue(s)) => s.clone(),
+            Some(Kind::IntValue(i)) => i.to_string(),
+            Some(Kind::DoubleValue(d)) => format!("{d:.2}"),
+            Some(Kind::NullValue(_)) | None => "NULL".into(),
+        }));
+    }
+    if response.rows.is_empty() {
+        println!("(no row reaches k = {})", response.effective_k);
+    } else {
+        println!("{table}");
+    }
+    println!(
+        "released {} rows, suppressed {} of the output domain (k = {}); consent snapshot {}, list v{}, {} ms, audit {}",
+        response.rows.len(),
+        response.suppressed_rows,
+        response.effective_k,
+        response.consent_snapshot_id,
+        response.list_version,
+        response.elapsed_ms,
+        response.audit_id
+    );
+}

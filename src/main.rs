@@ -1,0 +1,227 @@
+//! `cleanroom`: the one binary. It serves the clean room, runs the demo on the bundled sample data,
+//! generates sample data at any scale, and hashes a partner's list locally (`prep`).
+
+mod demo;
+mod r#gen;
+mod settings;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use cleanroom_core::normalize;
+use cleanroom_core::token::CollaborationKey;
+
+/// A self-hosted data clean room: k-anonymous aggregates over consented, matched retail members.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Load the bundled sample data into a throwaway service on loopback and run every allowed
+    /// query as each partner, then show refused requests.
+    Demo {
+        /// The sample data directory.
+        #[arg(long, default_value = "sample_data")]
+        sample_dir: PathBuf,
+        /// The allow-list directory.
+        #[arg(long, default_value = "queries")]
+        queries: PathBuf,
+    },
+    /// Run the gRPC service.
+    Serve {
+        /// The service configuration file (see config/cleanroom.example.toml).
+        #[arg(long)]
+        config: PathBuf,
+        /// Listen address, overriding the file and CLEANROOM__LISTEN.
+        #[arg(long)]
+        listen: Option<String>,
+        /// Data directory, overriding the file and CLEANROOM__DATA_DIR.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+    /// Generate fictional sample data (members, purchases, consent events, two partner lists).
+    Gen {
+        /// Seed: the same seed and options give the same bytes.
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// Number of retailer members.
+        #[arg(long, default_value_t = 4000)]
+        members: usize,
+        /// Export date; purchases cover the year before it.
+        #[arg(long, default_value = "2026-11-01")]
+        as_of: chrono::NaiveDate,
+        /// Output directory.
+        #[arg(long, default_value = "sample_data")]
+        out: PathBuf,
+    },
+    /// Partner side: hash a customer list locally with the collaboration key, so that no raw
+    /// identifier leaves the partner. Input columns: email,phone,attribute; output columns:
+    /// email_token,phone_token,attribute.
+    Prep {
+        /// File holding the collaboration key (`v<version>.<hex>`), as `keys export` prints it.
+        #[arg(long)]
+        key_file: PathBuf,
+        /// The raw list.
+        #[arg(long)]
+        input: PathBuf,
+        /// Where to write the tokens.
+        #[arg(long)]
+        output: PathBuf,
+    },
+    /// Retailer side: print a collaboration's match key for its partner's `prep`.
+    ExportKey {
+        /// The service configuration file.
+        #[arg(long)]
+        config: PathBuf,
+        /// The contract (collaboration) id.
+        #[arg(long)]
+        contract: String,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Demo {
+            sample_dir,
+            queries,
+        } => runtime()?.block_on(demo::run(&sample_dir, &queries)),
+        Command::Serve {
+            config,
+            listen,
+            data_dir,
+        } => {
+            let settings = settings::Settings::load(&config, listen, data_dir)?;
+            runtime()?.block_on(serve(settings))
+        }
+        Command::Gen {
+            seed,
+            members,
+            as_of,
+            out,
+        } => {
+            let report = r#gen::generate(&r#gen::GenOptions {
+                seed,
+                members,
+                as_of,
+                out_dir: out.clone(),
+            })?;
+            println!(
+                "wrote {}: {} members, {} purchases, {} consent events, lists {:?}",
+                out.display(),
+                report.members,
+                report.purchases,
+                report.consent_events,
+                report.list_records
+            );
+            Ok(())
+        }
+        Command::Prep {
+            key_file,
+            input,
+            output,
+        } => prep(&key_file, &input, &output),
+        Command::ExportKey { config, contract } => {
+            let settings = settings::Settings::load(&config, None, None)?;
+            let rules = settings.rules()?;
+            let Some(c) = rules.contracts.get(&contract) else {
+                bail!("no contract `{contract}` in {}", settings.rules.display());
+            };
+            println!(
+                "{}",
+                settings
+                    .master_secret()?
+                    .collaboration_key(&contract, c.key_version)
+                    .export()
+            );
+            Ok(())
+        }
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+async fn serve(settings: settings::Settings) -> Result<()> {
+    let app = cleanroom_server::App::new(settings.app_config()?)?;
+    let listener = tokio::net::TcpListener::bind(&settings.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", settings.listen))?;
+    eprintln!("cleanroom serving gRPC on {}", listener.local_addr()?);
+    cleanroom_server::serve(app, listener, async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
+    .await?;
+    Ok(())
+}
+
+/// Hashes a raw list with the collaboration key. Writes through a temporary file so a failed run
+/// leaves no half-written output.
+fn prep(key_file: &PathBuf, input: &PathBuf, output: &PathBuf) -> Result<()> {
+    let key_text = std::fs::read_to_string(key_file)
+        .with_context(|| format!("reading {}", key_file.display()))?;
+    let key = CollaborationKey::from_export(&key_text)?;
+    let records = cleanroom_client::read_list(input)?;
+    let tmp = output.with_extension("tmp");
+    let mut writer =
+        csv::Writer::from_path(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
+    writer.write_record(["email_token", "phone_token", "attribute"])?;
+    let (mut written, mut rejected) = (0u64, std::collections::BTreeMap::<&str, u64>::new());
+    for record in records {
+        let token = |raw: &str,
+                     f: fn(&str) -> Result<String, normalize::Rejection>,
+                     rejected: &mut std::collections::BTreeMap<&str, u64>| {
+            if raw.trim().is_empty() {
+                return String::new();
+            }
+            match f(raw) {
+                Ok(n) => key.token(&n).to_string(),
+                Err(reason) => {
+                    *rejected.entry(reason.0).or_default() += 1;
+                    String::new()
+                }
+            }
+        };
+        let email = token(&record.email, normalize::email, &mut rejected);
+        let phone = token(&record.phone, normalize::phone, &mut rejected);
+        if email.is_empty() && phone.is_empty() {
+            continue;
+        }
+        writer.write_record([email, phone, record.attribute])?;
+        written += 1;
+    }
+    writer.flush()?;
+    drop(writer);
+    std::fs::rename(&tmp, output)?;
+    println!("wrote {written} hashed records to {}", output.display());
+    for (reason, count) in rejected {
+        println!("  skipped identifier ({reason}): {count}");
+    }
+    Ok(())
+}
