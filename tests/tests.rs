@@ -1,1 +1,21 @@
+//! The integration tests: one binary, a module per area. Every test that touches the service starts
+//! its own server on 127.0.0.1:0 with the bundled sample data and calls it through the public gRPC
+//! API, as a partner, an analyst or an attacker would.
 
+// Shared harness: a loaded service, clients, parameter helpers.
+mod util;
+// Ground truth computed from the raw sample files, independently of the service.
+mod truth;
+
+// Normalization and HMAC against the standards' test vectors.
+mod vectors;
+// Each allowed query's output: golden files, checked against the ground truth.
+mod golden;
+// Consent at query time: withdrawals, old notices, expiry.
+mod consent;
+// Attacks from THREATS.md carried out against the running service.
+mod attacks;
+// Bad input gets a precise status and leaves nothing half-ingested.
+mod bad_input;
+// Reflection and health, as a client without our stubs sees them.
+mod discovery;

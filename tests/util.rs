@@ -1,0 +1,160 @@
+//! The test harness: a service loaded with the sample data, on loopback, with a pinned clock and a
+//! fixed master secret so that outputs are reproducible.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use cleanroom_client::{AdminClient, Connection, PartnerClient, sample};
+use cleanroom_core::allowlist::AllowList;
+use cleanroom_core::rules::Rules;
+use cleanroom_core::token::MasterSecret;
+use cleanroom_proto::v1::{ParamValue, RunQueryRequest, RunQueryResponse, param_value, value::Kind};
+use cleanroom_server::{App, AppConfig, FixedClock, Running};
+use tempfile::TempDir;
+use tonic::Status;
+
+/// The repository root.
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn sample_dir() -> PathBuf {
+    root().join("sample_data")
+}
+
+pub fn sample_rules() -> Rules {
+    Rules::load(&sample_dir().join("rules.toml")).expect("sample rules load")
+}
+
+/// The instant the sample data was exported; the harness pins the service's clock to it.
+pub fn as_of() -> chrono::DateTime<chrono::Utc> {
+    chrono::DateTime::parse_from_rfc3339(sample::AS_OF).unwrap().into()
+}
+
+/// A fixed test secret: pseudonyms and tokens come out the same on every run.
+pub fn test_secret() -> MasterSecret {
+    MasterSecret::new(b"cleanroom integration test secret, 32+ bytes".to_vec()).unwrap()
+}
+
+/// A running service and a connection to it.
+pub struct Harness {
+    pub conn: Connection,
+    pub rules: Rules,
+    pub data_dir: TempDir,
+    server: Option<Running>,
+}
+
+/// How to start a harness.
+pub struct Setup {
+    pub rules: Rules,
+    pub queries: PathBuf,
+    pub load_sample: bool,
+}
+
+impl Default for Setup {
+    fn default() -> Self {
+        Self { rules: sample_rules(), queries: root().join("queries"), load_sample: true }
+    }
+}
+
+impl Harness {
+    /// The sample service, fully loaded.
+    pub async fn start() -> Self {
+        Self::start_with(Setup::default()).await
+    }
+
+    pub async fn start_with(setup: Setup) -> Self {
+        setup.rules.validate().expect("test rules are valid");
+        let allowlist = AllowList::load(&setup.queries, &setup.rules).expect("allow-list loads");
+        let data_dir = tempfile::tempdir().unwrap();
+        let app = App::new(AppConfig {
+            data_dir: data_dir.path().to_path_buf(),
+            rules: setup.rules.clone(),
+            allowlist,
+            secret: test_secret(),
+            clock: Arc::new(FixedClock(as_of())),
+        })
+        .unwrap();
+        let server = cleanroom_server::spawn(app, SocketAddr::from(([127, 0, 0, 1], 0))).await.unwrap();
+        let conn = Connection::open(&format!("http://{}", server.addr)).await.unwrap();
+        if setup.load_sample {
+            sample::load(&conn, &sample_dir()).await.expect("sample data loads");
+        }
+        Self { conn, rules: setup.rules, data_dir, server: Some(server) }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.server.as_ref().unwrap().addr
+    }
+
+    pub fn partner(&self, partner: &str) -> PartnerClient {
+        self.conn.partner(sample::partner_token(partner)).unwrap()
+    }
+
+    pub fn analyst(&self) -> AdminClient {
+        self.conn.admin(sample::ANALYST_TOKEN).unwrap()
+    }
+
+    pub async fn run(&self, partner: &str, query: &str, params: &[(&str, ParamValue)]) -> Result<RunQueryResponse, Status> {
+        let params = params.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
+        self.partner(partner)
+            .run_query(RunQueryRequest { query_id: query.into(), params })
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(server) = self.server.take() {
+            server.stop().await.unwrap();
+        }
+    }
+}
+
+pub fn date(s: &str) -> ParamValue {
+    ParamValue { kind: Some(param_value::Kind::DateValue(s.into())) }
+}
+
+pub fn text(s: &str) -> ParamValue {
+    ParamValue { kind: Some(param_value::Kind::StringValue(s.into())) }
+}
+
+pub fn int(i: i64) -> ParamValue {
+    ParamValue { kind: Some(param_value::Kind::IntValue(i)) }
+}
+
+/// The sample's last twelve months, on month boundaries.
+pub fn year() -> Vec<(&'static str, ParamValue)> {
+    vec![("start", date("2025-11-01")), ("end", date("2026-11-01"))]
+}
+
+/// A response's rows as dimension strings and integer metrics.
+pub fn cells(response: &RunQueryResponse, dims: usize) -> BTreeMap<Vec<String>, Vec<i64>> {
+    response
+        .rows
+        .iter()
+        .map(|row| {
+            let key = row.values[..dims]
+                .iter()
+                .map(|v| match &v.kind {
+                    Some(Kind::StringValue(s)) => s.clone(),
+                    other => panic!("dimension is not a string: {other:?}"),
+                })
+                .collect();
+            let metrics = row.values[dims..]
+                .iter()
+                .map(|v| match &v.kind {
+                    Some(Kind::IntValue(i)) => *i,
+                    other => panic!("metric is not an integer: {other:?}"),
+                })
+                .collect();
+            (key, metrics)
+        })
+        .collect()
+}
+
+/// Reads a whole file of the repository as text.
+pub fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
