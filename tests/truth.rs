@@ -116,6 +116,11 @@ impl Truth {
         Self { members, by_identifier, purchases: csv("purchases.csv"), consent: csv("consent_events.csv") }
     }
 
+    /// Members with at least one identifier that normalizes, so a list can name them.
+    pub fn identifiable(&self) -> HashSet<String> {
+        self.by_identifier.values().cloned().collect()
+    }
+
     /// Members in the partner's list, with the attribute of the first list record naming them.
     pub fn matched(&self, partner: &str) -> HashMap<String, String> {
         let mut matched = HashMap::new();

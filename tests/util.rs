@@ -158,3 +158,58 @@ pub fn cells(response: &RunQueryResponse, dims: usize) -> BTreeMap<Vec<String>, 
 pub fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
+
+/// An extra allow-list entry for a test: what a careless or hostile template could say.
+pub struct Template {
+    pub id: &'static str,
+    pub sql: &'static str,
+    pub dimensions: &'static [(&'static str, &'static str)],
+    pub metrics: &'static [&'static str],
+}
+
+/// The sample setup plus extra templates, open to both sample partners.
+pub fn setup_with_templates(templates: &[Template]) -> (Setup, TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(root().join("queries")).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
+    }
+    let mut rules = sample_rules();
+    for t in templates {
+        let metrics: Vec<String> = t.metrics.iter().map(|m| format!("{m:?}")).collect();
+        let mut text = format!(
+            "id = {:?}\nversion = 1\ntitle = \"test\"\ndescription = \"test template\"\n\
+             purposes = [\"product_insight\", \"appliance_research\"]\ncontract_clause = \"test\"\n\
+             partners = [\"sakura_foods\", \"kumo_denki\"]\nk = 10\nsql = '''{}'''\nmetrics = [{}]\n",
+            t.id,
+            t.sql,
+            metrics.join(", ")
+        );
+        for (name, domain) in t.dimensions {
+            text.push_str(&format!("\n[[dimensions]]\nname = {name:?}\ndomain = {domain:?}\n"));
+        }
+        std::fs::write(dir.path().join(format!("{}.toml", t.id)), text).unwrap();
+        for contract in rules.contracts.values_mut() {
+            contract.queries.push(t.id.to_string());
+        }
+    }
+    (Setup { rules, queries: dir.path().to_path_buf(), load_sample: true }, dir)
+}
+
+/// Raw list records for sample members, as an attacker who knows their emails would write them.
+pub fn list_of(members: &[&str], attribute: &str) -> Vec<cleanroom_proto::v1::CustomerRecord> {
+    let wanted: std::collections::HashSet<&str> = members.iter().copied().collect();
+    let rows = cleanroom_client::read_members(&sample_dir().join("members.csv")).unwrap();
+    let records: Vec<_> = rows
+        .into_iter()
+        .filter(|m| wanted.contains(m.member_id.as_str()))
+        .map(|m| cleanroom_proto::v1::CustomerRecord {
+            email: m.email,
+            phone: m.phone,
+            attribute: attribute.into(),
+            ..Default::default()
+        })
+        .collect();
+    assert_eq!(records.len(), wanted.len(), "every member is in the sample");
+    records
+}

@@ -330,19 +330,13 @@ impl QueryDef {
     ) -> Result<BTreeMap<String, BoundValue>> {
         let invalid =
             |name: &str, msg: &str| Err(Error::Input(format!("parameter `{name}`: {msg}")));
-        if let Some(unknown) = raw
-            .keys()
-            .find(|k| !self.params.iter().any(|p| &p.name == *k))
-        {
-            // Unknown names are the caller's own text; show at most a prefix of safe characters.
-            let shown: String = unknown
-                .chars()
-                .take(40)
-                .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
-                .collect();
+        if raw.keys().any(|k| !self.params.iter().any(|p| &p.name == k)) {
+            // The unknown name is the caller's own text: never echo it.
+            let declared: Vec<&str> = self.params.iter().map(|p| p.name.as_str()).collect();
             return Err(Error::Input(format!(
-                "query {} has no parameter `{shown}`",
-                self.id
+                "query {} got a parameter it does not declare; its parameters are: {}",
+                self.id,
+                declared.join(", ")
             )));
         }
         let mut bound = BTreeMap::new();

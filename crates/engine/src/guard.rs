@@ -145,11 +145,11 @@ pub async fn run(
         .with_param_values(ParamValues::from(values))
         .map_err(|_| Error::Guard("the query's parameters do not match its placeholders".into()))?;
     let counted = add_member_count(&bound, member_index)?;
-    let batches = ctx.execute_logical_plan(counted).await?.collect().await?;
-    let schema = batches
-        .first()
-        .map(|b| b.schema())
-        .ok_or_else(|| Error::Guard("the query produced no schema".into()))?;
+    let frame = ctx.execute_logical_plan(counted).await?;
+    let planned_schema = Arc::new(frame.schema().as_arrow().clone());
+    let batches = frame.collect().await?;
+    // No group at all (nobody eligible) yields no batch: an empty result of the planned schema.
+    let schema = batches.first().map(|b| b.schema()).unwrap_or(planned_schema);
     let batch = concat_batches(&schema, &batches)?;
     release(&batch, policy)
 }
