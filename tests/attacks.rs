@@ -10,7 +10,9 @@ use cleanroom_proto::v1::{IngestHeader, ListQueriesRequest, RunQueryResponse};
 use tonic::Code;
 
 use crate::truth::Truth;
-use crate::util::{Harness, Template, cells, date, list_of, sample_dir, setup_with_templates, text, year};
+use crate::util::{
+    Harness, Template, cells, date, list_of, sample_dir, setup_with_templates, text, year,
+};
 
 const TOTAL: Template = Template {
     id: "test_total",
@@ -27,9 +29,19 @@ const BY_GENDER: Template = Template {
 };
 
 fn refused_by_guard(result: Result<RunQueryResponse, tonic::Status>, what: &str) {
-    let status = result.err().unwrap_or_else(|| panic!("{what}: the query ran"));
-    assert_eq!(status.code(), Code::FailedPrecondition, "{what}: {status:?}");
-    assert!(status.message().starts_with("guard refused the query"), "{what}: {}", status.message());
+    let status = result
+        .err()
+        .unwrap_or_else(|| panic!("{what}: the query ran"));
+    assert_eq!(
+        status.code(),
+        Code::FailedPrecondition,
+        "{what}: {status:?}"
+    );
+    assert!(
+        status.message().starts_with("guard refused the query"),
+        "{what}: {}",
+        status.message()
+    );
 }
 
 /// THREATS 4: a total minus the released cells must not reveal a withheld cell.
@@ -43,21 +55,47 @@ async fn marginal_subtraction_cannot_isolate_a_suppressed_cell() {
     let identifiable = truth.identifiable();
     let usable = |m: &&String| consented.contains(*m) && identifiable.contains(*m);
     // The attacker's list: every consenting member it knows, but only three of gender `other`.
-    let mut members: Vec<&String> = truth.members.iter().filter(|(id, m)| m.gender != "other" && usable(id)).map(|(id, _)| id).collect();
-    let others: Vec<&String> = truth.members.iter().filter(|(id, m)| m.gender == "other" && usable(id)).map(|(id, _)| id).take(3).collect();
+    let mut members: Vec<&String> = truth
+        .members
+        .iter()
+        .filter(|(id, m)| m.gender != "other" && usable(id))
+        .map(|(id, _)| id)
+        .collect();
+    let others: Vec<&String> = truth
+        .members
+        .iter()
+        .filter(|(id, m)| m.gender == "other" && usable(id))
+        .map(|(id, _)| id)
+        .take(3)
+        .collect();
     assert_eq!(others.len(), 3);
     members.extend(others);
     let ids: Vec<&str> = members.iter().map(|s| s.as_str()).collect();
-    upload_list(&mut h.partner("sakura_foods"), false, list_of(&ids, "bronze")).await.unwrap();
+    upload_list(
+        &mut h.partner("sakura_foods"),
+        false,
+        list_of(&ids, "bronze"),
+    )
+    .await
+    .unwrap();
 
     let total = h.run("sakura_foods", "test_total", &[]).await.unwrap();
     let total = cells(&total, 0)[&vec![]][0];
     let by_gender = h.run("sakura_foods", "test_by_gender", &[]).await.unwrap();
     let released = cells(&by_gender, 1);
     let residual = total - released.values().map(|m| m[0]).sum::<i64>();
-    assert!(!released.contains_key(&vec!["other".to_string()]), "3 members is below k");
-    assert_ne!(residual, 3, "total minus the released cells gives the small cell away");
-    assert!(residual >= i64::from(by_gender.effective_k), "the withheld remainder ({residual}) is itself at least k");
+    assert!(
+        !released.contains_key(&vec!["other".to_string()]),
+        "3 members is below k"
+    );
+    assert_ne!(
+        residual, 3,
+        "total minus the released cells gives the small cell away"
+    );
+    assert!(
+        residual >= i64::from(by_gender.effective_k),
+        "the withheld remainder ({residual}) is itself at least k"
+    );
 
     // A template that asks for the total inside the same response is refused outright.
     let (setup, _dir2) = setup_with_templates(&[Template {
@@ -77,19 +115,84 @@ async fn marginal_subtraction_cannot_isolate_a_suppressed_cell() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn injection_and_escape_are_refused() {
     const HOSTILE: &[Template] = &[
-        Template { id: "t_member_key_out", sql: "SELECT p.member_key, COUNT(*) AS n FROM purchases p GROUP BY p.member_key", dimensions: &[("member_key", "category")], metrics: &["n"] },
-        Template { id: "t_other_table", sql: "SELECT c.purpose AS category, COUNT(*) AS n FROM consent_events c GROUP BY c.purpose", dimensions: &[("category", "category")], metrics: &["n"] },
-        Template { id: "t_info_schema", sql: "SELECT table_name AS category, COUNT(*) AS n FROM information_schema.tables GROUP BY table_name", dimensions: &[("category", "category")], metrics: &["n"] },
-        Template { id: "t_min", sql: "SELECT p.category, MIN(p.amount) AS n FROM purchases p GROUP BY p.category", dimensions: &[("category", "category")], metrics: &["n"] },
-        Template { id: "t_member_filter", sql: "SELECT p.category, COUNT(*) AS n FROM purchases p WHERE p.member_key = 42 GROUP BY p.category", dimensions: &[("category", "category")], metrics: &["n"] },
-        Template { id: "t_rows", sql: "SELECT p.category, p.amount AS n FROM purchases p", dimensions: &[("category", "category")], metrics: &["n"] },
-        Template { id: "t_sum_key", sql: "SELECT p.category, SUM(p.member_key) AS n FROM purchases p GROUP BY p.category", dimensions: &[("category", "category")], metrics: &["n"] },
-        Template { id: "t_two_statements", sql: "SELECT p.category, COUNT(*) AS n FROM purchases p GROUP BY p.category; DROP TABLE purchases", dimensions: &[("category", "category")], metrics: &["n"] },
-        Template { id: "t_window", sql: "SELECT p.category, SUM(COUNT(*)) OVER () AS n FROM purchases p GROUP BY p.category", dimensions: &[("category", "category")], metrics: &["n"] },
-        Template { id: "t_subquery", sql: "SELECT p.category, COUNT(*) AS n FROM purchases p WHERE p.member_key IN (SELECT m.member_key FROM members m WHERE m.prefecture = '東京都') GROUP BY p.category", dimensions: &[("category", "category")], metrics: &["n"] },
-        Template { id: "t_join_not_on_member", sql: "SELECT p.category, COUNT(*) AS n FROM purchases p JOIN members m ON p.category = m.gender GROUP BY p.category", dimensions: &[("category", "category")], metrics: &["n"] },
-        Template { id: "t_left_join", sql: "SELECT p.category, COUNT(*) AS n FROM purchases p LEFT JOIN members m ON p.member_key = m.member_key GROUP BY p.category", dimensions: &[("category", "category")], metrics: &["n"] },
-        Template { id: "t_undeclared_output", sql: "SELECT p.category, COUNT(*) AS n, SUM(p.amount) AS extra FROM purchases p GROUP BY p.category", dimensions: &[("category", "category")], metrics: &["n"] },
+        Template {
+            id: "t_member_key_out",
+            sql: "SELECT p.member_key, COUNT(*) AS n FROM purchases p GROUP BY p.member_key",
+            dimensions: &[("member_key", "category")],
+            metrics: &["n"],
+        },
+        Template {
+            id: "t_other_table",
+            sql: "SELECT c.purpose AS category, COUNT(*) AS n FROM consent_events c GROUP BY c.purpose",
+            dimensions: &[("category", "category")],
+            metrics: &["n"],
+        },
+        Template {
+            id: "t_info_schema",
+            sql: "SELECT table_name AS category, COUNT(*) AS n FROM information_schema.tables GROUP BY table_name",
+            dimensions: &[("category", "category")],
+            metrics: &["n"],
+        },
+        Template {
+            id: "t_min",
+            sql: "SELECT p.category, MIN(p.amount) AS n FROM purchases p GROUP BY p.category",
+            dimensions: &[("category", "category")],
+            metrics: &["n"],
+        },
+        Template {
+            id: "t_member_filter",
+            sql: "SELECT p.category, COUNT(*) AS n FROM purchases p WHERE p.member_key = 42 GROUP BY p.category",
+            dimensions: &[("category", "category")],
+            metrics: &["n"],
+        },
+        Template {
+            id: "t_rows",
+            sql: "SELECT p.category, p.amount AS n FROM purchases p",
+            dimensions: &[("category", "category")],
+            metrics: &["n"],
+        },
+        Template {
+            id: "t_sum_key",
+            sql: "SELECT p.category, SUM(p.member_key) AS n FROM purchases p GROUP BY p.category",
+            dimensions: &[("category", "category")],
+            metrics: &["n"],
+        },
+        Template {
+            id: "t_two_statements",
+            sql: "SELECT p.category, COUNT(*) AS n FROM purchases p GROUP BY p.category; DROP TABLE purchases",
+            dimensions: &[("category", "category")],
+            metrics: &["n"],
+        },
+        Template {
+            id: "t_window",
+            sql: "SELECT p.category, SUM(COUNT(*)) OVER () AS n FROM purchases p GROUP BY p.category",
+            dimensions: &[("category", "category")],
+            metrics: &["n"],
+        },
+        Template {
+            id: "t_subquery",
+            sql: "SELECT p.category, COUNT(*) AS n FROM purchases p WHERE p.member_key IN (SELECT m.member_key FROM members m WHERE m.prefecture = '東京都') GROUP BY p.category",
+            dimensions: &[("category", "category")],
+            metrics: &["n"],
+        },
+        Template {
+            id: "t_join_not_on_member",
+            sql: "SELECT p.category, COUNT(*) AS n FROM purchases p JOIN members m ON p.category = m.gender GROUP BY p.category",
+            dimensions: &[("category", "category")],
+            metrics: &["n"],
+        },
+        Template {
+            id: "t_left_join",
+            sql: "SELECT p.category, COUNT(*) AS n FROM purchases p LEFT JOIN members m ON p.member_key = m.member_key GROUP BY p.category",
+            dimensions: &[("category", "category")],
+            metrics: &["n"],
+        },
+        Template {
+            id: "t_undeclared_output",
+            sql: "SELECT p.category, COUNT(*) AS n, SUM(p.amount) AS extra FROM purchases p GROUP BY p.category",
+            dimensions: &[("category", "category")],
+            metrics: &["n"],
+        },
     ];
     let (setup, _dir) = setup_with_templates(HOSTILE);
     let h = Harness::start_with(setup).await;
@@ -100,25 +203,61 @@ async fn injection_and_escape_are_refused() {
     // SQL inside parameters: typed checks refuse it, and the error never echoes it.
     let payload = "Sakura Cha' OR '1'='1";
     let attempts: Vec<Vec<(&str, _)>> = vec![
-        vec![("brand", text(payload)), ("start", date("2025-11-01")), ("end", date("2026-11-01"))],
-        vec![("brand", text("Sakura Cha")), ("start", date("2025-11-01'; DROP TABLE members; --")), ("end", date("2026-11-01"))],
-        vec![("brand", text("Sakura Cha")), ("start", date("2025-11-01")), ("end", date("2026-11-01")), ("x); DROP TABLE members; --", text("1"))],
+        vec![
+            ("brand", text(payload)),
+            ("start", date("2025-11-01")),
+            ("end", date("2026-11-01")),
+        ],
+        vec![
+            ("brand", text("Sakura Cha")),
+            ("start", date("2025-11-01'; DROP TABLE members; --")),
+            ("end", date("2026-11-01")),
+        ],
+        vec![
+            ("brand", text("Sakura Cha")),
+            ("start", date("2025-11-01")),
+            ("end", date("2026-11-01")),
+            ("x); DROP TABLE members; --", text("1")),
+        ],
     ];
     for params in attempts {
-        let status = h.run("sakura_foods", "brand_buyers_by_prefecture", &params).await.unwrap_err();
+        let status = h
+            .run("sakura_foods", "brand_buyers_by_prefecture", &params)
+            .await
+            .unwrap_err();
         assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
-        assert!(!status.message().contains("DROP") && !status.message().contains("OR '1'"), "echoes the payload: {}", status.message());
+        assert!(
+            !status.message().contains("DROP") && !status.message().contains("OR '1'"),
+            "echoes the payload: {}",
+            status.message()
+        );
     }
     // The legitimate call still works: nothing was dropped.
-    let ok = h.run("sakura_foods", "brand_buyers_by_prefecture", &[("brand", text("Sakura Cha")), ("start", date("2025-11-01")), ("end", date("2026-11-01"))]).await;
+    let ok = h
+        .run(
+            "sakura_foods",
+            "brand_buyers_by_prefecture",
+            &[
+                ("brand", text("Sakura Cha")),
+                ("start", date("2025-11-01")),
+                ("end", date("2026-11-01")),
+            ],
+        )
+        .await;
     assert!(ok.is_ok());
     h.stop().await;
 
     // A column tagged sensitive cannot be read, whatever the template.
     let (mut setup, _dir) = setup_with_templates(&[BY_GENDER]);
-    setup.rules.sensitive_columns.push(SensitiveColumn { column: "gender".into(), category: "test".into() });
+    setup.rules.sensitive_columns.push(SensitiveColumn {
+        column: "gender".into(),
+        category: "test".into(),
+    });
     let h = Harness::start_with(setup).await;
-    refused_by_guard(h.run("sakura_foods", "test_by_gender", &[]).await, "sensitive column");
+    refused_by_guard(
+        h.run("sakura_foods", "test_by_gender", &[]).await,
+        "sensitive column",
+    );
     h.stop().await;
 }
 
@@ -130,10 +269,23 @@ async fn partners_and_roles_cannot_escape() {
     let kumo_before = h.run("kumo_denki", "matched_overlap", &[]).await.unwrap();
 
     // Kumo's query is not on Sakura's allow-list, and the listing does not even show it.
-    let status = h.run("sakura_foods", "appliance_buyers_by_owned_model", &year()).await.unwrap_err();
+    let status = h
+        .run("sakura_foods", "appliance_buyers_by_owned_model", &year())
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), Code::NotFound);
-    let listed = h.partner("sakura_foods").list_queries(ListQueriesRequest {}).await.unwrap().into_inner();
-    assert!(listed.queries.iter().all(|q| q.id != "appliance_buyers_by_owned_model"));
+    let listed = h
+        .partner("sakura_foods")
+        .list_queries(ListQueriesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        listed
+            .queries
+            .iter()
+            .all(|q| q.id != "appliance_buyers_by_owned_model")
+    );
 
     // Sakura replaces its own list; Kumo's answers do not move.
     let truth = Truth::load();
@@ -141,25 +293,64 @@ async fn partners_and_roles_cannot_escape() {
     some.sort();
     some.truncate(50);
     let ids: Vec<&str> = some.iter().map(String::as_str).collect();
-    upload_list(&mut h.partner("sakura_foods"), false, list_of(&ids, "gold")).await.unwrap();
+    upload_list(&mut h.partner("sakura_foods"), false, list_of(&ids, "gold"))
+        .await
+        .unwrap();
     let kumo_after = h.run("kumo_denki", "matched_overlap", &[]).await.unwrap();
     assert_eq!(kumo_after.rows, kumo_before.rows);
     assert_eq!(kumo_after.list_version, kumo_before.list_version);
 
     // A partner token on the admin service, a legal token on the partner service.
-    let mut as_admin = h.conn.admin(cleanroom_client::sample::partner_token("sakura_foods")).unwrap();
+    let mut as_admin = h
+        .conn
+        .admin(cleanroom_client::sample::partner_token("sakura_foods"))
+        .unwrap();
     let members = cleanroom_client::read_members(&sample_dir().join("members.csv")).unwrap();
-    let err = cleanroom_client::ingest_members(&mut as_admin, IngestHeader::default(), members[..5].to_vec()).await.unwrap_err();
-    assert!(matches!(err, cleanroom_client::Error::Status(ref s) if s.code() == Code::PermissionDenied), "{err}");
-    let legal = h.conn.partner(cleanroom_client::sample::LEGAL_TOKEN).unwrap();
-    let status = legal.clone().list_queries(ListQueriesRequest {}).await.unwrap_err();
+    let err = cleanroom_client::ingest_members(
+        &mut as_admin,
+        IngestHeader::default(),
+        members[..5].to_vec(),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(err, cleanroom_client::Error::Status(ref s) if s.code() == Code::PermissionDenied),
+        "{err}"
+    );
+    let legal = h
+        .conn
+        .partner(cleanroom_client::sample::LEGAL_TOKEN)
+        .unwrap();
+    let status = legal
+        .clone()
+        .list_queries(ListQueriesRequest {})
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), Code::PermissionDenied);
 
     // No token, and a guessed token.
-    let mut raw = cleanroom_proto::v1::partner_service_client::PartnerServiceClient::connect(format!("http://{}", h.addr())).await.unwrap();
-    assert_eq!(raw.list_queries(ListQueriesRequest {}).await.unwrap_err().code(), Code::Unauthenticated);
+    let mut raw = cleanroom_proto::v1::partner_service_client::PartnerServiceClient::connect(
+        format!("http://{}", h.addr()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        raw.list_queries(ListQueriesRequest {})
+            .await
+            .unwrap_err()
+            .code(),
+        Code::Unauthenticated
+    );
     let guessed = h.conn.partner("demo-sakura-token2").unwrap();
-    assert_eq!(guessed.clone().list_queries(ListQueriesRequest {}).await.unwrap_err().code(), Code::Unauthenticated);
+    assert_eq!(
+        guessed
+            .clone()
+            .list_queries(ListQueriesRequest {})
+            .await
+            .unwrap_err()
+            .code(),
+        Code::Unauthenticated
+    );
     h.stop().await;
 }
 
@@ -171,30 +362,52 @@ async fn members_without_current_consent_never_count() {
     let truth = Truth::load();
     let (_, contract) = h.rules.contract_of("sakura_foods").unwrap();
     let consented = truth.consented(&h.rules, &contract.purpose, crate::util::as_of(), &[]);
-    let not_consented: Vec<String> = truth.identifiable().into_iter().filter(|m| !consented.contains(m)).collect();
-    assert!(not_consented.len() > 500, "the sample has plenty of non-consenting members");
+    let not_consented: Vec<String> = truth
+        .identifiable()
+        .into_iter()
+        .filter(|m| !consented.contains(m))
+        .collect();
+    assert!(
+        not_consented.len() > 500,
+        "the sample has plenty of non-consenting members"
+    );
     // Every kind of "no" is in there.
     let kinds: HashSet<&str> = truth
         .consent
         .iter()
         .filter(|e| e.purpose == contract.purpose && not_consented.contains(&e.member_id))
-        .map(|e| match (e.action.as_str(), e.notice_version, e.expires_at.is_empty()) {
-            ("withdrawn", _, _) => "withdrawn",
-            (_, v, _) if v < 3 => "old notice",
-            (_, _, false) => "expiry",
-            _ => "other",
-        })
+        .map(
+            |e| match (e.action.as_str(), e.notice_version, e.expires_at.is_empty()) {
+                ("withdrawn", _, _) => "withdrawn",
+                (_, v, _) if v < 3 => "old notice",
+                (_, _, false) => "expiry",
+                _ => "other",
+            },
+        )
         .collect();
     for kind in ["withdrawn", "old notice", "expiry"] {
         assert!(kinds.contains(kind), "the list holds {kind} members");
     }
     let ids: Vec<&str> = not_consented.iter().map(String::as_str).collect();
-    let response = upload_list(&mut h.partner("sakura_foods"), false, list_of(&ids, "bronze")).await.unwrap();
+    let response = upload_list(
+        &mut h.partner("sakura_foods"),
+        false,
+        list_of(&ids, "bronze"),
+    )
+    .await
+    .unwrap();
     assert!(response.records_accepted as usize >= ids.len() - 5);
 
-    for (query, params) in [("matched_overlap", vec![]), ("category_buyers_by_age_band", year())] {
+    for (query, params) in [
+        ("matched_overlap", vec![]),
+        ("category_buyers_by_age_band", year()),
+    ] {
         let result = h.run("sakura_foods", query, &params).await.unwrap();
-        assert!(result.rows.is_empty(), "{query} released {:?}", cells(&result, 1));
+        assert!(
+            result.rows.is_empty(),
+            "{query} released {:?}",
+            cells(&result, 1)
+        );
     }
     h.stop().await;
 }
@@ -207,11 +420,23 @@ async fn suppression_does_not_tell_zero_from_a_few() {
     let (_, contract) = h.rules.contract_of("sakura_foods").unwrap();
     let consented = truth.consented(&h.rules, &contract.purpose, crate::util::as_of(), &[]);
     let identifiable = truth.identifiable();
-    let usable: HashSet<&String> = consented.iter().filter(|m| identifiable.contains(*m)).collect();
-    let everyone: std::collections::HashMap<String, String> = usable.iter().map(|m| (m.to_string(), String::new())).collect();
+    let usable: HashSet<&String> = consented
+        .iter()
+        .filter(|m| identifiable.contains(*m))
+        .collect();
+    let everyone: std::collections::HashMap<String, String> = usable
+        .iter()
+        .map(|m| (m.to_string(), String::new()))
+        .collect();
     let mut buyers_by_prefecture: BTreeMap<&str, HashSet<&str>> = BTreeMap::new();
-    for p in truth.purchases_in(&everyone, "2025-11-01", "2026-11-01").filter(|p| p.brand == "Sakura Cha") {
-        buyers_by_prefecture.entry(truth.members[&p.member_id].prefecture.as_str()).or_default().insert(&p.member_id);
+    for p in truth
+        .purchases_in(&everyone, "2025-11-01", "2026-11-01")
+        .filter(|p| p.brand == "Sakura Cha")
+    {
+        buyers_by_prefecture
+            .entry(truth.members[&p.member_id].prefecture.as_str())
+            .or_default()
+            .insert(&p.member_id);
     }
     let (target, buyers) = buyers_by_prefecture
         .iter()
@@ -220,18 +445,46 @@ async fn suppression_does_not_tell_zero_from_a_few() {
         .expect("a prefecture with a few buyers");
 
     // L0 leaves the target prefecture empty; L1 adds its few buyers back.
-    let without: Vec<&str> = usable.iter().filter(|m| truth.members[m.as_str()].prefecture != target).map(|m| m.as_str()).collect();
+    let without: Vec<&str> = usable
+        .iter()
+        .filter(|m| truth.members[m.as_str()].prefecture != target)
+        .map(|m| m.as_str())
+        .collect();
     let mut with = without.clone();
     with.extend(buyers.iter().copied());
-    let params = [("brand", text("Sakura Cha")), ("start", date("2025-11-01")), ("end", date("2026-11-01"))];
+    let params = [
+        ("brand", text("Sakura Cha")),
+        ("start", date("2025-11-01")),
+        ("end", date("2026-11-01")),
+    ];
     let mut answers = Vec::new();
     for list in [without, with] {
-        upload_list(&mut h.partner("sakura_foods"), false, list_of(&list, "bronze")).await.unwrap();
-        answers.push(h.run("sakura_foods", "brand_buyers_by_prefecture", &params).await.unwrap());
+        upload_list(
+            &mut h.partner("sakura_foods"),
+            false,
+            list_of(&list, "bronze"),
+        )
+        .await
+        .unwrap();
+        answers.push(
+            h.run("sakura_foods", "brand_buyers_by_prefecture", &params)
+                .await
+                .unwrap(),
+        );
     }
     let (zero, few) = (&answers[0], &answers[1]);
-    assert_eq!(zero.rows, few.rows, "released rows differ between 0 and {} buyers in {target}", buyers.len());
-    assert_eq!(zero.suppressed_rows, few.suppressed_rows, "the suppressed count tells 0 from {}", buyers.len());
+    assert_eq!(
+        zero.rows,
+        few.rows,
+        "released rows differ between 0 and {} buyers in {target}",
+        buyers.len()
+    );
+    assert_eq!(
+        zero.suppressed_rows,
+        few.suppressed_rows,
+        "the suppressed count tells 0 from {}",
+        buyers.len()
+    );
     assert_eq!(zero.columns, few.columns);
     assert_eq!(zero.arrow_ipc, few.arrow_ipc);
     h.stop().await;
@@ -241,7 +494,10 @@ async fn suppression_does_not_tell_zero_from_a_few() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn raw_identifiers_never_reach_disk_or_answers() {
     let h = Harness::start().await;
-    let response = h.run("sakura_foods", "category_buyers_by_age_band", &year()).await.unwrap();
+    let response = h
+        .run("sakura_foods", "category_buyers_by_age_band", &year())
+        .await
+        .unwrap();
     let members = cleanroom_client::read_members(&sample_dir().join("members.csv")).unwrap();
     let mut needles: Vec<String> = Vec::new();
     for m in members.iter().take(400) {
@@ -251,12 +507,16 @@ async fn raw_identifiers_never_reach_disk_or_answers() {
             needles.push(phone[1..].to_string());
         }
     }
-    let mut haystack: Vec<(String, Vec<u8>)> = vec![("response".into(), format!("{response:?}").into_bytes())];
+    let mut haystack: Vec<(String, Vec<u8>)> =
+        vec![("response".into(), format!("{response:?}").into_bytes())];
     for entry in std::fs::read_dir(h.data_dir.path()).unwrap() {
         let path = entry.unwrap().path();
         haystack.push((path.display().to_string(), std::fs::read(&path).unwrap()));
     }
-    assert!(haystack.len() > 5, "the data directory holds the ingested files");
+    assert!(
+        haystack.len() > 5,
+        "the data directory holds the ingested files"
+    );
     for (name, bytes) in &haystack {
         for needle in &needles {
             let found = bytes.windows(needle.len()).any(|w| w == needle.as_bytes());

@@ -1,1 +1,288 @@
-//! placeholder
+//! Bad input gets a precise status, and nothing half-ingested stays visible: a refused upload or
+//! ingest leaves the previous state exactly as it was.
+
+use cleanroom_client::{ingest_members, upload_list};
+use cleanroom_proto::v1::{
+    CustomerRecord, IngestHeader, ListChunk, MemberRecord, UploadListHeader, UploadListRequest,
+    upload_list_request,
+};
+use tonic::Code;
+
+use crate::util::{Harness, Setup, date, int, sample_rules, year};
+
+fn code_of(err: cleanroom_client::Error) -> tonic::Status {
+    match err {
+        cleanroom_client::Error::Status(s) => s,
+        other => panic!("not a status: {other}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_queries_and_parameters_get_precise_statuses() {
+    let h = Harness::start().await;
+    let cases: Vec<(&str, Vec<(&str, _)>, Code, &str)> = vec![
+        (
+            "no_such_query",
+            year(),
+            Code::NotFound,
+            "not on your allow-list",
+        ),
+        (
+            "category_buyers_by_age_band",
+            vec![("start", int(20251101)), ("end", date("2026-11-01"))],
+            Code::InvalidArgument,
+            "parameter `start`: expected date",
+        ),
+        (
+            "category_buyers_by_age_band",
+            vec![("start", date("2023-01-01")), ("end", date("2026-11-01"))],
+            Code::InvalidArgument,
+            "parameter `start`: out of range",
+        ),
+        (
+            "category_buyers_by_age_band",
+            vec![("start", date("2025-13-01")), ("end", date("2026-11-01"))],
+            Code::InvalidArgument,
+            "YYYY-MM-DD",
+        ),
+        (
+            "category_buyers_by_age_band",
+            vec![("end", date("2026-11-01"))],
+            Code::InvalidArgument,
+            "parameter `start`: missing",
+        ),
+        (
+            "category_buyers_by_age_band",
+            vec![("start", date("2026-11-01")), ("end", date("2026-10-01"))],
+            Code::InvalidArgument,
+            "must come after `start`",
+        ),
+        (
+            "category_buyers_by_age_band",
+            vec![("start", date("2025-11-15")), ("end", date("2026-11-01"))],
+            Code::InvalidArgument,
+            "month boundary",
+        ),
+        (
+            "repeat_purchase_rate",
+            vec![("start", date("2025-11-04")), ("end", date("2026-10-26"))],
+            Code::InvalidArgument,
+            "a Monday",
+        ),
+    ];
+    for (query, params, code, needle) in cases {
+        let status = h.run("sakura_foods", query, &params).await.unwrap_err();
+        assert_eq!(status.code(), code, "{query} {params:?}: {status:?}");
+        assert!(
+            status.message().contains(needle),
+            "{query}: {:?} lacks {needle:?}",
+            status.message()
+        );
+    }
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_contract_is_refused() {
+    let mut rules = sample_rules();
+    rules.contracts.get_mut("ctr-sakura-2026").unwrap().expires =
+        chrono::NaiveDate::from_ymd_opt(2026, 10, 31).unwrap();
+    let h = Harness::start_with(Setup {
+        rules,
+        load_sample: false,
+        ..Setup::default()
+    })
+    .await;
+    let status = h
+        .run("sakura_foods", "matched_overlap", &[])
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    assert!(
+        status
+            .message()
+            .contains("contract ctr-sakura-2026 expired on 2026-10-31"),
+        "{}",
+        status.message()
+    );
+    let record = CustomerRecord {
+        email: "someone@example.jp".into(),
+        ..Default::default()
+    };
+    let err = upload_list(&mut h.partner("sakura_foods"), false, vec![record])
+        .await
+        .unwrap_err();
+    assert_eq!(code_of(err).code(), Code::FailedPrecondition);
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_and_oversized_uploads_store_nothing() {
+    let mut rules = sample_rules();
+    rules.privacy.max_upload_records = 35_000;
+    let h = Harness::start_with(Setup {
+        rules,
+        ..Setup::default()
+    })
+    .await;
+    let before = h.run("sakura_foods", "matched_overlap", &[]).await.unwrap();
+    let record = |email: &str| CustomerRecord {
+        email: email.into(),
+        attribute: "gold".into(),
+        ..Default::default()
+    };
+    let header = |strict| UploadListRequest {
+        kind: Some(upload_list_request::Kind::Header(UploadListHeader {
+            strict,
+        })),
+    };
+    let chunk = |records: Vec<CustomerRecord>| UploadListRequest {
+        kind: Some(upload_list_request::Kind::Chunk(ListChunk { records })),
+    };
+    let upload = |messages: Vec<UploadListRequest>| {
+        let mut client = h.partner("sakura_foods");
+        async move { client.upload_list(tokio_stream::iter(messages)).await }
+    };
+
+    let cases: Vec<(Vec<UploadListRequest>, Code, &str)> = vec![
+        (
+            vec![chunk(vec![record("a@example.jp")])],
+            Code::InvalidArgument,
+            "start with a header",
+        ),
+        (
+            vec![header(false), header(false)],
+            Code::InvalidArgument,
+            "second header",
+        ),
+        (vec![], Code::InvalidArgument, "start with a header"),
+        (
+            vec![header(false), UploadListRequest { kind: None }],
+            Code::InvalidArgument,
+            "empty upload message",
+        ),
+        (
+            vec![header(false), chunk(vec![record("not-an-email")])],
+            Code::InvalidArgument,
+            "no valid record",
+        ),
+        (
+            vec![
+                header(true),
+                chunk(vec![
+                    record("ok@example.jp"),
+                    record("secret.person@@example.jp"),
+                ]),
+            ],
+            Code::InvalidArgument,
+            "record 2: email: more than one @",
+        ),
+        (
+            vec![
+                header(false),
+                chunk(vec![CustomerRecord {
+                    email: "x@example.jp".into(),
+                    attribute: "platinum".into(),
+                    ..Default::default()
+                }]),
+            ],
+            Code::InvalidArgument,
+            "no valid record",
+        ),
+        (
+            vec![
+                header(false),
+                chunk(
+                    (0..35_001)
+                        .map(|i| record(&format!("u{i}@example.jp")))
+                        .collect(),
+                ),
+            ],
+            Code::ResourceExhausted,
+            "at most 35000 records",
+        ),
+        // One message over the 8 MiB message limit.
+        (
+            vec![
+                header(false),
+                chunk(
+                    (0..90_000)
+                        .map(|i| record(&format!("{i:0>90}@example.jp")))
+                        .collect(),
+                ),
+            ],
+            Code::ResourceExhausted,
+            "",
+        ),
+    ];
+    for (messages, code, needle) in cases {
+        let status = upload(messages).await.unwrap_err();
+        assert_eq!(status.code(), code, "{status:?}");
+        assert!(
+            status.message().contains(needle),
+            "{:?} lacks {needle:?}",
+            status.message()
+        );
+        assert!(
+            !status.message().contains("secret.person"),
+            "echoes an identifier: {}",
+            status.message()
+        );
+    }
+    let after = h.run("sakura_foods", "matched_overlap", &[]).await.unwrap();
+    assert_eq!(
+        after.list_version, before.list_version,
+        "no refused upload became a list version"
+    );
+    assert_eq!(after.rows, before.rows);
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_strict_ingest_with_an_invalid_phone_changes_nothing() {
+    let h = Harness::start().await;
+    let before = h
+        .run("sakura_foods", "category_buyers_by_age_band", &year())
+        .await
+        .unwrap();
+    let mut members =
+        cleanroom_client::read_members(&crate::util::sample_dir().join("members.csv")).unwrap();
+    members[10].phone = "03-12".into();
+    let header = IngestHeader {
+        source: "test".into(),
+        strict: true,
+    };
+    let status = code_of(
+        ingest_members(&mut h.analyst(), header, members)
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        status.message().contains("record 11: phone: too short"),
+        "{}",
+        status.message()
+    );
+    let after = h
+        .run("sakura_foods", "category_buyers_by_age_band", &year())
+        .await
+        .unwrap();
+    assert_eq!(
+        after.rows, before.rows,
+        "the refused export did not replace the members"
+    );
+
+    // Lenient mode keeps the member, drops only the bad phone, and says why.
+    let record = MemberRecord {
+        member_id: "M9999999".into(),
+        phone: "phone".into(),
+        prefecture: "東京都".into(),
+        ..Default::default()
+    };
+    let summary = ingest_members(&mut h.analyst(), IngestHeader::default(), vec![record])
+        .await
+        .unwrap();
+    assert_eq!(summary.records_accepted, 1);
+    assert_eq!(summary.rejected_by_reason.get("phone: no digits"), Some(&1));
+    h.stop().await;
+}

@@ -27,9 +27,17 @@ fn cases(truth: &Truth, h: &Harness) -> Vec<Case> {
     let member = |id: &str| &truth.members[id];
     let categories = rules.domains["category"].len();
     let by_age_and_category = |eligible| {
-        aggregate(truth.purchases_in(eligible, "2025-11-01", "2026-11-01").map(|p| {
-            (vec![member(&p.member_id).age_band.clone(), p.category.clone()], p.member_id.as_str(), vec![p.amount])
-        }))
+        aggregate(
+            truth
+                .purchases_in(eligible, "2025-11-01", "2026-11-01")
+                .map(|p| {
+                    (
+                        vec![member(&p.member_id).age_band.clone(), p.category.clone()],
+                        p.member_id.as_str(),
+                        vec![p.amount],
+                    )
+                }),
+        )
         .into_iter()
         .map(|(k, (n, m))| (k, (n, vec![n as i64, m[0]])))
         .collect()
@@ -37,7 +45,9 @@ fn cases(truth: &Truth, h: &Harness) -> Vec<Case> {
     let repeat: Cells = {
         let mut lines: BTreeMap<(String, &str), i64> = BTreeMap::new();
         for p in truth.purchases_in(&sakura, "2025-11-03", "2026-10-26") {
-            *lines.entry((p.category.clone(), p.member_id.as_str())).or_default() += 1;
+            *lines
+                .entry((p.category.clone(), p.member_id.as_str()))
+                .or_default() += 1;
         }
         let mut cells: BTreeMap<Vec<String>, (HashSet<&str>, i64)> = BTreeMap::new();
         for ((category, member), n) in lines {
@@ -45,7 +55,10 @@ fn cases(truth: &Truth, h: &Harness) -> Vec<Case> {
             cell.0.insert(member);
             cell.1 += i64::from(n >= 2);
         }
-        cells.into_iter().map(|(k, (set, rep))| (k, (set.len(), vec![set.len() as i64, rep]))).collect()
+        cells
+            .into_iter()
+            .map(|(k, (set, rep))| (k, (set.len(), vec![set.len() as i64, rep])))
+            .collect()
     };
     vec![
         Case {
@@ -65,13 +78,23 @@ fn cases(truth: &Truth, h: &Harness) -> Vec<Case> {
         Case {
             partner: "sakura_foods",
             query: "brand_buyers_by_prefecture",
-            params: vec![("brand", text("Sakura Cha")), ("start", date("2025-11-01")), ("end", date("2026-11-01"))],
+            params: vec![
+                ("brand", text("Sakura Cha")),
+                ("start", date("2025-11-01")),
+                ("end", date("2026-11-01")),
+            ],
             domain_cells: 47,
             expected: aggregate(
                 truth
                     .purchases_in(&sakura, "2025-11-01", "2026-11-01")
                     .filter(|p| p.brand == "Sakura Cha")
-                    .map(|p| (vec![member(&p.member_id).prefecture.clone()], p.member_id.as_str(), vec![1])),
+                    .map(|p| {
+                        (
+                            vec![member(&p.member_id).prefecture.clone()],
+                            p.member_id.as_str(),
+                            vec![1],
+                        )
+                    }),
             )
             .into_iter()
             .map(|(k, (n, m))| (k, (n, vec![n as i64, m[0]])))
@@ -82,20 +105,27 @@ fn cases(truth: &Truth, h: &Harness) -> Vec<Case> {
             query: "matched_overlap",
             params: vec![],
             domain_cells: 4,
-            expected: aggregate(sakura.iter().map(|(m, attr)| (vec![attr.clone()], m.as_str(), vec![])))
-                .into_iter()
-                .map(|(k, (n, _))| (k, (n, vec![n as i64])))
-                .collect(),
+            expected: aggregate(
+                sakura
+                    .iter()
+                    .map(|(m, attr)| (vec![attr.clone()], m.as_str(), vec![])),
+            )
+            .into_iter()
+            .map(|(k, (n, _))| (k, (n, vec![n as i64])))
+            .collect(),
         },
         Case {
             partner: "kumo_denki",
             query: "matched_overlap",
             params: vec![],
             domain_cells: 4,
-            expected: aggregate(kumo.iter().map(|(m, attr)| (vec![attr.clone()], m.as_str(), vec![])))
-                .into_iter()
-                .map(|(k, (n, _))| (k, (n, vec![n as i64])))
-                .collect(),
+            expected: aggregate(
+                kumo.iter()
+                    .map(|(m, attr)| (vec![attr.clone()], m.as_str(), vec![])),
+            )
+            .into_iter()
+            .map(|(k, (n, _))| (k, (n, vec![n as i64])))
+            .collect(),
         },
         Case {
             partner: "sakura_foods",
@@ -113,7 +143,16 @@ fn cases(truth: &Truth, h: &Harness) -> Vec<Case> {
                 truth
                     .purchases_in(&kumo, "2025-11-01", "2026-11-01")
                     .filter(|p| p.manufacturer == "Kumo Denki")
-                    .map(|p| (vec![kumo[&p.member_id].clone(), member(&p.member_id).gender.clone()], p.member_id.as_str(), vec![p.amount])),
+                    .map(|p| {
+                        (
+                            vec![
+                                kumo[&p.member_id].clone(),
+                                member(&p.member_id).gender.clone(),
+                            ],
+                            p.member_id.as_str(),
+                            vec![p.amount],
+                        )
+                    }),
             )
             .into_iter()
             .map(|(k, (n, m))| (k, (n, vec![n as i64, m[0]])))
@@ -128,13 +167,29 @@ fn render(case: &Case, response: &RunQueryResponse) -> String {
         .params
         .iter()
         .map(|(k, v)| match &v.kind {
-            Some(param_value::Kind::StringValue(s) | param_value::Kind::DateValue(s)) => format!("{k}={s}"),
+            Some(param_value::Kind::StringValue(s) | param_value::Kind::DateValue(s)) => {
+                format!("{k}={s}")
+            }
             Some(param_value::Kind::IntValue(i)) => format!("{k}={i}"),
             None => k.to_string(),
         })
         .collect();
-    writeln!(out, "# {} as {} ({})", case.query, case.partner, params.join(", ")).unwrap();
-    writeln!(out, "# k = {}, released {}, suppressed {}", response.effective_k, response.rows.len(), response.suppressed_rows).unwrap();
+    writeln!(
+        out,
+        "# {} as {} ({})",
+        case.query,
+        case.partner,
+        params.join(", ")
+    )
+    .unwrap();
+    writeln!(
+        out,
+        "# k = {}, released {}, suppressed {}",
+        response.effective_k,
+        response.rows.len(),
+        response.suppressed_rows
+    )
+    .unwrap();
     let header: Vec<&str> = response.columns.iter().map(|c| c.name.as_str()).collect();
     writeln!(out, "{}", header.join("\t")).unwrap();
     for row in &response.rows {
@@ -159,33 +214,65 @@ async fn every_allowed_query_matches_its_golden_file_and_the_ground_truth() {
     let truth = Truth::load();
     let bless = std::env::var_os("CLEANROOM_BLESS").is_some();
     for case in cases(&truth, &h) {
-        let response = h.run(case.partner, case.query, &case.params).await.unwrap_or_else(|s| panic!("{}: {s}", case.query));
+        let response = h
+            .run(case.partner, case.query, &case.params)
+            .await
+            .unwrap_or_else(|s| panic!("{}: {s}", case.query));
         let k = response.effective_k as usize;
-        let dims = response.columns.len() - case.expected.values().next().map(|(_, m)| m.len()).unwrap_or(1);
+        let dims = response.columns.len()
+            - case
+                .expected
+                .values()
+                .next()
+                .map(|(_, m)| m.len())
+                .unwrap_or(1);
         let released = cells(&response, dims);
         let label = format!("{} as {}", case.query, case.partner);
 
         // Against the ground truth: every released cell is exact and has at least k members, every
         // cell below k is withheld, and the withheld count covers the whole domain.
         for (key, metrics) in &released {
-            let (members, expected) = case.expected.get(key).unwrap_or_else(|| panic!("{label}: released {key:?} has no member"));
-            assert!(*members >= k, "{label}: released {key:?} with {members} < k = {k} members");
+            let (members, expected) = case
+                .expected
+                .get(key)
+                .unwrap_or_else(|| panic!("{label}: released {key:?} has no member"));
+            assert!(
+                *members >= k,
+                "{label}: released {key:?} with {members} < k = {k} members"
+            );
             assert_eq!(metrics, expected, "{label}: {key:?}");
         }
         for (key, (members, _)) in &case.expected {
             if *members < k {
-                assert!(!released.contains_key(key), "{label}: {key:?} has {members} < k members but was released");
+                assert!(
+                    !released.contains_key(key),
+                    "{label}: {key:?} has {members} < k members but was released"
+                );
             }
         }
-        assert_eq!(response.suppressed_rows as usize, case.domain_cells - released.len(), "{label}: suppressed count");
-        assert!(!released.is_empty(), "{label}: the sample should release something");
+        assert_eq!(
+            response.suppressed_rows as usize,
+            case.domain_cells - released.len(),
+            "{label}: suppressed count"
+        );
+        assert!(
+            !released.is_empty(),
+            "{label}: the sample should release something"
+        );
 
-        let path = root().join("tests/golden").join(format!("{}.{}.tsv", case.partner, case.query));
+        let path = root()
+            .join("tests/golden")
+            .join(format!("{}.{}.tsv", case.partner, case.query));
         let rendered = render(&case, &response);
         if bless {
             std::fs::write(&path, &rendered).unwrap();
         } else {
-            assert_eq!(rendered, read(&path), "{label}: differs from {} (CLEANROOM_BLESS=1 rewrites it)", path.display());
+            assert_eq!(
+                rendered,
+                read(&path),
+                "{label}: differs from {} (CLEANROOM_BLESS=1 rewrites it)",
+                path.display()
+            );
         }
     }
     h.stop().await;

@@ -69,7 +69,9 @@ fn time(s: &str) -> DateTime<Utc> {
 }
 
 fn age_band(birth: &str, on: NaiveDate) -> String {
-    let Ok(b) = NaiveDate::parse_from_str(birth, "%Y-%m-%d") else { return "unknown".into() };
+    let Ok(b) = NaiveDate::parse_from_str(birth, "%Y-%m-%d") else {
+        return "unknown".into();
+    };
     let mut age = on.years_since(b).map(i64::from).unwrap_or(-1);
     if b > on {
         age = -1;
@@ -97,11 +99,19 @@ pub struct Truth {
 
 impl Truth {
     pub fn load() -> Self {
-        let local_date = crate::util::as_of().with_timezone(&chrono::FixedOffset::east_opt(9 * 3600).unwrap()).date_naive();
+        let local_date = crate::util::as_of()
+            .with_timezone(&chrono::FixedOffset::east_opt(9 * 3600).unwrap())
+            .date_naive();
         let mut members = HashMap::new();
         let mut by_identifier = HashMap::new();
         for m in csv::<MemberRow>("members.csv") {
-            for id in [normalize::email(&m.email).ok(), normalize::phone(&m.phone).ok()].into_iter().flatten() {
+            for id in [
+                normalize::email(&m.email).ok(),
+                normalize::phone(&m.phone).ok(),
+            ]
+            .into_iter()
+            .flatten()
+            {
                 by_identifier.insert(id, m.member_id.clone());
             }
             let gender = match m.gender.as_str() {
@@ -110,10 +120,19 @@ impl Truth {
             };
             members.insert(
                 m.member_id.clone(),
-                Member { age_band: age_band(&m.birth_date, local_date), prefecture: m.prefecture.clone(), gender },
+                Member {
+                    age_band: age_band(&m.birth_date, local_date),
+                    prefecture: m.prefecture.clone(),
+                    gender,
+                },
             );
         }
-        Self { members, by_identifier, purchases: csv("purchases.csv"), consent: csv("consent_events.csv") }
+        Self {
+            members,
+            by_identifier,
+            purchases: csv("purchases.csv"),
+            consent: csv("consent_events.csv"),
+        }
     }
 
     /// Members with at least one identifier that normalizes, so a list can name them.
@@ -125,9 +144,19 @@ impl Truth {
     pub fn matched(&self, partner: &str) -> HashMap<String, String> {
         let mut matched = HashMap::new();
         for row in csv::<ListRow>(&format!("partner_lists/{partner}.csv")) {
-            for id in [normalize::email(&row.email).ok(), normalize::phone(&row.phone).ok()].into_iter().flatten() {
+            for id in [
+                normalize::email(&row.email).ok(),
+                normalize::phone(&row.phone).ok(),
+            ]
+            .into_iter()
+            .flatten()
+            {
                 if let Some(member) = self.by_identifier.get(&id) {
-                    let attribute = if row.attribute.is_empty() { "unknown".to_string() } else { row.attribute.clone() };
+                    let attribute = if row.attribute.is_empty() {
+                        "unknown".to_string()
+                    } else {
+                        row.attribute.clone()
+                    };
                     matched.entry(member.clone()).or_insert(attribute);
                 }
             }
@@ -136,13 +165,27 @@ impl Truth {
     }
 
     /// Members whose consent for `purpose` holds at `now`, with `extra` events added to the log.
-    pub fn consented(&self, rules: &Rules, purpose: &str, now: DateTime<Utc>, extra: &[ConsentRow]) -> HashSet<String> {
+    pub fn consented(
+        &self,
+        rules: &Rules,
+        purpose: &str,
+        now: DateTime<Utc>,
+        extra: &[ConsentRow],
+    ) -> HashSet<String> {
         let requirement = &rules.purposes[purpose];
         let mut latest: HashMap<&str, &ConsentRow> = HashMap::new();
-        for e in self.consent.iter().chain(extra).filter(|e| e.purpose == purpose && time(&e.at) <= now) {
+        for e in self
+            .consent
+            .iter()
+            .chain(extra)
+            .filter(|e| e.purpose == purpose && time(&e.at) <= now)
+        {
             let replace = match latest.get(e.member_id.as_str()) {
                 None => true,
-                Some(cur) => time(&e.at) > time(&cur.at) || (time(&e.at) == time(&cur.at) && e.action == "withdrawn"),
+                Some(cur) => {
+                    time(&e.at) > time(&cur.at)
+                        || (time(&e.at) == time(&cur.at) && e.action == "withdrawn")
+                }
             };
             if replace {
                 latest.insert(&e.member_id, e);
@@ -154,19 +197,27 @@ impl Truth {
                 e.action == "granted"
                     && e.notice_version >= requirement.min_notice_version
                     && (e.expires_at.is_empty() || time(&e.expires_at) > now)
-                    && requirement
-                        .grant_valid_days
-                        .is_none_or(|days| now - time(&e.at) <= chrono::Duration::days(i64::from(days)))
+                    && requirement.grant_valid_days.is_none_or(|days| {
+                        now - time(&e.at) <= chrono::Duration::days(i64::from(days))
+                    })
             })
             .map(|(m, _)| m.to_string())
             .collect()
     }
 
     /// The members a partner's queries count: matched and consented, with their attribute.
-    pub fn eligible(&self, rules: &Rules, partner: &str, extra: &[ConsentRow]) -> HashMap<String, String> {
+    pub fn eligible(
+        &self,
+        rules: &Rules,
+        partner: &str,
+        extra: &[ConsentRow],
+    ) -> HashMap<String, String> {
         let (_, contract) = rules.contract_of(partner).unwrap();
         let consented = self.consented(rules, &contract.purpose, crate::util::as_of(), extra);
-        self.matched(partner).into_iter().filter(|(m, _)| consented.contains(m)).collect()
+        self.matched(partner)
+            .into_iter()
+            .filter(|(m, _)| consented.contains(m))
+            .collect()
     }
 
     /// Purchases of eligible members in a local-date window.

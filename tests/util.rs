@@ -10,7 +10,9 @@ use cleanroom_client::{AdminClient, Connection, PartnerClient, sample};
 use cleanroom_core::allowlist::AllowList;
 use cleanroom_core::rules::Rules;
 use cleanroom_core::token::MasterSecret;
-use cleanroom_proto::v1::{ParamValue, RunQueryRequest, RunQueryResponse, param_value, value::Kind};
+use cleanroom_proto::v1::{
+    ParamValue, RunQueryRequest, RunQueryResponse, param_value, value::Kind,
+};
 use cleanroom_server::{App, AppConfig, FixedClock, Running};
 use tempfile::TempDir;
 use tonic::Status;
@@ -30,7 +32,9 @@ pub fn sample_rules() -> Rules {
 
 /// The instant the sample data was exported; the harness pins the service's clock to it.
 pub fn as_of() -> chrono::DateTime<chrono::Utc> {
-    chrono::DateTime::parse_from_rfc3339(sample::AS_OF).unwrap().into()
+    chrono::DateTime::parse_from_rfc3339(sample::AS_OF)
+        .unwrap()
+        .into()
 }
 
 /// A fixed test secret: pseudonyms and tokens come out the same on every run.
@@ -55,7 +59,11 @@ pub struct Setup {
 
 impl Default for Setup {
     fn default() -> Self {
-        Self { rules: sample_rules(), queries: root().join("queries"), load_sample: true }
+        Self {
+            rules: sample_rules(),
+            queries: root().join("queries"),
+            load_sample: true,
+        }
     }
 }
 
@@ -77,12 +85,23 @@ impl Harness {
             clock: Arc::new(FixedClock(as_of())),
         })
         .unwrap();
-        let server = cleanroom_server::spawn(app, SocketAddr::from(([127, 0, 0, 1], 0))).await.unwrap();
-        let conn = Connection::open(&format!("http://{}", server.addr)).await.unwrap();
+        let server = cleanroom_server::spawn(app, SocketAddr::from(([127, 0, 0, 1], 0)))
+            .await
+            .unwrap();
+        let conn = Connection::open(&format!("http://{}", server.addr))
+            .await
+            .unwrap();
         if setup.load_sample {
-            sample::load(&conn, &sample_dir()).await.expect("sample data loads");
+            sample::load(&conn, &sample_dir())
+                .await
+                .expect("sample data loads");
         }
-        Self { conn, rules: setup.rules, data_dir, server: Some(server) }
+        Self {
+            conn,
+            rules: setup.rules,
+            data_dir,
+            server: Some(server),
+        }
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -97,10 +116,21 @@ impl Harness {
         self.conn.admin(sample::ANALYST_TOKEN).unwrap()
     }
 
-    pub async fn run(&self, partner: &str, query: &str, params: &[(&str, ParamValue)]) -> Result<RunQueryResponse, Status> {
-        let params = params.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
+    pub async fn run(
+        &self,
+        partner: &str,
+        query: &str,
+        params: &[(&str, ParamValue)],
+    ) -> Result<RunQueryResponse, Status> {
+        let params = params
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect();
         self.partner(partner)
-            .run_query(RunQueryRequest { query_id: query.into(), params })
+            .run_query(RunQueryRequest {
+                query_id: query.into(),
+                params,
+            })
             .await
             .map(|r| r.into_inner())
     }
@@ -113,15 +143,21 @@ impl Harness {
 }
 
 pub fn date(s: &str) -> ParamValue {
-    ParamValue { kind: Some(param_value::Kind::DateValue(s.into())) }
+    ParamValue {
+        kind: Some(param_value::Kind::DateValue(s.into())),
+    }
 }
 
 pub fn text(s: &str) -> ParamValue {
-    ParamValue { kind: Some(param_value::Kind::StringValue(s.into())) }
+    ParamValue {
+        kind: Some(param_value::Kind::StringValue(s.into())),
+    }
 }
 
 pub fn int(i: i64) -> ParamValue {
-    ParamValue { kind: Some(param_value::Kind::IntValue(i)) }
+    ParamValue {
+        kind: Some(param_value::Kind::IntValue(i)),
+    }
 }
 
 /// The sample's last twelve months, on month boundaries.
@@ -186,14 +222,23 @@ pub fn setup_with_templates(templates: &[Template]) -> (Setup, TempDir) {
             metrics.join(", ")
         );
         for (name, domain) in t.dimensions {
-            text.push_str(&format!("\n[[dimensions]]\nname = {name:?}\ndomain = {domain:?}\n"));
+            text.push_str(&format!(
+                "\n[[dimensions]]\nname = {name:?}\ndomain = {domain:?}\n"
+            ));
         }
         std::fs::write(dir.path().join(format!("{}.toml", t.id)), text).unwrap();
         for contract in rules.contracts.values_mut() {
             contract.queries.push(t.id.to_string());
         }
     }
-    (Setup { rules, queries: dir.path().to_path_buf(), load_sample: true }, dir)
+    (
+        Setup {
+            rules,
+            queries: dir.path().to_path_buf(),
+            load_sample: true,
+        },
+        dir,
+    )
 }
 
 /// Raw list records for sample members, as an attacker who knows their emails would write them.

@@ -29,7 +29,10 @@ fn normalization_follows_every_vector() {
         };
         if expected == "!" {
             let reason = got.expect_err(&format!("{kind} {input:?} must be rejected"));
-            assert!(reason.0.starts_with(kind.as_str()), "reason names the field: {reason}");
+            assert!(
+                reason.0.starts_with(kind.as_str()),
+                "reason names the field: {reason}"
+            );
         } else {
             assert_eq!(got.as_deref(), Ok(expected.as_str()), "{kind} {input:?}");
         }
@@ -40,10 +43,15 @@ fn normalization_follows_every_vector() {
 fn normalized_bytes_match_the_uid2_sha256_vectors() {
     for case in rows("sha256_uid2.tsv") {
         let (normalized, expected) = (&case[0], &case[1]);
-        let digest = base64::engine::general_purpose::STANDARD.encode(Sha256::digest(normalized.as_bytes()));
+        let digest =
+            base64::engine::general_purpose::STANDARD.encode(Sha256::digest(normalized.as_bytes()));
         assert_eq!(&digest, expected, "{normalized}");
         // The published normalized form is a fixed point of our normalizer.
-        let again = if normalized.starts_with('+') { normalize::phone(normalized) } else { normalize::email(normalized) };
+        let again = if normalized.starts_with('+') {
+            normalize::phone(normalized)
+        } else {
+            normalize::email(normalized)
+        };
         assert_eq!(again.as_deref(), Ok(normalized.as_str()));
     }
 }
@@ -55,6 +63,11 @@ fn hmac_follows_rfc_4231() {
     for case in cases {
         let key = hex::decode(&case[1]).unwrap();
         let data = hex::decode(&case[2]).unwrap();
-        assert_eq!(hex::encode(hmac_sha256(&key, &data)), case[3], "RFC 4231 case {}", case[0]);
+        assert_eq!(
+            hex::encode(hmac_sha256(&key, &data)),
+            case[3],
+            "RFC 4231 case {}",
+            case[0]
+        );
     }
 }

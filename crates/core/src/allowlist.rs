@@ -330,7 +330,10 @@ impl QueryDef {
     ) -> Result<BTreeMap<String, BoundValue>> {
         let invalid =
             |name: &str, msg: &str| Err(Error::Input(format!("parameter `{name}`: {msg}")));
-        if raw.keys().any(|k| !self.params.iter().any(|p| &p.name == k)) {
+        if raw
+            .keys()
+            .any(|k| !self.params.iter().any(|p| &p.name == k))
+        {
             // The unknown name is the caller's own text: never echo it.
             let declared: Vec<&str> = self.params.iter().map(|p| p.name.as_str()).collect();
             return Err(Error::Input(format!(

@@ -149,7 +149,10 @@ pub async fn run(
     let planned_schema = Arc::new(frame.schema().as_arrow().clone());
     let batches = frame.collect().await?;
     // No group at all (nobody eligible) yields no batch: an empty result of the planned schema.
-    let schema = batches.first().map(|b| b.schema()).unwrap_or(planned_schema);
+    let schema = batches
+        .first()
+        .map(|b| b.schema())
+        .unwrap_or(planned_schema);
     let batch = concat_batches(&schema, &batches)?;
     release(&batch, policy)
 }
