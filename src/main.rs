@@ -5,7 +5,7 @@ mod demo;
 mod r#gen;
 mod settings;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
@@ -183,7 +183,7 @@ async fn serve(settings: settings::Settings) -> Result<()> {
 
 /// Hashes a raw list with the collaboration key. Writes through a temporary file so a failed run
 /// leaves no half-written output.
-fn prep(key_file: &PathBuf, input: &PathBuf, output: &PathBuf) -> Result<()> {
+fn prep(key_file: &Path, input: &Path, output: &Path) -> Result<()> {
     let key_text = std::fs::read_to_string(key_file)
         .with_context(|| format!("reading {}", key_file.display()))?;
     let key = CollaborationKey::from_export(&key_text)?;

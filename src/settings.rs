@@ -93,14 +93,14 @@ impl Settings {
     /// The master secret, from the environment or the key file.
     pub fn master_secret(&self) -> Result<MasterSecret> {
         if let Ok(hex) = std::env::var("CLEANROOM_MASTER_SECRET") {
-            return Ok(MasterSecret::from_hex(&hex).context("CLEANROOM_MASTER_SECRET")?);
+            return MasterSecret::from_hex(&hex).context("CLEANROOM_MASTER_SECRET");
         }
         let Some(path) = &self.master_secret_file else {
             bail!("no master secret: set CLEANROOM_MASTER_SECRET (hex) or master_secret_file");
         };
         let text =
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        Ok(MasterSecret::from_hex(&text).with_context(|| path.display().to_string())?)
+        MasterSecret::from_hex(&text).with_context(|| path.display().to_string())
     }
 
     /// Everything the service needs to start.

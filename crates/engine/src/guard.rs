@@ -291,11 +291,9 @@ fn member_columns(plan: &LogicalPlan, policy: &Policy) -> Result<BTreeSet<usize>
             let members = member_columns(input, policy)?;
             let mut out = BTreeSet::new();
             for (i, e) in expr.iter().enumerate() {
-                if let Some(index) = bare_column(e, input.schema()) {
-                    if members.contains(&index) {
-                        out.insert(i);
-                        continue;
-                    }
+                if bare_column(e, input.schema()).is_some_and(|index| members.contains(&index)) {
+                    out.insert(i);
+                    continue;
                 }
                 if references(e, input.schema(), &members) {
                     return refuse("member_key may only be passed through, joined on or counted");
@@ -659,18 +657,18 @@ fn complementary_suppression(sizes: &[usize], member_count: &[i64], released: &m
         let mut changed = false;
         for (d, &size) in sizes.iter().enumerate() {
             let stride: usize = sizes[d + 1..].iter().product();
-            for base in (0..cells).filter(|c| (c / stride) % size == 0) {
+            for base in (0..cells).filter(|c| (c / stride).is_multiple_of(size)) {
                 let line = (0..size).map(|j| base + j * stride);
                 let withholds = line.clone().any(|c| !released[c]);
                 let protected = line.clone().any(|c| !released[c] && member_count[c] >= k);
-                if withholds && !protected {
-                    if let Some(c) = line
+                if withholds
+                    && !protected
+                    && let Some(c) = line
                         .filter(|c| released[*c])
                         .min_by_key(|c| (member_count[*c], *c))
-                    {
-                        released[c] = false;
-                        changed = true;
-                    }
+                {
+                    released[c] = false;
+                    changed = true;
                 }
             }
         }
