@@ -24,7 +24,12 @@ use rand::RngCore;
 /// The window every demo query asks about: the sample's last twelve months.
 const WINDOW: (&str, &str) = ("2025-11-01", "2026-11-01");
 
-pub async fn run(sample_dir: &Path, queries_dir: &Path) -> Result<()> {
+pub async fn run(
+    sample_dir: &Path,
+    queries_dir: &Path,
+    listen: SocketAddr,
+    keep_serving: bool,
+) -> Result<()> {
     let rules = Rules::load(&sample_dir.join("rules.toml"))?;
     let allowlist = AllowList::load(queries_dir, &rules)?;
     let data_dir = tempfile::tempdir().context("creating a throwaway data directory")?;
@@ -38,7 +43,7 @@ pub async fn run(sample_dir: &Path, queries_dir: &Path) -> Result<()> {
         secret: MasterSecret::new(secret)?,
         clock: Arc::new(cleanroom_server::FixedClock(as_of)),
     })?;
-    let server = cleanroom_server::spawn(app, SocketAddr::from(([127, 0, 0, 1], 0))).await?;
+    let server = cleanroom_server::spawn(app, listen).await?;
     println!(
         "clean room listening on {} (throwaway data dir, random master secret)",
         server.addr
@@ -153,6 +158,20 @@ pub async fn run(sample_dir: &Path, queries_dir: &Path) -> Result<()> {
     withdrawal(&conn, &mut sakura, sample_dir, as_of).await?;
 
     drop(conn);
+    if keep_serving {
+        println!(
+            "\nserving the loaded sample on {} until interrupted",
+            server.addr
+        );
+        use std::io::Write as _;
+        std::io::stdout().flush()?;
+        let mut terminate =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = terminate.recv() => {}
+        }
+    }
     server.stop().await?;
     println!("\ndemo finished: the throwaway data directory is removed.");
     Ok(())

@@ -32,6 +32,13 @@ enum Command {
         /// The allow-list directory.
         #[arg(long, default_value = "queries")]
         queries: PathBuf,
+        /// Loopback address to serve on (port 0 picks a free one).
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: std::net::SocketAddr,
+        /// After the demo, keep serving the loaded sample until interrupted (for clients such as
+        /// grpcurl or tests/python/stubless_client.py).
+        #[arg(long)]
+        keep_serving: bool,
     },
     /// Run the gRPC service.
     Serve {
@@ -64,7 +71,7 @@ enum Command {
     /// identifier leaves the partner. Input columns: email,phone,attribute; output columns:
     /// email_token,phone_token,attribute.
     Prep {
-        /// File holding the collaboration key (`v<version>.<hex>`), as `keys export` prints it.
+        /// File holding the collaboration key (`v<version>.<hex>`), as `export-key` prints it.
         #[arg(long)]
         key_file: PathBuf,
         /// The raw list.
@@ -73,6 +80,45 @@ enum Command {
         /// Where to write the tokens.
         #[arg(long)]
         output: PathBuf,
+    },
+    /// Retailer analyst: stream one export file into a running service.
+    Ingest {
+        /// What the file holds.
+        #[arg(long, value_enum)]
+        kind: IngestKind,
+        /// The CSV export.
+        #[arg(long)]
+        file: PathBuf,
+        /// Service address.
+        #[arg(long, default_value = "http://127.0.0.1:50051")]
+        addr: String,
+        /// The analyst's bearer token.
+        #[arg(long, env = "CLEANROOM_TOKEN", hide_env_values = true)]
+        token: String,
+        /// Fail the whole file on the first invalid record instead of skipping it.
+        #[arg(long)]
+        strict: bool,
+    },
+    /// Partner: upload a customer list (raw, or tokens from `prep`) to a running service.
+    UploadList {
+        /// The list: email,phone,attribute or email_token,phone_token,attribute.
+        #[arg(long)]
+        file: PathBuf,
+        /// Service address.
+        #[arg(long, default_value = "http://127.0.0.1:50051")]
+        addr: String,
+        /// The partner's bearer token.
+        #[arg(long, env = "CLEANROOM_TOKEN", hide_env_values = true)]
+        token: String,
+        /// Fail the whole upload on the first invalid identifier instead of skipping it.
+        #[arg(long)]
+        strict: bool,
+    },
+    /// Legal reviewer: verify the audit trail's hash chain in a data directory.
+    VerifyAudit {
+        /// The service's data directory.
+        #[arg(long, default_value = "data")]
+        data_dir: PathBuf,
     },
     /// Retailer side: print a collaboration's match key for its partner's `prep`.
     ExportKey {
@@ -83,6 +129,13 @@ enum Command {
         #[arg(long)]
         contract: String,
     },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum IngestKind {
+    Members,
+    Purchases,
+    Consent,
 }
 
 fn main() -> ExitCode {
@@ -107,7 +160,14 @@ fn run(cli: Cli) -> Result<()> {
         Command::Demo {
             sample_dir,
             queries,
-        } => runtime()?.block_on(demo::run(&sample_dir, &queries)),
+            listen,
+            keep_serving,
+        } => {
+            if !listen.ip().is_loopback() {
+                bail!("--listen {listen}: the demo serves on loopback only");
+            }
+            runtime()?.block_on(demo::run(&sample_dir, &queries, listen, keep_serving))
+        }
         Command::Serve {
             config,
             listen,
@@ -143,6 +203,45 @@ fn run(cli: Cli) -> Result<()> {
             input,
             output,
         } => prep(&key_file, &input, &output),
+        Command::Ingest {
+            kind,
+            file,
+            addr,
+            token,
+            strict,
+        } => runtime()?.block_on(ingest(kind, &file, &addr, &token, strict)),
+        Command::UploadList {
+            file,
+            addr,
+            token,
+            strict,
+        } => runtime()?.block_on(async {
+            let records = cleanroom_client::read_list(&file)?;
+            let conn = cleanroom_client::Connection::open(&addr).await?;
+            let response =
+                cleanroom_client::upload_list(&mut conn.partner(&token)?, strict, records).await?;
+            println!(
+                "list v{}: {} received, {} accepted, audit {}",
+                response.list_version,
+                response.records_received,
+                response.records_accepted,
+                response.audit_id
+            );
+            for (reason, count) in response.rejected_by_reason {
+                println!("  skipped ({reason}): {count}");
+            }
+            Ok(())
+        }),
+        Command::VerifyAudit { data_dir } => {
+            let path = data_dir.join("audit.jsonl");
+            let (records, head) = cleanroom_server::audit::verify(&path)
+                .with_context(|| format!("verifying {}", path.display()))?;
+            println!(
+                "{}: {records} records, chain intact, head {head}",
+                path.display()
+            );
+            Ok(())
+        }
         Command::ExportKey { config, contract } => {
             let settings = settings::Settings::load(&config, None, None)?;
             let rules = settings.rules()?;
@@ -159,6 +258,65 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+async fn ingest(
+    kind: IngestKind,
+    file: &Path,
+    addr: &str,
+    token: &str,
+    strict: bool,
+) -> Result<()> {
+    let conn = cleanroom_client::Connection::open(addr).await?;
+    let mut admin = conn.admin(token)?;
+    let header = cleanroom_proto::v1::IngestHeader {
+        source: file
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        strict,
+    };
+    let summary = match kind {
+        IngestKind::Members => {
+            cleanroom_client::ingest_members(
+                &mut admin,
+                header,
+                cleanroom_client::read_members(file)?,
+            )
+            .await?
+        }
+        IngestKind::Purchases => {
+            cleanroom_client::ingest_purchases(
+                &mut admin,
+                header,
+                cleanroom_client::read_purchases(file)?,
+            )
+            .await?
+        }
+        IngestKind::Consent => {
+            cleanroom_client::ingest_consent(
+                &mut admin,
+                header,
+                cleanroom_client::read_consent(file)?,
+            )
+            .await?
+        }
+    };
+    println!(
+        "{} received, {} accepted, audit {}{}",
+        summary.records_received,
+        summary.records_accepted,
+        summary.audit_id,
+        if summary.consent_snapshot_id.is_empty() {
+            String::new()
+        } else {
+            format!(", consent snapshot {}", summary.consent_snapshot_id)
+        }
+    );
+    for (reason, count) in summary.rejected_by_reason {
+        println!("  skipped ({reason}): {count}");
+    }
+    Ok(())
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {

@@ -47,7 +47,7 @@ pub enum Error {
         message: String,
     },
     /// The service refused a call.
-    #[error("{}: {}", .0.code(), .0.message())]
+    #[error("{:?}: {}", .0.code(), .0.message())]
     Status(#[from] Status),
 }
 
