@@ -3,6 +3,7 @@
 
 mod demo;
 mod r#gen;
+mod lint;
 mod settings;
 
 use std::path::{Path, PathBuf};
@@ -81,6 +82,11 @@ enum Command {
         #[arg(long)]
         output: PathBuf,
     },
+    /// Work with the allow-list.
+    Queries {
+        #[command(subcommand)]
+        command: QueriesCommand,
+    },
     /// Retailer analyst: stream one export file into a running service.
     Ingest {
         /// What the file holds.
@@ -128,6 +134,20 @@ enum Command {
         /// The contract (collaboration) id.
         #[arg(long)]
         contract: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum QueriesCommand {
+    /// Check every query file against the rules and the guard's plan checks; exits non-zero with
+    /// `file:line: reason` for each problem.
+    Lint {
+        /// The rules file.
+        #[arg(long, default_value = "sample_data/rules.toml")]
+        rules: PathBuf,
+        /// The allow-list directory.
+        #[arg(long, default_value = "queries")]
+        queries: PathBuf,
     },
 }
 
@@ -203,6 +223,21 @@ fn run(cli: Cli) -> Result<()> {
             input,
             output,
         } => prep(&key_file, &input, &output),
+        Command::Queries {
+            command: QueriesCommand::Lint { rules, queries },
+        } => {
+            let rules = cleanroom_core::rules::Rules::load(&rules)?;
+            let (files, findings) = runtime()?.block_on(lint::lint(&queries, &rules))?;
+            for f in &findings {
+                println!("{}:{}: {}", f.path.display(), f.line, f.message);
+            }
+            if findings.is_empty() {
+                println!("{files} queries checked, no problem found");
+                Ok(())
+            } else {
+                bail!("{} problem(s) in {} query file(s)", findings.len(), files)
+            }
+        }
         Command::Ingest {
             kind,
             file,

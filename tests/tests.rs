@@ -19,3 +19,5 @@ mod attacks;
 mod bad_input;
 // Reflection and health, as a client without our stubs sees them.
 mod discovery;
+// `cleanroom queries lint` on good and broken allow-lists.
+mod lint;

@@ -421,6 +421,26 @@ impl QueryDef {
     }
 }
 
+/// Reads and validates one query file.
+pub fn read_query(path: &Path, rules: &Rules) -> Result<QueryDef> {
+    let bytes = std::fs::read(path)
+        .map_err(|e| Error::Config(format!("cannot read {}: {e}", path.display())))?;
+    let text = std::str::from_utf8(&bytes)
+        .map_err(|_| Error::Config(format!("{}: not UTF-8", path.display())))?;
+    let mut def: QueryDef =
+        toml::from_str(text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+    if path.file_stem().and_then(|s| s.to_str()) != Some(def.id.as_str()) {
+        return Err(Error::Config(format!(
+            "{}: file name must be <id>.toml",
+            path.display()
+        )));
+    }
+    def.validate(rules)?;
+    def.content_sha256 = hex::encode(Sha256::digest(&bytes));
+    def.source = path.to_path_buf();
+    Ok(def)
+}
+
 /// Every allow-listed query, by id.
 #[derive(Debug, Clone, Default)]
 pub struct AllowList {
@@ -441,21 +461,7 @@ impl AllowList {
         paths.sort();
         let mut queries = BTreeMap::new();
         for path in paths {
-            let bytes = std::fs::read(&path)
-                .map_err(|e| Error::Config(format!("cannot read {}: {e}", path.display())))?;
-            let text = String::from_utf8(bytes.clone())
-                .map_err(|_| Error::Config(format!("{}: not UTF-8", path.display())))?;
-            let mut def: QueryDef = toml::from_str(&text)
-                .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
-            if path.file_stem().and_then(|s| s.to_str()) != Some(def.id.as_str()) {
-                return Err(Error::Config(format!(
-                    "{}: file name must be <id>.toml",
-                    path.display()
-                )));
-            }
-            def.validate(rules)?;
-            def.content_sha256 = hex::encode(Sha256::digest(&bytes));
-            def.source = path;
+            let def = read_query(&path, rules)?;
             if queries.insert(def.id.clone(), def).is_some() {
                 return Err(Error::Config("duplicate query id".into()));
             }

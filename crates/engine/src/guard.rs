@@ -32,7 +32,8 @@ use datafusion::logical_expr::{
 use datafusion::prelude::SessionContext;
 use datafusion::sql::parser::Statement;
 
-use cleanroom_core::allowlist::BoundValue;
+use cleanroom_core::allowlist::{BoundValue, QueryDef};
+use cleanroom_core::rules::{Contract, Rules};
 
 use crate::views::{MEMBER_KEY, SAFE_VIEWS};
 use crate::{Error, Result};
@@ -78,6 +79,26 @@ pub struct Policy {
 }
 
 impl Policy {
+    /// The policy of one allow-listed query run by one partner under its contract: the effective
+    /// k, the dimensions' domains as that partner sees them, and the rules' sensitive columns.
+    pub fn for_query(rules: &Rules, query: &QueryDef, contract: &Contract, partner: &str) -> Self {
+        Self {
+            k: rules.effective_k(contract, query.k),
+            dimensions: query
+                .dimensions
+                .iter()
+                .map(|d| {
+                    (
+                        d.name.clone(),
+                        rules.domain(&d.domain, partner).unwrap_or_default(),
+                    )
+                })
+                .collect(),
+            metrics: query.metrics.clone(),
+            sensitive_columns: rules.sensitive_column_names(),
+        }
+    }
+
     fn output_columns(&self) -> Vec<String> {
         self.dimensions
             .iter()

@@ -89,6 +89,17 @@ impl SafeViews {
         })
     }
 
+    /// Views with the right schemas and no rows, to plan and check queries without data (lint).
+    pub fn empty() -> Self {
+        Self {
+            members: RecordBatch::new_empty(members_view_schema()),
+            purchases: Vec::new(),
+            consent_snapshot_id: String::new(),
+            list_version: 0,
+            matched_members: 0,
+        }
+    }
+
     /// A fresh DataFusion session in which the safe views are the only tables.
     pub fn session(&self) -> Result<SessionContext> {
         let config = SessionConfig::new()

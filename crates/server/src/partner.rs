@@ -227,21 +227,7 @@ impl PartnerApi {
         )?;
         entry.consent_snapshot = Some(views.consent_snapshot_id.clone());
         entry.list_version = Some(views.list_version);
-        let policy = Policy {
-            k: rules.effective_k(call.contract, query.k),
-            dimensions: query
-                .dimensions
-                .iter()
-                .map(|d| {
-                    (
-                        d.name.clone(),
-                        rules.domain(&d.domain, &call.partner).unwrap_or_default(),
-                    )
-                })
-                .collect(),
-            metrics: query.metrics.clone(),
-            sensitive_columns: rules.sensitive_column_names(),
-        };
+        let policy = Policy::for_query(rules, query, call.contract, &call.partner);
         let params = bound
             .iter()
             .map(|(k, v)| {
