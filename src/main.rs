@@ -119,6 +119,9 @@ enum Command {
         /// Fail the whole upload on the first invalid identifier instead of skipping it.
         #[arg(long)]
         strict: bool,
+        /// Upload as the retailer analyst on this partner's behalf (the token is the analyst's).
+        #[arg(long)]
+        on_behalf_of: Option<String>,
     },
     /// Legal reviewer: verify the audit trail's hash chain in a data directory.
     VerifyAudit {
@@ -250,11 +253,21 @@ fn run(cli: Cli) -> Result<()> {
             addr,
             token,
             strict,
+            on_behalf_of,
         } => runtime()?.block_on(async {
             let records = cleanroom_client::read_list(&file)?;
             let conn = cleanroom_client::Connection::open(&addr).await?;
-            let response =
-                cleanroom_client::upload_list(&mut conn.partner(&token)?, strict, records).await?;
+            let response = match on_behalf_of {
+                Some(partner) => {
+                    let mut admin = conn.admin(&token)?;
+                    cleanroom_client::ingest_partner_list(&mut admin, &partner, strict, records)
+                        .await?
+                }
+                None => {
+                    cleanroom_client::upload_list(&mut conn.partner(&token)?, strict, records)
+                        .await?
+                }
+            };
             println!(
                 "list v{}: {} received, {} accepted, audit {}",
                 response.list_version,

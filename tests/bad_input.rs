@@ -159,7 +159,7 @@ async fn malformed_and_oversized_uploads_store_nothing() {
         (
             vec![header(false), UploadListRequest { kind: None }],
             Code::InvalidArgument,
-            "empty upload message",
+            "empty stream message",
         ),
         (
             vec![header(false), chunk(vec![record("not-an-email")])],
@@ -284,5 +284,48 @@ async fn a_strict_ingest_with_an_invalid_phone_changes_nothing() {
         .unwrap();
     assert_eq!(summary.records_accepted, 1);
     assert_eq!(summary.rejected_by_reason.get("phone: no digits"), Some(&1));
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_analyst_ingests_a_partner_list_on_its_behalf() {
+    let h = Harness::start().await;
+    let records = cleanroom_client::read_list(
+        &crate::util::sample_dir().join("partner_lists/kumo_denki.csv"),
+    )
+    .unwrap();
+    let response = cleanroom_client::ingest_partner_list(
+        &mut h.analyst(),
+        "kumo_denki",
+        false,
+        records.clone(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(response.list_version, 2, "the sample load made version 1");
+    let overlap = h.run("kumo_denki", "matched_overlap", &[]).await.unwrap();
+    assert_eq!(overlap.list_version, 2);
+
+    let status = code_of(
+        cleanroom_client::ingest_partner_list(
+            &mut h.analyst(),
+            "no_such_partner",
+            false,
+            records.clone(),
+        )
+        .await
+        .unwrap_err(),
+    );
+    assert_eq!(status.code(), Code::NotFound);
+    let mut partner_as_admin = h
+        .conn
+        .admin(cleanroom_client::sample::partner_token("sakura_foods"))
+        .unwrap();
+    let status = code_of(
+        cleanroom_client::ingest_partner_list(&mut partner_as_admin, "kumo_denki", false, records)
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(status.code(), Code::PermissionDenied);
     h.stop().await;
 }

@@ -10,9 +10,10 @@ use cleanroom_proto::v1::admin_service_client::AdminServiceClient;
 use cleanroom_proto::v1::partner_service_client::PartnerServiceClient;
 use cleanroom_proto::v1::{
     ConsentChunk, ConsentRecord, CustomerRecord, IngestConsentRequest, IngestHeader,
-    IngestMembersRequest, IngestPurchasesRequest, IngestSummary, ListChunk, MemberChunk,
-    MemberRecord, PurchaseChunk, PurchaseRecord, UploadListHeader, UploadListRequest,
-    UploadListResponse, ingest_consent_request, ingest_members_request, ingest_purchases_request,
+    IngestMembersRequest, IngestPartnerListRequest, IngestPurchasesRequest, IngestSummary,
+    ListChunk, MemberChunk, MemberRecord, PartnerListHeader, PurchaseChunk, PurchaseRecord,
+    UploadListHeader, UploadListRequest, UploadListResponse, ingest_consent_request,
+    ingest_members_request, ingest_partner_list_request, ingest_purchases_request,
     upload_list_request,
 };
 use serde::Deserialize;
@@ -300,6 +301,31 @@ pub async fn ingest_consent(
     }));
     Ok(client
         .ingest_consent(tokio_stream::iter(messages))
+        .await?
+        .into_inner())
+}
+
+/// Streams a partner's customer list as the analyst, on the partner's behalf.
+pub async fn ingest_partner_list(
+    client: &mut AdminClient,
+    partner_id: &str,
+    strict: bool,
+    records: Vec<CustomerRecord>,
+) -> Result<UploadListResponse> {
+    let header = PartnerListHeader {
+        partner_id: partner_id.into(),
+        strict,
+    };
+    let mut messages = vec![IngestPartnerListRequest {
+        kind: Some(ingest_partner_list_request::Kind::Header(header)),
+    }];
+    messages.extend(chunks(records).map(|records| IngestPartnerListRequest {
+        kind: Some(ingest_partner_list_request::Kind::Chunk(ListChunk {
+            records,
+        })),
+    }));
+    Ok(client
+        .ingest_partner_list(tokio_stream::iter(messages))
         .await?
         .into_inner())
 }

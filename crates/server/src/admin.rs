@@ -7,15 +7,16 @@ use cleanroom_core::rules::Role;
 use cleanroom_engine::ingest::{self, ConsentInput, MemberInput, PurchaseInput};
 use cleanroom_proto::v1::admin_service_server::AdminService;
 use cleanroom_proto::v1::{
-    IngestConsentRequest, IngestHeader, IngestMembersRequest, IngestPurchasesRequest,
-    IngestSummary, ingest_consent_request, ingest_members_request, ingest_purchases_request,
+    IngestConsentRequest, IngestMembersRequest, IngestPartnerListRequest, IngestPurchasesRequest,
+    IngestSummary, UploadListResponse, ingest_consent_request, ingest_members_request,
+    ingest_partner_list_request, ingest_purchases_request,
 };
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::Result;
 use crate::app::{App, Audited};
 use crate::audit::Entry;
-use crate::partner::malformed_stream;
+use crate::stream::{Part, collect};
 
 /// Handlers of `cleanroom.v1.AdminService`.
 pub struct AdminApi {
@@ -33,43 +34,6 @@ impl Audited for IngestSummary {
     fn set_audit_id(&mut self, id: String) {
         self.audit_id = id;
     }
-}
-
-/// One message of an ingest stream, whatever its kind.
-enum Part<R> {
-    Header(IngestHeader),
-    Chunk(Vec<R>),
-    Empty,
-}
-
-/// Reads a whole ingest stream: exactly one header first, then chunks, within the record limit.
-async fn collect<M, R>(
-    mut stream: Streaming<M>,
-    split: impl Fn(M) -> Part<R>,
-    limit: u64,
-) -> Result<(IngestHeader, Vec<R>)> {
-    let input = |msg: &str| cleanroom_core::Error::Input(msg.to_string());
-    let mut header = None;
-    let mut records = Vec::new();
-    while let Some(message) = stream.message().await.map_err(|s| malformed_stream(&s))? {
-        match (split(message), &header) {
-            (Part::Header(h), None) => header = Some(h),
-            (Part::Header(_), Some(_)) => return Err(input("ingest has a second header").into()),
-            (Part::Chunk(_), None) => return Err(input("ingest must start with a header").into()),
-            (Part::Chunk(chunk), Some(_)) => {
-                if records.len() as u64 + chunk.len() as u64 > limit {
-                    return Err(cleanroom_core::Error::Limit(format!(
-                        "an ingest may hold at most {limit} records"
-                    ))
-                    .into());
-                }
-                records.extend(chunk);
-            }
-            (Part::Empty, _) => return Err(input("empty ingest message").into()),
-        }
-    }
-    let header = header.ok_or_else(|| input("ingest must start with a header"))?;
-    Ok((header, records))
 }
 
 impl AdminApi {
@@ -218,8 +182,38 @@ impl AdminApi {
     }
 }
 
+impl AdminApi {
+    async fn partner_list(
+        &self,
+        request: Request<Streaming<IngestPartnerListRequest>>,
+        entry: &mut Entry,
+    ) -> Result<UploadListResponse> {
+        self.analyst(&request, "IngestPartnerList", entry)?;
+        let split = |m: IngestPartnerListRequest| match m.kind {
+            Some(ingest_partner_list_request::Kind::Header(h)) => Part::Header(h),
+            Some(ingest_partner_list_request::Kind::Chunk(c)) => Part::Chunk(c.records),
+            None => Part::Empty,
+        };
+        let limit = self.app.rules.privacy.max_upload_records;
+        let (header, records) = collect(request.into_inner(), split, limit).await?;
+        crate::partner::store_list(&self.app, &header.partner_id, records, header.strict, entry)
+    }
+}
+
 #[tonic::async_trait]
 impl AdminService for AdminApi {
+    async fn ingest_partner_list(
+        &self,
+        request: Request<Streaming<IngestPartnerListRequest>>,
+    ) -> std::result::Result<Response<UploadListResponse>, Status> {
+        let mut entry = Entry {
+            method: "IngestPartnerList".into(),
+            ..Default::default()
+        };
+        let result = self.partner_list(request, &mut entry).await;
+        self.app.finish(entry, result)
+    }
+
     async fn ingest_members(
         &self,
         request: Request<Streaming<IngestMembersRequest>>,

@@ -14,6 +14,7 @@ pub mod error;
 pub mod partner;
 pub mod results;
 pub mod status;
+mod stream;
 
 pub use app::{App, AppConfig, Clock, FixedClock, Running, SystemClock, serve, spawn};
 pub use error::{Error, Result};

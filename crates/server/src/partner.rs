@@ -13,17 +13,18 @@ use cleanroom_engine::ingest::{self, ListInput};
 use cleanroom_engine::views::SafeViews;
 use cleanroom_proto::v1::partner_service_server::PartnerService;
 use cleanroom_proto::v1::{
-    DescribeQueryRequest, DimensionSpec, ListQueriesRequest, ListQueriesResponse, ParameterSpec,
-    QueryDescription, QuerySummary, RunQueryRequest, RunQueryResponse, UploadListRequest,
-    UploadListResponse, param_value, upload_list_request,
+    CustomerRecord, DescribeQueryRequest, DimensionSpec, ListQueriesRequest, ListQueriesResponse,
+    ParameterSpec, QueryDescription, QuerySummary, RunQueryRequest, RunQueryResponse,
+    UploadListRequest, UploadListResponse, param_value, upload_list_request,
 };
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::Result;
 use crate::app::{App, Audited};
 use crate::audit::Entry;
 use crate::auth::Principal;
 use crate::status::to_status;
-use crate::{Error, Result};
+use crate::stream::{Part, collect};
 
 /// Handlers of `cleanroom.v1.PartnerService`.
 pub struct PartnerApi {
@@ -93,15 +94,7 @@ impl PartnerApi {
     }
 
     fn require_in_force(&self, call: &PartnerCall<'_>) -> Result<()> {
-        let today = self.app.today();
-        if today > call.contract.expires {
-            return Err(cleanroom_core::Error::Precondition(format!(
-                "contract {} expired on {}",
-                call.contract_id, call.contract.expires
-            ))
-            .into());
-        }
-        Ok(())
+        require_in_force(&self.app, call.contract_id, call.contract)
     }
 
     fn visible_query(&self, call: &PartnerCall<'_>, id: &str) -> Result<&QueryDef> {
@@ -264,86 +257,76 @@ impl PartnerApi {
         entry: &mut Entry,
     ) -> Result<UploadListResponse> {
         let call = self.partner_call(&request, "UploadList", entry)?;
-        self.require_in_force(&call)?;
-        let limit = self.app.rules.privacy.max_upload_records;
-        let mut stream = request.into_inner();
-        let mut strict = None;
-        let mut records = Vec::new();
-        while let Some(message) = stream.message().await.map_err(|s| malformed_stream(&s))? {
-            match (message.kind, strict) {
-                (Some(upload_list_request::Kind::Header(h)), None) => strict = Some(h.strict),
-                (Some(upload_list_request::Kind::Header(_)), Some(_)) => {
-                    return Err(
-                        cleanroom_core::Error::Input("upload has a second header".into()).into(),
-                    );
-                }
-                (Some(upload_list_request::Kind::Chunk(chunk)), Some(_)) => {
-                    if records.len() as u64 + chunk.records.len() as u64 > limit {
-                        return Err(cleanroom_core::Error::Limit(format!(
-                            "an upload may hold at most {limit} records"
-                        ))
-                        .into());
-                    }
-                    records.extend(chunk.records.into_iter().map(|r| ListInput {
-                        email: r.email,
-                        phone: r.phone,
-                        email_token: r.email_token,
-                        phone_token: r.phone_token,
-                        attribute: r.attribute,
-                    }));
-                }
-                (Some(upload_list_request::Kind::Chunk(_)), None) => {
-                    return Err(cleanroom_core::Error::Input(
-                        "upload must start with a header".into(),
-                    )
-                    .into());
-                }
-                (None, _) => {
-                    return Err(cleanroom_core::Error::Input("empty upload message".into()).into());
-                }
-            }
-        }
-        let Some(strict) = strict else {
-            return Err(
-                cleanroom_core::Error::Input("upload must start with a header".into()).into(),
-            );
+        let split = |m: UploadListRequest| match m.kind {
+            Some(upload_list_request::Kind::Header(h)) => Part::Header(h),
+            Some(upload_list_request::Kind::Chunk(c)) => Part::Chunk(c.records),
+            None => Part::Empty,
         };
-        let partner = &self.app.rules.partners[&call.partner];
-        let key = self
-            .app
-            .secret
-            .collaboration_key(call.contract_id, call.contract.key_version);
-        let (batch, report) = ingest::partner_list(&records, partner, &key, strict)?;
-        drop(records);
-        entry.records = Some((report.received, report.accepted));
-        if report.accepted == 0 {
-            return Err(
-                cleanroom_core::Error::Input("the upload has no valid record".into()).into(),
-            );
-        }
-        let version = self.app.store.append_list(&call.partner, batch)?;
-        entry.list_version = Some(version);
-        tracing::info!(partner = %call.partner, principal = %call.principal.name, version, accepted = report.accepted, "list uploaded");
-        Ok(UploadListResponse {
-            list_version: version,
-            records_received: report.received,
-            records_accepted: report.accepted,
-            rejected_by_reason: report.rejected.into_iter().collect(),
-            audit_id: String::new(),
-        })
+        let limit = self.app.rules.privacy.max_upload_records;
+        let (header, records) = collect(request.into_inner(), split, limit).await?;
+        tracing::info!(partner = %call.partner, principal = %call.principal.name, "list upload received");
+        store_list(&self.app, &call.partner, records, header.strict, entry)
     }
 }
 
-/// A stream that broke mid-way (a client error, a message over the size limit) fails the upload.
-pub(crate) fn malformed_stream(status: &Status) -> Error {
-    match status.code() {
-        tonic::Code::ResourceExhausted | tonic::Code::OutOfRange => cleanroom_core::Error::Limit(
-            "a message exceeds the size limit; send smaller chunks".into(),
-        )
-        .into(),
-        _ => cleanroom_core::Error::Input("the upload stream broke off; nothing was stored".into())
-            .into(),
+/// Hashes and stores a new version of a partner's list, for the partner itself or for an analyst
+/// acting on its behalf. The contract must be in force; a list with no valid record is refused.
+pub(crate) fn store_list(
+    app: &App,
+    partner_id: &str,
+    records: Vec<CustomerRecord>,
+    strict: bool,
+    entry: &mut Entry,
+) -> Result<UploadListResponse> {
+    entry.partner = Some(partner_id.to_string());
+    let partner = app.rules.partners.get(partner_id).ok_or_else(|| {
+        cleanroom_core::Error::NotFound(format!("no partner `{}`", shown(partner_id)))
+    })?;
+    let (contract_id, contract) = app.rules.contract_of(partner_id).ok_or_else(|| {
+        cleanroom_core::Error::Precondition(format!("partner `{partner_id}` has no contract"))
+    })?;
+    require_in_force(app, contract_id, contract)?;
+    let inputs: Vec<ListInput> = records
+        .into_iter()
+        .map(|r| ListInput {
+            email: r.email,
+            phone: r.phone,
+            email_token: r.email_token,
+            phone_token: r.phone_token,
+            attribute: r.attribute,
+        })
+        .collect();
+    let key = app
+        .secret
+        .collaboration_key(contract_id, contract.key_version);
+    let (batch, report) = ingest::partner_list(&inputs, partner, &key, strict)?;
+    drop(inputs);
+    entry.records = Some((report.received, report.accepted));
+    if report.accepted == 0 {
+        return Err(cleanroom_core::Error::Input("the upload has no valid record".into()).into());
     }
+    let version = app.store.append_list(partner_id, batch)?;
+    entry.list_version = Some(version);
+    Ok(UploadListResponse {
+        list_version: version,
+        records_received: report.received,
+        records_accepted: report.accepted,
+        rejected_by_reason: report.rejected.into_iter().collect(),
+        audit_id: String::new(),
+    })
+}
+
+/// Refuses calls under a contract past its last day (in the retailer's local time).
+fn require_in_force(app: &App, contract_id: &str, contract: &Contract) -> Result<()> {
+    let today = app.today();
+    if today > contract.expires {
+        return Err(cleanroom_core::Error::Precondition(format!(
+            "contract {contract_id} expired on {}",
+            contract.expires
+        ))
+        .into());
+    }
+    Ok(())
 }
 
 #[tonic::async_trait]
