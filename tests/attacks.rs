@@ -525,3 +525,49 @@ async fn raw_identifiers_never_reach_disk_or_answers() {
     }
     h.stop().await;
 }
+
+/// THREATS 7 (first defence): answers per partner are budgeted over a rolling day, so a
+/// reconstruction attack cannot collect unlimited overlapping answers; a restart refills nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_query_budget_bounds_how_many_answers_a_partner_collects() {
+    let mut rules = crate::util::sample_rules();
+    rules
+        .contracts
+        .get_mut("ctr-sakura-2026")
+        .unwrap()
+        .max_queries_per_day = Some(3);
+    let h = Harness::start_with(crate::util::Setup {
+        rules,
+        ..Default::default()
+    })
+    .await;
+    for _ in 0..3 {
+        h.run("sakura_foods", "matched_overlap", &[]).await.unwrap();
+    }
+    let status = h
+        .run("sakura_foods", "matched_overlap", &[])
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status
+            .message()
+            .contains("the next answer is possible at 2026-11-02T03:00:00+00:00"),
+        "{}",
+        status.message()
+    );
+    // Another partner's budget is its own.
+    h.run("kumo_denki", "matched_overlap", &[]).await.unwrap();
+
+    let h = h.restart().await;
+    let status = h
+        .run("sakura_foods", "matched_overlap", &[])
+        .await
+        .unwrap_err();
+    assert_eq!(
+        status.code(),
+        Code::ResourceExhausted,
+        "the budget survives a restart"
+    );
+    h.stop().await;
+}

@@ -47,6 +47,7 @@ pub struct Harness {
     pub conn: Connection,
     pub rules: Rules,
     pub data_dir: TempDir,
+    queries: PathBuf,
     server: Option<Running>,
 }
 
@@ -75,11 +76,27 @@ impl Harness {
 
     pub async fn start_with(setup: Setup) -> Self {
         setup.rules.validate().expect("test rules are valid");
-        let allowlist = AllowList::load(&setup.queries, &setup.rules).expect("allow-list loads");
         let data_dir = tempfile::tempdir().unwrap();
+        let (server, conn) = Self::serve(&setup.rules, &setup.queries, data_dir.path()).await;
+        if setup.load_sample {
+            sample::load(&conn, &sample_dir())
+                .await
+                .expect("sample data loads");
+        }
+        Self {
+            conn,
+            rules: setup.rules,
+            data_dir,
+            queries: setup.queries,
+            server: Some(server),
+        }
+    }
+
+    async fn serve(rules: &Rules, queries: &Path, data_dir: &Path) -> (Running, Connection) {
+        let allowlist = AllowList::load(queries, rules).expect("allow-list loads");
         let app = App::new(AppConfig {
-            data_dir: data_dir.path().to_path_buf(),
-            rules: setup.rules.clone(),
+            data_dir: data_dir.to_path_buf(),
+            rules: rules.clone(),
             allowlist,
             secret: test_secret(),
             clock: Arc::new(FixedClock(as_of())),
@@ -91,17 +108,16 @@ impl Harness {
         let conn = Connection::open(&format!("http://{}", server.addr))
             .await
             .unwrap();
-        if setup.load_sample {
-            sample::load(&conn, &sample_dir())
-                .await
-                .expect("sample data loads");
-        }
-        Self {
-            conn,
-            rules: setup.rules,
-            data_dir,
-            server: Some(server),
-        }
+        (server, conn)
+    }
+
+    /// Stops the service and starts a new one on the same data directory, as after a restart.
+    pub async fn restart(mut self) -> Self {
+        self.server.take().unwrap().stop().await.unwrap();
+        let (server, conn) = Self::serve(&self.rules, &self.queries, self.data_dir.path()).await;
+        self.server = Some(server);
+        self.conn = conn;
+        self
     }
 
     pub fn addr(&self) -> SocketAddr {

@@ -118,6 +118,10 @@ pub struct Contract {
     pub key_version: u32,
     /// Ids of the allow-listed queries the partner may run.
     pub queries: Vec<String>,
+    /// The most answers the partner may receive in any 24 hours; unlimited if absent. Bounds how
+    /// many overlapping answers a reconstruction attack can collect.
+    #[serde(default)]
+    pub max_queries_per_day: Option<u32>,
 }
 
 fn default_key_version() -> u32 {

@@ -17,7 +17,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
-use chrono::{NaiveDate, NaiveTime};
+use chrono::{DateTime, NaiveDate, NaiveTime, Utc};
 use datafusion::arrow::array::{Array, AsArray, RecordBatch, UInt32Array};
 use datafusion::arrow::compute::{cast, concat_batches, take_record_batch};
 use datafusion::arrow::datatypes::{DataType, Int64Type};
@@ -121,6 +121,63 @@ pub struct Released {
     /// Result rows whose dimension values fall outside the declared domain; dropped. For the
     /// audit trail only.
     pub out_of_domain_rows: u64,
+}
+
+/// Per-partner query budgets over a rolling 24 hours: how many answers a partner has received
+/// recently. Spent budgets refuse with the time the next answer becomes possible.
+#[derive(Debug, Default)]
+pub struct Budgets {
+    answered: std::sync::Mutex<HashMap<String, std::collections::VecDeque<DateTime<Utc>>>>,
+}
+
+/// The window a budget counts over.
+const BUDGET_WINDOW_HOURS: i64 = 24;
+
+impl Budgets {
+    /// Rebuilds the ledger from earlier answers (partner, time), for example from the audit trail,
+    /// so a restart does not refill anyone's budget.
+    pub fn from_history(history: impl IntoIterator<Item = (String, DateTime<Utc>)>) -> Self {
+        let mut answered: HashMap<String, std::collections::VecDeque<DateTime<Utc>>> =
+            HashMap::new();
+        for (partner, at) in history {
+            answered.entry(partner).or_default().push_back(at);
+        }
+        for times in answered.values_mut() {
+            times.make_contiguous().sort();
+        }
+        Self {
+            answered: std::sync::Mutex::new(answered),
+        }
+    }
+
+    /// Refuses if the partner has already had `limit` answers in the last 24 hours.
+    pub fn check(&self, partner: &str, limit: Option<u32>, now: DateTime<Utc>) -> Result<()> {
+        let Some(limit) = limit else { return Ok(()) };
+        let mut answered = self.answered.lock().expect("budget lock poisoned");
+        let times = answered.entry(partner.to_string()).or_default();
+        let window = chrono::Duration::hours(BUDGET_WINDOW_HOURS);
+        while times.front().is_some_and(|t| *t + window <= now) {
+            times.pop_front();
+        }
+        if times.len() >= limit as usize {
+            let reset = times.front().map(|t| *t + window).unwrap_or(now);
+            return Err(cleanroom_core::Error::Limit(format!(
+                "query budget of {limit} answers per 24 hours is spent; the next answer is possible at {}",
+                reset.to_rfc3339()
+            ))
+            .into());
+        }
+        Ok(())
+    }
+
+    /// Counts one answer released to the partner.
+    pub fn spend(&self, partner: &str, now: DateTime<Utc>) {
+        let mut answered = self.answered.lock().expect("budget lock poisoned");
+        answered
+            .entry(partner.to_string())
+            .or_default()
+            .push_back(now);
+    }
 }
 
 /// Turns a checked parameter into the literal bound to its placeholder. Dates mean local midnight

@@ -82,14 +82,32 @@ pub struct App {
     pub clock: Arc<dyn Clock>,
     /// Bearer tokens to principals.
     pub auth: Authenticator,
+    /// Answers each partner received recently, for query budgets.
+    pub budgets: cleanroom_engine::guard::Budgets,
 }
 
 impl App {
     /// Opens the data directory and the audit trail.
     pub fn new(config: AppConfig) -> Result<Arc<Self>> {
         let store = Store::open(&config.data_dir)?;
-        let audit = AuditTrail::open(&config.data_dir.join("audit.jsonl"))?;
+        let audit_path = config.data_dir.join("audit.jsonl");
+        let audit = AuditTrail::open(&audit_path)?;
+        // Budgets survive restarts: every answer released is in the audit trail.
+        let answered = if audit_path.exists() {
+            crate::audit::read(&audit_path)?
+        } else {
+            Vec::new()
+        };
+        let budgets =
+            cleanroom_engine::guard::Budgets::from_history(answered.into_iter().filter_map(|r| {
+                let released = r.entry.method == "RunQuery" && r.entry.outcome == "ok";
+                let at = DateTime::parse_from_rfc3339(&r.at)
+                    .ok()?
+                    .with_timezone(&Utc);
+                released.then_some((r.entry.partner?, at))
+            }));
         Ok(Arc::new(Self {
+            budgets,
             auth: Authenticator::new(&config.rules),
             rules: config.rules,
             allowlist: config.allowlist,

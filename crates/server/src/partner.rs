@@ -210,13 +210,17 @@ impl PartnerApi {
             min_notice_version: purpose.min_notice_version,
             grant_valid_days: purpose.grant_valid_days,
         };
+        let now = self.app.clock.now();
+        self.app
+            .budgets
+            .check(&call.partner, call.contract.max_queries_per_day, now)?;
         let snapshot = self.app.store.snapshot();
         let views = SafeViews::build(
             &snapshot,
             call.contract_id,
             call.contract,
             &requirement,
-            self.app.clock.now(),
+            now,
         )?;
         entry.consent_snapshot = Some(views.consent_snapshot_id.clone());
         entry.list_version = Some(views.list_version);
@@ -232,6 +236,7 @@ impl PartnerApi {
             .collect();
         let ctx = views.session()?;
         let released = guard::run(&ctx, &query.sql, &params, &policy).await?;
+        self.app.budgets.spend(&call.partner, now);
         entry.rows_released = Some(released.batch.num_rows() as u64);
         entry.rows_suppressed = Some(released.suppressed_rows);
         entry.complementary_suppressed = Some(released.complementary_suppressed);
