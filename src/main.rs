@@ -275,9 +275,7 @@ fn run(cli: Cli) -> Result<()> {
                 response.records_accepted,
                 response.audit_id
             );
-            for (reason, count) in response.rejected_by_reason {
-                println!("  skipped ({reason}): {count}");
-            }
+            print_skipped(&response.rejected_by_reason);
             Ok(())
         }),
         Command::VerifyAudit { data_dir } => {
@@ -361,10 +359,15 @@ async fn ingest(
             format!(", consent snapshot {}", summary.consent_snapshot_id)
         }
     );
-    for (reason, count) in summary.rejected_by_reason {
+    print_skipped(&summary.rejected_by_reason);
+    Ok(())
+}
+
+/// Prints what an upload or ingest skipped, by reason (reasons never contain the values).
+fn print_skipped(rejected: &std::collections::BTreeMap<String, u64>) {
+    for (reason, count) in rejected {
         println!("  skipped ({reason}): {count}");
     }
-    Ok(())
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {

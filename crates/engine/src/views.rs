@@ -38,8 +38,6 @@ pub struct SafeViews {
     pub consent_snapshot_id: String,
     /// The partner list version they reflect.
     pub list_version: u32,
-    /// Matched members before the consent filter.
-    pub matched_members: usize,
 }
 
 /// Schema of the `members` view.
@@ -85,7 +83,6 @@ impl SafeViews {
             purchases,
             consent_snapshot_id: snapshot.consent_snapshot_id.clone(),
             list_version: list.version,
-            matched_members: matched.len(),
         })
     }
 
@@ -96,7 +93,6 @@ impl SafeViews {
             purchases: Vec::new(),
             consent_snapshot_id: String::new(),
             list_version: 0,
-            matched_members: 0,
         }
     }
 

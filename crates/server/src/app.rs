@@ -91,13 +91,8 @@ impl App {
     pub fn new(config: AppConfig) -> Result<Arc<Self>> {
         let store = Store::open(&config.data_dir)?;
         let audit_path = config.data_dir.join("audit.jsonl");
-        let audit = AuditTrail::open(&audit_path)?;
         // Budgets survive restarts: every answer released is in the audit trail.
-        let answered = if audit_path.exists() {
-            crate::audit::read(&audit_path)?
-        } else {
-            Vec::new()
-        };
+        let (audit, answered) = AuditTrail::open(&audit_path)?;
         let budgets =
             cleanroom_engine::guard::Budgets::from_history(answered.into_iter().filter_map(|r| {
                 let released = r.entry.method == "RunQuery" && r.entry.outcome == "ok";

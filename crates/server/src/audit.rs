@@ -38,6 +38,8 @@ pub struct Entry {
     pub rows_suppressed: Option<u64>,
     /// Of those, cells withheld only to protect others.
     pub complementary_suppressed: Option<u64>,
+    /// Result rows dropped because a dimension value fell outside its declared domain.
+    pub out_of_domain_rows: Option<u64>,
     /// Consent snapshot the call used or produced.
     pub consent_snapshot: Option<String>,
     /// Partner list version the call used or produced.
@@ -93,21 +95,24 @@ fn chain_hash(record: &Record) -> Result<String> {
 impl AuditTrail {
     /// Opens the trail, verifying the existing chain first: a service must not extend a trail that
     /// has been tampered with.
-    pub fn open(path: &Path) -> Result<Self> {
-        let (seq, hash) = if path.exists() {
-            verify(path)?
+    /// Also returns the records already in it, read once, for callers that rebuild state from them.
+    pub fn open(path: &Path) -> Result<(Self, Vec<Record>)> {
+        let history = if path.exists() {
+            read(path)?
         } else {
-            (0, GENESIS.to_string())
+            Vec::new()
         };
+        let (seq, hash) = verify_records(&history)?;
         let file = OpenOptions::new()
             .create(true)
             .append(true)
             .open(path)
             .map_err(|e| Error::Internal(format!("audit trail: {e}")))?;
-        Ok(Self {
+        let trail = Self {
             path: path.to_path_buf(),
             tail: Mutex::new(Tail { seq, hash, file }),
-        })
+        };
+        Ok((trail, history))
     }
 
     /// Where the trail is kept.
@@ -115,7 +120,7 @@ impl AuditTrail {
         &self.path
     }
 
-    /// The id the next record will get, so an answer can name its record before it is written.
+    /// Appends one record, synced to disk, and returns its id.
     pub fn append(&self, entry: Entry, at: chrono::DateTime<chrono::Utc>) -> Result<String> {
         let mut tail = self.tail.lock().expect("audit lock poisoned");
         let seq = tail.seq + 1;
@@ -155,17 +160,21 @@ pub fn read(path: &Path) -> Result<Vec<Record>> {
 
 /// Verifies the chain and returns the last sequence number and hash.
 pub fn verify(path: &Path) -> Result<(u64, String)> {
+    verify_records(&read(path)?)
+}
+
+fn verify_records(records: &[Record]) -> Result<(u64, String)> {
     let mut prev = GENESIS.to_string();
     let mut seq = 0;
-    for record in read(path)? {
-        if record.seq != seq + 1 || record.prev != prev || chain_hash(&record)? != record.hash {
+    for record in records {
+        if record.seq != seq + 1 || record.prev != prev || chain_hash(record)? != record.hash {
             return Err(Error::Internal(format!(
                 "audit trail broken at record {}",
                 seq + 1
             )));
         }
         seq = record.seq;
-        prev = record.hash;
+        prev = record.hash.clone();
     }
     Ok((seq, prev))
 }
@@ -180,7 +189,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("audit.jsonl");
         let _ = std::fs::remove_file(&path);
-        let trail = AuditTrail::open(&path).unwrap();
+        let (trail, _) = AuditTrail::open(&path).unwrap();
         let now = chrono::Utc::now();
         for method in ["A", "B", "C"] {
             trail

@@ -240,6 +240,7 @@ impl PartnerApi {
         entry.rows_released = Some(released.batch.num_rows() as u64);
         entry.rows_suppressed = Some(released.suppressed_rows);
         entry.complementary_suppressed = Some(released.complementary_suppressed);
+        entry.out_of_domain_rows = Some(released.out_of_domain_rows);
         let (columns, rows) = crate::results::rows(&released.batch)?;
         Ok(RunQueryResponse {
             query_id: query.id.clone(),
