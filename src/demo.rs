@@ -28,9 +28,11 @@ pub async fn run(
     sample_dir: &Path,
     queries_dir: &Path,
     listen: SocketAddr,
+    review_listen: SocketAddr,
     keep_serving: bool,
 ) -> Result<()> {
-    let rules = Rules::load(&sample_dir.join("rules.toml"))?;
+    let rules_path = sample_dir.join("rules.toml");
+    let rules = Rules::load(&rules_path)?;
     let allowlist = AllowList::load(queries_dir, &rules)?;
     let data_dir = tempfile::tempdir().context("creating a throwaway data directory")?;
     let mut secret = vec![0u8; 32];
@@ -42,19 +44,39 @@ pub async fn run(
         allowlist,
         secret: MasterSecret::new(secret)?,
         clock: Arc::new(cleanroom_server::FixedClock(as_of)),
+        // Edits of the rules or the allow-list take effect while the demo keeps serving.
+        sources: Some(cleanroom_server::Sources {
+            rules: rules_path,
+            queries: queries_dir.to_path_buf(),
+            poll: std::time::Duration::from_millis(500),
+        }),
     })?;
-    let server = cleanroom_server::spawn(app, listen).await?;
+    let server = cleanroom_server::app::spawn_with_page(app, listen, review_listen).await?;
     println!(
         "clean room listening on {} (throwaway data dir, random master secret)",
         server.addr
     );
+    println!("review page on http://{}/", server.review_addr);
     println!(
         "clock pinned to the sample's export date {}\n",
         sample::AS_OF
     );
     let conn = Connection::open(&format!("http://{}", server.addr)).await?;
 
-    println!("== Retailer analyst: ingest (identifiers are keyed and dropped on arrival) ==");
+    println!(
+        "== Legal reviewer: approve the allow-list (approvals are bound to content hashes) =="
+    );
+    for (id, response) in sample::approve_all(&conn).await? {
+        let decision = response.decision.unwrap_or_default();
+        println!(
+            "{id:>32}: approved content {} by {}, audit {}",
+            &decision.content_sha256[..12],
+            decision.by,
+            response.audit_id
+        );
+    }
+
+    println!("\n== Retailer analyst: ingest (identifiers are keyed and dropped on arrival) ==");
     let loaded = sample::load(&conn, sample_dir).await?;
     for (name, summary, took) in &loaded.ingests {
         println!(

@@ -4,6 +4,7 @@
 mod demo;
 mod r#gen;
 mod lint;
+mod rules_cmd;
 mod settings;
 
 use std::path::{Path, PathBuf};
@@ -36,6 +37,9 @@ enum Command {
         /// Loopback address to serve on (port 0 picks a free one).
         #[arg(long, default_value = "127.0.0.1:0")]
         listen: std::net::SocketAddr,
+        /// Loopback address of the review page (port 0 picks a free one).
+        #[arg(long, default_value = "127.0.0.1:0")]
+        review_listen: std::net::SocketAddr,
         /// After the demo, keep serving the loaded sample until interrupted (for clients such as
         /// grpcurl or tests/python/stubless_client.py).
         #[arg(long)]
@@ -86,6 +90,11 @@ enum Command {
     Queries {
         #[command(subcommand)]
         command: QueriesCommand,
+    },
+    /// Retailer analyst: check a rules change before it is applied.
+    Rules {
+        #[command(subcommand)]
+        command: RulesCommand,
     },
     /// Retailer analyst: stream one export file into a running service.
     Ingest {
@@ -154,6 +163,30 @@ enum QueriesCommand {
     },
 }
 
+#[derive(Subcommand)]
+enum RulesCommand {
+    /// Dry run: validate proposed rules and print what they would change against the rules in
+    /// force (unrunnable queries, access lost and gained, effective k, consent filter counts).
+    /// Exits non-zero, with the reason, if the proposed rules are invalid.
+    Validate {
+        /// The proposed rules file.
+        #[arg(long)]
+        rules: PathBuf,
+        /// The rules in force.
+        #[arg(long, default_value = "sample_data/rules.toml")]
+        current: PathBuf,
+        /// The allow-list directory.
+        #[arg(long, default_value = "queries")]
+        queries: PathBuf,
+        /// A data directory, to count the members each consent filter admits (read only).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Evaluate consent and contract dates at this instant (RFC 3339) instead of now.
+        #[arg(long)]
+        as_of: Option<chrono::DateTime<chrono::FixedOffset>>,
+    },
+}
+
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum IngestKind {
     Members,
@@ -184,12 +217,21 @@ fn run(cli: Cli) -> Result<()> {
             sample_dir,
             queries,
             listen,
+            review_listen,
             keep_serving,
         } => {
-            if !listen.ip().is_loopback() {
-                bail!("--listen {listen}: the demo serves on loopback only");
+            for addr in [listen, review_listen] {
+                if !addr.ip().is_loopback() {
+                    bail!("{addr}: the demo serves on loopback only");
+                }
             }
-            runtime()?.block_on(demo::run(&sample_dir, &queries, listen, keep_serving))
+            runtime()?.block_on(demo::run(
+                &sample_dir,
+                &queries,
+                listen,
+                review_listen,
+                keep_serving,
+            ))
         }
         Command::Serve {
             config,
@@ -240,6 +282,21 @@ fn run(cli: Cli) -> Result<()> {
             } else {
                 bail!("{} problem(s) in {} query file(s)", findings.len(), files)
             }
+        }
+        Command::Rules {
+            command:
+                RulesCommand::Validate {
+                    rules,
+                    current,
+                    queries,
+                    data_dir,
+                    as_of,
+                },
+        } => {
+            let now = as_of.map(Into::into).unwrap_or_else(chrono::Utc::now);
+            let report = rules_cmd::validate(&current, &rules, &queries, data_dir.as_deref(), now)?;
+            print!("{report}");
+            Ok(())
         }
         Command::Ingest {
             kind,
@@ -379,14 +436,17 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 
 async fn serve(settings: settings::Settings) -> Result<()> {
     let app = cleanroom_server::App::new(settings.app_config()?)?;
-    let listener = tokio::net::TcpListener::bind(&settings.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", settings.listen))?;
-    eprintln!("cleanroom serving gRPC on {}", listener.local_addr()?);
-    cleanroom_server::serve(app, listener, async {
-        let _ = tokio::signal::ctrl_c().await;
-    })
-    .await?;
+    let listen: std::net::SocketAddr = settings.listen.parse()?;
+    let running =
+        cleanroom_server::app::spawn_with_page(app, listen, settings.review_addr()?).await?;
+    eprintln!("cleanroom serving gRPC on {}", running.addr);
+    eprintln!("review page on http://{}/", running.review_addr);
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
+    }
+    running.stop().await?;
     Ok(())
 }
 

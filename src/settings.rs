@@ -18,6 +18,12 @@ pub struct Settings {
     /// gRPC listen address.
     #[serde(default = "default_listen")]
     pub listen: String,
+    /// The review page's listen address.
+    #[serde(default = "default_review_listen")]
+    pub review_listen: String,
+    /// How often the service looks for edits of the rules and the allow-list, in seconds.
+    #[serde(default = "default_reload_seconds")]
+    pub reload_seconds: u64,
     /// Data directory.
     #[serde(default = "default_data_dir")]
     pub data_dir: PathBuf,
@@ -33,6 +39,14 @@ pub struct Settings {
 
 fn default_listen() -> String {
     "127.0.0.1:50051".into()
+}
+
+fn default_review_listen() -> String {
+    "127.0.0.1:50052".into()
+}
+
+fn default_reload_seconds() -> u64 {
+    2
 }
 
 fn default_data_dir() -> PathBuf {
@@ -54,6 +68,14 @@ impl Settings {
         if let Some(v) = env("LISTEN") {
             settings.listen = v;
         }
+        if let Some(v) = env("REVIEW_LISTEN") {
+            settings.review_listen = v;
+        }
+        if let Some(v) = env("RELOAD_SECONDS") {
+            settings.reload_seconds = v
+                .parse()
+                .with_context(|| format!("CLEANROOM__RELOAD_SECONDS={v:?} is not a number"))?;
+        }
         if let Some(v) = env("DATA_DIR") {
             settings.data_dir = v.into();
         }
@@ -74,15 +96,30 @@ impl Settings {
     }
 
     fn validate(&self) -> Result<()> {
-        let addr: std::net::SocketAddr = self
-            .listen
-            .parse()
-            .with_context(|| format!("listen = {:?} is not an address:port", self.listen))?;
-        if !addr.ip().is_loopback() {
-            // Raw identifiers arrive over this port; without TLS it must stay on loopback.
-            bail!("listen = {addr}: only loopback addresses are allowed until TLS is configured");
+        for (key, value) in [
+            ("listen", &self.listen),
+            ("review_listen", &self.review_listen),
+        ] {
+            let addr: std::net::SocketAddr = value
+                .parse()
+                .with_context(|| format!("{key} = {value:?} is not an address:port"))?;
+            if !addr.ip().is_loopback() {
+                // Raw identifiers and bearer tokens arrive over these ports; without TLS they
+                // must stay on loopback.
+                bail!(
+                    "{key} = {addr}: only loopback addresses are allowed until TLS is configured"
+                );
+            }
+        }
+        if self.reload_seconds == 0 {
+            bail!("reload_seconds must be at least 1");
         }
         Ok(())
+    }
+
+    /// The review page's address.
+    pub fn review_addr(&self) -> Result<std::net::SocketAddr> {
+        Ok(self.review_listen.parse()?)
     }
 
     /// The validated rules.
@@ -106,13 +143,27 @@ impl Settings {
     /// Everything the service needs to start.
     pub fn app_config(&self) -> Result<cleanroom_server::AppConfig> {
         let rules = self.rules()?;
-        let allowlist = AllowList::load(&self.queries, &rules)?;
+        // Broken query files do not stop the service: they are shown to reviewers as invalid and
+        // never run. `cleanroom queries lint` says what is wrong with them.
+        let allowlist = AllowList::scan(&self.queries, &rules)?;
+        for bad in allowlist.invalid() {
+            eprintln!(
+                "warning: {} does not load: {}",
+                bad.path.display(),
+                bad.reason
+            );
+        }
         Ok(cleanroom_server::AppConfig {
             data_dir: self.data_dir.clone(),
             rules,
             allowlist,
             secret: self.master_secret()?,
             clock: Arc::new(cleanroom_server::SystemClock),
+            sources: Some(cleanroom_server::Sources {
+                rules: self.rules.clone(),
+                queries: self.queries.clone(),
+                poll: std::time::Duration::from_secs(self.reload_seconds),
+            }),
         })
     }
 }

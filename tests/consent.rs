@@ -1,11 +1,12 @@
-//! Consent evaluated at query time, checked over gRPC: a withdrawal counts at the next query, a
-//! grant of an old notice version or an expired grant never counts, and a current grant does.
+//! Consent evaluated at query time, checked over gRPC against the ground truth (THREATS 10): a
+//! withdrawal counts at the next query, a grant of an old notice version or an expired grant
+//! never counts, and a current grant does.
 
 use cleanroom_client::ingest_consent;
 use cleanroom_proto::v1::{ConsentRecord, IngestHeader, RunQueryResponse};
 
 use crate::truth::Truth;
-use crate::util::{Harness, as_of, cells};
+use crate::util::{Harness, Setup, as_of, cells, exact_rules};
 
 fn event(
     member: &str,
@@ -49,20 +50,45 @@ async fn ingest(h: &Harness, events: Vec<ConsentRecord>) -> String {
     .consent_snapshot_id
 }
 
+/// How many members each test moves at once. The guard answers a row whose member set moved by
+/// fewer than k as it did before (a single withdrawal must not be visible to a partner), so the
+/// tests move a group of k + 2 members and expect the count to move by exactly that much.
+const GROUP: usize = 12;
+
+/// A service whose answers carry no noise, so counts can be compared exactly.
+async fn exact() -> Harness {
+    Harness::start_with(Setup {
+        rules: exact_rules(),
+        ..Setup::default()
+    })
+    .await
+}
+
+fn bronze<'a>(members: impl Iterator<Item = (&'a String, &'a String)>) -> Vec<String> {
+    let mut ids: Vec<String> = members
+        .filter(|(_, a)| *a == "bronze")
+        .map(|(m, _)| m.clone())
+        .collect();
+    ids.sort();
+    ids.truncate(GROUP);
+    assert_eq!(ids.len(), GROUP, "the sample has enough bronze members");
+    ids
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_withdrawal_counts_at_the_next_query() {
-    let h = Harness::start().await;
+    let h = exact().await;
     let truth = Truth::load();
     let eligible = truth.eligible(&h.rules, "sakura_foods", &[]);
     let before = overlap(&h).await;
-    let bronze = count(&before, "bronze").expect("bronze is released on the sample");
-    let member = eligible
-        .iter()
-        .find(|(_, a)| *a == "bronze")
-        .map(|(m, _)| m.clone())
-        .unwrap();
+    let base = count(&before, "bronze").expect("bronze is released on the sample");
+    let group = bronze(eligible.iter());
 
-    let snapshot = ingest(&h, vec![event(&member, 3, "withdrawn", 1, "")]).await;
+    let events = group
+        .iter()
+        .map(|m| event(m, 3, "withdrawn", 1, ""))
+        .collect();
+    let snapshot = ingest(&h, events).await;
     let after = overlap(&h).await;
     assert_ne!(after.consent_snapshot_id, before.consent_snapshot_id);
     assert_eq!(
@@ -71,64 +97,55 @@ async fn a_withdrawal_counts_at_the_next_query() {
     );
     assert_eq!(
         count(&after, "bronze"),
-        Some(bronze - 1),
-        "the withdrawn member no longer counts"
+        Some(base - GROUP as i64),
+        "the withdrawn members no longer count"
     );
     h.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn old_notice_versions_and_expired_grants_never_count() {
-    let h = Harness::start().await;
+    let h = exact().await;
     let truth = Truth::load();
     let matched = truth.matched("sakura_foods");
     let eligible = truth.eligible(&h.rules, "sakura_foods", &[]);
-    let outsider = matched
-        .iter()
-        .find(|(m, a)| *a == "bronze" && !eligible.contains_key(*m))
-        .map(|(m, _)| m.clone())
-        .expect("a matched bronze member without current consent");
-    let counted = eligible
-        .iter()
-        .find(|(_, a)| *a == "bronze")
-        .map(|(m, _)| m.clone())
-        .unwrap();
+    let outsiders = bronze(matched.iter().filter(|(m, _)| !eligible.contains_key(*m)));
+    let counted = bronze(eligible.iter());
     let base = count(&overlap(&h).await, "bronze").unwrap();
+    let n = GROUP as i64;
+    let events = |who: &[String], version, action: &str, minutes_ago, expires: &str| -> Vec<_> {
+        who.iter()
+            .map(|m| event(m, version, action, minutes_ago, expires))
+            .collect()
+    };
 
-    // A fresh grant of an old notice: the outsider stays out, and the counted member's newer
-    // old-notice grant replaces their current one, so they drop out.
-    ingest(
-        &h,
-        vec![
-            event(&outsider, 2, "granted", 5, ""),
-            event(&counted, 2, "granted", 5, ""),
-        ],
-    )
-    .await;
-    assert_eq!(count(&overlap(&h).await, "bronze"), Some(base - 1));
+    // Fresh grants of an old notice: the outsiders stay out, and the counted members' newer
+    // old-notice grants replace their current ones, so they drop out.
+    let mut old_notice = events(&outsiders, 2, "granted", 5, "");
+    old_notice.extend(events(&counted, 2, "granted", 5, ""));
+    ingest(&h, old_notice).await;
+    assert_eq!(count(&overlap(&h).await, "bronze"), Some(base - n));
 
-    // A current grant that has already expired counts as no grant.
+    // Current grants that have already expired count as no grant.
     let expired = (as_of() - chrono::Duration::minutes(1)).to_rfc3339();
-    ingest(&h, vec![event(&outsider, 3, "granted", 4, &expired)]).await;
-    assert_eq!(count(&overlap(&h).await, "bronze"), Some(base - 1));
+    ingest(&h, events(&outsiders, 3, "granted", 4, &expired)).await;
+    assert_eq!(count(&overlap(&h).await, "bronze"), Some(base - n));
 
-    // A current, unexpired grant does count: the test can see a member come in.
-    ingest(
-        &h,
-        vec![
-            event(&outsider, 3, "granted", 3, ""),
-            event(&counted, 3, "granted", 3, ""),
-        ],
-    )
-    .await;
-    assert_eq!(count(&overlap(&h).await, "bronze"), Some(base + 1));
+    // Current, unexpired grants do count: the test can see members come in.
+    let mut current = events(&outsiders, 3, "granted", 3, "");
+    current.extend(events(&counted, 3, "granted", 3, ""));
+    ingest(&h, current).await;
+    assert_eq!(count(&overlap(&h).await, "bronze"), Some(base + n));
 
     // Events dated after "now" are not in force yet.
-    let future = ConsentRecord {
-        at: (as_of() + chrono::Duration::days(1)).to_rfc3339(),
-        ..event(&counted, 3, "withdrawn", 0, "")
-    };
-    ingest(&h, vec![future]).await;
-    assert_eq!(count(&overlap(&h).await, "bronze"), Some(base + 1));
+    let future: Vec<ConsentRecord> = events(&counted, 3, "withdrawn", 0, "")
+        .into_iter()
+        .map(|e| ConsentRecord {
+            at: (as_of() + chrono::Duration::days(1)).to_rfc3339(),
+            ..e
+        })
+        .collect();
+    ingest(&h, future).await;
+    assert_eq!(count(&overlap(&h).await, "bronze"), Some(base + n));
     h.stop().await;
 }

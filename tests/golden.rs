@@ -1,7 +1,7 @@
-//! Every allowed query, run over gRPC on the sample data, against two references: a golden file
-//! (the exact released output; `CLEANROOM_BLESS=1 cargo test` rewrites it after a reviewed change)
-//! and the ground truth computed by hand from the raw files, which the golden file cannot drift
-//! from.
+//! Every allowed query, run over gRPC on the sample data, against two references: the ground
+//! truth computed by hand from the raw files (exactly, with noise off; within the stated noise
+//! scale, with the sample's protections on), and a golden file of the released output under the
+//! sample's rules (`CLEANROOM_BLESS=1 cargo test golden` rewrites it after a reviewed change).
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt::Write as _;
@@ -9,7 +9,7 @@ use std::fmt::Write as _;
 use cleanroom_proto::v1::{ParamValue, RunQueryResponse, param_value, value::Kind};
 
 use crate::truth::{Cells, Truth, aggregate};
-use crate::util::{Harness, cells, date, read, root, text, year};
+use crate::util::{Harness, Setup, cells, date, exact_rules, read, root, text, year};
 
 /// One query run of the golden set.
 struct Case {
@@ -37,6 +37,7 @@ fn cases(truth: &Truth, h: &Harness) -> Vec<Case> {
                         vec![p.amount],
                     )
                 }),
+            &[30_000],
         )
         .into_iter()
         .map(|(k, (n, m))| (k, (n, vec![n as i64, m[0]])))
@@ -95,6 +96,7 @@ fn cases(truth: &Truth, h: &Harness) -> Vec<Case> {
                             vec![1],
                         )
                     }),
+                &[10],
             )
             .into_iter()
             .map(|(k, (n, m))| (k, (n, vec![n as i64, m[0]])))
@@ -109,6 +111,7 @@ fn cases(truth: &Truth, h: &Harness) -> Vec<Case> {
                 sakura
                     .iter()
                     .map(|(m, attr)| (vec![attr.clone()], m.as_str(), vec![])),
+                &[],
             )
             .into_iter()
             .map(|(k, (n, _))| (k, (n, vec![n as i64])))
@@ -122,6 +125,7 @@ fn cases(truth: &Truth, h: &Harness) -> Vec<Case> {
             expected: aggregate(
                 kumo.iter()
                     .map(|(m, attr)| (vec![attr.clone()], m.as_str(), vec![])),
+                &[],
             )
             .into_iter()
             .map(|(k, (n, _))| (k, (n, vec![n as i64])))
@@ -153,6 +157,7 @@ fn cases(truth: &Truth, h: &Harness) -> Vec<Case> {
                             vec![p.amount],
                         )
                     }),
+                &[60_000],
             )
             .into_iter()
             .map(|(k, (n, m))| (k, (n, vec![n as i64, m[0]])))
@@ -190,6 +195,20 @@ fn render(case: &Case, response: &RunQueryResponse) -> String {
         response.suppressed_rows
     )
     .unwrap();
+    let protection = response.protection.clone().unwrap_or_default();
+    let scales: Vec<String> = protection
+        .noise_scale
+        .iter()
+        .map(|(m, s)| format!("{m} ±{s}"))
+        .collect();
+    writeln!(
+        out,
+        "# protection {}: release threshold {}, noise scale {}",
+        protection.mode,
+        protection.release_threshold,
+        scales.join(", ")
+    )
+    .unwrap();
     let header: Vec<&str> = response.columns.iter().map(|c| c.name.as_str()).collect();
     writeln!(out, "{}", header.join("\t")).unwrap();
     for row in &response.rows {
@@ -208,29 +227,41 @@ fn render(case: &Case, response: &RunQueryResponse) -> String {
     out
 }
 
+/// The number of dimension columns of a case's response.
+fn dimensions(case: &Case, response: &RunQueryResponse) -> usize {
+    response.columns.len()
+        - case
+            .expected
+            .values()
+            .next()
+            .map(|(_, m)| m.len())
+            .unwrap_or(1)
+}
+
+/// Without noise, every released value is exact (after the declared per-member clamps), every
+/// released row has at least k members, every row below k is withheld, and the withheld count
+/// covers the whole domain.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_allowed_query_matches_its_golden_file_and_the_ground_truth() {
-    let h = Harness::start().await;
+async fn exact_answers_match_the_ground_truth() {
+    let h = Harness::start_with(Setup {
+        rules: exact_rules(),
+        ..Setup::default()
+    })
+    .await;
     let truth = Truth::load();
-    let bless = std::env::var_os("CLEANROOM_BLESS").is_some();
     for case in cases(&truth, &h) {
         let response = h
             .run(case.partner, case.query, &case.params)
             .await
             .unwrap_or_else(|s| panic!("{}: {s}", case.query));
         let k = response.effective_k as usize;
-        let dims = response.columns.len()
-            - case
-                .expected
-                .values()
-                .next()
-                .map(|(_, m)| m.len())
-                .unwrap_or(1);
-        let released = cells(&response, dims);
+        let released = cells(&response, dimensions(&case, &response));
         let label = format!("{} as {}", case.query, case.partner);
-
-        // Against the ground truth: every released cell is exact and has at least k members, every
-        // cell below k is withheld, and the withheld count covers the whole domain.
+        assert_eq!(
+            response.protection.as_ref().unwrap().mode,
+            "none",
+            "{label}"
+        );
         for (key, metrics) in &released {
             let (members, expected) = case
                 .expected
@@ -258,6 +289,65 @@ async fn every_allowed_query_matches_its_golden_file_and_the_ground_truth() {
         assert!(
             !released.is_empty(),
             "{label}: the sample should release something"
+        );
+    }
+    h.stop().await;
+}
+
+/// Under the sample's own rules (sticky noise for Sakura Foods, differential privacy for Kumo
+/// Denki) the answers are exactly the golden files (the noise is keyed, so a fixed secret gives
+/// fixed answers), every released row has at least k members, and every value lies within 30
+/// noise scales of the truth.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_allowed_query_matches_its_golden_file() {
+    let h = Harness::start().await;
+    let truth = Truth::load();
+    let bless = std::env::var_os("CLEANROOM_BLESS").is_some();
+    for case in cases(&truth, &h) {
+        let response = h
+            .run(case.partner, case.query, &case.params)
+            .await
+            .unwrap_or_else(|s| panic!("{}: {s}", case.query));
+        let k = response.effective_k as usize;
+        let dims = dimensions(&case, &response);
+        let released = cells(&response, dims);
+        let label = format!("{} as {}", case.query, case.partner);
+        let protection = response.protection.clone().unwrap();
+        let mode = if case.partner == "kumo_denki" {
+            "dp"
+        } else {
+            "noise"
+        };
+        assert_eq!(protection.mode, mode, "{label}");
+        for (key, metrics) in &released {
+            let (members, expected) = case
+                .expected
+                .get(key)
+                .unwrap_or_else(|| panic!("{label}: released {key:?} has no member"));
+            assert!(
+                *members >= k,
+                "{label}: released {key:?} with {members} < k"
+            );
+            for (i, (got, want)) in metrics.iter().zip(expected).enumerate() {
+                let name = &response.columns[dims + i].name;
+                let scale = protection.noise_scale[name];
+                // Under DP a member counts in at most `max_groups_per_member` rows, so values can
+                // only fall short of the truth beyond the noise, never exceed it.
+                let within = if mode == "dp" {
+                    (*got as f64) <= *want as f64 + 30.0 * scale
+                } else {
+                    ((got - want).abs() as f64) <= 30.0 * scale
+                };
+                assert!(
+                    within,
+                    "{label}: {key:?} {name} = {got}, truth {want}, noise scale {scale}"
+                );
+            }
+        }
+        assert_eq!(
+            response.suppressed_rows as usize,
+            case.domain_cells - released.len(),
+            "{label}: suppressed count"
         );
 
         let path = root()

@@ -21,3 +21,5 @@ mod bad_input;
 mod discovery;
 // `cleanroom queries lint` on good and broken allow-lists.
 mod lint;
+// Legal review (approvals, the review page's API), live rules and `rules validate`.
+mod review;

@@ -239,23 +239,30 @@ impl Truth {
 /// Cells of a query computed by hand: dimension values to (distinct members, metrics).
 pub type Cells = BTreeMap<Vec<String>, (usize, Vec<i64>)>;
 
-/// Builds cells from (dimensions, member, per-row metric contributions), metrics summed.
-pub fn aggregate<'a>(rows: impl Iterator<Item = (Vec<String>, &'a str, Vec<i64>)>) -> Cells {
-    let mut members: BTreeMap<Vec<String>, HashSet<&str>> = BTreeMap::new();
-    let mut sums: BTreeMap<Vec<String>, Vec<i64>> = BTreeMap::new();
+/// Builds cells from (dimensions, member, per-row metric contributions): each member's
+/// contribution to a metric in a cell is summed, then clamped to the metric's bound (as the
+/// query's `metric_bounds` declare; `i64::MAX` for none), then summed over members.
+pub fn aggregate<'a>(
+    rows: impl Iterator<Item = (Vec<String>, &'a str, Vec<i64>)>,
+    bounds: &[i64],
+) -> Cells {
+    let mut per_member: BTreeMap<(Vec<String>, &str), Vec<i64>> = BTreeMap::new();
     for (key, member, metrics) in rows {
-        members.entry(key.clone()).or_default().insert(member);
-        let sum = sums.entry(key).or_insert_with(|| vec![0; metrics.len()]);
+        let sum = per_member
+            .entry((key, member))
+            .or_insert_with(|| vec![0; metrics.len()]);
         for (s, m) in sum.iter_mut().zip(metrics) {
             *s += m;
         }
     }
-    members
-        .into_iter()
-        .map(|(key, set)| {
-            let n = set.len();
-            let metrics = sums.remove(&key).unwrap();
-            (key, (n, metrics))
-        })
-        .collect()
+    let mut cells = Cells::new();
+    for ((key, _), sums) in per_member {
+        let cell = cells.entry(key).or_insert_with(|| (0, vec![0; sums.len()]));
+        cell.0 += 1;
+        for (i, (total, s)) in cell.1.iter_mut().zip(sums).enumerate() {
+            let bound = bounds.get(i).copied().unwrap_or(i64::MAX);
+            *total += s.clamp(-bound, bound);
+        }
+    }
+    cells
 }

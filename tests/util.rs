@@ -13,7 +13,7 @@ use cleanroom_core::token::MasterSecret;
 use cleanroom_proto::v1::{
     ParamValue, RunQueryRequest, RunQueryResponse, param_value, value::Kind,
 };
-use cleanroom_server::{App, AppConfig, FixedClock, Running};
+use cleanroom_server::{App, AppConfig, FixedClock, Running, Sources};
 use tempfile::TempDir;
 use tonic::Status;
 
@@ -28,6 +28,26 @@ pub fn sample_dir() -> PathBuf {
 
 pub fn sample_rules() -> Rules {
     Rules::load(&sample_dir().join("rules.toml")).expect("sample rules load")
+}
+
+/// The sample rules without noise and without DP, so released values can be compared with the
+/// ground truth exactly. The k threshold, the partner's history and the list controls stay.
+pub fn exact_rules() -> Rules {
+    let mut rules = sample_rules();
+    for contract in rules.contracts.values_mut() {
+        contract.protection.noise_scale = 0.0;
+        contract.protection.dp = None;
+    }
+    rules
+}
+
+/// Rules for tests that upload many lists to probe something other than the list controls.
+pub fn relaxed_lists(mut rules: Rules) -> Rules {
+    for contract in rules.contracts.values_mut() {
+        contract.protection.min_list_change = 1;
+        contract.protection.max_list_versions = 1000;
+    }
+    rules
 }
 
 /// The instant the sample data was exported; the harness pins the service's clock to it.
@@ -48,6 +68,7 @@ pub struct Harness {
     pub rules: Rules,
     pub data_dir: TempDir,
     queries: PathBuf,
+    sources: Option<Sources>,
     server: Option<Running>,
 }
 
@@ -56,6 +77,10 @@ pub struct Setup {
     pub rules: Rules,
     pub queries: PathBuf,
     pub load_sample: bool,
+    /// Approve every query as the sample's legal reviewer once the service is up.
+    pub approve: bool,
+    /// Follow edits of these files, as `cleanroom serve` does.
+    pub sources: Option<Sources>,
 }
 
 impl Default for Setup {
@@ -64,6 +89,8 @@ impl Default for Setup {
             rules: sample_rules(),
             queries: root().join("queries"),
             load_sample: true,
+            approve: true,
+            sources: None,
         }
     }
 }
@@ -77,7 +104,19 @@ impl Harness {
     pub async fn start_with(setup: Setup) -> Self {
         setup.rules.validate().expect("test rules are valid");
         let data_dir = tempfile::tempdir().unwrap();
-        let (server, conn) = Self::serve(&setup.rules, &setup.queries, data_dir.path()).await;
+        let (server, conn) = Self::serve(
+            &setup.rules,
+            &setup.queries,
+            setup.sources.clone(),
+            data_dir.path(),
+            as_of(),
+        )
+        .await;
+        if setup.approve {
+            sample::approve_all(&conn)
+                .await
+                .expect("the sample legal reviewer approves the allow-list");
+        }
         if setup.load_sample {
             sample::load(&conn, &sample_dir())
                 .await
@@ -88,18 +127,26 @@ impl Harness {
             rules: setup.rules,
             data_dir,
             queries: setup.queries,
+            sources: setup.sources,
             server: Some(server),
         }
     }
 
-    async fn serve(rules: &Rules, queries: &Path, data_dir: &Path) -> (Running, Connection) {
+    async fn serve(
+        rules: &Rules,
+        queries: &Path,
+        sources: Option<Sources>,
+        data_dir: &Path,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> (Running, Connection) {
         let allowlist = AllowList::load(queries, rules).expect("allow-list loads");
         let app = App::new(AppConfig {
             data_dir: data_dir.to_path_buf(),
             rules: rules.clone(),
             allowlist,
             secret: test_secret(),
-            clock: Arc::new(FixedClock(as_of())),
+            clock: Arc::new(FixedClock(now)),
+            sources,
         })
         .unwrap();
         let server = cleanroom_server::spawn(app, SocketAddr::from(([127, 0, 0, 1], 0)))
@@ -112,9 +159,21 @@ impl Harness {
     }
 
     /// Stops the service and starts a new one on the same data directory, as after a restart.
-    pub async fn restart(mut self) -> Self {
+    pub async fn restart(self) -> Self {
+        self.restart_at(as_of()).await
+    }
+
+    /// Restarts with the clock pinned to another instant.
+    pub async fn restart_at(mut self, now: chrono::DateTime<chrono::Utc>) -> Self {
         self.server.take().unwrap().stop().await.unwrap();
-        let (server, conn) = Self::serve(&self.rules, &self.queries, self.data_dir.path()).await;
+        let (server, conn) = Self::serve(
+            &self.rules,
+            &self.queries,
+            self.sources.clone(),
+            self.data_dir.path(),
+            now,
+        )
+        .await;
         self.server = Some(server);
         self.conn = conn;
         self
@@ -122,6 +181,14 @@ impl Harness {
 
     pub fn addr(&self) -> SocketAddr {
         self.server.as_ref().unwrap().addr
+    }
+
+    pub fn review_addr(&self) -> SocketAddr {
+        self.server.as_ref().unwrap().review_addr
+    }
+
+    pub fn legal(&self) -> cleanroom_client::LegalClient {
+        self.conn.legal(sample::LEGAL_TOKEN).unwrap()
     }
 
     pub fn partner(&self, partner: &str) -> PartnerClient {
@@ -251,7 +318,7 @@ pub fn setup_with_templates(templates: &[Template]) -> (Setup, TempDir) {
         Setup {
             rules,
             queries: dir.path().to_path_buf(),
-            load_sample: true,
+            ..Default::default()
         },
         dir,
     )

@@ -19,6 +19,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_client(true)
         // Ordered maps keep responses (rejection counts, parameters) deterministic.
         .btree_map(".")
+        // The review page's JSON is these same messages: one model for gRPC and the browser.
+        .type_attribute(".cleanroom.v1", "#[derive(serde::Serialize)]")
         .compile_fds(fds)?;
     Ok(())
 }

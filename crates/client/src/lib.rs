@@ -7,6 +7,7 @@ pub mod sample;
 use std::path::Path;
 
 use cleanroom_proto::v1::admin_service_client::AdminServiceClient;
+use cleanroom_proto::v1::legal_service_client::LegalServiceClient;
 use cleanroom_proto::v1::partner_service_client::PartnerServiceClient;
 use cleanroom_proto::v1::{
     ConsentChunk, ConsentRecord, CustomerRecord, IngestConsentRequest, IngestHeader,
@@ -72,6 +73,8 @@ impl tonic::service::Interceptor for Bearer {
 pub type PartnerClient = PartnerServiceClient<InterceptedService<Channel, Bearer>>;
 /// An admin client that authenticates every call.
 pub type AdminClient = AdminServiceClient<InterceptedService<Channel, Bearer>>;
+/// A legal reviewer's client that authenticates every call.
+pub type LegalClient = LegalServiceClient<InterceptedService<Channel, Bearer>>;
 
 /// An open channel to the service.
 #[derive(Clone)]
@@ -114,6 +117,14 @@ impl Connection {
     /// The admin API, as the holder of `token`.
     pub fn admin(&self, token: &str) -> Result<AdminClient> {
         Ok(AdminServiceClient::with_interceptor(
+            self.channel.clone(),
+            Self::bearer(token)?,
+        ))
+    }
+
+    /// The legal review API, as the holder of `token`.
+    pub fn legal(&self, token: &str) -> Result<LegalClient> {
+        Ok(LegalServiceClient::with_interceptor(
             self.channel.clone(),
             Self::bearer(token)?,
         ))

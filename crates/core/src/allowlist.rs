@@ -50,10 +50,19 @@ pub struct QueryDef {
     pub dimensions: Vec<DimensionSpec>,
     /// Output columns that carry aggregates, in output order after the dimensions.
     pub metrics: Vec<String>,
+    /// The most one member may add to a metric in one output row, for every metric that is not a
+    /// count of distinct members (those add at most 1). The guard clamps each member's
+    /// contribution to it and scales noise by it.
+    #[serde(default)]
+    pub metric_bounds: BTreeMap<String, u64>,
     /// Where the file was read from.
     #[serde(skip)]
     pub source: PathBuf,
-    /// SHA-256 (hex) of the file's bytes.
+    /// The file's text, kept so that reviewers can compare versions.
+    #[serde(skip)]
+    pub source_text: String,
+    /// SHA-256 (hex) of the query's canonical content ([`QueryDef::canonical_content`]): what an
+    /// approval is bound to.
     #[serde(skip)]
     pub content_sha256: String,
 }
@@ -87,6 +96,10 @@ pub struct ParamSpec {
     /// For enums: the allowed values, taken from a named domain of the rules.
     #[serde(default)]
     pub domain: Option<String>,
+    /// For a window's end (a date with `after`): the shortest window allowed, in days, after
+    /// snapping. Short windows subtracted from longer ones isolate small groups.
+    #[serde(default)]
+    pub min_window_days: Option<u32>,
 }
 
 /// Parameter types.
@@ -135,11 +148,35 @@ impl Granularity {
         }
     }
 
-    fn admits(self, date: NaiveDate) -> bool {
+    /// Whether a date falls on a boundary of this unit.
+    pub fn admits(self, date: NaiveDate) -> bool {
         match self {
             Granularity::Day => true,
             Granularity::Week => date.weekday() == Weekday::Mon,
             Granularity::Month => date.day() == 1,
+        }
+    }
+
+    /// The boundary on or before `date`.
+    pub fn floor(self, date: NaiveDate) -> NaiveDate {
+        match self {
+            Granularity::Day => date,
+            Granularity::Week => {
+                date - chrono::Days::new(u64::from(date.weekday().num_days_from_monday()))
+            }
+            Granularity::Month => date.with_day(1).expect("the 1st exists"),
+        }
+    }
+
+    /// The boundary on or after `date`.
+    pub fn ceil(self, date: NaiveDate) -> NaiveDate {
+        if self.admits(date) {
+            return date;
+        }
+        match self {
+            Granularity::Day => date,
+            Granularity::Week => self.floor(date) + chrono::Days::new(7),
+            Granularity::Month => self.floor(date) + chrono::Months::new(1),
         }
     }
 }
@@ -220,6 +257,13 @@ impl QueryDef {
                 return fail(format!("unknown purpose `{purpose}`"));
             }
         }
+        if self.k > crate::rules::MAX_K {
+            return fail(format!(
+                "k {} is above the largest k, {}",
+                self.k,
+                crate::rules::MAX_K
+            ));
+        }
         if self.k < rules.privacy.k_floor {
             return fail(format!(
                 "k {} is below the floor {}",
@@ -289,6 +333,32 @@ impl QueryDef {
                     p.name
                 ));
             }
+            match (&p.after, p.kind, p.min_window_days) {
+                (Some(_), ParamKind::Date, Some(days)) if days > 0 => {}
+                (Some(_), ParamKind::Date, _) => {
+                    return fail(format!(
+                        "parameter `{}` ends a window: it needs min_window_days of at least 1",
+                        p.name
+                    ));
+                }
+                (_, _, Some(_)) => {
+                    return fail(format!(
+                        "parameter `{}`: min_window_days belongs on a date with `after`",
+                        p.name
+                    ));
+                }
+                _ => {}
+            }
+        }
+        for (metric, bound) in &self.metric_bounds {
+            if !self.metrics.contains(metric) {
+                return fail(format!(
+                    "metric_bounds names `{metric}`, which is not a metric"
+                ));
+            }
+            if *bound == 0 {
+                return fail(format!("metric_bounds.{metric} must be positive"));
+            }
         }
         for d in &self.dimensions {
             if !rules.has_domain(&d.domain) {
@@ -321,7 +391,8 @@ impl QueryDef {
 
     /// Checks the caller's values against the declared parameters and returns them typed. Every
     /// declared parameter must be present, no other name is accepted, and no error message echoes
-    /// a value (a caller could put anything in it).
+    /// a value (a caller could put anything in it). Snapping dates to their granularity and the
+    /// minimum window are privacy rules: the guard applies them to the typed values.
     pub fn bind(
         &self,
         raw: &BTreeMap<String, RawValue>,
@@ -364,21 +435,6 @@ impl QueryDef {
                             ),
                         );
                     }
-                    let granularity = spec.granularity.unwrap_or(Granularity::Day);
-                    if !granularity.admits(date) {
-                        return invalid(
-                            &spec.name,
-                            &format!(
-                                "must fall on a {} boundary ({})",
-                                granularity.as_str(),
-                                match granularity {
-                                    Granularity::Week => "a Monday",
-                                    Granularity::Month => "the 1st of a month",
-                                    Granularity::Day => "any day",
-                                }
-                            ),
-                        );
-                    }
                     BoundValue::Date(date)
                 }
                 (ParamKind::Int, RawValue::Int(i)) => {
@@ -410,14 +466,92 @@ impl QueryDef {
             };
             bound.insert(spec.name.clone(), typed);
         }
-        for spec in &self.params {
-            if let Some(after) = &spec.after
-                && bound.get(&spec.name) <= bound.get(after)
-            {
-                return invalid(&spec.name, &format!("must come after `{after}`"));
+        Ok(bound)
+    }
+}
+
+impl QueryDef {
+    /// Parses a query file's text without checking it against the rules: for earlier versions
+    /// kept for review, whose rules may have changed since.
+    pub fn parse(text: &str) -> Result<Self> {
+        let mut def: QueryDef = toml::from_str(text).map_err(|e| Error::Config(e.to_string()))?;
+        def.source_text = text.to_string();
+        def.content_sha256 = hex::encode(Sha256::digest(def.canonical_content().as_bytes()));
+        Ok(def)
+    }
+
+    /// The content an approval covers, in a fixed textual form: the SQL plus every piece of
+    /// metadata that changes what is released (parameters and their constraints, outputs, k,
+    /// purposes, partners, contract clause). Titles, descriptions and the version number are left
+    /// out so that a reworded explanation does not void an approval; any change to what the query
+    /// computes or to whom it is open does.
+    pub fn canonical_content(&self) -> String {
+        let sql: String = self
+            .sql
+            .replace("\r\n", "\n")
+            .lines()
+            .map(str::trim_end)
+            .collect::<Vec<_>>()
+            .join("\n");
+        format!(
+            "id: {}\n{}\n--- sql\n{}\n",
+            self.id,
+            self.metadata_lines().join("\n"),
+            sql.trim()
+        )
+    }
+
+    /// The metadata that [`QueryDef::canonical_content`] covers, one fact per line, in the words a
+    /// reviewer reads in a diff.
+    pub fn metadata_lines(&self) -> Vec<String> {
+        let sorted = |items: &[String]| {
+            let mut items = items.to_vec();
+            items.sort();
+            items.join(", ")
+        };
+        let bound = |v: &Option<toml::Value>| match v {
+            Some(toml::Value::String(s)) => s.clone(),
+            Some(other) => other.to_string(),
+            None => "-".to_string(),
+        };
+        let mut lines = vec![
+            format!("purposes: {}", sorted(&self.purposes)),
+            format!("contract clause: {}", self.contract_clause.trim()),
+            format!("partners: {}", sorted(&self.partners)),
+            format!("k: {}", self.k),
+        ];
+        for p in &self.params {
+            let mut line = format!("parameter {}: {}", p.name, p.kind.as_str());
+            if p.min.is_some() || p.max.is_some() {
+                line.push_str(&format!(", from {} to {}", bound(&p.min), bound(&p.max)));
+            }
+            if let Some(g) = p.granularity {
+                line.push_str(&format!(", snapped to whole {}s", g.as_str()));
+            }
+            if let Some(after) = &p.after {
+                line.push_str(&format!(", after {after}"));
+            }
+            if let Some(days) = p.min_window_days {
+                line.push_str(&format!(", window at least {days} days"));
+            }
+            if let Some(values) = &p.values {
+                line.push_str(&format!(", one of: {}", values.join(", ")));
+            }
+            if let Some(domain) = &p.domain {
+                line.push_str(&format!(", one of domain {domain}"));
+            }
+            lines.push(line);
+        }
+        for d in &self.dimensions {
+            lines.push(format!("dimension {}: domain {}", d.name, d.domain));
+        }
+        for m in &self.metrics {
+            match self.metric_bounds.get(m) {
+                Some(b) => lines.push(format!("metric {m}: at most {b} per member and row")),
+                None => lines.push(format!("metric {m}")),
             }
         }
-        Ok(bound)
+        lines
     }
 }
 
@@ -427,8 +561,8 @@ pub fn read_query(path: &Path, rules: &Rules) -> Result<QueryDef> {
         .map_err(|e| Error::Config(format!("cannot read {}: {e}", path.display())))?;
     let text = std::str::from_utf8(&bytes)
         .map_err(|_| Error::Config(format!("{}: not UTF-8", path.display())))?;
-    let mut def: QueryDef =
-        toml::from_str(text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+    let mut def =
+        QueryDef::parse(text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
     if path.file_stem().and_then(|s| s.to_str()) != Some(def.id.as_str()) {
         return Err(Error::Config(format!(
             "{}: file name must be <id>.toml",
@@ -436,15 +570,37 @@ pub fn read_query(path: &Path, rules: &Rules) -> Result<QueryDef> {
         )));
     }
     def.validate(rules)?;
-    def.content_sha256 = hex::encode(Sha256::digest(&bytes));
     def.source = path.to_path_buf();
     Ok(def)
+}
+
+/// A query file that could not be loaded, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidQuery {
+    /// The file's stem (normally the query id).
+    pub id: String,
+    /// Where it is.
+    pub path: PathBuf,
+    /// What is wrong with it.
+    pub reason: String,
 }
 
 /// Every allow-listed query, by id.
 #[derive(Debug, Clone, Default)]
 pub struct AllowList {
     queries: BTreeMap<String, QueryDef>,
+    invalid: Vec<InvalidQuery>,
+}
+
+fn query_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let entries = std::fs::read_dir(dir)
+        .map_err(|e| Error::Config(format!("cannot read allow-list {}: {e}", dir.display())))?;
+    let mut paths: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+        .collect();
+    paths.sort();
+    Ok(paths)
 }
 
 impl AllowList {
@@ -452,21 +608,40 @@ impl AllowList {
     /// id or a query that fails validation makes the whole load fail: half an allow-list is worse
     /// than none.
     pub fn load(dir: &Path, rules: &Rules) -> Result<Self> {
-        let entries = std::fs::read_dir(dir)
-            .map_err(|e| Error::Config(format!("cannot read allow-list {}: {e}", dir.display())))?;
-        let mut paths: Vec<PathBuf> = entries
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "toml"))
-            .collect();
-        paths.sort();
-        let mut queries = BTreeMap::new();
-        for path in paths {
-            let def = read_query(&path, rules)?;
-            if queries.insert(def.id.clone(), def).is_some() {
-                return Err(Error::Config("duplicate query id".into()));
+        let list = Self::scan(dir, rules)?;
+        match list.invalid.first() {
+            Some(bad) => Err(Error::Config(bad.reason.clone())),
+            None => Ok(list),
+        }
+    }
+
+    /// Reads every `*.toml` file of a directory, keeping the files that fail validation aside
+    /// (with their reasons) instead of failing: a running service keeps serving the valid queries
+    /// and shows reviewers the broken ones. Only an unreadable directory is an error.
+    pub fn scan(dir: &Path, rules: &Rules) -> Result<Self> {
+        let mut list = Self::default();
+        for path in query_files(dir)? {
+            let stem = path
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            match read_query(&path, rules) {
+                Ok(def) if list.queries.contains_key(&def.id) => list.invalid.push(InvalidQuery {
+                    id: stem,
+                    path,
+                    reason: format!("duplicate query id `{}`", def.id),
+                }),
+                Ok(def) => {
+                    list.queries.insert(def.id.clone(), def);
+                }
+                Err(e) => list.invalid.push(InvalidQuery {
+                    id: stem,
+                    path,
+                    reason: e.to_string(),
+                }),
             }
         }
-        Ok(Self { queries })
+        Ok(list)
     }
 
     /// One query by id.
@@ -477,5 +652,62 @@ impl AllowList {
     /// All queries in id order.
     pub fn iter(&self) -> impl Iterator<Item = &QueryDef> {
         self.queries.values()
+    }
+
+    /// The files that failed validation.
+    pub fn invalid(&self) -> &[InvalidQuery] {
+        &self.invalid
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const QUERY: &str = r#"
+id = "q"
+version = 1
+title = "t"
+description = "d"
+purposes = ["p"]
+contract_clause = "c"
+partners = ["acme"]
+k = 10
+sql = "SELECT 1"
+metrics = ["n"]
+"#;
+
+    #[test]
+    fn rewording_keeps_the_content_hash_and_a_real_edit_changes_it() {
+        let base = QueryDef::parse(QUERY).unwrap();
+        let reworded =
+            QueryDef::parse(&QUERY.replace("description = \"d\"", "description = \"D\"")).unwrap();
+        let bumped = QueryDef::parse(&QUERY.replace("version = 1", "version = 2")).unwrap();
+        assert_eq!(base.content_sha256, reworded.content_sha256);
+        assert_eq!(base.content_sha256, bumped.content_sha256);
+        for edit in [
+            QUERY.replace("k = 10", "k = 11"),
+            QUERY.replace("SELECT 1", "SELECT 2"),
+            QUERY.replace("[\"acme\"]", "[\"acme\", \"other\"]"),
+            QUERY.replace("contract_clause = \"c\"", "contract_clause = \"c2\""),
+        ] {
+            assert_ne!(
+                base.content_sha256,
+                QueryDef::parse(&edit).unwrap().content_sha256,
+                "{edit}"
+            );
+        }
+    }
+
+    #[test]
+    fn dates_snap_to_their_unit() {
+        let d = |s: &str| NaiveDate::parse_from_str(s, "%Y-%m-%d").unwrap();
+        // 2026-11-04 is a Wednesday.
+        assert_eq!(Granularity::Week.floor(d("2026-11-04")), d("2026-11-02"));
+        assert_eq!(Granularity::Week.ceil(d("2026-11-04")), d("2026-11-09"));
+        assert_eq!(Granularity::Week.ceil(d("2026-11-02")), d("2026-11-02"));
+        assert_eq!(Granularity::Month.floor(d("2026-12-31")), d("2026-12-01"));
+        assert_eq!(Granularity::Month.ceil(d("2026-12-02")), d("2027-01-01"));
+        assert_eq!(Granularity::Day.ceil(d("2026-12-02")), d("2026-12-02"));
     }
 }

@@ -122,6 +122,111 @@ pub struct Contract {
     /// many overlapping answers a reconstruction attack can collect.
     #[serde(default)]
     pub max_queries_per_day: Option<u32>,
+    /// How the guard defends this collaboration beyond the k threshold.
+    #[serde(default)]
+    pub protection: Protection,
+}
+
+/// The guard's defences for one contract beyond the k threshold (see the README's privacy
+/// promise). Every field has a default, so a contract names only what it changes.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Protection {
+    /// Matched, consenting members the partner's list must reach before any query answers,
+    /// compared after sticky noise of scale `audience_noise`. Far above k, so that a list of the
+    /// target plus k−1 known members is refused.
+    #[serde(default = "default_min_audience")]
+    pub min_audience: u32,
+    /// Scale of the sticky noise on the audience threshold and on the list-change threshold, so
+    /// that neither refusal tells a partner whether one member matched.
+    #[serde(default = "default_audience_noise")]
+    pub audience_noise: f64,
+    /// List versions the partner may upload per `list_window_days`.
+    #[serde(default = "default_max_list_versions")]
+    pub max_list_versions: u32,
+    /// The period `max_list_versions` counts over, in days.
+    #[serde(default = "default_list_window_days")]
+    pub list_window_days: u32,
+    /// A new list version must differ from every earlier version by at least this many records,
+    /// and a version whose matched members differ from an earlier one's by fewer (after noise) is
+    /// answered as that earlier version: adding one person to a list changes nothing.
+    #[serde(default = "default_min_list_change")]
+    pub min_list_change: u32,
+    /// Sticky noise on every released metric, in units of one member's largest contribution
+    /// (1.0 means a discrete Laplace scale of one member). 0 turns it off. Ignored under `dp`.
+    #[serde(default = "default_noise_scale")]
+    pub noise_scale: f64,
+    /// A row is released only if its member count plus sticky noise (scale `noise_scale`)
+    /// reaches k + this margin, on top of the hard k. Ignored under `dp`.
+    #[serde(default = "default_threshold_margin")]
+    pub threshold_margin: u32,
+    /// Differential privacy: if set, every answer is an (ε, δ)-DP release with the member as the
+    /// privacy unit, and the partner's ε is budgeted.
+    #[serde(default)]
+    pub dp: Option<DpSettings>,
+}
+
+impl Default for Protection {
+    fn default() -> Self {
+        Self {
+            min_audience: default_min_audience(),
+            audience_noise: default_audience_noise(),
+            max_list_versions: default_max_list_versions(),
+            list_window_days: default_list_window_days(),
+            min_list_change: default_min_list_change(),
+            noise_scale: default_noise_scale(),
+            threshold_margin: default_threshold_margin(),
+            dp: None,
+        }
+    }
+}
+
+fn default_min_audience() -> u32 {
+    100
+}
+fn default_audience_noise() -> f64 {
+    5.0
+}
+fn default_max_list_versions() -> u32 {
+    4
+}
+fn default_list_window_days() -> u32 {
+    30
+}
+fn default_min_list_change() -> u32 {
+    50
+}
+fn default_noise_scale() -> f64 {
+    1.0
+}
+fn default_threshold_margin() -> u32 {
+    2
+}
+
+/// Differential-privacy settings of a contract.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DpSettings {
+    /// ε spent by one answer, shared evenly between its metrics and the guard's own member count.
+    pub epsilon_per_query: f64,
+    /// ε the partner may spend per `budget_period_days`.
+    pub epsilon_budget: f64,
+    /// The budget's period, in days.
+    #[serde(default = "default_list_window_days")]
+    pub budget_period_days: u32,
+    /// δ: the chance, per row, that a row below k passes the noisy threshold.
+    #[serde(default = "default_delta")]
+    pub delta: f64,
+    /// The most output rows one member contributes to per answer; further rows drop that member.
+    #[serde(default = "default_max_groups")]
+    pub max_groups_per_member: u32,
+}
+
+fn default_delta() -> f64 {
+    1e-6
+}
+fn default_max_groups() -> u32 {
+    4
 }
 
 fn default_key_version() -> u32 {
@@ -134,9 +239,53 @@ fn default_key_version() -> u32 {
 pub struct SensitiveColumn {
     /// Column name as the safe views spell it.
     pub column: String,
-    /// The category it falls under, for the reviewer (for example `health`).
+    /// The category it falls under: one of [`SENSITIVE_CATEGORIES`].
     pub category: String,
 }
+
+/// Special categories of personal data: APPI Art. 2(3) 要配慮個人情報 (with the Cabinet Order's
+/// additions) and GDPR Art. 9(1). A sensitive column names one of these ids.
+pub const SENSITIVE_CATEGORIES: &[(&str, &str)] = &[
+    ("race", "人種 / racial or ethnic origin (APPI, GDPR)"),
+    (
+        "creed",
+        "信条 / religious or philosophical beliefs, political opinions (APPI, GDPR)",
+    ),
+    ("social_status", "社会的身分 / social status (APPI)"),
+    (
+        "medical_history",
+        "病歴 / medical history, health (APPI, GDPR)",
+    ),
+    ("criminal_record", "犯罪の経歴 / criminal record (APPI)"),
+    (
+        "crime_victim",
+        "犯罪により害を被った事実 / having been a victim of crime (APPI)",
+    ),
+    (
+        "disability",
+        "心身の機能の障害 / physical or mental disability (APPI Order)",
+    ),
+    (
+        "health_checkup",
+        "健康診断等の結果 / results of health check-ups (APPI Order)",
+    ),
+    (
+        "medical_care",
+        "診療・調剤 / medical guidance, treatment or dispensing (APPI Order)",
+    ),
+    (
+        "criminal_procedure",
+        "刑事事件に関する手続 / criminal proceedings (APPI Order)",
+    ),
+    (
+        "juvenile_procedure",
+        "少年の保護事件に関する手続 / juvenile proceedings (APPI Order)",
+    ),
+    ("trade_union", "trade union membership (GDPR)"),
+    ("genetic", "genetic data (GDPR; ゲノム情報 under APPI)"),
+    ("biometric", "biometric data for identification (GDPR)"),
+    ("sex_life", "sex life or sexual orientation (GDPR)"),
+];
 
 /// The three kinds of user.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
@@ -176,6 +325,11 @@ pub struct PrincipalEntry {
     pub token_sha256: String,
 }
 
+/// The largest k any floor, contract or query may set. The guard's member-set fingerprints
+/// measure differences of up to `MAX_K − 1` members exactly; a larger k could not be enforced by
+/// the difference check.
+pub const MAX_K: u32 = 50;
+
 /// The built-in domains the guard knows without configuration.
 pub const BUILTIN_DOMAINS: &[&str] = &["age_band", "prefecture", "gender", "partner_attribute"];
 
@@ -204,8 +358,8 @@ impl Rules {
     /// floor's minimum, every partner has at most one contract, every token is unique.
     pub fn validate(&self) -> Result<()> {
         let fail = |msg: String| Err(Error::Config(msg));
-        if self.privacy.k_floor < 2 {
-            return fail("privacy.k_floor must be at least 2".into());
+        if self.privacy.k_floor < 2 || self.privacy.k_floor > MAX_K {
+            return fail(format!("privacy.k_floor must be between 2 and {MAX_K}"));
         }
         for name in self.domains.keys() {
             if BUILTIN_DOMAINS.contains(&name.as_str()) {
@@ -250,16 +404,71 @@ impl Rules {
                     contract.purpose
                 ));
             }
-            if contract.k == 0 {
-                return fail(format!("contracts.{id}.k must be positive"));
+            if contract.k == 0 || contract.k > MAX_K {
+                return fail(format!("contracts.{id}.k must be between 1 and {MAX_K}"));
             }
             if contract.key_version == 0 {
                 return fail(format!("contracts.{id}.key_version must be positive"));
+            }
+            let protection = &contract.protection;
+            let k = self.effective_k(contract, 0);
+            if protection.min_audience < 5 * k {
+                return fail(format!(
+                    "contracts.{id}.protection.min_audience must be at least 5 × k = {}",
+                    5 * k
+                ));
+            }
+            let scales = [
+                ("audience_noise", protection.audience_noise),
+                ("noise_scale", protection.noise_scale),
+            ];
+            for (name, value) in scales {
+                if !(0.0..=1_000_000.0).contains(&value) {
+                    return fail(format!(
+                        "contracts.{id}.protection.{name} must be between 0 and 1e6"
+                    ));
+                }
+            }
+            if protection.max_list_versions == 0
+                || protection.list_window_days == 0
+                || protection.min_list_change == 0
+            {
+                return fail(format!(
+                    "contracts.{id}.protection: max_list_versions, list_window_days and \
+                     min_list_change must be positive"
+                ));
+            }
+            if let Some(dp) = &protection.dp {
+                let valid = dp.epsilon_per_query > 0.0
+                    && dp.epsilon_per_query <= dp.epsilon_budget
+                    && dp.epsilon_budget <= 100.0
+                    && dp.delta > 0.0
+                    && dp.delta < 0.01
+                    && dp.max_groups_per_member > 0
+                    && dp.budget_period_days > 0;
+                if !valid {
+                    return fail(format!(
+                        "contracts.{id}.protection.dp: need 0 < epsilon_per_query <= \
+                         epsilon_budget <= 100, 0 < delta < 0.01, positive max_groups_per_member \
+                         and budget_period_days"
+                    ));
+                }
             }
             if let Some(other) = contract_of_partner.insert(&contract.partner, id) {
                 return fail(format!(
                     "partner `{}` has two contracts ({other}, {id}); one collaboration per partner",
                     contract.partner
+                ));
+            }
+        }
+        for c in &self.sensitive_columns {
+            if !SENSITIVE_CATEGORIES.iter().any(|(id, _)| *id == c.category) {
+                let known: Vec<&str> = SENSITIVE_CATEGORIES.iter().map(|(id, _)| *id).collect();
+                return fail(format!(
+                    "sensitive column `{}`: category `{}` is not one of {}",
+                    c.column,
+                    c.category,
+                    known.join(", ")
                 ));
             }
         }

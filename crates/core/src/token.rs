@@ -70,6 +70,13 @@ impl MasterSecret {
     pub fn pseudonym_key(&self) -> PseudonymKey {
         PseudonymKey(self.derive(b"cleanroom/member-pseudonym", b"v1"))
     }
+
+    /// A key of the guard's own, for one use (`noise`, `fingerprint`): seeds of sticky noise and
+    /// the keyed hashes inside member-set fingerprints. Separate from every other key, so neither
+    /// a leaked fingerprint store nor a partner's match key helps to predict the other.
+    pub fn guard_key(&self, purpose: &str) -> [u8; 32] {
+        self.derive(b"cleanroom/guard", format!("{purpose}/v1").as_bytes())
+    }
 }
 
 /// One collaboration's HMAC key at one version.

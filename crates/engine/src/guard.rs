@@ -1,66 +1,63 @@
-//! The guard: the one place where the clean room's privacy rules are enforced, on the DataFusion
-//! `LogicalPlan` of every query, whatever its template says.
+//! The guard: the one place where the clean room's privacy rules are enforced. Query templates
+//! cannot switch any of it off: it works on the DataFusion `LogicalPlan` of every query and on the
+//! partner's history, whatever the template says.
 //!
-//! [`run`] is the only entry point that releases data. In order, it:
-//! 1. plans the SQL against a session holding only the safe views;
-//! 2. checks the plan: aggregate output only, only allowed nodes and functions, member keys used
-//!    only to join and to count, no sensitive column, output columns exactly as declared;
-//! 3. binds the typed parameters as literal values (never as SQL text);
-//! 4. adds a distinct-member count to the output aggregate and executes;
-//! 5. releases only rows with at least k distinct members, over the full declared domain of the
-//!    output, and suppresses complementary cells so that no withheld cell can be derived from a
-//!    total minus the released cells.
+//! [`Guard::run`] is the only function that releases query results. In order, it:
+//! 1. snaps the parameters to the query's declared granularity and minimum window
+//!    ([`params`], THREATS 3);
+//! 2. picks the partner's effective list (a list that changed by fewer than `min_list_change`
+//!    matched members answers as the earlier one) and refuses an audience below the contract's
+//!    noisy minimum ([`lists`], THREATS 1 and 2);
+//! 3. takes one answer from the partner's daily budget ([`budget`], THREATS 7);
+//! 4. plans the SQL against a session holding only the safe views and checks the plan
+//!    ([`plan`], THREATS 8);
+//! 5. computes every output value member by member, clamping each member's contribution to the
+//!    query's declared bounds (and, under DP, to a number of rows per member);
+//! 6. releases under the contract's mode:
+//!    - `noise`: hard k, a noisy threshold above k, the difference check and frozen rows over the
+//!      partner's history ([`history`], THREATS 2, 3, 6), sticky noise on every value (THREATS 5),
+//!      and complementary suppression within the response and across its repeats (THREATS 4);
+//!    - `dp`: (ε, δ)-differential privacy with the member as the unit: exact discrete Laplace
+//!      noise ([`noise`]), a noisy threshold that lets a row below k through with probability at
+//!      most δ, and ε charged to the partner's budget (repeats of an answer already paid are free).
 //!
-//! Withheld rows are reported only as a count over the full domain, so the response looks the same
-//! whether a withheld row had no member or some below k.
+//! Withheld rows are reported only as a count over the full output domain, and every decision
+//! about a row below k is the same whether it had no member or k − 1, so a suppressed row never
+//! tells 0 from a few (THREATS 11).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::Arc;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, NaiveDate, NaiveTime, Utc};
-use datafusion::arrow::array::{Array, AsArray, RecordBatch, UInt32Array};
-use datafusion::arrow::compute::{cast, concat_batches, take_record_batch};
-use datafusion::arrow::datatypes::{DataType, Int64Type};
-use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
-use datafusion::common::{Column, DFSchema, ParamValues, ScalarValue};
-use datafusion::functions_aggregate::expr_fn::count_distinct;
-use datafusion::logical_expr::utils::split_conjunction;
-use datafusion::logical_expr::{
-    Aggregate, BinaryExpr, Expr, Filter, JoinType, Limit, LogicalPlan, Operator, Projection, Sort,
-    SubqueryAlias,
-};
-use datafusion::prelude::SessionContext;
-use datafusion::sql::parser::Statement;
-
 use cleanroom_core::allowlist::{BoundValue, QueryDef};
-use cleanroom_core::rules::{Contract, Rules};
+use cleanroom_core::consent::Requirement;
+use cleanroom_core::rules::{Contract, Protection, Rules};
+use cleanroom_core::token::MasterSecret;
+use datafusion::arrow::array::{Array, ArrayRef, AsArray, Int64Array, RecordBatch, StringArray};
+use datafusion::arrow::compute::cast;
+use datafusion::arrow::datatypes::{DataType, Field, Int64Type, Schema};
+use datafusion::common::{ParamValues, ScalarValue};
+use datafusion::prelude::SessionContext;
+use sha2::{Digest, Sha256};
 
-use crate::views::{MEMBER_KEY, SAFE_VIEWS};
+use crate::store::{Snapshot, Store};
+use crate::views::{self, SafeViews};
 use crate::{Error, Result};
 
-/// Name of the column the guard adds to count distinct members per output row. It never leaves
-/// the guard.
-const MEMBER_COUNT: &str = "__cleanroom_member_count";
+pub mod budget;
+pub mod fingerprint;
+mod history;
+mod lists;
+pub mod noise;
+pub mod params;
+mod plan;
 
-/// Aggregates a query may output. MIN and MAX are absent: they release one member's value.
-const OUTPUT_AGGREGATES: &[&str] = &["count", "sum", "avg"];
-
-/// Aggregates allowed inside a query, for per-member intermediate values that are then counted.
-const INNER_AGGREGATES: &[&str] = &["count", "sum", "avg", "min", "max"];
-
-/// Scalar functions a query may use.
-const SCALAR_FUNCTIONS: &[&str] = &[
-    "date_trunc",
-    "date_part",
-    "coalesce",
-    "nullif",
-    "round",
-    "floor",
-    "ceil",
-    "abs",
-    "lower",
-    "upper",
-];
+pub use budget::{Budgets, Charge, EpsilonLedger};
+use fingerprint::Fingerprint;
+use history::{History, Verdict};
+use lists::Lists;
+use noise::Scale;
 
 /// The largest output domain (product of the dimensions' domain sizes) the guard will enumerate.
 const MAX_DOMAIN_CELLS: usize = 1_000_000;
@@ -74,6 +71,9 @@ pub struct Policy {
     pub dimensions: Vec<(String, Vec<String>)>,
     /// Output metric columns, in order after the dimensions.
     pub metrics: Vec<String>,
+    /// The most one member may add to each metric in one row (metrics that count distinct
+    /// members need none).
+    pub metric_bounds: BTreeMap<String, u64>,
     /// Column names no query may touch.
     pub sensitive_columns: BTreeSet<String>,
 }
@@ -95,6 +95,7 @@ impl Policy {
                 })
                 .collect(),
             metrics: query.metrics.clone(),
+            metric_bounds: query.metric_bounds.clone(),
             sensitive_columns: rules.sensitive_column_names(),
         }
     }
@@ -108,76 +109,110 @@ impl Policy {
     }
 }
 
+/// An earlier call, as the audit trail remembers it: the guard rebuilds its budgets and list
+/// allowances from these, so a restart refills nothing.
+#[derive(Debug, Clone)]
+pub struct PastCall {
+    /// The partner concerned.
+    pub partner: String,
+    /// The RPC method.
+    pub method: String,
+    /// When.
+    pub at: DateTime<Utc>,
+    /// Whether it succeeded.
+    pub ok: bool,
+    /// Its details (ε spent, answer key).
+    pub details: BTreeMap<String, String>,
+}
+
+/// A query to answer.
+pub struct QueryRequest<'a> {
+    /// The rules in force.
+    pub rules: &'a Rules,
+    /// The allow-listed query.
+    pub query: &'a QueryDef,
+    /// The partner asking.
+    pub partner: &'a str,
+    /// Its contract's id.
+    pub contract_id: &'a str,
+    /// Typed parameters, not yet snapped.
+    pub params: &'a BTreeMap<String, BoundValue>,
+    /// The data.
+    pub snapshot: &'a Snapshot,
+    /// Where earlier list versions are kept.
+    pub store: &'a Store,
+    /// Now.
+    pub now: DateTime<Utc>,
+}
+
+/// How an answer was protected, for the partner.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ProtectionReport {
+    /// `noise`, `dp` or `none`.
+    pub mode: String,
+    /// Per metric: the scale of the discrete Laplace noise on each released value.
+    pub noise_scale: BTreeMap<String, f64>,
+    /// Per metric: the most one member may add to one row.
+    pub per_member_bound: BTreeMap<String, u64>,
+    /// A row's noisy member count must reach this to be released.
+    pub release_threshold: f64,
+    /// ε spent by this answer (DP).
+    pub epsilon_spent: f64,
+    /// ε left in the period (DP).
+    pub epsilon_remaining: f64,
+    /// δ (DP).
+    pub delta: f64,
+    /// When the oldest ε spending leaves the period (DP).
+    pub budget_resets_at: Option<DateTime<Utc>>,
+    /// The most rows one member is counted in (DP).
+    pub max_groups_per_member: u32,
+}
+
 /// The released part of a query's answer.
 #[derive(Debug)]
-pub struct Released {
+pub struct Answer {
     /// Released rows, in domain order, with the declared output columns only.
     pub batch: RecordBatch,
-    /// Cells of the output domain not released (below k, empty, or complementary).
+    /// The parameters after snapping.
+    pub params: BTreeMap<String, BoundValue>,
+    /// Cells of the output domain not released, for whatever reason.
     pub suppressed_rows: u64,
-    /// Of those, cells that had at least k members but were withheld to protect another cell.
-    /// For the audit trail only: it must not reach the partner.
-    pub complementary_suppressed: u64,
-    /// Result rows whose dimension values fall outside the declared domain; dropped. For the
-    /// audit trail only.
-    pub out_of_domain_rows: u64,
+    /// The consent state the answer reflects.
+    pub consent_snapshot_id: String,
+    /// The partner's latest list version (the version actually used is in the audit details).
+    pub list_version: u32,
+    /// How the answer was protected.
+    pub protection: ProtectionReport,
+    /// Facts for the retailer's audit trail only; they must not reach the partner.
+    pub audit: BTreeMap<String, String>,
 }
 
-/// Per-partner query budgets over a rolling 24 hours: how many answers a partner has received
-/// recently. Spent budgets refuse with the time the next answer becomes possible.
-#[derive(Debug, Default)]
-pub struct Budgets {
-    answered: std::sync::Mutex<HashMap<String, std::collections::VecDeque<DateTime<Utc>>>>,
+/// A new version of a partner's list, to be admitted and stored.
+pub struct ListUpload<'a> {
+    /// The partner.
+    pub partner: &'a str,
+    /// Its contract's id.
+    pub contract_id: &'a str,
+    /// Its contract.
+    pub contract: &'a Contract,
+    /// The hashed list (`ingest::tokens_schema` rows).
+    pub tokens: RecordBatch,
+    /// The data, to match the list against.
+    pub snapshot: &'a Snapshot,
+    /// Where lists are kept.
+    pub store: &'a Store,
+    /// Now.
+    pub now: DateTime<Utc>,
 }
 
-/// The window a budget counts over.
-const BUDGET_WINDOW_HOURS: i64 = 24;
-
-impl Budgets {
-    /// Rebuilds the ledger from earlier answers (partner, time), for example from the audit trail,
-    /// so a restart does not refill anyone's budget.
-    pub fn from_history(history: impl IntoIterator<Item = (String, DateTime<Utc>)>) -> Self {
-        let mut answered: HashMap<String, std::collections::VecDeque<DateTime<Utc>>> =
-            HashMap::new();
-        for (partner, at) in history {
-            answered.entry(partner).or_default().push_back(at);
-        }
-        for times in answered.values_mut() {
-            times.make_contiguous().sort();
-        }
-        Self {
-            answered: std::sync::Mutex::new(answered),
-        }
-    }
-
-    /// Refuses if the partner has already had `limit` answers in the last 24 hours.
-    pub fn check(&self, partner: &str, limit: Option<u32>, now: DateTime<Utc>) -> Result<()> {
-        let Some(limit) = limit else { return Ok(()) };
-        let mut answered = self.answered.lock().expect("budget lock poisoned");
-        let times = answered.entry(partner.to_string()).or_default();
-        let window = chrono::Duration::hours(BUDGET_WINDOW_HOURS);
-        while times.front().is_some_and(|t| *t + window <= now) {
-            times.pop_front();
-        }
-        if times.len() >= limit as usize {
-            let reset = times.front().map(|t| *t + window).unwrap_or(now);
-            return Err(cleanroom_core::Error::Limit(format!(
-                "query budget of {limit} answers per 24 hours is spent; the next answer is possible at {}",
-                reset.to_rfc3339()
-            ))
-            .into());
-        }
-        Ok(())
-    }
-
-    /// Counts one answer released to the partner.
-    pub fn spend(&self, partner: &str, now: DateTime<Utc>) {
-        let mut answered = self.answered.lock().expect("budget lock poisoned");
-        answered
-            .entry(partner.to_string())
-            .or_default()
-            .push_back(now);
-    }
+/// The guard and the state its defences keep.
+pub struct Guard {
+    noise_key: [u8; 32],
+    fingerprint_key: [u8; 32],
+    answers: Budgets,
+    epsilon: EpsilonLedger,
+    history: History,
+    lists: Mutex<Lists>,
 }
 
 /// Turns a checked parameter into the literal bound to its placeholder. Dates mean local midnight
@@ -198,554 +233,819 @@ fn local_midnight_micros(date: NaiveDate, utc_offset_minutes: i32) -> i64 {
     midnight - i64::from(utc_offset_minutes) * 60_000_000
 }
 
-fn refuse<T>(reason: impl Into<String>) -> Result<T> {
-    Err(Error::Guard(reason.into()))
-}
-
 /// Plans and checks a query without running it, as `queries lint` and the server's start-up do.
 pub async fn check(ctx: &SessionContext, sql: &str, policy: &Policy) -> Result<()> {
-    let plan = plan_sql(ctx, sql).await?;
-    check_plan(&plan, policy).map(|_| ())
+    let plan = plan::plan_sql(ctx, sql).await?;
+    plan::check_plan(&plan, policy).map(|_| ())
 }
 
-/// Runs one query under the guard. This is the only function that releases query results.
-pub async fn run(
-    ctx: &SessionContext,
-    sql: &str,
-    params: &BTreeMap<String, ScalarValue>,
-    policy: &Policy,
-) -> Result<Released> {
-    let plan = plan_sql(ctx, sql).await?;
-    let member_index = check_plan(&plan, policy)?;
-    let values: HashMap<String, ScalarValue> =
-        params.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-    let bound = plan
-        .with_param_values(ParamValues::from(values))
-        .map_err(|_| Error::Guard("the query's parameters do not match its placeholders".into()))?;
-    let counted = add_member_count(&bound, member_index)?;
-    let frame = ctx.execute_logical_plan(counted).await?;
-    let planned_schema = Arc::new(frame.schema().as_arrow().clone());
-    let batches = frame.collect().await?;
-    // No group at all (nobody eligible) yields no batch: an empty result of the planned schema.
-    let schema = batches
-        .first()
-        .map(|b| b.schema())
-        .unwrap_or(planned_schema);
-    let batch = concat_batches(&schema, &batches)?;
-    release(&batch, policy)
-}
-
-/// Parses exactly one SELECT and plans it against the session's tables (only the safe views).
-async fn plan_sql(ctx: &SessionContext, sql: &str) -> Result<LogicalPlan> {
-    let state = ctx.state();
-    let mut statements = datafusion::sql::parser::DFParser::parse_sql(sql)
-        .map_err(|_| Error::Guard("the query is not valid SQL".into()))?;
-    if statements.len() != 1 {
-        return refuse("a query must be exactly one statement");
+/// A decimal scale as an exact fraction (thousandths), or `None` for zero.
+fn scale_of(value: f64) -> Option<Scale> {
+    let millis = (value * 1000.0).round();
+    if !(1.0..1e15).contains(&millis) {
+        return None;
     }
-    let statement = statements.pop_front().expect("one statement");
-    if !matches!(&statement, Statement::Statement(s) if matches!(**s, datafusion::sql::sqlparser::ast::Statement::Query(_)))
-    {
-        return refuse("a query must be a single SELECT");
-    }
-    state.statement_to_plan(statement).await.map_err(|e| {
-        // The planner's message can name tables and columns; keep it in the server log only.
-        tracing::debug!(error = %e, "query failed to plan against the safe views");
-        Error::Guard(
-            "the query does not plan against the safe views (unknown table or column?)".into(),
-        )
-    })
+    Scale::new(millis as u64, 1000)
 }
 
-/// Checks the plan and returns the index, in the output aggregate's input schema, of a column
-/// that carries the member key.
-fn check_plan(plan: &LogicalPlan, policy: &Policy) -> Result<usize> {
-    let declared = policy.output_columns();
-    let actual: Vec<String> = plan
-        .schema()
-        .fields()
+/// A sticky draw of discrete Laplace noise: the same key and parts give the same draw.
+fn sticky(key: &[u8], parts: &[&[u8]], scale: Option<Scale>) -> i64 {
+    match scale {
+        Some(scale) => noise::discrete_laplace(&mut noise::seeded_rng(key, parts), scale),
+        None => 0,
+    }
+}
+
+/// A digest of a member set (sorted keys), to seed noise that changes when the set changes.
+fn member_digest<'a>(members: impl IntoIterator<Item = &'a i64>) -> [u8; 32] {
+    let mut sorted: Vec<i64> = members.into_iter().copied().collect();
+    sorted.sort_unstable();
+    sorted.dedup();
+    let mut hasher = Sha256::new();
+    for m in sorted {
+        hasher.update(m.to_le_bytes());
+    }
+    hasher.finalize().into()
+}
+
+/// Canonical text of snapped parameters: equal questions have equal keys.
+fn params_key(params: &BTreeMap<String, BoundValue>) -> String {
+    params
         .iter()
-        .map(|f| f.name().clone())
-        .collect();
-    if actual != declared {
-        return refuse(format!(
-            "output columns {actual:?} differ from the declared dimensions and metrics {declared:?}"
-        ));
-    }
-    let mut node = plan;
-    let aggregate = loop {
-        match node {
-            LogicalPlan::Projection(p) => {
-                check_expressions(&p.expr, p.input.schema(), &BTreeSet::new(), &[], policy)?;
-                node = &p.input;
-            }
-            LogicalPlan::Filter(f) => {
-                check_expressions(
-                    std::slice::from_ref(&f.predicate),
-                    f.input.schema(),
-                    &BTreeSet::new(),
-                    &[],
-                    policy,
-                )?;
-                node = &f.input;
-            }
-            LogicalPlan::Sort(s) => {
-                let exprs: Vec<Expr> = s.expr.iter().map(|e| e.expr.clone()).collect();
-                check_expressions(&exprs, s.input.schema(), &BTreeSet::new(), &[], policy)?;
-                node = &s.input;
-            }
-            LogicalPlan::Limit(l) => node = &l.input,
-            LogicalPlan::SubqueryAlias(s) => node = &s.input,
-            LogicalPlan::Aggregate(a) => break a,
-            _ => {
-                return refuse(
-                    "the output must be an aggregate over the safe views (GROUP BY or COUNT)",
-                );
-            }
-        }
-    };
-    let members = member_columns(&aggregate.input, policy)?;
-    let Some(&member_index) = members.iter().next() else {
-        return refuse(
-            "output rows cannot be attributed to members: the aggregate's input must carry member_key",
-        );
-    };
-    let input_schema = aggregate.input.schema();
-    for group in &aggregate.group_expr {
-        if references(group, input_schema, &members) {
-            return refuse("member_key may not group the output");
-        }
-    }
-    check_expressions(&aggregate.group_expr, input_schema, &members, &[], policy)?;
-    check_expressions(
-        &aggregate.aggr_expr,
-        input_schema,
-        &members,
-        OUTPUT_AGGREGATES,
-        policy,
-    )?;
-    Ok(member_index)
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(";")
 }
 
-/// The output columns of `plan` that carry the member key, checking every node and expression of
-/// the subtree on the way. Member keys may be passed through, joined on, grouped by (inside a
-/// subquery) and counted; any other use is refused.
-fn member_columns(plan: &LogicalPlan, policy: &Policy) -> Result<BTreeSet<usize>> {
-    match plan {
-        LogicalPlan::TableScan(scan) => {
-            let name = scan.table_name.table();
-            if !SAFE_VIEWS.contains(&name) {
-                return refuse(format!("table `{name}` is not a safe view"));
+/// Which cells of the domain are released, their values, and how they were protected.
+type Release = (Vec<bool>, Vec<Option<Vec<i64>>>, ProtectionReport);
+
+/// The output of the per-member plan folded into cells of the output domain.
+struct Cells {
+    /// Domain size of each dimension.
+    sizes: Vec<usize>,
+    /// Cells with at least one member: their members and summed, clamped metric values.
+    cells: HashMap<usize, CellData>,
+    /// Result rows whose dimension values fall outside the declared domain (dropped).
+    out_of_domain_rows: u64,
+}
+
+#[derive(Default)]
+struct CellData {
+    members: Vec<i64>,
+    values: Vec<i64>,
+}
+
+impl Cells {
+    fn count(&self) -> usize {
+        self.sizes.iter().product()
+    }
+
+    fn size(&self, cell: usize) -> usize {
+        self.cells.get(&cell).map_or(0, |c| c.members.len())
+    }
+}
+
+impl Guard {
+    /// Opens the guard's state in `data_dir/guard`, with keys derived from the master secret and
+    /// budgets rebuilt from earlier calls.
+    pub fn open(data_dir: &Path, secret: &MasterSecret, past: &[PastCall]) -> Result<Self> {
+        let dir = data_dir.join("guard");
+        let ok = |methods: &'static [&'static str]| {
+            past.iter()
+                .filter(move |c| c.ok && methods.contains(&c.method.as_str()))
+        };
+        let answers = Budgets::from_history(ok(&["RunQuery"]).map(|c| (c.partner.clone(), c.at)));
+        let epsilon = EpsilonLedger::from_history(ok(&["RunQuery"]).filter_map(|c| {
+            let spent: f64 = c.details.get("epsilon_spent")?.parse().ok()?;
+            let key = c.details.get("answer_key")?.clone();
+            (spent > 0.0).then(|| (c.partner.clone(), c.at, spent, key))
+        }));
+        let history = History::open(dir.clone())?;
+        let lists = Lists::open(
+            dir.join("lists.jsonl"),
+            ok(&["UploadList", "IngestPartnerList"]).map(|c| (c.partner.clone(), c.at)),
+        )?;
+        Ok(Self {
+            noise_key: secret.guard_key("noise"),
+            fingerprint_key: secret.guard_key("fingerprint"),
+            answers,
+            epsilon,
+            history,
+            lists: Mutex::new(lists),
+        })
+    }
+
+    /// Admits and stores a new version of a partner's list: within the upload allowance, and
+    /// changed enough from every earlier version. Decides which version queries answer it as.
+    /// Returns the new version number.
+    pub fn store_list(&self, upload: ListUpload<'_>) -> Result<u32> {
+        let protection = &upload.contract.protection;
+        let mut lists = self.lists.lock().expect("list ledger lock poisoned");
+        lists.check_allowance(
+            upload.partner,
+            protection.max_list_versions,
+            protection.list_window_days,
+            upload.now,
+        )?;
+        let earlier = upload.store.list_versions(upload.partner)?;
+        let new_tokens = lists::tokens(&upload.tokens);
+        let min_change = protection.min_list_change as usize;
+        for (i, old) in earlier.iter().enumerate() {
+            let changed = lists::symmetric_difference(&new_tokens, &lists::tokens(old));
+            if changed > 0 && changed < min_change {
+                return Err(cleanroom_core::Error::Precondition(format!(
+                    "the new list differs from version {} by {changed} records; a new version \
+                     must add or remove at least {min_change} (or repeat it unchanged)",
+                    i + 1
+                ))
+                .into());
             }
-            if !scan.filters.is_empty() || scan.fetch.is_some() {
-                return refuse("pre-filtered scans are not allowed");
+        }
+        let key_versions = |list: &RecordBatch| -> BTreeSet<u32> {
+            lists::tokens(list).into_iter().map(|(v, _)| v).collect()
+        };
+        let matched_set = |list: &RecordBatch| -> HashSet<i64> {
+            views::matched_members(upload.snapshot, upload.contract_id, list)
+                .into_keys()
+                .collect()
+        };
+        let new_matched = matched_set(&upload.tokens);
+        let new_digest = member_digest(&new_matched);
+        let audience_scale = scale_of(protection.audience_noise);
+        let mut frozen = None;
+        for version in (1..=earlier.len() as u32).rev() {
+            let effective = lists.effective(upload.partner, version);
+            let Some(old) = earlier.get(effective as usize - 1) else {
+                continue;
+            };
+            // A list under another match key cannot stand in for this one.
+            if key_versions(old) != key_versions(&upload.tokens) {
+                continue;
             }
-            Ok(scan
-                .projected_schema
-                .fields()
+            let old_matched = matched_set(old);
+            let changed = new_matched.symmetric_difference(&old_matched).count() as i64;
+            let noise = sticky(
+                &self.noise_key,
+                &[
+                    b"list-freeze",
+                    upload.partner.as_bytes(),
+                    &new_digest,
+                    &member_digest(&old_matched),
+                ],
+                audience_scale,
+            );
+            if changed + noise < i64::from(protection.min_list_change) {
+                frozen = Some(effective);
+                break;
+            }
+        }
+        let version = upload.store.append_list(upload.partner, upload.tokens)?;
+        lists.record(
+            upload.partner,
+            version,
+            frozen.unwrap_or(version),
+            upload.now,
+        )?;
+        Ok(version)
+    }
+
+    /// Answers one query. This is the only function that releases query results.
+    pub async fn run(&self, request: QueryRequest<'_>) -> Result<Answer> {
+        let rules = request.rules;
+        let contract = rules.contracts.get(request.contract_id).ok_or_else(|| {
+            cleanroom_core::Error::Precondition("the partner has no contract".into())
+        })?;
+        let protection = &contract.protection;
+        let params = params::canonical(request.query, request.params, rules, request.partner)?;
+        let Some(list) = request.snapshot.lists.get(request.partner) else {
+            return Err(cleanroom_core::Error::Precondition(
+                "no customer list uploaded yet: call UploadList first".into(),
+            )
+            .into());
+        };
+        let effective_version = self
+            .lists
+            .lock()
+            .expect("list ledger lock poisoned")
+            .effective(request.partner, list.version);
+        let tokens = if effective_version == list.version {
+            Arc::clone(&list.tokens)
+        } else {
+            request
+                .store
+                .list_versions(request.partner)?
+                .get(effective_version as usize - 1)
+                .cloned()
+                .ok_or_else(|| Error::Storage("an earlier list version is missing".into()))?
+        };
+        let purpose = rules.purposes.get(&contract.purpose).ok_or_else(|| {
+            cleanroom_core::Error::Precondition("the contract's purpose is not configured".into())
+        })?;
+        let requirement = Requirement {
+            min_notice_version: purpose.min_notice_version,
+            grant_valid_days: purpose.grant_valid_days,
+        };
+        let matched = views::matched_members(request.snapshot, request.contract_id, &tokens);
+        let eligible = views::consented(
+            request.snapshot,
+            &matched,
+            &contract.purpose,
+            &requirement,
+            request.now,
+        );
+        let audience_noise = sticky(
+            &self.noise_key,
+            &[
+                b"audience",
+                request.partner.as_bytes(),
+                &member_digest(&eligible),
+            ],
+            scale_of(protection.audience_noise),
+        );
+        if eligible.len() as i64 + audience_noise < i64::from(protection.min_audience) {
+            return Err(cleanroom_core::Error::Precondition(format!(
+                "your list's matched, consenting audience is below this contract's minimum of \
+                 about {} members; no query answers until a larger list is uploaded",
+                protection.min_audience
+            ))
+            .into());
+        }
+
+        self.answers
+            .take(request.partner, contract.max_queries_per_day, request.now)?;
+        let mut audit = BTreeMap::from([(
+            "effective_list_version".to_string(),
+            effective_version.to_string(),
+        )]);
+        let answered = self
+            .answer(
+                &request,
+                contract,
+                &params,
+                &matched,
+                &eligible,
+                effective_version,
+                &mut audit,
+            )
+            .await;
+        let (batch, suppressed_rows, report) = match answered {
+            Ok(answer) => answer,
+            Err(e) => {
+                self.answers.give_back(request.partner, request.now);
+                return Err(e);
+            }
+        };
+        Ok(Answer {
+            batch,
+            params,
+            suppressed_rows,
+            consent_snapshot_id: request.snapshot.consent_snapshot_id.clone(),
+            list_version: list.version,
+            protection: report,
+            audit,
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn answer(
+        &self,
+        request: &QueryRequest<'_>,
+        contract: &Contract,
+        params: &BTreeMap<String, BoundValue>,
+        matched: &HashMap<i64, Option<String>>,
+        eligible: &HashSet<i64>,
+        effective_version: u32,
+        audit: &mut BTreeMap<String, String>,
+    ) -> Result<(RecordBatch, u64, ProtectionReport)> {
+        let rules = request.rules;
+        let query = request.query;
+        let policy = Policy::for_query(rules, query, contract, request.partner);
+        let dp = contract.protection.dp.as_ref();
+        let key = params_key(params);
+        let answer_key = hex::encode(Sha256::digest(
+            format!(
+                "{}|{}|{}|{}|{}|{}",
+                request.partner,
+                query.id,
+                query.content_sha256,
+                key,
+                request.snapshot.data_version,
+                effective_version
+            )
+            .as_bytes(),
+        ));
+        if let Some(dp) = dp {
+            // Refuse before computing anything if the answer cannot be paid for.
+            self.epsilon
+                .charge(request.partner, &answer_key, dp, request.now, true)?;
+        }
+
+        let views = SafeViews::of_audience(request.snapshot, matched, eligible, effective_version)?;
+        let ctx = views.session()?;
+        let plan = plan::plan_sql(&ctx, &query.sql).await?;
+        let values: HashMap<String, ScalarValue> = params
+            .iter()
+            .map(|(k, v)| (k.clone(), bind_value(v, rules.retailer.utc_offset_minutes)))
+            .collect();
+        let plan = plan
+            .with_param_values(ParamValues::from(values))
+            .map_err(|_| {
+                Error::Guard("the query's parameters do not match its placeholders".into())
+            })?;
+        let shape = plan::check_plan(&plan, &policy)?;
+        let per_member = plan::per_member_plan(&shape)?;
+        let batches = ctx
+            .execute_logical_plan(per_member)
+            .await?
+            .collect()
+            .await?;
+        let groups_cap = dp.map(|d| d.max_groups_per_member);
+        let cells = self.fold(&batches, &shape, &policy, groups_cap, &answer_key)?;
+        audit.insert(
+            "out_of_domain_rows".into(),
+            cells.out_of_domain_rows.to_string(),
+        );
+        let bounds: Vec<u64> = shape.metrics.iter().map(|m| m.bound).collect();
+        let counts: Vec<bool> = shape.metrics.iter().map(|m| m.count).collect();
+        let per_member_bound = policy
+            .metrics
+            .iter()
+            .cloned()
+            .zip(bounds.iter().copied())
+            .collect();
+
+        let (released, values, mut report) = match dp {
+            Some(dp) => {
+                let (released, values, report) =
+                    self.release_dp(&cells, &policy, dp, &bounds, &counts, &answer_key);
+                let charge =
+                    self.epsilon
+                        .charge(request.partner, &answer_key, dp, request.now, false)?;
+                audit.insert("epsilon_spent".into(), charge.spent.to_string());
+                audit.insert("answer_key".into(), answer_key.clone());
+                let report = ProtectionReport {
+                    epsilon_spent: charge.spent,
+                    epsilon_remaining: charge.remaining,
+                    budget_resets_at: charge.resets_at,
+                    ..report
+                };
+                (released, values, report)
+            }
+            None => self.release_noisy(
+                &cells,
+                &policy,
+                &contract.protection,
+                &bounds,
+                &counts,
+                request,
+                &key,
+                audit,
+            )?,
+        };
+        report.per_member_bound = per_member_bound;
+        let suppressed = released.iter().filter(|r| !**r).count() as u64;
+        let batch = output_batch(&policy, &cells.sizes, &released, &values)?;
+        Ok((batch, suppressed, report))
+    }
+
+    /// Folds the per-member rows into cells of the output domain. Each member's contribution to
+    /// a metric in a row is clamped to the metric's bound; under DP, a member counts in at most
+    /// `groups_cap` rows, chosen by a keyed hash so the choice is stable and unguessable.
+    fn fold(
+        &self,
+        batches: &[RecordBatch],
+        shape: &plan::Shape,
+        policy: &Policy,
+        groups_cap: Option<u32>,
+        answer_key: &str,
+    ) -> Result<Cells> {
+        let sizes: Vec<usize> = policy.dimensions.iter().map(|(_, d)| d.len()).collect();
+        sizes
+            .iter()
+            .try_fold(1usize, |acc, s| acc.checked_mul(*s))
+            .filter(|c| *c <= MAX_DOMAIN_CELLS)
+            .ok_or_else(|| Error::Guard("the output domain is too large to protect".into()))?;
+        let positions: Vec<HashMap<&str, usize>> = policy
+            .dimensions
+            .iter()
+            .map(|(_, domain)| {
+                domain
+                    .iter()
+                    .enumerate()
+                    .map(|(i, v)| (v.as_str(), i))
+                    .collect()
+            })
+            .collect();
+        let groups = shape.aggregate.group_expr.len();
+        let mut per_member: HashMap<i64, Vec<(usize, Vec<i64>)>> = HashMap::new();
+        let mut out_of_domain_rows = 0u64;
+        for batch in batches {
+            let dims = shape
+                .dimension_groups
                 .iter()
-                .position(|f| f.name() == MEMBER_KEY)
-                .into_iter()
-                .collect())
-        }
-        LogicalPlan::SubqueryAlias(SubqueryAlias { input, .. }) => member_columns(input, policy),
-        LogicalPlan::Filter(Filter {
-            predicate, input, ..
-        }) => {
-            let members = member_columns(input, policy)?;
-            if references(predicate, input.schema(), &members) {
-                return refuse("member_key may not be filtered on");
-            }
-            check_expressions(
-                std::slice::from_ref(predicate),
-                input.schema(),
-                &members,
-                &[],
-                policy,
-            )?;
-            Ok(members)
-        }
-        LogicalPlan::Projection(Projection { expr, input, .. }) => {
-            let members = member_columns(input, policy)?;
-            let mut out = BTreeSet::new();
-            for (i, e) in expr.iter().enumerate() {
-                if bare_column(e, input.schema()).is_some_and(|index| members.contains(&index)) {
-                    out.insert(i);
+                .map(|g| cast(batch.column(*g), &DataType::Utf8))
+                .collect::<std::result::Result<Vec<ArrayRef>, _>>()?;
+            let members = cast(batch.column(groups), &DataType::Int64)?;
+            let members = members.as_primitive::<Int64Type>();
+            let metrics = shape
+                .metrics
+                .iter()
+                .map(|m| cast(batch.column(groups + 1 + m.aggregate), &DataType::Int64))
+                .collect::<std::result::Result<Vec<ArrayRef>, _>>()?;
+            'rows: for row in 0..batch.num_rows() {
+                let mut cell = 0usize;
+                for (d, text) in dims.iter().enumerate() {
+                    let text = text.as_string::<i32>();
+                    let position = text
+                        .is_valid(row)
+                        .then(|| positions[d].get(text.value(row)))
+                        .flatten();
+                    let Some(position) = position else {
+                        out_of_domain_rows += 1;
+                        continue 'rows;
+                    };
+                    cell = cell * sizes[d] + position;
+                }
+                if !members.is_valid(row) {
                     continue;
                 }
-                if references(e, input.schema(), &members) {
-                    return refuse("member_key may only be passed through, joined on or counted");
+                let values = metrics
+                    .iter()
+                    .zip(&shape.metrics)
+                    .map(|(column, m)| {
+                        let column = column.as_primitive::<Int64Type>();
+                        let value = if column.is_valid(row) {
+                            column.value(row)
+                        } else {
+                            0
+                        };
+                        let bound = i64::try_from(m.bound).unwrap_or(i64::MAX);
+                        value.clamp(-bound, bound)
+                    })
+                    .collect();
+                per_member
+                    .entry(members.value(row))
+                    .or_default()
+                    .push((cell, values));
+            }
+        }
+        let mut cells: HashMap<usize, CellData> = HashMap::new();
+        for (member, mut rows) in per_member {
+            if let Some(cap) = groups_cap
+                && rows.len() > cap as usize
+            {
+                rows.sort_by_key(|(cell, _)| {
+                    let mut h = Sha256::new();
+                    h.update(self.noise_key);
+                    h.update(answer_key.as_bytes());
+                    h.update(member.to_le_bytes());
+                    h.update(cell.to_le_bytes());
+                    h.finalize()
+                });
+                rows.truncate(cap as usize);
+            }
+            for (cell, values) in rows {
+                let data = cells.entry(cell).or_default();
+                if data.values.is_empty() {
+                    data.values = vec![0; values.len()];
+                }
+                // Two result rows of one member in one cell (values that map to the same domain
+                // value) still make one member.
+                if data.members.last() != Some(&member) {
+                    data.members.push(member);
+                }
+                for (total, v) in data.values.iter_mut().zip(values) {
+                    *total = total.saturating_add(v);
                 }
             }
-            check_expressions(expr, input.schema(), &members, &[], policy)?;
-            Ok(out)
         }
-        LogicalPlan::Aggregate(Aggregate {
-            input,
-            group_expr,
-            aggr_expr,
-            ..
-        }) => {
-            let members = member_columns(input, policy)?;
-            let mut out = BTreeSet::new();
-            for (i, e) in group_expr.iter().enumerate() {
-                match bare_column(e, input.schema()) {
-                    Some(index) if members.contains(&index) => {
-                        out.insert(i);
-                    }
-                    _ if references(e, input.schema(), &members) => {
-                        return refuse("member_key may only be grouped on as a bare column");
-                    }
-                    _ => {}
-                }
-            }
-            check_expressions(group_expr, input.schema(), &members, &[], policy)?;
-            check_expressions(
-                aggr_expr,
-                input.schema(),
-                &members,
-                INNER_AGGREGATES,
-                policy,
-            )?;
-            Ok(out)
-        }
-        LogicalPlan::Join(join) => {
-            if join.join_type != JoinType::Inner {
-                return refuse("only inner joins on member_key are allowed");
-            }
-            let left = member_columns(&join.left, policy)?;
-            let right = member_columns(&join.right, policy)?;
-            if left.is_empty() || right.is_empty() {
-                return refuse("both sides of a join must carry member_key");
-            }
-            let left_len = join.left.schema().fields().len();
-            let members: BTreeSet<usize> = left
-                .iter()
-                .copied()
-                .chain(right.iter().map(|i| i + left_len))
-                .collect();
-            let mut equated = false;
-            for (l, r) in &join.on {
-                match (
-                    bare_column(l, join.left.schema()),
-                    bare_column(r, join.right.schema()),
-                ) {
-                    (Some(li), Some(ri)) if left.contains(&li) && right.contains(&ri) => {
-                        equated = true
-                    }
-                    _ if references(l, join.left.schema(), &left)
-                        || references(r, join.right.schema(), &right) =>
-                    {
-                        return refuse("member_key may only be equated with member_key");
-                    }
-                    _ => {}
-                }
-            }
-            if let Some(filter) = &join.filter {
-                for conjunct in split_conjunction(filter) {
-                    if let Expr::BinaryExpr(BinaryExpr {
-                        left: a,
-                        op: Operator::Eq,
-                        right: b,
-                    }) = conjunct
-                    {
-                        let (ai, bi) = (bare_column(a, &join.schema), bare_column(b, &join.schema));
-                        if let (Some(ai), Some(bi)) = (ai, bi) {
-                            let (lo, hi) = (ai.min(bi), ai.max(bi));
-                            if left.contains(&lo)
-                                && hi >= left_len
-                                && right.contains(&(hi - left_len))
-                            {
-                                equated = true;
-                                continue;
-                            }
-                        }
-                    }
-                    if references(conjunct, &join.schema, &members) {
-                        return refuse("member_key may only be equated with member_key");
-                    }
-                    check_expressions(
-                        std::slice::from_ref(conjunct),
-                        &join.schema,
-                        &members,
-                        &[],
-                        policy,
-                    )?;
-                }
-            }
-            if !equated {
-                return refuse("joins must equate member_key of both sides");
-            }
-            Ok(members)
-        }
-        other => refuse(format!("`{}` is not allowed in a query", node_name(other))),
-    }
-}
-
-fn node_name(plan: &LogicalPlan) -> String {
-    plan.display()
-        .to_string()
-        .split(':')
-        .next()
-        .unwrap_or("node")
-        .to_string()
-}
-
-/// The input index of `expr` if it is a bare column (possibly aliased).
-fn bare_column(expr: &Expr, schema: &DFSchema) -> Option<usize> {
-    match expr {
-        Expr::Column(c) => schema.index_of_column(c).ok(),
-        Expr::Alias(a) => bare_column(&a.expr, schema),
-        _ => None,
-    }
-}
-
-/// Whether `expr` reads any of the given input columns.
-fn references(expr: &Expr, schema: &DFSchema, columns: &BTreeSet<usize>) -> bool {
-    expr.column_refs().into_iter().any(|c| {
-        schema
-            .index_of_column(c)
-            .is_ok_and(|i| columns.contains(&i))
-    })
-}
-
-/// Checks every expression node: only allowed kinds, functions and aggregates; member keys only
-/// inside COUNT; no sensitive column.
-fn check_expressions(
-    exprs: &[Expr],
-    schema: &DFSchema,
-    members: &BTreeSet<usize>,
-    aggregates: &[&str],
-    policy: &Policy,
-) -> Result<()> {
-    for expr in exprs {
-        let mut verdict = Ok(());
-        expr.apply(|e| {
-            let problem = match e {
-                Expr::Alias(_)
-                | Expr::Literal(..)
-                | Expr::BinaryExpr(_)
-                | Expr::Like(_)
-                | Expr::Not(_)
-                | Expr::IsNotNull(_)
-                | Expr::IsNull(_)
-                | Expr::IsTrue(_)
-                | Expr::IsFalse(_)
-                | Expr::IsNotTrue(_)
-                | Expr::IsNotFalse(_)
-                | Expr::Negative(_)
-                | Expr::Between(_)
-                | Expr::Case(_)
-                | Expr::Cast(_)
-                | Expr::TryCast(_)
-                | Expr::InList(_)
-                | Expr::Placeholder(_) => None,
-                Expr::Column(c) => policy
-                    .sensitive_columns
-                    .contains(&c.name)
-                    .then(|| format!("column `{}` is tagged sensitive", c.name)),
-                Expr::ScalarFunction(f) => (!SCALAR_FUNCTIONS.contains(&f.name()))
-                    .then(|| format!("function `{}` is not allowed", f.name())),
-                Expr::AggregateFunction(f) => {
-                    let name = f.func.name();
-                    if !aggregates.contains(&name) {
-                        Some(format!("aggregate `{name}` is not allowed here"))
-                    } else if name != "count"
-                        && f.params.args.iter().any(|a| references(a, schema, members))
-                    {
-                        Some(format!(
-                            "member_key may only be counted, not passed to `{name}`"
-                        ))
-                    } else if f
-                        .params
-                        .filter
-                        .as_ref()
-                        .is_some_and(|flt| references(flt, schema, members))
-                    {
-                        Some("member_key may not be filtered on".to_string())
-                    } else {
-                        None
-                    }
-                }
-                Expr::WindowFunction(_) => Some("window functions are not allowed".to_string()),
-                Expr::GroupingSet(_) => {
-                    Some("ROLLUP, CUBE and GROUPING SETS are not allowed: totals leak".to_string())
-                }
-                Expr::ScalarSubquery(_)
-                | Expr::Exists(_)
-                | Expr::InSubquery(_)
-                | Expr::SetComparison(_)
-                | Expr::OuterReferenceColumn(..) => {
-                    Some("subqueries in expressions are not allowed".to_string())
-                }
-                other => Some(format!(
-                    "expression `{}` is not allowed",
-                    other.variant_name()
-                )),
-            };
-            if let Some(problem) = problem {
-                verdict = refuse(problem);
-                return Ok(TreeNodeRecursion::Stop);
-            }
-            Ok(TreeNodeRecursion::Continue)
-        })?;
-        verdict?;
-    }
-    Ok(())
-}
-
-/// Adds `count(DISTINCT member_key)` to the output aggregate and carries it up to the output.
-fn add_member_count(plan: &LogicalPlan, member_index: usize) -> Result<LogicalPlan> {
-    let rebuilt = match plan {
-        LogicalPlan::Aggregate(a) => {
-            let (qualifier, field) = a.input.schema().qualified_field(member_index);
-            let member = Expr::Column(Column::new(qualifier.cloned(), field.name()));
-            let mut aggr_expr = a.aggr_expr.clone();
-            aggr_expr.push(count_distinct(member).alias(MEMBER_COUNT));
-            LogicalPlan::Aggregate(Aggregate::try_new(
-                Arc::clone(&a.input),
-                a.group_expr.clone(),
-                aggr_expr,
-            )?)
-        }
-        LogicalPlan::Projection(p) => {
-            let input = add_member_count(&p.input, member_index)?;
-            let (qualifier, field) = input
-                .schema()
-                .qualified_field_with_unqualified_name(MEMBER_COUNT)?;
-            let mut expr = p.expr.clone();
-            expr.push(Expr::Column(Column::new(qualifier.cloned(), field.name())));
-            LogicalPlan::Projection(Projection::try_new(expr, Arc::new(input))?)
-        }
-        LogicalPlan::Filter(f) => {
-            let input = add_member_count(&f.input, member_index)?;
-            LogicalPlan::Filter(Filter::try_new(f.predicate.clone(), Arc::new(input))?)
-        }
-        LogicalPlan::Sort(s) => {
-            let input = add_member_count(&s.input, member_index)?;
-            LogicalPlan::Sort(Sort {
-                expr: s.expr.clone(),
-                input: Arc::new(input),
-                fetch: s.fetch,
-            })
-        }
-        LogicalPlan::Limit(l) => {
-            let input = add_member_count(&l.input, member_index)?;
-            LogicalPlan::Limit(Limit {
-                skip: l.skip.clone(),
-                fetch: l.fetch.clone(),
-                input: Arc::new(input),
-            })
-        }
-        LogicalPlan::SubqueryAlias(s) => {
-            let input = add_member_count(&s.input, member_index)?;
-            LogicalPlan::SubqueryAlias(SubqueryAlias::try_new(Arc::new(input), s.alias.clone())?)
-        }
-        _ => return refuse("the output must be an aggregate"),
-    };
-    Ok(rebuilt)
-}
-
-/// Applies the threshold and complementary suppression over the output's full domain, and returns
-/// the released rows in domain order.
-fn release(batch: &RecordBatch, policy: &Policy) -> Result<Released> {
-    let dims = policy.dimensions.len();
-    let count_column = batch.num_columns() - 1;
-    let counts = cast(batch.column(count_column), &DataType::Int64)?;
-    let counts = counts.as_primitive::<Int64Type>();
-    let sizes: Vec<usize> = policy.dimensions.iter().map(|(_, d)| d.len()).collect();
-    let cells = sizes
-        .iter()
-        .try_fold(1usize, |acc, s| acc.checked_mul(*s))
-        .filter(|c| *c <= MAX_DOMAIN_CELLS)
-        .ok_or_else(|| Error::Guard("the output domain is too large to protect".into()))?;
-    let positions: Vec<HashMap<&str, usize>> = policy
-        .dimensions
-        .iter()
-        .map(|(_, domain)| {
-            domain
-                .iter()
-                .enumerate()
-                .map(|(i, v)| (v.as_str(), i))
-                .collect()
+        Ok(Cells {
+            sizes,
+            cells,
+            out_of_domain_rows,
         })
-        .collect();
-    let dim_text = (0..dims)
-        .map(|i| cast(batch.column(i), &DataType::Utf8))
-        .collect::<std::result::Result<Vec<_>, _>>()?;
+    }
 
-    // Every cell of the domain starts with zero members; result rows fill in theirs.
-    let mut member_count = vec![0i64; cells];
-    let mut row_of_cell: Vec<Option<u32>> = vec![None; cells];
-    let mut out_of_domain_rows = 0u64;
-    'rows: for row in 0..batch.num_rows() {
-        let mut cell = 0usize;
-        for (d, text) in dim_text.iter().enumerate() {
-            let text = text.as_string::<i32>();
-            let position = text
-                .is_valid(row)
-                .then(|| positions[d].get(text.value(row)))
-                .flatten();
-            let Some(position) = position else {
-                out_of_domain_rows += 1;
-                continue 'rows;
-            };
-            cell = cell * sizes[d] + position;
-        }
-        if row_of_cell[cell].is_some() {
-            return refuse("the output has two rows for the same dimension values");
-        }
-        member_count[cell] = if counts.is_valid(row) {
-            counts.value(row)
+    /// Releases under sticky noise: hard k, a noisy threshold, the partner's history, sticky
+    /// noise on values, complementary suppression.
+    #[allow(clippy::too_many_arguments)]
+    fn release_noisy(
+        &self,
+        cells: &Cells,
+        policy: &Policy,
+        protection: &Protection,
+        bounds: &[u64],
+        counts: &[bool],
+        request: &QueryRequest<'_>,
+        params_key: &str,
+        audit: &mut BTreeMap<String, String>,
+    ) -> Result<Release> {
+        let k = i64::from(policy.k);
+        let total = cells.count();
+        let threshold_scale = scale_of(protection.noise_scale);
+        let margin = if threshold_scale.is_some() {
+            i64::from(protection.threshold_margin)
         } else {
             0
         };
-        row_of_cell[cell] = Some(u32::try_from(row).expect("fewer rows than cells"));
+        let value_scales: Vec<Option<Scale>> = bounds
+            .iter()
+            .map(|b| scale_of(protection.noise_scale * *b as f64))
+            .collect();
+        let query = request.query.id.as_str();
+        let partner = request.partner.as_bytes();
+        let mut released = vec![false; total];
+        let mut needs_cover = vec![false; total];
+        let mut covers = vec![false; total];
+        let mut values: Vec<Option<Vec<i64>>> = vec![None; total];
+        let mut fresh: Vec<(usize, Fingerprint)> = Vec::new();
+        let mut tally: BTreeMap<&str, u64> = BTreeMap::new();
+        self.history.with(request.partner, |history| {
+            let withheld_before = history.withheld(query, params_key);
+            let mut pending: Vec<Fingerprint> = Vec::new();
+            for cell in 0..total {
+                let size = cells.size(cell) as i64;
+                if size < k {
+                    needs_cover[cell] = true;
+                    continue;
+                }
+                if withheld_before.contains(&cell) {
+                    covers[cell] = true;
+                    *tally.entry("withheld_before").or_default() += 1;
+                    continue;
+                }
+                let data = &cells.cells[&cell];
+                let digest = member_digest(&data.members);
+                let cell_bytes = (cell as u64).to_le_bytes();
+                let threshold_noise = sticky(
+                    &self.noise_key,
+                    &[
+                        b"threshold",
+                        partner,
+                        query.as_bytes(),
+                        params_key.as_bytes(),
+                        &cell_bytes,
+                        &digest,
+                    ],
+                    threshold_scale,
+                );
+                if size + threshold_noise < k + margin {
+                    covers[cell] = true;
+                    *tally.entry("noisy_threshold_withheld").or_default() += 1;
+                    continue;
+                }
+                let fp = Fingerprint::of(
+                    &self.fingerprint_key,
+                    data.members.iter().copied(),
+                    history::CAPACITY,
+                );
+                match history.judge(query, cell, &fp, policy.k, &pending) {
+                    Verdict::Repeat(old) => {
+                        released[cell] = true;
+                        values[cell] = Some(old);
+                        *tally.entry("repeated_rows").or_default() += 1;
+                    }
+                    Verdict::Withhold => {
+                        needs_cover[cell] = true;
+                        *tally.entry("difference_withheld").or_default() += 1;
+                    }
+                    Verdict::Fresh => {
+                        let noisy = data
+                            .values
+                            .iter()
+                            .enumerate()
+                            .map(|(m, v)| {
+                                let metric = policy.metrics[m].as_bytes();
+                                let noise = sticky(
+                                    &self.noise_key,
+                                    &[
+                                        b"value",
+                                        partner,
+                                        query.as_bytes(),
+                                        params_key.as_bytes(),
+                                        &cell_bytes,
+                                        metric,
+                                        &digest,
+                                    ],
+                                    value_scales[m],
+                                );
+                                let v = v.saturating_add(noise);
+                                if counts[m] { v.max(0) } else { v }
+                            })
+                            .collect();
+                        released[cell] = true;
+                        values[cell] = Some(noisy);
+                        pending.push(fp.clone());
+                        fresh.push((cell, fp));
+                    }
+                }
+            }
+            let weight: Vec<usize> = (0..total).map(|c| cells.size(c)).collect();
+            let before = released.iter().filter(|r| **r).count();
+            complementary_suppression(
+                &cells.sizes,
+                &needs_cover,
+                &mut covers,
+                &mut released,
+                &weight,
+            );
+            tally.insert(
+                "complementary_withheld",
+                (before - released.iter().filter(|r| **r).count()) as u64,
+            );
+            let rows = fresh
+                .into_iter()
+                .filter(|(cell, _)| released[*cell])
+                .map(|(cell, fp)| {
+                    let row = history::row_record(
+                        query,
+                        params_key,
+                        cell,
+                        &fp,
+                        values[cell].clone().unwrap_or_default(),
+                        request.now,
+                    );
+                    (row, fp)
+                })
+                .collect();
+            let withheld: BTreeSet<usize> = (0..total).filter(|c| !released[*c]).collect();
+            history.record(rows, query, params_key, withheld)
+        })?;
+        for (name, count) in tally {
+            audit.insert(name.to_string(), count.to_string());
+        }
+        let report = ProtectionReport {
+            mode: if threshold_scale.is_some() {
+                "noise"
+            } else {
+                "none"
+            }
+            .into(),
+            noise_scale: policy
+                .metrics
+                .iter()
+                .zip(&value_scales)
+                .filter_map(|(m, s)| s.map(|s| (m.clone(), s.num as f64 / s.den as f64)))
+                .collect(),
+            release_threshold: (k + margin) as f64,
+            ..Default::default()
+        };
+        Ok((released, values, report))
     }
 
-    let k = i64::from(policy.k);
-    let mut released: Vec<bool> = member_count.iter().map(|c| *c >= k).collect();
-    let below_k = released.iter().filter(|r| !**r).count();
-    complementary_suppression(&sizes, &member_count, &mut released, k);
-    let released_cells: Vec<u32> = (0..cells)
-        .filter(|c| released[*c])
-        .map(|c| row_of_cell[c].expect("a released cell has a row"))
-        .collect();
-    let released_count = released_cells.len();
-    let kept = take_record_batch(batch, &UInt32Array::from(released_cells))?;
-    let output = kept.project(&(0..count_column).collect::<Vec<_>>())?;
-    Ok(Released {
-        batch: output,
-        suppressed_rows: (cells - released_count) as u64,
-        complementary_suppressed: (cells - released_count - below_k) as u64,
-        out_of_domain_rows,
-    })
+    /// Releases under differential privacy: discrete Laplace noise on the member count and every
+    /// metric, calibrated to the contribution bounds, and a noisy threshold that passes a row
+    /// below k with probability at most δ. The hard k on the true count stays as the contract's
+    /// promise. Noise is seeded by the answer key, so an identical repeat on the same data gets
+    /// the same answer (and costs nothing).
+    fn release_dp(
+        &self,
+        cells: &Cells,
+        policy: &Policy,
+        dp: &cleanroom_core::rules::DpSettings,
+        bounds: &[u64],
+        counts: &[bool],
+        answer_key: &str,
+    ) -> Release {
+        let k = i64::from(policy.k);
+        let total = cells.count();
+        // ε is shared evenly between the metrics and the member count used for thresholding.
+        let shares = bounds.len() as u64 + 1;
+        let epsilon_millis = ((dp.epsilon_per_query * 1000.0).round() as u64).max(1);
+        let groups = u64::from(dp.max_groups_per_member);
+        let count_scale = Scale::new(groups * shares * 1000, epsilon_millis).expect("positive");
+        let value_scales: Vec<Scale> = bounds
+            .iter()
+            .map(|b| Scale::new(groups * b * shares * 1000, epsilon_millis).expect("positive"))
+            .collect();
+        // The smallest margin τ with P(noise ≥ τ) ≤ δ: a row of k − 1 members passes k + τ only
+        // if its noise reaches τ + 1.
+        let tau = (0..)
+            .find(|t| noise::tail_probability(count_scale, *t) <= dp.delta)
+            .unwrap_or(0);
+        let mut released = vec![false; total];
+        let mut values: Vec<Option<Vec<i64>>> = vec![None; total];
+        for cell in 0..total {
+            let Some(data) = cells.cells.get(&cell) else {
+                continue;
+            };
+            let size = data.members.len() as i64;
+            let cell_bytes = (cell as u64).to_le_bytes();
+            let noisy_count = size
+                + sticky(
+                    &self.noise_key,
+                    &[b"dp-count", answer_key.as_bytes(), &cell_bytes],
+                    Some(count_scale),
+                );
+            if size < k || noisy_count < k + tau {
+                continue;
+            }
+            released[cell] = true;
+            values[cell] = Some(
+                data.values
+                    .iter()
+                    .enumerate()
+                    .map(|(m, v)| {
+                        let noise = sticky(
+                            &self.noise_key,
+                            &[
+                                b"dp-value",
+                                answer_key.as_bytes(),
+                                &cell_bytes,
+                                policy.metrics[m].as_bytes(),
+                            ],
+                            Some(value_scales[m]),
+                        );
+                        let v = v.saturating_add(noise);
+                        if counts[m] { v.max(0) } else { v }
+                    })
+                    .collect(),
+            );
+        }
+        let report = ProtectionReport {
+            mode: "dp".into(),
+            noise_scale: policy
+                .metrics
+                .iter()
+                .zip(&value_scales)
+                .map(|(m, s)| (m.clone(), s.num as f64 / s.den as f64))
+                .collect(),
+            release_threshold: (k + tau) as f64,
+            delta: dp.delta,
+            max_groups_per_member: dp.max_groups_per_member,
+            ..Default::default()
+        };
+        (released, values, report)
+    }
+}
+
+/// The released rows as a batch: dimension values from the domain, metric values as released.
+fn output_batch(
+    policy: &Policy,
+    sizes: &[usize],
+    released: &[bool],
+    values: &[Option<Vec<i64>>],
+) -> Result<RecordBatch> {
+    let cells: Vec<usize> = (0..released.len()).filter(|c| released[*c]).collect();
+    let mut fields = Vec::new();
+    let mut columns: Vec<ArrayRef> = Vec::new();
+    for (d, (name, domain)) in policy.dimensions.iter().enumerate() {
+        let stride: usize = sizes[d + 1..].iter().product();
+        let column: StringArray = cells
+            .iter()
+            .map(|c| Some(domain[(c / stride) % sizes[d]].clone()))
+            .collect();
+        fields.push(Field::new(name, DataType::Utf8, false));
+        columns.push(Arc::new(column));
+    }
+    for (m, name) in policy.metrics.iter().enumerate() {
+        let column: Int64Array = cells
+            .iter()
+            .map(|c| values[*c].as_ref().map(|v| v[m]))
+            .collect();
+        fields.push(Field::new(name, DataType::Int64, true));
+        columns.push(Arc::new(column));
+    }
+    Ok(RecordBatch::try_new(
+        Arc::new(Schema::new(fields)),
+        columns,
+    )?)
 }
 
 /// Complementary suppression along every dimension. For each line of the grid (all cells that
-/// share every coordinate but one), if it withholds any cell but none with at least k members,
-/// the released cell with the fewest members is withheld too. The line's total minus its released
-/// cells then sums a group of at least k members and cannot be split back into the small cells.
+/// share every coordinate but one): if it withholds a cell that needs cover (fewer than k members,
+/// or withheld by the difference check) and no withheld cell that gives cover (at least k members),
+/// the released cell with the fewest members is withheld too and gives cover from then on. A
+/// line's total minus its released cells then sums a group of at least k members that cannot be
+/// split back into the small cells.
 ///
 /// The rule looks only at which cells are below k, never at how far below: a cell with no member
-/// and a cell with k−1 lead to the same decisions.
-fn complementary_suppression(sizes: &[usize], member_count: &[i64], released: &mut [bool], k: i64) {
-    let cells = member_count.len();
+/// and a cell with k − 1 lead to the same decisions.
+fn complementary_suppression(
+    sizes: &[usize],
+    needs_cover: &[bool],
+    covers: &mut [bool],
+    released: &mut [bool],
+    weight: &[usize],
+) {
+    let cells = released.len();
     loop {
         let mut changed = false;
         for (d, &size) in sizes.iter().enumerate() {
             let stride: usize = sizes[d + 1..].iter().product();
             for base in (0..cells).filter(|c| (c / stride).is_multiple_of(size)) {
                 let line = (0..size).map(|j| base + j * stride);
-                let withholds = line.clone().any(|c| !released[c]);
-                let protected = line.clone().any(|c| !released[c] && member_count[c] >= k);
-                if withholds
-                    && !protected
+                let exposed = line.clone().any(|c| !released[c] && needs_cover[c]);
+                let covered = line.clone().any(|c| !released[c] && covers[c]);
+                if exposed
+                    && !covered
                     && let Some(c) = line
                         .filter(|c| released[*c])
-                        .min_by_key(|c| (member_count[*c], *c))
+                        .min_by_key(|c| (weight[*c], *c))
                 {
                     released[c] = false;
+                    covers[c] = true;
                     changed = true;
                 }
             }
@@ -760,27 +1060,39 @@ fn complementary_suppression(sizes: &[usize], member_count: &[i64], released: &m
 mod tests {
     use super::*;
 
+    fn suppress(sizes: &[usize], counts: &[usize], k: usize) -> Vec<bool> {
+        let mut released: Vec<bool> = counts.iter().map(|c| *c >= k).collect();
+        let needs: Vec<bool> = counts.iter().map(|c| *c < k).collect();
+        let mut covers = vec![false; counts.len()];
+        complementary_suppression(sizes, &needs, &mut covers, &mut released, counts);
+        released
+    }
+
     #[test]
     fn one_small_cell_takes_the_smallest_released_cell_with_it() {
-        let counts = [3, 50, 12, 40];
-        let mut released: Vec<bool> = counts.iter().map(|c| *c >= 10).collect();
-        complementary_suppression(&[4], &counts, &mut released, 10);
-        assert_eq!(released, [false, true, false, true]);
+        assert_eq!(
+            suppress(&[4], &[3, 50, 12, 40], 10),
+            [false, true, false, true]
+        );
     }
 
     #[test]
     fn zero_and_small_cells_lead_to_the_same_decisions() {
-        let decide = |small: i64| {
-            let counts = [small, 50, 12, 40, 0, 33, 80, 45, 61];
-            let mut released: Vec<bool> = counts.iter().map(|c| *c >= 10).collect();
-            complementary_suppression(&[3, 3], &counts, &mut released, 10);
-            released
-        };
+        let decide = |small: usize| suppress(&[3, 3], &[small, 50, 12, 40, 0, 33, 80, 45, 61], 10);
         let with_zero = decide(0);
         assert!(with_zero.iter().any(|r| *r), "something is still released");
         for small in 1..10 {
             assert_eq!(decide(small), with_zero, "small = {small}");
         }
+    }
+
+    #[test]
+    fn a_withheld_cell_of_k_or_more_already_covers_its_line() {
+        let mut released = vec![false, true, false, true];
+        let needs = vec![true, false, false, false];
+        let mut covers = vec![false, false, true, false];
+        complementary_suppression(&[4], &needs, &mut covers, &mut released, &[3, 50, 20, 40]);
+        assert_eq!(released, [false, true, false, true]);
     }
 
     #[test]
@@ -793,5 +1105,12 @@ mod tests {
         };
         let utc = chrono::DateTime::from_timestamp_micros(micros).unwrap();
         assert_eq!(utc.to_rfc3339(), "2026-03-31T15:00:00+00:00");
+    }
+
+    #[test]
+    fn scales_are_exact_thousandths() {
+        assert_eq!(scale_of(2.5), Scale::new(5, 2));
+        assert_eq!(scale_of(0.0), None);
+        assert_eq!(scale_of(-1.0), None);
     }
 }

@@ -44,6 +44,10 @@ pub struct Snapshot {
     pub lists: BTreeMap<String, PartnerList>,
     /// Identifies the consent log's exact content: every ingest changes it.
     pub consent_snapshot_id: String,
+    /// Identifies the retailer's data (members, purchases, consent) exactly; partners' lists are
+    /// not part of it. The guard keys repeatable answers on it, so that one partner's upload
+    /// does not change another partner's answers.
+    pub data_version: String,
 }
 
 /// What the data directory holds; rewriting it is the commit point of every write.
@@ -61,6 +65,15 @@ struct Manifest {
 }
 
 impl Manifest {
+    fn data_version(&self) -> String {
+        format!(
+            "{}|{}|{}",
+            self.members.as_deref().unwrap_or("-"),
+            self.purchases.last().map(String::as_str).unwrap_or("-"),
+            self.consent_snapshot_id()
+        )
+    }
+
     fn consent_snapshot_id(&self) -> String {
         if self.consent.is_empty() {
             "cs-0-empty".to_string()
@@ -79,6 +92,8 @@ pub struct Store {
     current: RwLock<Arc<Snapshot>>,
     /// Serializes writers; readers never wait for it.
     writer: Mutex<Manifest>,
+    /// Earlier list versions read back from disk, by file name.
+    list_cache: Mutex<BTreeMap<String, Arc<RecordBatch>>>,
 }
 
 const MANIFEST: &str = "manifest.json";
@@ -120,11 +135,13 @@ impl Store {
                 })
                 .collect::<Result<_>>()?,
             consent_snapshot_id: manifest.consent_snapshot_id(),
+            data_version: manifest.data_version(),
         };
         Ok(Self {
             dir: dir.to_path_buf(),
             current: RwLock::new(Arc::new(snapshot)),
             writer: Mutex::new(manifest),
+            list_cache: Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -155,7 +172,7 @@ impl Store {
             };
             stage(&mut manifest, &mut writer, &base)
         };
-        let snapshot = match result {
+        let mut snapshot = match result {
             Ok(snapshot) => snapshot,
             Err(e) => {
                 // Files written for a failed write are not in any manifest: remove them.
@@ -166,6 +183,7 @@ impl Store {
             }
         };
         manifest.next_file = next_file;
+        snapshot.data_version = manifest.data_version();
         let bytes = serde_json::to_vec_pretty(&manifest)
             .map_err(|e| Error::Storage(format!("manifest: {e}")))?;
         write_atomic(&self.dir.join(MANIFEST), &bytes)?;
@@ -241,6 +259,30 @@ impl Store {
             Ok(next)
         })?;
         Ok(version)
+    }
+}
+
+impl Store {
+    /// Every version of a partner's list, oldest first (version n at index n − 1). Earlier
+    /// versions are read from their Parquet files once and kept: the guard compares new lists
+    /// with them and answers frozen lists from them.
+    pub fn list_versions(&self, partner: &str) -> Result<Vec<Arc<RecordBatch>>> {
+        let files = {
+            let manifest = self.writer.lock().expect("writer lock poisoned");
+            manifest.lists.get(partner).cloned().unwrap_or_default()
+        };
+        let mut cache = self.list_cache.lock().expect("list cache lock poisoned");
+        files
+            .iter()
+            .map(|file| match cache.get(file) {
+                Some(batch) => Ok(Arc::clone(batch)),
+                None => {
+                    let batch = Arc::new(read_parquet(&self.dir.join(file))?);
+                    cache.insert(file.clone(), Arc::clone(&batch));
+                    Ok(batch)
+                }
+            })
+            .collect()
     }
 }
 

@@ -52,7 +52,8 @@ pub fn members_view_schema() -> Arc<Schema> {
 }
 
 impl SafeViews {
-    /// Builds the views of one collaboration from a snapshot, at `now`.
+    /// Builds the views of one collaboration from a snapshot, at `now`, with the partner's current
+    /// list.
     pub fn build(
         snapshot: &Snapshot,
         contract_id: &str,
@@ -66,23 +67,33 @@ impl SafeViews {
             )
             .into());
         };
-        let matched = match_members(snapshot, contract_id, &list.tokens);
+        let matched = matched_members(snapshot, contract_id, &list.tokens);
         let eligible = consented(snapshot, &matched, &contract.purpose, requirement, now);
+        Self::of_audience(snapshot, &matched, &eligible, list.version)
+    }
 
+    /// The views over one audience: `eligible` members (matched and consenting), with the partner
+    /// attribute `matched` gives them.
+    pub fn of_audience(
+        snapshot: &Snapshot,
+        matched: &HashMap<i64, Option<String>>,
+        eligible: &HashSet<i64>,
+        list_version: u32,
+    ) -> Result<Self> {
         let members = match &snapshot.members {
-            Some(batch) => members_view(batch, &matched, &eligible)?,
+            Some(batch) => members_view(batch, matched, eligible)?,
             None => RecordBatch::new_empty(members_view_schema()),
         };
         let purchases = snapshot
             .purchases
             .iter()
-            .map(|batch| keep_members(batch, &eligible))
+            .map(|batch| keep_members(batch, eligible))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             members,
             purchases,
             consent_snapshot_id: snapshot.consent_snapshot_id.clone(),
-            list_version: list.version,
+            list_version,
         })
     }
 
@@ -120,9 +131,9 @@ impl SafeViews {
     }
 }
 
-/// Members whose tokens for this collaboration appear in the partner's list, with the partner's
-/// attribute for them (the first one given, if several records match).
-fn match_members(
+/// Members whose tokens for this collaboration appear in a list, with the partner's attribute for
+/// them (the first one given, if several records match).
+pub fn matched_members(
     snapshot: &Snapshot,
     contract_id: &str,
     list: &RecordBatch,
@@ -154,10 +165,48 @@ fn match_members(
     matched
 }
 
+/// How many members a collaboration's consent filter admits at `now`: all members consenting to
+/// its purpose, and those of them in the partner's current list (if it has one). For `rules
+/// validate`, which shows an analyst what a rules change does before it is applied.
+pub fn consent_counts(
+    snapshot: &Snapshot,
+    contract_id: &str,
+    contract: &Contract,
+    requirement: &Requirement,
+    now: DateTime<Utc>,
+) -> (usize, Option<usize>) {
+    let consenting = consented_where(snapshot, |_| true, &contract.purpose, requirement, now);
+    let in_list = snapshot.lists.get(&contract.partner).map(|list| {
+        let matched = matched_members(snapshot, contract_id, &list.tokens);
+        consenting
+            .iter()
+            .filter(|m| matched.contains_key(m))
+            .count()
+    });
+    (consenting.len(), in_list)
+}
+
 /// The matched members whose consent for `purpose` holds at `now`.
-fn consented(
+pub fn consented(
     snapshot: &Snapshot,
     matched: &HashMap<i64, Option<String>>,
+    purpose: &str,
+    requirement: &Requirement,
+    now: DateTime<Utc>,
+) -> HashSet<i64> {
+    consented_where(
+        snapshot,
+        |member| matched.contains_key(&member),
+        purpose,
+        requirement,
+        now,
+    )
+}
+
+/// The members passing `keep` whose consent for `purpose` holds at `now`.
+fn consented_where(
+    snapshot: &Snapshot,
+    keep: impl Fn(i64) -> bool,
     purpose: &str,
     requirement: &Requirement,
     now: DateTime<Utc>,
@@ -172,7 +221,7 @@ fn consented(
         let expiries = batch.column(6).as_primitive::<TimestampMicrosecondType>();
         for i in 0..batch.num_rows() {
             let member = members.value(i);
-            if purposes.value(i) != purpose || !matched.contains_key(&member) {
+            if purposes.value(i) != purpose || !keep(member) {
                 continue;
             }
             let (Some(action), Some(at)) = (

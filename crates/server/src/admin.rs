@@ -38,7 +38,7 @@ impl Audited for IngestSummary {
 
 impl AdminApi {
     fn analyst<T>(&self, request: &Request<T>, method: &str, entry: &mut Entry) -> Result<()> {
-        let principal = self.app.auth.principal(request.metadata())?;
+        let principal = self.app.live().auth.principal(request.metadata())?;
         entry.principal = principal.name.clone();
         entry.role = principal.role.as_str().to_string();
         principal.require(Role::Analyst, method)
@@ -77,7 +77,7 @@ impl AdminApi {
         let (header, records) = collect(
             request.into_inner(),
             split,
-            self.app.rules.privacy.max_upload_records,
+            self.app.live().rules.privacy.max_upload_records,
         )
         .await?;
         let inputs: Vec<MemberInput> = records
@@ -93,7 +93,7 @@ impl AdminApi {
             .collect();
         let tables = ingest::members(
             &inputs,
-            &self.app.rules,
+            &self.app.live().rules,
             &self.app.secret,
             self.app.today(),
             header.strict,
@@ -119,7 +119,7 @@ impl AdminApi {
         let (header, records) = collect(
             request.into_inner(),
             split,
-            self.app.rules.privacy.max_upload_records,
+            self.app.live().rules.privacy.max_upload_records,
         )
         .await?;
         let inputs: Vec<PurchaseInput> = records
@@ -135,8 +135,12 @@ impl AdminApi {
                 amount: r.amount,
             })
             .collect();
-        let (batch, report) =
-            ingest::purchases(&inputs, &self.app.rules, &self.app.secret, header.strict)?;
+        let (batch, report) = ingest::purchases(
+            &inputs,
+            &self.app.live().rules,
+            &self.app.secret,
+            header.strict,
+        )?;
         entry.records = Some((report.received, report.accepted));
         Self::nothing_valid(&report)?;
         self.app.store.append_purchases(batch)?;
@@ -157,7 +161,7 @@ impl AdminApi {
         let (header, records) = collect(
             request.into_inner(),
             split,
-            self.app.rules.privacy.max_upload_records,
+            self.app.live().rules.privacy.max_upload_records,
         )
         .await?;
         let inputs: Vec<ConsentInput> = records
@@ -172,8 +176,12 @@ impl AdminApi {
                 expires_at: r.expires_at,
             })
             .collect();
-        let (batch, report) =
-            ingest::consent(&inputs, &self.app.rules, &self.app.secret, header.strict)?;
+        let (batch, report) = ingest::consent(
+            &inputs,
+            &self.app.live().rules,
+            &self.app.secret,
+            header.strict,
+        )?;
         entry.records = Some((report.received, report.accepted));
         Self::nothing_valid(&report)?;
         let snapshot = self.app.store.append_consent(batch)?;
@@ -194,7 +202,7 @@ impl AdminApi {
             Some(ingest_partner_list_request::Kind::Chunk(c)) => Part::Chunk(c.records),
             None => Part::Empty,
         };
-        let limit = self.app.rules.privacy.max_upload_records;
+        let limit = self.app.live().rules.privacy.max_upload_records;
         let (header, records) = collect(request.into_inner(), split, limit).await?;
         crate::partner::store_list(&self.app, &header.partner_id, records, header.strict, entry)
     }

@@ -1,25 +1,30 @@
 //! The service's state and its gRPC server: what every handler shares, and how the server starts
 //! (with gRPC reflection and the standard health service) and stops.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
 
 use chrono::{DateTime, FixedOffset, NaiveDate, Utc};
 use cleanroom_core::allowlist::AllowList;
 use cleanroom_core::rules::Rules;
 use cleanroom_core::token::MasterSecret;
+use cleanroom_engine::guard::{Guard, PastCall};
 use cleanroom_engine::store::Store;
 use cleanroom_proto::v1::admin_service_server::AdminServiceServer;
+use cleanroom_proto::v1::legal_service_server::LegalServiceServer;
 use cleanroom_proto::v1::partner_service_server::PartnerServiceServer;
+use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
 use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::admin::AdminApi;
 use crate::audit::{AuditTrail, Entry};
 use crate::auth::Authenticator;
 use crate::partner::PartnerApi;
+use crate::review::LegalApi;
 use crate::{Error, Result};
 
 /// The largest gRPC message accepted, in bytes. Uploads stream many messages of this size at most.
@@ -52,6 +57,17 @@ impl Clock for FixedClock {
     }
 }
 
+/// Where the rules and the allow-list come from, when the service should follow edits to them.
+#[derive(Debug, Clone)]
+pub struct Sources {
+    /// The rules file.
+    pub rules: PathBuf,
+    /// The allow-list directory.
+    pub queries: PathBuf,
+    /// How often to look for changes.
+    pub poll: Duration,
+}
+
 /// Everything a service needs to start.
 pub struct AppConfig {
     /// Data directory (Parquet files, manifest, audit trail).
@@ -64,14 +80,44 @@ pub struct AppConfig {
     pub secret: MasterSecret,
     /// Source of "now".
     pub clock: Arc<dyn Clock>,
+    /// If set, the running service follows validated edits of these files without a restart.
+    pub sources: Option<Sources>,
+}
+
+/// The configuration in force: rules, allow-list and the principals they define. It is replaced
+/// whole, never edited, so a call sees one consistent configuration from start to end.
+pub struct Live {
+    /// The rules.
+    pub rules: Rules,
+    /// The allow-list (valid queries, and the files that failed validation).
+    pub allowlist: AllowList,
+    /// Bearer tokens to principals, from the rules.
+    pub auth: Authenticator,
+    /// SHA-256 of the rules' canonical form, for the audit trail.
+    pub rules_sha256: String,
+    /// What the source files looked like when this was loaded (empty without sources).
+    fingerprint: String,
+}
+
+impl Live {
+    fn new(rules: Rules, allowlist: AllowList, fingerprint: String) -> Self {
+        Self {
+            auth: Authenticator::new(&rules),
+            rules_sha256: hex::encode(Sha256::digest(format!("{rules:?}").as_bytes())),
+            rules,
+            allowlist,
+            fingerprint,
+        }
+    }
 }
 
 /// State shared by every handler.
 pub struct App {
-    /// The rules in force.
-    pub rules: Rules,
-    /// The allow-list in force.
-    pub allowlist: AllowList,
+    live: RwLock<Arc<Live>>,
+    sources: Option<Sources>,
+    /// Fingerprint of the last source state that failed to load, so a broken edit is recorded
+    /// once, not at every poll.
+    refused: Mutex<String>,
     /// The data.
     pub store: Store,
     /// The master secret, for keys and pseudonyms.
@@ -80,10 +126,10 @@ pub struct App {
     pub audit: AuditTrail,
     /// Source of "now".
     pub clock: Arc<dyn Clock>,
-    /// Bearer tokens to principals.
-    pub auth: Authenticator,
-    /// Answers each partner received recently, for query budgets.
-    pub budgets: cleanroom_engine::guard::Budgets,
+    /// The guard and the state of its defences (budgets, history, list ledger).
+    pub guard: cleanroom_engine::guard::Guard,
+    /// Approvals and rejections of allow-list versions, and every version seen.
+    pub review: crate::review::ReviewState,
 }
 
 impl App {
@@ -91,21 +137,36 @@ impl App {
     pub fn new(config: AppConfig) -> Result<Arc<Self>> {
         let store = Store::open(&config.data_dir)?;
         let audit_path = config.data_dir.join("audit.jsonl");
-        // Budgets survive restarts: every answer released is in the audit trail.
-        let (audit, answered) = AuditTrail::open(&audit_path)?;
-        let budgets =
-            cleanroom_engine::guard::Budgets::from_history(answered.into_iter().filter_map(|r| {
-                let released = r.entry.method == "RunQuery" && r.entry.outcome == "ok";
-                let at = DateTime::parse_from_rfc3339(&r.at)
-                    .ok()?
-                    .with_timezone(&Utc);
-                released.then_some((r.entry.partner?, at))
-            }));
+        // Budgets, list allowances and approvals survive restarts: all are in the audit trail.
+        let (audit, history) = AuditTrail::open(&audit_path)?;
+        let past: Vec<PastCall> = history
+            .iter()
+            .filter_map(|r| {
+                Some(PastCall {
+                    partner: r.entry.partner.clone()?,
+                    method: r.entry.method.clone(),
+                    at: DateTime::parse_from_rfc3339(&r.at)
+                        .ok()?
+                        .with_timezone(&Utc),
+                    ok: r.entry.outcome == "ok",
+                    details: r.entry.details.clone().unwrap_or_default(),
+                })
+            })
+            .collect();
+        let guard = Guard::open(&config.data_dir, &config.secret, &past)?;
+        let review = crate::review::ReviewState::open(&config.data_dir, &history)?;
+        let fingerprint = match &config.sources {
+            Some(sources) => source_fingerprint(sources)?,
+            None => String::new(),
+        };
+        let live = Live::new(config.rules, config.allowlist, fingerprint);
+        review.archive(&live.allowlist, config.clock.now())?;
         Ok(Arc::new(Self {
-            budgets,
-            auth: Authenticator::new(&config.rules),
-            rules: config.rules,
-            allowlist: config.allowlist,
+            live: RwLock::new(Arc::new(live)),
+            sources: config.sources,
+            refused: Mutex::new(String::new()),
+            guard,
+            review,
             store,
             secret: config.secret,
             audit,
@@ -113,9 +174,15 @@ impl App {
         }))
     }
 
+    /// The configuration in force now. Hold the returned value for the whole call.
+    pub fn live(&self) -> Arc<Live> {
+        self.live.read().expect("config lock poisoned").clone()
+    }
+
     /// Today in the retailer's time zone: contracts expire and ages turn over on local dates.
     pub fn today(&self) -> NaiveDate {
-        let offset = FixedOffset::east_opt(self.rules.retailer.utc_offset_minutes * 60)
+        let offset = self.live().rules.retailer.utc_offset_minutes;
+        let offset = FixedOffset::east_opt(offset * 60)
             .unwrap_or_else(|| FixedOffset::east_opt(0).expect("zero offset"));
         self.clock.now().with_timezone(&offset).date_naive()
     }
@@ -124,6 +191,120 @@ impl App {
     pub fn record(&self, entry: Entry) -> Result<String> {
         self.audit.append(entry, self.clock.now())
     }
+
+    /// Looks at the rules file and the allow-list directory, and if either changed, loads and
+    /// validates them and replaces the configuration in force in one step. A change that does not
+    /// validate is refused whole: the service keeps running on the previous configuration. Both
+    /// outcomes are audit records. Returns whether a new configuration took effect.
+    pub fn reload(&self) -> Result<bool> {
+        let Some(sources) = &self.sources else {
+            return Ok(false);
+        };
+        let fingerprint = source_fingerprint(sources)?;
+        let current = self.live();
+        if fingerprint == current.fingerprint {
+            return Ok(false);
+        }
+        let loaded = Rules::load(&sources.rules).and_then(|rules| {
+            let allowlist = AllowList::scan(&sources.queries, &rules)?;
+            Ok((rules, allowlist))
+        });
+        let (rules, allowlist) = match loaded {
+            Ok(loaded) => loaded,
+            Err(e) => {
+                let mut refused = self.refused.lock().expect("reload lock poisoned");
+                if *refused != fingerprint {
+                    *refused = fingerprint;
+                    tracing::warn!(error = %e, "configuration change refused; the previous one stays in force");
+                    self.record(Entry {
+                        principal: "service".into(),
+                        method: "ReloadConfig".into(),
+                        outcome: format!("refused: {e}"),
+                        ..Default::default()
+                    })?;
+                }
+                return Ok(false);
+            }
+        };
+        let next = Live::new(rules, allowlist, fingerprint);
+        let details = config_change(&current, &next);
+        self.review.archive(&next.allowlist, self.clock.now())?;
+        // Recorded before it takes effect: a change the trail cannot hold does not happen.
+        self.record(Entry {
+            principal: "service".into(),
+            method: "ReloadConfig".into(),
+            outcome: "ok".into(),
+            details: Some(details),
+            ..Default::default()
+        })?;
+        *self.live.write().expect("config lock poisoned") = Arc::new(next);
+        tracing::info!("configuration reloaded");
+        Ok(true)
+    }
+}
+
+/// A digest of the rules file and every query file (names and bytes), to notice edits cheaply.
+fn source_fingerprint(sources: &Sources) -> Result<String> {
+    let io = |e: std::io::Error| Error::Internal(format!("reading configuration: {e}"));
+    let mut hasher = Sha256::new();
+    hasher.update(std::fs::read(&sources.rules).map_err(io)?);
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&sources.queries)
+        .map_err(io)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+        .collect();
+    files.sort();
+    for file in files {
+        hasher.update(file.to_string_lossy().as_bytes());
+        hasher.update([0]);
+        hasher.update(std::fs::read(&file).map_err(io)?);
+    }
+    Ok(hex::encode(hasher.finalize()))
+}
+
+/// What a configuration change changed, for its audit record.
+fn config_change(old: &Live, new: &Live) -> BTreeMap<String, String> {
+    let mut details = BTreeMap::new();
+    if old.rules_sha256 != new.rules_sha256 {
+        details.insert(
+            "rules".to_string(),
+            format!("{} -> {}", &old.rules_sha256[..12], &new.rules_sha256[..12]),
+        );
+    }
+    let hashes = |live: &Live| -> BTreeMap<String, String> {
+        live.allowlist
+            .iter()
+            .map(|q| (q.id.clone(), q.content_sha256.clone()))
+            .collect()
+    };
+    let (before, after) = (hashes(old), hashes(new));
+    let mut changed = Vec::new();
+    for (id, sha) in &after {
+        match before.get(id) {
+            None => changed.push(format!("{id} added")),
+            Some(old) if old != sha => changed.push(format!("{id} changed")),
+            _ => {}
+        }
+    }
+    changed.extend(
+        before
+            .keys()
+            .filter(|id| !after.contains_key(*id))
+            .map(|id| format!("{id} removed")),
+    );
+    if !changed.is_empty() {
+        details.insert("queries".to_string(), changed.join(", "));
+    }
+    let invalid: Vec<String> = new
+        .allowlist
+        .invalid()
+        .iter()
+        .map(|q| q.id.clone())
+        .collect();
+    if !invalid.is_empty() {
+        details.insert("invalid_queries".to_string(), invalid.join(", "));
+    }
+    details
 }
 
 /// Serves the API on `listener` until `shutdown` resolves.
@@ -151,60 +332,107 @@ pub async fn serve(
     health_reporter
         .set_serving::<AdminServiceServer<AdminApi>>()
         .await;
+    health_reporter
+        .set_serving::<LegalServiceServer<LegalApi>>()
+        .await;
 
     let partner = PartnerServiceServer::new(PartnerApi::new(Arc::clone(&app)))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(64 * 1024 * 1024);
-    let admin =
-        AdminServiceServer::new(AdminApi::new(app)).max_decoding_message_size(MAX_MESSAGE_BYTES);
-    tonic::transport::Server::builder()
+    let admin = AdminServiceServer::new(AdminApi::new(Arc::clone(&app)))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let legal = LegalServiceServer::new(LegalApi::new(Arc::clone(&app)));
+    let watcher = app.sources.as_ref().map(|sources| {
+        let (app, poll) = (Arc::clone(&app), sources.poll);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(poll).await;
+                let app = Arc::clone(&app);
+                let outcome = tokio::task::spawn_blocking(move || app.reload()).await;
+                if let Ok(Err(e)) = outcome {
+                    tracing::error!(error = %e, "configuration reload failed");
+                }
+            }
+        })
+    });
+    let served = tonic::transport::Server::builder()
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(partner)
         .add_service(admin)
+        .add_service(legal)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await
-        .map_err(|e| Error::Internal(format!("server: {e}")))
+        .map_err(|e| Error::Internal(format!("server: {e}")));
+    if let Some(watcher) = watcher {
+        watcher.abort();
+    }
+    served
 }
 
-/// A server running in the background.
+/// A server running in the background: gRPC and the review page.
 pub struct Running {
-    /// The address it listens on.
+    /// The gRPC address.
     pub addr: SocketAddr,
-    shutdown: Option<oneshot::Sender<()>>,
-    handle: tokio::task::JoinHandle<Result<()>>,
+    /// The review page's address.
+    pub review_addr: SocketAddr,
+    shutdown: Option<tokio::sync::watch::Sender<bool>>,
+    handles: Vec<tokio::task::JoinHandle<Result<()>>>,
 }
 
 impl Running {
-    /// Stops the server and waits for it.
+    /// Stops both servers and waits for them.
     pub async fn stop(mut self) -> Result<()> {
         if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
+            let _ = tx.send(true);
         }
-        self.handle
-            .await
-            .map_err(|e| Error::Internal(format!("server task: {e}")))?
+        for handle in self.handles.drain(..) {
+            handle
+                .await
+                .map_err(|e| Error::Internal(format!("server task: {e}")))??;
+        }
+        Ok(())
     }
 }
 
-/// Binds `addr` (use port 0 for any free port) and serves in the background.
-pub async fn spawn(app: Arc<App>, addr: SocketAddr) -> Result<Running> {
+/// Binds `addr` for gRPC and `review_addr` for the review page (port 0 picks a free port) and
+/// serves both in the background.
+pub async fn spawn_with_page(
+    app: Arc<App>,
+    addr: SocketAddr,
+    review_addr: SocketAddr,
+) -> Result<Running> {
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|e| Error::Internal(format!("cannot listen on {addr}: {e}")))?;
     let addr = listener
         .local_addr()
         .map_err(|e| Error::Internal(e.to_string()))?;
-    let (tx, rx) = oneshot::channel::<()>();
-    let handle = tokio::spawn(serve(app, listener, async {
-        let _ = rx.await;
-    }));
+    let page = crate::page::bind(review_addr).await?;
+    let review_addr = page
+        .local_addr()
+        .map_err(|e| Error::Internal(e.to_string()))?;
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let handles = vec![
+        tokio::spawn(serve(Arc::clone(&app), listener, stopped(rx.clone()))),
+        tokio::spawn(crate::page::serve(app, page, stopped(rx))),
+    ];
     Ok(Running {
         addr,
+        review_addr,
         shutdown: Some(tx),
-        handle,
+        handles,
     })
+}
+
+/// Binds `addr` (use port 0 for any free port) and serves gRPC there and the review page on a
+/// free port of the same loopback address, in the background.
+pub async fn spawn(app: Arc<App>, addr: SocketAddr) -> Result<Running> {
+    spawn_with_page(app, addr, SocketAddr::new(addr.ip(), 0)).await
 }
 
 /// Responses that name the audit record written for them.

@@ -48,6 +48,10 @@ pub struct Entry {
     pub records: Option<(u64, u64)>,
     /// `ok`, or the status code and message of the refusal.
     pub outcome: String,
+    /// Anything else worth keeping: ε spent, an approval's expiry and note, what a configuration
+    /// change changed. Left out of records that have none, so older trails verify unchanged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub details: Option<std::collections::BTreeMap<String, String>>,
 }
 
 /// One stored record.
@@ -163,7 +167,8 @@ pub fn verify(path: &Path) -> Result<(u64, String)> {
     verify_records(&read(path)?)
 }
 
-fn verify_records(records: &[Record]) -> Result<(u64, String)> {
+/// Verifies the chain of records already read and returns the last sequence number and hash.
+pub fn verify_records(records: &[Record]) -> Result<(u64, String)> {
     let mut prev = GENESIS.to_string();
     let mut seq = 0;
     for record in records {

@@ -11,10 +11,14 @@ pub mod app;
 pub mod audit;
 pub mod auth;
 pub mod error;
+pub mod page;
 pub mod partner;
 pub mod results;
+pub mod review;
 pub mod status;
 mod stream;
 
-pub use app::{App, AppConfig, Clock, FixedClock, Running, SystemClock, serve, spawn};
+pub use app::{
+    App, AppConfig, Clock, FixedClock, Live, Running, Sources, SystemClock, serve, spawn,
+};
 pub use error::{Error, Result};

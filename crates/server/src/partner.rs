@@ -5,24 +5,23 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use cleanroom_core::allowlist::{ParamKind, QueryDef, RawValue};
-use cleanroom_core::consent::Requirement;
+use cleanroom_core::allowlist::{BoundValue, ParamKind, QueryDef, RawValue};
 use cleanroom_core::rules::{Contract, Role};
-use cleanroom_engine::guard::{self, Policy};
+use cleanroom_engine::guard::{ListUpload, QueryRequest};
 use cleanroom_engine::ingest::{self, ListInput};
-use cleanroom_engine::views::SafeViews;
 use cleanroom_proto::v1::partner_service_server::PartnerService;
 use cleanroom_proto::v1::{
     CustomerRecord, DescribeQueryRequest, DimensionSpec, ListQueriesRequest, ListQueriesResponse,
-    ParameterSpec, QueryDescription, QuerySummary, RunQueryRequest, RunQueryResponse,
+    ParameterSpec, Protection, QueryDescription, QuerySummary, RunQueryRequest, RunQueryResponse,
     UploadListRequest, UploadListResponse, param_value, upload_list_request,
 };
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::Result;
-use crate::app::{App, Audited};
+use crate::app::{App, Audited, Live};
 use crate::audit::Entry;
 use crate::auth::Principal;
+use crate::review::Approval;
 use crate::status::to_status;
 use crate::stream::{Part, collect};
 
@@ -58,12 +57,18 @@ pub(crate) fn shown(text: &str) -> String {
         .collect()
 }
 
-/// The caller as a partner, with its contract.
-struct PartnerCall<'a> {
+/// The caller as a partner, with its contract, under one configuration for the whole call.
+struct PartnerCall {
     principal: Principal,
     partner: String,
-    contract_id: &'a str,
-    contract: &'a Contract,
+    contract_id: String,
+    live: Arc<Live>,
+}
+
+impl PartnerCall {
+    fn contract(&self) -> &Contract {
+        &self.live.rules.contracts[&self.contract_id]
+    }
 }
 
 impl PartnerApi {
@@ -72,8 +77,9 @@ impl PartnerApi {
         request: &Request<T>,
         method: &str,
         entry: &mut Entry,
-    ) -> Result<PartnerCall<'_>> {
-        let principal = self.app.auth.principal(request.metadata())?;
+    ) -> Result<PartnerCall> {
+        let live = self.app.live();
+        let principal = live.auth.principal(request.metadata())?;
         entry.principal = principal.name.clone();
         entry.role = principal.role.as_str().to_string();
         entry.partner = principal.partner.clone();
@@ -82,27 +88,28 @@ impl PartnerApi {
             .partner
             .clone()
             .expect("partner principals name a partner");
-        let (contract_id, contract) = self.app.rules.contract_of(&partner).ok_or_else(|| {
+        let (contract_id, _) = live.rules.contract_of(&partner).ok_or_else(|| {
             cleanroom_core::Error::Precondition(format!("partner `{partner}` has no contract"))
         })?;
         Ok(PartnerCall {
             principal,
             partner,
-            contract_id,
-            contract,
+            contract_id: contract_id.to_string(),
+            live: Arc::clone(&live),
         })
     }
 
-    fn require_in_force(&self, call: &PartnerCall<'_>) -> Result<()> {
-        require_in_force(&self.app, call.contract_id, call.contract)
+    fn require_in_force(&self, call: &PartnerCall) -> Result<()> {
+        require_in_force(&self.app, &call.contract_id, call.contract())
     }
 
-    fn visible_query(&self, call: &PartnerCall<'_>, id: &str) -> Result<&QueryDef> {
-        self.app
+    fn visible_query<'a>(&self, call: &'a PartnerCall, id: &str) -> Result<&'a QueryDef> {
+        call.live
             .allowlist
             .get(id)
             .filter(|q| {
-                q.partners.contains(&call.partner) && call.contract.queries.iter().any(|c| c == id)
+                q.partners.contains(&call.partner)
+                    && call.contract().queries.iter().any(|c| c == id)
             })
             .ok_or_else(|| {
                 cleanroom_core::Error::NotFound(format!(
@@ -113,8 +120,8 @@ impl PartnerApi {
             })
     }
 
-    fn describe(&self, call: &PartnerCall<'_>, query: &QueryDef) -> QueryDescription {
-        let rules = &self.app.rules;
+    fn describe(&self, call: &PartnerCall, query: &QueryDef) -> QueryDescription {
+        let rules = &call.live.rules;
         let bound_text = |v: &Option<toml::Value>| match v {
             Some(toml::Value::String(s)) => s.clone(),
             Some(other) => other.to_string(),
@@ -145,6 +152,7 @@ impl PartnerApi {
                         .granularity
                         .map(|g| g.as_str().to_string())
                         .unwrap_or_default(),
+                    min_window_days: p.min_window_days.unwrap_or(0),
                 })
                 .collect(),
             dimensions: query
@@ -156,7 +164,7 @@ impl PartnerApi {
                 })
                 .collect(),
             metrics: query.metrics.clone(),
-            effective_k: rules.effective_k(call.contract, query.k),
+            effective_k: rules.effective_k(call.contract(), query.k),
             content_sha256: query.content_sha256.clone(),
         }
     }
@@ -173,11 +181,13 @@ impl PartnerApi {
         entry.query_id = Some(query.id.clone());
         entry.query_sha256 = Some(query.content_sha256.clone());
         self.require_in_force(&call)?;
-        let rules = &self.app.rules;
-        if !query.purposes.contains(&call.contract.purpose) {
+        self.app.review.require_approved(query, self.app.today())?;
+        let rules = &call.live.rules;
+        let contract = call.contract();
+        if !query.purposes.contains(&contract.purpose) {
             return Err(cleanroom_core::Error::Precondition(format!(
                 "query {} does not serve the contract's purpose `{}`",
-                query.id, call.contract.purpose
+                query.id, contract.purpose
             ))
             .into());
         }
@@ -198,62 +208,77 @@ impl PartnerApi {
             raw.insert(name, value);
         }
         let bound = query.bind(&raw, rules, &call.partner)?;
-        entry.params = Some(serde_json::Value::Object(
-            bound
-                .iter()
-                .map(|(k, v)| (k.clone(), serde_json::Value::String(v.to_string())))
-                .collect(),
-        ));
-
-        let purpose = &rules.purposes[&call.contract.purpose];
-        let requirement = Requirement {
-            min_notice_version: purpose.min_notice_version,
-            grant_valid_days: purpose.grant_valid_days,
-        };
         let now = self.app.clock.now();
-        self.app
-            .budgets
-            .check(&call.partner, call.contract.max_queries_per_day, now)?;
         let snapshot = self.app.store.snapshot();
-        let views = SafeViews::build(
-            &snapshot,
-            call.contract_id,
-            call.contract,
-            &requirement,
-            now,
-        )?;
-        entry.consent_snapshot = Some(views.consent_snapshot_id.clone());
-        entry.list_version = Some(views.list_version);
-        let policy = Policy::for_query(rules, query, call.contract, &call.partner);
-        let params = bound
-            .iter()
-            .map(|(k, v)| {
-                (
-                    k.clone(),
-                    guard::bind_value(v, rules.retailer.utc_offset_minutes),
-                )
+        entry.consent_snapshot = Some(snapshot.consent_snapshot_id.clone());
+        let answer = self
+            .app
+            .guard
+            .run(QueryRequest {
+                rules,
+                query,
+                partner: &call.partner,
+                contract_id: &call.contract_id,
+                params: &bound,
+                snapshot: &snapshot,
+                store: &self.app.store,
+                now,
             })
-            .collect();
-        let ctx = views.session()?;
-        let released = guard::run(&ctx, &query.sql, &params, &policy).await?;
-        self.app.budgets.spend(&call.partner, now);
-        entry.rows_released = Some(released.batch.num_rows() as u64);
-        entry.rows_suppressed = Some(released.suppressed_rows);
-        entry.complementary_suppressed = Some(released.complementary_suppressed);
-        entry.out_of_domain_rows = Some(released.out_of_domain_rows);
-        let (columns, rows) = crate::results::rows(&released.batch)?;
+            .await;
+        let answer = match answer {
+            Ok(answer) => answer,
+            Err(e) => {
+                // The parameters the caller sent are typed and checked; record them.
+                entry.params = Some(params_json(&bound));
+                return Err(e.into());
+            }
+        };
+        entry.params = Some(params_json(&answer.params));
+        entry.list_version = Some(answer.list_version);
+        entry.rows_released = Some(answer.batch.num_rows() as u64);
+        entry.rows_suppressed = Some(answer.suppressed_rows);
+        entry.complementary_suppressed = answer
+            .audit
+            .get("complementary_withheld")
+            .and_then(|n| n.parse().ok());
+        entry.out_of_domain_rows = answer
+            .audit
+            .get("out_of_domain_rows")
+            .and_then(|n| n.parse().ok());
+        entry.details = Some(answer.audit.clone());
+        let (columns, rows) = crate::results::rows(&answer.batch)?;
+        let report = &answer.protection;
         Ok(RunQueryResponse {
             query_id: query.id.clone(),
             query_version: query.version,
             columns,
             rows,
-            arrow_ipc: crate::results::arrow_ipc(&released.batch)?,
-            suppressed_rows: released.suppressed_rows,
-            effective_k: policy.k,
-            consent_snapshot_id: views.consent_snapshot_id,
-            list_version: views.list_version,
+            arrow_ipc: crate::results::arrow_ipc(&answer.batch)?,
+            suppressed_rows: answer.suppressed_rows,
+            effective_k: rules.effective_k(contract, query.k),
+            consent_snapshot_id: answer.consent_snapshot_id.clone(),
+            list_version: answer.list_version,
             audit_id: String::new(),
             elapsed_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            effective_params: answer
+                .params
+                .iter()
+                .map(|(k, v)| (k.clone(), v.to_string()))
+                .collect(),
+            protection: Some(Protection {
+                mode: report.mode.clone(),
+                noise_scale: report.noise_scale.clone(),
+                per_member_bound: report.per_member_bound.clone(),
+                release_threshold: report.release_threshold,
+                epsilon_spent: report.epsilon_spent,
+                epsilon_remaining: report.epsilon_remaining,
+                delta: report.delta,
+                budget_resets_at: report
+                    .budget_resets_at
+                    .map(|t| t.to_rfc3339())
+                    .unwrap_or_default(),
+                max_groups_per_member: report.max_groups_per_member,
+            }),
         })
     }
 
@@ -268,7 +293,7 @@ impl PartnerApi {
             Some(upload_list_request::Kind::Chunk(c)) => Part::Chunk(c.records),
             None => Part::Empty,
         };
-        let limit = self.app.rules.privacy.max_upload_records;
+        let limit = call.live.rules.privacy.max_upload_records;
         let (header, records) = collect(request.into_inner(), split, limit).await?;
         tracing::info!(partner = %call.partner, principal = %call.principal.name, "list upload received");
         store_list(&self.app, &call.partner, records, header.strict, entry)
@@ -285,10 +310,11 @@ pub(crate) fn store_list(
     entry: &mut Entry,
 ) -> Result<UploadListResponse> {
     entry.partner = Some(partner_id.to_string());
-    let partner = app.rules.partners.get(partner_id).ok_or_else(|| {
+    let live = app.live();
+    let partner = live.rules.partners.get(partner_id).ok_or_else(|| {
         cleanroom_core::Error::NotFound(format!("no partner `{}`", shown(partner_id)))
     })?;
-    let (contract_id, contract) = app.rules.contract_of(partner_id).ok_or_else(|| {
+    let (contract_id, contract) = live.rules.contract_of(partner_id).ok_or_else(|| {
         cleanroom_core::Error::Precondition(format!("partner `{partner_id}` has no contract"))
     })?;
     require_in_force(app, contract_id, contract)?;
@@ -311,7 +337,16 @@ pub(crate) fn store_list(
     if report.accepted == 0 {
         return Err(cleanroom_core::Error::Input("the upload has no valid record".into()).into());
     }
-    let version = app.store.append_list(partner_id, batch)?;
+    let snapshot = app.store.snapshot();
+    let version = app.guard.store_list(ListUpload {
+        partner: partner_id,
+        contract_id,
+        contract,
+        tokens: batch,
+        snapshot: &snapshot,
+        store: &app.store,
+        now: app.clock.now(),
+    })?;
     entry.list_version = Some(version);
     Ok(UploadListResponse {
         list_version: version,
@@ -345,15 +380,22 @@ impl PartnerService for PartnerApi {
         let call = self
             .partner_call(&request, "ListQueries", &mut entry)
             .map_err(|e| to_status(&e, "-"))?;
-        let queries = self
-            .app
+        let today = self.app.today();
+        let queries = call
+            .live
             .allowlist
             .iter()
-            .filter(|q| q.partners.contains(&call.partner) && call.contract.queries.contains(&q.id))
+            .filter(|q| {
+                q.partners.contains(&call.partner) && call.contract().queries.contains(&q.id)
+            })
             .map(|q| QuerySummary {
                 id: q.id.clone(),
                 version: q.version,
                 title: q.title.clone(),
+                approval: match self.app.review.approval(q, today) {
+                    Approval::Approved(_) => "approved".to_string(),
+                    other => other.sentence(),
+                },
             })
             .collect();
         Ok(Response::new(ListQueriesResponse { queries }))
@@ -396,4 +438,14 @@ impl PartnerService for PartnerApi {
         let result = self.upload(request, &mut entry).await;
         self.app.finish(entry, result)
     }
+}
+
+/// Checked parameters as the audit trail keeps them.
+fn params_json(params: &BTreeMap<String, BoundValue>) -> serde_json::Value {
+    serde_json::Value::Object(
+        params
+            .iter()
+            .map(|(k, v)| (k.clone(), serde_json::Value::String(v.to_string())))
+            .collect(),
+    )
 }

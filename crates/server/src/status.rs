@@ -54,3 +54,20 @@ pub fn outcome(error: &Error) -> String {
         code => format!("{code:?}: {}", status.message()),
     }
 }
+
+/// The HTTP status the review page answers for a gRPC status code: the same decision, told the
+/// way browsers expect.
+pub fn http_code(code: Code) -> u16 {
+    match code {
+        Code::Ok => 200,
+        Code::InvalidArgument | Code::OutOfRange => 400,
+        Code::Unauthenticated => 401,
+        Code::PermissionDenied => 403,
+        Code::NotFound => 404,
+        Code::FailedPrecondition | Code::AlreadyExists | Code::Aborted => 409,
+        Code::ResourceExhausted => 429,
+        Code::Unimplemented => 501,
+        Code::Unavailable => 503,
+        _ => 500,
+    }
+}

@@ -1,0 +1,221 @@
+//! The review page: a browser front end for legal reviewers, served on its own loopback port next
+//! to gRPC. Its JSON routes call the very `LegalService` handlers that gRPC clients call, with the
+//! caller's bearer token passed through, so the page can do nothing a gRPC client of the same role
+//! could not, and every approval it makes is audited the same way. It shows no row-level data:
+//! there is none to show.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use cleanroom_proto::v1::legal_service_server::LegalService;
+use cleanroom_proto::v1::{
+    ApproveQueryRequest, ListAllowListRequest, ListAuditRequest, RejectQueryRequest,
+};
+use serde::Deserialize;
+use tokio::net::TcpListener;
+
+use crate::app::App;
+use crate::review::LegalApi;
+use crate::{Error, Result};
+
+/// The page itself: one self-contained file, no external resources.
+const PAGE: &str = include_str!("review_page.html");
+
+/// The page only talks to its own origin and runs only its own inline code.
+const CSP: &str = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
+                   connect-src 'self'; img-src data:; form-action 'none'; frame-ancestors 'none'; \
+                   base-uri 'none'";
+
+/// Serves the review page on `listener` until `shutdown` resolves.
+pub async fn serve(
+    app: Arc<App>,
+    listener: TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let api = Arc::new(LegalApi::new(app));
+    let router = Router::new()
+        .route("/", get(page))
+        .route("/api/allowlist", get(allowlist))
+        .route("/api/audit", get(audit))
+        .route("/api/queries/{id}/approve", post(approve))
+        .route("/api/queries/{id}/reject", post(reject))
+        .with_state(api);
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown)
+        .await
+        .map_err(|e| Error::Internal(format!("review page: {e}")))
+}
+
+/// Binds a loopback address for the page. Reviewers' tokens travel over it, so it is loopback
+/// only until TLS is configured, like gRPC.
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
+    if !addr.ip().is_loopback() {
+        return Err(Error::Internal(format!(
+            "review page address {addr}: only loopback addresses are allowed until TLS is configured"
+        )));
+    }
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| Error::Internal(format!("cannot listen on {addr}: {e}")))
+}
+
+fn hardened(mut response: Response) -> Response {
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(CSP),
+    );
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    headers.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+async fn page() -> Response {
+    hardened(([(header::CONTENT_TYPE, "text/html; charset=utf-8")], PAGE).into_response())
+}
+
+/// A gRPC request carrying the browser's `Authorization` header as metadata.
+fn with_token<T>(headers: &HeaderMap, message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    if let Some(value) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+    {
+        request.metadata_mut().insert("authorization", value);
+    }
+    request
+}
+
+/// The handler's answer as JSON, or its status as an HTTP error with the same reason.
+fn json<T: serde::Serialize>(
+    result: std::result::Result<tonic::Response<T>, tonic::Status>,
+) -> Response {
+    let response = match result {
+        Ok(response) => axum::Json(response.into_inner()).into_response(),
+        Err(status) => {
+            let code = StatusCode::from_u16(crate::status::http_code(status.code()))
+                .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            (
+                code,
+                axum::Json(serde_json::json!({
+                    "error": status.message(),
+                    "code": format!("{:?}", status.code()),
+                })),
+            )
+                .into_response()
+        }
+    };
+    hardened(response)
+}
+
+async fn allowlist(State(api): State<Arc<LegalApi>>, headers: HeaderMap) -> Response {
+    json(
+        api.list_allow_list(with_token(&headers, ListAllowListRequest {}))
+            .await,
+    )
+}
+
+#[derive(Deserialize)]
+struct AuditFilter {
+    #[serde(default)]
+    partner: String,
+    #[serde(default)]
+    query: String,
+    #[serde(default)]
+    limit: u32,
+}
+
+async fn audit(
+    State(api): State<Arc<LegalApi>>,
+    headers: HeaderMap,
+    Query(filter): Query<AuditFilter>,
+) -> Response {
+    let request = ListAuditRequest {
+        partner: filter.partner,
+        query_id: filter.query,
+        limit: filter.limit,
+    };
+    json(api.list_audit(with_token(&headers, request)).await)
+}
+
+#[derive(Deserialize)]
+struct ApproveBody {
+    content_sha256: String,
+    #[serde(default)]
+    expires: Option<String>,
+    #[serde(default)]
+    note: String,
+}
+
+#[derive(Deserialize)]
+struct RejectBody {
+    content_sha256: String,
+    #[serde(default)]
+    reason: String,
+}
+
+/// A JSON body, or a 400 that says what is wrong with it.
+type Body<T> = std::result::Result<axum::Json<T>, axum::extract::rejection::JsonRejection>;
+
+fn bad_body(rejection: axum::extract::rejection::JsonRejection) -> Response {
+    hardened(
+        (
+            StatusCode::BAD_REQUEST,
+            axum::Json(serde_json::json!({
+                "error": format!("the request body is not what the API expects: {}", rejection.body_text()),
+                "code": "InvalidArgument",
+            })),
+        )
+            .into_response(),
+    )
+}
+
+async fn approve(
+    State(api): State<Arc<LegalApi>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Body<ApproveBody>,
+) -> Response {
+    let body = match body {
+        Ok(axum::Json(body)) => body,
+        Err(rejection) => return bad_body(rejection),
+    };
+    let request = ApproveQueryRequest {
+        query_id: id,
+        content_sha256: body.content_sha256,
+        expires: body.expires,
+        note: body.note,
+    };
+    json(api.approve_query(with_token(&headers, request)).await)
+}
+
+async fn reject(
+    State(api): State<Arc<LegalApi>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Body<RejectBody>,
+) -> Response {
+    let body = match body {
+        Ok(axum::Json(body)) => body,
+        Err(rejection) => return bad_body(rejection),
+    };
+    let request = RejectQueryRequest {
+        query_id: id,
+        content_sha256: body.content_sha256,
+        reason: body.reason,
+    };
+    json(api.reject_query(with_token(&headers, request)).await)
+}
