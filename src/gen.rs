@@ -248,6 +248,11 @@ pub fn generate(opts: &GenOptions) -> Result<GenReport> {
     let members = write_members(dir, &mut stream(seed, 1), opts, &mut ids)?;
     let (purchases, baskets) = write_purchases(dir, &mut stream(seed, 2), opts.as_of, &members)?;
     let consent_events = write_consents(dir, &mut stream(seed, 3), opts.as_of, &members)?;
+    let (target_purchases, target_consents) = append_target(dir, opts.as_of, members.len())?;
+    let (purchases, consent_events) = (
+        purchases + target_purchases,
+        consent_events + target_consents,
+    );
     let partners = [
         PartnerSpec {
             name: "sakura_foods",
@@ -272,13 +277,102 @@ pub fn generate(opts: &GenOptions) -> Result<GenReport> {
         let rows = write_partner_list(&lists_dir, rng, &members, &baskets, &mut ids, spec)?;
         list_records.push((spec.name.to_string(), rows));
     }
-    let members = members.len();
+    let members = members.len() + 1;
     Ok(GenReport {
         members,
         purchases,
         consent_events,
         list_records,
     })
+}
+
+/// The sample's attack target, `TARGET_ID` after `n` random members: a fictional member whom the
+/// attack tests (THREATS 1–7) try to learn about. She consented to both purposes at the current
+/// notice, lives in a small prefecture (鳥取県), bought pet food exactly once (144 days before the
+/// export, in the week of 2026-06-08 for the bundled sample) and Sakura Senbei once (46 days
+/// before), and is on no partner's list, so every attack starts from a partner that knows her
+/// e-mail and wants one fact about her.
+fn append_target(dir: &Path, as_of: NaiveDate, n: usize) -> Result<(usize, usize)> {
+    let id = format!("M{:07}", n + 1);
+    let day = |days_before: u64, time: &str| -> String {
+        let date = as_of - chrono::Days::new(days_before);
+        format!("{date}T{time}+09:00")
+    };
+    let birth = as_of - chrono::Months::new(12 * 36 + 5);
+    let append = |file: &str, rows: Vec<Vec<String>>| -> Result<usize> {
+        let path = dir.join(file);
+        let handle = fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("appending to {}", path.display()))?;
+        let mut writer = csv::WriterBuilder::new()
+            .has_headers(false)
+            .from_writer(handle);
+        let count = rows.len();
+        for row in rows {
+            writer.write_record(row)?;
+        }
+        writer.flush()?;
+        Ok(count)
+    };
+    let row = |fields: &[&str]| fields.iter().map(|f| f.to_string()).collect::<Vec<_>>();
+    append(
+        "members.csv",
+        vec![row(&[
+            &id,
+            "的場　花子",
+            "マトバ　ハナコ",
+            "Hanako.Matoba@example.jp",
+            "090-0777-1234",
+            "680-0000",
+            "鳥取県",
+            "鳥取県鳥取市栄町1-2-3",
+            &birth.to_string(),
+            "F",
+        ])],
+    )?;
+    let purchases = append(
+        "purchases.csv",
+        vec![
+            row(&[
+                &id,
+                &day(144, "19:20:00"),
+                "YPW-170",
+                "Yama Paw",
+                "Yama Pet",
+                "pet",
+                "1",
+                "2480",
+            ]),
+            row(&[
+                &id,
+                &day(46, "12:05:00"),
+                "SSB-101",
+                "Sakura Senbei",
+                "Sakura Foods",
+                "snacks",
+                "1",
+                "398",
+            ]),
+        ],
+    )?;
+    let granted = day(200, "09:00:00");
+    let consents = append(
+        "consent_events.csv",
+        vec![
+            row(&[&id, "product_insight", "3", "granted", &granted, "app", ""]),
+            row(&[
+                &id,
+                "appliance_research",
+                "2",
+                "granted",
+                &granted,
+                "app",
+                "",
+            ]),
+        ],
+    )?;
+    Ok((purchases, consents))
 }
 
 /// A separate ChaCha stream per file, so changing how one file is drawn does not shift the

@@ -13,8 +13,10 @@ mod vectors;
 mod golden;
 // Consent at query time: withdrawals, old notices, expiry.
 mod consent;
-// Attacks from THREATS.md carried out against the running service.
+// Attacks from THREATS.md carried out against the running service (4, 8–11, daily budgets).
 mod attacks;
+// THREATS 1–7 against the guard's defences, with the sample's target member.
+mod privacy;
 // Bad input gets a precise status and leaves nothing half-ingested.
 mod bad_input;
 // Reflection and health, as a client without our stubs sees them.
