@@ -152,16 +152,45 @@ pub async fn run(
             })
             .await,
     );
-    let mut daily = window_params();
-    daily.insert("start".into(), date("2025-11-02"));
+    // List differencing (THREATS 2): the same list plus one person is refused outright.
+    let mut plus_one =
+        cleanroom_client::read_list(&sample_dir.join("partner_lists/sakura_foods.csv"))?;
+    plus_one.push(cleanroom_proto::v1::CustomerRecord {
+        email: "hanako.matoba@example.jp".into(),
+        attribute: "gold".into(),
+        ..Default::default()
+    });
     show_refusal(
-        "Sakura Foods asks for a window that does not start on a month boundary",
-        sakura
-            .run_query(RunQueryRequest {
-                query_id: "category_buyers_by_age_band".into(),
-                params: daily,
-            })
-            .await,
+        "Sakura Foods re-uploads its list plus one person",
+        cleanroom_client::upload_list(&mut sakura, false, plus_one)
+            .await
+            .map_err(|e| match e {
+                cleanroom_client::Error::Status(s) => s,
+                other => tonic::Status::unknown(other.to_string()),
+            }),
+    );
+    // A day tracker (THREATS 3): days 1–10 and 1–9 of June snap to the same month.
+    let mut answers = Vec::new();
+    for end in ["2026-06-11", "2026-06-10"] {
+        let params = BTreeMap::from([
+            ("start".to_string(), date("2026-06-01")),
+            ("end".to_string(), date(end)),
+        ]);
+        answers.push(
+            sakura
+                .run_query(RunQueryRequest {
+                    query_id: "category_buyers_by_age_band".into(),
+                    params,
+                })
+                .await?
+                .into_inner(),
+        );
+    }
+    println!(
+        "  Sakura Foods asks for June 1-10, then June 1-9: both run as {} .. {}, same answer: {}",
+        answers[0].effective_params["start"],
+        answers[0].effective_params["end"],
+        answers[0].rows == answers[1].rows
     );
     let mut admin_as_partner = conn.admin(sample::partner_token("sakura_foods"))?;
     show_refusal(
@@ -263,7 +292,9 @@ async fn withdrawal(
     .await?;
     let after = run_overlap(sakura.clone()).await?;
     println!(
-        "  40 members withdraw consent (snapshot {} -> {}): matched_overlap released {} -> {} members",
+        "  40 members withdraw consent (snapshot {} -> {}): matched_overlap released {} -> {} \
+         members (withdrawn members in Sakura's list leave at once; a row that moved by fewer \
+         than k repeats its earlier answer)",
         before.consent_snapshot_id,
         summary.consent_snapshot_id,
         overlap(&before),
@@ -312,7 +343,7 @@ fn window_params() -> BTreeMap<String, ParamValue> {
 
 /// Parameters for a query: the sample's last twelve months (snapped to Mondays for weekly
 /// windows), and the first allowed value of each enum.
-fn demo_params(description: &QueryDescription) -> BTreeMap<String, ParamValue> {
+pub(crate) fn demo_params(description: &QueryDescription) -> BTreeMap<String, ParamValue> {
     let monday_on_or_after = |s: &str| {
         let mut d = NaiveDate::parse_from_str(s, "%Y-%m-%d").expect("demo window date");
         while d.weekday() != chrono::Weekday::Mon {
@@ -388,4 +419,25 @@ fn print_result(
         response.elapsed_ms,
         response.audit_id
     );
+    if let Some(p) = &response.protection {
+        let scales: Vec<String> = p
+            .noise_scale
+            .iter()
+            .map(|(m, s)| format!("{m} ±{s}"))
+            .collect();
+        let budget = if p.mode == "dp" {
+            format!(
+                "; ε spent {}, {} left this period",
+                p.epsilon_spent, p.epsilon_remaining
+            )
+        } else {
+            String::new()
+        };
+        println!(
+            "protection {}: rows need a noisy member count of {}; noise scale {}{budget}",
+            p.mode,
+            p.release_threshold,
+            scales.join(", ")
+        );
+    }
 }

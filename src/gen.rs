@@ -20,7 +20,7 @@ use rand_chacha::ChaCha8Rng;
 pub struct GenOptions {
     /// Seed for every random choice.
     pub seed: u64,
-    /// Number of retailer members.
+    /// Number of random retailer members (the attack target comes on top).
     pub members: usize,
     /// Reference day: ages are taken on it, and all purchases and consent events precede it.
     pub as_of: NaiveDate,
@@ -978,7 +978,8 @@ mod tests {
             as_of,
             out_dir: out_dir.clone(),
         };
-        assert_eq!(generate(&opts).unwrap().members, 300);
+        // The random members, then the attack target.
+        assert_eq!(generate(&opts).unwrap().members, 301);
         out_dir
     }
 

@@ -6,6 +6,7 @@ mod r#gen;
 mod lint;
 mod rules_cmd;
 mod settings;
+mod utility;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -62,7 +63,7 @@ enum Command {
         /// Seed: the same seed and options give the same bytes.
         #[arg(long, default_value_t = 42)]
         seed: u64,
-        /// Number of retailer members.
+        /// Number of random retailer members; the attack tests' target member is added on top.
         #[arg(long, default_value_t = 4000)]
         members: usize,
         /// Export date; purchases cover the year before it.
@@ -131,6 +132,22 @@ enum Command {
         /// Upload as the retailer analyst on this partner's behalf (the token is the analyst's).
         #[arg(long)]
         on_behalf_of: Option<String>,
+    },
+    /// Benchmark report: how much of the true answer survives each protection setting, on a
+    /// generated dataset of any size (Markdown on stdout).
+    Utility {
+        /// Retailer members to generate.
+        #[arg(long, default_value_t = 20_000)]
+        members: usize,
+        /// Seed of the generated data.
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+        /// The allow-list directory.
+        #[arg(long, default_value = "queries")]
+        queries: PathBuf,
+        /// The rules whose partners and contracts are measured.
+        #[arg(long, default_value = "sample_data/rules.toml")]
+        rules: PathBuf,
     },
     /// Legal reviewer: verify the audit trail's hash chain in a data directory.
     VerifyAudit {
@@ -335,6 +352,16 @@ fn run(cli: Cli) -> Result<()> {
             print_skipped(&response.rejected_by_reason);
             Ok(())
         }),
+        Command::Utility {
+            members,
+            seed,
+            queries,
+            rules,
+        } => {
+            let report = runtime()?.block_on(utility::run(members, seed, &queries, &rules))?;
+            print!("{report}");
+            Ok(())
+        }
         Command::VerifyAudit { data_dir } => {
             let path = data_dir.join("audit.jsonl");
             let (records, head) = cleanroom_server::audit::verify(&path)

@@ -2,7 +2,8 @@
 
 Runs as Sakura Foods and Kumo Denki on the demo's sample: lists the queries, runs one per partner,
 and checks that the Arrow IPC stream loaded into Polars is exactly the typed rows, that every
-released row has at least effective k buyers, and that a query off Sakura's list is NOT_FOUND.
+released row has at least effective k buyers (within the noise the response states), and that a
+query off Sakura's list is NOT_FOUND.
 
 Usage: python tests/python/test_partner_client.py HOST:PORT
 (start the service with `cleanroom demo --keep-serving`). Plain Python, no pytest; exits non-zero
@@ -95,17 +96,23 @@ def check_answer(client: cc.PartnerClient, query_id: str, overrides: dict[str, s
         for column, a, b in zip(columns, frame_row, typed_row):
             assert same(a, b), f"row {i} column {column}: frame {a!r} != typed {b!r}"
 
+    # Every released row has at least k true buyers; the value shown carries the noise the
+    # response states (none, sticky noise or DP), so allow ten noise scales below k.
+    assert response.HasField("protection"), "no protection metadata"
+    protection = response.protection
+    assert protection.mode in ("none", "noise", "dp"), protection.mode
     if "buyers" in columns:
         at = columns.index("buyers")
-        small = [row for row in rows if row[at] is None or row[at] < response.effective_k]
-        assert not small, f"rows with buyers < k={response.effective_k}: {small}"
+        slack = 10 * protection.noise_scale.get("buyers", 0.0)
+        small = [row for row in rows if row[at] is None or row[at] < response.effective_k - slack]
+        assert not small, f"rows with buyers < k={response.effective_k} (noise scale slack {slack}): {small}"
     assert response.audit_id, "no audit id"
     assert response.consent_snapshot_id, "no consent snapshot id"
     assert response.list_version >= 1, response.list_version
     return (
         f"{len(rows)} rows x {len(columns)} columns, {response.suppressed_rows} suppressed, "
         f"k={response.effective_k}, {response.consent_snapshot_id}, list v{response.list_version}, "
-        f"{response.audit_id}"
+        f"{response.audit_id}, protection {protection.mode}"
     )
 
 

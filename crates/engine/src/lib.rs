@@ -13,5 +13,6 @@ pub mod ingest;
 pub mod store;
 pub mod views;
 
+pub use datafusion;
 pub use datafusion::arrow;
 pub use error::{Error, Result};

@@ -391,8 +391,18 @@ impl LegalApi {
         let principal = live.auth.principal(request.metadata())?;
         entry.principal = principal.name.clone();
         entry.role = principal.role.as_str().to_string();
-        if write || principal.role != Role::Analyst {
-            principal.require(Role::Legal, method)?;
+        let allowed = principal.role == Role::Legal || (!write && principal.role == Role::Analyst);
+        if !allowed {
+            let roles = if write {
+                "the legal role"
+            } else {
+                "the legal and analyst roles"
+            };
+            return Err(cleanroom_core::Error::Permission(format!(
+                "{method} is for {roles}; the caller is {}",
+                principal.role.as_str()
+            ))
+            .into());
         }
         Ok(principal)
     }
