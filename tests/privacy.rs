@@ -365,6 +365,70 @@ async fn list_differencing_is_answered_as_the_earlier_list() {
     );
 }
 
+const PET_BUYERS_BY_GENDER: Template = Template {
+    id: "test_pet_buyers_by_gender",
+    sql: "SELECT m.gender, COUNT(DISTINCT m.member_key) AS members FROM members m \
+          JOIN purchases p ON m.member_key = p.member_key WHERE p.category = 'pet' GROUP BY m.gender",
+    dimensions: &[("gender", "gender")],
+    metrics: &["members"],
+};
+
+/// THREATS 2 across two queries: members by gender, then pet buyers by gender, over a list of
+/// known pet buyers plus the target. If she bought pet food the two `F` rows hold the same
+/// members, else they differ by her alone. The second row is within k − 1 members of the first
+/// either way, so it is withheld either way: the target and a control who never bought pet food
+/// get the same answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn differencing_two_queries_isolates_no_one() {
+    let known = Knowledge::load();
+    let pet = known.buyers("pet", "2000-01-01", "2100-01-01");
+    assert!(pet.contains(TARGET));
+    let gender = |m: &String| known.truth.members[m].gender.clone();
+    let women: Vec<String> = known
+        .consenting
+        .iter()
+        .filter(|m| pet.contains(*m) && gender(m) == "F")
+        .cloned()
+        .collect();
+    let men: Vec<String> = known
+        .consenting
+        .iter()
+        .filter(|m| pet.contains(*m) && gender(m) == "M")
+        .take(40)
+        .cloned()
+        .collect();
+    let control = known
+        .consenting
+        .iter()
+        .find(|m| !pet.contains(*m) && gender(m) == "F")
+        .unwrap()
+        .clone();
+    let mut outcomes = Vec::new();
+    for who in [TARGET.to_string(), control] {
+        let (setup, _dir) = setup_with_templates(&[BY_GENDER, PET_BUYERS_BY_GENDER]);
+        let h = Harness::start_with(setup).await;
+        let mut members = women.clone();
+        members.extend(men.iter().cloned());
+        members.push(who.clone());
+        upload(&h, list_of(&ids(&members), "gold")).await.unwrap();
+        let everyone = h.run("sakura_foods", BY_GENDER.id, &[]).await.unwrap();
+        assert!(
+            cells(&everyone, 1).contains_key(&vec!["F".to_string()]),
+            "the first row is released"
+        );
+        let buyers = h
+            .run("sakura_foods", PET_BUYERS_BY_GENDER.id, &[])
+            .await
+            .unwrap();
+        outcomes.push((visible(&buyers).0, buyers.suppressed_rows));
+        h.stop().await;
+    }
+    assert_eq!(
+        outcomes[0], outcomes[1],
+        "the pet buyers' answer tells the target from the control"
+    );
+}
+
 /// THREATS 3: trackers. Days 1–10 minus days 1–9 snap to the same month: the same question and
 /// the same answer. Weeks 1–5 minus weeks 1–4 are both long enough to ask, but any row whose
 /// members differ by 1 to k − 1 between the two windows repeats the earlier answer or is
@@ -641,22 +705,28 @@ async fn change_over_time_cannot_isolate_a_new_purchase() {
             .run("sakura_foods", "category_buyers_by_age_band", &year())
             .await
             .unwrap();
-        // The retailer's next export: the target buys a rice cooker, or someone else buys
-        // household goods (the control: her purchase never happens).
+        // Her purchase would land in a row the partner sees: 30–39 × beverages is released.
+        let row = vec!["30-39".to_string(), "beverages".to_string()];
+        assert!(
+            cells(&before, 2).contains_key(&row),
+            "the row she would move is released"
+        );
+        // The retailer's next export: the target buys green tea, or someone else buys household
+        // goods (the control: her purchase never happens).
+        let (brand, manufacturer, category) = if buys {
+            ("Sakura Cha", "Sakura Foods", "beverages")
+        } else {
+            ("Nami Wash", "Nami Household", "household")
+        };
         let purchase = PurchaseRecord {
             member_id: if buys { TARGET } else { "M0000001" }.into(),
             purchased_at: "2026-10-20T18:30:00+09:00".into(),
-            sku: "KKT-201".into(),
-            brand: "Kumo Kitchen".into(),
-            manufacturer: "Kumo Denki".into(),
-            category: if buys {
-                "small_appliances"
-            } else {
-                "household"
-            }
-            .into(),
+            sku: "SCH-118".into(),
+            brand: brand.into(),
+            manufacturer: manufacturer.into(),
+            category: category.into(),
             quantity: 1,
-            amount: 12800,
+            amount: 178,
         };
         let summary = ingest_purchases(
             &mut h.analyst(),

@@ -8,8 +8,10 @@
 //! - if an earlier row of the same query and cell had a member set within k − 1 members of this
 //!   one, the earlier values are released again: a set that moved by fewer than k members gives
 //!   the answer it gave before, so "before and after X's purchase" look the same;
-//! - otherwise, if any earlier row (of any query, or earlier in this response) differs from it by
-//!   1 to k − 1 members, the row is withheld: subtracting the two would isolate those members;
+//! - otherwise, if any other earlier row (of any query or cell, or earlier in this response) is
+//!   within k − 1 members of it, the row is withheld: subtracting the two would isolate those
+//!   members. Identical sets count as near too, so that whether a row is withheld never says
+//!   whether two sets are equal or differ by one member;
 //! - otherwise it is released fresh.
 //!
 //! The history also remembers, per query and canonical parameters, every cell ever withheld, and
@@ -73,7 +75,8 @@ pub(crate) enum Verdict {
     /// The same query and cell were released before with a member set within k − 1: release
     /// those values again.
     Repeat(Vec<i64>),
-    /// Another row differs from it by 1 to k − 1 members: withhold it.
+    /// Another row (of another query or cell, or earlier in this response) is within k − 1
+    /// members of it: withhold it.
     Withhold,
 }
 
@@ -105,16 +108,19 @@ impl PartnerHistory {
                 }
             }
         }
+        // Another row within k − 1 members, identical sets included: withholding only the rows
+        // that differ by 1 to k − 1 would itself say whether the two sets are equal (whether the
+        // target is in one and not the other). Rows of the same query and cell returned above.
         let n = fp.size;
         let low = n.saturating_sub(u64::from(k) - 1);
         let high = n + u64::from(k) - 1;
-        let differs_a_little = |other: &Fingerprint| close(other).is_some_and(|d| d >= 1);
+        let near = |other: &Fingerprint| close(other).is_some();
         let in_history = self
             .by_size
             .range(low..=high)
             .flat_map(|(_, rows)| rows)
-            .any(|&i| differs_a_little(&self.rows[i].1));
-        if in_history || pending.iter().any(differs_a_little) {
+            .any(|&i| near(&self.rows[i].1));
+        if in_history || pending.iter().any(near) {
             Verdict::Withhold
         } else {
             Verdict::Fresh
@@ -311,8 +317,9 @@ mod tests {
                 );
                 // Another query's row one member away: withheld.
                 assert_eq!(h.judge("r", 0, &fp(0..101), 10, &[]), Verdict::Withhold);
-                // Identical set in another query: nothing to subtract.
-                assert_eq!(h.judge("r", 0, &fp(0..100), 10, &[]), Verdict::Fresh);
+                // An identical set in another query is withheld too: otherwise withholding would
+                // tell "identical" from "one member apart".
+                assert_eq!(h.judge("r", 0, &fp(0..100), 10, &[]), Verdict::Withhold);
                 // Twenty members away: fresh.
                 assert_eq!(h.judge("r", 0, &fp(0..120), 10, &[]), Verdict::Fresh);
                 // Close to a row earlier in the same response: withheld.
