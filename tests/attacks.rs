@@ -11,21 +11,8 @@ use tonic::Code;
 
 use crate::truth::Truth;
 use crate::util::{
-    Harness, Template, cells, date, list_of, sample_dir, setup_with_templates, text, year,
-};
-
-const TOTAL: Template = Template {
-    id: "test_total",
-    sql: "SELECT COUNT(DISTINCT m.member_key) AS members FROM members m",
-    dimensions: &[],
-    metrics: &["members"],
-};
-
-const BY_GENDER: Template = Template {
-    id: "test_by_gender",
-    sql: "SELECT m.gender, COUNT(DISTINCT m.member_key) AS members FROM members m GROUP BY m.gender",
-    dimensions: &[("gender", "gender")],
-    metrics: &["members"],
+    BY_GENDER, Harness, TOTAL, Template, cells, date, list_of, sample_dir, setup_with_templates,
+    text, year,
 };
 
 fn refused_by_guard(result: Result<RunQueryResponse, tonic::Status>, what: &str) {

@@ -20,8 +20,8 @@ use tonic::Code;
 
 use crate::truth::Truth;
 use crate::util::{
-    Harness, Setup, Template, as_of, cells, date, exact_rules, list_of, relaxed_lists,
-    sample_rules, setup_with_templates, text, year,
+    BY_GENDER, Harness, Setup, TOTAL, Template, as_of, cells, date, exact_rules, list_of,
+    relaxed_lists, sample_rules, setup_with_templates, text, year,
 };
 
 /// The sample's target member.
@@ -305,6 +305,10 @@ async fn list_padding_past_the_minimum_meets_a_noisy_threshold() {
     with.stop().await;
     assert_eq!(false_alarms, 0, "a row of k − 1 members is never released");
     let rate = detected as f64 / buyer_trials as f64;
+    println!(
+        "padded list attack: {detected} of {buyer_trials} buyers found with the noisy threshold \
+         (bound {bound:.3}, p = {p:.3}); {buyer_trials} of {buyer_trials} without"
+    );
     assert!(
         rate <= bound,
         "the attacker found {detected} of {buyer_trials} buyers ({rate:.2}); bound {bound:.2} (p = {p:.3})"
@@ -523,20 +527,6 @@ async fn parameter_trackers_learn_nothing() {
     h.stop().await;
 }
 
-const TOTAL: Template = Template {
-    id: "test_total",
-    sql: "SELECT COUNT(DISTINCT m.member_key) AS members FROM members m",
-    dimensions: &[],
-    metrics: &["members"],
-};
-
-const BY_GENDER: Template = Template {
-    id: "test_by_gender",
-    sql: "SELECT m.gender, COUNT(DISTINCT m.member_key) AS members FROM members m GROUP BY m.gender",
-    dimensions: &[("gender", "gender")],
-    metrics: &["members"],
-};
-
 /// THREATS 4 across responses: a cell withheld in one answer stays withheld in later answers to
 /// the same question, with its complement, so a total minus a later answer cannot recover it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -678,6 +668,10 @@ async fn averaging_repeats_gains_nothing() {
         "without noise every count is exact: averaging is not even needed"
     );
     let (with, cells_released) = rates[1];
+    println!(
+        "averaging: {:.3} of {cells_released} averaged counts exact with sticky noise, {without:.3} without",
+        with
+    );
     let b = sample_rules().contracts["ctr-sakura-2026"]
         .protection
         .noise_scale;

@@ -288,6 +288,22 @@ pub struct Template {
     pub metrics: &'static [&'static str],
 }
 
+/// The members of the partner's audience, in one row.
+pub const TOTAL: Template = Template {
+    id: "test_total",
+    sql: "SELECT COUNT(DISTINCT m.member_key) AS members FROM members m",
+    dimensions: &[],
+    metrics: &["members"],
+};
+
+/// The members of the partner's audience by gender.
+pub const BY_GENDER: Template = Template {
+    id: "test_by_gender",
+    sql: "SELECT m.gender, COUNT(DISTINCT m.member_key) AS members FROM members m GROUP BY m.gender",
+    dimensions: &[("gender", "gender")],
+    metrics: &["members"],
+};
+
 /// The sample setup plus extra templates, open to both sample partners.
 pub fn setup_with_templates(templates: &[Template]) -> (Setup, TempDir) {
     let dir = tempfile::tempdir().unwrap();

@@ -234,7 +234,8 @@ impl std::fmt::Display for BoundValue {
     }
 }
 
-fn bound_date(value: &toml::Value) -> Option<NaiveDate> {
+/// A date bound (`min`, `max`) as the metadata writes it: a `YYYY-MM-DD` string or a TOML date.
+pub fn bound_date(value: &toml::Value) -> Option<NaiveDate> {
     match value {
         toml::Value::String(s) => NaiveDate::parse_from_str(s, "%Y-%m-%d").ok(),
         toml::Value::Datetime(dt) => dt

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 
 use chrono::NaiveDate;
-use cleanroom_core::allowlist::{BoundValue, ParamKind, QueryDef};
+use cleanroom_core::allowlist::{BoundValue, ParamKind, QueryDef, bound_date};
 use cleanroom_core::rules::Rules;
 
 use crate::Result;
@@ -16,13 +16,7 @@ fn invalid(name: &str, message: String) -> crate::Error {
 }
 
 fn date_bound(value: &Option<toml::Value>) -> Option<NaiveDate> {
-    match value {
-        Some(toml::Value::String(s)) => NaiveDate::parse_from_str(s, "%Y-%m-%d").ok(),
-        Some(toml::Value::Datetime(dt)) => dt
-            .date
-            .and_then(|d| NaiveDate::from_ymd_opt(i32::from(d.year), d.month.into(), d.day.into())),
-        _ => None,
-    }
+    value.as_ref().and_then(bound_date)
 }
 
 /// Snaps typed parameters to the query's declared granularity and checks the windows they form.
