@@ -152,7 +152,9 @@ pub async fn run(
             })
             .await,
     );
-    // List differencing (THREATS 2): the same list plus one person is refused outright.
+    // List differencing (THREATS 2): the same list plus one person is accepted as a new version,
+    // but every answer over it is a fresh, noisy, charged release: the difference it could show
+    // is one member, far inside the noise, and each look costs budget.
     let mut plus_one =
         cleanroom_client::read_list(&sample_dir.join("partner_lists/sakura_foods.csv"))?;
     plus_one.push(cleanroom_proto::v1::CustomerRecord {
@@ -160,14 +162,11 @@ pub async fn run(
         attribute: "gold".into(),
         ..Default::default()
     });
-    show_refusal(
-        "Sakura Foods re-uploads its list plus one person",
-        cleanroom_client::upload_list(&mut sakura, false, plus_one)
-            .await
-            .map_err(|e| match e {
-                cleanroom_client::Error::Status(s) => s,
-                other => tonic::Status::unknown(other.to_string()),
-            }),
+    let upload = cleanroom_client::upload_list(&mut sakura, false, plus_one).await?;
+    println!(
+        "  Sakura Foods re-uploads its list plus one person: accepted as list v{}; its answers \
+         are new, noisy and charged like any other",
+        upload.list_version
     );
     // A day tracker (THREATS 3): days 1–10 and 1–9 of June snap to the same month.
     let mut answers = Vec::new();
@@ -240,7 +239,7 @@ async fn withdrawal(
         r.rows
             .iter()
             .filter_map(
-                |row| match row.values.last().and_then(|v| v.kind.as_ref()) {
+                |row| match row.values.get(1).and_then(|v| v.kind.as_ref()) {
                     Some(Kind::IntValue(i)) => Some(*i),
                     _ => None,
                 },
@@ -293,8 +292,8 @@ async fn withdrawal(
     let after = run_overlap(sakura.clone()).await?;
     println!(
         "  40 members withdraw consent (snapshot {} -> {}): matched_overlap released {} -> {} \
-         members (withdrawn members in Sakura's list leave at once; a row that moved by fewer \
-         than k repeats its earlier answer)",
+         members, within noise (withdrawn members in Sakura's list leave at once: new data is a \
+         new, charged answer)",
         before.consent_snapshot_id,
         summary.consent_snapshot_id,
         overlap(&before),
@@ -420,24 +419,29 @@ fn print_result(
         response.audit_id
     );
     if let Some(p) = &response.protection {
-        let scales: Vec<String> = p
-            .noise_scale
+        let intervals: Vec<String> = p
+            .interval95
             .iter()
-            .map(|(m, s)| format!("{m} ±{s}"))
+            .map(|(m, w)| format!("{m} ±{w}"))
             .collect();
-        let budget = if p.mode == "dp" {
+        let cost = if p.fresh {
             format!(
-                "; ε spent {}, {} left this period",
-                p.epsilon_spent, p.epsilon_remaining
+                "this answer cost ε {:.3} (δ {:.1e})",
+                p.epsilon_spent, p.delta_spent
             )
         } else {
-            String::new()
+            "a repeat: served again at no cost".to_string()
         };
         println!(
-            "protection {}: rows need a noisy member count of {}; noise scale {}{budget}",
-            p.mode,
+            "protection: rows need a noisy member count of {}; 95% intervals {}; {cost}; {} of {} \
+             fresh answers used this period (ε {} δ {:.0e} per {} days)",
             p.release_threshold,
-            scales.join(", ")
+            intervals.join(", "),
+            p.answers_used,
+            p.answers_per_period,
+            p.period_epsilon,
+            p.period_delta,
+            p.period_days
         );
     }
 }

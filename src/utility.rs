@@ -18,7 +18,7 @@ use chrono::{DateTime, NaiveDate, Utc};
 use cleanroom_client::{Connection, sample};
 use cleanroom_core::allowlist::{AllowList, BoundValue, QueryDef};
 use cleanroom_core::consent::Requirement;
-use cleanroom_core::rules::{DpSettings, Rules};
+use cleanroom_core::rules::Rules;
 use cleanroom_core::token::MasterSecret;
 use cleanroom_engine::arrow::array::{Array, AsArray};
 use cleanroom_engine::arrow::compute::cast;
@@ -36,45 +36,18 @@ struct Setting {
 
 const SETTINGS: &[Setting] = &[
     Setting {
-        name: "k only (no noise)",
+        name: "sample contracts (Sakura ε=8, Kumo ε=4 per 30 days, 20 answers, δ=1e-6)",
+        apply: |_| {},
+    },
+    Setting {
+        name: "half the answers per period (each answer twice the budget)",
         apply: |rules| {
             for c in rules.contracts.values_mut() {
-                c.protection.noise_scale = 0.0;
-                c.protection.dp = None;
+                c.protection.answers_per_period = (c.protection.answers_per_period / 2).max(1);
             }
         },
-    },
-    Setting {
-        name: "sticky noise (scale 1, margin 2)",
-        apply: |rules| {
-            for c in rules.contracts.values_mut() {
-                c.protection.noise_scale = 1.0;
-                c.protection.threshold_margin = 2;
-                c.protection.dp = None;
-            }
-        },
-    },
-    Setting {
-        name: "DP ε=2/answer, δ=1e-5, 2 rows/member",
-        apply: |rules| dp(rules, 2.0, 2),
-    },
-    Setting {
-        name: "DP ε=8/answer, δ=1e-5, 4 rows/member",
-        apply: |rules| dp(rules, 8.0, 4),
     },
 ];
-
-fn dp(rules: &mut Rules, epsilon: f64, groups: u32) {
-    for c in rules.contracts.values_mut() {
-        c.protection.dp = Some(DpSettings {
-            epsilon_per_query: epsilon,
-            epsilon_budget: 100.0,
-            budget_period_days: 30,
-            delta: 1e-5,
-            max_groups_per_member: groups,
-        });
-    }
-}
 
 /// One measured answer.
 struct Measured {

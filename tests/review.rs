@@ -533,6 +533,6 @@ async fn rules_validate_says_what_a_change_would_do() {
     files.edit(&files.rules(), "k_floor = 10", "k_floor = 1");
     let (ok, out) = validate(&["--rules", proposed.to_str().unwrap()]);
     assert!(!ok, "an invalid proposal fails");
-    assert!(out.contains("k_floor must be between 2 and 50"), "{out}");
+    assert!(out.contains("k_floor must be between 2 and 1000"), "{out}");
     h.stop().await;
 }

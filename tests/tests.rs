@@ -13,9 +13,9 @@ mod vectors;
 mod golden;
 // Consent at query time: withdrawals, old notices, expiry.
 mod consent;
-// Attacks from THREATS.md carried out against the running service (4, 8–11, daily budgets).
+// Attacks from docs/threats.md carried out against the running service (4, 8–11, daily budgets).
 mod attacks;
-// THREATS 1–7 against the guard's defences, with the sample's target member.
+// THREATS 1–7 and 13–15 (docs/threats.md) against the accounted guard, with k − 1 known companions.
 mod privacy;
 // Bad input gets a precise status and leaves nothing half-ingested.
 mod bad_input;

@@ -299,16 +299,18 @@ def format_metadata(response) -> str:
     if hasattr(response, "protection") and response.HasField("protection"):
         p = response.protection
         text = f"protection: {p.mode or 'none'}"
-        if p.noise_scale:
-            text += "; noise scale " + ", ".join(f"{k}={v:g}" for k, v in sorted(p.noise_scale.items()))
+        if p.interval95:
+            text += "; 95% intervals " + ", ".join(f"{k}=±{v}" for k, v in sorted(p.interval95.items()))
         if p.per_member_bound:
             text += "; per-member bound " + ", ".join(f"{k}={v}" for k, v in sorted(p.per_member_bound.items()))
         if p.release_threshold:
             text += f"; release threshold {p.release_threshold:g}"
-        if p.mode == "dp":
-            text += f"; epsilon spent {p.epsilon_spent:g}, remaining {p.epsilon_remaining:g}"
-            if p.budget_resets_at:
-                text += f" (resets {p.budget_resets_at})"
+        text += (
+            f"; epsilon spent {p.epsilon_spent:g}; {p.answers_used} of {p.answers_per_period} fresh answers "
+            f"used (epsilon {p.period_epsilon:g}, delta {p.period_delta:g} per {p.period_days} days)"
+        )
+        if p.budget_resets_at:
+            text += f" (resets {p.budget_resets_at})"
         lines.append(text)
     return "\n".join(lines)
 

@@ -56,7 +56,7 @@ def main(address):
     response = run(request, metadata=[("authorization", f"Bearer {TOKEN}")])
     columns = [c.name for c in response.columns]
     print("columns:", columns, "rows:", len(response.rows), "suppressed:", response.suppressed_rows)
-    assert columns == ["age_band", "category", "buyers", "amount_yen"], columns
+    assert columns == ["age_band", "category", "buyers", "amount_yen", "buyers_ci95", "amount_yen_ci95"], columns
     assert len(response.rows) > 0 and response.effective_k >= 10
     assert all(row.values[2].int_value >= response.effective_k for row in response.rows)
 

@@ -82,7 +82,11 @@ def check_answer(client: cc.PartnerClient, query_id: str, overrides: dict[str, s
     assert response.effective_k >= 10, f"effective k {response.effective_k} below the floor"
 
     columns = [c.name for c in response.columns]
-    expected_columns = [d.name for d in description.dimensions] + list(description.metrics)
+    expected_columns = (
+        [d.name for d in description.dimensions]
+        + list(description.metrics)
+        + [f"{m}_ci95" for m in description.metrics]
+    )
     assert sorted(columns) == sorted(expected_columns), (columns, expected_columns)
 
     frame = cc.to_polars(response)
@@ -96,16 +100,16 @@ def check_answer(client: cc.PartnerClient, query_id: str, overrides: dict[str, s
         for column, a, b in zip(columns, frame_row, typed_row):
             assert same(a, b), f"row {i} column {column}: frame {a!r} != typed {b!r}"
 
-    # Every released row has at least k true buyers; the value shown carries the noise the
-    # response states (none, sticky noise or DP), so allow ten noise scales below k.
+    # Every released row has at least k true buyers and a noisy count at the release threshold;
+    # the value shown is that noisy count.
     assert response.HasField("protection"), "no protection metadata"
     protection = response.protection
-    assert protection.mode in ("none", "noise", "dp"), protection.mode
+    assert protection.mode == "dp", protection.mode
+    assert protection.period_epsilon > 0 and protection.answers_per_period > 0, protection
     if "buyers" in columns:
         at = columns.index("buyers")
-        slack = 10 * protection.noise_scale.get("buyers", 0.0)
-        small = [row for row in rows if row[at] is None or row[at] < response.effective_k - slack]
-        assert not small, f"rows with buyers < k={response.effective_k} (noise scale slack {slack}): {small}"
+        small = [row for row in rows if row[at] is None or row[at] < protection.release_threshold]
+        assert not small, f"rows below the release threshold {protection.release_threshold}: {small}"
     assert response.audit_id, "no audit id"
     assert response.consent_snapshot_id, "no consent snapshot id"
     assert response.list_version >= 1, response.list_version

@@ -14,6 +14,10 @@ use sha2::{Digest, Sha256};
 use crate::rules::Rules;
 use crate::{Error, Result};
 
+/// The largest per-member bound a metric may declare. Noise grows with the bound; beyond this a
+/// released sum would carry no insight, and the guard's exact sampler is sized for it.
+pub const MAX_METRIC_BOUND: u64 = 10_000_000;
+
 /// One allow-listed query, as reviewed.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -55,6 +59,11 @@ pub struct QueryDef {
     /// contribution to it and scales noise by it.
     #[serde(default)]
     pub metric_bounds: BTreeMap<String, u64>,
+    /// The most output rows one member counts in per answer (a member who buys in eight
+    /// categories counts in eight rows of a by-category query). The guard enforces it, capped by
+    /// the contract's own limit, and scales noise with its square root.
+    #[serde(default = "one_row")]
+    pub max_rows_per_member: u32,
     /// Where the file was read from.
     #[serde(skip)]
     pub source: PathBuf,
@@ -65,6 +74,10 @@ pub struct QueryDef {
     /// approval is bound to.
     #[serde(skip)]
     pub content_sha256: String,
+}
+
+fn one_row() -> u32 {
+    1
 }
 
 /// A typed parameter.
@@ -351,7 +364,18 @@ impl QueryDef {
                 _ => {}
             }
         }
+        if !(1..=crate::rules::MAX_ROWS_PER_MEMBER).contains(&self.max_rows_per_member) {
+            return fail(format!(
+                "max_rows_per_member must be between 1 and {}",
+                crate::rules::MAX_ROWS_PER_MEMBER
+            ));
+        }
         for (metric, bound) in &self.metric_bounds {
+            if *bound > MAX_METRIC_BOUND {
+                return fail(format!(
+                    "metric_bounds.{metric} must be at most {MAX_METRIC_BOUND}"
+                ));
+            }
             if !self.metrics.contains(metric) {
                 return fail(format!(
                     "metric_bounds names `{metric}`, which is not a metric"
@@ -361,6 +385,7 @@ impl QueryDef {
                 return fail(format!("metric_bounds.{metric} must be positive"));
             }
         }
+        self.check_noise(rules)?;
         for d in &self.dimensions {
             if !rules.has_domain(&d.domain) {
                 return fail(format!(
@@ -502,6 +527,33 @@ impl QueryDef {
         )
     }
 
+    /// Checks that every contract that may run this query can noise it: each metric's bound, the
+    /// rows per member and the contract's budget give a noise scale the guard can sample. Metrics
+    /// without a bound count members (at most 1 each).
+    fn check_noise(&self, rules: &Rules) -> Result<()> {
+        let bounds: Vec<u64> = self
+            .metrics
+            .iter()
+            .map(|m| self.metric_bounds.get(m).copied().unwrap_or(1))
+            .collect();
+        for (id, contract) in &rules.contracts {
+            if !self.partners.contains(&contract.partner) || !contract.queries.contains(&self.id) {
+                continue;
+            }
+            let rows = self
+                .max_rows_per_member
+                .min(contract.protection.max_rows_per_member);
+            contract
+                .protection
+                .guarantee()
+                .and_then(|g| g.noise_plan(rows, &bounds))
+                .map_err(|e| {
+                    Error::Config(format!("query {} under contract {id}: {e}", self.id))
+                })?;
+        }
+        Ok(())
+    }
+
     /// The metadata that [`QueryDef::canonical_content`] covers, one fact per line, in the words a
     /// reviewer reads in a diff.
     pub fn metadata_lines(&self) -> Vec<String> {
@@ -520,6 +572,7 @@ impl QueryDef {
             format!("contract clause: {}", self.contract_clause.trim()),
             format!("partners: {}", sorted(&self.partners)),
             format!("k: {}", self.k),
+            format!("rows per member: at most {}", self.max_rows_per_member),
         ];
         for p in &self.params {
             let mut line = format!("parameter {}: {}", p.name, p.kind.as_str());

@@ -4,6 +4,7 @@
 //! Everything here is deterministic and pure so that the engine, the server and the command-line
 //! tools all apply exactly the same rules.
 
+pub mod accounting;
 pub mod allowlist;
 pub mod consent;
 pub mod error;

@@ -127,65 +127,70 @@ pub struct Contract {
     pub protection: Protection,
 }
 
-/// The guard's defences for one contract beyond the k threshold (see the README's privacy
-/// promise). Every field has a default, so a contract names only what it changes.
+/// The guard's settings for one contract beyond the k threshold (see the README's privacy
+/// promise). Every answer is a differentially private release with the member as the unit; the
+/// contract states the guarantee it buys per period, and the guard charges every fresh answer
+/// its share. Every field has a default, so a contract names only what it changes.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Protection {
-    /// Matched, consenting members the partner's list must reach before any query answers,
-    /// compared after sticky noise of scale `audience_noise`. Far above k, so that a list of the
-    /// target plus k−1 known members is refused.
+    /// Matched, consenting members the partner's list must reach before a query answers. The
+    /// audience is counted with discrete Gaussian noise, charged as part of every answer.
     #[serde(default = "default_min_audience")]
     pub min_audience: u32,
-    /// Scale of the sticky noise on the audience threshold and on the list-change threshold, so
-    /// that neither refusal tells a partner whether one member matched.
-    #[serde(default = "default_audience_noise")]
-    pub audience_noise: f64,
     /// List versions the partner may upload per `list_window_days`.
     #[serde(default = "default_max_list_versions")]
     pub max_list_versions: u32,
     /// The period `max_list_versions` counts over, in days.
     #[serde(default = "default_list_window_days")]
     pub list_window_days: u32,
-    /// A new list version must differ from every earlier version by at least this many records,
-    /// and a version whose matched members differ from an earlier one's by fewer (after noise) is
-    /// answered as that earlier version: adding one person to a list changes nothing.
-    #[serde(default = "default_min_list_change")]
-    pub min_list_change: u32,
-    /// Sticky noise on every released metric, in units of one member's largest contribution
-    /// (1.0 means a discrete Laplace scale of one member). 0 turns it off. Ignored under `dp`.
-    #[serde(default = "default_noise_scale")]
-    pub noise_scale: f64,
-    /// A row is released only if its member count plus sticky noise (scale `noise_scale`)
-    /// reaches k + this margin, on top of the hard k. Ignored under `dp`.
-    #[serde(default = "default_threshold_margin")]
-    pub threshold_margin: u32,
-    /// Differential privacy: if set, every answer is an (ε, δ)-DP release with the member as the
-    /// privacy unit, and the partner's ε is budgeted.
-    #[serde(default)]
-    pub dp: Option<DpSettings>,
+    /// ε of everything the partner receives over one period, every answer together.
+    #[serde(default = "default_epsilon")]
+    pub epsilon: f64,
+    /// δ of everything the partner receives over one period (half of it pays for the hard k).
+    #[serde(default = "default_delta")]
+    pub delta: f64,
+    /// The period the guarantee and the budget count over, in days (a rolling window).
+    #[serde(default = "default_list_window_days")]
+    pub period_days: u32,
+    /// Fresh answers the period's budget pays for, each costing the same share; repeats of an
+    /// answer already paid for are free.
+    #[serde(default = "default_answers_per_period")]
+    pub answers_per_period: u32,
+    /// The most output rows one member counts in per answer, whatever a query declares.
+    #[serde(default = "default_max_rows_per_member")]
+    pub max_rows_per_member: u32,
 }
 
 impl Default for Protection {
     fn default() -> Self {
         Self {
             min_audience: default_min_audience(),
-            audience_noise: default_audience_noise(),
             max_list_versions: default_max_list_versions(),
             list_window_days: default_list_window_days(),
-            min_list_change: default_min_list_change(),
-            noise_scale: default_noise_scale(),
-            threshold_margin: default_threshold_margin(),
-            dp: None,
+            epsilon: default_epsilon(),
+            delta: default_delta(),
+            period_days: default_list_window_days(),
+            answers_per_period: default_answers_per_period(),
+            max_rows_per_member: default_max_rows_per_member(),
         }
+    }
+}
+
+impl Protection {
+    /// The guarantee these settings buy, and what each answer costs.
+    pub fn guarantee(&self) -> Result<crate::accounting::Guarantee> {
+        crate::accounting::Guarantee::new(
+            self.epsilon,
+            self.delta,
+            self.period_days,
+            self.answers_per_period,
+        )
     }
 }
 
 fn default_min_audience() -> u32 {
     100
-}
-fn default_audience_noise() -> f64 {
-    5.0
 }
 fn default_max_list_versions() -> u32 {
     4
@@ -193,40 +198,17 @@ fn default_max_list_versions() -> u32 {
 fn default_list_window_days() -> u32 {
     30
 }
-fn default_min_list_change() -> u32 {
-    50
+fn default_epsilon() -> f64 {
+    4.0
 }
-fn default_noise_scale() -> f64 {
-    1.0
-}
-fn default_threshold_margin() -> u32 {
-    2
-}
-
-/// Differential-privacy settings of a contract.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DpSettings {
-    /// ε spent by one answer, shared evenly between its metrics and the guard's own member count.
-    pub epsilon_per_query: f64,
-    /// ε the partner may spend per `budget_period_days`.
-    pub epsilon_budget: f64,
-    /// The budget's period, in days.
-    #[serde(default = "default_list_window_days")]
-    pub budget_period_days: u32,
-    /// δ: the chance, per row, that a row below k passes the noisy threshold.
-    #[serde(default = "default_delta")]
-    pub delta: f64,
-    /// The most output rows one member contributes to per answer; further rows drop that member.
-    #[serde(default = "default_max_groups")]
-    pub max_groups_per_member: u32,
-}
-
 fn default_delta() -> f64 {
     1e-6
 }
-fn default_max_groups() -> u32 {
-    4
+fn default_answers_per_period() -> u32 {
+    40
+}
+fn default_max_rows_per_member() -> u32 {
+    8
 }
 
 fn default_key_version() -> u32 {
@@ -325,10 +307,12 @@ pub struct PrincipalEntry {
     pub token_sha256: String,
 }
 
-/// The largest k any floor, contract or query may set. The guard's member-set fingerprints
-/// measure differences of up to `MAX_K − 1` members exactly; a larger k could not be enforced by
-/// the difference check.
-pub const MAX_K: u32 = 50;
+/// The largest k any floor, contract or query may set.
+pub const MAX_K: u32 = 1000;
+
+/// The most output rows a contract or a query may let one member count in per answer: noise
+/// grows with its square root, and a domain wider than this is better asked in parts.
+pub const MAX_ROWS_PER_MEMBER: u32 = 64;
 
 /// The built-in domains the guard knows without configuration.
 pub const BUILTIN_DOMAINS: &[&str] = &["age_band", "prefecture", "gender", "partner_attribute"];
@@ -418,41 +402,18 @@ impl Rules {
                     5 * k
                 ));
             }
-            let scales = [
-                ("audience_noise", protection.audience_noise),
-                ("noise_scale", protection.noise_scale),
-            ];
-            for (name, value) in scales {
-                if !(0.0..=1_000_000.0).contains(&value) {
-                    return fail(format!(
-                        "contracts.{id}.protection.{name} must be between 0 and 1e6"
-                    ));
-                }
-            }
-            if protection.max_list_versions == 0
-                || protection.list_window_days == 0
-                || protection.min_list_change == 0
-            {
+            if protection.max_list_versions == 0 || protection.list_window_days == 0 {
                 return fail(format!(
-                    "contracts.{id}.protection: max_list_versions, list_window_days and \
-                     min_list_change must be positive"
+                    "contracts.{id}.protection: max_list_versions and list_window_days must be positive"
                 ));
             }
-            if let Some(dp) = &protection.dp {
-                let valid = dp.epsilon_per_query > 0.0
-                    && dp.epsilon_per_query <= dp.epsilon_budget
-                    && dp.epsilon_budget <= 100.0
-                    && dp.delta > 0.0
-                    && dp.delta < 0.01
-                    && dp.max_groups_per_member > 0
-                    && dp.budget_period_days > 0;
-                if !valid {
-                    return fail(format!(
-                        "contracts.{id}.protection.dp: need 0 < epsilon_per_query <= \
-                         epsilon_budget <= 100, 0 < delta < 0.01, positive max_groups_per_member \
-                         and budget_period_days"
-                    ));
-                }
+            if !(1..=MAX_ROWS_PER_MEMBER).contains(&protection.max_rows_per_member) {
+                return fail(format!(
+                    "contracts.{id}.protection.max_rows_per_member must be between 1 and {MAX_ROWS_PER_MEMBER}"
+                ));
+            }
+            if let Err(e) = protection.guarantee() {
+                return fail(format!("contracts.{id}.protection: {e}"));
             }
             if let Some(other) = contract_of_partner.insert(&contract.partner, id) {
                 return fail(format!(

@@ -1,42 +1,45 @@
 //! The guard: the one place where the clean room's privacy rules are enforced. Query templates
 //! cannot switch any of it off: it works on the DataFusion `LogicalPlan` of every query and on the
-//! partner's history, whatever the template says.
+//! partner's ledger, whatever the template says.
 //!
-//! [`Guard::run`] is the only function that releases query results. In order, it:
-//! 1. snaps the parameters to the query's declared granularity and minimum window
-//!    ([`params`], THREATS 3);
-//! 2. picks the partner's effective list (a list that changed by fewer than `min_list_change`
-//!    matched members answers as the earlier one) and refuses an audience below the contract's
-//!    noisy minimum ([`lists`], THREATS 1 and 2);
-//! 3. takes one answer from the partner's daily budget ([`budget`], THREATS 7);
-//! 4. plans the SQL against a session holding only the safe views and checks the plan
-//!    ([`plan`], THREATS 8);
-//! 5. computes every output value member by member, clamping each member's contribution to the
-//!    query's declared bounds (and, under DP, to a number of rows per member);
-//! 6. releases under the contract's mode:
-//!    - `noise`: hard k, a noisy threshold above k, the difference check and frozen rows over the
-//!      partner's history ([`history`], THREATS 2, 3, 6), sticky noise on every value (THREATS 5),
-//!      and complementary suppression within the response and across its repeats (THREATS 4);
-//!    - `dp`: (ε, δ)-differential privacy with the member as the unit: exact discrete Laplace
-//!      noise ([`noise`]), a noisy threshold that lets a row below k through with probability at
-//!      most δ, and ε charged to the partner's budget (repeats of an answer already paid are free).
+//! [`Guard::run`] is the only function that releases query results. It reads as its stages:
+//! 1. **snap** the parameters to the query's declared granularity and minimum window
+//!    ([`params`]), and **plan and check** the SQL against the safe views ([`plan`]). Both depend
+//!    only on the request and the allow-list, never on data, so their refusals cost nothing;
+//! 2. **key** the answer by the question and the data's version (ingest and upload counters, the
+//!    day), and serve a stored answer again at no cost ([`answers`]);
+//! 3. **charge** the partner's ledger one answer's ρ, on disk, before anything is computed
+//!    ([`budget`]): a failure afterwards is not given back;
+//! 4. **audience**: the matched, consenting audience, counted with discrete Gaussian noise, must
+//!    reach the contract's minimum;
+//! 5. **execute** the query member by member, each member in at most `rows_per_member` rows and
+//!    each contribution clamped to the metric's declared bound;
+//! 6. **release**: every cell of the output domain gets a discrete Gaussian noisy member count;
+//!    a cell is released only if its true count is at least k *and* its noisy count reaches
+//!    k + τ, and its metrics get discrete Gaussian noise too. Post-processing keeps released
+//!    values plausible (no negative counts or sums, no sum beyond its members' bounds);
+//! 7. **store** the outcome, released or refused, so the same question is answered the same way.
 //!
-//! Withheld rows are reported only as a count over the full output domain, and every decision
-//! about a row below k is the same whether it had no member or k − 1, so a suppressed row never
-//! tells 0 from a few (THREATS 11).
+//! Every decision a partner can observe that depends on member data (the audience refusal, which
+//! cells are released, every value) is a function of the noisy counts of one charged answer: the
+//! answer is ρ-zCDP with the member as the unit, plus the hard k's δ share
+//! (`cleanroom_core::accounting`, `docs/privacy.md`).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use chrono::{DateTime, NaiveDate, NaiveTime, Utc};
+use chrono::{DateTime, FixedOffset, NaiveDate, NaiveTime, Utc};
+use cleanroom_core::accounting::{Guarantee, NoisePlan, cdp_epsilon, interval95};
 use cleanroom_core::allowlist::{BoundValue, QueryDef};
 use cleanroom_core::consent::Requirement;
-use cleanroom_core::rules::{Contract, Protection, Rules};
+use cleanroom_core::rules::{Contract, Rules};
 use cleanroom_core::token::MasterSecret;
 use datafusion::arrow::array::{Array, ArrayRef, AsArray, Int64Array, RecordBatch, StringArray};
 use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, Field, Int64Type, Schema};
+use datafusion::arrow::ipc::reader::StreamReader;
+use datafusion::arrow::ipc::writer::StreamWriter;
 use datafusion::common::{ParamValues, ScalarValue};
 use datafusion::prelude::SessionContext;
 use sha2::{Digest, Sha256};
@@ -45,22 +48,27 @@ use crate::store::{Snapshot, Store};
 use crate::views::{self, SafeViews};
 use crate::{Error, Result};
 
+pub mod answers;
 pub mod budget;
-pub mod fingerprint;
-mod history;
 mod lists;
 pub mod noise;
 pub mod params;
 mod plan;
 
-pub use budget::{Budgets, Charge, EpsilonLedger};
-use fingerprint::Fingerprint;
-use history::{History, Verdict};
+pub use answers::{NoiseReport, Outcome, Release, ReleaseFacts};
+pub use budget::{Budgets, Charge, RhoLedger};
 use lists::Lists;
-use noise::Scale;
 
 /// The largest output domain (product of the dimensions' domain sizes) the guard will enumerate.
 const MAX_DOMAIN_CELLS: usize = 1_000_000;
+
+/// The suffix of the column that carries each metric's 95 % half-width.
+pub const INTERVAL_SUFFIX: &str = "_ci95";
+
+/// The one refusal for a query whose execution failed: the same words whatever the data, and
+/// charged like an answer.
+const EXECUTION_REFUSAL: &str = "this query could not be answered for these parameters; the \
+     answer's privacy cost is charged, and asking again returns this same refusal";
 
 /// What the guard enforces for one query run.
 #[derive(Debug, Clone)]
@@ -76,6 +84,8 @@ pub struct Policy {
     pub metric_bounds: BTreeMap<String, u64>,
     /// Column names no query may touch.
     pub sensitive_columns: BTreeSet<String>,
+    /// The most output rows one member counts in: the query's limit within the contract's.
+    pub rows_per_member: u32,
 }
 
 impl Policy {
@@ -97,6 +107,9 @@ impl Policy {
             metrics: query.metrics.clone(),
             metric_bounds: query.metric_bounds.clone(),
             sensitive_columns: rules.sensitive_column_names(),
+            rows_per_member: query
+                .max_rows_per_member
+                .min(contract.protection.max_rows_per_member),
         }
     }
 
@@ -109,8 +122,8 @@ impl Policy {
     }
 }
 
-/// An earlier call, as the audit trail remembers it: the guard rebuilds its budgets and list
-/// allowances from these, so a restart refills nothing.
+/// An earlier call, as the audit trail remembers it: the guard rebuilds its daily answer counts
+/// and list allowances from these, so a restart refills nothing.
 #[derive(Debug, Clone)]
 pub struct PastCall {
     /// The partner concerned.
@@ -121,8 +134,8 @@ pub struct PastCall {
     pub at: DateTime<Utc>,
     /// Whether it succeeded.
     pub ok: bool,
-    /// Its details (ε spent, answer key).
-    pub details: BTreeMap<String, String>,
+    /// Whether it was a fresh answer (repeats do not count against the daily limit).
+    pub fresh: bool,
 }
 
 /// A query to answer.
@@ -139,66 +152,55 @@ pub struct QueryRequest<'a> {
     pub params: &'a BTreeMap<String, BoundValue>,
     /// The data.
     pub snapshot: &'a Snapshot,
-    /// Where earlier list versions are kept.
-    pub store: &'a Store,
     /// Now.
     pub now: DateTime<Utc>,
 }
 
-/// How an answer was protected, for the partner.
+/// What this call was charged, and what the partner's period has left.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct ProtectionReport {
-    /// `noise`, `dp` or `none`.
-    pub mode: String,
-    /// Per metric: the scale of the discrete Laplace noise on each released value.
-    pub noise_scale: BTreeMap<String, f64>,
-    /// Per metric: the most one member may add to one row.
-    pub per_member_bound: BTreeMap<String, u64>,
-    /// A row's noisy member count must reach this to be released.
-    pub release_threshold: f64,
-    /// ε spent by this answer (DP).
+pub struct ChargeReport {
+    /// Whether the answer was computed now (and charged) rather than served again.
+    pub fresh: bool,
+    /// ρ (zCDP) charged by this call: one answer's share, or 0 for a repeat.
+    pub rho_spent: f64,
+    /// This call alone as (ε, δ)-DP: one answer's guarantee, or 0 for a repeat.
     pub epsilon_spent: f64,
-    /// ε left in the period (DP).
-    pub epsilon_remaining: f64,
-    /// δ (DP).
-    pub delta: f64,
-    /// When the oldest ε spending leaves the period (DP).
+    /// This call's δ (0 for a repeat).
+    pub delta_spent: f64,
+    /// The contract's guarantee per period: ε of every answer together.
+    pub period_epsilon: f64,
+    /// The contract's guarantee per period: δ.
+    pub period_delta: f64,
+    /// The period, in days.
+    pub period_days: u32,
+    /// Fresh answers the period pays for, and how many are used.
+    pub answers_per_period: u32,
+    /// Fresh answers used in the period, this one included.
+    pub answers_used: u32,
+    /// When the oldest charge leaves the period.
     pub budget_resets_at: Option<DateTime<Utc>>,
-    /// The most rows one member is counted in (DP).
-    pub max_groups_per_member: u32,
 }
 
-/// The released part of a query's answer.
+/// A released answer, as the partner receives it.
 #[derive(Debug)]
 pub struct Answer {
-    /// Released rows, in domain order, with the declared output columns only.
+    /// Released rows, in domain order: the declared dimensions and metrics, then each metric's
+    /// 95 % half-width.
     pub batch: RecordBatch,
-    /// The parameters after snapping.
-    pub params: BTreeMap<String, BoundValue>,
-    /// Cells of the output domain not released, for whatever reason.
-    pub suppressed_rows: u64,
-    /// The consent state the answer reflects.
-    pub consent_snapshot_id: String,
-    /// The partner's latest list version (the version actually used is in the audit details).
-    pub list_version: u32,
-    /// How the answer was protected.
-    pub protection: ProtectionReport,
-    /// Facts for the retailer's audit trail only; they must not reach the partner.
-    pub audit: BTreeMap<String, String>,
+    /// The stored release (Arrow IPC bytes, parameters, noise), identical on every repeat.
+    pub release: Release,
+    /// What this call cost.
+    pub charge: ChargeReport,
 }
 
 /// A new version of a partner's list, to be admitted and stored.
 pub struct ListUpload<'a> {
     /// The partner.
     pub partner: &'a str,
-    /// Its contract's id.
-    pub contract_id: &'a str,
     /// Its contract.
     pub contract: &'a Contract,
     /// The hashed list (`ingest::tokens_schema` rows).
     pub tokens: RecordBatch,
-    /// The data, to match the list against.
-    pub snapshot: &'a Snapshot,
     /// Where lists are kept.
     pub store: &'a Store,
     /// Now.
@@ -208,10 +210,9 @@ pub struct ListUpload<'a> {
 /// The guard and the state its defences keep.
 pub struct Guard {
     noise_key: [u8; 32],
-    fingerprint_key: [u8; 32],
-    answers: Budgets,
-    epsilon: EpsilonLedger,
-    history: History,
+    answers_per_day: Budgets,
+    ledger: RhoLedger,
+    answers: answers::Answers,
     lists: Mutex<Lists>,
 }
 
@@ -239,35 +240,6 @@ pub async fn check(ctx: &SessionContext, sql: &str, policy: &Policy) -> Result<(
     plan::check_plan(&plan, policy).map(|_| ())
 }
 
-/// A decimal scale as an exact fraction (thousandths), or `None` for zero.
-fn scale_of(value: f64) -> Option<Scale> {
-    let millis = (value * 1000.0).round();
-    if !(1.0..1e15).contains(&millis) {
-        return None;
-    }
-    Scale::new(millis as u64, 1000)
-}
-
-/// A sticky draw of discrete Laplace noise: the same key and parts give the same draw.
-fn sticky(key: &[u8], parts: &[&[u8]], scale: Option<Scale>) -> i64 {
-    match scale {
-        Some(scale) => noise::discrete_laplace(&mut noise::seeded_rng(key, parts), scale),
-        None => 0,
-    }
-}
-
-/// A digest of a member set (sorted keys), to seed noise that changes when the set changes.
-fn member_digest<'a>(members: impl IntoIterator<Item = &'a i64>) -> [u8; 32] {
-    let mut sorted: Vec<i64> = members.into_iter().copied().collect();
-    sorted.sort_unstable();
-    sorted.dedup();
-    let mut hasher = Sha256::new();
-    for m in sorted {
-        hasher.update(m.to_le_bytes());
-    }
-    hasher.finalize().into()
-}
-
 /// Canonical text of snapped parameters: equal questions have equal keys.
 fn params_key(params: &BTreeMap<String, BoundValue>) -> String {
     params
@@ -277,8 +249,12 @@ fn params_key(params: &BTreeMap<String, BoundValue>) -> String {
         .join(";")
 }
 
-/// Which cells of the domain are released, their values, and how they were protected.
-type Release = (Vec<bool>, Vec<Option<Vec<i64>>>, ProtectionReport);
+/// The retailer's local date at `now`.
+fn local_date(now: DateTime<Utc>, utc_offset_minutes: i32) -> NaiveDate {
+    let offset = FixedOffset::east_opt(utc_offset_minutes * 60)
+        .unwrap_or_else(|| FixedOffset::east_opt(0).expect("zero offset"));
+    now.with_timezone(&offset).date_naive()
+}
 
 /// The output of the per-member plan folded into cells of the output domain.
 struct Cells {
@@ -288,6 +264,8 @@ struct Cells {
     cells: HashMap<usize, CellData>,
     /// Result rows whose dimension values fall outside the declared domain (dropped).
     out_of_domain_rows: u64,
+    /// Members who had more rows than the limit.
+    members_capped: u64,
 }
 
 #[derive(Default)]
@@ -301,122 +279,102 @@ impl Cells {
         self.sizes.iter().product()
     }
 
-    fn size(&self, cell: usize) -> usize {
-        self.cells.get(&cell).map_or(0, |c| c.members.len())
+    fn size(&self, cell: usize) -> i64 {
+        self.cells.get(&cell).map_or(0, |c| c.members.len() as i64)
     }
 }
 
+/// The question being answered, once it passed every check that depends only on the request.
+struct Question<'a> {
+    request: &'a QueryRequest<'a>,
+    contract: &'a Contract,
+    guarantee: Guarantee,
+    policy: Policy,
+    params: BTreeMap<String, BoundValue>,
+    noise: NoisePlan,
+    list: &'a crate::store::PartnerList,
+    key: String,
+}
+
 impl Guard {
-    /// Opens the guard's state in `data_dir/guard`, with keys derived from the master secret and
-    /// budgets rebuilt from earlier calls.
+    /// Opens the guard's state in `data_dir/guard`, with keys derived from the master secret.
     pub fn open(data_dir: &Path, secret: &MasterSecret, past: &[PastCall]) -> Result<Self> {
         let dir = data_dir.join("guard");
-        let ok = |methods: &'static [&'static str]| {
+        std::fs::create_dir_all(&dir)?;
+        let ok = |method: &'static str| {
             past.iter()
-                .filter(move |c| c.ok && methods.contains(&c.method.as_str()))
+                .filter(move |c| c.ok && c.method == method)
+                .map(|c| (c.partner.clone(), c.at))
         };
-        let answers = Budgets::from_history(ok(&["RunQuery"]).map(|c| (c.partner.clone(), c.at)));
-        let epsilon = EpsilonLedger::from_history(ok(&["RunQuery"]).filter_map(|c| {
-            let spent: f64 = c.details.get("epsilon_spent")?.parse().ok()?;
-            let key = c.details.get("answer_key")?.clone();
-            (spent > 0.0).then(|| (c.partner.clone(), c.at, spent, key))
-        }));
-        let history = History::open(dir.clone())?;
-        let lists = Lists::open(
-            dir.join("lists.jsonl"),
-            ok(&["UploadList", "IngestPartnerList"]).map(|c| (c.partner.clone(), c.at)),
-        )?;
+        let answers_per_day = Budgets::from_history(
+            past.iter()
+                .filter(|c| c.ok && c.method == "RunQuery" && c.fresh)
+                .map(|c| (c.partner.clone(), c.at)),
+        );
+        let lists = Lists::open(ok("UploadList").chain(ok("IngestPartnerList")));
         Ok(Self {
             noise_key: secret.guard_key("noise"),
-            fingerprint_key: secret.guard_key("fingerprint"),
-            answers,
-            epsilon,
-            history,
+            answers_per_day,
+            ledger: RhoLedger::open(dir.join("ledger.jsonl"))?,
+            answers: answers::Answers::open(dir.join("answers"))?,
             lists: Mutex::new(lists),
         })
     }
 
-    /// Admits and stores a new version of a partner's list: within the upload allowance, and
-    /// changed enough from every earlier version. Decides which version queries answer it as.
-    /// Returns the new version number.
+    /// Admits and stores a new version of a partner's list, within the upload allowance. Nothing
+    /// about the members it matches is decided or shown here. Returns the new version number.
     pub fn store_list(&self, upload: ListUpload<'_>) -> Result<u32> {
         let protection = &upload.contract.protection;
-        let mut lists = self.lists.lock().expect("list ledger lock poisoned");
-        lists.check_allowance(
+        self.lists.lock().expect("list ledger lock poisoned").take(
             upload.partner,
             protection.max_list_versions,
             protection.list_window_days,
             upload.now,
         )?;
-        let earlier = upload.store.list_versions(upload.partner)?;
-        let new_tokens = lists::tokens(&upload.tokens);
-        let min_change = protection.min_list_change as usize;
-        for (i, old) in earlier.iter().enumerate() {
-            let changed = lists::symmetric_difference(&new_tokens, &lists::tokens(old));
-            if changed > 0 && changed < min_change {
-                return Err(cleanroom_core::Error::Precondition(format!(
-                    "the new list differs from version {} by {changed} records; a new version \
-                     must add or remove at least {min_change} (or repeat it unchanged)",
-                    i + 1
-                ))
-                .into());
-            }
-        }
-        let key_versions = |list: &RecordBatch| -> BTreeSet<u32> {
-            lists::tokens(list).into_iter().map(|(v, _)| v).collect()
-        };
-        let matched_set = |list: &RecordBatch| -> HashSet<i64> {
-            views::matched_members(upload.snapshot, upload.contract_id, list)
-                .into_keys()
-                .collect()
-        };
-        let new_matched = matched_set(&upload.tokens);
-        let new_digest = member_digest(&new_matched);
-        let audience_scale = scale_of(protection.audience_noise);
-        let mut frozen = None;
-        for version in (1..=earlier.len() as u32).rev() {
-            let effective = lists.effective(upload.partner, version);
-            let Some(old) = earlier.get(effective as usize - 1) else {
-                continue;
-            };
-            // A list under another match key cannot stand in for this one.
-            if key_versions(old) != key_versions(&upload.tokens) {
-                continue;
-            }
-            let old_matched = matched_set(old);
-            let changed = new_matched.symmetric_difference(&old_matched).count() as i64;
-            let noise = sticky(
-                &self.noise_key,
-                &[
-                    b"list-freeze",
-                    upload.partner.as_bytes(),
-                    &new_digest,
-                    &member_digest(&old_matched),
-                ],
-                audience_scale,
-            );
-            if changed + noise < i64::from(protection.min_list_change) {
-                frozen = Some(effective);
-                break;
-            }
-        }
-        let version = upload.store.append_list(upload.partner, upload.tokens)?;
-        lists.record(
-            upload.partner,
-            version,
-            frozen.unwrap_or(version),
-            upload.now,
-        )?;
-        Ok(version)
+        upload.store.append_list(upload.partner, upload.tokens)
     }
 
     /// Answers one query. This is the only function that releases query results.
     pub async fn run(&self, request: QueryRequest<'_>) -> Result<Answer> {
+        let question = self.question(&request).await?;
+        let partner = request.partner;
+        if let Some(outcome) = self.answers.get(partner, &question.key)? {
+            let period = question.guarantee.period_days;
+            let (rho_used, resets_at) = self.ledger.usage(partner, period, request.now);
+            let usage = Charge {
+                rho_spent: 0.0,
+                rho_used,
+                resets_at,
+            };
+            return self.serve(&question, outcome, usage);
+        }
+        let charge = self.charge(&question)?;
+        let outcome = match self.compute(&question).await {
+            Ok(outcome) => outcome,
+            Err(Error::Domain(cleanroom_core::Error::Precondition(message))) => {
+                Outcome::Refused(message)
+            }
+            Err(Error::Engine(e)) => {
+                tracing::warn!(query = %request.query.id, error = %e, "execution failed; answered with the fixed refusal");
+                Outcome::Refused(EXECUTION_REFUSAL.into())
+            }
+            // Storage failures are the service's, not the data's: the charge stays, nothing is
+            // stored, and the caller sees an internal error.
+            Err(other) => return Err(other),
+        };
+        self.answers.put(partner, &question.key, &outcome)?;
+        self.serve(&question, outcome, charge)
+    }
+
+    /// Every check that depends only on the request and the allow-list: the contract and its
+    /// guarantee, snapped parameters, the plan, the noise plan, the list, the answer's key.
+    async fn question<'a>(&self, request: &'a QueryRequest<'a>) -> Result<Question<'a>> {
         let rules = request.rules;
         let contract = rules.contracts.get(request.contract_id).ok_or_else(|| {
             cleanroom_core::Error::Precondition("the partner has no contract".into())
         })?;
-        let protection = &contract.protection;
+        let guarantee = contract.protection.guarantee()?;
+        let policy = Policy::for_query(rules, request.query, contract, request.partner);
         let params = params::canonical(request.query, request.params, rules, request.partner)?;
         let Some(list) = request.snapshot.lists.get(request.partner) else {
             return Err(cleanroom_core::Error::Precondition(
@@ -424,29 +382,132 @@ impl Guard {
             )
             .into());
         };
-        let effective_version = self
-            .lists
-            .lock()
-            .expect("list ledger lock poisoned")
-            .effective(request.partner, list.version);
-        let tokens = if effective_version == list.version {
-            Arc::clone(&list.tokens)
-        } else {
-            request
-                .store
-                .list_versions(request.partner)?
-                .get(effective_version as usize - 1)
-                .cloned()
-                .ok_or_else(|| Error::Storage("an earlier list version is missing".into()))?
+        // Planned against views with no rows: the plan and its checks cannot depend on data.
+        let ctx = SafeViews::empty().session()?;
+        let shape = checked_plan(&ctx, request, &params, &policy).await?;
+        let bounds: Vec<u64> = shape
+            .metrics
+            .iter()
+            .filter(|m| !m.member_count)
+            .map(|m| m.bound)
+            .collect();
+        let noise = guarantee.noise_plan(policy.rows_per_member, &bounds)?;
+        let key = self.answer_key(request, &params, list.version);
+        Ok(Question {
+            request,
+            contract,
+            guarantee,
+            policy,
+            params,
+            noise,
+            list,
+            key,
+        })
+    }
+
+    /// The answer's key: the question (partner, query content, snapped parameters) and the data it
+    /// sees (the retailer's data version, the list version, the retailer's day, since consent
+    /// expiries and ages move with it). Every part is a counter or the request itself, never a
+    /// function of member data, so whether a key was seen before says nothing about a member.
+    fn answer_key(
+        &self,
+        request: &QueryRequest<'_>,
+        params: &BTreeMap<String, BoundValue>,
+        list_version: u32,
+    ) -> String {
+        let day = local_date(request.now, request.rules.retailer.utc_offset_minutes);
+        let text = format!(
+            "{}|{}|{}|{}|{}|{}|{}|{}",
+            request.partner,
+            request.contract_id,
+            request.query.id,
+            request.query.content_sha256,
+            params_key(params),
+            request.snapshot.data_version,
+            list_version,
+            day
+        );
+        hex::encode(Sha256::digest(text.as_bytes()))
+    }
+
+    /// Takes a fresh answer from the daily count and its ρ from the period's budget, on disk.
+    fn charge(&self, question: &Question<'_>) -> Result<Charge> {
+        let request = question.request;
+        let g = &question.guarantee;
+        if !self
+            .ledger
+            .paid(request.partner, &question.key, g.period_days, request.now)
+        {
+            self.answers_per_day.take(
+                request.partner,
+                question.contract.max_queries_per_day,
+                request.now,
+            )?;
+        }
+        self.ledger.charge(
+            request.partner,
+            &question.key,
+            g.rho_answer,
+            g.rho_period,
+            g.period_days,
+            request.now,
+        )
+    }
+
+    /// Turns a stored or fresh outcome into the partner's answer, with what this call cost.
+    fn serve(&self, question: &Question<'_>, outcome: Outcome, charge: Charge) -> Result<Answer> {
+        let release = match outcome {
+            Outcome::Released(release) => release,
+            Outcome::Refused(message) => {
+                return Err(cleanroom_core::Error::Precondition(message).into());
+            }
         };
-        let purpose = rules.purposes.get(&contract.purpose).ok_or_else(|| {
-            cleanroom_core::Error::Precondition("the contract's purpose is not configured".into())
-        })?;
+        let batch = decode_ipc(&release.arrow_ipc)?;
+        let g = &question.guarantee;
+        let Charge {
+            rho_spent,
+            rho_used,
+            resets_at,
+        } = charge;
+        let fresh = rho_spent > 0.0;
+        Ok(Answer {
+            batch,
+            release,
+            charge: ChargeReport {
+                fresh,
+                rho_spent,
+                epsilon_spent: if fresh { g.answer_epsilon } else { 0.0 },
+                delta_spent: if fresh { g.answer_delta } else { 0.0 },
+                period_epsilon: g.epsilon,
+                period_delta: g.delta,
+                period_days: g.period_days,
+                answers_per_period: g.answers_per_period,
+                answers_used: (rho_used / g.rho_answer).round() as u32,
+                budget_resets_at: resets_at,
+            },
+        })
+    }
+
+    /// The charged part: audience check, execution, release. Runs only after the charge is on
+    /// disk.
+    async fn compute(&self, question: &Question<'_>) -> Result<Outcome> {
+        let request = question.request;
+        let contract = question.contract;
+        let purpose = request
+            .rules
+            .purposes
+            .get(&contract.purpose)
+            .ok_or_else(|| {
+                cleanroom_core::Error::Precondition(
+                    "the contract's purpose is not configured".into(),
+                )
+            })?;
         let requirement = Requirement {
             min_notice_version: purpose.min_notice_version,
             grant_valid_days: purpose.grant_valid_days,
         };
-        let matched = views::matched_members(request.snapshot, request.contract_id, &tokens);
+        let matched =
+            views::matched_members(request.snapshot, request.contract_id, &question.list.tokens);
         let eligible = views::consented(
             request.snapshot,
             &matched,
@@ -454,256 +515,78 @@ impl Guard {
             &requirement,
             request.now,
         );
-        let audience_noise = sticky(
-            &self.noise_key,
-            &[
-                b"audience",
-                request.partner.as_bytes(),
-                &member_digest(&eligible),
-            ],
-            scale_of(protection.audience_noise),
-        );
-        if eligible.len() as i64 + audience_noise < i64::from(protection.min_audience) {
-            return Err(cleanroom_core::Error::Precondition(format!(
-                "your list's matched, consenting audience is below this contract's minimum of \
-                 about {} members; no query answers until a larger list is uploaded",
-                protection.min_audience
-            ))
-            .into());
-        }
-
-        self.answers
-            .take(request.partner, contract.max_queries_per_day, request.now)?;
-        let mut audit = BTreeMap::from([(
-            "effective_list_version".to_string(),
-            effective_version.to_string(),
-        )]);
-        let answered = self
-            .answer(
-                &request,
-                contract,
-                &params,
-                &matched,
-                &eligible,
-                effective_version,
-                &mut audit,
-            )
-            .await;
-        let (batch, suppressed_rows, report) = match answered {
-            Ok(answer) => answer,
-            Err(e) => {
-                self.answers.give_back(request.partner, request.now);
-                return Err(e);
-            }
-        };
-        Ok(Answer {
-            batch,
-            params,
-            suppressed_rows,
-            consent_snapshot_id: request.snapshot.consent_snapshot_id.clone(),
-            list_version: list.version,
-            protection: report,
-            audit,
-        })
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    async fn answer(
-        &self,
-        request: &QueryRequest<'_>,
-        contract: &Contract,
-        params: &BTreeMap<String, BoundValue>,
-        matched: &HashMap<i64, Option<String>>,
-        eligible: &HashSet<i64>,
-        effective_version: u32,
-        audit: &mut BTreeMap<String, String>,
-    ) -> Result<(RecordBatch, u64, ProtectionReport)> {
-        let rules = request.rules;
-        let query = request.query;
-        let policy = Policy::for_query(rules, query, contract, request.partner);
-        let dp = contract.protection.dp.as_ref();
-        let key = params_key(params);
-        let answer_key = hex::encode(Sha256::digest(
-            format!(
-                "{}|{}|{}|{}|{}|{}",
-                request.partner,
-                query.id,
-                query.content_sha256,
-                key,
-                request.snapshot.data_version,
-                effective_version
-            )
-            .as_bytes(),
-        ));
-        if let Some(dp) = dp {
-            // Refuse before computing anything if the answer cannot be paid for.
-            self.epsilon
-                .charge(request.partner, &answer_key, dp, request.now, true)?;
-        }
-
-        let views = SafeViews::of_audience(request.snapshot, matched, eligible, effective_version)?;
+        self.check_audience(question, eligible.len())?;
+        let views =
+            SafeViews::of_audience(request.snapshot, &matched, &eligible, question.list.version)?;
         let ctx = views.session()?;
-        let plan = plan::plan_sql(&ctx, &query.sql).await?;
-        let values: HashMap<String, ScalarValue> = params
-            .iter()
-            .map(|(k, v)| (k.clone(), bind_value(v, rules.retailer.utc_offset_minutes)))
-            .collect();
-        let plan = plan
-            .with_param_values(ParamValues::from(values))
-            .map_err(|_| {
-                Error::Guard("the query's parameters do not match its placeholders".into())
-            })?;
-        let shape = plan::check_plan(&plan, &policy)?;
+        // Planned again over the real views: the same SQL and schemas give the same checks.
+        let shape = checked_plan(&ctx, request, &question.params, &question.policy).await?;
         let per_member = plan::per_member_plan(&shape)?;
         let batches = ctx
             .execute_logical_plan(per_member)
             .await?
             .collect()
             .await?;
-        let groups_cap = dp.map(|d| d.max_groups_per_member);
-        let cells = self.fold(&batches, &shape, &policy, groups_cap, &answer_key)?;
-        audit.insert(
-            "out_of_domain_rows".into(),
-            cells.out_of_domain_rows.to_string(),
-        );
-        let bounds: Vec<u64> = shape.metrics.iter().map(|m| m.bound).collect();
-        let counts: Vec<bool> = shape.metrics.iter().map(|m| m.count).collect();
-        let per_member_bound = policy
-            .metrics
-            .iter()
-            .cloned()
-            .zip(bounds.iter().copied())
-            .collect();
+        let cells = self.fold(&batches, &shape, question)?;
+        self.release(question, &shape, &cells)
+    }
 
-        let (released, values, mut report) = match dp {
-            Some(dp) => {
-                let (released, values, report) =
-                    self.release_dp(&cells, &policy, dp, &bounds, &counts, &answer_key);
-                let charge =
-                    self.epsilon
-                        .charge(request.partner, &answer_key, dp, request.now, false)?;
-                audit.insert("epsilon_spent".into(), charge.spent.to_string());
-                audit.insert("answer_key".into(), answer_key.clone());
-                let report = ProtectionReport {
-                    epsilon_spent: charge.spent,
-                    epsilon_remaining: charge.remaining,
-                    budget_resets_at: charge.resets_at,
-                    ..report
-                };
-                (released, values, report)
-            }
-            None => self.release_noisy(
-                &cells,
-                &policy,
-                &contract.protection,
-                &bounds,
-                &counts,
-                request,
-                &key,
-                audit,
-            )?,
-        };
-        report.per_member_bound = per_member_bound;
-        let suppressed = released.iter().filter(|r| !**r).count() as u64;
-        let batch = output_batch(&policy, &cells.sizes, &released, &values)?;
-        Ok((batch, suppressed, report))
+    /// The audience check: the matched, consenting audience plus discrete Gaussian noise must
+    /// reach the contract's minimum. Sensitivity 1; its ρ is part of the answer's charge.
+    fn check_audience(&self, question: &Question<'_>, audience: usize) -> Result<()> {
+        let noise = self.draw(&question.key, &[b"audience"], question.noise.audience);
+        let minimum = i64::from(question.contract.protection.min_audience);
+        if (audience as i64).saturating_add(noise) < minimum {
+            return Err(cleanroom_core::Error::Precondition(format!(
+                "your list's matched, consenting audience is below this contract's minimum of \
+                 about {minimum} members (judged with noise, and charged like an answer); no \
+                 query answers until a larger list is uploaded"
+            ))
+            .into());
+        }
+        Ok(())
+    }
+
+    /// One draw of discrete Gaussian noise, keyed by the answer and the mechanism's part: the same
+    /// question on the same data gets the same noise, and nothing else does.
+    fn draw(&self, key: &str, parts: &[&[u8]], variance: u64) -> i64 {
+        let mut all: Vec<&[u8]> = vec![b"gauss/v1", key.as_bytes()];
+        all.extend_from_slice(parts);
+        noise::discrete_gaussian(&mut noise::seeded_rng(&self.noise_key, &all), variance)
     }
 
     /// Folds the per-member rows into cells of the output domain. Each member's contribution to
-    /// a metric in a row is clamped to the metric's bound; under DP, a member counts in at most
-    /// `groups_cap` rows, chosen by a keyed hash so the choice is stable and unguessable.
+    /// a metric in a row is clamped to [0, bound], and a member counts in at most
+    /// `rows_per_member` rows, chosen by a keyed hash so the choice is stable and unguessable.
     fn fold(
         &self,
         batches: &[RecordBatch],
         shape: &plan::Shape,
-        policy: &Policy,
-        groups_cap: Option<u32>,
-        answer_key: &str,
+        question: &Question<'_>,
     ) -> Result<Cells> {
+        let policy = &question.policy;
         let sizes: Vec<usize> = policy.dimensions.iter().map(|(_, d)| d.len()).collect();
         sizes
             .iter()
             .try_fold(1usize, |acc, s| acc.checked_mul(*s))
             .filter(|c| *c <= MAX_DOMAIN_CELLS)
             .ok_or_else(|| Error::Guard("the output domain is too large to protect".into()))?;
-        let positions: Vec<HashMap<&str, usize>> = policy
-            .dimensions
-            .iter()
-            .map(|(_, domain)| {
-                domain
-                    .iter()
-                    .enumerate()
-                    .map(|(i, v)| (v.as_str(), i))
-                    .collect()
-            })
-            .collect();
-        let groups = shape.aggregate.group_expr.len();
-        let mut per_member: HashMap<i64, Vec<(usize, Vec<i64>)>> = HashMap::new();
-        let mut out_of_domain_rows = 0u64;
-        for batch in batches {
-            let dims = shape
-                .dimension_groups
-                .iter()
-                .map(|g| cast(batch.column(*g), &DataType::Utf8))
-                .collect::<std::result::Result<Vec<ArrayRef>, _>>()?;
-            let members = cast(batch.column(groups), &DataType::Int64)?;
-            let members = members.as_primitive::<Int64Type>();
-            let metrics = shape
-                .metrics
-                .iter()
-                .map(|m| cast(batch.column(groups + 1 + m.aggregate), &DataType::Int64))
-                .collect::<std::result::Result<Vec<ArrayRef>, _>>()?;
-            'rows: for row in 0..batch.num_rows() {
-                let mut cell = 0usize;
-                for (d, text) in dims.iter().enumerate() {
-                    let text = text.as_string::<i32>();
-                    let position = text
-                        .is_valid(row)
-                        .then(|| positions[d].get(text.value(row)))
-                        .flatten();
-                    let Some(position) = position else {
-                        out_of_domain_rows += 1;
-                        continue 'rows;
-                    };
-                    cell = cell * sizes[d] + position;
-                }
-                if !members.is_valid(row) {
-                    continue;
-                }
-                let values = metrics
-                    .iter()
-                    .zip(&shape.metrics)
-                    .map(|(column, m)| {
-                        let column = column.as_primitive::<Int64Type>();
-                        let value = if column.is_valid(row) {
-                            column.value(row)
-                        } else {
-                            0
-                        };
-                        let bound = i64::try_from(m.bound).unwrap_or(i64::MAX);
-                        value.clamp(-bound, bound)
-                    })
-                    .collect();
-                per_member
-                    .entry(members.value(row))
-                    .or_default()
-                    .push((cell, values));
-            }
-        }
+        let (per_member, out_of_domain_rows) = per_member_rows(batches, shape, policy, &sizes)?;
+        let cap = policy.rows_per_member as usize;
         let mut cells: HashMap<usize, CellData> = HashMap::new();
+        let mut members_capped = 0;
         for (member, mut rows) in per_member {
-            if let Some(cap) = groups_cap
-                && rows.len() > cap as usize
-            {
+            if rows.len() > cap {
+                members_capped += 1;
                 rows.sort_by_key(|(cell, _)| {
                     let mut h = Sha256::new();
                     h.update(self.noise_key);
-                    h.update(answer_key.as_bytes());
+                    h.update(question.key.as_bytes());
                     h.update(member.to_le_bytes());
                     h.update(cell.to_le_bytes());
                     h.finalize()
                 });
-                rows.truncate(cap as usize);
+                rows.truncate(cap);
             }
             for (cell, values) in rows {
                 let data = cells.entry(cell).or_default();
@@ -724,270 +607,239 @@ impl Guard {
             sizes,
             cells,
             out_of_domain_rows,
+            members_capped,
         })
     }
 
-    /// Releases under sticky noise: hard k, a noisy threshold, the partner's history, sticky
-    /// noise on values, complementary suppression.
-    #[allow(clippy::too_many_arguments)]
-    fn release_noisy(
+    /// The release: a noisy member count for every cell of the domain, the hard k and the noisy
+    /// threshold k + τ, noisy metrics for released cells, then plausibility (post-processing).
+    fn release(
         &self,
+        question: &Question<'_>,
+        shape: &plan::Shape,
         cells: &Cells,
-        policy: &Policy,
-        protection: &Protection,
-        bounds: &[u64],
-        counts: &[bool],
-        request: &QueryRequest<'_>,
-        params_key: &str,
-        audit: &mut BTreeMap<String, String>,
-    ) -> Result<Release> {
+    ) -> Result<Outcome> {
+        let policy = &question.policy;
+        let noise = &question.noise;
         let k = i64::from(policy.k);
+        let threshold = k.saturating_add(i64::try_from(noise.margin).unwrap_or(i64::MAX));
+        let variances = metric_variances(shape, noise);
         let total = cells.count();
-        let threshold_scale = scale_of(protection.noise_scale);
-        let margin = if threshold_scale.is_some() {
-            i64::from(protection.threshold_margin)
-        } else {
-            0
+        let mut facts = ReleaseFacts {
+            out_of_domain_rows: cells.out_of_domain_rows,
+            members_capped: cells.members_capped,
+            ..Default::default()
         };
-        let value_scales: Vec<Option<Scale>> = bounds
-            .iter()
-            .map(|b| scale_of(protection.noise_scale * *b as f64))
-            .collect();
-        let query = request.query.id.as_str();
-        let partner = request.partner.as_bytes();
-        let mut released = vec![false; total];
-        let mut needs_cover = vec![false; total];
-        let mut covers = vec![false; total];
         let mut values: Vec<Option<Vec<i64>>> = vec![None; total];
-        let mut fresh: Vec<(usize, Fingerprint)> = Vec::new();
-        let mut tally: BTreeMap<&str, u64> = BTreeMap::new();
-        self.history.with(request.partner, |history| {
-            let withheld_before = history.withheld(query, params_key);
-            let mut pending: Vec<Fingerprint> = Vec::new();
-            for cell in 0..total {
-                let size = cells.size(cell) as i64;
-                if size < k {
-                    needs_cover[cell] = true;
-                    continue;
-                }
-                if withheld_before.contains(&cell) {
-                    covers[cell] = true;
-                    *tally.entry("withheld_before").or_default() += 1;
-                    continue;
-                }
-                let data = &cells.cells[&cell];
-                let digest = member_digest(&data.members);
-                let cell_bytes = (cell as u64).to_le_bytes();
-                let threshold_noise = sticky(
-                    &self.noise_key,
-                    &[
-                        b"threshold",
-                        partner,
-                        query.as_bytes(),
-                        params_key.as_bytes(),
-                        &cell_bytes,
-                        &digest,
-                    ],
-                    threshold_scale,
-                );
-                if size + threshold_noise < k + margin {
-                    covers[cell] = true;
-                    *tally.entry("noisy_threshold_withheld").or_default() += 1;
-                    continue;
-                }
-                let fp = Fingerprint::of(
-                    &self.fingerprint_key,
-                    data.members.iter().copied(),
-                    history::CAPACITY,
-                );
-                match history.judge(query, cell, &fp, policy.k, &pending) {
-                    Verdict::Repeat(old) => {
-                        released[cell] = true;
-                        values[cell] = Some(old);
-                        *tally.entry("repeated_rows").or_default() += 1;
-                    }
-                    Verdict::Withhold => {
-                        needs_cover[cell] = true;
-                        *tally.entry("difference_withheld").or_default() += 1;
-                    }
-                    Verdict::Fresh => {
-                        let noisy = data
-                            .values
-                            .iter()
-                            .enumerate()
-                            .map(|(m, v)| {
-                                let metric = policy.metrics[m].as_bytes();
-                                let noise = sticky(
-                                    &self.noise_key,
-                                    &[
-                                        b"value",
-                                        partner,
-                                        query.as_bytes(),
-                                        params_key.as_bytes(),
-                                        &cell_bytes,
-                                        metric,
-                                        &digest,
-                                    ],
-                                    value_scales[m],
-                                );
-                                let v = v.saturating_add(noise);
-                                if counts[m] { v.max(0) } else { v }
-                            })
-                            .collect();
-                        released[cell] = true;
-                        values[cell] = Some(noisy);
-                        pending.push(fp.clone());
-                        fresh.push((cell, fp));
-                    }
-                }
+        for (cell, slot) in values.iter_mut().enumerate() {
+            let cell_bytes = (cell as u64).to_le_bytes();
+            let size = cells.size(cell);
+            let noisy_count = size.saturating_add(self.draw(
+                &question.key,
+                &[b"count", &cell_bytes],
+                noise.count,
+            ));
+            if size < k {
+                facts.below_k += 1;
+                continue;
             }
-            let weight: Vec<usize> = (0..total).map(|c| cells.size(c)).collect();
-            let before = released.iter().filter(|r| **r).count();
-            complementary_suppression(
-                &cells.sizes,
-                &needs_cover,
-                &mut covers,
-                &mut released,
-                &weight,
-            );
-            tally.insert(
-                "complementary_withheld",
-                (before - released.iter().filter(|r| **r).count()) as u64,
-            );
-            let rows = fresh
-                .into_iter()
-                .filter(|(cell, _)| released[*cell])
-                .map(|(cell, fp)| {
-                    let row = history::row_record(
-                        query,
-                        params_key,
-                        cell,
-                        &fp,
-                        values[cell].clone().unwrap_or_default(),
-                        request.now,
-                    );
-                    (row, fp)
+            if noisy_count < threshold {
+                facts.below_threshold += 1;
+                continue;
+            }
+            facts.released += 1;
+            let data = &cells.cells[&cell];
+            let released = shape
+                .metrics
+                .iter()
+                .enumerate()
+                .map(|(m, metric)| match variances[m] {
+                    None => noisy_count,
+                    Some(variance) => {
+                        let name = policy.metrics[m].as_bytes();
+                        let raw = data.values[m].saturating_add(self.draw(
+                            &question.key,
+                            &[b"metric", name, &cell_bytes],
+                            variance,
+                        ));
+                        let most = noisy_count
+                            .saturating_mul(i64::try_from(metric.bound).unwrap_or(i64::MAX));
+                        raw.clamp(0, most)
+                    }
                 })
                 .collect();
-            let withheld: BTreeSet<usize> = (0..total).filter(|c| !released[*c]).collect();
-            history.record(rows, query, params_key, withheld)
-        })?;
-        for (name, count) in tally {
-            audit.insert(name.to_string(), count.to_string());
+            *slot = Some(released);
         }
-        let report = ProtectionReport {
-            mode: if threshold_scale.is_some() {
-                "noise"
-            } else {
-                "none"
-            }
-            .into(),
-            noise_scale: policy
-                .metrics
+        let report = self.noise_report(question, shape, &variances, threshold);
+        let batch = output_batch(policy, &cells.sizes, &values, &report)?;
+        let suppressed_rows = (total as u64) - facts.released;
+        Ok(Outcome::Released(Release {
+            arrow_ipc: encode_ipc(&batch)?,
+            suppressed_rows,
+            params: question
+                .params
                 .iter()
-                .zip(&value_scales)
-                .filter_map(|(m, s)| s.map(|s| (m.clone(), s.num as f64 / s.den as f64)))
+                .map(|(k, v)| (k.clone(), v.to_string()))
                 .collect(),
-            release_threshold: (k + margin) as f64,
-            ..Default::default()
-        };
-        Ok((released, values, report))
+            list_version: question.list.version,
+            consent_snapshot_id: question.request.snapshot.consent_snapshot_id.clone(),
+            noise: report,
+            audit: facts,
+        }))
     }
 
-    /// Releases under differential privacy: discrete Laplace noise on the member count and every
-    /// metric, calibrated to the contribution bounds, and a noisy threshold that passes a row
-    /// below k with probability at most δ. The hard k on the true count stays as the contract's
-    /// promise. Noise is seeded by the answer key, so an identical repeat on the same data gets
-    /// the same answer (and costs nothing).
-    fn release_dp(
+    fn noise_report(
         &self,
-        cells: &Cells,
-        policy: &Policy,
-        dp: &cleanroom_core::rules::DpSettings,
-        bounds: &[u64],
-        counts: &[bool],
-        answer_key: &str,
-    ) -> Release {
-        let k = i64::from(policy.k);
-        let total = cells.count();
-        // ε is shared evenly between the metrics and the member count used for thresholding.
-        let shares = bounds.len() as u64 + 1;
-        let epsilon_millis = ((dp.epsilon_per_query * 1000.0).round() as u64).max(1);
-        let groups = u64::from(dp.max_groups_per_member);
-        let count_scale = Scale::new(groups * shares * 1000, epsilon_millis).expect("positive");
-        let value_scales: Vec<Scale> = bounds
-            .iter()
-            .map(|b| Scale::new(groups * b * shares * 1000, epsilon_millis).expect("positive"))
-            .collect();
-        // The smallest margin τ with P(noise ≥ τ) ≤ δ: a row of k − 1 members passes k + τ only
-        // if its noise reaches τ + 1.
-        let tau = (0..)
-            .find(|t| noise::tail_probability(count_scale, *t) <= dp.delta)
-            .unwrap_or(0);
-        let mut released = vec![false; total];
-        let mut values: Vec<Option<Vec<i64>>> = vec![None; total];
-        for cell in 0..total {
-            let Some(data) = cells.cells.get(&cell) else {
-                continue;
-            };
-            let size = data.members.len() as i64;
-            let cell_bytes = (cell as u64).to_le_bytes();
-            let noisy_count = size
-                + sticky(
-                    &self.noise_key,
-                    &[b"dp-count", answer_key.as_bytes(), &cell_bytes],
-                    Some(count_scale),
-                );
-            if size < k || noisy_count < k + tau {
-                continue;
-            }
-            released[cell] = true;
-            values[cell] = Some(
-                data.values
-                    .iter()
-                    .enumerate()
-                    .map(|(m, v)| {
-                        let noise = sticky(
-                            &self.noise_key,
-                            &[
-                                b"dp-value",
-                                answer_key.as_bytes(),
-                                &cell_bytes,
-                                policy.metrics[m].as_bytes(),
-                            ],
-                            Some(value_scales[m]),
-                        );
-                        let v = v.saturating_add(noise);
-                        if counts[m] { v.max(0) } else { v }
-                    })
-                    .collect(),
-            );
-        }
-        let report = ProtectionReport {
-            mode: "dp".into(),
-            noise_scale: policy
+        question: &Question<'_>,
+        shape: &plan::Shape,
+        variances: &[Option<u64>],
+        threshold: i64,
+    ) -> NoiseReport {
+        let policy = &question.policy;
+        let noise = &question.noise;
+        let variance_of = |m: usize| variances[m].unwrap_or(noise.count);
+        NoiseReport {
+            noise_sd: (0..policy.metrics.len())
+                .map(|m| (policy.metrics[m].clone(), (variance_of(m) as f64).sqrt()))
+                .collect(),
+            interval95: (0..policy.metrics.len())
+                .map(|m| (policy.metrics[m].clone(), interval95(variance_of(m))))
+                .collect(),
+            per_member_bound: policy
                 .metrics
                 .iter()
-                .zip(&value_scales)
-                .map(|(m, s)| (m.clone(), s.num as f64 / s.den as f64))
+                .cloned()
+                .zip(shape.metrics.iter().map(|m| m.bound))
                 .collect(),
-            release_threshold: (k + tau) as f64,
-            delta: dp.delta,
-            max_groups_per_member: dp.max_groups_per_member,
-            ..Default::default()
-        };
-        (released, values, report)
+            rows_per_member: noise.rows_per_member,
+            k: policy.k,
+            release_threshold: threshold as u64,
+        }
     }
 }
 
-/// The released rows as a batch: dimension values from the domain, metric values as released.
+/// Plans a query's SQL in `ctx`, binds its snapped parameters and checks the plan.
+async fn checked_plan(
+    ctx: &SessionContext,
+    request: &QueryRequest<'_>,
+    params: &BTreeMap<String, BoundValue>,
+    policy: &Policy,
+) -> Result<plan::Shape> {
+    let plan = plan::plan_sql(ctx, &request.query.sql).await?;
+    let offset = request.rules.retailer.utc_offset_minutes;
+    let values: HashMap<String, ScalarValue> = params
+        .iter()
+        .map(|(k, v)| (k.clone(), bind_value(v, offset)))
+        .collect();
+    let plan = plan
+        .with_param_values(ParamValues::from(values))
+        .map_err(|_| Error::Guard("the query's parameters do not match its placeholders".into()))?;
+    plan::check_plan(&plan, policy)
+}
+
+/// Each metric's noise variance, in shape order: `None` for a count of the cell's members, which
+/// is released as the noisy member count itself.
+fn metric_variances(shape: &plan::Shape, noise: &NoisePlan) -> Vec<Option<u64>> {
+    let mut noisy = noise.metrics.iter();
+    shape
+        .metrics
+        .iter()
+        .map(|m| {
+            if m.member_count {
+                None
+            } else {
+                noisy.next().copied()
+            }
+        })
+        .collect()
+}
+
+/// A member's rows: the cell each falls in, and its clamped metric values.
+type MemberRows = HashMap<i64, Vec<(usize, Vec<i64>)>>;
+
+/// Reads the per-member plan's output: for every member, the cells it falls in and its values
+/// there, each clamped to [0, bound]. Rows outside the declared domain are dropped and counted.
+fn per_member_rows(
+    batches: &[RecordBatch],
+    shape: &plan::Shape,
+    policy: &Policy,
+    sizes: &[usize],
+) -> Result<(MemberRows, u64)> {
+    let positions: Vec<HashMap<&str, usize>> = policy
+        .dimensions
+        .iter()
+        .map(|(_, domain)| {
+            domain
+                .iter()
+                .enumerate()
+                .map(|(i, v)| (v.as_str(), i))
+                .collect()
+        })
+        .collect();
+    let groups = shape.aggregate.group_expr.len();
+    let mut per_member: MemberRows = HashMap::new();
+    let mut out_of_domain_rows = 0u64;
+    for batch in batches {
+        let dims = shape
+            .dimension_groups
+            .iter()
+            .map(|g| cast(batch.column(*g), &DataType::Utf8))
+            .collect::<std::result::Result<Vec<ArrayRef>, _>>()?;
+        let members = cast(batch.column(groups), &DataType::Int64)?;
+        let members = members.as_primitive::<Int64Type>();
+        let metrics = shape
+            .metrics
+            .iter()
+            .map(|m| cast(batch.column(groups + 1 + m.aggregate), &DataType::Int64))
+            .collect::<std::result::Result<Vec<ArrayRef>, _>>()?;
+        'rows: for row in 0..batch.num_rows() {
+            let mut cell = 0usize;
+            for (d, text) in dims.iter().enumerate() {
+                let text = text.as_string::<i32>();
+                let position = text
+                    .is_valid(row)
+                    .then(|| positions[d].get(text.value(row)))
+                    .flatten();
+                let Some(position) = position else {
+                    out_of_domain_rows += 1;
+                    continue 'rows;
+                };
+                cell = cell * sizes[d] + position;
+            }
+            if !members.is_valid(row) {
+                continue;
+            }
+            let values = metrics
+                .iter()
+                .zip(&shape.metrics)
+                .map(|(column, m)| {
+                    let column = column.as_primitive::<Int64Type>();
+                    let value = if column.is_valid(row) {
+                        column.value(row)
+                    } else {
+                        0
+                    };
+                    value.clamp(0, i64::try_from(m.bound).unwrap_or(i64::MAX))
+                })
+                .collect();
+            per_member
+                .entry(members.value(row))
+                .or_default()
+                .push((cell, values));
+        }
+    }
+    Ok((per_member, out_of_domain_rows))
+}
+
+/// The released rows as a batch: dimension values from the domain, metric values as released,
+/// then each metric's 95 % half-width.
 fn output_batch(
     policy: &Policy,
     sizes: &[usize],
-    released: &[bool],
     values: &[Option<Vec<i64>>],
+    report: &NoiseReport,
 ) -> Result<RecordBatch> {
-    let cells: Vec<usize> = (0..released.len()).filter(|c| released[*c]).collect();
+    let cells: Vec<usize> = (0..values.len()).filter(|c| values[*c].is_some()).collect();
     let mut fields = Vec::new();
     let mut columns: Vec<ArrayRef> = Vec::new();
     for (d, (name, domain)) in policy.dimensions.iter().enumerate() {
@@ -1004,7 +856,17 @@ fn output_batch(
             .iter()
             .map(|c| values[*c].as_ref().map(|v| v[m]))
             .collect();
-        fields.push(Field::new(name, DataType::Int64, true));
+        fields.push(Field::new(name, DataType::Int64, false));
+        columns.push(Arc::new(column));
+    }
+    for name in &policy.metrics {
+        let width = i64::try_from(report.interval95[name]).unwrap_or(i64::MAX);
+        let column = Int64Array::from(vec![width; cells.len()]);
+        fields.push(Field::new(
+            format!("{name}{INTERVAL_SUFFIX}"),
+            DataType::Int64,
+            false,
+        ));
         columns.push(Arc::new(column));
     }
     Ok(RecordBatch::try_new(
@@ -1013,87 +875,37 @@ fn output_batch(
     )?)
 }
 
-/// Complementary suppression along every dimension. For each line of the grid (all cells that
-/// share every coordinate but one): if it withholds a cell that needs cover (fewer than k members,
-/// or withheld by the difference check) and no withheld cell that gives cover (at least k members),
-/// the released cell with the fewest members is withheld too and gives cover from then on. A
-/// line's total minus its released cells then sums a group of at least k members that cannot be
-/// split back into the small cells.
-///
-/// The rule looks only at which cells are below k, never at how far below: a cell with no member
-/// and a cell with k − 1 lead to the same decisions.
-fn complementary_suppression(
-    sizes: &[usize],
-    needs_cover: &[bool],
-    covers: &mut [bool],
-    released: &mut [bool],
-    weight: &[usize],
-) {
-    let cells = released.len();
-    loop {
-        let mut changed = false;
-        for (d, &size) in sizes.iter().enumerate() {
-            let stride: usize = sizes[d + 1..].iter().product();
-            for base in (0..cells).filter(|c| (c / stride).is_multiple_of(size)) {
-                let line = (0..size).map(|j| base + j * stride);
-                let exposed = line.clone().any(|c| !released[c] && needs_cover[c]);
-                let covered = line.clone().any(|c| !released[c] && covers[c]);
-                if exposed
-                    && !covered
-                    && let Some(c) = line
-                        .filter(|c| released[*c])
-                        .min_by_key(|c| (weight[*c], *c))
-                {
-                    released[c] = false;
-                    covers[c] = true;
-                    changed = true;
-                }
-            }
-        }
-        if !changed {
-            return;
-        }
+/// A batch as Arrow IPC stream bytes.
+pub fn encode_ipc(batch: &RecordBatch) -> Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    {
+        let mut writer = StreamWriter::try_new(&mut bytes, &batch.schema())?;
+        writer.write(batch)?;
+        writer.finish()?;
     }
+    Ok(bytes)
+}
+
+fn decode_ipc(bytes: &[u8]) -> Result<RecordBatch> {
+    let reader = StreamReader::try_new(std::io::Cursor::new(bytes), None)?;
+    let schema = reader.schema();
+    let batches = reader.collect::<std::result::Result<Vec<_>, _>>()?;
+    Ok(datafusion::arrow::compute::concat_batches(
+        &schema, &batches,
+    )?)
+}
+
+/// The period's privacy used so far, as ε at the contract's δ (for reports).
+pub fn epsilon_used(guarantee: &Guarantee, answers_used: u32) -> f64 {
+    cdp_epsilon(
+        guarantee.rho_answer * f64::from(answers_used),
+        guarantee.delta / 2.0,
+    )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn suppress(sizes: &[usize], counts: &[usize], k: usize) -> Vec<bool> {
-        let mut released: Vec<bool> = counts.iter().map(|c| *c >= k).collect();
-        let needs: Vec<bool> = counts.iter().map(|c| *c < k).collect();
-        let mut covers = vec![false; counts.len()];
-        complementary_suppression(sizes, &needs, &mut covers, &mut released, counts);
-        released
-    }
-
-    #[test]
-    fn one_small_cell_takes_the_smallest_released_cell_with_it() {
-        assert_eq!(
-            suppress(&[4], &[3, 50, 12, 40], 10),
-            [false, true, false, true]
-        );
-    }
-
-    #[test]
-    fn zero_and_small_cells_lead_to_the_same_decisions() {
-        let decide = |small: usize| suppress(&[3, 3], &[small, 50, 12, 40, 0, 33, 80, 45, 61], 10);
-        let with_zero = decide(0);
-        assert!(with_zero.iter().any(|r| *r), "something is still released");
-        for small in 1..10 {
-            assert_eq!(decide(small), with_zero, "small = {small}");
-        }
-    }
-
-    #[test]
-    fn a_withheld_cell_of_k_or_more_already_covers_its_line() {
-        let mut released = vec![false, true, false, true];
-        let needs = vec![true, false, false, false];
-        let mut covers = vec![false, false, true, false];
-        complementary_suppression(&[4], &needs, &mut covers, &mut released, &[3, 50, 20, 40]);
-        assert_eq!(released, [false, true, false, true]);
-    }
 
     #[test]
     fn dates_bind_as_local_midnight() {
@@ -1108,9 +920,11 @@ mod tests {
     }
 
     #[test]
-    fn scales_are_exact_thousandths() {
-        assert_eq!(scale_of(2.5), Scale::new(5, 2));
-        assert_eq!(scale_of(0.0), None);
-        assert_eq!(scale_of(-1.0), None);
+    fn the_retailers_day_turns_at_local_midnight() {
+        let at = DateTime::parse_from_rfc3339("2026-03-31T15:30:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        assert_eq!(local_date(at, 540).to_string(), "2026-04-01");
+        assert_eq!(local_date(at, 0).to_string(), "2026-03-31");
     }
 }

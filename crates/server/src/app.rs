@@ -149,7 +149,12 @@ impl App {
                         .ok()?
                         .with_timezone(&Utc),
                     ok: r.entry.outcome == "ok",
-                    details: r.entry.details.clone().unwrap_or_default(),
+                    fresh: r
+                        .entry
+                        .details
+                        .as_ref()
+                        .and_then(|d| d.get("fresh"))
+                        .is_none_or(|f| f == "true"),
                 })
             })
             .collect();

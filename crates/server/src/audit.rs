@@ -36,8 +36,6 @@ pub struct Entry {
     pub rows_released: Option<u64>,
     /// Cells of the output domain withheld.
     pub rows_suppressed: Option<u64>,
-    /// Of those, cells withheld only to protect others.
-    pub complementary_suppressed: Option<u64>,
     /// Result rows dropped because a dimension value fell outside its declared domain.
     pub out_of_domain_rows: Option<u64>,
     /// Consent snapshot the call used or produced.

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use cleanroom_core::allowlist::{BoundValue, ParamKind, QueryDef, RawValue};
 use cleanroom_core::rules::{Contract, Role};
-use cleanroom_engine::guard::{ListUpload, QueryRequest};
+use cleanroom_engine::guard::{Answer, ListUpload, QueryRequest};
 use cleanroom_engine::ingest::{self, ListInput};
 use cleanroom_proto::v1::partner_service_server::PartnerService;
 use cleanroom_proto::v1::{
@@ -198,11 +198,16 @@ impl PartnerApi {
                 Some(param_value::Kind::IntValue(i)) => RawValue::Int(i),
                 Some(param_value::Kind::DateValue(d)) => RawValue::Date(d),
                 None => {
-                    return Err(cleanroom_core::Error::Input(format!(
-                        "parameter `{}`: no value",
-                        shown(&name)
-                    ))
-                    .into());
+                    // Name the parameter only by its declared spelling: the caller's own text is
+                    // never echoed.
+                    let message = match query.params.iter().find(|p| p.name == name) {
+                        Some(spec) => format!("parameter `{}`: no value", spec.name),
+                        None => format!(
+                            "query {} got a parameter it does not declare, with no value",
+                            query.id
+                        ),
+                    };
+                    return Err(cleanroom_core::Error::Input(message).into());
                 }
             };
             raw.insert(name, value);
@@ -221,7 +226,6 @@ impl PartnerApi {
                 contract_id: &call.contract_id,
                 params: &bound,
                 snapshot: &snapshot,
-                store: &self.app.store,
                 now,
             })
             .await;
@@ -233,52 +237,28 @@ impl PartnerApi {
                 return Err(e.into());
             }
         };
-        entry.params = Some(params_json(&answer.params));
-        entry.list_version = Some(answer.list_version);
+        let release = &answer.release;
+        entry.params = Some(serde_json::json!(release.params));
+        entry.list_version = Some(release.list_version);
         entry.rows_released = Some(answer.batch.num_rows() as u64);
-        entry.rows_suppressed = Some(answer.suppressed_rows);
-        entry.complementary_suppressed = answer
-            .audit
-            .get("complementary_withheld")
-            .and_then(|n| n.parse().ok());
-        entry.out_of_domain_rows = answer
-            .audit
-            .get("out_of_domain_rows")
-            .and_then(|n| n.parse().ok());
-        entry.details = Some(answer.audit.clone());
+        entry.rows_suppressed = Some(release.suppressed_rows);
+        entry.out_of_domain_rows = Some(release.audit.out_of_domain_rows);
+        entry.details = Some(release_details(&answer));
         let (columns, rows) = crate::results::rows(&answer.batch)?;
-        let report = &answer.protection;
         Ok(RunQueryResponse {
             query_id: query.id.clone(),
             query_version: query.version,
             columns,
             rows,
-            arrow_ipc: crate::results::arrow_ipc(&answer.batch)?,
-            suppressed_rows: answer.suppressed_rows,
+            arrow_ipc: release.arrow_ipc.clone(),
+            suppressed_rows: release.suppressed_rows,
             effective_k: rules.effective_k(contract, query.k),
-            consent_snapshot_id: answer.consent_snapshot_id.clone(),
-            list_version: answer.list_version,
+            consent_snapshot_id: release.consent_snapshot_id.clone(),
+            list_version: release.list_version,
             audit_id: String::new(),
-            elapsed_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
-            effective_params: answer
-                .params
-                .iter()
-                .map(|(k, v)| (k.clone(), v.to_string()))
-                .collect(),
-            protection: Some(Protection {
-                mode: report.mode.clone(),
-                noise_scale: report.noise_scale.clone(),
-                per_member_bound: report.per_member_bound.clone(),
-                release_threshold: report.release_threshold,
-                epsilon_spent: report.epsilon_spent,
-                epsilon_remaining: report.epsilon_remaining,
-                delta: report.delta,
-                budget_resets_at: report
-                    .budget_resets_at
-                    .map(|t| t.to_rfc3339())
-                    .unwrap_or_default(),
-                max_groups_per_member: report.max_groups_per_member,
-            }),
+            elapsed_ms: coarse_millis(started.elapsed()),
+            effective_params: release.params.clone(),
+            protection: Some(protection(&answer)),
         })
     }
 
@@ -337,13 +317,10 @@ pub(crate) fn store_list(
     if report.accepted == 0 {
         return Err(cleanroom_core::Error::Input("the upload has no valid record".into()).into());
     }
-    let snapshot = app.store.snapshot();
     let version = app.guard.store_list(ListUpload {
         partner: partner_id,
-        contract_id,
         contract,
         tokens: batch,
-        snapshot: &snapshot,
         store: &app.store,
         now: app.clock.now(),
     })?;
@@ -438,6 +415,65 @@ impl PartnerService for PartnerApi {
         let result = self.upload(request, &mut entry).await;
         self.app.finish(entry, result)
     }
+}
+
+/// Server time rounded up to a multiple of 250 ms: coarse enough that it says little about the
+/// data or about other partners' load.
+fn coarse_millis(elapsed: std::time::Duration) -> u64 {
+    let millis = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX);
+    millis.div_ceil(250).max(1).saturating_mul(250)
+}
+
+/// How an answer was protected and what it cost, as the partner reads it.
+fn protection(answer: &Answer) -> Protection {
+    let noise = &answer.release.noise;
+    let charge = &answer.charge;
+    Protection {
+        mode: "dp".into(),
+        noise_sd: noise.noise_sd.clone(),
+        per_member_bound: noise.per_member_bound.clone(),
+        release_threshold: noise.release_threshold,
+        interval95: noise.interval95.clone(),
+        rows_per_member: noise.rows_per_member,
+        fresh: charge.fresh,
+        rho_spent: charge.rho_spent,
+        epsilon_spent: charge.epsilon_spent,
+        delta_spent: charge.delta_spent,
+        period_epsilon: charge.period_epsilon,
+        period_delta: charge.period_delta,
+        period_days: charge.period_days,
+        answers_per_period: charge.answers_per_period,
+        answers_used: charge.answers_used,
+        budget_resets_at: charge
+            .budget_resets_at
+            .map(|t| t.to_rfc3339())
+            .unwrap_or_default(),
+    }
+}
+
+/// What the guard enforced and decided, for the retailer's audit trail (never the partner).
+fn release_details(answer: &Answer) -> BTreeMap<String, String> {
+    let facts = &answer.release.audit;
+    let noise = &answer.release.noise;
+    let charge = &answer.charge;
+    BTreeMap::from([
+        ("fresh".into(), charge.fresh.to_string()),
+        ("rho_spent".into(), charge.rho_spent.to_string()),
+        ("epsilon_spent".into(), charge.epsilon_spent.to_string()),
+        ("delta_spent".into(), charge.delta_spent.to_string()),
+        ("k".into(), noise.k.to_string()),
+        (
+            "release_threshold".into(),
+            noise.release_threshold.to_string(),
+        ),
+        ("cells_released".into(), facts.released.to_string()),
+        ("cells_below_k".into(), facts.below_k.to_string()),
+        (
+            "cells_below_threshold".into(),
+            facts.below_threshold.to_string(),
+        ),
+        ("members_capped".into(), facts.members_capped.to_string()),
+    ])
 }
 
 /// Checked parameters as the audit trail keeps them.

@@ -705,9 +705,6 @@ fn audit_record(r: &Record) -> AuditRecord {
         _ => BTreeMap::new(),
     };
     let mut details = e.details.clone().unwrap_or_default();
-    if let Some(n) = e.complementary_suppressed {
-        details.insert("complementary_suppressed".into(), n.to_string());
-    }
     if let Some((received, accepted)) = e.records {
         details.insert(
             "records".into(),

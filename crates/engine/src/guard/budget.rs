@@ -1,14 +1,23 @@
-//! Budgets against reconstruction (THREATS 7): how many answers each partner receives per rolling
-//! day, and, under a differential-privacy contract, how much ε it spends per period. Both ledgers
-//! are rebuilt from the audit trail at start-up, so a restart refills nothing.
+//! The partner's ledgers: how many answers it receives per rolling day, and how much privacy
+//! (ρ, zero-concentrated DP) its fresh answers spent over the contract's period.
+//!
+//! The ρ ledger is the guard's own file, `data_dir/guard/ledger.jsonl`: a charge is appended and
+//! synced to disk *before* the answer is computed, so neither a failed execution nor a crash gives
+//! budget back. A charge is keyed by the answer it pays for; asking the same question of the same
+//! data again finds the key and costs nothing. The key names the question and the data's version
+//! (counters of ingests and uploads, never their content), so whether an answer is a repeat says
+//! nothing about any member.
 
 use std::collections::{HashMap, VecDeque};
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::path::PathBuf;
 use std::sync::Mutex;
 
 use chrono::{DateTime, Duration, Utc};
-use cleanroom_core::rules::DpSettings;
+use serde::{Deserialize, Serialize};
 
-use crate::Result;
+use crate::{Error, Result};
 
 /// The window the answer budget counts over.
 const ANSWER_WINDOW_HOURS: i64 = 24;
@@ -35,8 +44,7 @@ impl Budgets {
     }
 
     /// Takes one answer from the partner's budget, or refuses with the time the next answer
-    /// becomes possible. Checking and taking is one step, so parallel calls cannot overspend;
-    /// [`Budgets::give_back`] returns it if no answer is released after all.
+    /// becomes possible. Checking and taking is one step, so parallel calls cannot overspend.
     pub fn take(&self, partner: &str, limit: Option<u32>, now: DateTime<Utc>) -> Result<()> {
         let mut answered = self.answered.lock().expect("budget lock poisoned");
         let times = answered.entry(partner.to_string()).or_default();
@@ -59,111 +67,154 @@ impl Budgets {
         times.push_back(now);
         Ok(())
     }
-
-    /// Returns an answer taken by [`Budgets::take`] that was not released.
-    pub fn give_back(&self, partner: &str, now: DateTime<Utc>) {
-        let mut answered = self.answered.lock().expect("budget lock poisoned");
-        if let Some(times) = answered.get_mut(partner)
-            && let Some(position) = times.iter().rposition(|t| *t == now)
-        {
-            times.remove(position);
-        }
-    }
 }
 
-/// One spending of ε.
-#[derive(Debug, Clone)]
+/// One charge of ρ, as the ledger file keeps it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct Spend {
+    partner: String,
     at: DateTime<Utc>,
-    epsilon: f64,
-    /// What was answered: the same key answered again in the period costs nothing.
+    rho: f64,
+    /// The answer paid for.
     key: String,
 }
 
-/// What charging an answer cost and left.
+/// What an answer cost and what it left.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Charge {
-    /// ε this answer spent: 0 when it repeats an answer already paid for in the period.
-    pub spent: f64,
-    /// ε left in the period after it.
-    pub remaining: f64,
+    /// ρ this answer spent: 0 when it was already paid for.
+    pub rho_spent: f64,
+    /// ρ spent in the period, this answer included.
+    pub rho_used: f64,
     /// When the oldest spending in the period stops counting.
     pub resets_at: Option<DateTime<Utc>>,
 }
 
-/// ε each partner spent, for contracts under differential privacy.
-#[derive(Debug, Default)]
-pub struct EpsilonLedger {
+/// ρ each partner spent, persisted.
+#[derive(Debug)]
+pub struct RhoLedger {
+    path: PathBuf,
     spent: Mutex<HashMap<String, Vec<Spend>>>,
 }
 
-impl EpsilonLedger {
-    /// Rebuilds the ledger from earlier answers (partner, time, ε, key).
-    pub fn from_history(
-        history: impl IntoIterator<Item = (String, DateTime<Utc>, f64, String)>,
-    ) -> Self {
+fn storage(e: impl std::fmt::Display) -> Error {
+    Error::Storage(format!("privacy ledger: {e}"))
+}
+
+impl RhoLedger {
+    /// Opens the ledger file (or starts an empty one).
+    pub fn open(path: PathBuf) -> Result<Self> {
         let mut spent: HashMap<String, Vec<Spend>> = HashMap::new();
-        for (partner, at, epsilon, key) in history {
-            spent
-                .entry(partner)
-                .or_default()
-                .push(Spend { at, epsilon, key });
+        if path.exists() {
+            for line in std::fs::read_to_string(&path).map_err(storage)?.lines() {
+                if line.trim().is_empty() {
+                    continue;
+                }
+                let spend: Spend = serde_json::from_str(line).map_err(storage)?;
+                spent.entry(spend.partner.clone()).or_default().push(spend);
+            }
         }
-        Self {
+        Ok(Self {
+            path,
             spent: Mutex::new(spent),
-        }
+        })
     }
 
-    /// Charges `epsilon` for the answer `key`, unless the same answer was paid for within the
-    /// period; refuses with the time budget returns if the period's budget cannot cover it.
-    /// With `dry_run`, only checks.
+    /// Whether the answer `key` was paid for within the period.
+    pub fn paid(&self, partner: &str, key: &str, period_days: u32, now: DateTime<Utc>) -> bool {
+        let period = Duration::days(i64::from(period_days));
+        self.spent
+            .lock()
+            .expect("ledger lock poisoned")
+            .get(partner)
+            .is_some_and(|s| s.iter().any(|s| s.key == key && s.at + period > now))
+    }
+
+    /// ρ spent in the period and when its oldest charge leaves it.
+    pub fn usage(
+        &self,
+        partner: &str,
+        period_days: u32,
+        now: DateTime<Utc>,
+    ) -> (f64, Option<DateTime<Utc>>) {
+        let period = Duration::days(i64::from(period_days));
+        let spent = self.spent.lock().expect("ledger lock poisoned");
+        let live = spent
+            .get(partner)
+            .into_iter()
+            .flatten()
+            .filter(|s| s.at + period > now);
+        live.fold((0.0, None), |(used, first), s| {
+            let ends = s.at + period;
+            (
+                used + s.rho,
+                Some(first.map_or(ends, |f: DateTime<Utc>| f.min(ends))),
+            )
+        })
+    }
+
+    /// Charges `rho` for the answer `key`, unless it was paid for within the period; refuses with
+    /// the time budget returns if the period's budget cannot cover it. The charge is on disk
+    /// before this returns.
     pub fn charge(
         &self,
         partner: &str,
         key: &str,
-        dp: &DpSettings,
+        rho: f64,
+        budget: f64,
+        period_days: u32,
         now: DateTime<Utc>,
-        dry_run: bool,
     ) -> Result<Charge> {
-        let (epsilon, budget, period_days) = (
-            dp.epsilon_per_query,
-            dp.epsilon_budget,
-            dp.budget_period_days,
-        );
+        let period = Duration::days(i64::from(period_days));
         let mut spent = self.spent.lock().expect("ledger lock poisoned");
         let entries = spent.entry(partner.to_string()).or_default();
-        let period = Duration::days(i64::from(period_days));
-        entries.retain(|s| s.at + period > now);
-        let used: f64 = entries.iter().map(|s| s.epsilon).sum();
-        let resets_at = entries.iter().map(|s| s.at + period).min();
-        if entries.iter().any(|s| s.key == key) {
+        let live: Vec<&Spend> = entries.iter().filter(|s| s.at + period > now).collect();
+        let used: f64 = live.iter().map(|s| s.rho).sum();
+        let resets_at = live.iter().map(|s| s.at + period).min();
+        if live.iter().any(|s| s.key == key) {
             return Ok(Charge {
-                spent: 0.0,
-                remaining: (budget - used).max(0.0),
+                rho_spent: 0.0,
+                rho_used: used,
                 resets_at,
             });
         }
-        // A small tolerance keeps ten spends of 0.1 within a budget of 1.0.
-        if used + epsilon > budget + 1e-9 {
+        // A relative tolerance keeps forty equal shares within the budget they divide.
+        if used + rho > budget * (1.0 + 1e-9) {
             return Err(cleanroom_core::Error::Limit(format!(
-                "privacy budget spent: ε {used:.3} of {budget:.3} used in the last {period_days} days, \
-                 this answer needs {epsilon:.3}; budget returns from {}",
+                "privacy budget for this period is spent ({} of {} fresh answers' worth used); \
+                 answers already received are still served; budget returns from {}",
+                (used / rho).round(),
+                (budget / rho).round(),
                 resets_at.unwrap_or(now).to_rfc3339()
             ))
             .into());
         }
-        if !dry_run {
-            entries.push(Spend {
-                at: now,
-                epsilon,
-                key: key.to_string(),
-            });
-        }
+        let spend = Spend {
+            partner: partner.to_string(),
+            at: now,
+            rho,
+            key: key.to_string(),
+        };
+        self.append(&spend)?;
+        entries.push(spend);
         Ok(Charge {
-            spent: epsilon,
-            remaining: (budget - used - epsilon).max(0.0),
+            rho_spent: rho,
+            rho_used: used + rho,
             resets_at: resets_at.or(Some(now + period)),
         })
+    }
+
+    fn append(&self, spend: &Spend) -> Result<()> {
+        let line = serde_json::to_vec(spend).map_err(storage)?;
+        let mut file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)
+            .map_err(storage)?;
+        file.write_all(&line)
+            .and_then(|_| file.write_all(b"\n"))
+            .and_then(|_| file.sync_data())
+            .map_err(storage)
     }
 }
 
@@ -172,32 +223,36 @@ mod tests {
     use super::*;
 
     #[test]
-    fn repeats_are_free_and_the_budget_is_enforced() {
-        let ledger = EpsilonLedger::default();
+    fn repeats_are_free_the_budget_holds_and_charges_survive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.jsonl");
+        let ledger = RhoLedger::open(path.clone()).unwrap();
         let now = Utc::now();
-        let dp = DpSettings {
-            epsilon_per_query: 1.0,
-            epsilon_budget: 2.5,
-            budget_period_days: 30,
-            delta: 1e-6,
-            max_groups_per_member: 1,
-        };
-        let charge = |key: &str| ledger.charge("p", key, &dp, now, false);
-        assert_eq!(charge("a").unwrap().spent, 1.0);
-        assert_eq!(charge("a").unwrap().spent, 0.0);
-        assert_eq!(charge("b").unwrap().remaining, 0.5);
-        assert!(charge("c").is_err());
-        let later = now + Duration::days(31);
-        assert!(ledger.charge("p", "c", &dp, later, false).is_ok());
+        let charge = |l: &RhoLedger, key: &str, at| l.charge("p", key, 0.1, 0.25, 30, at);
+        assert_eq!(charge(&ledger, "a", now).unwrap().rho_spent, 0.1);
+        assert_eq!(charge(&ledger, "a", now).unwrap().rho_spent, 0.0);
+        assert!(ledger.paid("p", "a", 30, now));
+        assert!(!ledger.paid("q", "a", 30, now), "partners are separate");
+        assert!((charge(&ledger, "b", now).unwrap().rho_used - 0.2).abs() < 1e-12);
+        assert!(charge(&ledger, "c", now).is_err());
+        let reopened = RhoLedger::open(path).unwrap();
+        assert!(
+            charge(&reopened, "c", now).is_err(),
+            "a restart refills nothing"
+        );
+        assert!(charge(&reopened, "c", now + Duration::days(31)).is_ok());
     }
 
     #[test]
-    fn a_taken_answer_can_be_given_back() {
+    fn the_daily_answer_count_is_enforced() {
         let budgets = Budgets::default();
         let now = Utc::now();
         budgets.take("p", Some(1), now).unwrap();
         assert!(budgets.take("p", Some(1), now).is_err());
-        budgets.give_back("p", now);
-        assert!(budgets.take("p", Some(1), now).is_ok());
+        assert!(
+            budgets
+                .take("p", Some(1), now + Duration::hours(25))
+                .is_ok()
+        );
     }
 }

@@ -1,9 +1,12 @@
-//! Exact discrete Laplace noise (integer arithmetic only) and the keyed RNG that makes it sticky.
+//! Exact discrete Gaussian and discrete Laplace noise (integer arithmetic only) and the keyed RNG
+//! that makes it repeatable.
 //!
 //! The samplers follow Canonne, Kamath and Steinke, "The Discrete Gaussian for
 //! Differential Privacy" (NeurIPS 2020): Algorithm 1 draws Bernoulli(exp(-γ)) for a
 //! rational γ, Algorithm 2 draws from the discrete Laplace distribution
-//! P(x) ∝ exp(-|x|/t) for a rational scale t. Every random decision is a comparison
+//! P(x) ∝ exp(-|x|/t) for a rational scale t, and Algorithm 3 draws from the discrete
+//! Gaussian P(x) ∝ exp(-x²/2σ²) by rejection from the discrete Laplace. The guard's
+//! releases use the discrete Gaussian. Every random decision is a comparison
 //! of an exactly uniform integer with an integer bound, so the output distribution is
 //! exactly the stated one given a perfect source of random bits; floating point
 //! appears only in [`pmf`] and [`tail_probability`], which exist for tests and docs.
@@ -175,6 +178,107 @@ pub fn discrete_laplace(rng: &mut impl RngCore, scale: Scale) -> i64 {
         let magnitude = i64::try_from(y).unwrap_or(i64::MAX);
         return if negative { -magnitude } else { magnitude };
     }
+}
+
+/// A uniform integer in `[0, n)` for `n > 0` of up to 128 bits, exactly unbiased: below 2^64 it
+/// is [`uniform_below`]; above, the top bits of 128 random bits, rejected while out of range.
+fn uniform_below_wide(rng: &mut impl RngCore, n: u128) -> u128 {
+    debug_assert!(n > 0);
+    if let Ok(small) = u64::try_from(n) {
+        return u128::from(uniform_below(rng, small));
+    }
+    let shift = (n - 1).leading_zeros();
+    loop {
+        let x = ((u128::from(rng.next_u64()) << 64) | u128::from(rng.next_u64())) >> shift;
+        if x < n {
+            return x;
+        }
+    }
+}
+
+/// Bernoulli(num/den), exactly, for 128-bit fractions with `den > 0`.
+fn bernoulli_ratio_wide(rng: &mut impl RngCore, num: u128, den: u128) -> bool {
+    if num >= den {
+        true
+    } else if num == 0 {
+        false
+    } else {
+        uniform_below_wide(rng, den) < num
+    }
+}
+
+/// CKS Algorithm 1 for γ = num/den in [0, 1], on 128-bit fractions.
+fn bernoulli_exp_minus_at_most_one_wide(rng: &mut impl RngCore, num: u128, den: u128) -> bool {
+    let mut k: u128 = 1;
+    while bernoulli_ratio_wide(rng, num, den) && bernoulli_ratio_wide(rng, 1, k) {
+        k += 1;
+    }
+    k % 2 == 1
+}
+
+/// Bernoulli(exp(-γ)) for γ = num/den ≥ 0 on 128-bit fractions (`den > 0`), exactly.
+fn bernoulli_exp_minus_wide(rng: &mut impl RngCore, num: u128, den: u128) -> bool {
+    if num <= den {
+        return bernoulli_exp_minus_at_most_one_wide(rng, num, den);
+    }
+    let mut whole = num / den;
+    while whole > 0 {
+        if !bernoulli_exp_minus_at_most_one(rng, 1, 1) {
+            return false;
+        }
+        whole -= 1;
+    }
+    bernoulli_exp_minus_at_most_one_wide(rng, num % den, den)
+}
+
+/// The integer square root ⌊√n⌋.
+fn isqrt(n: u64) -> u64 {
+    let mut root = (n as f64).sqrt() as u64;
+    while root.checked_mul(root).is_none_or(|sq| sq > n) {
+        root -= 1;
+    }
+    while (root + 1).checked_mul(root + 1).is_some_and(|sq| sq <= n) {
+        root += 1;
+    }
+    root
+}
+
+/// One draw of discrete Gaussian noise N_Z(0, σ²) for a whole-number variance σ² (CKS
+/// Algorithm 3).
+///
+/// With t = ⌊σ⌋ + 1, draw Y from the discrete Laplace with scale t and keep it with probability
+/// exp(-(|Y| − σ²/t)² / 2σ²) = exp(-(|Y|·t − σ²)² / (2σ²t²)), a ratio of whole numbers. For
+/// σ² up to [`cleanroom_core::accounting::MAX_VARIANCE`] both fit in 128 bits unless |Y| exceeds
+/// about 18 000 σ; such a Y (probability below e^-18000) is rejected, as its acceptance
+/// probability is below e^-10^8 anyway.
+///
+/// # Panics
+/// If `variance == 0`: a zero noise scale would be a privacy failure, never a default.
+pub fn discrete_gaussian(rng: &mut impl RngCore, variance: u64) -> i64 {
+    assert!(variance > 0, "discrete_gaussian: variance must be positive");
+    let t = isqrt(variance) + 1;
+    let scale = Scale::new(t, 1).expect("t is positive");
+    let (variance, t) = (u128::from(variance), u128::from(t));
+    let den = 2 * variance * t * t;
+    loop {
+        let y = discrete_laplace(rng, scale);
+        let offset = (u128::from(y.unsigned_abs()) * t).abs_diff(variance);
+        let Some(num) = offset.checked_mul(offset) else {
+            continue;
+        };
+        if bernoulli_exp_minus_wide(rng, num, den) {
+            return y;
+        }
+    }
+}
+
+/// The exact probability mass P(X = x) of the discrete Gaussian with variance σ² (floating
+/// point: for tests only).
+pub fn gaussian_pmf(variance: u64, x: i64) -> f64 {
+    let v = variance as f64;
+    let span = (12.0 * v.sqrt()).ceil() as i64 + 2;
+    let mass = |x: i64| (-(x as f64).powi(2) / (2.0 * v)).exp();
+    mass(x) / (-span..=span).map(mass).sum::<f64>()
 }
 
 /// A ChaCha20 RNG seeded by HMAC-SHA256(key, each part length-prefixed) — the sticky seed.
@@ -358,6 +462,72 @@ mod tests {
             assert!(
                 stat < critical,
                 "scale {num}/{den}: chi2 {stat} >= {critical} (df {df})"
+            );
+        }
+    }
+
+    #[test]
+    fn discrete_gaussian_matches_its_pmf() {
+        for variance in [1u64, 4, 37] {
+            let mut rng = test_rng(&format!("gauss {variance}"));
+            let n = DRAWS as f64;
+            let mut w = 0i64;
+            while n * gaussian_pmf(variance, w + 1) >= 20.0 {
+                w += 1;
+            }
+            let tail: f64 = (w + 1..w + 2000).map(|x| gaussian_pmf(variance, x)).sum();
+            let mut observed = vec![0u64; (2 * w + 3) as usize];
+            for _ in 0..DRAWS {
+                let x = discrete_gaussian(&mut rng, variance);
+                let bin = (x.clamp(-w - 1, w + 1) + w + 1) as usize;
+                observed[bin] += 1;
+            }
+            let stat: f64 = observed
+                .iter()
+                .enumerate()
+                .map(|(bin, &obs)| {
+                    let x = bin as i64 - w - 1;
+                    let p = if x.abs() > w {
+                        tail
+                    } else {
+                        gaussian_pmf(variance, x)
+                    };
+                    (obs as f64 - n * p).powi(2) / (n * p)
+                })
+                .sum();
+            let critical = chi_square_critical((observed.len() - 1) as f64, 5.0);
+            println!("σ²={variance}: chi2={stat:.2} critical={critical:.2}");
+            assert!(
+                stat < critical,
+                "σ² = {variance}: chi2 {stat} >= {critical}"
+            );
+        }
+    }
+
+    #[test]
+    fn discrete_gaussian_has_its_variance_at_large_scales() {
+        // σ² = 10^12 exercises the 128-bit arithmetic; the sample variance must be within a few
+        // percent of σ² (sd of the estimate ≈ σ²·√(2/n)).
+        let variance = 1_000_000_000_000u64;
+        let mut rng = test_rng("gauss large");
+        let n = 20_000;
+        let draws: Vec<f64> = (0..n)
+            .map(|_| discrete_gaussian(&mut rng, variance) as f64)
+            .collect();
+        let mean = draws.iter().sum::<f64>() / n as f64;
+        let var = draws.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n as f64 - 1.0);
+        println!("σ²=1e12: mean={mean:.0} var={var:.3e}");
+        assert!((var / variance as f64 - 1.0).abs() < 0.05, "{var}");
+        assert!(mean.abs() < 5.0 * (variance as f64 / n as f64).sqrt());
+    }
+
+    #[test]
+    fn isqrt_is_exact() {
+        for n in [0u64, 1, 2, 3, 4, 15, 16, 17, 1 << 40, u64::MAX] {
+            let r = isqrt(n);
+            assert!(
+                r * r <= n && (r + 1).checked_mul(r + 1).is_none_or(|s| s > n),
+                "{n}"
             );
         }
     }

@@ -28,7 +28,9 @@ const OUTPUT_AGGREGATES: &[&str] = &["count", "sum"];
 /// Aggregates allowed inside a query, for per-member intermediate values that are then counted.
 const INNER_AGGREGATES: &[&str] = &["count", "sum", "avg", "min", "max"];
 
-/// Scalar functions a query may use.
+/// Scalar functions a query may use. None of them can fail on a row's value: a function that
+/// errors on one value (an overflowing `abs`, a failing cast) would answer differently for one
+/// member, so it is left out.
 const SCALAR_FUNCTIONS: &[&str] = &[
     "date_trunc",
     "date_part",
@@ -37,7 +39,6 @@ const SCALAR_FUNCTIONS: &[&str] = &[
     "round",
     "floor",
     "ceil",
-    "abs",
     "lower",
     "upper",
 ];
@@ -89,8 +90,9 @@ pub(crate) struct MetricShape {
     /// The most one member adds to one row: 1 for a count of distinct members, otherwise the
     /// query's declared bound.
     pub bound: u64,
-    /// A count (never negative), as opposed to a sum.
-    pub count: bool,
+    /// The count of the row's distinct members itself, `COUNT(DISTINCT member_key)`: it is
+    /// released as the row's noisy member count, with no noise of its own.
+    pub member_count: bool,
 }
 
 /// Checks the plan and returns its shape. The output must be the output aggregate's own columns
@@ -221,7 +223,12 @@ pub(crate) fn check_plan(plan: &LogicalPlan, policy: &Policy) -> Result<Shape> {
                 "metric `{name}`: COUNT(DISTINCT …) must count members; distinct values of other columns cannot be bounded per member"
             ));
         }
-        let count = function.func.name() == "count";
+        let member_count = function.func.name() == "count"
+            && counts_members
+            && function.params.filter.is_none()
+            && function.params.args.len() == 1
+            && bare_column(&function.params.args[0], input_schema)
+                .is_some_and(|i| members.contains(&i));
         let bound = if counts_members {
             1
         } else {
@@ -237,7 +244,7 @@ pub(crate) fn check_plan(plan: &LogicalPlan, policy: &Policy) -> Result<Shape> {
         metrics.push(MetricShape {
             aggregate: index,
             bound,
-            count,
+            member_count,
         });
     }
     Ok(Shape {
@@ -437,6 +444,19 @@ fn bare_column(expr: &Expr, schema: &DFSchema) -> Option<usize> {
     }
 }
 
+/// Whether `expr` is a literal number other than zero.
+fn is_nonzero_literal(expr: &Expr) -> bool {
+    match expr {
+        Expr::Literal(value, _) => {
+            !value.is_null()
+                && datafusion::common::ScalarValue::new_zero(&value.data_type())
+                    .is_ok_and(|zero| &zero != value)
+        }
+        Expr::Alias(alias) => is_nonzero_literal(&alias.expr),
+        _ => false,
+    }
+}
+
 /// Whether `expr` reads any of the given input columns.
 fn references(expr: &Expr, schema: &DFSchema, columns: &BTreeSet<usize>) -> bool {
     expr.column_refs().into_iter().any(|c| {
@@ -459,6 +479,21 @@ fn check_expressions(
         let mut verdict = Ok(());
         expr.apply(|e| {
             let problem = match e {
+                Expr::Cast(_) => Some(
+                    "CAST fails on a value it cannot convert, which would answer differently \
+                     for one row: use TRY_CAST"
+                        .to_string(),
+                ),
+                Expr::BinaryExpr(b)
+                    if matches!(b.op, Operator::Divide | Operator::Modulo)
+                        && !is_nonzero_literal(&b.right) =>
+                {
+                    Some(
+                        "division and modulo need a non-zero constant divisor: dividing by a \
+                         column fails on a zero, which would answer differently for one row"
+                            .to_string(),
+                    )
+                }
                 Expr::Alias(_)
                 | Expr::Literal(..)
                 | Expr::BinaryExpr(_)
@@ -473,7 +508,6 @@ fn check_expressions(
                 | Expr::Negative(_)
                 | Expr::Between(_)
                 | Expr::Case(_)
-                | Expr::Cast(_)
                 | Expr::TryCast(_)
                 | Expr::InList(_)
                 | Expr::Placeholder(_) => None,

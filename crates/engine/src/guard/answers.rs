@@ -1,0 +1,173 @@
+//! The store of answers already paid for: `data_dir/guard/answers/<partner>/<key>.json`, one file
+//! per answer, written whole (temporary file, sync, rename) so that a crash leaves either the old
+//! state or the new one. A repeat of a question on the same data is served from here, byte for
+//! byte, at no cost and with no fresh noise; a refusal that was charged (a too-small audience, a
+//! failed execution) is stored and repeated the same way.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::PathBuf;
+
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Result};
+
+/// What was answered, as stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Outcome {
+    /// Rows were released.
+    Released(Release),
+    /// The answer was refused after its cost was charged; the message is the same whatever the
+    /// data beyond what the charged mechanism decided.
+    Refused(String),
+}
+
+/// A released answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Release {
+    /// The released rows as an Arrow IPC stream (dimensions, metrics, 95 % half-widths).
+    #[serde(with = "base64_bytes")]
+    pub arrow_ipc: Vec<u8>,
+    /// Cells of the output domain not released.
+    pub suppressed_rows: u64,
+    /// The parameters after snapping, as text.
+    pub params: BTreeMap<String, String>,
+    /// The partner's list version that answered.
+    pub list_version: u32,
+    /// The consent state the answer reflects.
+    pub consent_snapshot_id: String,
+    /// The noise behind it.
+    pub noise: NoiseReport,
+    /// Facts for the retailer's audit trail only.
+    pub audit: ReleaseFacts,
+}
+
+/// The noise behind a released answer, for the partner to judge its accuracy.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct NoiseReport {
+    /// Per metric: the standard deviation of the discrete Gaussian noise on each value.
+    pub noise_sd: BTreeMap<String, f64>,
+    /// Per metric: the half-width of a 95 % interval around each released value.
+    pub interval95: BTreeMap<String, u64>,
+    /// Per metric: the most one member adds to one row (contributions are clamped to it).
+    pub per_member_bound: BTreeMap<String, u64>,
+    /// The most rows one member counted in.
+    pub rows_per_member: u32,
+    /// The hard k on true counts.
+    pub k: u32,
+    /// A row's noisy member count had to reach this (k + τ) to be released.
+    pub release_threshold: u64,
+}
+
+/// What the guard decided for each cell of the output domain, counted (audit only: the partner
+/// sees one count of withheld cells, whatever the reason).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReleaseFacts {
+    /// Cells released.
+    pub released: u64,
+    /// Cells whose true member count was below k.
+    pub below_k: u64,
+    /// Cells of at least k members whose noisy count missed k + τ.
+    pub below_threshold: u64,
+    /// Result rows whose dimension values fall outside the declared domain (dropped).
+    pub out_of_domain_rows: u64,
+    /// Members whose rows beyond the per-member limit were dropped.
+    pub members_capped: u64,
+}
+
+mod base64_bytes {
+    use base64::Engine;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(bytes))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let text = String::deserialize(d)?;
+        base64::engine::general_purpose::STANDARD
+            .decode(text)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// The answers directory.
+#[derive(Debug)]
+pub struct Answers {
+    dir: PathBuf,
+}
+
+fn storage(e: impl std::fmt::Display) -> Error {
+    Error::Storage(format!("answer store: {e}"))
+}
+
+impl Answers {
+    /// Opens (or creates) the store.
+    pub fn open(dir: PathBuf) -> Result<Self> {
+        std::fs::create_dir_all(&dir).map_err(storage)?;
+        Ok(Self { dir })
+    }
+
+    fn path(&self, partner: &str, key: &str) -> PathBuf {
+        // Partner ids and keys are validated identifiers and hex digests; encoding the partner
+        // keeps any id a single path component.
+        let partner = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(partner);
+        self.dir.join(partner).join(format!("{key}.json"))
+    }
+
+    /// The stored outcome of an answer, if any.
+    pub fn get(&self, partner: &str, key: &str) -> Result<Option<Outcome>> {
+        let path = self.path(partner, key);
+        match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(storage),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(storage(e)),
+        }
+    }
+
+    /// Stores an outcome whole: a reader sees the old file or the new one, never part of one.
+    pub fn put(&self, partner: &str, key: &str, outcome: &Outcome) -> Result<()> {
+        let path = self.path(partner, key);
+        let dir = path.parent().expect("answer paths have a parent");
+        std::fs::create_dir_all(dir).map_err(storage)?;
+        let mut file = tempfile::NamedTempFile::new_in(dir).map_err(storage)?;
+        let bytes = serde_json::to_vec(outcome).map_err(storage)?;
+        file.write_all(&bytes)
+            .and_then(|_| file.as_file().sync_all())
+            .map_err(storage)?;
+        file.persist(&path).map_err(storage)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outcomes_round_trip_and_partners_are_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let answers = Answers::open(dir.path().join("answers")).unwrap();
+        let outcome = Outcome::Released(Release {
+            arrow_ipc: vec![1, 2, 3],
+            suppressed_rows: 4,
+            params: BTreeMap::from([("start".into(), "2026-01-01".into())]),
+            list_version: 2,
+            consent_snapshot_id: "cs".into(),
+            noise: NoiseReport::default(),
+            audit: ReleaseFacts::default(),
+        });
+        answers.put("p", "abc", &outcome).unwrap();
+        assert_eq!(answers.get("p", "abc").unwrap(), Some(outcome));
+        assert_eq!(answers.get("q", "abc").unwrap(), None);
+        answers
+            .put("p", "r", &Outcome::Refused("no".into()))
+            .unwrap();
+        let reopened = Answers::open(dir.path().join("answers")).unwrap();
+        assert_eq!(
+            reopened.get("p", "r").unwrap(),
+            Some(Outcome::Refused("no".into()))
+        );
+    }
+}
