@@ -30,7 +30,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, FixedOffset, NaiveDate, NaiveTime, Utc};
-use cleanroom_core::accounting::{Guarantee, NoisePlan, cdp_epsilon, interval95};
+use cleanroom_core::accounting::{Guarantee, NoisePlan, interval95};
 use cleanroom_core::allowlist::{BoundValue, QueryDef};
 use cleanroom_core::consent::Requirement;
 use cleanroom_core::rules::{Contract, Rules};
@@ -893,14 +893,6 @@ fn decode_ipc(bytes: &[u8]) -> Result<RecordBatch> {
     Ok(datafusion::arrow::compute::concat_batches(
         &schema, &batches,
     )?)
-}
-
-/// The period's privacy used so far, as ε at the contract's δ (for reports).
-pub fn epsilon_used(guarantee: &Guarantee, answers_used: u32) -> f64 {
-    cdp_epsilon(
-        guarantee.rho_answer * f64::from(answers_used),
-        guarantee.delta / 2.0,
-    )
 }
 
 #[cfg(test)]

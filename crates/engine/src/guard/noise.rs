@@ -86,17 +86,6 @@ fn uniform_below(rng: &mut impl RngCore, n: u64) -> u64 {
     }
 }
 
-/// Bernoulli(num/den), exactly, for `den > 0`. Certain outcomes consume no randomness.
-fn bernoulli_ratio(rng: &mut impl RngCore, num: u64, den: u64) -> bool {
-    if num >= den {
-        true
-    } else if num == 0 {
-        false
-    } else {
-        uniform_below(rng, den) < num
-    }
-}
-
 /// A fair coin from one bit of the generator.
 fn fair_coin(rng: &mut impl RngCore) -> bool {
     rng.next_u64() & 1 == 1
@@ -106,13 +95,7 @@ fn fair_coin(rng: &mut impl RngCore) -> bool {
 /// Bernoulli(γ/1), Bernoulli(γ/2), … is odd with probability exactly exp(-γ).
 fn bernoulli_exp_minus_at_most_one(rng: &mut impl RngCore, num: u64, den: u64) -> bool {
     debug_assert!(num <= den && den > 0);
-    let mut k: u64 = 1;
-    // Bernoulli(γ/k) is drawn as Bernoulli(γ) AND Bernoulli(1/k): the product of the two
-    // probabilities is γ/k exactly, and no `den * k` product can overflow.
-    while bernoulli_ratio(rng, num, den) && bernoulli_ratio(rng, 1, k) {
-        k += 1;
-    }
-    k % 2 == 1
+    bernoulli_exp_minus_at_most_one_wide(rng, u128::from(num), u128::from(den))
 }
 
 /// Bernoulli(exp(-gamma)) for gamma = num/den >= 0, exactly (CKS Algorithm 1, with the gamma>1 loop).
@@ -124,16 +107,7 @@ fn bernoulli_exp_minus_at_most_one(rng: &mut impl RngCore, num: u64, den: u64) -
 /// If `den == 0` (γ undefined), like an integer division by zero.
 pub fn bernoulli_exp_minus(rng: &mut impl RngCore, num: u64, den: u64) -> bool {
     assert!(den != 0, "bernoulli_exp_minus: den must be positive");
-    if num <= den {
-        return bernoulli_exp_minus_at_most_one(rng, num, den);
-    }
-    let whole = num / den;
-    for _ in 0..whole {
-        if !bernoulli_exp_minus_at_most_one(rng, 1, 1) {
-            return false;
-        }
-    }
-    bernoulli_exp_minus_at_most_one(rng, num % den, den)
+    bernoulli_exp_minus_wide(rng, u128::from(num), u128::from(den))
 }
 
 /// One draw of discrete Laplace noise with scale t (CKS Algorithm 2).
@@ -196,7 +170,7 @@ fn uniform_below_wide(rng: &mut impl RngCore, n: u128) -> u128 {
     }
 }
 
-/// Bernoulli(num/den), exactly, for 128-bit fractions with `den > 0`.
+/// Bernoulli(num/den), exactly, for `den > 0`. Certain outcomes consume no randomness.
 fn bernoulli_ratio_wide(rng: &mut impl RngCore, num: u128, den: u128) -> bool {
     if num >= den {
         true
@@ -207,7 +181,8 @@ fn bernoulli_ratio_wide(rng: &mut impl RngCore, num: u128, den: u128) -> bool {
     }
 }
 
-/// CKS Algorithm 1 for γ = num/den in [0, 1], on 128-bit fractions.
+/// CKS Algorithm 1 for γ = num/den in [0, 1], on 128-bit fractions. Bernoulli(γ/k) is drawn as
+/// Bernoulli(γ) AND Bernoulli(1/k): the product is γ/k exactly, and no `den * k` can overflow.
 fn bernoulli_exp_minus_at_most_one_wide(rng: &mut impl RngCore, num: u128, den: u128) -> bool {
     let mut k: u128 = 1;
     while bernoulli_ratio_wide(rng, num, den) && bernoulli_ratio_wide(rng, 1, k) {
