@@ -10,7 +10,6 @@ use anyhow::{Context, Result};
 use cleanroom_core::allowlist::read_query;
 use cleanroom_core::rules::Rules;
 use cleanroom_engine::guard::{self, Policy};
-use cleanroom_engine::views::SafeViews;
 
 /// One problem found.
 pub struct Finding {
@@ -54,7 +53,6 @@ pub async fn lint(dir: &Path, rules: &Rules) -> Result<(usize, Vec<Finding>)> {
     paths.sort();
     let mut findings = Vec::new();
     let mut ids = Vec::new();
-    let session = SafeViews::empty().session()?;
     for path in &paths {
         let text = std::fs::read_to_string(path).unwrap_or_default();
         let finding = |line, message: String| Finding {
@@ -92,7 +90,7 @@ pub async fn lint(dir: &Path, rules: &Rules) -> Result<(usize, Vec<Finding>)> {
         }
         for (partner, contract) in with_contract {
             let policy = Policy::for_query(rules, &query, contract, partner);
-            if let Err(e) = guard::check(&session, &query.sql, &policy).await {
+            if let Err(e) = guard::check(&query.sql, &policy).await {
                 findings.push(finding(sql_line, format!("for partner {partner}: {e}")));
             }
         }

@@ -222,7 +222,7 @@ pub fn validate(
                 let count = |rules: &Rules| -> Option<(usize, Option<usize>)> {
                     let contract = rules.contracts.get(id)?;
                     let requirement = requirement(rules, &contract.purpose)?;
-                    Some(cleanroom_engine::views::consent_counts(
+                    Some(cleanroom_engine::consent_counts(
                         &snapshot,
                         id,
                         contract,

@@ -8,7 +8,7 @@
 //! rows released, and the median and 90th-percentile relative error of released values, per
 //! metric. Utility depends on the data, not on the build, so a debug build gives the same report.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
@@ -16,16 +16,11 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use chrono::{DateTime, NaiveDate, Utc};
 use cleanroom_client::{Connection, sample};
-use cleanroom_core::allowlist::{AllowList, BoundValue, QueryDef};
-use cleanroom_core::consent::Requirement;
+use cleanroom_core::allowlist::AllowList;
 use cleanroom_core::rules::Rules;
 use cleanroom_core::token::MasterSecret;
-use cleanroom_engine::arrow::array::{Array, AsArray};
-use cleanroom_engine::arrow::compute::cast;
-use cleanroom_engine::arrow::datatypes::{DataType, Int64Type};
-use cleanroom_engine::guard;
+use cleanroom_engine::measurement::exact_answer;
 use cleanroom_engine::store::Store;
-use cleanroom_engine::views::SafeViews;
 use cleanroom_proto::v1::{DescribeQueryRequest, ListQueriesRequest, RunQueryRequest, value::Kind};
 
 /// One protection setting to measure.
@@ -36,11 +31,11 @@ struct Setting {
 
 const SETTINGS: &[Setting] = &[
     Setting {
-        name: "sample contracts (Sakura ε=8, Kumo ε=4 per 30 days, 20 answers, δ=1e-6)",
+        name: "the contracts as configured",
         apply: |_| {},
     },
     Setting {
-        name: "half the answers per period (each answer twice the budget)",
+        name: "half the answers per period (each answer twice the ρ)",
         apply: |rules| {
             for c in rules.contracts.values_mut() {
                 c.protection.answers_per_period = (c.protection.answers_per_period / 2).max(1);
@@ -82,14 +77,16 @@ pub async fn run(
     );
     let now: DateTime<Utc> = DateTime::parse_from_rfc3339(sample::AS_OF)?.into();
     let mut measured = Vec::new();
+    let mut terms = Vec::new();
     for setting in SETTINGS {
         eprintln!("measuring: {}", setting.name);
         let mut rules = Rules::load(rules_path)?;
         (setting.apply)(&mut rules);
         rules.validate()?;
+        terms.push((setting.name, contract_terms(&rules)));
         measured.extend(measure(setting.name, rules, queries_dir, data.path(), now).await?);
     }
-    Ok(render(members, seed, &measured))
+    Ok(render(members, seed, &terms, &measured))
 }
 
 async fn measure(
@@ -118,13 +115,6 @@ async fn measure(
     let mut out = Vec::new();
     for (partner, token) in sample::PARTNERS {
         let mut client = conn.partner(token)?;
-        let (contract_id, contract) = rules.contract_of(partner).context("a contract")?;
-        let purpose = &rules.purposes[&contract.purpose];
-        let requirement = Requirement {
-            min_notice_version: purpose.min_notice_version,
-            grant_valid_days: purpose.grant_valid_days,
-        };
-        let views = SafeViews::build(&snapshot, contract_id, contract, &requirement, now)?;
         let queries = client
             .list_queries(ListQueriesRequest {})
             .await?
@@ -147,13 +137,28 @@ async fn measure(
                 .await
                 .with_context(|| format!("{setting}: {partner} {}", summary.id))?
                 .into_inner();
-            let truth = true_cells(&views, query, &answer.effective_params, &rules).await?;
+            let truth = exact_answer(
+                &snapshot,
+                &rules,
+                partner,
+                query,
+                &answer.effective_params,
+                now,
+            )
+            .await?;
+            // A row's members: its first metric that counts distinct members (every metric
+            // without a per-member bound does).
+            let members_metric = query
+                .metrics
+                .iter()
+                .position(|m| !query.metric_bounds.contains_key(m));
+            let members = |values: &Vec<i64>| members_metric.map_or(i64::MAX, |i| values[i]);
             let dims = query.dimensions.len();
             let k = answer.effective_k;
             let mut errors: BTreeMap<String, Vec<f64>> = BTreeMap::new();
             for row in &answer.rows {
                 let key: Vec<String> = row.values[..dims].iter().map(text).collect();
-                let Some((_, values)) = truth.get(&key) else {
+                let Some(values) = truth.get(&key) else {
                     continue;
                 };
                 for (i, metric) in query.metrics.iter().enumerate() {
@@ -176,7 +181,10 @@ async fn measure(
                 partner: partner.to_string(),
                 query: summary.id,
                 k,
-                cells_at_k: truth.values().filter(|(n, _)| *n >= i64::from(k)).count(),
+                cells_at_k: truth
+                    .values()
+                    .filter(|v| members(v) >= i64::from(k))
+                    .count(),
                 released: answer.rows.len(),
                 errors,
             });
@@ -195,80 +203,6 @@ fn text(v: &cleanroom_proto::v1::Value) -> String {
     }
 }
 
-/// The true answer of a query over the safe views, with no protection at all: for measurement
-/// only. Returns, per row, its members (the value of the query's first metric that counts
-/// distinct members, which every metric without a per-member bound must be) and its values.
-async fn true_cells(
-    views: &SafeViews,
-    query: &QueryDef,
-    effective: &BTreeMap<String, String>,
-    rules: &Rules,
-) -> Result<HashMap<Vec<String>, (i64, Vec<i64>)>> {
-    use cleanroom_core::allowlist::ParamKind;
-    use cleanroom_engine::datafusion::common::{ParamValues, ScalarValue};
-    let ctx = views.session()?;
-    let params: HashMap<String, ScalarValue> = query
-        .params
-        .iter()
-        .filter_map(|p| {
-            let text = effective.get(&p.name)?;
-            let value = match p.kind {
-                ParamKind::Date => {
-                    BoundValue::Date(NaiveDate::parse_from_str(text, "%Y-%m-%d").ok()?)
-                }
-                ParamKind::Int => BoundValue::Int(text.parse().ok()?),
-                ParamKind::Enum => BoundValue::Str(text.clone()),
-            };
-            Some((
-                p.name.clone(),
-                guard::bind_value(&value, rules.retailer.utc_offset_minutes),
-            ))
-        })
-        .collect();
-    let batches = ctx
-        .sql(&query.sql)
-        .await?
-        .with_param_values(ParamValues::from(params))?
-        .collect()
-        .await?;
-    let members_metric = query
-        .metrics
-        .iter()
-        .position(|m| !query.metric_bounds.contains_key(m));
-    let dims = query.dimensions.len();
-    let mut cells = HashMap::new();
-    for batch in batches {
-        let columns = (0..batch.num_columns())
-            .map(|i| {
-                cast(
-                    batch.column(i),
-                    if i < dims {
-                        &DataType::Utf8
-                    } else {
-                        &DataType::Int64
-                    },
-                )
-            })
-            .collect::<std::result::Result<Vec<_>, _>>()?;
-        for row in 0..batch.num_rows() {
-            let key: Vec<String> = columns[..dims]
-                .iter()
-                .map(|c| c.as_string::<i32>().value(row).to_string())
-                .collect();
-            let values: Vec<i64> = columns[dims..]
-                .iter()
-                .map(|c| {
-                    let c = c.as_primitive::<Int64Type>();
-                    if c.is_valid(row) { c.value(row) } else { 0 }
-                })
-                .collect();
-            let members = members_metric.map_or(i64::MAX, |i| values[i]);
-            cells.insert(key, (members, values));
-        }
-    }
-    Ok(cells)
-}
-
 /// Median and 90th percentile.
 fn quantiles(values: &mut [f64]) -> (f64, f64) {
     if values.is_empty() {
@@ -279,14 +213,41 @@ fn quantiles(values: &mut [f64]) -> (f64, f64) {
     (at(0.5), at(0.9))
 }
 
-fn render(members: usize, seed: u64, measured: &[Measured]) -> String {
+/// Each contract's guarantee, as a line of the report.
+fn contract_terms(rules: &Rules) -> String {
+    rules
+        .contracts
+        .values()
+        .map(|c| {
+            let p = &c.protection;
+            format!(
+                "{}: (ε = {}, δ = {}) per {} days over {} answers",
+                c.partner, p.epsilon, p.delta, p.period_days, p.answers_per_period
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+fn render(members: usize, seed: u64, terms: &[(&str, String)], measured: &[Measured]) -> String {
     let mut out = format!(
         "# Utility report\n\n{members} generated members (seed {seed}); every allowed query of both \
          partners over the last twelve months. \"rows ≥ k\": rows of the output domain with at \
          least k true members; \"released\": rows the partner received; errors are relative to \
-         the true, unprotected value (median / 90th percentile).\n\n\
-         | setting | partner | query | k | rows ≥ k | released | relative error per metric |\n\
-         |---|---|---|---|---|---|---|\n"
+         the true, unprotected value (median / 90th percentile).\n\n"
+    );
+    for (name, terms) in terms {
+        let rows = measured.iter().filter(|m| m.setting == *name);
+        let (at_k, released) = rows.fold((0, 0), |(a, r), m| (a + m.cells_at_k, r + m.released));
+        out.push_str(&format!(
+            "- {name}: {terms}. Rows released: {released} of {at_k} with ≥ k true members \
+             ({:.0} %).\n",
+            100.0 * released as f64 / at_k.max(1) as f64
+        ));
+    }
+    out.push_str(
+        "\n| setting | partner | query | k | rows ≥ k | released | relative error per metric |\n\
+         |---|---|---|---|---|---|---|\n",
     );
     for m in measured {
         let errors: Vec<String> = m

@@ -37,7 +37,7 @@ fn cases(truth: &Truth, h: &Harness) -> Vec<Case> {
                         vec![p.amount],
                     )
                 }),
-            &[10_000],
+            &[6_000],
         )
         .into_iter()
         .map(|(k, (n, m))| (k, (n, vec![n as i64, m[0]])))

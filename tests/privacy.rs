@@ -449,3 +449,51 @@ async fn new_data_is_a_new_charged_answer() {
     assert_eq!(a.answers_used, b.answers_used + 1);
     h.stop().await;
 }
+
+/// Finding 6 at its boundary: a list of exactly `min_audience` − 1 known consenting members, with
+/// the target or with a record naming nobody. Without noise "answered" would say whether she is
+/// on the retailer's side of the list every time (TPR 1, FPR 0). The audience check is its own
+/// discrete Gaussian mechanism with its share of the answer's ρ, so the attacker's rates must lie
+/// within the (ε, δ) that share alone gives, derived here from the configuration (the whole
+/// answer's bound, which the response states, is looser still).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audience_check_at_its_minimum_stays_within_its_own_dp_bound() {
+    let known = Knowledge::load();
+    let rules = trial_rules();
+    let protection = &rules.contracts["ctr-sakura-2026"].protection;
+    let minimum = protection.min_audience as usize;
+    let guarantee = protection.guarantee().unwrap();
+    let rho = guarantee.split(0).audience;
+    let delta = guarantee.answer_delta;
+    let epsilon = cleanroom_core::accounting::cdp_epsilon(rho, delta);
+    let h = Harness::start_with(Setup {
+        rules,
+        ..Default::default()
+    })
+    .await;
+    let companions = &known.consenting[..minimum - 1];
+    let mut tally = Tally::default();
+    for trial in 0..40 {
+        let present = trial % 2 == 0;
+        let mut records = list_of(&ids(companions), "gold");
+        if present {
+            records.extend(list_of(&[TARGET], "gold"));
+        }
+        records.extend(fakes(1, &format!("audience{trial}")));
+        upload(&h, records).await;
+        let answered = match h.run("sakura_foods", "matched_overlap", &[]).await {
+            Ok(answer) => {
+                assert!(answer.protection.unwrap().fresh, "trial {trial} is charged");
+                true
+            }
+            Err(refused) => {
+                assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+                assert!(refused.message().contains("minimum"), "{refused:?}");
+                false
+            }
+        };
+        tally.add(present, answered);
+    }
+    tally.assert_within(epsilon, delta, "minimum audience − 1 companions, answered?");
+    h.stop().await;
+}

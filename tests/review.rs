@@ -107,6 +107,30 @@ async fn an_edited_query_is_refused_until_legal_approves_it_again() {
     h.run("sakura_foods", id, &year()).await.unwrap();
     let approved = review_of(&h, id).await;
     assert_eq!(approved.state, "approved");
+    // The reviewer reads the guarantee each partner's contract buys beside its terms, the same
+    // (epsilon, delta) the partner's answers state.
+    let sakura = approved
+        .partners
+        .iter()
+        .find(|p| p.id == "sakura_foods")
+        .expect("Sakura runs this query");
+    let answer = h.run("sakura_foods", id, &year()).await.unwrap();
+    let protection = answer.protection.expect("protection is reported");
+    assert_eq!(
+        (
+            sakura.period_epsilon,
+            sakura.period_delta,
+            sakura.period_days
+        ),
+        (
+            protection.period_epsilon,
+            protection.period_delta,
+            protection.period_days
+        )
+    );
+    assert_eq!(sakura.answers_per_period, protection.answers_per_period);
+    assert_eq!(sakura.rows_per_member, protection.rows_per_member);
+    assert!(sakura.answer_epsilon > 0.0 && sakura.answer_epsilon < sakura.period_epsilon);
 
     files.edit(&files.query(id), "k = 10", "k = 12");
     eventually("the edit is picked up", || async {

@@ -17,9 +17,12 @@ use cleanroom_server::{App, AppConfig, FixedClock, Running, Sources};
 use tempfile::TempDir;
 use tonic::Status;
 
-/// The repository root.
+/// The repository root, read when the test runs: a test binary reused from a build directory
+/// shared with another clone must read this clone's files.
 pub fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    PathBuf::from(
+        std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo test sets CARGO_MANIFEST_DIR"),
+    )
 }
 
 pub fn sample_dir() -> PathBuf {

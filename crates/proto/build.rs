@@ -4,7 +4,9 @@
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let proto_root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../proto");
+    // Read at run time, not baked in with env!: a build directory shared by clones at different
+    // paths (CI's fresh clone and a working copy) reuses this script without recompiling it.
+    let proto_root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("../../proto");
     let file = proto_root.join("cleanroom/v1/cleanroom.proto");
     println!("cargo:rerun-if-changed={}", file.display());
 

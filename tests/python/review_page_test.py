@@ -288,6 +288,11 @@ def check_sections(state: dict, queries: list[dict]) -> str:
         for p in q.get("partners") or []:
             expect(str(p.get("effective_k")) in (s["partners_text"] or ""),
                    f"{where} .partners does not show {p.get('id')}'s effective k {p.get('effective_k')}")
+            if p.get("period_days"):
+                # A lawyer reads the guarantee the contract buys beside the partner's terms.
+                days = f"per {p['period_days']} days"
+                expect(days in (s["partners_text"] or "") and "\u03b5 = " in (s["partners_text"] or ""),
+                       f"{where} .partners does not show {p.get('id')}'s (epsilon, delta) {days}")
         if q.get("diff"):
             expect(".diff" in s["has"], f"{where}: the API has a diff but the page shows no .diff")
             lines = (q["diff"].get("sql") or []) + (q["diff"].get("metadata") or [])

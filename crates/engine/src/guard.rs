@@ -48,6 +48,7 @@ use crate::store::{Snapshot, Store};
 use crate::views::{self, SafeViews};
 use crate::{Error, Result};
 
+pub mod admission;
 pub mod answers;
 pub mod budget;
 mod lists;
@@ -55,6 +56,7 @@ pub mod noise;
 pub mod params;
 mod plan;
 
+pub use admission::{AdmittedPartner, AdmittedQuery, Approvals, admit_partner, admit_query};
 pub use answers::{NoiseReport, Outcome, Release, ReleaseFacts};
 pub use budget::{Budgets, Charge, RhoLedger};
 use lists::Lists;
@@ -138,22 +140,37 @@ pub struct PastCall {
     pub fresh: bool,
 }
 
-/// A query to answer.
+/// A query to answer: only an admitted query makes one ([`admission`]), so nothing reaches
+/// [`Guard::run`] without passing admission.
 pub struct QueryRequest<'a> {
-    /// The rules in force.
-    pub rules: &'a Rules,
-    /// The allow-listed query.
-    pub query: &'a QueryDef,
-    /// The partner asking.
-    pub partner: &'a str,
-    /// Its contract's id.
-    pub contract_id: &'a str,
+    rules: &'a Rules,
+    query: &'a QueryDef,
+    partner: &'a str,
+    contract_id: &'a str,
     /// Typed parameters, not yet snapped.
-    pub params: &'a BTreeMap<String, BoundValue>,
-    /// The data.
-    pub snapshot: &'a Snapshot,
-    /// Now.
-    pub now: DateTime<Utc>,
+    params: &'a BTreeMap<String, BoundValue>,
+    snapshot: &'a Snapshot,
+    now: DateTime<Utc>,
+}
+
+impl<'a> QueryRequest<'a> {
+    /// The admitted query, asked with typed (not yet snapped) parameters of the data in `snapshot`.
+    pub fn new(
+        admitted: AdmittedQuery<'a>,
+        params: &'a BTreeMap<String, BoundValue>,
+        snapshot: &'a Snapshot,
+    ) -> Self {
+        let partner = admitted.partner;
+        Self {
+            rules: partner.rules,
+            query: admitted.query,
+            partner: partner.partner,
+            contract_id: partner.contract_id,
+            params,
+            snapshot,
+            now: partner.now,
+        }
+    }
 }
 
 /// What this call was charged, and what the partner's period has left.
@@ -181,6 +198,30 @@ pub struct ChargeReport {
     pub budget_resets_at: Option<DateTime<Utc>>,
 }
 
+/// What the guard enforced for one answer and what it cost: the typed record the retailer's
+/// audit trail keeps (never shown to the partner beyond what its response states).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct GuardReport {
+    /// Computed and charged now, rather than served again.
+    pub fresh: bool,
+    /// The hard k on true counts.
+    pub k: u32,
+    /// The partner's list version that answered.
+    pub list_version: u32,
+    /// ρ (zCDP) charged by this call.
+    pub rho_spent: f64,
+    /// This call alone as (ε, δ)-DP (0 for a repeat).
+    pub epsilon_spent: f64,
+    /// This call's δ.
+    pub delta_spent: f64,
+    /// The noisy member count a cell had to reach (k + τ).
+    pub release_threshold: u64,
+    /// The most rows one member counted in.
+    pub rows_per_member: u32,
+    /// The fate of every cell of the output domain, counted.
+    pub cells: ReleaseFacts,
+}
+
 /// A released answer, as the partner receives it.
 #[derive(Debug)]
 pub struct Answer {
@@ -193,18 +234,32 @@ pub struct Answer {
     pub charge: ChargeReport,
 }
 
+impl Answer {
+    /// What the guard enforced for this answer, for the audit trail.
+    pub fn report(&self) -> GuardReport {
+        let noise = &self.release.noise;
+        GuardReport {
+            fresh: self.charge.fresh,
+            k: noise.k,
+            list_version: self.release.list_version,
+            rho_spent: self.charge.rho_spent,
+            epsilon_spent: self.charge.epsilon_spent,
+            delta_spent: self.charge.delta_spent,
+            release_threshold: noise.release_threshold,
+            rows_per_member: noise.rows_per_member,
+            cells: self.release.audit.clone(),
+        }
+    }
+}
+
 /// A new version of a partner's list, to be admitted and stored.
 pub struct ListUpload<'a> {
-    /// The partner.
-    pub partner: &'a str,
-    /// Its contract.
-    pub contract: &'a Contract,
+    /// The partner, admitted under its contract.
+    pub partner: AdmittedPartner<'a>,
     /// The hashed list (`ingest::tokens_schema` rows).
     pub tokens: RecordBatch,
     /// Where lists are kept.
     pub store: &'a Store,
-    /// Now.
-    pub now: DateTime<Utc>,
 }
 
 /// The guard and the state its defences keep.
@@ -234,9 +289,11 @@ fn local_midnight_micros(date: NaiveDate, utc_offset_minutes: i32) -> i64 {
     midnight - i64::from(utc_offset_minutes) * 60_000_000
 }
 
-/// Plans and checks a query without running it, as `queries lint` and the server's start-up do.
-pub async fn check(ctx: &SessionContext, sql: &str, policy: &Policy) -> Result<()> {
-    let plan = plan::plan_sql(ctx, sql).await?;
+/// Plans and checks a query without running it, over safe views with no rows, as `queries lint`
+/// and the allow-list's validation do.
+pub async fn check(sql: &str, policy: &Policy) -> Result<()> {
+    let ctx = SafeViews::empty().session()?;
+    let plan = plan::plan_sql(&ctx, sql).await?;
     plan::check_plan(&plan, policy).map(|_| ())
 }
 
@@ -284,6 +341,41 @@ impl Cells {
     }
 }
 
+/// What the guard decided for one cell of the output domain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fate {
+    /// Fewer than k true members: withheld whatever the noise (the hard k).
+    BelowK,
+    /// At least k true members, but the noisy count missed k + τ.
+    BelowThreshold,
+    /// Released, with noisy values.
+    Released,
+}
+
+impl Fate {
+    /// The hard k on the true count AND the noisy count against k + τ: never the true count
+    /// alone, whose boundary would be a one-member oracle.
+    fn of(size: i64, noisy_count: i64, k: i64, threshold: i64) -> Self {
+        if size < k {
+            Fate::BelowK
+        } else if noisy_count < threshold {
+            Fate::BelowThreshold
+        } else {
+            Fate::Released
+        }
+    }
+}
+
+impl ReleaseFacts {
+    fn count(&mut self, fate: Fate) {
+        match fate {
+            Fate::BelowK => self.below_k += 1,
+            Fate::BelowThreshold => self.below_threshold += 1,
+            Fate::Released => self.released += 1,
+        }
+    }
+}
+
 /// The question being answered, once it passed every check that depends only on the request.
 struct Question<'a> {
     request: &'a QueryRequest<'a>,
@@ -324,14 +416,16 @@ impl Guard {
     /// Admits and stores a new version of a partner's list, within the upload allowance. Nothing
     /// about the members it matches is decided or shown here. Returns the new version number.
     pub fn store_list(&self, upload: ListUpload<'_>) -> Result<u32> {
-        let protection = &upload.contract.protection;
+        let partner = upload.partner;
+        partner.require_in_force()?;
+        let protection = &partner.contract.protection;
         self.lists.lock().expect("list ledger lock poisoned").take(
-            upload.partner,
+            partner.partner,
             protection.max_list_versions,
             protection.list_window_days,
-            upload.now,
+            partner.now,
         )?;
-        upload.store.append_list(upload.partner, upload.tokens)
+        upload.store.append_list(partner.partner, upload.tokens)
     }
 
     /// Answers one query. This is the only function that releases query results.
@@ -434,24 +528,30 @@ impl Guard {
     fn charge(&self, question: &Question<'_>) -> Result<Charge> {
         let request = question.request;
         let g = &question.guarantee;
-        if !self
+        let repeat = self
             .ledger
-            .paid(request.partner, &question.key, g.period_days, request.now)
-        {
+            .paid(request.partner, &question.key, g.period_days, request.now);
+        if !repeat {
             self.answers_per_day.take(
                 request.partner,
                 question.contract.max_queries_per_day,
                 request.now,
             )?;
         }
-        self.ledger.charge(
+        let charge = self.ledger.charge(
             request.partner,
             &question.key,
             g.rho_answer,
             g.rho_period,
             g.period_days,
             request.now,
-        )
+        );
+        if charge.is_err() && !repeat {
+            // Refused for the period's budget: no answer was given, so today's count is returned.
+            // The refusal depends on the partner's own spending only, never on the data.
+            self.answers_per_day.give_back(request.partner, request.now);
+        }
+        charge
     }
 
     /// Turns a stored or fresh outcome into the partner's answer, with what this call cost.
@@ -516,8 +616,7 @@ impl Guard {
             request.now,
         );
         self.check_audience(question, eligible.len())?;
-        let views =
-            SafeViews::of_audience(request.snapshot, &matched, &eligible, question.list.version)?;
+        let views = SafeViews::of_audience(request.snapshot, &matched, &eligible)?;
         let ctx = views.session()?;
         // Planned again over the real views: the same SQL and schemas give the same checks.
         let shape = checked_plan(&ctx, request, &question.params, &question.policy).await?;
@@ -639,15 +738,11 @@ impl Guard {
                 &[b"count", &cell_bytes],
                 noise.count,
             ));
-            if size < k {
-                facts.below_k += 1;
+            let fate = Fate::of(size, noisy_count, k, threshold);
+            facts.count(fate);
+            if fate != Fate::Released {
                 continue;
             }
-            if noisy_count < threshold {
-                facts.below_threshold += 1;
-                continue;
-            }
-            facts.released += 1;
             let data = &cells.cells[&cell];
             let released = shape
                 .metrics

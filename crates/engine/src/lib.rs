@@ -2,16 +2,20 @@
 //! Parquet on disk), ingest into pseudonymous tables, the per-collaboration safe views and the
 //! guard, the one place where privacy rules are enforced on every query.
 //!
-//! A query's path through this crate: [`views::SafeViews::build`] registers only the caller's
-//! matched, consented members as the tables `members` and `purchases`; [`guard::run`] plans the
-//! allow-listed SQL, checks the plan, binds the typed parameters, counts distinct members per row,
-//! executes and releases only rows that pass the threshold.
+//! A query's path through this crate: admission ([`guard::admission`]) decides who may ask what;
+//! [`guard::Guard::run`] plans the allow-listed SQL, checks the plan, charges the partner's
+//! ledger, builds the safe views (only the matched, consenting audience, as the tables `members`
+//! and `purchases`; private to this crate), executes member by member and releases noisy cells.
 
 pub mod error;
 pub mod guard;
 pub mod ingest;
+#[cfg(feature = "measurement")]
+pub mod measurement;
 pub mod store;
-pub mod views;
+mod views;
+
+pub use views::consent_counts;
 
 pub use datafusion;
 pub use datafusion::arrow;

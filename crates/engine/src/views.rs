@@ -34,10 +34,6 @@ pub struct SafeViews {
     pub members: RecordBatch,
     /// The `purchases` view.
     pub purchases: Vec<RecordBatch>,
-    /// The consent state they reflect.
-    pub consent_snapshot_id: String,
-    /// The partner list version they reflect.
-    pub list_version: u32,
 }
 
 /// Schema of the `members` view.
@@ -52,33 +48,12 @@ pub fn members_view_schema() -> Arc<Schema> {
 }
 
 impl SafeViews {
-    /// Builds the views of one collaboration from a snapshot, at `now`, with the partner's current
-    /// list.
-    pub fn build(
-        snapshot: &Snapshot,
-        contract_id: &str,
-        contract: &Contract,
-        requirement: &Requirement,
-        now: DateTime<Utc>,
-    ) -> Result<Self> {
-        let Some(list) = snapshot.lists.get(&contract.partner) else {
-            return Err(cleanroom_core::Error::Precondition(
-                "no customer list uploaded yet: call UploadList first".into(),
-            )
-            .into());
-        };
-        let matched = matched_members(snapshot, contract_id, &list.tokens);
-        let eligible = consented(snapshot, &matched, &contract.purpose, requirement, now);
-        Self::of_audience(snapshot, &matched, &eligible, list.version)
-    }
-
     /// The views over one audience: `eligible` members (matched and consenting), with the partner
     /// attribute `matched` gives them.
     pub fn of_audience(
         snapshot: &Snapshot,
         matched: &HashMap<i64, Option<String>>,
         eligible: &HashSet<i64>,
-        list_version: u32,
     ) -> Result<Self> {
         let members = match &snapshot.members {
             Some(batch) => members_view(batch, matched, eligible)?,
@@ -89,12 +64,7 @@ impl SafeViews {
             .iter()
             .map(|batch| keep_members(batch, eligible))
             .collect::<Result<Vec<_>>>()?;
-        Ok(Self {
-            members,
-            purchases,
-            consent_snapshot_id: snapshot.consent_snapshot_id.clone(),
-            list_version,
-        })
+        Ok(Self { members, purchases })
     }
 
     /// Views with the right schemas and no rows, to plan and check queries without data (lint).
@@ -102,8 +72,6 @@ impl SafeViews {
         Self {
             members: RecordBatch::new_empty(members_view_schema()),
             purchases: Vec::new(),
-            consent_snapshot_id: String::new(),
-            list_version: 0,
         }
     }
 

@@ -21,7 +21,7 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::admin::AdminApi;
-use crate::audit::{AuditTrail, Entry};
+use crate::audit::{AuditTrail, Entry, Event};
 use crate::auth::Authenticator;
 use crate::partner::PartnerApi;
 use crate::review::LegalApi;
@@ -149,12 +149,15 @@ impl App {
                         .ok()?
                         .with_timezone(&Utc),
                     ok: r.entry.outcome == "ok",
-                    fresh: r
-                        .entry
-                        .details
-                        .as_ref()
-                        .and_then(|d| d.get("fresh"))
-                        .is_none_or(|f| f == "true"),
+                    fresh: match &r.entry.event {
+                        Some(Event::Answer(report)) => report.fresh,
+                        _ => r
+                            .entry
+                            .details
+                            .as_ref()
+                            .and_then(|d| d.get("fresh"))
+                            .is_none_or(|f| f == "true"),
+                    },
                 })
             })
             .collect();
@@ -232,14 +235,14 @@ impl App {
             }
         };
         let next = Live::new(rules, allowlist, fingerprint);
-        let details = config_change(&current, &next);
+        let change = config_change(&current, &next);
         self.review.archive(&next.allowlist, self.clock.now())?;
         // Recorded before it takes effect: a change the trail cannot hold does not happen.
         self.record(Entry {
             principal: "service".into(),
             method: "ReloadConfig".into(),
             outcome: "ok".into(),
-            details: Some(details),
+            event: Some(change),
             ..Default::default()
         })?;
         *self.live.write().expect("config lock poisoned") = Arc::new(next);
@@ -268,14 +271,9 @@ fn source_fingerprint(sources: &Sources) -> Result<String> {
 }
 
 /// What a configuration change changed, for its audit record.
-fn config_change(old: &Live, new: &Live) -> BTreeMap<String, String> {
-    let mut details = BTreeMap::new();
-    if old.rules_sha256 != new.rules_sha256 {
-        details.insert(
-            "rules".to_string(),
-            format!("{} -> {}", &old.rules_sha256[..12], &new.rules_sha256[..12]),
-        );
-    }
+fn config_change(old: &Live, new: &Live) -> Event {
+    let rules = (old.rules_sha256 != new.rules_sha256)
+        .then(|| format!("{} -> {}", &old.rules_sha256[..12], &new.rules_sha256[..12]));
     let hashes = |live: &Live| -> BTreeMap<String, String> {
         live.allowlist
             .iter()
@@ -283,33 +281,31 @@ fn config_change(old: &Live, new: &Live) -> BTreeMap<String, String> {
             .collect()
     };
     let (before, after) = (hashes(old), hashes(new));
-    let mut changed = Vec::new();
+    let mut queries = Vec::new();
     for (id, sha) in &after {
         match before.get(id) {
-            None => changed.push(format!("{id} added")),
-            Some(old) if old != sha => changed.push(format!("{id} changed")),
+            None => queries.push(format!("{id} added")),
+            Some(old) if old != sha => queries.push(format!("{id} changed")),
             _ => {}
         }
     }
-    changed.extend(
+    queries.extend(
         before
             .keys()
             .filter(|id| !after.contains_key(*id))
             .map(|id| format!("{id} removed")),
     );
-    if !changed.is_empty() {
-        details.insert("queries".to_string(), changed.join(", "));
-    }
-    let invalid: Vec<String> = new
+    let invalid_queries = new
         .allowlist
         .invalid()
         .iter()
         .map(|q| q.id.clone())
         .collect();
-    if !invalid.is_empty() {
-        details.insert("invalid_queries".to_string(), invalid.join(", "));
+    Event::ConfigChange {
+        rules,
+        queries,
+        invalid_queries,
     }
-    details
 }
 
 /// Serves the API on `listener` until `shutdown` resolves.

@@ -5,11 +5,14 @@
 //! Records hold query ids, parameters, counts and outcomes. They never hold an identifier: the
 //! requests that carry identifiers (uploads, ingests) are recorded by their counts only.
 
+use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+use chrono::NaiveDate;
+use cleanroom_engine::guard::GuardReport;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -46,10 +49,94 @@ pub struct Entry {
     pub records: Option<(u64, u64)>,
     /// `ok`, or the status code and message of the refusal.
     pub outcome: String,
-    /// Anything else worth keeping: ε spent, an approval's expiry and note, what a configuration
-    /// change changed. Left out of records that have none, so older trails verify unchanged.
+    /// What the call decided, typed: an answer's guard report, a reviewer's decision, a
+    /// configuration change. Left out of records that have none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub details: Option<std::collections::BTreeMap<String, String>>,
+    pub event: Option<Event>,
+    /// The free-form details of records written before events were typed: read so that older
+    /// trails verify unchanged, never written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub details: Option<BTreeMap<String, String>>,
+}
+
+/// A call's decision, as typed facts: one variant per kind of decision.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Event {
+    /// An answer: what the guard enforced (k, list version, cell fates) and what it cost.
+    Answer(GuardReport),
+    /// A reviewer's decision on one version of a query.
+    Decision {
+        /// The query version decided on.
+        version: u32,
+        /// The reviewer's note (bounded).
+        note: String,
+        /// The last day an approval holds, if it expires.
+        expires: Option<NaiveDate>,
+    },
+    /// A configuration change that took effect.
+    ConfigChange {
+        /// The rules' digest before and after, when they changed.
+        rules: Option<String>,
+        /// Queries added, changed or removed.
+        queries: Vec<String>,
+        /// Query files that failed validation in the new configuration.
+        invalid_queries: Vec<String>,
+    },
+}
+
+impl Event {
+    /// The event as a reviewer reads it, one labelled value per fact.
+    pub fn display(&self) -> BTreeMap<String, String> {
+        let mut out = BTreeMap::new();
+        match self {
+            Event::Answer(r) => {
+                for (label, value) in [
+                    ("fresh", r.fresh.to_string()),
+                    ("k", r.k.to_string()),
+                    ("list_version", r.list_version.to_string()),
+                    ("rho_spent", r.rho_spent.to_string()),
+                    ("epsilon_spent", r.epsilon_spent.to_string()),
+                    ("delta_spent", r.delta_spent.to_string()),
+                    ("release_threshold", r.release_threshold.to_string()),
+                    ("rows_per_member", r.rows_per_member.to_string()),
+                    ("cells_released", r.cells.released.to_string()),
+                    ("cells_below_k", r.cells.below_k.to_string()),
+                    ("cells_below_threshold", r.cells.below_threshold.to_string()),
+                    ("members_capped", r.cells.members_capped.to_string()),
+                ] {
+                    out.insert(label.to_string(), value);
+                }
+            }
+            Event::Decision {
+                version,
+                note,
+                expires,
+            } => {
+                out.insert("version".into(), version.to_string());
+                out.insert("note".into(), note.clone());
+                if let Some(e) = expires {
+                    out.insert("expires".into(), e.to_string());
+                }
+            }
+            Event::ConfigChange {
+                rules,
+                queries,
+                invalid_queries,
+            } => {
+                if let Some(r) = rules {
+                    out.insert("rules".into(), r.clone());
+                }
+                if !queries.is_empty() {
+                    out.insert("queries".into(), queries.join(", "));
+                }
+                if !invalid_queries.is_empty() {
+                    out.insert("invalid_queries".into(), invalid_queries.join(", "));
+                }
+            }
+        }
+        out
+    }
 }
 
 /// One stored record.

@@ -5,9 +5,10 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
+use chrono::{DateTime, Utc};
 use cleanroom_core::allowlist::{BoundValue, ParamKind, QueryDef, RawValue};
-use cleanroom_core::rules::{Contract, Role};
-use cleanroom_engine::guard::{Answer, ListUpload, QueryRequest};
+use cleanroom_core::rules::Role;
+use cleanroom_engine::guard::{self, AdmittedPartner, Answer, ListUpload, QueryRequest};
 use cleanroom_engine::ingest::{self, ListInput};
 use cleanroom_proto::v1::partner_service_server::PartnerService;
 use cleanroom_proto::v1::{
@@ -19,7 +20,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::Result;
 use crate::app::{App, Audited, Live};
-use crate::audit::Entry;
+use crate::audit::{Entry, Event};
 use crate::auth::Principal;
 use crate::review::Approval;
 use crate::status::to_status;
@@ -49,25 +50,24 @@ impl Audited for UploadListResponse {
     }
 }
 
-/// A caller's text shown back in an error: safe characters only, bounded.
-pub(crate) fn shown(text: &str) -> String {
-    text.chars()
-        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
-        .take(64)
-        .collect()
-}
+pub(crate) use cleanroom_engine::guard::admission::shown;
 
-/// The caller as a partner, with its contract, under one configuration for the whole call.
+/// The caller as a partner, under one configuration and one "now" for the whole call.
 struct PartnerCall {
     principal: Principal,
     partner: String,
-    contract_id: String,
     live: Arc<Live>,
+    now: DateTime<Utc>,
 }
 
 impl PartnerCall {
-    fn contract(&self) -> &Contract {
-        &self.live.rules.contracts[&self.contract_id]
+    /// The partner admitted under its contract (the guard decides).
+    fn admitted(&self) -> Result<AdmittedPartner<'_>> {
+        Ok(guard::admit_partner(
+            &self.live.rules,
+            &self.partner,
+            self.now,
+        )?)
     }
 }
 
@@ -88,39 +88,22 @@ impl PartnerApi {
             .partner
             .clone()
             .expect("partner principals name a partner");
-        let (contract_id, _) = live.rules.contract_of(&partner).ok_or_else(|| {
-            cleanroom_core::Error::Precondition(format!("partner `{partner}` has no contract"))
-        })?;
-        Ok(PartnerCall {
+        let call = PartnerCall {
             principal,
             partner,
-            contract_id: contract_id.to_string(),
             live: Arc::clone(&live),
-        })
+            now: self.app.clock.now(),
+        };
+        call.admitted()?;
+        Ok(call)
     }
 
-    fn require_in_force(&self, call: &PartnerCall) -> Result<()> {
-        require_in_force(&self.app, &call.contract_id, call.contract())
-    }
-
-    fn visible_query<'a>(&self, call: &'a PartnerCall, id: &str) -> Result<&'a QueryDef> {
-        call.live
-            .allowlist
-            .get(id)
-            .filter(|q| {
-                q.partners.contains(&call.partner)
-                    && call.contract().queries.iter().any(|c| c == id)
-            })
-            .ok_or_else(|| {
-                cleanroom_core::Error::NotFound(format!(
-                    "query `{}` is not on your allow-list",
-                    shown(id)
-                ))
-                .into()
-            })
-    }
-
-    fn describe(&self, call: &PartnerCall, query: &QueryDef) -> QueryDescription {
+    fn describe(
+        &self,
+        call: &PartnerCall,
+        admitted: &AdmittedPartner<'_>,
+        query: &QueryDef,
+    ) -> QueryDescription {
         let rules = &call.live.rules;
         let bound_text = |v: &Option<toml::Value>| match v {
             Some(toml::Value::String(s)) => s.clone(),
@@ -164,7 +147,7 @@ impl PartnerApi {
                 })
                 .collect(),
             metrics: query.metrics.clone(),
-            effective_k: rules.effective_k(call.contract(), query.k),
+            effective_k: rules.effective_k(admitted.contract(), query.k),
             content_sha256: query.content_sha256.clone(),
         }
     }
@@ -177,20 +160,13 @@ impl PartnerApi {
         let started = Instant::now();
         let call = self.partner_call(&request, "RunQuery", entry)?;
         let request = request.into_inner();
-        let query = self.visible_query(&call, &request.query_id)?;
+        let partner = call.admitted()?;
+        let query = partner.visible(&call.live.allowlist, &request.query_id)?;
         entry.query_id = Some(query.id.clone());
         entry.query_sha256 = Some(query.content_sha256.clone());
-        self.require_in_force(&call)?;
-        self.app.review.require_approved(query, self.app.today())?;
+        let admitted = guard::admit_query(partner, query, &self.app.review)?;
         let rules = &call.live.rules;
-        let contract = call.contract();
-        if !query.purposes.contains(&contract.purpose) {
-            return Err(cleanroom_core::Error::Precondition(format!(
-                "query {} does not serve the contract's purpose `{}`",
-                query.id, contract.purpose
-            ))
-            .into());
-        }
+        let contract = partner.contract();
         let mut raw = BTreeMap::new();
         for (name, value) in request.params {
             let value = match value.kind {
@@ -213,21 +189,12 @@ impl PartnerApi {
             raw.insert(name, value);
         }
         let bound = query.bind(&raw, rules, &call.partner)?;
-        let now = self.app.clock.now();
         let snapshot = self.app.store.snapshot();
         entry.consent_snapshot = Some(snapshot.consent_snapshot_id.clone());
         let answer = self
             .app
             .guard
-            .run(QueryRequest {
-                rules,
-                query,
-                partner: &call.partner,
-                contract_id: &call.contract_id,
-                params: &bound,
-                snapshot: &snapshot,
-                now,
-            })
+            .run(QueryRequest::new(admitted, &bound, &snapshot))
             .await;
         let answer = match answer {
             Ok(answer) => answer,
@@ -243,7 +210,7 @@ impl PartnerApi {
         entry.rows_released = Some(answer.batch.num_rows() as u64);
         entry.rows_suppressed = Some(release.suppressed_rows);
         entry.out_of_domain_rows = Some(release.audit.out_of_domain_rows);
-        entry.details = Some(release_details(&answer));
+        entry.event = Some(Event::Answer(answer.report()));
         let (columns, rows) = crate::results::rows(&answer.batch)?;
         Ok(RunQueryResponse {
             query_id: query.id.clone(),
@@ -294,10 +261,10 @@ pub(crate) fn store_list(
     let partner = live.rules.partners.get(partner_id).ok_or_else(|| {
         cleanroom_core::Error::NotFound(format!("no partner `{}`", shown(partner_id)))
     })?;
-    let (contract_id, contract) = live.rules.contract_of(partner_id).ok_or_else(|| {
-        cleanroom_core::Error::Precondition(format!("partner `{partner_id}` has no contract"))
-    })?;
-    require_in_force(app, contract_id, contract)?;
+    let admitted = guard::admit_partner(&live.rules, partner_id, app.clock.now())?;
+    // Checked before any record is hashed; the guard checks again when it stores the list.
+    admitted.require_in_force()?;
+    let contract = admitted.contract();
     let inputs: Vec<ListInput> = records
         .into_iter()
         .map(|r| ListInput {
@@ -310,7 +277,7 @@ pub(crate) fn store_list(
         .collect();
     let key = app
         .secret
-        .collaboration_key(contract_id, contract.key_version);
+        .collaboration_key(admitted.contract_id(), contract.key_version);
     let (batch, report) = ingest::partner_list(&inputs, partner, &key, strict)?;
     drop(inputs);
     entry.records = Some((report.received, report.accepted));
@@ -318,11 +285,9 @@ pub(crate) fn store_list(
         return Err(cleanroom_core::Error::Input("the upload has no valid record".into()).into());
     }
     let version = app.guard.store_list(ListUpload {
-        partner: partner_id,
-        contract,
+        partner: admitted,
         tokens: batch,
         store: &app.store,
-        now: app.clock.now(),
     })?;
     entry.list_version = Some(version);
     Ok(UploadListResponse {
@@ -332,19 +297,6 @@ pub(crate) fn store_list(
         rejected_by_reason: report.rejected.into_iter().collect(),
         audit_id: String::new(),
     })
-}
-
-/// Refuses calls under a contract past its last day (in the retailer's local time).
-fn require_in_force(app: &App, contract_id: &str, contract: &Contract) -> Result<()> {
-    let today = app.today();
-    if today > contract.expires {
-        return Err(cleanroom_core::Error::Precondition(format!(
-            "contract {contract_id} expired on {}",
-            contract.expires
-        ))
-        .into());
-    }
-    Ok(())
 }
 
 #[tonic::async_trait]
@@ -357,14 +309,11 @@ impl PartnerService for PartnerApi {
         let call = self
             .partner_call(&request, "ListQueries", &mut entry)
             .map_err(|e| to_status(&e, "-"))?;
-        let today = self.app.today();
-        let queries = call
-            .live
-            .allowlist
-            .iter()
-            .filter(|q| {
-                q.partners.contains(&call.partner) && call.contract().queries.contains(&q.id)
-            })
+        let admitted = call.admitted().map_err(|e| to_status(&e, "-"))?;
+        let today = admitted.today();
+        let queries = admitted
+            .visible_queries(&call.live.allowlist)
+            .into_iter()
             .map(|q| QuerySummary {
                 id: q.id.clone(),
                 version: q.version,
@@ -386,10 +335,11 @@ impl PartnerService for PartnerApi {
         let call = self
             .partner_call(&request, "DescribeQuery", &mut entry)
             .map_err(|e| to_status(&e, "-"))?;
-        let query = self
-            .visible_query(&call, &request.get_ref().query_id)
-            .map_err(|e| to_status(&e, "-"))?;
-        Ok(Response::new(self.describe(&call, query)))
+        let admitted = call.admitted().map_err(|e| to_status(&e, "-"))?;
+        let query = admitted
+            .visible(&call.live.allowlist, &request.get_ref().query_id)
+            .map_err(|e| to_status(&e.into(), "-"))?;
+        Ok(Response::new(self.describe(&call, &admitted, query)))
     }
 
     async fn run_query(
@@ -449,31 +399,6 @@ fn protection(answer: &Answer) -> Protection {
             .map(|t| t.to_rfc3339())
             .unwrap_or_default(),
     }
-}
-
-/// What the guard enforced and decided, for the retailer's audit trail (never the partner).
-fn release_details(answer: &Answer) -> BTreeMap<String, String> {
-    let facts = &answer.release.audit;
-    let noise = &answer.release.noise;
-    let charge = &answer.charge;
-    BTreeMap::from([
-        ("fresh".into(), charge.fresh.to_string()),
-        ("rho_spent".into(), charge.rho_spent.to_string()),
-        ("epsilon_spent".into(), charge.epsilon_spent.to_string()),
-        ("delta_spent".into(), charge.delta_spent.to_string()),
-        ("k".into(), noise.k.to_string()),
-        (
-            "release_threshold".into(),
-            noise.release_threshold.to_string(),
-        ),
-        ("cells_released".into(), facts.released.to_string()),
-        ("cells_below_k".into(), facts.below_k.to_string()),
-        (
-            "cells_below_threshold".into(),
-            facts.below_threshold.to_string(),
-        ),
-        ("members_capped".into(), facts.members_capped.to_string()),
-    ])
 }
 
 /// Checked parameters as the audit trail keeps them.

@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use tonic::{Request, Response, Status};
 
 use crate::app::{App, Audited, Live};
-use crate::audit::{Entry, Record};
+use crate::audit::{Entry, Event, Record};
 use crate::auth::Principal;
 use crate::partner::shown;
 use crate::status::to_status;
@@ -219,21 +219,6 @@ impl ReviewState {
         }
     }
 
-    /// Refuses a query whose current content is not approved, naming the query and its state.
-    pub fn require_approved(&self, query: &QueryDef, today: NaiveDate) -> Result<()> {
-        match self.approval(query, today) {
-            Approval::Approved(_) => Ok(()),
-            state => Err(cleanroom_core::Error::Precondition(format!(
-                "query {} (version {}, content {}) cannot run: {}",
-                query.id,
-                query.version,
-                &query.content_sha256[..12],
-                state.sentence()
-            ))
-            .into()),
-        }
-    }
-
     fn add(&self, decision: Decision) {
         self.inner
             .lock()
@@ -302,6 +287,17 @@ fn write_new(path: &Path, bytes: &[u8]) -> Result<()> {
     std::fs::rename(&tmp, path).map_err(storage)
 }
 
+/// The guard refuses a query whose current content legal has not approved; the review state
+/// says why.
+impl cleanroom_engine::guard::Approvals for ReviewState {
+    fn refusal(&self, query: &QueryDef, today: NaiveDate) -> Option<String> {
+        match self.approval(query, today) {
+            Approval::Approved(_) => None,
+            state => Some(state.sentence()),
+        }
+    }
+}
+
 fn decision_of(record: &Record) -> Option<Decision> {
     let approved = match record.entry.method.as_str() {
         "ApproveQuery" => true,
@@ -311,7 +307,16 @@ fn decision_of(record: &Record) -> Option<Decision> {
     if record.entry.outcome != "ok" {
         return None;
     }
-    let details = record.entry.details.clone().unwrap_or_default();
+    let (expires, note) = match &record.entry.event {
+        Some(Event::Decision { expires, note, .. }) => (*expires, note.clone()),
+        _ => {
+            let details = record.entry.details.clone().unwrap_or_default();
+            let expires = details
+                .get("expires")
+                .and_then(|e| NaiveDate::parse_from_str(e, "%Y-%m-%d").ok());
+            (expires, details.get("note").cloned().unwrap_or_default())
+        }
+    };
     Some(Decision {
         query_id: record.entry.query_id.clone()?,
         content_sha256: record.entry.query_sha256.clone()?,
@@ -319,10 +324,8 @@ fn decision_of(record: &Record) -> Option<Decision> {
         by: record.entry.principal.clone(),
         role: record.entry.role.clone(),
         at: DateTime::parse_from_rfc3339(&record.at).ok()?.into(),
-        expires: details
-            .get("expires")
-            .and_then(|e| NaiveDate::parse_from_str(e, "%Y-%m-%d").ok()),
-        note: details.get("note").cloned().unwrap_or_default(),
+        expires,
+        note,
     })
 }
 
@@ -446,7 +449,20 @@ impl LegalApi {
                 .iter()
                 .map(|id| {
                     let contract = rules.contract_of(id);
+                    let guarantee = contract.and_then(|(_, c)| c.protection.guarantee().ok());
+                    let g = guarantee.as_ref();
                     PartnerAccess {
+                        period_epsilon: g.map_or(0.0, |g| g.epsilon),
+                        period_delta: g.map_or(0.0, |g| g.delta),
+                        period_days: g.map_or(0, |g| g.period_days),
+                        answers_per_period: g.map_or(0, |g| g.answers_per_period),
+                        answer_epsilon: g.map_or(0.0, |g| g.answer_epsilon),
+                        answer_delta: g.map_or(0.0, |g| g.answer_delta),
+                        rows_per_member: contract.map_or(0, |(_, c)| {
+                            query
+                                .max_rows_per_member
+                                .min(c.protection.max_rows_per_member)
+                        }),
                         id: id.clone(),
                         name: rules
                             .partners
@@ -596,14 +612,11 @@ impl LegalApi {
         if !approved && note.is_empty() {
             return Err(cleanroom_core::Error::Input("a rejection needs a reason".into()).into());
         }
-        let mut details = BTreeMap::from([
-            ("version".to_string(), query.version.to_string()),
-            ("note".to_string(), note.clone()),
-        ]);
-        if let Some(e) = expires {
-            details.insert("expires".to_string(), e.to_string());
-        }
-        entry.details = Some(details);
+        entry.event = Some(Event::Decision {
+            version: query.version,
+            note: note.clone(),
+            expires,
+        });
         let decision = Decision {
             query_id: query.id.clone(),
             content_sha256: query.content_sha256.clone(),
@@ -704,7 +717,10 @@ fn audit_record(r: &Record) -> AuditRecord {
             .collect(),
         _ => BTreeMap::new(),
     };
-    let mut details = e.details.clone().unwrap_or_default();
+    let mut details = match &e.event {
+        Some(event) => event.display(),
+        None => e.details.clone().unwrap_or_default(),
+    };
     if let Some((received, accepted)) = e.records {
         details.insert(
             "records".into(),
@@ -838,7 +854,13 @@ mod tests {
         ));
         let later = NaiveDate::from_ymd_opt(2027, 1, 1).unwrap();
         assert!(matches!(state.approval(&a, later), Approval::Expired(_)));
-        assert!(state.require_approved(&b, today).is_err());
+        use cleanroom_engine::guard::Approvals;
+        assert!(state.refusal(&a, today).is_none());
+        assert!(
+            state
+                .refusal(&b, today)
+                .is_some_and(|r| r.contains("changed"))
+        );
         state.add(decision(&b.content_sha256, false, None));
         assert!(matches!(state.approval(&b, today), Approval::Rejected(_)));
     }

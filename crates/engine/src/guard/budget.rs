@@ -67,6 +67,16 @@ impl Budgets {
         times.push_back(now);
         Ok(())
     }
+
+    /// Returns an answer taken at `now` that was not given after all.
+    pub fn give_back(&self, partner: &str, now: DateTime<Utc>) {
+        let mut answered = self.answered.lock().expect("budget lock poisoned");
+        if let Some(times) = answered.get_mut(partner)
+            && let Some(at) = times.iter().rposition(|t| *t == now)
+        {
+            times.remove(at);
+        }
+    }
 }
 
 /// One charge of ρ, as the ledger file keeps it.
@@ -247,6 +257,9 @@ mod tests {
     fn the_daily_answer_count_is_enforced() {
         let budgets = Budgets::default();
         let now = Utc::now();
+        budgets.take("p", Some(1), now).unwrap();
+        assert!(budgets.take("p", Some(1), now).is_err());
+        budgets.give_back("p", now);
         budgets.take("p", Some(1), now).unwrap();
         assert!(budgets.take("p", Some(1), now).is_err());
         assert!(
