@@ -221,7 +221,7 @@ fn contract_terms(rules: &Rules) -> String {
         .map(|c| {
             let p = &c.protection;
             format!(
-                "{}: (ε = {}, δ = {}) per {} days over {} answers",
+                "{}: (ε = {}, δ = {:e}) per {} days over {} answers",
                 c.partner, p.epsilon, p.delta, p.period_days, p.answers_per_period
             )
         })
