@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use chrono::{DateTime, Datelike, Duration, NaiveDate};
+use cleanroom_client::pki::ThrowawayPki;
 use cleanroom_client::{Connection, PartnerClient, sample};
 use cleanroom_core::allowlist::AllowList;
 use cleanroom_core::rules::Rules;
@@ -24,13 +25,32 @@ use rand::RngCore;
 /// The window every demo query asks about: the sample's last twelve months.
 const WINDOW: (&str, &str) = ("2025-11-01", "2026-11-01");
 
-pub async fn run(
-    sample_dir: &Path,
-    queries_dir: &Path,
-    listen: SocketAddr,
-    review_listen: SocketAddr,
-    keep_serving: bool,
-) -> Result<()> {
+/// How the demo runs.
+pub struct DemoOptions<'a> {
+    /// The sample data directory.
+    pub sample_dir: &'a Path,
+    /// The allow-list directory.
+    pub queries_dir: &'a Path,
+    /// gRPC address (loopback).
+    pub listen: SocketAddr,
+    /// Review page address (loopback).
+    pub review_listen: SocketAddr,
+    /// Keep serving the loaded sample after the demo.
+    pub keep_serving: bool,
+    /// Serve both ports over TLS with a throwaway CA, written to this directory (`ca.pem`,
+    /// `server.pem`/`server.key` and a client certificate per partner).
+    pub tls_dir: Option<&'a Path>,
+}
+
+pub async fn run(options: DemoOptions<'_>) -> Result<()> {
+    let DemoOptions {
+        sample_dir,
+        queries_dir,
+        listen,
+        review_listen,
+        keep_serving,
+        tls_dir,
+    } = options;
     let rules_path = sample_dir.join("rules.toml");
     let rules = Rules::load(&rules_path)?;
     let allowlist = AllowList::load(queries_dir, &rules)?;
@@ -51,17 +71,43 @@ pub async fn run(
             poll: std::time::Duration::from_millis(500),
         }),
     })?;
-    let server = cleanroom_server::app::spawn_with_page(app, listen, review_listen).await?;
+    let pki = match tls_dir {
+        Some(dir) => Some(throwaway_pki(dir)?),
+        None => None,
+    };
+    let server_tls = pki
+        .as_ref()
+        .map(|pki| {
+            cleanroom_server::tls::Tls::from_pem(
+                pki.server.cert_pem.as_bytes(),
+                pki.server.key_pem.as_bytes(),
+                Some(pki.ca_pem.as_bytes()),
+            )
+        })
+        .transpose()?;
+    let scheme = if pki.is_some() { "https" } else { "http" };
+    let server =
+        cleanroom_server::app::spawn_with_tls(app, listen, review_listen, server_tls).await?;
     println!(
-        "clean room listening on {} (throwaway data dir, random master secret)",
+        "clean room listening on {scheme}://{} (throwaway data dir, random master secret)",
         server.addr
     );
-    println!("review page on http://{}/", server.review_addr);
+    println!("review page on {scheme}://{}/", server.review_addr);
+    if let Some(dir) = tls_dir {
+        println!(
+            "TLS with a throwaway CA: trust {}",
+            dir.join("ca.pem").display()
+        );
+    }
     println!(
         "clock pinned to the sample's export date {}\n",
         sample::AS_OF
     );
-    let conn = Connection::open(&format!("http://{}", server.addr)).await?;
+    let url = format!("{scheme}://{}", server.addr);
+    let conn = match &pki {
+        Some(pki) => Connection::open_tls(&url, &pki.client_tls(None)).await?,
+        None => Connection::open(&url).await?,
+    };
 
     println!(
         "== Legal reviewer: approve the allow-list (approvals are bound to content hashes) =="
@@ -213,6 +259,9 @@ pub async fn run(
             "\nserving the loaded sample on {} until interrupted",
             server.addr
         );
+        if pki.is_some() {
+            println!("TLS on both ports (https)");
+        }
         use std::io::Write as _;
         std::io::stdout().flush()?;
         let mut terminate =
@@ -225,6 +274,16 @@ pub async fn run(
     server.stop().await?;
     println!("\ndemo finished: the throwaway data directory is removed.");
     Ok(())
+}
+
+/// A throwaway CA, server certificate and one client certificate per sample partner, written to
+/// `dir` for clients to trust.
+fn throwaway_pki(dir: &Path) -> Result<ThrowawayPki> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let partners: Vec<&str> = sample::PARTNERS.iter().map(|(p, _)| *p).collect();
+    let pki = ThrowawayPki::generate(&partners)?;
+    pki.write(dir)?;
+    Ok(pki)
 }
 
 /// Withdraws the consent of members who count for Sakura Foods and shows the next query no longer

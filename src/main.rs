@@ -45,6 +45,10 @@ enum Command {
         /// grpcurl or tests/python/stubless_client.py).
         #[arg(long)]
         keep_serving: bool,
+        /// Serve both ports over TLS with a throwaway CA, written to this directory for clients
+        /// to trust (ca.pem; server and per-partner client certificates and keys).
+        #[arg(long)]
+        tls_dir: Option<PathBuf>,
     },
     /// Run the gRPC service.
     Serve {
@@ -236,19 +240,21 @@ fn run(cli: Cli) -> Result<()> {
             listen,
             review_listen,
             keep_serving,
+            tls_dir,
         } => {
             for addr in [listen, review_listen] {
                 if !addr.ip().is_loopback() {
                     bail!("{addr}: the demo serves on loopback only");
                 }
             }
-            runtime()?.block_on(demo::run(
-                &sample_dir,
-                &queries,
+            runtime()?.block_on(demo::run(demo::DemoOptions {
+                sample_dir: &sample_dir,
+                queries_dir: &queries,
                 listen,
                 review_listen,
                 keep_serving,
-            ))
+                tls_dir: tls_dir.as_deref(),
+            }))
         }
         Command::Serve {
             config,
@@ -462,12 +468,14 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 async fn serve(settings: settings::Settings) -> Result<()> {
+    let tls = settings.tls()?;
+    let scheme = if tls.is_some() { "https" } else { "http" };
     let app = cleanroom_server::App::new(settings.app_config()?)?;
     let listen: std::net::SocketAddr = settings.listen.parse()?;
     let running =
-        cleanroom_server::app::spawn_with_page(app, listen, settings.review_addr()?).await?;
-    eprintln!("cleanroom serving gRPC on {}", running.addr);
-    eprintln!("review page on http://{}/", running.review_addr);
+        cleanroom_server::app::spawn_with_tls(app, listen, settings.review_addr()?, tls).await?;
+    eprintln!("cleanroom serving gRPC on {scheme}://{}", running.addr);
+    eprintln!("review page on {scheme}://{}/", running.review_addr);
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}

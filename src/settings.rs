@@ -35,6 +35,23 @@ pub struct Settings {
     /// File holding the hex master secret, when `CLEANROOM_MASTER_SECRET` is not set.
     #[serde(default)]
     pub master_secret_file: Option<PathBuf>,
+    /// TLS on both ports; without it, both stay on loopback.
+    #[serde(default)]
+    pub tls: Option<TlsSettings>,
+}
+
+/// The `[tls]` table: PEM files for the server's certificate chain and key, and optionally the CA
+/// whose client certificates identify partners (mutual TLS).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSettings {
+    /// The server's certificate chain.
+    pub cert_file: PathBuf,
+    /// The server's private key.
+    pub key_file: PathBuf,
+    /// CA certificates for client certificates.
+    #[serde(default)]
+    pub client_ca_file: Option<PathBuf>,
 }
 
 fn default_listen() -> String {
@@ -103,11 +120,12 @@ impl Settings {
             let addr: std::net::SocketAddr = value
                 .parse()
                 .with_context(|| format!("{key} = {value:?} is not an address:port"))?;
-            if !addr.ip().is_loopback() {
+            if self.tls.is_none() && !addr.ip().is_loopback() {
                 // Raw identifiers and bearer tokens arrive over these ports; without TLS they
                 // must stay on loopback.
                 bail!(
-                    "{key} = {addr}: only loopback addresses are allowed until TLS is configured"
+                    "{key} = {addr}: only loopback addresses are allowed without TLS (add a [tls] \
+                     table with cert_file and key_file)"
                 );
             }
         }
@@ -115,6 +133,19 @@ impl Settings {
             bail!("reload_seconds must be at least 1");
         }
         Ok(())
+    }
+
+    /// The TLS material, read and checked, if `[tls]` is configured.
+    pub fn tls(&self) -> Result<Option<cleanroom_server::tls::Tls>> {
+        let Some(t) = &self.tls else {
+            return Ok(None);
+        };
+        let files = cleanroom_server::tls::TlsFiles {
+            cert: t.cert_file.clone(),
+            key: t.key_file.clone(),
+            client_ca: t.client_ca_file.clone(),
+        };
+        Ok(Some(cleanroom_server::tls::Tls::load(&files)?))
     }
 
     /// The review page's address.
@@ -165,5 +196,42 @@ impl Settings {
                 poll: std::time::Duration::from_secs(self.reload_seconds),
             }),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<Settings> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("cleanroom.toml");
+        std::fs::write(&path, text)?;
+        Settings::load(&path, None, None)
+    }
+
+    #[test]
+    fn a_public_address_needs_tls() {
+        let public = "rules = \"r.toml\"\nlisten = \"0.0.0.0:50051\"\n";
+        let refused = load(public).unwrap_err().to_string();
+        assert!(
+            refused.contains("only loopback addresses are allowed without TLS"),
+            "{refused}"
+        );
+        let with_tls = format!("{public}[tls]\ncert_file = \"s.pem\"\nkey_file = \"s.key\"\n");
+        let settings = load(&with_tls).unwrap();
+        assert_eq!(settings.listen, "0.0.0.0:50051");
+        assert!(settings.tls.unwrap().client_ca_file.is_none());
+    }
+
+    #[test]
+    fn the_example_configuration_loads() {
+        let root = std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo test sets it");
+        let example = Path::new(&root).join("config/cleanroom.example.toml");
+        let settings = Settings::load(&example, None, None).unwrap();
+        assert!(
+            settings.tls.is_none(),
+            "the example serves loopback without TLS"
+        );
     }
 }

@@ -497,3 +497,128 @@ async fn the_audience_check_at_its_minimum_stays_within_its_own_dp_bound() {
     tally.assert_within(epsilon, delta, "minimum audience − 1 companions, answered?");
     h.stop().await;
 }
+
+/// The answer store (finding 5, THREATS 5): within one retailer day a member's consent can lapse
+/// (a grant's expiry, or its validity running out) without any ingest, so the data an answer key
+/// names can change under it. A repeat must then be the stored answer, free and identical: were
+/// it recomputed, its keyed noise would be the same and the difference would be exactly that one
+/// member, for nothing. The test finds such an instant in the sample (Kumo Denki's purpose has
+/// grants valid for 730 days, which lapse at any time of day; fixed expiries fall at local
+/// midnight, where the day in the key changes anyway), asks just before it, and asks again just
+/// after, the same day.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_same_day_repeat_is_the_stored_answer_even_when_a_consent_lapses_in_between() {
+    let truth = Truth::load();
+    let rules = sample_rules();
+    let purpose = &rules.contracts["ctr-kumo-2026"].purpose;
+    let valid_days = rules.purposes[purpose.as_str()].grant_valid_days;
+    let matched = truth.matched("kumo_denki");
+    let audience = |at: DateTime<Utc>| {
+        let consented = truth.consented(&rules, purpose, at, &[]);
+        matched.keys().filter(|m| consented.contains(*m)).count()
+    };
+    let jst = chrono::FixedOffset::east_opt(9 * 3600).unwrap();
+    let time = |s: &str| -> DateTime<Utc> { DateTime::parse_from_rfc3339(s).unwrap().into() };
+    let mut lapses: Vec<DateTime<Utc>> = truth
+        .consent
+        .iter()
+        .filter(|e| {
+            &e.purpose == purpose && e.action == "granted" && matched.contains_key(&e.member_id)
+        })
+        .flat_map(|e| {
+            let expiry = (!e.expires_at.is_empty()).then(|| time(&e.expires_at));
+            let validity = valid_days.map(|d| time(&e.at) + chrono::Duration::days(i64::from(d)));
+            expiry.into_iter().chain(validity)
+        })
+        .filter(|t| *t > as_of())
+        .collect();
+    lapses.sort();
+    let minute = chrono::Duration::minutes(1);
+    let lapse = lapses
+        .into_iter()
+        .find(|t| {
+            let (before, after) = (*t - minute, *t + minute);
+            before.with_timezone(&jst).date_naive() == after.with_timezone(&jst).date_naive()
+                && audience(before) != audience(after)
+        })
+        .expect("the sample has a consent that lapses within a day");
+    let (before, after) = (lapse - minute, lapse + minute);
+
+    let h = Harness::start().await.restart_at(before).await;
+    let first = h.run("kumo_denki", "matched_overlap", &[]).await.unwrap();
+    assert!(first.protection.as_ref().unwrap().fresh);
+    let h = h.restart_at(after).await;
+    let again = h.run("kumo_denki", "matched_overlap", &[]).await.unwrap();
+    println!(
+        "consent lapse at {lapse}: audience {} -> {}",
+        audience(before),
+        audience(after)
+    );
+    assert_eq!(
+        again.arrow_ipc, first.arrow_ipc,
+        "the stored answer, not a recomputation"
+    );
+    assert_eq!(again.rows, first.rows);
+    assert!(!again.protection.unwrap().fresh, "and free");
+    h.stop().await;
+}
+
+/// Contribution bounding: one member who spends fifty million yen in a category moves that
+/// cell's released sum by at most the metric's bound (plus the two answers' noise), not by what
+/// she spent. Precise rules keep the noise far below the amount, so without the clamp the jump
+/// would show.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_big_spender_moves_a_sum_by_at_most_the_metric_bound() {
+    let truth = Truth::load();
+    let h = Harness::start_with(Setup {
+        rules: crate::util::precise_rules(),
+        ..Default::default()
+    })
+    .await;
+    let query = "category_buyers_by_age_band";
+    let window = || vec![("start", date("2025-11-01")), ("end", date("2026-11-01"))];
+    let before = h.run("sakura_foods", query, &window()).await.unwrap();
+    let eligible = truth.eligible(&h.rules, "sakura_foods", &[]);
+    let mut candidates: Vec<&String> = eligible.keys().collect();
+    candidates.sort();
+    let spender = candidates[0].clone();
+    let cell = vec![
+        truth.members[&spender].age_band.clone(),
+        "snacks".to_string(),
+    ];
+    let released_before = cells(&before, 2).get(&cell).map(|v| v[1]);
+    let spent: i64 = 50_000_000;
+    cleanroom_client::ingest_purchases(
+        &mut h.analyst(),
+        cleanroom_proto::v1::IngestHeader::default(),
+        vec![cleanroom_proto::v1::PurchaseRecord {
+            member_id: spender.clone(),
+            purchased_at: "2026-10-20T10:00:00+09:00".into(),
+            sku: "SNK-BIG".into(),
+            brand: "Other".into(),
+            manufacturer: "Other".into(),
+            category: "snacks".into(),
+            quantity: 1,
+            amount: spent,
+        }],
+    )
+    .await
+    .expect("purchase ingested");
+    let after = h.run("sakura_foods", query, &window()).await.unwrap();
+    let (Some(sum_before), Some(sum_after)) =
+        (released_before, cells(&after, 2).get(&cell).map(|v| v[1]))
+    else {
+        panic!("the spender's cell {cell:?} is released before and after");
+    };
+    let interval =
+        |r: &RunQueryResponse| r.protection.as_ref().unwrap().interval95["amount_yen"] as i64;
+    let slack = 6_000 + interval(&before) + interval(&after);
+    println!("{cell:?}: {sum_before} -> {sum_after} (slack {slack}, spent {spent})");
+    assert!(slack < spent / 10, "the test can tell a clamp from none");
+    assert!(
+        (sum_after - sum_before).abs() <= slack,
+        "one member moved the sum by {}",
+        sum_after - sum_before
+    );
+    h.stop().await;
+}

@@ -25,3 +25,5 @@ mod discovery;
 mod lint;
 // Legal review (approvals, the review page's API), live rules and `rules validate`.
 mod review;
+// TLS and mutual TLS on gRPC and the review page.
+mod tls;

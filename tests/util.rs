@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use cleanroom_client::pki::ThrowawayPki;
 use cleanroom_client::{AdminClient, Connection, PartnerClient, sample};
 use cleanroom_core::allowlist::AllowList;
 use cleanroom_core::rules::Rules;
@@ -53,6 +54,32 @@ pub fn relaxed_lists(mut rules: Rules) -> Rules {
     rules
 }
 
+/// A RunQuery request for `query` with `params`.
+pub fn request(query: &str, params: &[(&str, ParamValue)]) -> RunQueryRequest {
+    RunQueryRequest {
+        query_id: query.into(),
+        params: params
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect(),
+    }
+}
+
+/// A service's state over the sample rules and allow-list, not serving, in `data_dir`.
+pub fn bare_app(data_dir: &Path) -> Arc<App> {
+    let rules = sample_rules();
+    let allowlist = AllowList::load(&root().join("queries"), &rules).expect("allow-list loads");
+    App::new(AppConfig {
+        data_dir: data_dir.to_path_buf(),
+        rules,
+        allowlist,
+        secret: test_secret(),
+        clock: Arc::new(FixedClock(as_of())),
+        sources: None,
+    })
+    .unwrap()
+}
+
 /// The instant the sample data was exported; the harness pins the service's clock to it.
 pub fn as_of() -> chrono::DateTime<chrono::Utc> {
     chrono::DateTime::parse_from_rfc3339(sample::AS_OF)
@@ -72,6 +99,7 @@ pub struct Harness {
     pub data_dir: TempDir,
     queries: PathBuf,
     sources: Option<Sources>,
+    tls: Option<ThrowawayPki>,
     server: Option<Running>,
 }
 
@@ -84,6 +112,10 @@ pub struct Setup {
     pub approve: bool,
     /// Follow edits of these files, as `cleanroom serve` does.
     pub sources: Option<Sources>,
+    /// Serve both ports over TLS with this CA's server certificate (client certificates from it
+    /// accepted); the harness connects trusting the CA, presenting the first client certificate
+    /// the CA issued, if any.
+    pub tls: Option<ThrowawayPki>,
 }
 
 impl Default for Setup {
@@ -94,6 +126,7 @@ impl Default for Setup {
             load_sample: true,
             approve: true,
             sources: None,
+            tls: None,
         }
     }
 }
@@ -111,6 +144,7 @@ impl Harness {
             &setup.rules,
             &setup.queries,
             setup.sources.clone(),
+            setup.tls.as_ref(),
             data_dir.path(),
             as_of(),
         )
@@ -131,6 +165,7 @@ impl Harness {
             data_dir,
             queries: setup.queries,
             sources: setup.sources,
+            tls: setup.tls,
             server: Some(server),
         }
     }
@@ -139,6 +174,7 @@ impl Harness {
         rules: &Rules,
         queries: &Path,
         sources: Option<Sources>,
+        tls: Option<&ThrowawayPki>,
         data_dir: &Path,
         now: chrono::DateTime<chrono::Utc>,
     ) -> (Running, Connection) {
@@ -152,12 +188,28 @@ impl Harness {
             sources,
         })
         .unwrap();
-        let server = cleanroom_server::spawn(app, SocketAddr::from(([127, 0, 0, 1], 0)))
+        let any = SocketAddr::from(([127, 0, 0, 1], 0));
+        let Some(pki) = tls else {
+            let server = cleanroom_server::spawn(app, any).await.unwrap();
+            let conn = Connection::open(&format!("http://{}", server.addr))
+                .await
+                .unwrap();
+            return (server, conn);
+        };
+        let server_tls = cleanroom_server::tls::Tls::from_pem(
+            pki.server.cert_pem.as_bytes(),
+            pki.server.key_pem.as_bytes(),
+            Some(pki.ca_pem.as_bytes()),
+        )
+        .unwrap();
+        let server = cleanroom_server::app::spawn_with_tls(app, any, any, Some(server_tls))
             .await
             .unwrap();
-        let conn = Connection::open(&format!("http://{}", server.addr))
-            .await
-            .unwrap();
+        let first = pki.clients.first().map(|(name, _)| name.as_str());
+        let conn =
+            Connection::open_tls(&format!("https://{}", server.addr), &pki.client_tls(first))
+                .await
+                .unwrap();
         (server, conn)
     }
 
@@ -173,6 +225,7 @@ impl Harness {
             &self.rules,
             &self.queries,
             self.sources.clone(),
+            self.tls.as_ref(),
             self.data_dir.path(),
             now,
         )
@@ -208,15 +261,8 @@ impl Harness {
         query: &str,
         params: &[(&str, ParamValue)],
     ) -> Result<RunQueryResponse, Status> {
-        let params = params
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.clone()))
-            .collect();
         self.partner(partner)
-            .run_query(RunQueryRequest {
-                query_id: query.into(),
-                params,
-            })
+            .run_query(request(query, params))
             .await
             .map(|r| r.into_inner())
     }

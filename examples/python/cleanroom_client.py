@@ -105,12 +105,40 @@ def load_stubs(proto_dir: str | os.PathLike | None = None) -> SimpleNamespace:
 # Calls
 
 
+def open_channel(address: str, ca: str | None = None, cert: str | None = None,
+                 key: str | None = None) -> grpc.Channel:
+    """A channel to the service: TLS trusting the CA file `ca` (and presenting the client
+    certificate `cert` with its `key`, for mutual TLS), or plain text without `ca` (the service
+    allows that on loopback only)."""
+    if not ca:
+        if cert or key:
+            raise UsageError("a client certificate needs --ca as well")
+        return grpc.insecure_channel(address)
+    if bool(cert) != bool(key):
+        raise UsageError("--cert and --key go together")
+
+    def read(path: str) -> bytes:
+        try:
+            with open(path, "rb") as f:
+                return f.read()
+        except OSError as error:
+            raise UsageError(f"{path}: {error.strerror}") from None
+
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=read(ca),
+        private_key=read(key) if key else None,
+        certificate_chain=read(cert) if cert else None,
+    )
+    return grpc.secure_channel(address, credentials)
+
+
 class PartnerClient:
     """PartnerService calls as one partner. The bearer token decides which partner: no request
     field can name another one."""
 
     def __init__(self, address: str, token: str, stubs: SimpleNamespace | None = None,
-                 timeout: float = DEFAULT_TIMEOUT_S):
+                 timeout: float = DEFAULT_TIMEOUT_S, ca: str | None = None,
+                 cert: str | None = None, key: str | None = None):
         if not token:
             raise UsageError("no token: pass --token or set CLEANROOM_TOKEN")
         self.stubs = stubs or load_stubs()
@@ -118,7 +146,7 @@ class PartnerClient:
         self.address = address
         self.timeout = timeout
         self.metadata = (("authorization", f"Bearer {token}"),)
-        self.channel = grpc.insecure_channel(address)
+        self.channel = open_channel(address, ca, cert, key)
         self.stub = self.stubs.pb2_grpc.PartnerServiceStub(self.channel)
 
     def close(self) -> None:
@@ -341,6 +369,11 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--addr", default=os.environ.get("CLEANROOM_ADDR", DEFAULT_ADDR),
                         help=f"HOST:PORT of the service (env CLEANROOM_ADDR; default {DEFAULT_ADDR})")
     parser.add_argument("--token", default=None, help="bearer token (default: env CLEANROOM_TOKEN)")
+    parser.add_argument("--ca", default=os.environ.get("CLEANROOM_CA"),
+                        help="CA certificate (PEM) to verify the service over TLS (env CLEANROOM_CA); "
+                             "without it, plain text (loopback only)")
+    parser.add_argument("--cert", default=None, help="client certificate (PEM), for mutual TLS")
+    parser.add_argument("--key", default=None, help="the client certificate's key (PEM)")
     parser.add_argument("--query", help="query id to describe and run; without it, only list")
     parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                         help="query parameter, repeatable; typed from DescribeQuery")
@@ -360,7 +393,8 @@ def main(argv: list[str] | None = None) -> int:
         if raw and not args.query:
             raise UsageError("--param needs --query")
         stubs = load_stubs(args.proto_dir)
-        with PartnerClient(args.addr, token, stubs, timeout=args.timeout) as client:
+        with PartnerClient(args.addr, token, stubs, timeout=args.timeout, ca=args.ca,
+                           cert=args.cert, key=args.key) as client:
             call = "ListQueries"
             summaries = client.list_queries()
             print(f"queries open to this partner ({len(summaries)}):")

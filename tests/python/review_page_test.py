@@ -40,6 +40,7 @@ import shutil
 import sys
 import tempfile
 import time
+import ssl
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -94,6 +95,10 @@ class Steps:
 # The review API over plain HTTP (to know what the page should show)
 
 
+# Set from --ca: the context that trusts the service's CA for https:// URLs.
+TLS_CONTEXT = None
+
+
 def api(base_url: str, token: str, path: str, method: str = "GET", body=None):
     """Returns (status, parsed JSON or None)."""
     data = json.dumps(body).encode() if body is not None else None
@@ -103,7 +108,7 @@ def api(base_url: str, token: str, path: str, method: str = "GET", body=None):
     if data is not None:
         request.add_header("Content-Type", "application/json")
     try:
-        with urllib.request.urlopen(request, timeout=30) as response:
+        with urllib.request.urlopen(request, timeout=30, context=TLS_CONTEXT) as response:
             status, text = response.status, response.read()
     except urllib.error.HTTPError as error:
         status, text = error.code, error.read()
@@ -133,14 +138,16 @@ def query_json(base_url: str, query_id: str) -> dict:
 # The browser
 
 
-def start_browser(chromium: str, chromedriver: str):
+def start_browser(chromium: str, chromedriver: str, spki: str | None = None):
     for path in (chromium, chromedriver):
         expect(os.access(path, os.X_OK), f"{path} not found or not executable (apt-get install chromium chromium-driver)")
     os.environ.setdefault("SE_OFFLINE", "true")  # Selenium Manager must never try to download a driver
     profile = tempfile.mkdtemp(prefix="review-page-chromium-")
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
-    for flag in CHROMIUM_FLAGS + [f"--user-data-dir={profile}"]:
+    # Over HTTPS the browser trusts exactly the service's key (SPKI pin), nothing else.
+    pin = [f"--ignore-certificate-errors-spki-list={spki}"] if spki else []
+    for flag in CHROMIUM_FLAGS + pin + [f"--user-data-dir={profile}"]:
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     try:
@@ -381,11 +388,11 @@ def edit_k(base: str, path: Path, query_id: str, restore: list, timeout: float) 
     fail(f"no k in {old_k + 2}..{old_k + 21} gives {query_id} a `changed` state: {skipped}")
 
 
-def grpc_client(address: str, token: str):
+def grpc_client(address: str, token: str, ca: str | None = None):
     sys.path.insert(0, str(REPO / "examples" / "python"))
     import cleanroom_client  # noqa: PLC0415 - only with gRPC on
 
-    return cleanroom_client, cleanroom_client.PartnerClient(address, token, cleanroom_client.load_stubs())
+    return cleanroom_client, cleanroom_client.PartnerClient(address, token, cleanroom_client.load_stubs(), ca=ca)
 
 
 def run_params(cc, description) -> dict:
@@ -417,7 +424,7 @@ def run(args, steps: Steps, driver, restore: list):
 
     sakura = cc = description = None
     if use_grpc:
-        cc, sakura = grpc_client(args.grpc, SAKURA)
+        cc, sakura = grpc_client(args.grpc, SAKURA, args.ca)
         target = next(q for q in queries if q["id"] == qid)
         expect(target["state"] == "approved",
                f"{qid} must start approved (the demo approves every query); it is {target['state']!r}")
@@ -555,6 +562,8 @@ def main(argv=None) -> int:
     parser.add_argument("--url", required=True, help="the review page, e.g. http://127.0.0.1:PORT/")
     parser.add_argument("--queries-dir", help="the allow-list directory the service reads (edited, then restored)")
     parser.add_argument("--grpc", help="HOST:PORT of the gRPC service")
+    parser.add_argument("--ca", help="CA certificate (PEM) of the gRPC service's TLS")
+    parser.add_argument("--spki", help="base64 SHA-256 of the page's TLS public key, for an https:// --url")
     parser.add_argument("--screenshot", required=True, help="PNG path; the second one gets -after-approve")
     parser.add_argument("--query", default="category_buyers_by_age_band", help="the query to edit and approve")
     parser.add_argument("--no-grpc", action="store_true", help="skip the gRPC checks and the file edit (mock server)")
@@ -563,6 +572,9 @@ def main(argv=None) -> int:
     parser.add_argument("--chromium", default="/usr/bin/chromium")
     parser.add_argument("--chromedriver", default="/usr/bin/chromedriver")
     args = parser.parse_args(argv)
+    global TLS_CONTEXT
+    if args.ca:
+        TLS_CONTEXT = ssl.create_default_context(cafile=args.ca)
     if not args.no_grpc and not (args.queries_dir and args.grpc):
         parser.error("--queries-dir and --grpc are required unless --no-grpc")
 
@@ -571,7 +583,7 @@ def main(argv=None) -> int:
     driver = profile = None
     failure = None
     try:
-        driver, profile = start_browser(args.chromium, args.chromedriver)
+        driver, profile = start_browser(args.chromium, args.chromedriver, args.spki)
         steps.ok(f"Chromium {driver.capabilities.get('browserVersion')} headless through "
                  f"{args.chromedriver} {driver.capabilities.get('chrome', {}).get('chromedriverVersion', '').split(' ')[0]}")
         run(args, steps, driver, restore)

@@ -30,8 +30,13 @@ def unary(channel, pool, service, method_name):
     return request_class, call
 
 
-def main(address):
-    channel = grpc.insecure_channel(address)
+def main(address, ca=None):
+    if ca:
+        with open(ca, "rb") as f:
+            channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=f.read()))
+        print("TLS, trusting", ca)
+    else:
+        channel = grpc.insecure_channel(address)
     database = ProtoReflectionDescriptorDatabase(channel)
     services = set(database.get_services())
     print("services:", sorted(services))
@@ -65,8 +70,31 @@ def main(address):
         raise AssertionError("an unknown token was accepted")
     except grpc.RpcError as error:
         assert error.code() == grpc.StatusCode.UNAUTHENTICATED, error.code()
+    if ca:
+        refused_without_the_ca(address, ca)
     print("stubless client: all checks passed")
 
 
+def refused_without_the_ca(address, ca):
+    """Plain text, and TLS trusting a certificate that is not the service's CA (a partner's
+    client certificate next to it), both get no answer."""
+    import os  # noqa: PLC0415
+
+    wrong = os.path.join(os.path.dirname(ca), "sakura_foods.pem")
+    with open(wrong, "rb") as f:
+        channels = {
+            "plain text": grpc.insecure_channel(address),
+            "another trust root": grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=f.read())),
+        }
+    for what, channel in channels.items():
+        try:
+            grpc.channel_ready_future(channel).result(timeout=5)
+            raise AssertionError(f"{what}: the channel became ready")
+        except grpc.FutureTimeoutError:
+            print(f"{what}: refused (the channel never becomes ready)")
+        finally:
+            channel.close()
+
+
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else None)

@@ -134,10 +134,11 @@ def expect_code(code: grpc.StatusCode, fn, *args) -> str:
     raise AssertionError(f"expected {code.name}, the call succeeded")
 
 
-def main(address: str) -> int:
+def main(address: str, ca: str | None = None) -> int:
     stubs = cc.load_stubs()
     print(f"stubs generated from {stubs.proto_dir} into {stubs.out_dir}")
-    with cc.PartnerClient(address, SAKURA, stubs) as sakura, cc.PartnerClient(address, KUMO, stubs) as kumo:
+    with cc.PartnerClient(address, SAKURA, stubs, ca=ca) as sakura, \
+            cc.PartnerClient(address, KUMO, stubs, ca=ca) as kumo:
         sakura_ids = check("sakura: ListQueries", lambda: [q.id for q in sakura.list_queries()]) or []
         check("sakura: list holds " + SAKURA_QUERY, assert_in, SAKURA_QUERY, sakura_ids)
         check(f"sakura: RunQuery {SAKURA_QUERY} start=2025-11-01 end=2026-11-01",
@@ -156,7 +157,7 @@ def main(address: str) -> int:
                   grpc.StatusCode.NOT_FOUND, sakura.describe_query, query_id)
         check("sakura: RunQuery of an unknown id is NOT_FOUND", expect_code,
               grpc.StatusCode.NOT_FOUND, sakura.run_query, "no_such_query", {})
-        with cc.PartnerClient(address, "not-a-token", stubs) as stranger:
+        with cc.PartnerClient(address, "not-a-token", stubs, ca=ca) as stranger:
             check("unknown token is UNAUTHENTICATED", expect_code, grpc.StatusCode.UNAUTHENTICATED,
                   stranger.list_queries)
 
@@ -165,7 +166,7 @@ def main(address: str) -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
+    if len(sys.argv) not in (2, 3):
         print(__doc__, file=sys.stderr)
         sys.exit(1)
-    sys.exit(main(sys.argv[1]))
+    sys.exit(main(sys.argv[1], sys.argv[2] if len(sys.argv) == 3 else None))

@@ -2,6 +2,7 @@
 //! retailer's export files and the partners' lists, and streaming uploads in chunks. The demo, the
 //! tests and any Rust integration use it; other languages use the proto directly.
 
+pub mod pki;
 pub mod sample;
 
 use std::path::Path;
@@ -82,20 +83,82 @@ pub struct Connection {
     channel: Channel,
 }
 
+/// How a client verifies the service over TLS, and optionally proves who it is.
+#[derive(Debug, Clone, Default)]
+pub struct ClientTls {
+    /// The CA certificate(s) the service's certificate must chain to (PEM).
+    pub ca_pem: Vec<u8>,
+    /// The client certificate and key (PEM), for mutual TLS.
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+    /// The name the service's certificate must carry, if not the address's host.
+    pub domain: Option<String>,
+}
+
+impl ClientTls {
+    /// Reads the CA file and, when both are given, the client certificate and key files.
+    pub fn from_files(ca: &Path, cert: Option<&Path>, key: Option<&Path>) -> Result<Self> {
+        let read = |path: &Path| {
+            std::fs::read(path).map_err(|e| Error::File {
+                path: path.display().to_string(),
+                message: e.to_string(),
+            })
+        };
+        let identity = match (cert, key) {
+            (Some(cert), Some(key)) => Some((read(cert)?, read(key)?)),
+            (None, None) => None,
+            _ => {
+                return Err(Error::File {
+                    path: cert
+                        .or(key)
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_default(),
+                    message: "a client certificate needs its key, and a key its certificate".into(),
+                });
+            }
+        };
+        Ok(Self {
+            ca_pem: read(ca)?,
+            identity,
+            domain: None,
+        })
+    }
+}
+
 impl Connection {
-    /// Connects to `http://host:port`.
+    /// Connects to `http://host:port` (plain text: loopback only on the service's side).
     pub async fn open(addr: &str) -> Result<Self> {
-        let channel = Channel::from_shared(addr.to_string())
-            .map_err(|_| Error::File {
-                path: addr.into(),
-                message: "not a valid URI".into(),
-            })?
-            .connect()
-            .await
-            .map_err(|source| Error::Connect {
-                addr: addr.into(),
-                source,
-            })?;
+        Self::connect(addr, None).await
+    }
+
+    /// Connects to `https://host:port`, verifying the service with `tls`.
+    pub async fn open_tls(addr: &str, tls: &ClientTls) -> Result<Self> {
+        Self::connect(addr, Some(tls)).await
+    }
+
+    async fn connect(addr: &str, tls: Option<&ClientTls>) -> Result<Self> {
+        let invalid = |message: &str| Error::File {
+            path: addr.into(),
+            message: message.into(),
+        };
+        let mut endpoint =
+            Channel::from_shared(addr.to_string()).map_err(|_| invalid("not a valid URI"))?;
+        if let Some(tls) = tls {
+            let mut config = tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(&tls.ca_pem));
+            if let Some((cert, key)) = &tls.identity {
+                config = config.identity(tonic::transport::Identity::from_pem(cert, key));
+            }
+            if let Some(domain) = &tls.domain {
+                config = config.domain_name(domain.clone());
+            }
+            endpoint = endpoint
+                .tls_config(config)
+                .map_err(|_| invalid("TLS settings not usable"))?;
+        }
+        let channel = endpoint.connect().await.map_err(|source| Error::Connect {
+            addr: addr.into(),
+            source,
+        })?;
         Ok(Self { channel })
     }
 

@@ -305,6 +305,17 @@ pub struct PrincipalEntry {
     pub partner: Option<String>,
     /// Hex SHA-256 of the bearer token.
     pub token_sha256: String,
+    /// Hex SHA-256 of the client certificate (DER) this principal must also present over mutual
+    /// TLS; none: the token alone identifies it.
+    #[serde(default)]
+    pub client_cert_sha256: Option<String>,
+}
+
+fn is_sha256_hex(text: &str) -> bool {
+    text.len() == 64
+        && text
+            .chars()
+            .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
 }
 
 /// The largest k any floor, contract or query may set.
@@ -435,11 +446,16 @@ impl Rules {
         }
         let mut tokens = BTreeSet::new();
         for p in &self.principals {
-            let valid_hash = p.token_sha256.len() == 64
-                && p.token_sha256
-                    .chars()
-                    .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase());
-            if !valid_hash {
+            if p.client_cert_sha256
+                .as_deref()
+                .is_some_and(|c| !is_sha256_hex(c))
+            {
+                return fail(format!(
+                    "principal `{}`: client_cert_sha256 must be 64 lowercase hex digits",
+                    p.name
+                ));
+            }
+            if !is_sha256_hex(&p.token_sha256) {
                 return fail(format!(
                     "principal `{}`: token_sha256 must be 64 lowercase hex digits",
                     p.name

@@ -25,6 +25,7 @@ use crate::audit::{AuditTrail, Entry, Event};
 use crate::auth::Authenticator;
 use crate::partner::PartnerApi;
 use crate::review::LegalApi;
+use crate::tls::Tls;
 use crate::{Error, Result};
 
 /// The largest gRPC message accepted, in bytes. Uploads stream many messages of this size at most.
@@ -308,10 +309,11 @@ fn config_change(old: &Live, new: &Live) -> Event {
     }
 }
 
-/// Serves the API on `listener` until `shutdown` resolves.
+/// Serves the API on `listener` (over TLS when `tls` is given) until `shutdown` resolves.
 pub async fn serve(
     app: Arc<App>,
     listener: TcpListener,
+    tls: Option<Tls>,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<()> {
     // Both reflection versions: grpcurl speaks v1, grpcio's reflection client still v1alpha.
@@ -356,7 +358,13 @@ pub async fn serve(
             }
         })
     });
-    let served = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &tls {
+        builder = builder
+            .tls_config(tls.grpc())
+            .map_err(|e| Error::Internal(format!("TLS: {e}")))?;
+    }
+    let served = builder
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -398,19 +406,37 @@ impl Running {
 }
 
 /// Binds `addr` for gRPC and `review_addr` for the review page (port 0 picks a free port) and
-/// serves both in the background.
+/// serves both in the background, in plain text: loopback only.
 pub async fn spawn_with_page(
     app: Arc<App>,
     addr: SocketAddr,
     review_addr: SocketAddr,
 ) -> Result<Running> {
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|e| Error::Internal(format!("cannot listen on {addr}: {e}")))?;
+    spawn_with_tls(app, addr, review_addr, None).await
+}
+
+/// As [`spawn_with_page`], over TLS on both ports when `tls` is given. Without TLS only loopback
+/// addresses are allowed: bearer tokens and raw identifiers travel over these ports.
+pub async fn spawn_with_tls(
+    app: Arc<App>,
+    addr: SocketAddr,
+    review_addr: SocketAddr,
+    tls: Option<Tls>,
+) -> Result<Running> {
+    if tls.is_none() {
+        for (what, a) in [("gRPC", addr), ("review page", review_addr)] {
+            if !a.ip().is_loopback() {
+                return Err(Error::Internal(format!(
+                    "{what} address {a}: only loopback addresses are allowed without TLS"
+                )));
+            }
+        }
+    }
+    let listener = bind(addr).await?;
     let addr = listener
         .local_addr()
         .map_err(|e| Error::Internal(e.to_string()))?;
-    let page = crate::page::bind(review_addr).await?;
+    let page = bind(review_addr).await?;
     let review_addr = page
         .local_addr()
         .map_err(|e| Error::Internal(e.to_string()))?;
@@ -418,9 +444,21 @@ pub async fn spawn_with_page(
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
+    let page_task = match &tls {
+        Some(tls) => tokio::spawn(crate::page::serve(
+            Arc::clone(&app),
+            tls.page_listener(page)?,
+            stopped(rx.clone()),
+        )),
+        None => tokio::spawn(crate::page::serve(
+            Arc::clone(&app),
+            page,
+            stopped(rx.clone()),
+        )),
+    };
     let handles = vec![
-        tokio::spawn(serve(Arc::clone(&app), listener, stopped(rx.clone()))),
-        tokio::spawn(crate::page::serve(app, page, stopped(rx))),
+        tokio::spawn(serve(app, listener, tls, stopped(rx))),
+        page_task,
     ];
     Ok(Running {
         addr,
@@ -428,6 +466,12 @@ pub async fn spawn_with_page(
         shutdown: Some(tx),
         handles,
     })
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| Error::Internal(format!("cannot listen on {addr}: {e}")))
 }
 
 /// Binds `addr` (use port 0 for any free port) and serves gRPC there and the review page on a

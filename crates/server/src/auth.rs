@@ -17,6 +17,8 @@ pub struct Principal {
     pub role: Role,
     /// For partners: which one.
     pub partner: Option<String>,
+    /// The client certificate (SHA-256 of its DER) the caller must present, if bound to one.
+    client_cert_sha256: Option<String>,
 }
 
 /// Token hashes to principals.
@@ -43,6 +45,7 @@ impl Authenticator {
                         name: p.name.clone(),
                         role: p.role,
                         partner: p.partner.clone(),
+                        client_cert_sha256: p.client_cert_sha256.clone(),
                     },
                 )
             })
@@ -50,8 +53,26 @@ impl Authenticator {
         Self { by_token_hash }
     }
 
-    /// The principal behind a request's `authorization: Bearer <token>` metadata.
-    pub fn principal(&self, metadata: &tonic::metadata::MetadataMap) -> Result<Principal> {
+    /// The principal behind a request: its `authorization: Bearer <token>` metadata, and for a
+    /// principal bound to a client certificate, that certificate presented over mutual TLS.
+    pub fn principal<T>(&self, request: &tonic::Request<T>) -> Result<Principal> {
+        let principal = self.bearer(request.metadata())?;
+        if let Some(bound) = &principal.client_cert_sha256 {
+            let presented = request
+                .peer_certs()
+                .and_then(|certs| certs.first().map(|c| crate::tls::cert_sha256(c)));
+            if presented.as_ref() != Some(bound) {
+                return Err(Error::Unauthenticated(
+                    "this token is bound to a client certificate, which the connection did not \
+                     present"
+                        .into(),
+                ));
+            }
+        }
+        Ok(principal)
+    }
+
+    fn bearer(&self, metadata: &tonic::metadata::MetadataMap) -> Result<Principal> {
         let header = metadata
             .get("authorization")
             .ok_or_else(|| {

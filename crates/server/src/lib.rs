@@ -1,10 +1,10 @@
 //! The clean room's gRPC service: the partner and admin handlers, bearer-token authentication, the
 //! hash-chained audit trail and the single mapping from errors to gRPC statuses.
 //!
-//! A query's path: [`partner::PartnerApi::run_query`] authenticates the caller and resolves its
-//! contract, binds the parameters ([`cleanroom_core::allowlist`]), builds the safe views
-//! ([`cleanroom_engine::views`]), hands the plan to the guard ([`cleanroom_engine::guard::run`]),
-//! writes the audit record, and only then answers.
+//! A query's path: [`partner::PartnerApi::run_query`] authenticates the caller, has the guard
+//! admit the query ([`cleanroom_engine::guard::admission`]), binds the parameters
+//! ([`cleanroom_core::allowlist`]), hands the request to the guard
+//! ([`cleanroom_engine::guard::Guard::run`]), writes the audit record, and only then answers.
 
 pub mod admin;
 pub mod app;
@@ -17,6 +17,7 @@ pub mod results;
 pub mod review;
 pub mod status;
 mod stream;
+pub mod tls;
 
 pub use app::{
     App, AppConfig, Clock, FixedClock, Live, Running, Sources, SystemClock, serve, spawn,

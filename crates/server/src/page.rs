@@ -1,10 +1,9 @@
-//! The review page: a browser front end for legal reviewers, served on its own loopback port next
-//! to gRPC. Its JSON routes call the very `LegalService` handlers that gRPC clients call, with the
+//! The review page: a browser front end for legal reviewers, served on its own port next to gRPC
+//! (HTTPS when TLS is configured, loopback only otherwise). Its JSON routes call the very `LegalService` handlers that gRPC clients call, with the
 //! caller's bearer token passed through, so the page can do nothing a gRPC client of the same role
 //! could not, and every approval it makes is audited the same way. It shows no row-level data:
 //! there is none to show.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Router;
@@ -17,7 +16,6 @@ use cleanroom_proto::v1::{
     ApproveQueryRequest, ListAllowListRequest, ListAuditRequest, RejectQueryRequest,
 };
 use serde::Deserialize;
-use tokio::net::TcpListener;
 
 use crate::app::App;
 use crate::review::LegalApi;
@@ -31,12 +29,17 @@ const CSP: &str = "default-src 'none'; script-src 'unsafe-inline'; style-src 'un
                    connect-src 'self'; img-src data:; form-action 'none'; frame-ancestors 'none'; \
                    base-uri 'none'";
 
-/// Serves the review page on `listener` until `shutdown` resolves.
-pub async fn serve(
+/// Serves the review page on `listener` (plain TCP on loopback, or [`crate::tls::TlsListener`])
+/// until `shutdown` resolves.
+pub async fn serve<L>(
     app: Arc<App>,
-    listener: TcpListener,
+    listener: L,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> Result<()> {
+) -> Result<()>
+where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
     let api = Arc::new(LegalApi::new(app));
     let router = Router::new()
         .route("/", get(page))
@@ -49,19 +52,6 @@ pub async fn serve(
         .with_graceful_shutdown(shutdown)
         .await
         .map_err(|e| Error::Internal(format!("review page: {e}")))
-}
-
-/// Binds a loopback address for the page. Reviewers' tokens travel over it, so it is loopback
-/// only until TLS is configured, like gRPC.
-pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
-    if !addr.ip().is_loopback() {
-        return Err(Error::Internal(format!(
-            "review page address {addr}: only loopback addresses are allowed until TLS is configured"
-        )));
-    }
-    TcpListener::bind(addr)
-        .await
-        .map_err(|e| Error::Internal(format!("cannot listen on {addr}: {e}")))
 }
 
 fn hardened(mut response: Response) -> Response {

@@ -79,7 +79,7 @@ impl PartnerApi {
         entry: &mut Entry,
     ) -> Result<PartnerCall> {
         let live = self.app.live();
-        let principal = live.auth.principal(request.metadata())?;
+        let principal = live.auth.principal(request)?;
         entry.principal = principal.name.clone();
         entry.role = principal.role.as_str().to_string();
         entry.partner = principal.partner.clone();

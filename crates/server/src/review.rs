@@ -391,7 +391,7 @@ impl LegalApi {
         write: bool,
         entry: &mut Entry,
     ) -> Result<Principal> {
-        let principal = live.auth.principal(request.metadata())?;
+        let principal = live.auth.principal(request)?;
         entry.principal = principal.name.clone();
         entry.role = principal.role.as_str().to_string();
         let allowed = principal.role == Role::Legal || (!write && principal.role == Role::Analyst);

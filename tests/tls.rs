@@ -1,0 +1,189 @@
+//! TLS and mutual TLS on both ports (issue 9, item 1), played against the running service with a
+//! throwaway CA made for each run: clients that trust the CA get through; a client that trusts
+//! another CA, or speaks plain text, gets nothing; a partner bound to a client certificate is
+//! refused with its token alone or with another partner's certificate.
+
+use std::sync::Arc;
+
+use cleanroom_client::pki::ThrowawayPki;
+use cleanroom_client::{ClientTls, Connection, sample};
+use cleanroom_proto::v1::ListQueriesRequest;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_rustls::rustls::pki_types::pem::PemObject;
+use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
+use tokio_rustls::rustls::{ClientConfig, RootCertStore};
+use tonic::Code;
+
+use crate::util::{Harness, Setup, bare_app, sample_rules, year};
+
+/// Sample rules with Sakura Foods' token bound to the client certificate issued to it.
+fn bound_rules(pki: &ThrowawayPki) -> cleanroom_core::rules::Rules {
+    let mut rules = sample_rules();
+    let sakura = pki.client("sakura_foods").unwrap().cert_sha256.clone();
+    for p in &mut rules.principals {
+        if p.partner.as_deref() == Some("sakura_foods") {
+            p.client_cert_sha256 = Some(sakura.clone());
+        }
+    }
+    rules
+}
+
+async fn over_tls(h: &Harness, tls: &ClientTls) -> Result<Connection, cleanroom_client::Error> {
+    Connection::open_tls(&format!("https://{}", h.addr()), tls).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_over_tls_binds_partners_to_their_certificates_and_refuses_strangers() {
+    let pki = ThrowawayPki::generate(&["sakura_foods", "kumo_denki"]).unwrap();
+    let h = Harness::start_with(Setup {
+        rules: bound_rules(&pki),
+        tls: Some(pki.clone()),
+        ..Default::default()
+    })
+    .await;
+    let token = sample::partner_token("sakura_foods");
+
+    // Its own certificate and token: answered, over TLS.
+    let with_cert = over_tls(&h, &pki.client_tls(Some("sakura_foods")))
+        .await
+        .unwrap();
+    let answer = with_cert
+        .partner(token)
+        .unwrap()
+        .run_query(crate::util::request("repeat_purchase_rate", &year()))
+        .await
+        .expect("Sakura with its certificate is answered");
+    assert!(!answer.into_inner().rows.is_empty());
+
+    // The token alone, or with Kumo Denki's certificate (valid, same CA): refused.
+    for (what, tls) in [
+        ("no certificate", pki.client_tls(None)),
+        ("Kumo's certificate", pki.client_tls(Some("kumo_denki"))),
+    ] {
+        let conn = over_tls(&h, &tls).await.unwrap();
+        let status = conn
+            .partner(token)
+            .unwrap()
+            .list_queries(ListQueriesRequest {})
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::Unauthenticated, "{what}: {status:?}");
+        assert!(status.message().contains("client certificate"), "{what}");
+    }
+    // Kumo Denki is not bound: its token works over TLS without a certificate.
+    let plain_tls = over_tls(&h, &pki.client_tls(None)).await.unwrap();
+    plain_tls
+        .partner(sample::partner_token("kumo_denki"))
+        .unwrap()
+        .list_queries(ListQueriesRequest {})
+        .await
+        .expect("an unbound partner needs only its token");
+
+    // A client that trusts another CA does not connect.
+    let stranger = ThrowawayPki::generate(&[]).unwrap();
+    assert!(
+        over_tls(&h, &stranger.client_tls(None)).await.is_err(),
+        "a server certificate from an untrusted CA is refused"
+    );
+    // A plain-text client gets no answer from the TLS port.
+    let plain = Connection::open(&format!("http://{}", h.addr())).await;
+    if let Ok(plain) = plain {
+        let status = plain
+            .partner(sample::partner_token("kumo_denki"))
+            .unwrap()
+            .list_queries(ListQueriesRequest {})
+            .await
+            .unwrap_err();
+        // The TLS port drops the connection: a failure of the client's own transport (it
+        // carries its cause), never a status the service sent.
+        assert!(std::error::Error::source(&status).is_some(), "{status:?}");
+    }
+    h.stop().await;
+}
+
+/// One HTTPS request to the review page, trusting `ca_pem`.
+async fn https_get(
+    addr: std::net::SocketAddr,
+    ca_pem: &str,
+    path: &str,
+) -> std::io::Result<String> {
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let name = ServerName::try_from("localhost").unwrap();
+    let mut stream = connector.connect(name, tcp).await?;
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
+        sample::LEGAL_TOKEN
+    );
+    stream.write_all(request.as_bytes()).await?;
+    let mut response = Vec::new();
+    // A TLS peer may close without close_notify once the body is sent; what arrived counts.
+    let _ = stream.read_to_end(&mut response).await;
+    Ok(String::from_utf8_lossy(&response).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_review_page_is_served_over_https_only() {
+    let pki = ThrowawayPki::generate(&[]).unwrap();
+    let h = Harness::start_with(Setup {
+        tls: Some(pki.clone()),
+        load_sample: false,
+        ..Default::default()
+    })
+    .await;
+    let page = https_get(h.review_addr(), &pki.ca_pem, "/").await.unwrap();
+    assert!(
+        page.starts_with("HTTP/1.1 200"),
+        "{}",
+        &page[..page.len().min(200)]
+    );
+    assert!(page.contains("<html"), "the page itself");
+    let api = https_get(h.review_addr(), &pki.ca_pem, "/api/allowlist")
+        .await
+        .unwrap();
+    assert!(api.starts_with("HTTP/1.1 200") && api.contains("repeat_purchase_rate"));
+
+    let stranger = ThrowawayPki::generate(&[]).unwrap();
+    assert!(
+        https_get(h.review_addr(), &stranger.ca_pem, "/")
+            .await
+            .is_err(),
+        "a browser that does not trust the service's CA gets no page"
+    );
+    // Plain HTTP to the HTTPS port: no HTTP response comes back.
+    let mut tcp = tokio::net::TcpStream::connect(h.review_addr())
+        .await
+        .unwrap();
+    tcp.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = Vec::new();
+    let _ = tcp.read_to_end(&mut response).await;
+    assert!(
+        !String::from_utf8_lossy(&response).starts_with("HTTP/1.1 200"),
+        "plain HTTP is not served"
+    );
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_tls_only_loopback_is_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let everywhere = std::net::SocketAddr::from(([0, 0, 0, 0], 0));
+    let refused =
+        cleanroom_server::app::spawn_with_page(bare_app(dir.path()), everywhere, everywhere)
+            .await
+            .err()
+            .expect("a non-loopback address without TLS is refused");
+    assert!(refused.to_string().contains("only loopback"), "{refused}");
+}
