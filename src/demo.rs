@@ -70,6 +70,8 @@ pub async fn run(options: DemoOptions<'_>) -> Result<()> {
             queries: queries_dir.to_path_buf(),
             poll: std::time::Duration::from_millis(500),
         }),
+        // The demo runs on the published sample tokens.
+        allow_demo_tokens: true,
     })?;
     let pki = match tls_dir {
         Some(dir) => Some(throwaway_pki(dir)?),

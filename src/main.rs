@@ -61,6 +61,10 @@ enum Command {
         /// Data directory, overriding the file and CLEANROOM__DATA_DIR.
         #[arg(long)]
         data_dir: Option<PathBuf>,
+        /// Accept principals in the demo token form (token_sha256, as the sample rules use with
+        /// their published tokens). Never on a real deployment.
+        #[arg(long)]
+        allow_demo_tokens: bool,
     },
     /// Generate fictional sample data (members, purchases, consent events, two partner lists).
     Gen {
@@ -159,6 +163,11 @@ enum Command {
         #[arg(long, default_value = "data")]
         data_dir: PathBuf,
     },
+    /// Mint bearer tokens for the rules' principals.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
     /// Retailer side: print a collaboration's match key for its partner's `prep`.
     ExportKey {
         /// The service configuration file.
@@ -167,6 +176,23 @@ enum Command {
         /// The contract (collaboration) id.
         #[arg(long)]
         contract: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Print a fresh token (256 random bits) once, and the `[[principals]]` entry that holds only
+    /// its public id and an Argon2id hash of its secret.
+    New {
+        /// The principal's role.
+        #[arg(long, value_parser = ["partner", "analyst", "legal"])]
+        role: String,
+        /// For a partner principal: the partner id.
+        #[arg(long)]
+        partner: Option<String>,
+        /// The principal's name in the audit trail.
+        #[arg(long)]
+        name: String,
     },
 }
 
@@ -260,10 +286,19 @@ fn run(cli: Cli) -> Result<()> {
             config,
             listen,
             data_dir,
+            allow_demo_tokens,
         } => {
             let settings = settings::Settings::load(&config, listen, data_dir)?;
-            runtime()?.block_on(serve(settings))
+            runtime()?.block_on(serve(settings, allow_demo_tokens))
         }
+        Command::Token {
+            command:
+                TokenCommand::New {
+                    role,
+                    partner,
+                    name,
+                },
+        } => token_new(&role, partner.as_deref(), &name),
         Command::Gen {
             seed,
             members,
@@ -467,10 +502,32 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
-async fn serve(settings: settings::Settings) -> Result<()> {
+/// Prints a minted token and its rules entry. The token is shown only here.
+fn token_new(role: &str, partner: Option<&str>, name: &str) -> Result<()> {
+    match (role, partner) {
+        ("partner", None) => bail!("a partner principal needs --partner"),
+        ("partner", Some(_)) | (_, None) => {}
+        (_, Some(_)) => bail!("only a partner principal names a partner (--partner)"),
+    }
+    let minted = cleanroom_server::auth::mint_token()?;
+    let toml_str = |s: &str| toml::Value::String(s.to_string()).to_string();
+    println!("token (give it to {name} over a safe channel; it is not shown again):");
+    println!("  {}", minted.token);
+    println!("\nadd to the rules:\n[[principals]]");
+    println!("name = {}", toml_str(name));
+    println!("role = {}", toml_str(role));
+    if let Some(partner) = partner {
+        println!("partner = {}", toml_str(partner));
+    }
+    println!("token_id = {}", toml_str(&minted.id));
+    println!("token_hash = {}", toml_str(&minted.hash));
+    Ok(())
+}
+
+async fn serve(settings: settings::Settings, allow_demo_tokens: bool) -> Result<()> {
     let tls = settings.tls()?;
     let scheme = if tls.is_some() { "https" } else { "http" };
-    let app = cleanroom_server::App::new(settings.app_config()?)?;
+    let app = cleanroom_server::App::new(settings.app_config(allow_demo_tokens)?)?;
     let listen: std::net::SocketAddr = settings.listen.parse()?;
     let running =
         cleanroom_server::app::spawn_with_tls(app, listen, settings.review_addr()?, tls).await?;

@@ -172,7 +172,8 @@ impl Settings {
     }
 
     /// Everything the service needs to start.
-    pub fn app_config(&self) -> Result<cleanroom_server::AppConfig> {
+    /// With `allow_demo_tokens`, principals in the demo token form are accepted.
+    pub fn app_config(&self, allow_demo_tokens: bool) -> Result<cleanroom_server::AppConfig> {
         let rules = self.rules()?;
         // Broken query files do not stop the service: they are shown to reviewers as invalid and
         // never run. `cleanroom queries lint` says what is wrong with them.
@@ -195,6 +196,7 @@ impl Settings {
                 queries: self.queries.clone(),
                 poll: std::time::Duration::from_secs(self.reload_seconds),
             }),
+            allow_demo_tokens,
         })
     }
 }

@@ -105,6 +105,7 @@ async fn measure(
         secret: MasterSecret::new(b"utility report secret, not for production".to_vec())?,
         clock: Arc::new(cleanroom_server::FixedClock(now)),
         sources: None,
+        allow_demo_tokens: true,
     })?;
     let server = cleanroom_server::spawn(app, SocketAddr::from(([127, 0, 0, 1], 0))).await?;
     let conn = Connection::open(&format!("http://{}", server.addr)).await?;

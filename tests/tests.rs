@@ -27,3 +27,5 @@ mod lint;
 mod review;
 // TLS and mutual TLS on gRPC and the review page.
 mod tls;
+// Minted tokens, demo tokens refused by `serve`, limited guesses.
+mod credentials;

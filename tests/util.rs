@@ -76,6 +76,7 @@ pub fn bare_app(data_dir: &Path) -> Arc<App> {
         secret: test_secret(),
         clock: Arc::new(FixedClock(as_of())),
         sources: None,
+        allow_demo_tokens: true,
     })
     .unwrap()
 }
@@ -186,6 +187,7 @@ impl Harness {
             secret: test_secret(),
             clock: Arc::new(FixedClock(now)),
             sources,
+            allow_demo_tokens: true,
         })
         .unwrap();
         let any = SocketAddr::from(([127, 0, 0, 1], 0));

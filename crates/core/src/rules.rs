@@ -292,7 +292,7 @@ impl Role {
     }
 }
 
-/// One caller and the SHA-256 of its bearer token. The token itself is never stored.
+/// One caller and how its bearer token is checked. The token itself is never stored.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PrincipalEntry {
@@ -303,12 +303,29 @@ pub struct PrincipalEntry {
     /// For partners: which partner.
     #[serde(default)]
     pub partner: Option<String>,
-    /// Hex SHA-256 of the bearer token.
-    pub token_sha256: String,
+    /// The public id of a token minted by `cleanroom token new` (its `cr1.<id>.` prefix).
+    #[serde(default)]
+    pub token_id: Option<String>,
+    /// Argon2id (PHC string) of that token's secret part: a stolen rules file does not let
+    /// anyone test guesses cheaply.
+    #[serde(default)]
+    pub token_hash: Option<String>,
+    /// The demo form: hex SHA-256 of a whole token of any length. `cleanroom serve` refuses it
+    /// unless started with `--allow-demo-tokens`.
+    #[serde(default)]
+    pub token_sha256: Option<String>,
     /// Hex SHA-256 of the client certificate (DER) this principal must also present over mutual
     /// TLS; none: the token alone identifies it.
     #[serde(default)]
     pub client_cert_sha256: Option<String>,
+}
+
+/// A minted token's public id: 16 lowercase hex digits.
+pub fn is_token_id(text: &str) -> bool {
+    text.len() == 16
+        && text
+            .chars()
+            .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
 }
 
 fn is_sha256_hex(text: &str) -> bool {
@@ -455,13 +472,33 @@ impl Rules {
                     p.name
                 ));
             }
-            if !is_sha256_hex(&p.token_sha256) {
-                return fail(format!(
-                    "principal `{}`: token_sha256 must be 64 lowercase hex digits",
-                    p.name
-                ));
-            }
-            if !tokens.insert(&p.token_sha256) {
+            let credential = match (&p.token_id, &p.token_hash, &p.token_sha256) {
+                (Some(id), Some(hash), None) => {
+                    if !is_token_id(id) || !hash.starts_with("$argon2id$") {
+                        return fail(format!(
+                            "principal `{}`: token_id must be 16 lowercase hex digits and \
+                             token_hash an $argon2id$ string (as `cleanroom token new` prints)",
+                            p.name
+                        ));
+                    }
+                    id
+                }
+                (None, None, Some(sha)) if is_sha256_hex(sha) => sha,
+                (None, None, Some(_)) => {
+                    return fail(format!(
+                        "principal `{}`: token_sha256 must be 64 lowercase hex digits",
+                        p.name
+                    ));
+                }
+                _ => {
+                    return fail(format!(
+                        "principal `{}`: needs token_id and token_hash (from `cleanroom token \
+                         new`), or the demo form token_sha256, and not both",
+                        p.name
+                    ));
+                }
+            };
+            if !tokens.insert(credential) {
                 return fail(format!(
                     "principal `{}`: token shared with another principal",
                     p.name

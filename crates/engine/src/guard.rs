@@ -757,7 +757,10 @@ impl Guard {
                             &[b"metric", name, &cell_bytes],
                             variance,
                         ));
+                        // A released cell's noisy count is at least k + τ > 0; `max(0)` keeps
+                        // the bound well-formed (clamp panics on min > max) whatever happens.
                         let most = noisy_count
+                            .max(0)
                             .saturating_mul(i64::try_from(metric.bound).unwrap_or(i64::MAX));
                         raw.clamp(0, most)
                     }

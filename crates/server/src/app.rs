@@ -83,6 +83,9 @@ pub struct AppConfig {
     pub clock: Arc<dyn Clock>,
     /// If set, the running service follows validated edits of these files without a restart.
     pub sources: Option<Sources>,
+    /// Accept principals in the demo token form (a SHA-256 of a token of unknown strength, such
+    /// as the published sample tokens). Only the demo and tests set it.
+    pub allow_demo_tokens: bool,
 }
 
 /// The configuration in force: rules, allow-list and the principals they define. It is replaced
@@ -101,14 +104,19 @@ pub struct Live {
 }
 
 impl Live {
-    fn new(rules: Rules, allowlist: AllowList, fingerprint: String) -> Self {
-        Self {
-            auth: Authenticator::new(&rules),
+    fn new(
+        rules: Rules,
+        allowlist: AllowList,
+        fingerprint: String,
+        allow_demo_tokens: bool,
+    ) -> Result<Self> {
+        Ok(Self {
+            auth: Authenticator::new(&rules, allow_demo_tokens)?,
             rules_sha256: hex::encode(Sha256::digest(format!("{rules:?}").as_bytes())),
             rules,
             allowlist,
             fingerprint,
-        }
+        })
     }
 }
 
@@ -116,6 +124,7 @@ impl Live {
 pub struct App {
     live: RwLock<Arc<Live>>,
     sources: Option<Sources>,
+    allow_demo_tokens: bool,
     /// Fingerprint of the last source state that failed to load, so a broken edit is recorded
     /// once, not at every poll.
     refused: Mutex<String>,
@@ -136,6 +145,18 @@ pub struct App {
 impl App {
     /// Opens the data directory and the audit trail.
     pub fn new(config: AppConfig) -> Result<Arc<Self>> {
+        // The configuration is checked (credentials included) before anything is opened or
+        // written: a refused start leaves the data directory as it was.
+        let fingerprint = match &config.sources {
+            Some(sources) => source_fingerprint(sources)?,
+            None => String::new(),
+        };
+        let live = Live::new(
+            config.rules,
+            config.allowlist,
+            fingerprint,
+            config.allow_demo_tokens,
+        )?;
         let store = Store::open(&config.data_dir)?;
         let audit_path = config.data_dir.join("audit.jsonl");
         // Budgets, list allowances and approvals survive restarts: all are in the audit trail.
@@ -164,15 +185,11 @@ impl App {
             .collect();
         let guard = Guard::open(&config.data_dir, &config.secret, &past)?;
         let review = crate::review::ReviewState::open(&config.data_dir, &history)?;
-        let fingerprint = match &config.sources {
-            Some(sources) => source_fingerprint(sources)?,
-            None => String::new(),
-        };
-        let live = Live::new(config.rules, config.allowlist, fingerprint);
         review.archive(&live.allowlist, config.clock.now())?;
         Ok(Arc::new(Self {
             live: RwLock::new(Arc::new(live)),
             sources: config.sources,
+            allow_demo_tokens: config.allow_demo_tokens,
             refused: Mutex::new(String::new()),
             guard,
             review,
@@ -214,11 +231,21 @@ impl App {
         if fingerprint == current.fingerprint {
             return Ok(false);
         }
-        let loaded = Rules::load(&sources.rules).and_then(|rules| {
-            let allowlist = AllowList::scan(&sources.queries, &rules)?;
-            Ok((rules, allowlist))
-        });
-        let (rules, allowlist) = match loaded {
+        let loaded = Rules::load(&sources.rules)
+            .and_then(|rules| {
+                let allowlist = AllowList::scan(&sources.queries, &rules)?;
+                Ok((rules, allowlist))
+            })
+            .map_err(Error::from)
+            .and_then(|(rules, allowlist)| {
+                Live::new(
+                    rules,
+                    allowlist,
+                    fingerprint.clone(),
+                    self.allow_demo_tokens,
+                )
+            });
+        let next = match loaded {
             Ok(loaded) => loaded,
             Err(e) => {
                 let mut refused = self.refused.lock().expect("reload lock poisoned");
@@ -235,7 +262,6 @@ impl App {
                 return Ok(false);
             }
         };
-        let next = Live::new(rules, allowlist, fingerprint);
         let change = config_change(&current, &next);
         self.review.archive(&next.allowlist, self.clock.now())?;
         // Recorded before it takes effect: a change the trail cannot hold does not happen.

@@ -1,0 +1,124 @@
+//! Credentials (issue 9, item 2): minted tokens are strong and stored as Argon2id hashes; the
+//! published demo tokens and any bare SHA-256 token are refused by `serve` unless it is told the
+//! deployment is a demo; failed guesses against one token id are limited.
+
+use std::process::Command;
+
+use cleanroom_core::rules::{PrincipalEntry, Role};
+use cleanroom_proto::v1::ListQueriesRequest;
+use tonic::Code;
+
+use crate::util::{Harness, Setup, root, sample_rules};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_minted_token_authenticates_and_guesses_against_it_are_limited() {
+    let minted = cleanroom_server::auth::mint_token().unwrap();
+    let mut rules = sample_rules();
+    rules.principals.push(PrincipalEntry {
+        name: "Sakura Foods, minted".into(),
+        role: Role::Partner,
+        partner: Some("sakura_foods".into()),
+        token_id: Some(minted.id.clone()),
+        token_hash: Some(minted.hash.clone()),
+        token_sha256: None,
+        client_cert_sha256: None,
+    });
+    let h = Harness::start_with(Setup {
+        rules,
+        ..Default::default()
+    })
+    .await;
+    let list = |token: String| {
+        let conn = h.conn.clone();
+        async move {
+            conn.partner(&token)
+                .unwrap()
+                .list_queries(ListQueriesRequest {})
+                .await
+        }
+    };
+    list(minted.token.clone())
+        .await
+        .expect("the minted token authenticates");
+    // The same id with other secrets: refused, then limited without being checked.
+    let guess = format!("cr1.{}.{}", minted.id, "A".repeat(43));
+    let mut codes = Vec::new();
+    for _ in 0..12 {
+        codes.push(list(guess.clone()).await.unwrap_err().code());
+    }
+    assert!(
+        codes[..10].iter().all(|c| *c == Code::Unauthenticated),
+        "{codes:?}"
+    );
+    assert_eq!(codes[11], Code::ResourceExhausted, "{codes:?}");
+    // The holder of the real token, already verified, is not locked out by the guesser.
+    list(minted.token.clone())
+        .await
+        .expect("a verified token still works");
+    h.stop().await;
+}
+
+#[test]
+fn serve_refuses_the_published_demo_tokens_unless_told_it_is_a_demo() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_cleanroom"))
+        .current_dir(root())
+        .args(["serve", "--config", "config/cleanroom.example.toml"])
+        .args(["--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .env("CLEANROOM_MASTER_SECRET", "00".repeat(32))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success(),
+        "serve started with the demo tokens"
+    );
+    assert!(
+        stderr.contains("demo token") && stderr.contains("cleanroom token new"),
+        "{stderr}"
+    );
+    assert!(
+        !dir.path().join("audit.jsonl").exists(),
+        "nothing was written before the refusal"
+    );
+}
+
+#[test]
+fn token_new_prints_a_token_once_and_a_rules_entry_without_it() {
+    let output = Command::new(env!("CARGO_BIN_EXE_cleanroom"))
+        .args([
+            "token",
+            "new",
+            "--role",
+            "partner",
+            "--partner",
+            "kumo_denki",
+        ])
+        .args(["--name", "Kumo Denki research"])
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let out = String::from_utf8_lossy(&output.stdout);
+    let token = out
+        .lines()
+        .map(str::trim)
+        .find(|l| l.starts_with("cr1."))
+        .expect("the token is printed");
+    let entry = &out[out.find("[[principals]]").unwrap()..];
+    let secret = token.rsplit('.').next().unwrap();
+    assert!(secret.len() >= 43, "256 bits of secret, base64url");
+    assert!(!entry.contains(secret), "the rules entry holds no secret");
+    let parsed: toml::Value = toml::from_str(entry).unwrap();
+    let p = &parsed["principals"][0];
+    assert_eq!(p["partner"].as_str(), Some("kumo_denki"));
+    assert!(p["token_hash"].as_str().unwrap().starts_with("$argon2id$"));
+    assert!(token.contains(p["token_id"].as_str().unwrap()));
+
+    let refused = Command::new(env!("CARGO_BIN_EXE_cleanroom"))
+        .args(["token", "new", "--role", "partner", "--name", "x"])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--partner"));
+}
