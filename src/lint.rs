@@ -54,7 +54,8 @@ pub async fn lint(dir: &Path, rules: &Rules) -> Result<(usize, Vec<Finding>)> {
     let mut findings = Vec::new();
     let mut ids = Vec::new();
     for path in &paths {
-        let text = std::fs::read_to_string(path).unwrap_or_default();
+        // Only to place messages on a line; read as the service reads query files.
+        let text = cleanroom_core::files::read_config_file(path).unwrap_or_default();
         let finding = |line, message: String| Finding {
             path: path.clone(),
             line,
@@ -64,13 +65,17 @@ pub async fn lint(dir: &Path, rules: &Rules) -> Result<(usize, Vec<Finding>)> {
             Ok(query) => query,
             Err(e) => {
                 let message = e.to_string();
-                // TOML errors carry their own position; point at it.
-                let line = message
-                    .split("line ")
-                    .nth(1)
-                    .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
-                    .and_then(|n| n.parse().ok())
-                    .unwrap_or_else(|| metadata_line(&text, &message));
+                // TOML errors carry their own position (`<file>:<line>:<column>: …`); point at
+                // it and keep the column with the message.
+                let prefix = format!("{}:", path.display());
+                let positioned = message.split_once(&prefix).and_then(|(_, rest)| {
+                    let (line, rest) = rest.split_once(':')?;
+                    Some((line.parse().ok()?, rest.trim_start().to_string()))
+                });
+                let (line, message) = match positioned {
+                    Some((line, rest)) => (line, format!("column {rest}")),
+                    None => (metadata_line(&text, &message), message),
+                };
                 findings.push(finding(line, message));
                 continue;
             }

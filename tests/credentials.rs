@@ -122,3 +122,68 @@ fn token_new_prints_a_token_once_and_a_rules_entry_without_it() {
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("--partner"));
 }
+
+/// Authenticate first, then audit (issue 9, item 3): calls without valid credentials, carrying
+/// megabytes of caller text and naming a real partner, leave the trail as it was; an
+/// authenticated reviewer's filter text reaches the trail bounded and as safe characters only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unauthenticated_calls_write_nothing_and_caller_text_is_bounded() {
+    use cleanroom_proto::v1::{ListAuditRequest, RunQueryRequest};
+    let h = Harness::start().await;
+    let trail = h.data_dir.path().join("audit.jsonl");
+    let size = || std::fs::metadata(&trail).unwrap().len();
+    let before = size();
+    let big = "x".repeat(2 * 1024 * 1024);
+    for token in ["not-a-token", "cr1.0000000000000000.guess"] {
+        let status = h
+            .conn
+            .partner(token)
+            .unwrap()
+            .run_query(RunQueryRequest {
+                query_id: big.clone(),
+                params: Default::default(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::Unauthenticated);
+        let status = h
+            .conn
+            .legal(token)
+            .unwrap()
+            .list_audit(ListAuditRequest {
+                partner: "sakura_foods".into(),
+                query_id: big.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::Unauthenticated);
+    }
+    assert_eq!(
+        size(),
+        before,
+        "nothing was written for unauthenticated calls"
+    );
+
+    h.legal()
+        .list_audit(ListAuditRequest {
+            partner: format!("sakura_foods\n{{\"forged\": true}}{big}"),
+            ..Default::default()
+        })
+        .await
+        .expect("a reviewer may read the trail");
+    let grown = size() - before;
+    assert!(grown < 4096, "one bounded record, {grown} bytes");
+    let text = std::fs::read_to_string(&trail).unwrap();
+    let last = text.lines().last().unwrap();
+    let record: serde_json::Value = serde_json::from_str(last).unwrap();
+    let partner = record["partner"].as_str().unwrap();
+    assert!(
+        partner.len() <= 64
+            && partner
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c)),
+        "{partner}"
+    );
+    h.stop().await;
+}

@@ -73,7 +73,7 @@ fn broken_queries_are_reported_with_file_and_line() {
             "member_key may not group the output",
         ),
         ("low_k.toml", line_of("k ="), "k 3 is below the floor 10"),
-        ("not_toml.toml", 2, "TOML parse error"),
+        ("not_toml.toml", 2, "column 11: extra `=`"),
     ];
     for (file, line, reason) in expect {
         let found = out

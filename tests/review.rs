@@ -142,7 +142,7 @@ async fn an_edited_query_is_refused_until_legal_approves_it_again() {
     let status = h.run("sakura_foods", id, &year()).await.unwrap_err();
     assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
     assert!(
-        status.message().contains(id) && status.message().contains("changed since approval"),
+        status.message().contains(id) && status.message().contains("its approval is pending"),
         "{}",
         status.message()
     );
@@ -153,7 +153,10 @@ async fn an_edited_query_is_refused_until_legal_approves_it_again() {
         .unwrap()
         .into_inner();
     let summary = listed.queries.iter().find(|q| q.id == id).unwrap();
-    assert!(summary.approval.contains("changed since approval"));
+    assert_eq!(
+        summary.approval, "pending",
+        "a fixed word, nothing of the review"
+    );
 
     // The reviewer sees what changed, in the metadata and nowhere else.
     let changed = review_of(&h, id).await;
@@ -269,11 +272,22 @@ async fn rejected_and_expired_approvals_stop_a_query() {
         .unwrap();
     let status = h.run("sakura_foods", id, &[]).await.unwrap_err();
     assert_eq!(status.code(), Code::FailedPrecondition);
+    // The partner reads one fixed word: neither the reviewer nor the reason.
     assert!(
-        status.message().contains("rejected by Legal reviewer"),
+        status.message().ends_with("its approval is withdrawn")
+            && !status.message().contains("Legal reviewer")
+            && !status.message().contains("overlap by attribute"),
         "{}",
         status.message()
     );
+    let listed = h
+        .partner("sakura_foods")
+        .list_queries(ListQueriesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let summary = listed.queries.iter().find(|q| q.id == id).unwrap();
+    assert_eq!(summary.approval, "withdrawn");
 
     // An approval with a past last day is refused; one that ends today holds today only.
     let approve = |expires: &str| ApproveQueryRequest {
@@ -299,7 +313,7 @@ async fn rejected_and_expired_approvals_stop_a_query() {
     let status = h.run("sakura_foods", id, &[]).await.unwrap_err();
     assert_eq!(status.code(), Code::FailedPrecondition);
     assert!(
-        status.message().contains("expired after 2026-11-01"),
+        status.message().ends_with("its approval is withdrawn"),
         "{}",
         status.message()
     );
@@ -558,5 +572,126 @@ async fn rules_validate_says_what_a_change_would_do() {
     let (ok, out) = validate(&["--rules", proposed.to_str().unwrap()]);
     assert!(!ok, "an invalid proposal fails");
     assert!(out.contains("k_floor must be between 2 and 1000"), "{out}");
+    h.stop().await;
+}
+
+/// The service's health: whether the configuration on disk is the one in force.
+async fn config_health(h: &Harness) -> i32 {
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", h.addr()))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    tonic_health::pb::health_client::HealthClient::new(channel)
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: cleanroom_server::app::CONFIG_HEALTH.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+}
+
+/// Issue 9, finding "a query file can read any file": a symlink in `queries/` to a file holding a
+/// secret, and a FIFO, are refused as files (never followed, never read, never quoted), and a
+/// reload still completes: a token revoked in the rules stops working. A rules edit that does not
+/// load is reported by the health service until it is fixed, by position, never by content.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn query_files_are_regular_files_only_and_a_reload_cannot_stall() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let files = Files::new();
+    let h = Harness::start_with(files.setup()).await;
+    let outside = tempfile::tempdir().unwrap();
+    let secret = outside.path().join("environ");
+    std::fs::write(
+        &secret,
+        "CLEANROOM_MASTER_SECRET=deadbeefcafebabe00112233\n",
+    )
+    .unwrap();
+    std::os::unix::fs::symlink(&secret, files.queries().join("leak.toml")).unwrap();
+    let fifo = files.queries().join("stall.toml");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success(), "mkfifo");
+
+    let kumo = cleanroom_client::sample::partner_token("kumo_denki");
+    let revoked = cleanroom_server::auth::token_sha256("revoked");
+    files.edit(
+        &files.rules(),
+        &cleanroom_server::auth::token_sha256(kumo),
+        &revoked,
+    );
+    eventually("the revocation takes effect despite the FIFO", || async {
+        h.run("kumo_denki", "matched_overlap", &[])
+            .await
+            .is_err_and(|s| s.code() == Code::Unauthenticated)
+    })
+    .await;
+
+    let page = h
+        .legal()
+        .list_allow_list(ListAllowListRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    for id in ["leak", "stall"] {
+        let q = page
+            .queries
+            .iter()
+            .find(|q| q.id == id)
+            .expect("listed as invalid");
+        assert_eq!(q.state, "invalid");
+        assert!(
+            q.state_detail.contains("not a regular file"),
+            "{}",
+            q.state_detail
+        );
+    }
+    assert!(
+        !format!("{page:?}").contains("deadbeefcafebabe"),
+        "the secret never shows"
+    );
+    assert_eq!(config_health(&h).await, ServingStatus::Serving as i32);
+
+    // A rules edit that does not parse: refused, reported, never quoted.
+    files.edit(
+        &files.rules(),
+        "[retailer]",
+        "[retailer\nleaked_value = \"s3cr3t-in-rules\"",
+    );
+    let mut health = 0;
+    for _ in 0..100 {
+        health = config_health(&h).await;
+        if health == ServingStatus::NotServing as i32 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        health,
+        ServingStatus::NotServing as i32,
+        "a refused reload shows in health"
+    );
+    let trail = std::fs::read_to_string(h.data_dir.path().join("audit.jsonl")).unwrap();
+    let refusal = trail
+        .lines()
+        .rfind(|l| l.contains("ReloadConfig") && l.contains("refused"))
+        .expect("the refusal is recorded");
+    assert!(!refusal.contains("s3cr3t-in-rules"), "{refusal}");
+    assert!(
+        refusal.contains("rules.toml:"),
+        "names the file and position: {refusal}"
+    );
+    files.edit(
+        &files.rules(),
+        "[retailer\nleaked_value = \"s3cr3t-in-rules\"",
+        "[retailer]",
+    );
+    eventually("health recovers once the rules load", || async {
+        config_health(&h).await == ServingStatus::Serving as i32
+    })
+    .await;
     h.stop().await;
 }

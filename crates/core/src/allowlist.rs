@@ -500,7 +500,8 @@ impl QueryDef {
     /// Parses a query file's text without checking it against the rules: for earlier versions
     /// kept for review, whose rules may have changed since.
     pub fn parse(text: &str) -> Result<Self> {
-        let mut def: QueryDef = toml::from_str(text).map_err(|e| Error::Config(e.to_string()))?;
+        let mut def: QueryDef =
+            toml::from_str(text).map_err(|e| crate::files::toml_error(text, &e))?;
         def.source_text = text.to_string();
         def.content_sha256 = hex::encode(Sha256::digest(def.canonical_content().as_bytes()));
         Ok(def)
@@ -611,12 +612,8 @@ impl QueryDef {
 
 /// Reads and validates one query file.
 pub fn read_query(path: &Path, rules: &Rules) -> Result<QueryDef> {
-    let bytes = std::fs::read(path)
-        .map_err(|e| Error::Config(format!("cannot read {}: {e}", path.display())))?;
-    let text = std::str::from_utf8(&bytes)
-        .map_err(|_| Error::Config(format!("{}: not UTF-8", path.display())))?;
-    let mut def =
-        QueryDef::parse(text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+    let text = crate::files::read_config_file(path)?;
+    let mut def = QueryDef::parse(&text).map_err(|e| crate::files::in_file(path, e))?;
     if path.file_stem().and_then(|s| s.to_str()) != Some(def.id.as_str()) {
         return Err(Error::Config(format!(
             "{}: file name must be <id>.toml",

@@ -8,6 +8,7 @@ pub mod accounting;
 pub mod allowlist;
 pub mod consent;
 pub mod error;
+pub mod files;
 pub mod generalize;
 pub mod normalize;
 pub mod rules;

@@ -351,17 +351,13 @@ pub const UNKNOWN_ATTRIBUTE: &str = "unknown";
 impl Rules {
     /// Reads and validates a rules file.
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| Error::Config(format!("cannot read rules {}: {e}", path.display())))?;
-        Self::parse(&text).map_err(|e| match e {
-            Error::Config(msg) => Error::Config(format!("{}: {msg}", path.display())),
-            other => other,
-        })
+        let text = crate::files::read_config_file(path)?;
+        Self::parse(&text).map_err(|e| crate::files::in_file(path, e))
     }
 
     /// Parses and validates rules from TOML text.
     pub fn parse(text: &str) -> Result<Self> {
-        let rules: Rules = toml::from_str(text).map_err(|e| Error::Config(e.to_string()))?;
+        let rules: Rules = toml::from_str(text).map_err(|e| crate::files::toml_error(text, &e))?;
         rules.validate()?;
         Ok(rules)
     }

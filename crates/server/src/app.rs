@@ -136,6 +136,10 @@ pub struct App {
     pub audit: AuditTrail,
     /// Source of "now".
     pub clock: Arc<dyn Clock>,
+    /// Calls refused before authentication completed (never audited).
+    unauthenticated: std::sync::atomic::AtomicU64,
+    /// When the last line about them was logged.
+    unauthenticated_logged: Mutex<Option<std::time::Instant>>,
     /// The guard and the state of its defences (budgets, history, list ledger).
     pub guard: cleanroom_engine::guard::Guard,
     /// Approvals and rejections of allow-list versions, and every version seen.
@@ -191,6 +195,8 @@ impl App {
             sources: config.sources,
             allow_demo_tokens: config.allow_demo_tokens,
             refused: Mutex::new(String::new()),
+            unauthenticated: std::sync::atomic::AtomicU64::new(0),
+            unauthenticated_logged: Mutex::new(None),
             guard,
             review,
             store,
@@ -213,6 +219,28 @@ impl App {
         self.clock.now().with_timezone(&offset).date_naive()
     }
 
+    /// Calls refused before authentication since start-up.
+    pub fn unauthenticated_calls(&self) -> u64 {
+        self.unauthenticated
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Counts one unauthenticated call; logs the running count at most once a minute.
+    fn count_unauthenticated(&self) {
+        let total = self
+            .unauthenticated
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        let mut logged = self
+            .unauthenticated_logged
+            .lock()
+            .expect("log lock poisoned");
+        if logged.is_none_or(|at| at.elapsed() >= Duration::from_secs(60)) {
+            *logged = Some(std::time::Instant::now());
+            tracing::warn!(total, "calls refused before authentication (not audited)");
+        }
+    }
+
     /// Appends an audit record and returns its id.
     pub fn record(&self, entry: Entry) -> Result<String> {
         self.audit.append(entry, self.clock.now())
@@ -221,15 +249,21 @@ impl App {
     /// Looks at the rules file and the allow-list directory, and if either changed, loads and
     /// validates them and replaces the configuration in force in one step. A change that does not
     /// validate is refused whole: the service keeps running on the previous configuration. Both
-    /// outcomes are audit records. Returns whether a new configuration took effect.
-    pub fn reload(&self) -> Result<bool> {
+    /// outcomes are audit records. Returns what happened.
+    pub fn reload(&self) -> Result<Reload> {
         let Some(sources) = &self.sources else {
-            return Ok(false);
+            return Ok(Reload::Unchanged);
         };
         let fingerprint = source_fingerprint(sources)?;
         let current = self.live();
         if fingerprint == current.fingerprint {
-            return Ok(false);
+            // Still the refused state, if the last change was refused.
+            let refused = *self.refused.lock().expect("reload lock poisoned") == fingerprint;
+            return Ok(if refused {
+                Reload::Refused
+            } else {
+                Reload::Unchanged
+            });
         }
         let loaded = Rules::load(&sources.rules)
             .and_then(|rules| {
@@ -259,7 +293,7 @@ impl App {
                         ..Default::default()
                     })?;
                 }
-                return Ok(false);
+                return Ok(Reload::Refused);
             }
         };
         let change = config_change(&current, &next);
@@ -274,7 +308,32 @@ impl App {
         })?;
         *self.live.write().expect("config lock poisoned") = Arc::new(next);
         tracing::info!("configuration reloaded");
-        Ok(true)
+        self.refused.lock().expect("reload lock poisoned").clear();
+        Ok(Reload::Applied)
+    }
+}
+
+/// What a reload did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reload {
+    /// The sources did not change.
+    Unchanged,
+    /// A new configuration took effect.
+    Applied,
+    /// The sources changed into something that does not load; the previous configuration stays.
+    Refused,
+}
+
+/// The health service name that reports whether the configuration on disk is the one in force.
+pub const CONFIG_HEALTH: &str = "cleanroom.config";
+
+/// A file's part of the fingerprint: its bytes, or why it cannot be read (read under the same
+/// rules as loading: regular files only, bounded, so a FIFO or a symlink cannot stall or redirect
+/// the poll).
+fn fingerprint_part(path: &std::path::Path) -> Vec<u8> {
+    match cleanroom_core::files::read_config_file(path) {
+        Ok(text) => text.into_bytes(),
+        Err(e) => format!("\0unreadable: {e}").into_bytes(),
     }
 }
 
@@ -282,7 +341,7 @@ impl App {
 fn source_fingerprint(sources: &Sources) -> Result<String> {
     let io = |e: std::io::Error| Error::Internal(format!("reading configuration: {e}"));
     let mut hasher = Sha256::new();
-    hasher.update(std::fs::read(&sources.rules).map_err(io)?);
+    hasher.update(fingerprint_part(&sources.rules));
     let mut files: Vec<PathBuf> = std::fs::read_dir(&sources.queries)
         .map_err(io)?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -292,7 +351,7 @@ fn source_fingerprint(sources: &Sources) -> Result<String> {
     for file in files {
         hasher.update(file.to_string_lossy().as_bytes());
         hasher.update([0]);
-        hasher.update(std::fs::read(&file).map_err(io)?);
+        hasher.update(fingerprint_part(&file));
     }
     Ok(hex::encode(hasher.finalize()))
 }
@@ -371,16 +430,34 @@ pub async fn serve(
     let admin = AdminServiceServer::new(AdminApi::new(Arc::clone(&app)))
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
     let legal = LegalServiceServer::new(LegalApi::new(Arc::clone(&app)));
+    health_reporter
+        .set_service_status(CONFIG_HEALTH, tonic_health::ServingStatus::Serving)
+        .await;
     let watcher = app.sources.as_ref().map(|sources| {
         let (app, poll) = (Arc::clone(&app), sources.poll);
+        let config_health = health_reporter.clone();
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(poll).await;
                 let app = Arc::clone(&app);
                 let outcome = tokio::task::spawn_blocking(move || app.reload()).await;
-                if let Ok(Err(e)) = outcome {
-                    tracing::error!(error = %e, "configuration reload failed");
-                }
+                let in_force = match outcome {
+                    Ok(Ok(Reload::Applied | Reload::Unchanged)) => true,
+                    Ok(Ok(Reload::Refused)) => false,
+                    Ok(Err(e)) => {
+                        tracing::error!(error = %e, "configuration reload failed");
+                        false
+                    }
+                    Err(_) => false,
+                };
+                let status = if in_force {
+                    tonic_health::ServingStatus::Serving
+                } else {
+                    tonic_health::ServingStatus::NotServing
+                };
+                config_health
+                    .set_service_status(CONFIG_HEALTH, status)
+                    .await;
             }
         })
     });
@@ -520,7 +597,14 @@ impl App {
         result: Result<T>,
     ) -> std::result::Result<tonic::Response<T>, tonic::Status> {
         if entry.principal.is_empty() {
-            entry.principal = "unauthenticated".to_string();
+            // Authenticate first, then audit: a caller without valid credentials writes nothing
+            // to the trail (it could otherwise fill it, and name any partner); it is counted.
+            self.count_unauthenticated();
+            let refusal = match result {
+                Err(e) => e,
+                Ok(_) => Error::Unauthenticated("no principal".into()),
+            };
+            return Err(crate::status::to_status(&refusal, "unrecorded"));
         }
         entry.outcome = match &result {
             Ok(_) => "ok".to_string(),

@@ -22,7 +22,6 @@ use crate::Result;
 use crate::app::{App, Audited, Live};
 use crate::audit::{Entry, Event};
 use crate::auth::Principal;
-use crate::review::Approval;
 use crate::status::to_status;
 use crate::stream::{Part, collect};
 
@@ -256,7 +255,7 @@ pub(crate) fn store_list(
     strict: bool,
     entry: &mut Entry,
 ) -> Result<UploadListResponse> {
-    entry.partner = Some(partner_id.to_string());
+    entry.partner = Some(shown(partner_id));
     let live = app.live();
     let partner = live.rules.partners.get(partner_id).ok_or_else(|| {
         cleanroom_core::Error::NotFound(format!("no partner `{}`", shown(partner_id)))
@@ -318,10 +317,12 @@ impl PartnerService for PartnerApi {
                 id: q.id.clone(),
                 version: q.version,
                 title: q.title.clone(),
-                approval: match self.app.review.approval(q, today) {
-                    Approval::Approved(_) => "approved".to_string(),
-                    other => other.sentence(),
-                },
+                approval: self
+                    .app
+                    .review
+                    .approval(q, today)
+                    .partner_word()
+                    .to_string(),
             })
             .collect();
         Ok(Response::new(ListQueriesResponse { queries }))

@@ -82,7 +82,17 @@ impl Approval {
         }
     }
 
-    /// The state in one sentence.
+    /// The state as a partner reads it: one fixed word, never a reviewer's name or note.
+    /// A changed query awaits review like a new one; a rejected or expired one is withdrawn.
+    pub fn partner_word(&self) -> &'static str {
+        match self {
+            Approval::Approved(_) => "approved",
+            Approval::Pending | Approval::Changed { .. } => "pending",
+            Approval::Expired(_) | Approval::Rejected(_) => "withdrawn",
+        }
+    }
+
+    /// The state in one sentence, for reviewers.
     pub fn sentence(&self) -> String {
         let day = |d: &Decision| d.at.date_naive().to_string();
         match self {
@@ -287,13 +297,13 @@ fn write_new(path: &Path, bytes: &[u8]) -> Result<()> {
     std::fs::rename(&tmp, path).map_err(storage)
 }
 
-/// The guard refuses a query whose current content legal has not approved; the review state
-/// says why.
+/// The guard refuses a query whose current content legal has not approved; the partner reads
+/// the state as its fixed word only.
 impl cleanroom_engine::guard::Approvals for ReviewState {
     fn refusal(&self, query: &QueryDef, today: NaiveDate) -> Option<String> {
         match self.approval(query, today) {
             Approval::Approved(_) => None,
-            state => Some(state.sentence()),
+            state => Some(format!("its approval is {}", state.partner_word())),
         }
     }
 }
@@ -805,8 +815,10 @@ impl LegalService for LegalApi {
             ..Default::default()
         };
         let filter = request.get_ref();
-        entry.partner = Some(filter.partner.clone()).filter(|p| !p.is_empty());
-        entry.query_id = Some(filter.query_id.clone()).filter(|q| !q.is_empty());
+        // The caller's filters, as safe characters only and bounded: the trail never stores
+        // caller text verbatim.
+        entry.partner = Some(shown(&filter.partner)).filter(|p| !p.is_empty());
+        entry.query_id = Some(shown(&filter.query_id)).filter(|q| !q.is_empty());
         let result = self.audit_page(request, &mut entry);
         self.app.finish(entry, result)
     }
@@ -856,10 +868,9 @@ mod tests {
         assert!(matches!(state.approval(&a, later), Approval::Expired(_)));
         use cleanroom_engine::guard::Approvals;
         assert!(state.refusal(&a, today).is_none());
-        assert!(
-            state
-                .refusal(&b, today)
-                .is_some_and(|r| r.contains("changed"))
+        assert_eq!(
+            state.refusal(&b, today).as_deref(),
+            Some("its approval is pending")
         );
         state.add(decision(&b.content_sha256, false, None));
         assert!(matches!(state.approval(&b, today), Approval::Rejected(_)));

@@ -1,0 +1,113 @@
+//! Reading the files the service is configured by (rules, query files, key files): regular files
+//! only (never a symlink, device or FIFO, so a file in `queries/` cannot point the service at
+//! `/proc/self/environ` or stall a reload on a pipe), at most [`MAX_CONFIG_BYTES`], UTF-8. Errors
+//! name the file and, for TOML, the line and column, and never quote the file's content.
+
+use std::io::Read;
+use std::path::Path;
+
+use crate::{Error, Result};
+
+/// The largest configuration file read.
+pub const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
+
+fn refuse(path: &Path, why: &str) -> Error {
+    Error::Config(format!("{}: {why}", path.display()))
+}
+
+/// Reads a configuration file under the rules above.
+pub fn read_config_file(path: &Path) -> Result<String> {
+    let meta = std::fs::symlink_metadata(path).map_err(|e| refuse(path, &io_reason(&e)))?;
+    if !meta.file_type().is_file() {
+        return Err(refuse(
+            path,
+            "not a regular file (symlinks, devices and FIFOs are refused)",
+        ));
+    }
+    if meta.len() > MAX_CONFIG_BYTES {
+        return Err(refuse(path, "larger than 1 MiB"));
+    }
+    let file = std::fs::File::open(path).map_err(|e| refuse(path, &io_reason(&e)))?;
+    // The path may have been swapped between the two looks: check what was opened.
+    let opened = file.metadata().map_err(|e| refuse(path, &io_reason(&e)))?;
+    if !opened.file_type().is_file() {
+        return Err(refuse(path, "not a regular file"));
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_CONFIG_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| refuse(path, &io_reason(&e)))?;
+    if bytes.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(refuse(path, "larger than 1 MiB"));
+    }
+    String::from_utf8(bytes).map_err(|_| refuse(path, "not UTF-8"))
+}
+
+/// An I/O error's kind, in words that cannot carry the file's content.
+fn io_reason(e: &std::io::Error) -> String {
+    e.kind().to_string()
+}
+
+/// A TOML error as `line:column: message`, without the snippet of the source `toml` would quote.
+pub fn toml_error(text: &str, e: &toml::de::Error) -> Error {
+    let at = match e.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before
+                .rfind('\n')
+                .map_or(before.len(), |i| before.len() - i - 1)
+                + 1;
+            format!("{line}:{column}: ")
+        }
+        None => String::new(),
+    };
+    Error::Config(format!("{at}{}", e.message().trim()))
+}
+
+/// An error about a file's content, prefixed with the file: `path:line:column: message` for a
+/// positioned one, `path: message` otherwise.
+pub fn in_file(path: &Path, e: Error) -> Error {
+    match e {
+        Error::Config(msg) if msg.starts_with(|c: char| c.is_ascii_digit()) => {
+            Error::Config(format!("{}:{msg}", path.display()))
+        }
+        Error::Config(msg) => Error::Config(format!("{}: {msg}", path.display())),
+        other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_small_regular_files_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("a.toml");
+        std::fs::write(&file, "k = 1\n").unwrap();
+        assert_eq!(read_config_file(&file).unwrap(), "k = 1\n");
+        let link = dir.path().join("b.toml");
+        std::os::unix::fs::symlink(&file, &link).unwrap();
+        let refused = read_config_file(&link).unwrap_err().to_string();
+        assert!(refused.contains("not a regular file"), "{refused}");
+        let big = dir.path().join("c.toml");
+        std::fs::write(&big, vec![b'#'; 2 * 1024 * 1024]).unwrap();
+        assert!(
+            read_config_file(&big)
+                .unwrap_err()
+                .to_string()
+                .contains("1 MiB")
+        );
+        assert!(read_config_file(dir.path()).is_err(), "a directory");
+    }
+
+    #[test]
+    fn toml_errors_give_a_position_and_never_the_text() {
+        let text = "a = 1\nsecret = TOPSECRETVALUE\n";
+        let e = toml::from_str::<toml::Value>(text).unwrap_err();
+        let shown = toml_error(text, &e).to_string();
+        assert!(shown.contains("2:10"), "{shown}");
+        assert!(!shown.contains("TOPSECRETVALUE"), "{shown}");
+    }
+}
