@@ -405,12 +405,19 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::VerifyAudit { data_dir } => {
             let path = data_dir.join("audit.jsonl");
-            let (records, head) = cleanroom_server::audit::verify(&path)
+            let (records, head, torn) = cleanroom_server::audit::verify(&path)
                 .with_context(|| format!("verifying {}", path.display()))?;
             println!(
                 "{}: {records} records, chain intact, head {head}",
                 path.display()
             );
+            if let Some(torn) = torn {
+                println!(
+                    "  plus a torn last record ({} bytes, a cut write): the service drops it at \
+                     its next start and records that it did",
+                    torn.dropped_bytes
+                );
+            }
             Ok(())
         }
         Command::ExportKey { config, contract } => {

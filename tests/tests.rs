@@ -29,3 +29,5 @@ mod review;
 mod tls;
 // Minted tokens, demo tokens refused by `serve`, limited guesses.
 mod credentials;
+// Torn records, lost ledgers: crash safety of the data directory.
+mod crash;

@@ -67,6 +67,11 @@ pub fn request(query: &str, params: &[(&str, ParamValue)]) -> RunQueryRequest {
 
 /// A service's state over the sample rules and allow-list, not serving, in `data_dir`.
 pub fn bare_app(data_dir: &Path) -> Arc<App> {
+    try_app(data_dir).unwrap()
+}
+
+/// As [`bare_app`], or why the service would not start there.
+pub fn try_app(data_dir: &Path) -> Result<Arc<App>, cleanroom_server::Error> {
     let rules = sample_rules();
     let allowlist = AllowList::load(&root().join("queries"), &rules).expect("allow-list loads");
     App::new(AppConfig {
@@ -78,7 +83,6 @@ pub fn bare_app(data_dir: &Path) -> Arc<App> {
         sources: None,
         allow_demo_tokens: true,
     })
-    .unwrap()
 }
 
 /// The instant the sample data was exported; the harness pins the service's clock to it.
@@ -273,6 +277,31 @@ impl Harness {
         if let Some(server) = self.server.take() {
             server.stop().await.unwrap();
         }
+    }
+
+    /// Stops the service, lets `damage` act on its data directory (as a crash or an intruder
+    /// would), and starts it again there.
+    pub async fn restart_after(mut self, damage: impl FnOnce(&Path)) -> Self {
+        self.server.take().unwrap().stop().await.unwrap();
+        damage(self.data_dir.path());
+        let (server, conn) = Self::serve(
+            &self.rules,
+            &self.queries,
+            self.sources.clone(),
+            self.tls.as_ref(),
+            self.data_dir.path(),
+            as_of(),
+        )
+        .await;
+        self.server = Some(server);
+        self.conn = conn;
+        self
+    }
+
+    /// Stops the service and hands over its data directory.
+    pub async fn shut_down(mut self) -> TempDir {
+        self.server.take().unwrap().stop().await.unwrap();
+        self.data_dir
     }
 }
 

@@ -77,6 +77,49 @@ pub fn in_file(path: &Path, e: Error) -> Error {
     }
 }
 
+/// A torn last record of an append-only JSONL file (a write cut by a crash or a full disk),
+/// found and dropped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TornTail {
+    /// The file.
+    pub path: std::path::PathBuf,
+    /// Bytes of the incomplete record dropped.
+    pub dropped_bytes: u64,
+}
+
+/// Reads an append-only JSONL file written one `record\n` at a time and synced: every complete
+/// line, and the incomplete record after the last newline, if any. With `repair`, that torn tail
+/// is cut from the file (and the cut synced), so the next append starts on a line of its own;
+/// without, the file is left as it is (for verification). A missing file reads as empty.
+pub fn read_jsonl(path: &Path, repair: bool) -> Result<(Vec<String>, Option<TornTail>)> {
+    let bytes = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Vec::new(), None)),
+        Err(e) => return Err(refuse(path, &io_reason(&e))),
+    };
+    let complete = bytes.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+    let torn = (complete < bytes.len()).then(|| TornTail {
+        path: path.to_path_buf(),
+        dropped_bytes: (bytes.len() - complete) as u64,
+    });
+    if torn.is_some() && repair {
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .map_err(|e| refuse(path, &io_reason(&e)))?;
+        file.set_len(complete as u64)
+            .and_then(|_| file.sync_all())
+            .map_err(|e| refuse(path, &io_reason(&e)))?;
+    }
+    let text = std::str::from_utf8(&bytes[..complete]).map_err(|_| refuse(path, "not UTF-8"))?;
+    let lines = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(str::to_string)
+        .collect();
+    Ok((lines, torn))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -100,6 +143,34 @@ mod tests {
                 .contains("1 MiB")
         );
         assert!(read_config_file(dir.path()).is_err(), "a directory");
+    }
+
+    #[test]
+    fn a_torn_last_record_is_found_and_cut_only_when_repairing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log.jsonl");
+        std::fs::write(&path, "{\"a\":1}\n{\"a\":2}\n{\"a\":").unwrap();
+        let (lines, torn) = read_jsonl(&path, false).unwrap();
+        assert_eq!(lines.len(), 2);
+        assert_eq!(torn.unwrap().dropped_bytes, 5);
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().len(),
+            21,
+            "verification changes nothing"
+        );
+        let (lines, torn) = read_jsonl(&path, true).unwrap();
+        assert_eq!((lines.len(), torn.is_some()), (2, true));
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            "{\"a\":1}\n{\"a\":2}\n"
+        );
+        assert_eq!(read_jsonl(&path, true).unwrap().1, None, "once cut, whole");
+        assert!(
+            read_jsonl(&dir.path().join("none"), true)
+                .unwrap()
+                .0
+                .is_empty()
+        );
     }
 
     #[test]

@@ -413,6 +413,17 @@ impl Guard {
         })
     }
 
+    /// The torn last records cut from the guard's files at open (for the audit trail).
+    pub fn recovered(&self) -> Vec<cleanroom_core::files::TornTail> {
+        self.ledger.torn().into_iter().cloned().collect()
+    }
+
+    /// Charges on the privacy ledger: never fewer than the charged answers the audit trail
+    /// records, unless the ledger was lost or rolled back.
+    pub fn charges(&self) -> usize {
+        self.ledger.charges()
+    }
+
     /// Admits and stores a new version of a partner's list, within the upload allowance. Nothing
     /// about the members it matches is decided or shown here. Returns the new version number.
     pub fn store_list(&self, upload: ListUpload<'_>) -> Result<u32> {

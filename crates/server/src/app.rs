@@ -164,7 +164,7 @@ impl App {
         let store = Store::open(&config.data_dir)?;
         let audit_path = config.data_dir.join("audit.jsonl");
         // Budgets, list allowances and approvals survive restarts: all are in the audit trail.
-        let (audit, history) = AuditTrail::open(&audit_path)?;
+        let (audit, history, torn_audit) = AuditTrail::open(&audit_path)?;
         let past: Vec<PastCall> = history
             .iter()
             .filter_map(|r| {
@@ -188,7 +188,35 @@ impl App {
             })
             .collect();
         let guard = Guard::open(&config.data_dir, &config.secret, &past)?;
+        require_whole_ledger(&guard, &history)?;
         let review = crate::review::ReviewState::open(&config.data_dir, &history)?;
+        let torn: Vec<_> = torn_audit
+            .into_iter()
+            .chain(guard.recovered())
+            .chain(review.recovered())
+            .collect();
+        for tail in torn {
+            let file = tail
+                .path
+                .strip_prefix(&config.data_dir)
+                .unwrap_or(&tail.path)
+                .display()
+                .to_string();
+            tracing::warn!(%file, bytes = tail.dropped_bytes, "dropped a torn last record");
+            audit.append(
+                Entry {
+                    principal: "service".into(),
+                    method: "RecoverTornRecord".into(),
+                    outcome: "ok".into(),
+                    event: Some(Event::Recovered {
+                        file,
+                        dropped_bytes: tail.dropped_bytes,
+                    }),
+                    ..Default::default()
+                },
+                config.clock.now(),
+            )?;
+        }
         review.archive(&live.allowlist, config.clock.now())?;
         Ok(Arc::new(Self {
             live: RwLock::new(Arc::new(live)),
@@ -311,6 +339,25 @@ impl App {
         self.refused.lock().expect("reload lock poisoned").clear();
         Ok(Reload::Applied)
     }
+}
+
+/// Fails closed when the guard's privacy ledger holds fewer charges than the audit trail records
+/// charged answers: the ledger was lost or rolled back, and rebuilding budgets from it would
+/// refill them.
+fn require_whole_ledger(guard: &Guard, history: &[crate::audit::Record]) -> Result<()> {
+    let charged = history
+        .iter()
+        .filter(|r| matches!(&r.entry.event, Some(Event::Answer(report)) if report.rho_spent > 0.0))
+        .count();
+    let on_ledger = guard.charges();
+    if on_ledger < charged {
+        return Err(Error::Internal(format!(
+            "guard/ledger.jsonl holds {on_ledger} charges but the audit trail records {charged} \
+             charged answers: the ledger is missing or was rolled back; restore it from backup \
+             (the service will not start and refill budgets)"
+        )));
+    }
+    Ok(())
 }
 
 /// What a reload did.

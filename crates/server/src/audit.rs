@@ -7,11 +7,12 @@
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use chrono::NaiveDate;
+use cleanroom_core::files::{TornTail, read_jsonl};
 use cleanroom_engine::guard::GuardReport;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -74,6 +75,13 @@ pub enum Event {
         /// The last day an approval holds, if it expires.
         expires: Option<NaiveDate>,
     },
+    /// A torn last record (a write cut by a crash or a full disk) found at start-up and dropped.
+    Recovered {
+        /// The file, relative to the data directory.
+        file: String,
+        /// Bytes of the incomplete record dropped.
+        dropped_bytes: u64,
+    },
     /// A configuration change that took effect.
     ConfigChange {
         /// The rules' digest before and after, when they changed.
@@ -118,6 +126,13 @@ impl Event {
                 if let Some(e) = expires {
                     out.insert("expires".into(), e.to_string());
                 }
+            }
+            Event::Recovered {
+                file,
+                dropped_bytes,
+            } => {
+                out.insert("file".into(), file.clone());
+                out.insert("dropped_bytes".into(), dropped_bytes.to_string());
             }
             Event::ConfigChange {
                 rules,
@@ -184,13 +199,12 @@ fn chain_hash(record: &Record) -> Result<String> {
 impl AuditTrail {
     /// Opens the trail, verifying the existing chain first: a service must not extend a trail that
     /// has been tampered with.
-    /// Also returns the records already in it, read once, for callers that rebuild state from them.
-    pub fn open(path: &Path) -> Result<(Self, Vec<Record>)> {
-        let history = if path.exists() {
-            read(path)?
-        } else {
-            Vec::new()
-        };
+    /// Also returns the records already in it, read once, for callers that rebuild state from them,
+    /// and the torn last record a crash left, if any: it is cut from the file (never a permanent
+    /// outage) and the caller records that it was.
+    pub fn open(path: &Path) -> Result<(Self, Vec<Record>, Option<TornTail>)> {
+        let (lines, torn) = read_jsonl(path, true)?;
+        let history = parse_records(&lines)?;
         let (seq, hash) = verify_records(&history)?;
         let file = OpenOptions::new()
             .create(true)
@@ -201,7 +215,7 @@ impl AuditTrail {
             path: path.to_path_buf(),
             tail: Mutex::new(Tail { seq, hash, file }),
         };
-        Ok((trail, history))
+        Ok((trail, history, torn))
     }
 
     /// Where the trail is kept.
@@ -235,21 +249,29 @@ impl AuditTrail {
     }
 }
 
-/// Reads every record of a trail.
+/// Reads every complete record of a trail (a torn last record, if a crash left one, is not a
+/// record).
 pub fn read(path: &Path) -> Result<Vec<Record>> {
-    let file = File::open(path).map_err(|e| Error::Internal(format!("audit trail: {e}")))?;
-    BufReader::new(file)
-        .lines()
-        .map(|line| {
-            let line = line.map_err(|e| Error::Internal(format!("audit trail: {e}")))?;
-            serde_json::from_str(&line).map_err(|e| Error::Internal(format!("audit record: {e}")))
+    parse_records(&read_jsonl(path, false)?.0)
+}
+
+fn parse_records(lines: &[String]) -> Result<Vec<Record>> {
+    lines
+        .iter()
+        .enumerate()
+        .map(|(i, line)| {
+            serde_json::from_str(line)
+                .map_err(|e| Error::Internal(format!("audit record {}: {e}", i + 1)))
         })
         .collect()
 }
 
-/// Verifies the chain and returns the last sequence number and hash.
-pub fn verify(path: &Path) -> Result<(u64, String)> {
-    verify_records(&read(path)?)
+/// Verifies the chain without changing the file and returns the last sequence number and hash,
+/// and the torn last record the service would drop at its next start, if any.
+pub fn verify(path: &Path) -> Result<(u64, String, Option<TornTail>)> {
+    let (lines, torn) = read_jsonl(path, false)?;
+    let (seq, head) = verify_records(&parse_records(&lines)?)?;
+    Ok((seq, head, torn))
 }
 
 /// Verifies the chain of records already read and returns the last sequence number and hash.
@@ -279,7 +301,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("audit.jsonl");
         let _ = std::fs::remove_file(&path);
-        let (trail, _) = AuditTrail::open(&path).unwrap();
+        let (trail, _, _) = AuditTrail::open(&path).unwrap();
         let now = chrono::Utc::now();
         for method in ["A", "B", "C"] {
             trail

@@ -139,6 +139,8 @@ struct Inner {
 pub struct ReviewState {
     dir: PathBuf,
     inner: Mutex<Inner>,
+    /// The torn last index record cut at open, if any.
+    torn: Option<cleanroom_core::files::TornTail>,
 }
 
 const VERSIONS: &str = "versions.jsonl";
@@ -152,17 +154,12 @@ impl ReviewState {
     pub fn open(data_dir: &Path, history: &[Record]) -> Result<Self> {
         let dir = data_dir.join("allowlist");
         std::fs::create_dir_all(&dir).map_err(storage)?;
-        let index = dir.join(VERSIONS);
-        let versions = if index.exists() {
-            std::fs::read_to_string(&index)
-                .map_err(storage)?
-                .lines()
-                .filter(|l| !l.trim().is_empty())
-                .map(|l| serde_json::from_str(l).map_err(storage))
-                .collect::<Result<Vec<VersionEntry>>>()?
-        } else {
-            Vec::new()
-        };
+        let (lines, torn) =
+            cleanroom_core::files::read_jsonl(&dir.join(VERSIONS), true).map_err(storage)?;
+        let versions = lines
+            .iter()
+            .map(|l| serde_json::from_str(l).map_err(storage))
+            .collect::<Result<Vec<VersionEntry>>>()?;
         let decisions = history.iter().filter_map(decision_of).collect();
         Ok(Self {
             dir,
@@ -170,7 +167,13 @@ impl ReviewState {
                 decisions,
                 versions,
             }),
+            torn,
         })
+    }
+
+    /// The torn last index record cut at open, if there was one.
+    pub fn recovered(&self) -> Option<cleanroom_core::files::TornTail> {
+        self.torn.clone()
     }
 
     /// Archives every query version not seen before, so it can be compared later.

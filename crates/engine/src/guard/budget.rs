@@ -105,6 +105,7 @@ pub struct Charge {
 pub struct RhoLedger {
     path: PathBuf,
     spent: Mutex<HashMap<String, Vec<Spend>>>,
+    torn: Option<cleanroom_core::files::TornTail>,
 }
 
 fn storage(e: impl std::fmt::Display) -> Error {
@@ -112,22 +113,36 @@ fn storage(e: impl std::fmt::Display) -> Error {
 }
 
 impl RhoLedger {
-    /// Opens the ledger file (or starts an empty one).
+    /// Opens the ledger file (or starts an empty one). A torn last charge (a crash during its
+    /// append) is cut: its call never got past the charge, so nothing was answered for it. Any
+    /// other unreadable line fails the open: a ledger is never guessed at.
     pub fn open(path: PathBuf) -> Result<Self> {
         let mut spent: HashMap<String, Vec<Spend>> = HashMap::new();
-        if path.exists() {
-            for line in std::fs::read_to_string(&path).map_err(storage)?.lines() {
-                if line.trim().is_empty() {
-                    continue;
-                }
-                let spend: Spend = serde_json::from_str(line).map_err(storage)?;
-                spent.entry(spend.partner.clone()).or_default().push(spend);
-            }
+        let (lines, torn) = cleanroom_core::files::read_jsonl(&path, true).map_err(storage)?;
+        for line in lines {
+            let spend: Spend = serde_json::from_str(&line).map_err(storage)?;
+            spent.entry(spend.partner.clone()).or_default().push(spend);
         }
         Ok(Self {
             path,
             spent: Mutex::new(spent),
+            torn,
         })
+    }
+
+    /// The torn last charge cut at open, if there was one.
+    pub fn torn(&self) -> Option<&cleanroom_core::files::TornTail> {
+        self.torn.as_ref()
+    }
+
+    /// Every charge on record, for checking the ledger against the audit trail.
+    pub fn charges(&self) -> usize {
+        self.spent
+            .lock()
+            .expect("ledger lock poisoned")
+            .values()
+            .map(Vec::len)
+            .sum()
     }
 
     /// Whether the answer `key` was paid for within the period.

@@ -1,0 +1,111 @@
+//! Crash safety (issue 9, items 7 and 8): a write cut short leaves a torn last record in an
+//! append-only file; the service drops it, records that it did, and serves on, with budgets as
+//! they were. A privacy ledger that is lost or rolled back behind the audit trail stops the start
+//! (fail closed) instead of refilling budgets.
+
+use std::io::Write;
+use std::path::Path;
+
+use crate::util::{Harness, try_app, year};
+
+fn append_torn(path: &Path, bytes: &[u8]) {
+    let mut file = std::fs::OpenOptions::new().append(true).open(path).unwrap();
+    file.write_all(bytes).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn torn_last_records_are_dropped_and_recorded_never_an_outage() {
+    let h = Harness::start().await;
+    let first = h
+        .run("sakura_foods", "repeat_purchase_rate", &year())
+        .await
+        .unwrap();
+    let used = first.protection.as_ref().unwrap().answers_used;
+    let h = h
+        .restart_after(|dir| {
+            append_torn(&dir.join("audit.jsonl"), b"{\"seq\":99999,\"id\":\"a-");
+            append_torn(&dir.join("guard/ledger.jsonl"), b"{\"partner\":\"sakura_fo");
+            append_torn(&dir.join("allowlist/versions.jsonl"), b"{\"id\":");
+        })
+        .await;
+    let again = h
+        .run("sakura_foods", "repeat_purchase_rate", &year())
+        .await
+        .expect("the service serves after the torn records");
+    assert_eq!(
+        again.arrow_ipc, first.arrow_ipc,
+        "the earlier answer, whole"
+    );
+    let p = again.protection.unwrap();
+    assert!(!p.fresh);
+    assert_eq!(
+        p.answers_used, used,
+        "budgets are as they were, not refilled"
+    );
+
+    let trail = h.data_dir.path().join("audit.jsonl");
+    let (_, _, torn) = cleanroom_server::audit::verify(&trail).expect("the trail verifies");
+    assert!(torn.is_none(), "the torn record was cut");
+    let records = cleanroom_server::audit::read(&trail).unwrap();
+    let recovered: Vec<String> = records
+        .iter()
+        .filter(|r| r.entry.method == "RecoverTornRecord")
+        .filter_map(|r| match &r.entry.event {
+            Some(cleanroom_server::audit::Event::Recovered { file, .. }) => Some(file.clone()),
+            _ => None,
+        })
+        .collect();
+    for file in [
+        "audit.jsonl",
+        "guard/ledger.jsonl",
+        "allowlist/versions.jsonl",
+    ] {
+        assert!(
+            recovered.iter().any(|f| f == file),
+            "{file} not recorded: {recovered:?}"
+        );
+    }
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_or_rolled_back_ledger_fails_closed() {
+    let h = Harness::start().await;
+    h.run("sakura_foods", "repeat_purchase_rate", &year())
+        .await
+        .unwrap();
+    h.run("sakura_foods", "matched_overlap", &[]).await.unwrap();
+    let dir = h.shut_down().await;
+    let ledger = dir.path().join("guard/ledger.jsonl");
+    let whole = std::fs::read_to_string(&ledger).unwrap();
+
+    // Rolled back by one charge.
+    let first_line = whole.lines().next().unwrap();
+    std::fs::write(&ledger, format!("{first_line}\n")).unwrap();
+    let refused = try_app(dir.path())
+        .err()
+        .expect("a rolled-back ledger is refused");
+    assert!(refused.to_string().contains("ledger"), "{refused}");
+    // Lost.
+    std::fs::remove_file(&ledger).unwrap();
+    let refused = try_app(dir.path())
+        .err()
+        .expect("a missing ledger is refused");
+    assert!(refused.to_string().contains("rolled back"), "{refused}");
+    // Restored: the service starts.
+    std::fs::write(&ledger, whole).unwrap();
+    try_app(dir.path()).expect("the restored ledger starts");
+}
+
+#[test]
+fn a_corrupt_complete_record_is_not_guessed_at() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = try_app(dir.path()).unwrap();
+    drop(app);
+    let trail = dir.path().join("audit.jsonl");
+    append_torn(&trail, b"{not a record}\n");
+    let refused = try_app(dir.path())
+        .err()
+        .expect("a corrupt record is refused");
+    assert!(refused.to_string().contains("audit record"), "{refused}");
+}
