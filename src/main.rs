@@ -157,11 +157,19 @@ enum Command {
         #[arg(long, default_value = "sample_data/rules.toml")]
         rules: PathBuf,
     },
-    /// Legal reviewer: verify the audit trail's hash chain in a data directory.
+    /// Legal reviewer: verify the audit trail's keyed chain and checkpoint in a data directory,
+    /// and print the signed checkpoint to keep elsewhere. The chain key comes from the master
+    /// secret (CLEANROOM_MASTER_SECRET, or the service configuration's key file).
     VerifyAudit {
         /// The service's data directory.
         #[arg(long, default_value = "data")]
         data_dir: PathBuf,
+        /// The service configuration, for its master secret file.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// A checkpoint printed by an earlier run, kept elsewhere: the trail must extend it.
+        #[arg(long)]
+        checkpoint: Option<PathBuf>,
     },
     /// Mint bearer tokens for the rules' principals.
     Token {
@@ -403,23 +411,11 @@ fn run(cli: Cli) -> Result<()> {
             print!("{report}");
             Ok(())
         }
-        Command::VerifyAudit { data_dir } => {
-            let path = data_dir.join("audit.jsonl");
-            let (records, head, torn) = cleanroom_server::audit::verify(&path)
-                .with_context(|| format!("verifying {}", path.display()))?;
-            println!(
-                "{}: {records} records, chain intact, head {head}",
-                path.display()
-            );
-            if let Some(torn) = torn {
-                println!(
-                    "  plus a torn last record ({} bytes, a cut write): the service drops it at \
-                     its next start and records that it did",
-                    torn.dropped_bytes
-                );
-            }
-            Ok(())
-        }
+        Command::VerifyAudit {
+            data_dir,
+            config,
+            checkpoint,
+        } => verify_audit(&data_dir, config.as_deref(), checkpoint.as_deref()),
         Command::ExportKey { config, contract } => {
             let settings = settings::Settings::load(&config, None, None)?;
             let rules = settings.rules()?;
@@ -507,6 +503,54 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .enable_all()
         .build()
         .context("starting the async runtime")
+}
+
+/// Verifies a trail and prints its signed head.
+fn verify_audit(data_dir: &Path, config: Option<&Path>, kept: Option<&Path>) -> Result<()> {
+    let secret = match config {
+        Some(config) => settings::Settings::load(config, None, None)?.master_secret()?,
+        None => {
+            let hex = std::env::var("CLEANROOM_MASTER_SECRET")
+                .context("the chain key needs the master secret: set CLEANROOM_MASTER_SECRET or pass --config")?;
+            cleanroom_core::token::MasterSecret::from_hex(&hex)
+                .context("CLEANROOM_MASTER_SECRET")?
+        }
+    };
+    let kept = match kept {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            Some(
+                serde_json::from_str::<cleanroom_server::audit::Checkpoint>(&text)
+                    .with_context(|| format!("{}: not a checkpoint", path.display()))?,
+            )
+        }
+        None => None,
+    };
+    let path = data_dir.join("audit.jsonl");
+    let key = cleanroom_server::audit::ChainKey::new(&secret);
+    let verified = cleanroom_server::audit::verify(&path, &key, kept.as_ref())
+        .with_context(|| format!("verifying {}", path.display()))?;
+    println!(
+        "{}: {} records, keyed chain and checkpoint intact{}",
+        path.display(),
+        verified.records,
+        if kept.is_some() {
+            ", extends the kept checkpoint"
+        } else {
+            ""
+        }
+    );
+    if let Some(torn) = verified.torn {
+        println!(
+            "  plus a torn last record ({} bytes, a cut write): the service drops it at its next \
+             start and records that it did",
+            torn.dropped_bytes
+        );
+    }
+    println!("checkpoint to keep elsewhere:");
+    println!("{}", serde_json::to_string(&verified.checkpoint)?);
+    Ok(())
 }
 
 /// Prints a minted token and its rules entry. The token is shown only here.

@@ -44,8 +44,9 @@ async fn torn_last_records_are_dropped_and_recorded_never_an_outage() {
     );
 
     let trail = h.data_dir.path().join("audit.jsonl");
-    let (_, _, torn) = cleanroom_server::audit::verify(&trail).expect("the trail verifies");
-    assert!(torn.is_none(), "the torn record was cut");
+    let key = cleanroom_server::audit::ChainKey::new(&crate::util::test_secret());
+    let verified = cleanroom_server::audit::verify(&trail, &key, None).expect("the trail verifies");
+    assert!(verified.torn.is_none(), "the torn record was cut");
     let records = cleanroom_server::audit::read(&trail).unwrap();
     let recovered: Vec<String> = records
         .iter()
@@ -108,4 +109,98 @@ fn a_corrupt_complete_record_is_not_guessed_at() {
         .err()
         .expect("a corrupt record is refused");
     assert!(refused.to_string().contains("audit record"), "{refused}");
+}
+
+/// Issue 9, finding "the audit trail can be cut": truncating its tail, or rewriting it whole
+/// without the master secret, stops the service from starting on it; `verify-audit` prints a
+/// signed checkpoint, and a trail rolled back behind a checkpoint kept elsewhere fails it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audit_trail_cannot_be_cut_or_rewritten_unnoticed() {
+    let h = Harness::start().await;
+    h.run("sakura_foods", "matched_overlap", &[]).await.unwrap();
+    let dir = h.shut_down().await;
+    let trail = dir.path().join("audit.jsonl");
+    let checkpoint = cleanroom_server::audit::checkpoint_path(&trail);
+    let (whole, whole_checkpoint) = (
+        std::fs::read(&trail).unwrap(),
+        std::fs::read(&checkpoint).unwrap(),
+    );
+    let verify_cli = |kept: Option<&Path>| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_cleanroom"));
+        cmd.args(["verify-audit", "--data-dir"]).arg(dir.path());
+        if let Some(kept) = kept {
+            cmd.arg("--checkpoint").arg(kept);
+        }
+        cmd.env(
+            "CLEANROOM_MASTER_SECRET",
+            hex::encode(b"cleanroom integration test secret, 32+ bytes"),
+        )
+        .output()
+        .unwrap()
+    };
+    let out = verify_cli(None);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let kept_line = stdout.lines().last().unwrap();
+    let kept = dir.path().join("kept-elsewhere.json");
+    std::fs::write(&kept, kept_line).unwrap();
+
+    // The tail cut by one record.
+    let text = String::from_utf8(whole.clone()).unwrap();
+    let cut: String = text
+        .lines()
+        .take(text.lines().count() - 1)
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&trail, &cut).unwrap();
+    let refused = try_app(dir.path()).err().expect("a cut trail is refused");
+    assert!(
+        refused.to_string().contains("fewer than its checkpoint"),
+        "{refused}"
+    );
+    assert!(!verify_cli(None).status.success());
+
+    // Cut, and the checkpoint removed too.
+    std::fs::remove_file(&checkpoint).unwrap();
+    let refused = try_app(dir.path())
+        .err()
+        .expect("a trail without its checkpoint is refused");
+    assert!(refused.to_string().contains("missing"), "{refused}");
+
+    // Rolled back consistently (an older trail and its checkpoint): only the kept checkpoint
+    // tells.
+    std::fs::write(&trail, &whole).unwrap();
+    std::fs::write(&checkpoint, &whole_checkpoint).unwrap();
+    let app = try_app(dir.path()).expect("the whole trail starts");
+    app.record(cleanroom_server::audit::Entry {
+        principal: "service".into(),
+        method: "Later".into(),
+        outcome: "ok".into(),
+        ..Default::default()
+    })
+    .unwrap();
+    drop(app);
+    let out = verify_cli(None);
+    let later = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .unwrap()
+        .to_string();
+    std::fs::write(&kept, later).unwrap();
+    std::fs::write(&trail, &whole).unwrap();
+    std::fs::write(&checkpoint, &whole_checkpoint).unwrap();
+    assert!(
+        verify_cli(None).status.success(),
+        "consistent with its own checkpoint"
+    );
+    let out = verify_cli(Some(&kept));
+    assert!(
+        !out.status.success(),
+        "the kept checkpoint catches the rollback"
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("fewer than its checkpoint"));
 }

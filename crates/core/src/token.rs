@@ -65,6 +65,12 @@ impl MasterSecret {
         }
     }
 
+    /// The key of the audit trail's chain and checkpoints: without the master secret nobody can
+    /// extend, rewrite or re-anchor the trail so that it still verifies.
+    pub fn audit_key(&self) -> [u8; 32] {
+        self.derive(b"cleanroom/audit", b"chain/v1")
+    }
+
     /// The key that turns retailer member ids into pseudonyms. It is separate from every
     /// collaboration key, so a partner holding its key learns nothing about member pseudonyms.
     pub fn pseudonym_key(&self) -> PseudonymKey {

@@ -164,7 +164,8 @@ impl App {
         let store = Store::open(&config.data_dir)?;
         let audit_path = config.data_dir.join("audit.jsonl");
         // Budgets, list allowances and approvals survive restarts: all are in the audit trail.
-        let (audit, history, torn_audit) = AuditTrail::open(&audit_path)?;
+        let (audit, history, torn_audit) =
+            AuditTrail::open(&audit_path, crate::audit::ChainKey::new(&config.secret))?;
         let past: Vec<PastCall> = history
             .iter()
             .filter_map(|r| {

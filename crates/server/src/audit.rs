@@ -1,6 +1,8 @@
 //! The audit trail: one JSON record per call that reads or changes data, appended to a file as a
-//! hash chain. Each record carries the SHA-256 of the previous one, so a reviewer can verify with
-//! [`verify`] that nothing was removed, reordered or edited.
+//! keyed hash chain. Each record carries an HMAC (keyed from the master secret) over the previous
+//! record's and its own content, and a signed checkpoint of the head is kept next to the trail
+//! and can be exported: with [`verify`], a reviewer checks that nothing was removed, reordered,
+//! edited, cut from the end or rewritten whole.
 //!
 //! Records hold query ids, parameters, counts and outcomes. They never hold an identifier: the
 //! requests that carry identifiers (uploads, ingests) are recorded by their counts only.
@@ -14,8 +16,9 @@ use std::sync::Mutex;
 use chrono::NaiveDate;
 use cleanroom_core::files::{TornTail, read_jsonl};
 use cleanroom_engine::guard::GuardReport;
+use hmac::{Hmac, KeyInit, Mac};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
+use sha2::Sha256;
 
 use crate::{Error, Result};
 
@@ -168,8 +171,91 @@ pub struct Record {
     pub entry: Entry,
     /// Hash of the previous record (64 zeros for the first).
     pub prev: String,
-    /// SHA-256 over `prev` and this record's content without `hash`.
+    /// HMAC-SHA256, keyed from the master secret, over `prev` and this record's content without
+    /// `hash`.
     pub hash: String,
+}
+
+/// The trail's head, signed with the chain key: written next to the trail after every record
+/// (`audit.checkpoint`) and exported for the legal reviewer to keep elsewhere. A trail shorter
+/// than a checkpoint, or different at the checkpoint's position, does not verify.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    /// Records in the trail.
+    pub seq: u64,
+    /// The last record's hash.
+    pub head: String,
+    /// HMAC-SHA256 over `seq` and `head`, with the chain key.
+    pub mac: String,
+}
+
+/// The chain's key, derived from the master secret.
+#[derive(Clone)]
+pub struct ChainKey([u8; 32]);
+
+impl ChainKey {
+    /// The chain key of a master secret.
+    pub fn new(secret: &cleanroom_core::token::MasterSecret) -> Self {
+        Self(secret.audit_key())
+    }
+
+    fn mac(&self, parts: &[&[u8]]) -> String {
+        let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(&self.0).expect("any key length");
+        for part in parts {
+            mac.update(part);
+        }
+        hex::encode(mac.finalize().into_bytes())
+    }
+
+    fn record_hash(&self, record: &Record) -> Result<String> {
+        let mut unhashed = record.clone();
+        unhashed.hash = String::new();
+        let body =
+            serde_json::to_vec(&unhashed).map_err(|e| Error::Internal(format!("audit: {e}")))?;
+        Ok(self.mac(&[b"record/v1", record.prev.as_bytes(), &body]))
+    }
+
+    /// A signed checkpoint of a head.
+    pub fn checkpoint(&self, seq: u64, head: &str) -> Checkpoint {
+        Checkpoint {
+            seq,
+            head: head.to_string(),
+            mac: self.mac(&[
+                b"checkpoint/v1",
+                seq.to_string().as_bytes(),
+                head.as_bytes(),
+            ]),
+        }
+    }
+
+    /// Checks a checkpoint's signature and that `records` extend it.
+    pub fn check(&self, checkpoint: &Checkpoint, records: &[Record]) -> Result<()> {
+        if self.checkpoint(checkpoint.seq, &checkpoint.head).mac != checkpoint.mac {
+            return Err(Error::Internal(
+                "audit checkpoint does not verify with this service's key".into(),
+            ));
+        }
+        let at = match checkpoint.seq {
+            0 => GENESIS,
+            n => match records.get(n as usize - 1) {
+                Some(record) => record.hash.as_str(),
+                None => {
+                    return Err(Error::Internal(format!(
+                        "audit trail has {} records, fewer than its checkpoint's {n}: records were \
+                         cut",
+                        records.len()
+                    )));
+                }
+            },
+        };
+        if at != checkpoint.head {
+            return Err(Error::Internal(format!(
+                "audit trail differs from its checkpoint at record {}: it was rewritten",
+                checkpoint.seq
+            )));
+        }
+        Ok(())
+    }
 }
 
 struct Tail {
@@ -181,31 +267,64 @@ struct Tail {
 /// The append-only trail.
 pub struct AuditTrail {
     path: PathBuf,
+    key: ChainKey,
     tail: Mutex<Tail>,
 }
 
 const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
-fn chain_hash(record: &Record) -> Result<String> {
-    let mut unhashed = record.clone();
-    unhashed.hash = String::new();
-    let body = serde_json::to_vec(&unhashed).map_err(|e| Error::Internal(format!("audit: {e}")))?;
-    let mut hasher = Sha256::new();
-    hasher.update(record.prev.as_bytes());
-    hasher.update(&body);
-    Ok(hex::encode(hasher.finalize()))
+/// Where a trail's checkpoint is kept.
+pub fn checkpoint_path(trail: &Path) -> PathBuf {
+    trail.with_extension("checkpoint")
+}
+
+/// Reads a trail's checkpoint; `None` if there is none.
+pub fn read_checkpoint(trail: &Path) -> Result<Option<Checkpoint>> {
+    let path = checkpoint_path(trail);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| Error::Internal(format!("{}: {e}", path.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Error::Internal(format!("{}: {e}", path.display()))),
+    }
+}
+
+fn write_checkpoint(trail: &Path, checkpoint: &Checkpoint) -> Result<()> {
+    let path = checkpoint_path(trail);
+    let tmp = path.with_extension("checkpoint.tmp");
+    let io = |e: std::io::Error| Error::Internal(format!("audit checkpoint: {e}"));
+    let bytes = serde_json::to_vec(checkpoint).map_err(|e| Error::Internal(e.to_string()))?;
+    let mut file = File::create(&tmp).map_err(io)?;
+    file.write_all(&bytes)
+        .and_then(|_| file.sync_all())
+        .map_err(io)?;
+    std::fs::rename(&tmp, &path).map_err(io)
 }
 
 impl AuditTrail {
-    /// Opens the trail, verifying the existing chain first: a service must not extend a trail that
-    /// has been tampered with.
+    /// Opens the trail, verifying the existing chain and its checkpoint first: a service must not
+    /// extend a trail that has been tampered with, cut or rewritten. A trail with records but no
+    /// checkpoint fails too (the checkpoint was removed).
     /// Also returns the records already in it, read once, for callers that rebuild state from them,
     /// and the torn last record a crash left, if any: it is cut from the file (never a permanent
     /// outage) and the caller records that it was.
-    pub fn open(path: &Path) -> Result<(Self, Vec<Record>, Option<TornTail>)> {
+    pub fn open(path: &Path, key: ChainKey) -> Result<(Self, Vec<Record>, Option<TornTail>)> {
         let (lines, torn) = read_jsonl(path, true)?;
         let history = parse_records(&lines)?;
-        let (seq, hash) = verify_records(&history)?;
+        let (seq, hash) = verify_records(&key, &history)?;
+        match read_checkpoint(path)? {
+            Some(checkpoint) => key.check(&checkpoint, &history)?,
+            None if !history.is_empty() => {
+                return Err(Error::Internal(format!(
+                    "{} is missing while the trail has {} records",
+                    checkpoint_path(path).display(),
+                    history.len()
+                )));
+            }
+            None => {}
+        }
+        write_checkpoint(path, &key.checkpoint(seq, &hash))?;
         let file = OpenOptions::new()
             .create(true)
             .append(true)
@@ -213,6 +332,7 @@ impl AuditTrail {
             .map_err(|e| Error::Internal(format!("audit trail: {e}")))?;
         let trail = Self {
             path: path.to_path_buf(),
+            key,
             tail: Mutex::new(Tail { seq, hash, file }),
         };
         Ok((trail, history, torn))
@@ -223,7 +343,18 @@ impl AuditTrail {
         &self.path
     }
 
-    /// Appends one record, synced to disk, and returns its id.
+    /// Verifies records read from this trail with its key.
+    pub fn verify_records(&self, records: &[Record]) -> Result<(u64, String)> {
+        verify_records(&self.key, records)
+    }
+
+    /// The current head, signed: what a legal reviewer keeps elsewhere.
+    pub fn checkpoint(&self) -> Checkpoint {
+        let tail = self.tail.lock().expect("audit lock poisoned");
+        self.key.checkpoint(tail.seq, &tail.hash)
+    }
+
+    /// Appends one record, synced to disk, then its checkpoint, and returns its id.
     pub fn append(&self, entry: Entry, at: chrono::DateTime<chrono::Utc>) -> Result<String> {
         let mut tail = self.tail.lock().expect("audit lock poisoned");
         let seq = tail.seq + 1;
@@ -235,7 +366,7 @@ impl AuditTrail {
             prev: tail.hash.clone(),
             hash: String::new(),
         };
-        record.hash = chain_hash(&record)?;
+        record.hash = self.key.record_hash(&record)?;
         let mut line =
             serde_json::to_vec(&record).map_err(|e| Error::Internal(format!("audit: {e}")))?;
         line.push(b'\n');
@@ -245,6 +376,8 @@ impl AuditTrail {
             .map_err(|e| Error::Internal(format!("audit trail write: {e}")))?;
         tail.seq = seq;
         tail.hash = record.hash;
+        // A crash before this leaves the checkpoint one behind the trail, which verifies.
+        write_checkpoint(&self.path, &self.key.checkpoint(seq, &tail.hash))?;
         Ok(record.id)
     }
 }
@@ -266,20 +399,49 @@ fn parse_records(lines: &[String]) -> Result<Vec<Record>> {
         .collect()
 }
 
-/// Verifies the chain without changing the file and returns the last sequence number and hash,
-/// and the torn last record the service would drop at its next start, if any.
-pub fn verify(path: &Path) -> Result<(u64, String, Option<TornTail>)> {
+/// What [`verify`] found.
+#[derive(Debug)]
+pub struct Verified {
+    /// Records in the trail.
+    pub records: u64,
+    /// The signed head, to keep elsewhere.
+    pub checkpoint: Checkpoint,
+    /// A torn last record the service would drop at its next start.
+    pub torn: Option<TornTail>,
+}
+
+/// Verifies a trail without changing it: the keyed chain, the service's own checkpoint (which
+/// must exist once there are records) and, if given, a checkpoint kept elsewhere.
+pub fn verify(path: &Path, key: &ChainKey, kept: Option<&Checkpoint>) -> Result<Verified> {
     let (lines, torn) = read_jsonl(path, false)?;
-    let (seq, head) = verify_records(&parse_records(&lines)?)?;
-    Ok((seq, head, torn))
+    let records = parse_records(&lines)?;
+    let (seq, head) = verify_records(key, &records)?;
+    match read_checkpoint(path)? {
+        Some(own) => key.check(&own, &records)?,
+        None if !records.is_empty() => {
+            return Err(Error::Internal(format!(
+                "{} is missing",
+                checkpoint_path(path).display()
+            )));
+        }
+        None => {}
+    }
+    if let Some(kept) = kept {
+        key.check(kept, &records)?;
+    }
+    Ok(Verified {
+        records: seq,
+        checkpoint: key.checkpoint(seq, &head),
+        torn,
+    })
 }
 
 /// Verifies the chain of records already read and returns the last sequence number and hash.
-pub fn verify_records(records: &[Record]) -> Result<(u64, String)> {
+pub fn verify_records(key: &ChainKey, records: &[Record]) -> Result<(u64, String)> {
     let mut prev = GENESIS.to_string();
     let mut seq = 0;
     for record in records {
-        if record.seq != seq + 1 || record.prev != prev || chain_hash(record)? != record.hash {
+        if record.seq != seq + 1 || record.prev != prev || key.record_hash(record)? != record.hash {
             return Err(Error::Internal(format!(
                 "audit trail broken at record {}",
                 seq + 1
@@ -295,32 +457,75 @@ pub fn verify_records(records: &[Record]) -> Result<(u64, String)> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn editing_a_record_breaks_the_chain() {
-        let dir = std::env::temp_dir().join(format!("audit-test-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("audit.jsonl");
-        let _ = std::fs::remove_file(&path);
-        let (trail, _, _) = AuditTrail::open(&path).unwrap();
-        let now = chrono::Utc::now();
-        for method in ["A", "B", "C"] {
-            trail
-                .append(
-                    Entry {
-                        method: method.into(),
-                        outcome: "ok".into(),
-                        ..Default::default()
-                    },
-                    now,
-                )
-                .unwrap();
+    fn key(secret: &[u8]) -> ChainKey {
+        ChainKey::new(&cleanroom_core::token::MasterSecret::new(secret.to_vec()).unwrap())
+    }
+
+    fn trail_of(path: &Path, methods: &[&str]) {
+        let (trail, _, _) = AuditTrail::open(path, key(&[7; 32])).unwrap();
+        for method in methods {
+            let entry = Entry {
+                method: (*method).into(),
+                outcome: "ok".into(),
+                ..Default::default()
+            };
+            trail.append(entry, chrono::Utc::now()).unwrap();
         }
-        assert_eq!(verify(&path).unwrap().0, 3);
-        let text = std::fs::read_to_string(&path)
-            .unwrap()
-            .replace("\"method\":\"B\"", "\"method\":\"X\"");
-        std::fs::write(&path, text).unwrap();
-        assert!(verify(&path).is_err());
-        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn edits_cuts_and_rewrites_do_not_verify() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        trail_of(&path, &["A", "B", "C"]);
+        let k = key(&[7; 32]);
+        let verified = verify(&path, &k, None).unwrap();
+        assert_eq!(verified.records, 3);
+        let whole = std::fs::read_to_string(&path).unwrap();
+
+        // Edited.
+        std::fs::write(&path, whole.replace("\"method\":\"B\"", "\"method\":\"X\"")).unwrap();
+        assert!(verify(&path, &k, None).is_err());
+        // Cut from the end (the checkpoint says 3).
+        let two: String = whole.lines().take(2).map(|l| format!("{l}\n")).collect();
+        std::fs::write(&path, &two).unwrap();
+        let cut = verify(&path, &k, None).unwrap_err().to_string();
+        assert!(cut.contains("fewer than its checkpoint"), "{cut}");
+        assert!(
+            AuditTrail::open(&path, key(&[7; 32])).is_err(),
+            "the service refuses it"
+        );
+        // Rewritten whole by someone without the key, checkpoint and all.
+        std::fs::write(&path, "").unwrap();
+        std::fs::remove_file(checkpoint_path(&path)).unwrap();
+        let (forged, _, _) = AuditTrail::open(&path, key(&[9; 32])).unwrap();
+        forged.append(Entry::default(), chrono::Utc::now()).unwrap();
+        assert!(
+            verify(&path, &k, None).is_err(),
+            "another key's chain does not verify"
+        );
+        // Rolled back to an older consistent state: the checkpoint kept elsewhere catches it.
+        std::fs::write(&path, &whole).unwrap();
+        std::fs::write(
+            checkpoint_path(&path),
+            serde_json::to_vec(&verified.checkpoint).unwrap(),
+        )
+        .unwrap();
+        trail_of(&path, &["D"]);
+        let kept = verify(&path, &k, None).unwrap().checkpoint;
+        std::fs::write(&path, &whole).unwrap();
+        std::fs::write(
+            checkpoint_path(&path),
+            serde_json::to_vec(&verified.checkpoint).unwrap(),
+        )
+        .unwrap();
+        assert!(
+            verify(&path, &k, None).is_ok(),
+            "consistent with its own checkpoint"
+        );
+        assert!(
+            verify(&path, &k, Some(&kept)).is_err(),
+            "but not with the one kept elsewhere"
+        );
     }
 }

@@ -680,7 +680,7 @@ impl LegalApi {
         self.reviewer(&request, &live, "ListAudit", false, entry)?;
         let filter = request.into_inner();
         let records = crate::audit::read(self.app.audit.path())?;
-        let chain_intact = crate::audit::verify_records(&records).is_ok();
+        let chain_intact = self.app.audit.verify_records(&records).is_ok();
         let total = records.len() as u64;
         let partners: BTreeSet<String> = records
             .iter()
