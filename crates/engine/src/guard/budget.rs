@@ -87,6 +87,10 @@ struct Spend {
     rho: f64,
     /// The answer paid for.
     key: String,
+    /// Reserved in memory, not yet on disk: it counts against the budget, but a repeat of its
+    /// answer is not free until it is persisted.
+    #[serde(skip)]
+    pending: bool,
 }
 
 /// What an answer cost and what it left.
@@ -191,37 +195,61 @@ impl RhoLedger {
         now: DateTime<Utc>,
     ) -> Result<Charge> {
         let period = Duration::days(i64::from(period_days));
-        let mut spent = self.spent.lock().expect("ledger lock poisoned");
-        let entries = spent.entry(partner.to_string()).or_default();
-        let live: Vec<&Spend> = entries.iter().filter(|s| s.at + period > now).collect();
-        let used: f64 = live.iter().map(|s| s.rho).sum();
-        let resets_at = live.iter().map(|s| s.at + period).min();
-        if live.iter().any(|s| s.key == key) {
-            return Ok(Charge {
-                rho_spent: 0.0,
-                rho_used: used,
-                resets_at,
-            });
-        }
-        // A relative tolerance keeps forty equal shares within the budget they divide.
-        if used + rho > budget * (1.0 + 1e-9) {
-            return Err(cleanroom_core::Error::Limit(format!(
-                "privacy budget for this period is spent ({} of {} fresh answers' worth used); \
-                 answers already received are still served; budget returns from {}",
-                (used / rho).round(),
-                (budget / rho).round(),
-                resets_at.unwrap_or(now).to_rfc3339()
-            ))
-            .into());
-        }
         let spend = Spend {
             partner: partner.to_string(),
             at: now,
             rho,
             key: key.to_string(),
+            pending: true,
+        };
+        // The decision and the reservation are one step under the lock, so parallel calls cannot
+        // overspend; the lock is released before the fsync, so one partner's disk write holds up
+        // no one. A reservation counts at once; if it cannot be persisted the call fails and the
+        // reservation stays (fail closed).
+        let (used, resets_at) = {
+            let mut spent = self.spent.lock().expect("ledger lock poisoned");
+            let entries = spent.entry(partner.to_string()).or_default();
+            let live: Vec<&Spend> = entries.iter().filter(|s| s.at + period > now).collect();
+            let used: f64 = live.iter().map(|s| s.rho).sum();
+            let resets_at = live.iter().map(|s| s.at + period).min();
+            if live.iter().any(|s| s.key == key && s.pending) {
+                // Only this partner's own identical question, asked in parallel, gets here.
+                return Err(cleanroom_core::Error::Limit(
+                    "the same question is being answered now; ask again in a moment".into(),
+                )
+                .into());
+            }
+            if live.iter().any(|s| s.key == key) {
+                return Ok(Charge {
+                    rho_spent: 0.0,
+                    rho_used: used,
+                    resets_at,
+                });
+            }
+            // A relative tolerance keeps forty equal shares within the budget they divide.
+            if used + rho > budget * (1.0 + 1e-9) {
+                return Err(cleanroom_core::Error::Limit(format!(
+                    "privacy budget for this period is spent ({} of {} fresh answers' worth \
+                     used); answers already received are still served; budget returns from {}",
+                    (used / rho).round(),
+                    (budget / rho).round(),
+                    resets_at.unwrap_or(now).to_rfc3339()
+                ))
+                .into());
+            }
+            entries.push(spend.clone());
+            (used, resets_at)
         };
         self.append(&spend)?;
-        entries.push(spend);
+        if let Some(persisted) = self
+            .spent
+            .lock()
+            .expect("ledger lock poisoned")
+            .get_mut(partner)
+            .and_then(|entries| entries.iter_mut().rfind(|s| s.key == spend.key))
+        {
+            persisted.pending = false;
+        }
         Ok(Charge {
             rho_spent: rho,
             rho_used: used + rho,
@@ -266,6 +294,24 @@ mod tests {
             "a restart refills nothing"
         );
         assert!(charge(&reopened, "c", now + Duration::days(31)).is_ok());
+    }
+
+    #[test]
+    fn a_charge_that_cannot_be_persisted_fails_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        // A path whose parent does not exist: every append fails.
+        let ledger = RhoLedger::open(dir.path().join("missing/ledger.jsonl")).unwrap();
+        let now = Utc::now();
+        assert!(ledger.charge("p", "a", 0.1, 0.25, 30, now).is_err());
+        let repeat = ledger.charge("p", "a", 0.1, 0.25, 30, now).unwrap_err();
+        assert!(
+            repeat.to_string().contains("being answered"),
+            "not a free repeat"
+        );
+        assert!(
+            (ledger.usage("p", 30, now).0 - 0.1).abs() < 1e-12,
+            "and it still counts"
+        );
     }
 
     #[test]
