@@ -31,3 +31,5 @@ mod tls;
 mod credentials;
 // Torn records, lost ledgers: crash safety of the data directory.
 mod crash;
+// `kill -9` of the real binary during ingests, uploads and queries.
+mod kill;
