@@ -187,3 +187,33 @@ async fn unauthenticated_calls_write_nothing_and_caller_text_is_bounded() {
     );
     h.stop().await;
 }
+
+/// Issue 9, item 3: per-principal rate limits, with the retry time. One principal's flood does
+/// not touch another's calls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_principal_has_its_own_rate_limit() {
+    let mut rules = sample_rules();
+    rules.limits.calls_per_minute = 30;
+    let h = Harness::start_with(Setup {
+        rules,
+        ..Default::default()
+    })
+    .await;
+    let sakura = h.partner("sakura_foods");
+    let mut answered = 0;
+    let refused = loop {
+        match sakura.clone().list_queries(ListQueriesRequest {}).await {
+            Ok(_) => answered += 1,
+            Err(status) => break status,
+        }
+        assert!(answered <= 30, "the limit never applied");
+    };
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(refused.message().contains("retry in"), "{refused:?}");
+    assert!(answered < 30, "the upload counted too: {answered}");
+    h.partner("kumo_denki")
+        .list_queries(ListQueriesRequest {})
+        .await
+        .expect("another principal is not limited by Sakura's calls");
+    h.stop().await;
+}

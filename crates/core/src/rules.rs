@@ -35,6 +35,30 @@ pub struct Rules {
     /// Who may call the service.
     #[serde(default)]
     pub principals: Vec<PrincipalEntry>,
+    /// Limits on each principal's calls.
+    #[serde(default)]
+    pub limits: Limits,
+}
+
+/// Limits on each principal's calls, whatever its role: one caller cannot crowd out the others.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Calls one principal may make per minute (a sliding window).
+    #[serde(default = "default_calls_per_minute")]
+    pub calls_per_minute: u32,
+}
+
+fn default_calls_per_minute() -> u32 {
+    600
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            calls_per_minute: default_calls_per_minute(),
+        }
+    }
 }
 
 /// Global privacy settings.
@@ -456,6 +480,9 @@ impl Rules {
                     known.join(", ")
                 ));
             }
+        }
+        if self.limits.calls_per_minute == 0 {
+            return fail("limits.calls_per_minute must be at least 1".into());
         }
         let mut tokens = BTreeSet::new();
         for p in &self.principals {

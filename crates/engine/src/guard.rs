@@ -413,6 +413,19 @@ impl Guard {
         })
     }
 
+    /// Refuses an upload the partner's list allowance would refuse, before any of its records
+    /// is read or hashed; [`Guard::store_list`] takes the allowance when it stores.
+    pub fn check_list_allowance(&self, partner: &AdmittedPartner<'_>) -> Result<()> {
+        partner.require_in_force()?;
+        let protection = &partner.contract.protection;
+        self.lists.lock().expect("list ledger lock poisoned").check(
+            partner.partner,
+            protection.max_list_versions,
+            protection.list_window_days,
+            partner.now,
+        )
+    }
+
     /// The torn last records cut from the guard's files at open (for the audit trail).
     pub fn recovered(&self) -> Vec<cleanroom_core::files::TornTail> {
         self.ledger.torn().into_iter().cloned().collect()

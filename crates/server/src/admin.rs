@@ -38,7 +38,7 @@ impl Audited for IngestSummary {
 
 impl AdminApi {
     fn analyst<T>(&self, request: &Request<T>, method: &str, entry: &mut Entry) -> Result<()> {
-        let principal = self.app.live().auth.principal(request)?;
+        let principal = self.app.authenticate(&self.app.live(), request)?;
         entry.principal = principal.name.clone();
         entry.role = principal.role.as_str().to_string();
         principal.require(Role::Analyst, method)

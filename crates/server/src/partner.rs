@@ -78,7 +78,7 @@ impl PartnerApi {
         entry: &mut Entry,
     ) -> Result<PartnerCall> {
         let live = self.app.live();
-        let principal = live.auth.principal(request)?;
+        let principal = self.app.authenticate(&live, request)?;
         entry.principal = principal.name.clone();
         entry.role = principal.role.as_str().to_string();
         entry.partner = principal.partner.clone();
@@ -234,6 +234,8 @@ impl PartnerApi {
         entry: &mut Entry,
     ) -> Result<UploadListResponse> {
         let call = self.partner_call(&request, "UploadList", entry)?;
+        // Permission, contract and allowance first: no record is read while any would refuse.
+        self.app.guard.check_list_allowance(&call.admitted()?)?;
         let split = |m: UploadListRequest| match m.kind {
             Some(upload_list_request::Kind::Header(h)) => Part::Header(h),
             Some(upload_list_request::Kind::Chunk(c)) => Part::Chunk(c.records),
@@ -262,7 +264,7 @@ pub(crate) fn store_list(
     })?;
     let admitted = guard::admit_partner(&live.rules, partner_id, app.clock.now())?;
     // Checked before any record is hashed; the guard checks again when it stores the list.
-    admitted.require_in_force()?;
+    app.guard.check_list_allowance(&admitted)?;
     let contract = admitted.contract();
     let inputs: Vec<ListInput> = records
         .into_iter()

@@ -404,7 +404,7 @@ impl LegalApi {
         write: bool,
         entry: &mut Entry,
     ) -> Result<Principal> {
-        let principal = live.auth.principal(request)?;
+        let principal = self.app.authenticate(live, request)?;
         entry.principal = principal.name.clone();
         entry.role = principal.role.as_str().to_string();
         let allowed = principal.role == Role::Legal || (!write && principal.role == Role::Analyst);

@@ -41,6 +41,23 @@ impl Lists {
         window_days: u32,
         now: DateTime<Utc>,
     ) -> Result<()> {
+        self.check(partner, max_versions, window_days, now)?;
+        self.uploads
+            .entry(partner.to_string())
+            .or_default()
+            .push_back(now);
+        Ok(())
+    }
+
+    /// Refuses, as [`Lists::take`] would, without taking: checked before an upload's records
+    /// are read or hashed.
+    pub fn check(
+        &mut self,
+        partner: &str,
+        max_versions: u32,
+        window_days: u32,
+        now: DateTime<Utc>,
+    ) -> Result<()> {
         let times = self.uploads.entry(partner.to_string()).or_default();
         let window = Duration::days(i64::from(window_days));
         while times.front().is_some_and(|t| *t + window <= now) {
@@ -55,7 +72,6 @@ impl Lists {
             ))
             .into());
         }
-        times.push_back(now);
         Ok(())
     }
 }
