@@ -122,6 +122,8 @@ enum Command {
         /// Fail the whole file on the first invalid record instead of skipping it.
         #[arg(long)]
         strict: bool,
+        #[command(flatten)]
+        tls: TlsArgs,
     },
     /// Partner: upload a customer list (raw, or tokens from `prep`) to a running service.
     UploadList {
@@ -140,6 +142,8 @@ enum Command {
         /// Upload as the retailer analyst on this partner's behalf (the token is the analyst's).
         #[arg(long)]
         on_behalf_of: Option<String>,
+        #[command(flatten)]
+        tls: TlsArgs,
     },
     /// Benchmark report: how much of the true answer survives each protection setting, on a
     /// generated dataset of any size (Markdown on stdout).
@@ -185,6 +189,37 @@ enum Command {
         #[arg(long)]
         contract: String,
     },
+}
+
+/// How a command-line client reaches a service over TLS.
+#[derive(clap::Args, Debug)]
+struct TlsArgs {
+    /// CA certificate (PEM) that the service's certificate must chain to; with it, the address
+    /// is https://.
+    #[arg(long, env = "CLEANROOM_CA")]
+    ca: Option<PathBuf>,
+    /// Client certificate (PEM), for mutual TLS.
+    #[arg(long, requires = "key")]
+    cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, requires = "cert")]
+    key: Option<PathBuf>,
+}
+
+/// Connects in plain text (loopback) or, with a CA, over TLS.
+async fn connect(addr: &str, tls: &TlsArgs) -> Result<cleanroom_client::Connection> {
+    match &tls.ca {
+        None if tls.cert.is_some() => bail!("--cert needs --ca"),
+        None => Ok(cleanroom_client::Connection::open(addr).await?),
+        Some(ca) => {
+            let config = cleanroom_client::ClientTls::from_files(
+                ca,
+                tls.cert.as_deref(),
+                tls.key.as_deref(),
+            )?;
+            Ok(cleanroom_client::Connection::open_tls(addr, &config).await?)
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -370,16 +405,21 @@ fn run(cli: Cli) -> Result<()> {
             addr,
             token,
             strict,
-        } => runtime()?.block_on(ingest(kind, &file, &addr, &token, strict)),
+            tls,
+        } => runtime()?.block_on(async {
+            let conn = connect(&addr, &tls).await?;
+            ingest(kind, &file, &conn, &token, strict).await
+        }),
         Command::UploadList {
             file,
             addr,
             token,
             strict,
             on_behalf_of,
+            tls,
         } => runtime()?.block_on(async {
             let records = cleanroom_client::read_list(&file)?;
-            let conn = cleanroom_client::Connection::open(&addr).await?;
+            let conn = connect(&addr, &tls).await?;
             let response = match on_behalf_of {
                 Some(partner) => {
                     let mut admin = conn.admin(&token)?;
@@ -437,11 +477,10 @@ fn run(cli: Cli) -> Result<()> {
 async fn ingest(
     kind: IngestKind,
     file: &Path,
-    addr: &str,
+    conn: &cleanroom_client::Connection,
     token: &str,
     strict: bool,
 ) -> Result<()> {
-    let conn = cleanroom_client::Connection::open(addr).await?;
     let mut admin = conn.admin(token)?;
     let header = cleanroom_proto::v1::IngestHeader {
         source: file

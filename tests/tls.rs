@@ -187,3 +187,44 @@ async fn without_tls_only_loopback_is_served() {
             .expect("a non-loopback address without TLS is refused");
     assert!(refused.to_string().contains("only loopback"), "{refused}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_command_line_clients_speak_tls_with_a_ca() {
+    let pki = ThrowawayPki::generate(&[]).unwrap();
+    let h = Harness::start_with(Setup {
+        tls: Some(pki.clone()),
+        ..Default::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    pki.write(dir.path()).unwrap();
+    let list = crate::util::sample_dir().join("partner_lists/sakura_foods.csv");
+    let upload = |ca: Option<&std::path::Path>| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_cleanroom"));
+        cmd.args(["upload-list", "--file"])
+            .arg(&list)
+            .args(["--addr", &format!("https://{}", h.addr())])
+            .env("CLEANROOM_TOKEN", sample::partner_token("sakura_foods"))
+            .env_remove("CLEANROOM_CA");
+        if let Some(ca) = ca {
+            cmd.arg("--ca").arg(ca);
+        }
+        cmd.output().unwrap()
+    };
+    let ok = upload(Some(&dir.path().join("ca.pem")));
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("list v2"));
+    let stranger = ThrowawayPki::generate(&[]).unwrap();
+    let other = tempfile::tempdir().unwrap();
+    stranger.write(other.path()).unwrap();
+    let refused = upload(Some(&other.path().join("ca.pem")));
+    assert!(
+        !refused.status.success(),
+        "a CA the service does not use is refused"
+    );
+    h.stop().await;
+}
