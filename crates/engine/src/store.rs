@@ -62,6 +62,10 @@ struct Manifest {
     /// Per partner: every list version's file, oldest first (kept so any result can be traced).
     lists: BTreeMap<String, Vec<String>>,
     next_file: u64,
+    /// Writes committed since the directory was created (manifests from before this counter
+    /// read 0): checked against the audit trail's records of writes at start-up.
+    #[serde(default)]
+    commits: u64,
 }
 
 impl Manifest {
@@ -94,12 +98,24 @@ pub struct Store {
     writer: Mutex<Manifest>,
     /// Earlier list versions read back from disk, by file name.
     list_cache: Mutex<BTreeMap<String, Arc<RecordBatch>>>,
+    /// Files no manifest named, removed at open (a crash between writing and committing).
+    collected: Vec<String>,
 }
 
 const MANIFEST: &str = "manifest.json";
 
 impl Store {
-    /// Opens (or creates) a data directory and loads the committed state.
+    /// Opens a data directory as its service: loads the committed state and removes the files no
+    /// manifest names (see [`Store::collected`]). Only the one service of a directory may do this.
+    pub fn open_for_service(dir: &Path) -> Result<Self> {
+        let mut store = Self::open(dir)?;
+        let manifest = store.writer.lock().expect("writer lock poisoned").clone();
+        store.collected = collect_orphans(dir, &manifest)?;
+        Ok(store)
+    }
+
+    /// Opens (or creates) a data directory and loads the committed state, changing nothing on
+    /// disk (for tools reading beside a running service).
     pub fn open(dir: &Path) -> Result<Self> {
         std::fs::create_dir_all(dir)?;
         let manifest_path = dir.join(MANIFEST);
@@ -142,7 +158,18 @@ impl Store {
             current: RwLock::new(Arc::new(snapshot)),
             writer: Mutex::new(manifest),
             list_cache: Mutex::new(BTreeMap::new()),
+            collected: Vec::new(),
         })
+    }
+
+    /// The files no manifest named that open removed.
+    pub fn collected(&self) -> &[String] {
+        &self.collected
+    }
+
+    /// Writes committed so far.
+    pub fn commits(&self) -> u64 {
+        self.writer.lock().expect("writer lock poisoned").commits
     }
 
     /// The current snapshot. Holding it keeps its data alive and unchanged.
@@ -183,6 +210,7 @@ impl Store {
             }
         };
         manifest.next_file = next_file;
+        manifest.commits += 1;
         snapshot.data_version = manifest.data_version();
         let bytes = serde_json::to_vec_pretty(&manifest)
             .map_err(|e| Error::Storage(format!("manifest: {e}")))?;
@@ -297,6 +325,32 @@ fn file_safe(id: &str) -> String {
             }
         })
         .collect()
+}
+
+/// Removes the data files (and temporary files) of `dir` that `manifest` does not name: what a
+/// crash between writing a file and committing the manifest leaves. Never visible, now gone.
+fn collect_orphans(dir: &Path, manifest: &Manifest) -> Result<Vec<String>> {
+    let named: std::collections::BTreeSet<&str> = manifest
+        .members
+        .iter()
+        .chain(manifest.member_tokens.values())
+        .chain(&manifest.purchases)
+        .chain(&manifest.consent)
+        .chain(manifest.lists.values().flatten())
+        .map(String::as_str)
+        .collect();
+    let mut collected = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let data_file = name.ends_with(".parquet") || name.ends_with(".tmp");
+        if data_file && entry.file_type()?.is_file() && !named.contains(name.as_str()) {
+            std::fs::remove_file(entry.path())?;
+            collected.push(name);
+        }
+    }
+    collected.sort();
+    Ok(collected)
 }
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {

@@ -163,7 +163,7 @@ impl App {
             fingerprint,
             config.allow_demo_tokens,
         )?;
-        let store = Store::open(&config.data_dir)?;
+        let store = Store::open_for_service(&config.data_dir)?;
         let audit_path = config.data_dir.join("audit.jsonl");
         // Budgets, list allowances and approvals survive restarts: all are in the audit trail.
         let (audit, history, torn_audit) =
@@ -193,6 +193,7 @@ impl App {
         let guard = Guard::open(&config.data_dir, &config.secret, &past)?;
         require_whole_ledger(&guard, &history)?;
         let review = crate::review::ReviewState::open(&config.data_dir, &history)?;
+        reconcile(&store, &audit, &history, config.clock.now())?;
         let torn: Vec<_> = torn_audit
             .into_iter()
             .chain(guard.recovered())
@@ -370,6 +371,63 @@ impl App {
         self.refused.lock().expect("reload lock poisoned").clear();
         Ok(Reload::Applied)
     }
+}
+
+/// The calls that commit a write to the store, as the audit trail names them.
+const WRITES: &[&str] = &[
+    "IngestMembers",
+    "IngestPurchases",
+    "IngestConsent",
+    "UploadList",
+    "IngestPartnerList",
+];
+
+/// Makes the trail account for the data directory: files no manifest named were removed, and a
+/// write committed whose record a crash lost (the store commits before the call's record is
+/// written) gets a record now. So after any crash no data is without a record.
+fn reconcile(
+    store: &Store,
+    audit: &AuditTrail,
+    history: &[crate::audit::Record],
+    now: DateTime<Utc>,
+) -> Result<()> {
+    let recorded = history
+        .iter()
+        .filter(|r| r.entry.outcome == "ok" && WRITES.contains(&r.entry.method.as_str()))
+        .count() as u64;
+    let recovered: u64 = history
+        .iter()
+        .filter_map(|r| match &r.entry.event {
+            Some(Event::Reconciled {
+                unrecorded_writes, ..
+            }) => Some(*unrecorded_writes),
+            _ => None,
+        })
+        .sum();
+    let unrecorded_writes = store.commits().saturating_sub(recorded + recovered);
+    let orphan_files = store.collected().to_vec();
+    if unrecorded_writes == 0 && orphan_files.is_empty() {
+        return Ok(());
+    }
+    tracing::warn!(
+        unrecorded_writes,
+        orphans = orphan_files.len(),
+        "data directory reconciled with the audit trail"
+    );
+    audit.append(
+        Entry {
+            principal: "service".into(),
+            method: "Reconcile".into(),
+            outcome: "ok".into(),
+            event: Some(Event::Reconciled {
+                orphan_files,
+                unrecorded_writes,
+            }),
+            ..Default::default()
+        },
+        now,
+    )?;
+    Ok(())
 }
 
 /// Fails closed when the guard's privacy ledger holds fewer charges than the audit trail records

@@ -85,6 +85,15 @@ pub enum Event {
         /// Bytes of the incomplete record dropped.
         dropped_bytes: u64,
     },
+    /// Start-up found the data directory ahead of its record: files no manifest named (removed),
+    /// or committed writes whose call records a crash lost (recorded here, so no data is without
+    /// a record).
+    Reconciled {
+        /// Data files removed because no manifest named them.
+        orphan_files: Vec<String>,
+        /// Committed writes the trail had no record of.
+        unrecorded_writes: u64,
+    },
     /// A configuration change that took effect.
     ConfigChange {
         /// The rules' digest before and after, when they changed.
@@ -136,6 +145,13 @@ impl Event {
             } => {
                 out.insert("file".into(), file.clone());
                 out.insert("dropped_bytes".into(), dropped_bytes.to_string());
+            }
+            Event::Reconciled {
+                orphan_files,
+                unrecorded_writes,
+            } => {
+                out.insert("orphan_files".into(), orphan_files.join(", "));
+                out.insert("unrecorded_writes".into(), unrecorded_writes.to_string());
             }
             Event::ConfigChange {
                 rules,
