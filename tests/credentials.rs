@@ -217,3 +217,40 @@ async fn each_principal_has_its_own_rate_limit() {
         .expect("another principal is not limited by Sakura's calls");
     h.stop().await;
 }
+
+/// Issue 9, item 5 (streams): a stream that sends its header and then stalls is cut once the
+/// call's time limit passes, instead of holding the service's resources open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_upload_stream_is_cut_at_the_call_time_limit() {
+    use cleanroom_proto::v1::{UploadListHeader, UploadListRequest, upload_list_request};
+    let mut rules = sample_rules();
+    rules.limits.call_timeout_seconds = 2;
+    let h = Harness::start_with(Setup {
+        rules,
+        load_sample: false,
+        approve: false,
+        ..Default::default()
+    })
+    .await;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(UploadListRequest {
+        kind: Some(upload_list_request::Kind::Header(UploadListHeader {
+            strict: false,
+        })),
+    })
+    .await
+    .unwrap();
+    let stalled = tokio_stream::wrappers::ReceiverStream::new(rx);
+    // The outer limit only keeps a broken build from hanging the suite; the service's own cut
+    // comes first.
+    let status = tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        h.partner("sakura_foods").upload_list(stalled),
+    )
+    .await
+    .expect("the service ends the call")
+    .unwrap_err();
+    assert_eq!(status.code(), Code::Cancelled, "{status:?}");
+    drop(tx);
+    h.stop().await;
+}

@@ -47,16 +47,33 @@ pub struct Limits {
     /// Calls one principal may make per minute (a sliding window).
     #[serde(default = "default_calls_per_minute")]
     pub calls_per_minute: u32,
+    /// The longest one call (a whole upload or ingest stream included) may take, in seconds:
+    /// a stalled stream is cut, not held open. Read when the service starts.
+    #[serde(default = "default_call_timeout_seconds")]
+    pub call_timeout_seconds: u32,
+    /// Calls in flight at once on one connection. Read when the service starts.
+    #[serde(default = "default_concurrent_calls_per_connection")]
+    pub concurrent_calls_per_connection: u32,
 }
 
 fn default_calls_per_minute() -> u32 {
     600
 }
 
+fn default_call_timeout_seconds() -> u32 {
+    600
+}
+
+fn default_concurrent_calls_per_connection() -> u32 {
+    16
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Self {
             calls_per_minute: default_calls_per_minute(),
+            call_timeout_seconds: default_call_timeout_seconds(),
+            concurrent_calls_per_connection: default_concurrent_calls_per_connection(),
         }
     }
 }
@@ -481,8 +498,12 @@ impl Rules {
                 ));
             }
         }
-        if self.limits.calls_per_minute == 0 {
-            return fail("limits.calls_per_minute must be at least 1".into());
+        let limits = &self.limits;
+        if limits.calls_per_minute == 0
+            || limits.call_timeout_seconds == 0
+            || limits.concurrent_calls_per_connection == 0
+        {
+            return fail("every value under [limits] must be at least 1".into());
         }
         let mut tokens = BTreeSet::new();
         for p in &self.principals {

@@ -597,7 +597,11 @@ pub async fn serve(
             }
         })
     });
-    let mut builder = tonic::transport::Server::builder();
+    let limits = app.live().rules.limits.clone();
+    let mut builder = tonic::transport::Server::builder()
+        .timeout(Duration::from_secs(u64::from(limits.call_timeout_seconds)))
+        .concurrency_limit_per_connection(limits.concurrent_calls_per_connection as usize)
+        .max_concurrent_streams(Some(limits.concurrent_calls_per_connection));
     if let Some(tls) = &tls {
         builder = builder
             .tls_config(tls.grpc())
