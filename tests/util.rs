@@ -225,8 +225,18 @@ impl Harness {
     }
 
     /// Restarts with the clock pinned to another instant.
-    pub async fn restart_at(mut self, now: chrono::DateTime<chrono::Utc>) -> Self {
+    pub async fn restart_at(self, now: chrono::DateTime<chrono::Utc>) -> Self {
+        self.relaunch(now, |_| {}).await
+    }
+
+    /// Stops the service, lets `damage` act on its data directory, and starts it again at `now`.
+    async fn relaunch(
+        mut self,
+        now: chrono::DateTime<chrono::Utc>,
+        damage: impl FnOnce(&Path),
+    ) -> Self {
         self.server.take().unwrap().stop().await.unwrap();
+        damage(self.data_dir.path());
         let (server, conn) = Self::serve(
             &self.rules,
             &self.queries,
@@ -281,21 +291,8 @@ impl Harness {
 
     /// Stops the service, lets `damage` act on its data directory (as a crash or an intruder
     /// would), and starts it again there.
-    pub async fn restart_after(mut self, damage: impl FnOnce(&Path)) -> Self {
-        self.server.take().unwrap().stop().await.unwrap();
-        damage(self.data_dir.path());
-        let (server, conn) = Self::serve(
-            &self.rules,
-            &self.queries,
-            self.sources.clone(),
-            self.tls.as_ref(),
-            self.data_dir.path(),
-            as_of(),
-        )
-        .await;
-        self.server = Some(server);
-        self.conn = conn;
-        self
+    pub async fn restart_after(self, damage: impl FnOnce(&Path)) -> Self {
+        self.relaunch(as_of(), damage).await
     }
 
     /// Stops the service and hands over its data directory.

@@ -137,7 +137,7 @@ pub struct App {
     /// Source of "now".
     pub clock: Arc<dyn Clock>,
     /// Each principal's recent calls, for the per-minute limit (kept across reloads).
-    calls: Mutex<std::collections::HashMap<String, std::collections::VecDeque<std::time::Instant>>>,
+    calls: crate::limit::PerMinute,
     /// Calls refused before authentication completed (never audited).
     unauthenticated: std::sync::atomic::AtomicU64,
     /// When the last line about them was logged.
@@ -227,7 +227,7 @@ impl App {
             sources: config.sources,
             allow_demo_tokens: config.allow_demo_tokens,
             refused: Mutex::new(String::new()),
-            calls: Mutex::new(std::collections::HashMap::new()),
+            calls: crate::limit::PerMinute::default(),
             unauthenticated: std::sync::atomic::AtomicU64::new(0),
             unauthenticated_logged: Mutex::new(None),
             guard,
@@ -261,21 +261,13 @@ impl App {
     ) -> Result<crate::auth::Principal> {
         let principal = live.auth.principal(request)?;
         let limit = live.rules.limits.calls_per_minute as usize;
-        let minute = Duration::from_secs(60);
-        let mut calls = self.calls.lock().expect("rate lock poisoned");
-        let recent = calls.entry(principal.name.clone()).or_default();
-        while recent.front().is_some_and(|t| t.elapsed() >= minute) {
-            recent.pop_front();
-        }
-        if recent.len() >= limit {
-            let wait = minute.saturating_sub(recent.front().map_or(minute, |t| t.elapsed()));
-            return Err(cleanroom_core::Error::Limit(format!(
-                "rate limit of {limit} calls per minute reached; retry in {} s",
-                wait.as_secs().max(1)
-            ))
-            .into());
-        }
-        recent.push_back(std::time::Instant::now());
+        self.calls
+            .admit(&principal.name, limit, true)
+            .map_err(|wait| {
+                cleanroom_core::Error::Limit(format!(
+                    "rate limit of {limit} calls per minute reached; retry in {wait} s"
+                ))
+            })?;
         Ok(principal)
     }
 

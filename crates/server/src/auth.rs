@@ -8,9 +8,8 @@
 //! - the demo form keeps the SHA-256 of a token of any length; `cleanroom serve` refuses it
 //!   unless told the deployment is a demo.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
 
 use argon2::Argon2;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
@@ -86,7 +85,7 @@ pub struct Authenticator {
     by_token_sha256: HashMap<String, Principal>,
     by_id: HashMap<String, (String, Principal)>,
     verified: Mutex<HashMap<String, Principal>>,
-    failures: Mutex<HashMap<String, VecDeque<Instant>>>,
+    failures: crate::limit::PerMinute,
 }
 
 impl Authenticator {
@@ -202,30 +201,18 @@ impl Authenticator {
 
     /// Refuses, without running Argon2, an id that failed too often in the last minute.
     fn limit_failures(&self, id: &str) -> Result<()> {
-        let mut failures = self.failures.lock().expect("auth lock poisoned");
-        let recent = failures.entry(id.to_string()).or_default();
-        let minute = Duration::from_secs(60);
-        while recent.front().is_some_and(|t| t.elapsed() >= minute) {
-            recent.pop_front();
-        }
-        if recent.len() >= MAX_FAILURES_PER_MINUTE {
-            let wait = minute.saturating_sub(recent.front().map_or(minute, |t| t.elapsed()));
-            return Err(cleanroom_core::Error::Limit(format!(
-                "too many failed tokens for this id; retry in {} s",
-                wait.as_secs().max(1)
-            ))
-            .into());
-        }
-        Ok(())
+        self.failures
+            .admit(id, MAX_FAILURES_PER_MINUTE, false)
+            .map_err(|wait| {
+                cleanroom_core::Error::Limit(format!(
+                    "too many failed tokens for this id; retry in {wait} s"
+                ))
+                .into()
+            })
     }
 
     fn record_failure(&self, id: &str) {
-        self.failures
-            .lock()
-            .expect("auth lock poisoned")
-            .entry(id.to_string())
-            .or_default()
-            .push_back(Instant::now());
+        self.failures.record(id);
     }
 }
 

@@ -11,6 +11,7 @@ pub mod app;
 pub mod audit;
 pub mod auth;
 pub mod error;
+mod limit;
 pub mod page;
 pub mod partner;
 pub mod results;
