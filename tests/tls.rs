@@ -228,3 +228,78 @@ async fn the_command_line_clients_speak_tls_with_a_ca() {
     );
     h.stop().await;
 }
+
+/// `cleanroom serve` on a non-loopback address, inside a network namespace this test makes
+/// (`unshare -rn`, a veth pair with 10.200.0.1): refused without TLS, served with it, and reached
+/// there by `cleanroom upload-list` trusting the CA.
+#[test]
+fn serve_on_a_non_loopback_address_needs_tls_and_works_with_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = ThrowawayPki::generate_for(&["10.200.0.1"], &[]).unwrap();
+    pki.write(dir.path()).unwrap();
+    let config = |name: &str, tls: bool| {
+        let mut text = format!(
+            "listen = \"10.200.0.1:50443\"\nreview_listen = \"10.200.0.1:50444\"\n\
+             data_dir = {:?}\nrules = {:?}\nqueries = {:?}\n",
+            dir.path()
+                .join(format!("data-{name}"))
+                .display()
+                .to_string(),
+            crate::util::sample_dir()
+                .join("rules.toml")
+                .display()
+                .to_string(),
+            crate::util::root().join("queries").display().to_string(),
+        );
+        if tls {
+            text.push_str(&format!(
+                "[tls]\ncert_file = {:?}\nkey_file = {:?}\n",
+                dir.path().join("server.pem").display().to_string(),
+                dir.path().join("server.key").display().to_string(),
+            ));
+        }
+        let path = dir.path().join(format!("{name}.toml"));
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let (plain, tls) = (config("plain", false), config("tls", true));
+    let script = r#"
+set -e
+ip link set lo up
+ip link add v0 type veth peer name v1
+ip addr add 10.200.0.1/24 dev v0
+ip link set v0 up
+ip link set v1 up
+if "$BIN" serve --allow-demo-tokens --config "$PLAIN" 2> "$DIR/plain.err"; then
+  echo "served without TLS"; exit 1
+fi
+grep -q "only loopback addresses are allowed without TLS" "$DIR/plain.err"
+"$BIN" serve --allow-demo-tokens --config "$TLS" 2> "$DIR/serve.err" &
+server=$!
+for i in $(seq 1 300); do grep -q "serving gRPC on https://10.200.0.1:50443" "$DIR/serve.err" && break; sleep 0.2; done
+"$BIN" upload-list --file "$LIST" --addr https://10.200.0.1:50443 --ca "$DIR/ca.pem"
+kill $server
+"#;
+    let out = std::process::Command::new("unshare")
+        .args(["-rn", "sh", "-c", script])
+        .env("BIN", env!("CARGO_BIN_EXE_cleanroom"))
+        .env("DIR", dir.path())
+        .env("PLAIN", &plain)
+        .env("TLS", &tls)
+        .env(
+            "LIST",
+            crate::util::sample_dir().join("partner_lists/sakura_foods.csv"),
+        )
+        .env("CLEANROOM_MASTER_SECRET", "00".repeat(32))
+        .env("CLEANROOM_TOKEN", sample::partner_token("sakura_foods"))
+        .output()
+        .expect("unshare runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        std::fs::read_to_string(dir.path().join("serve.err")).unwrap_or_default()
+    );
+    assert!(stdout.contains("list v1:"), "{stdout}");
+}

@@ -32,7 +32,7 @@ pub struct Issued {
 pub struct ThrowawayPki {
     /// The CA certificate (PEM): what clients trust and what the server checks clients against.
     pub ca_pem: String,
-    /// The server's certificate, for `localhost` and `127.0.0.1`.
+    /// The server's certificate.
     pub server: Issued,
     /// One client certificate per name given, in order.
     pub clients: Vec<(String, Issued)>,
@@ -68,8 +68,15 @@ fn issue(
 }
 
 impl ThrowawayPki {
-    /// A fresh CA, a server certificate and a client certificate for each of `clients`.
+    /// A fresh CA, a server certificate for `localhost` and `127.0.0.1`, and a client
+    /// certificate for each of `clients`.
     pub fn generate(clients: &[&str]) -> Result<Self> {
+        Self::generate_for(&["localhost", "127.0.0.1"], clients)
+    }
+
+    /// As [`ThrowawayPki::generate`], with the server certificate for `server_names` (DNS names
+    /// or IP addresses).
+    pub fn generate_for(server_names: &[&str], clients: &[&str]) -> Result<Self> {
         let mut params = CertificateParams::new(Vec::<String>::new()).map_err(pki_error)?;
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params
@@ -79,7 +86,7 @@ impl ThrowawayPki {
         let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().map_err(pki_error)?)
             .map_err(pki_error)?;
         let server = issue(
-            vec!["localhost".into(), "127.0.0.1".into()],
+            server_names.iter().map(|n| n.to_string()).collect(),
             "cleanroom",
             ExtendedKeyUsagePurpose::ServerAuth,
             &ca,
