@@ -254,3 +254,60 @@ async fn a_stalled_upload_stream_is_cut_at_the_call_time_limit() {
     drop(tx);
     h.stop().await;
 }
+
+/// Issue 9, item 3: each principal has its own limit of calls in flight, over all its
+/// connections. A stalled stream of Sakura's holds its one place: Sakura's next call is refused
+/// with RESOURCE_EXHAUSTED while Kumo's goes through, and the place returns when the stream ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_principal_has_its_own_calls_in_flight() {
+    use cleanroom_proto::v1::{UploadListHeader, UploadListRequest, upload_list_request};
+    let mut rules = sample_rules();
+    rules.limits.concurrent_calls_per_principal = 1;
+    let h = Harness::start_with(Setup {
+        rules,
+        ..Default::default()
+    })
+    .await;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(UploadListRequest {
+        kind: Some(upload_list_request::Kind::Header(UploadListHeader {
+            strict: false,
+        })),
+    })
+    .await
+    .unwrap();
+    let mut uploader = h.partner("sakura_foods");
+    let upload = tokio::spawn(async move {
+        uploader
+            .upload_list(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+    });
+    let list = || async {
+        h.partner("sakura_foods")
+            .list_queries(ListQueriesRequest {})
+            .await
+    };
+    let mut refused = None;
+    for _ in 0..100 {
+        match list().await {
+            Err(status) => {
+                refused = Some(status);
+                break;
+            }
+            Ok(_) => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
+        }
+    }
+    let refused = refused.expect("the stalled stream's place is held");
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(refused.message().contains("in flight"), "{refused:?}");
+    h.partner("kumo_denki")
+        .list_queries(ListQueriesRequest {})
+        .await
+        .expect("another principal is not held up");
+    drop(tx);
+    let _ = upload.await.unwrap();
+    list()
+        .await
+        .expect("the place is free once the stream ended");
+    h.stop().await;
+}

@@ -51,6 +51,9 @@ pub struct Limits {
     /// a stalled stream is cut, not held open. Read when the service starts.
     #[serde(default = "default_call_timeout_seconds")]
     pub call_timeout_seconds: u32,
+    /// Calls one principal may have in flight at once, over all its connections.
+    #[serde(default = "default_concurrent_calls_per_principal")]
+    pub concurrent_calls_per_principal: u32,
     /// Calls in flight at once on one connection. Read when the service starts.
     #[serde(default = "default_concurrent_calls_per_connection")]
     pub concurrent_calls_per_connection: u32,
@@ -64,6 +67,10 @@ fn default_call_timeout_seconds() -> u32 {
     600
 }
 
+fn default_concurrent_calls_per_principal() -> u32 {
+    8
+}
+
 fn default_concurrent_calls_per_connection() -> u32 {
     16
 }
@@ -73,6 +80,7 @@ impl Default for Limits {
         Self {
             calls_per_minute: default_calls_per_minute(),
             call_timeout_seconds: default_call_timeout_seconds(),
+            concurrent_calls_per_principal: default_concurrent_calls_per_principal(),
             concurrent_calls_per_connection: default_concurrent_calls_per_connection(),
         }
     }
@@ -501,6 +509,7 @@ impl Rules {
         let limits = &self.limits;
         if limits.calls_per_minute == 0
             || limits.call_timeout_seconds == 0
+            || limits.concurrent_calls_per_principal == 0
             || limits.concurrent_calls_per_connection == 0
         {
             return fail("every value under [limits] must be at least 1".into());

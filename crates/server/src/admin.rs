@@ -37,11 +37,19 @@ impl Audited for IngestSummary {
 }
 
 impl AdminApi {
-    fn analyst<T>(&self, request: &Request<T>, method: &str, entry: &mut Entry) -> Result<()> {
+    /// The caller, who must be an analyst; keep it for the whole call (it holds the call's
+    /// place among the principal's calls in flight).
+    fn analyst<T>(
+        &self,
+        request: &Request<T>,
+        method: &str,
+        entry: &mut Entry,
+    ) -> Result<crate::auth::Principal> {
         let principal = self.app.authenticate(&self.app.live(), request)?;
         entry.principal = principal.name.clone();
         entry.role = principal.role.as_str().to_string();
-        principal.require(Role::Analyst, method)
+        principal.require(Role::Analyst, method)?;
+        Ok(principal)
     }
 
     fn summary(report: ingest::IngestReport, consent_snapshot_id: String) -> IngestSummary {
@@ -68,7 +76,7 @@ impl AdminApi {
         request: Request<Streaming<IngestMembersRequest>>,
         entry: &mut Entry,
     ) -> Result<IngestSummary> {
-        self.analyst(&request, "IngestMembers", entry)?;
+        let _caller = self.analyst(&request, "IngestMembers", entry)?;
         let split = |m: IngestMembersRequest| match m.kind {
             Some(ingest_members_request::Kind::Header(h)) => Part::Header(h),
             Some(ingest_members_request::Kind::Chunk(c)) => Part::Chunk(c.records),
@@ -110,7 +118,7 @@ impl AdminApi {
         request: Request<Streaming<IngestPurchasesRequest>>,
         entry: &mut Entry,
     ) -> Result<IngestSummary> {
-        self.analyst(&request, "IngestPurchases", entry)?;
+        let _caller = self.analyst(&request, "IngestPurchases", entry)?;
         let split = |m: IngestPurchasesRequest| match m.kind {
             Some(ingest_purchases_request::Kind::Header(h)) => Part::Header(h),
             Some(ingest_purchases_request::Kind::Chunk(c)) => Part::Chunk(c.records),
@@ -152,7 +160,7 @@ impl AdminApi {
         request: Request<Streaming<IngestConsentRequest>>,
         entry: &mut Entry,
     ) -> Result<IngestSummary> {
-        self.analyst(&request, "IngestConsent", entry)?;
+        let _caller = self.analyst(&request, "IngestConsent", entry)?;
         let split = |m: IngestConsentRequest| match m.kind {
             Some(ingest_consent_request::Kind::Header(h)) => Part::Header(h),
             Some(ingest_consent_request::Kind::Chunk(c)) => Part::Chunk(c.records),
@@ -196,7 +204,7 @@ impl AdminApi {
         request: Request<Streaming<IngestPartnerListRequest>>,
         entry: &mut Entry,
     ) -> Result<UploadListResponse> {
-        self.analyst(&request, "IngestPartnerList", entry)?;
+        let _caller = self.analyst(&request, "IngestPartnerList", entry)?;
         let split = |m: IngestPartnerListRequest| match m.kind {
             Some(ingest_partner_list_request::Kind::Header(h)) => Part::Header(h),
             Some(ingest_partner_list_request::Kind::Chunk(c)) => Part::Chunk(c.records),

@@ -138,6 +138,8 @@ pub struct App {
     pub clock: Arc<dyn Clock>,
     /// Each principal's recent calls, for the per-minute limit (kept across reloads).
     calls: crate::limit::PerMinute,
+    /// Each principal's calls in flight.
+    in_flight: Arc<crate::limit::InFlight>,
     /// Calls refused before authentication completed (never audited).
     unauthenticated: std::sync::atomic::AtomicU64,
     /// When the last line about them was logged.
@@ -228,6 +230,7 @@ impl App {
             allow_demo_tokens: config.allow_demo_tokens,
             refused: Mutex::new(String::new()),
             calls: crate::limit::PerMinute::default(),
+            in_flight: Arc::default(),
             unauthenticated: std::sync::atomic::AtomicU64::new(0),
             unauthenticated_logged: Mutex::new(None),
             guard,
@@ -252,8 +255,9 @@ impl App {
         self.clock.now().with_timezone(&offset).date_naive()
     }
 
-    /// The caller of `request` under the configuration `live`, within its per-minute limit:
-    /// authentication and the limit are one step, before any work on the request.
+    /// The caller of `request` under the configuration `live`, within its per-minute limit and
+    /// its calls in flight: authentication and the limits are one step, before any work on the
+    /// request. The returned principal holds the call's place; handlers keep it to the end.
     pub fn authenticate<T>(
         &self,
         live: &Live,
@@ -268,7 +272,14 @@ impl App {
                     "rate limit of {limit} calls per minute reached; retry in {wait} s"
                 ))
             })?;
-        Ok(principal)
+        let most = live.rules.limits.concurrent_calls_per_principal as usize;
+        let slot = self.in_flight.enter(&principal.name, most).ok_or_else(|| {
+            cleanroom_core::Error::Limit(format!(
+                "{most} calls of yours are already in flight; retry when one has ended"
+            ))
+        })?;
+        // The place is held for as long as the handler holds the principal.
+        Ok(principal.holding(slot))
     }
 
     /// Calls refused before authentication since start-up.

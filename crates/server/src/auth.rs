@@ -27,7 +27,7 @@ const MINTED_PREFIX: &str = "cr1";
 const MAX_FAILURES_PER_MINUTE: usize = 10;
 
 /// Who is calling.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Principal {
     /// Name, for the audit trail.
     pub name: String,
@@ -37,7 +37,27 @@ pub struct Principal {
     pub partner: Option<String>,
     /// The client certificate (SHA-256 of its DER) the caller must present, if bound to one.
     client_cert_sha256: Option<String>,
+    /// The call's place among the principal's calls in flight, held while the principal is.
+    slot: Option<std::sync::Arc<crate::limit::CallSlot>>,
 }
+
+impl PartialEq for Principal {
+    fn eq(&self, other: &Self) -> bool {
+        (
+            &self.name,
+            self.role,
+            &self.partner,
+            &self.client_cert_sha256,
+        ) == (
+            &other.name,
+            other.role,
+            &other.partner,
+            &other.client_cert_sha256,
+        )
+    }
+}
+
+impl Eq for Principal {}
 
 /// The SHA-256 (hex) of a bearer token, as the demo form of the rules stores it.
 pub fn token_sha256(token: &str) -> String {
@@ -99,6 +119,7 @@ impl Authenticator {
                 role: p.role,
                 partner: p.partner.clone(),
                 client_cert_sha256: p.client_cert_sha256.clone(),
+                slot: None,
             };
             match (&p.token_id, &p.token_hash, &p.token_sha256) {
                 (Some(id), Some(hash), _) => {
@@ -217,6 +238,12 @@ impl Authenticator {
 }
 
 impl Principal {
+    /// The principal holding `slot` for as long as it (or a clone) lives.
+    pub(crate) fn holding(mut self, slot: crate::limit::CallSlot) -> Self {
+        self.slot = Some(std::sync::Arc::new(slot));
+        self
+    }
+
     /// Refuses a principal whose role is not `role`.
     pub fn require(&self, role: Role, method: &str) -> Result<()> {
         if self.role == role {

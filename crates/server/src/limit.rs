@@ -41,3 +41,39 @@ impl PerMinute {
             .push_back(Instant::now());
     }
 }
+
+/// Calls in flight, per key.
+#[derive(Debug, Default)]
+pub(crate) struct InFlight(Mutex<HashMap<String, usize>>);
+
+/// One call in flight; leaving it (dropping) frees its place.
+#[derive(Debug)]
+pub struct CallSlot {
+    owner: std::sync::Arc<InFlight>,
+    key: String,
+}
+
+impl InFlight {
+    /// A place for one more call of `key`, if it has fewer than `limit` in flight.
+    pub fn enter(self: &std::sync::Arc<Self>, key: &str, limit: usize) -> Option<CallSlot> {
+        let mut counts = self.0.lock().expect("limit lock poisoned");
+        let count = counts.entry(key.to_string()).or_default();
+        if *count >= limit {
+            return None;
+        }
+        *count += 1;
+        Some(CallSlot {
+            owner: std::sync::Arc::clone(self),
+            key: key.to_string(),
+        })
+    }
+}
+
+impl Drop for CallSlot {
+    fn drop(&mut self) {
+        let mut counts = self.owner.0.lock().expect("limit lock poisoned");
+        if let Some(count) = counts.get_mut(&self.key) {
+            *count = count.saturating_sub(1);
+        }
+    }
+}

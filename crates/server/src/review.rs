@@ -677,7 +677,7 @@ impl LegalApi {
         entry: &mut Entry,
     ) -> Result<AuditPage> {
         let live = self.app.live();
-        self.reviewer(&request, &live, "ListAudit", false, entry)?;
+        let _caller = self.reviewer(&request, &live, "ListAudit", false, entry)?;
         let filter = request.into_inner();
         let records = crate::audit::read(self.app.audit.path())?;
         let chain_intact = self.app.audit.verify_records(&records).is_ok();
