@@ -222,7 +222,6 @@ async fn each_principal_has_its_own_rate_limit() {
 /// call's time limit passes, instead of holding the service's resources open.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_upload_stream_is_cut_at_the_call_time_limit() {
-    use cleanroom_proto::v1::{UploadListHeader, UploadListRequest, upload_list_request};
     let mut rules = sample_rules();
     rules.limits.call_timeout_seconds = 2;
     let h = Harness::start_with(Setup {
@@ -232,15 +231,7 @@ async fn a_stalled_upload_stream_is_cut_at_the_call_time_limit() {
         ..Default::default()
     })
     .await;
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(UploadListRequest {
-        kind: Some(upload_list_request::Kind::Header(UploadListHeader {
-            strict: false,
-        })),
-    })
-    .await
-    .unwrap();
-    let stalled = tokio_stream::wrappers::ReceiverStream::new(rx);
+    let (tx, stalled) = stalled_upload().await;
     // The outer limit only keeps a broken build from hanging the suite; the service's own cut
     // comes first.
     let status = tokio::time::timeout(
@@ -260,7 +251,6 @@ async fn a_stalled_upload_stream_is_cut_at_the_call_time_limit() {
 /// with RESOURCE_EXHAUSTED while Kumo's goes through, and the place returns when the stream ends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_principal_has_its_own_calls_in_flight() {
-    use cleanroom_proto::v1::{UploadListHeader, UploadListRequest, upload_list_request};
     let mut rules = sample_rules();
     rules.limits.concurrent_calls_per_principal = 1;
     let h = Harness::start_with(Setup {
@@ -268,20 +258,9 @@ async fn each_principal_has_its_own_calls_in_flight() {
         ..Default::default()
     })
     .await;
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(UploadListRequest {
-        kind: Some(upload_list_request::Kind::Header(UploadListHeader {
-            strict: false,
-        })),
-    })
-    .await
-    .unwrap();
+    let (tx, stalled) = stalled_upload().await;
     let mut uploader = h.partner("sakura_foods");
-    let upload = tokio::spawn(async move {
-        uploader
-            .upload_list(tokio_stream::wrappers::ReceiverStream::new(rx))
-            .await
-    });
+    let upload = tokio::spawn(async move { uploader.upload_list(stalled).await });
     let list = || async {
         h.partner("sakura_foods")
             .list_queries(ListQueriesRequest {})
@@ -310,4 +289,21 @@ async fn each_principal_has_its_own_calls_in_flight() {
         .await
         .expect("the place is free once the stream ended");
     h.stop().await;
+}
+
+/// An upload stream that sends its header and then nothing, until the returned sender drops.
+async fn stalled_upload() -> (
+    tokio::sync::mpsc::Sender<cleanroom_proto::v1::UploadListRequest>,
+    tokio_stream::wrappers::ReceiverStream<cleanroom_proto::v1::UploadListRequest>,
+) {
+    use cleanroom_proto::v1::{UploadListHeader, UploadListRequest, upload_list_request};
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(UploadListRequest {
+        kind: Some(upload_list_request::Kind::Header(UploadListHeader {
+            strict: false,
+        })),
+    })
+    .await
+    .unwrap();
+    (tx, tokio_stream::wrappers::ReceiverStream::new(rx))
 }

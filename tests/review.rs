@@ -84,6 +84,20 @@ async fn review_of(h: &Harness, id: &str) -> QueryReview {
         .unwrap_or_else(|| panic!("{id} is not in the allow-list"))
 }
 
+/// The approval state of `id` as Sakura Foods reads it in ListQueries.
+async fn approval_word(h: &Harness, id: &str) -> String {
+    h.partner("sakura_foods")
+        .list_queries(ListQueriesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .queries
+        .into_iter()
+        .find(|q| q.id == id)
+        .unwrap()
+        .approval
+}
+
 /// Polls until `done` holds (the service looks for edits every 100 ms in these tests).
 async fn eventually<F, Fut>(what: &str, mut done: F)
 where
@@ -146,15 +160,9 @@ async fn an_edited_query_is_refused_until_legal_approves_it_again() {
         "{}",
         status.message()
     );
-    let listed = h
-        .partner("sakura_foods")
-        .list_queries(ListQueriesRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    let summary = listed.queries.iter().find(|q| q.id == id).unwrap();
     assert_eq!(
-        summary.approval, "pending",
+        approval_word(&h, id).await,
+        "pending",
         "a fixed word, nothing of the review"
     );
 
@@ -280,14 +288,7 @@ async fn rejected_and_expired_approvals_stop_a_query() {
         "{}",
         status.message()
     );
-    let listed = h
-        .partner("sakura_foods")
-        .list_queries(ListQueriesRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    let summary = listed.queries.iter().find(|q| q.id == id).unwrap();
-    assert_eq!(summary.approval, "withdrawn");
+    assert_eq!(approval_word(&h, id).await, "withdrawn");
 
     // An approval with a past last day is refused; one that ends today holds today only.
     let approve = |expires: &str| ApproveQueryRequest {

@@ -416,14 +416,20 @@ impl Guard {
     /// Refuses an upload the partner's list allowance would refuse, before any of its records
     /// is read or hashed; [`Guard::store_list`] takes the allowance when it stores.
     pub fn check_list_allowance(&self, partner: &AdmittedPartner<'_>) -> Result<()> {
+        self.list_allowance(partner, false)
+    }
+
+    /// The contract in force and the list allowance: checked, and with `take` also taken.
+    fn list_allowance(&self, partner: &AdmittedPartner<'_>, take: bool) -> Result<()> {
         partner.require_in_force()?;
         let protection = &partner.contract.protection;
-        self.lists.lock().expect("list ledger lock poisoned").check(
-            partner.partner,
-            protection.max_list_versions,
-            protection.list_window_days,
-            partner.now,
-        )
+        let mut lists = self.lists.lock().expect("list ledger lock poisoned");
+        let (max, days) = (protection.max_list_versions, protection.list_window_days);
+        if take {
+            lists.take(partner.partner, max, days, partner.now)
+        } else {
+            lists.check(partner.partner, max, days, partner.now)
+        }
     }
 
     /// The torn last records cut from the guard's files at open (for the audit trail).
@@ -440,16 +446,10 @@ impl Guard {
     /// Admits and stores a new version of a partner's list, within the upload allowance. Nothing
     /// about the members it matches is decided or shown here. Returns the new version number.
     pub fn store_list(&self, upload: ListUpload<'_>) -> Result<u32> {
-        let partner = upload.partner;
-        partner.require_in_force()?;
-        let protection = &partner.contract.protection;
-        self.lists.lock().expect("list ledger lock poisoned").take(
-            partner.partner,
-            protection.max_list_versions,
-            protection.list_window_days,
-            partner.now,
-        )?;
-        upload.store.append_list(partner.partner, upload.tokens)
+        self.list_allowance(&upload.partner, true)?;
+        upload
+            .store
+            .append_list(upload.partner.partner, upload.tokens)
     }
 
     /// Answers one query. This is the only function that releases query results.
