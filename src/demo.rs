@@ -88,8 +88,7 @@ pub async fn run(options: DemoOptions<'_>) -> Result<()> {
         })
         .transpose()?;
     let scheme = if pki.is_some() { "https" } else { "http" };
-    let server =
-        cleanroom_server::app::spawn_with_tls(app, listen, review_listen, server_tls).await?;
+    let server = cleanroom_server::spawn_with_tls(app, listen, review_listen, server_tls).await?;
     println!(
         "clean room listening on {scheme}://{} (throwaway data dir, random master secret)",
         server.addr

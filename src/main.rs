@@ -620,7 +620,7 @@ async fn serve(settings: settings::Settings, allow_demo_tokens: bool) -> Result<
     let app = cleanroom_server::App::new(settings.app_config(allow_demo_tokens)?)?;
     let listen: std::net::SocketAddr = settings.listen.parse()?;
     let running =
-        cleanroom_server::app::spawn_with_tls(app, listen, settings.review_addr()?, tls).await?;
+        cleanroom_server::spawn_with_tls(app, listen, settings.review_addr()?, tls).await?;
     eprintln!("cleanroom serving gRPC on {scheme}://{}", running.addr);
     eprintln!("review page on {scheme}://{}/", running.review_addr);
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

@@ -219,16 +219,22 @@ pub fn validate(
             let snapshot = store.snapshot();
             let ids: BTreeSet<&String> = old.contracts.keys().chain(new.contracts.keys()).collect();
             for id in ids {
-                let count = |rules: &Rules| -> Option<(usize, Option<usize>)> {
-                    let contract = rules.contracts.get(id)?;
-                    let requirement = requirement(rules, &contract.purpose)?;
-                    Some(cleanroom_engine::consent_counts(
+                let count = |rules: &Rules| -> Result<Option<(usize, Option<usize>)>> {
+                    let Some(contract) = rules.contracts.get(id) else {
+                        return Ok(None);
+                    };
+                    let Some(requirement) = requirement(rules, &contract.purpose) else {
+                        return Ok(None);
+                    };
+                    let counts = cleanroom_engine::consent_counts(
                         &snapshot,
                         id,
                         contract,
                         &requirement,
                         now,
-                    ))
+                    )
+                    .context("reading a partner's list")?;
+                    Ok(Some(counts))
                 };
                 let show = |c: Option<(usize, Option<usize>)>| match c {
                     None => "no contract".to_string(),
@@ -237,7 +243,7 @@ pub fn validate(
                         format!("{all} consenting, {listed} of them in the partner's list")
                     }
                 };
-                let (b, a) = (count(&old), count(&new));
+                let (b, a) = (count(&old)?, count(&new)?);
                 let marker = if b == a { "unchanged" } else { "changes" };
                 consent.push(format!("{id}: {} -> {} ({marker})", show(b), show(a)));
             }

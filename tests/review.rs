@@ -585,7 +585,7 @@ async fn config_health(h: &Harness) -> i32 {
         .unwrap();
     tonic_health::pb::health_client::HealthClient::new(channel)
         .check(tonic_health::pb::HealthCheckRequest {
-            service: cleanroom_server::app::CONFIG_HEALTH.into(),
+            service: cleanroom_server::CONFIG_HEALTH.into(),
         })
         .await
         .unwrap()

@@ -180,11 +180,10 @@ async fn the_review_page_is_served_over_https_only() {
 async fn without_tls_only_loopback_is_served() {
     let dir = tempfile::tempdir().unwrap();
     let everywhere = std::net::SocketAddr::from(([0, 0, 0, 0], 0));
-    let refused =
-        cleanroom_server::app::spawn_with_page(bare_app(dir.path()), everywhere, everywhere)
-            .await
-            .err()
-            .expect("a non-loopback address without TLS is refused");
+    let refused = cleanroom_server::spawn_with_page(bare_app(dir.path()), everywhere, everywhere)
+        .await
+        .err()
+        .expect("a non-loopback address without TLS is refused");
     assert!(refused.to_string().contains("only loopback"), "{refused}");
 }
 

@@ -208,7 +208,7 @@ impl Harness {
             Some(pki.ca_pem.as_bytes()),
         )
         .unwrap();
-        let server = cleanroom_server::app::spawn_with_tls(app, any, any, Some(server_tls))
+        let server = cleanroom_server::spawn_with_tls(app, any, any, Some(server_tls))
             .await
             .unwrap();
         let first = pki.clients.first().map(|(name, _)| name.as_str());

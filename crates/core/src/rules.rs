@@ -57,6 +57,20 @@ pub struct Limits {
     /// Calls in flight at once on one connection. Read when the service starts.
     #[serde(default = "default_concurrent_calls_per_connection")]
     pub concurrent_calls_per_connection: u32,
+    /// The most bytes one upload or ingest stream may carry, over all its messages.
+    #[serde(default = "default_max_stream_bytes")]
+    pub max_stream_bytes: u64,
+    /// The longest an upload or ingest stream may go without sending a message, in seconds.
+    #[serde(default = "default_stream_idle_seconds")]
+    pub stream_idle_seconds: u32,
+}
+
+fn default_max_stream_bytes() -> u64 {
+    1 << 30
+}
+
+fn default_stream_idle_seconds() -> u32 {
+    60
 }
 
 fn default_calls_per_minute() -> u32 {
@@ -82,6 +96,8 @@ impl Default for Limits {
             call_timeout_seconds: default_call_timeout_seconds(),
             concurrent_calls_per_principal: default_concurrent_calls_per_principal(),
             concurrent_calls_per_connection: default_concurrent_calls_per_connection(),
+            max_stream_bytes: default_max_stream_bytes(),
+            stream_idle_seconds: default_stream_idle_seconds(),
         }
     }
 }
@@ -511,6 +527,8 @@ impl Rules {
             || limits.call_timeout_seconds == 0
             || limits.concurrent_calls_per_principal == 0
             || limits.concurrent_calls_per_connection == 0
+            || limits.max_stream_bytes == 0
+            || limits.stream_idle_seconds == 0
         {
             return fail("every value under [limits] must be at least 1".into());
         }

@@ -44,7 +44,7 @@ use datafusion::common::{ParamValues, ScalarValue};
 use datafusion::prelude::SessionContext;
 use sha2::{Digest, Sha256};
 
-use crate::store::{Snapshot, Store};
+use crate::store::{Snapshot, Staging, Store};
 use crate::views::{self, SafeViews};
 use crate::{Error, Result};
 
@@ -256,8 +256,8 @@ impl Answer {
 pub struct ListUpload<'a> {
     /// The partner, admitted under its contract.
     pub partner: AdmittedPartner<'a>,
-    /// The hashed list (`ingest::tokens_schema` rows).
-    pub tokens: RecordBatch,
+    /// The hashed list, staged (`ingest::tokens_schema(true)` rows).
+    pub list: Staging,
     /// Where lists are kept.
     pub store: &'a Store,
 }
@@ -449,7 +449,7 @@ impl Guard {
         self.list_allowance(&upload.partner, true)?;
         upload
             .store
-            .append_list(upload.partner.partner, upload.tokens)
+            .commit_list(upload.partner.partner, upload.list)
     }
 
     /// Answers one query. This is the only function that releases query results.
@@ -630,8 +630,7 @@ impl Guard {
             min_notice_version: purpose.min_notice_version,
             grant_valid_days: purpose.grant_valid_days,
         };
-        let matched =
-            views::matched_members(request.snapshot, request.contract_id, &question.list.tokens);
+        let matched = views::matched_members(request.snapshot, request.contract_id, question.list)?;
         let eligible = views::consented(
             request.snapshot,
             &matched,

@@ -2,10 +2,14 @@
 //! are normalized and keyed per collaboration, member ids become keyed pseudonyms, birth dates
 //! become age bands, and every other direct identifier is dropped here, before anything is stored.
 //!
+//! An ingest reads its stream a chunk at a time: each chunk is checked, hashed and built into Arrow
+//! rows, which leave for the store's staging area ([`Sink`]) a batch at a time, so an ingest's
+//! working memory does not grow with its length.
+//!
 //! A record that breaks a rule is either skipped and counted by reason, or, in strict mode, fails
-//! the whole batch. Reasons are fixed phrases that never contain the record's values.
+//! the whole ingest. Reasons are fixed phrases that never contain the record's values.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
 use chrono::{DateTime, NaiveDate, Utc};
@@ -13,10 +17,10 @@ use cleanroom_core::consent::Action;
 use cleanroom_core::generalize;
 use cleanroom_core::normalize::{self, Rejection};
 use cleanroom_core::rules::{Partner, Rules};
-use cleanroom_core::token::{CollaborationKey, MasterSecret, Token};
+use cleanroom_core::token::{CollaborationKey, MasterSecret, PseudonymKey, Token};
 use datafusion::arrow::array::{
-    ArrayRef, FixedSizeBinaryBuilder, Int64Builder, StringBuilder, TimestampMicrosecondBuilder,
-    UInt32Builder,
+    ArrayBuilder, ArrayRef, FixedSizeBinaryBuilder, Int64Builder, StringBuilder,
+    TimestampMicrosecondBuilder, UInt32Builder,
 };
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use datafusion::arrow::record_batch::RecordBatch;
@@ -180,6 +184,68 @@ fn parse_time(text: &str) -> Option<DateTime<Utc>> {
         .map(|t| t.with_timezone(&Utc))
 }
 
+/// Rows per Arrow batch (and per Parquet row group) while a stream is ingested. With the size of
+/// the chunks a stream arrives in, this bounds an ingest's working memory whatever its length.
+pub const BATCH_ROWS: usize = 65_536;
+
+/// A table an ingest writes.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Table {
+    /// The member table, replaced whole by a member ingest.
+    Members,
+    /// One collaboration's member tokens, by contract id.
+    MemberTokens(String),
+    /// Purchases.
+    Purchases,
+    /// Consent events.
+    Consent,
+    /// A partner's customer list.
+    List,
+}
+
+/// Where an ingest's rows go as they are built, one batch at a time: the store's staging area
+/// ([`crate::store::Staging`]). Nothing written here is visible until the store commits it.
+pub trait Sink {
+    /// Takes the next batch of `table`'s rows.
+    fn write(&mut self, table: &Table, batch: RecordBatch) -> Result<()>;
+}
+
+/// A stream being ingested: chunks of records in, Arrow rows out to a [`Sink`].
+pub trait Ingest: Send {
+    /// One record as this ingest takes it.
+    type Input;
+
+    /// Ingests the next chunk of records.
+    fn push(&mut self, records: Vec<Self::Input>, sink: &mut dyn Sink) -> Result<()>;
+
+    /// Writes what is left and reports what happened to the records.
+    fn finish(self, sink: &mut dyn Sink) -> Result<IngestReport>;
+}
+
+/// The Arrow builders of one table: rows gather here and leave as one batch.
+trait Rows {
+    fn len(&self) -> usize;
+    fn take(&mut self) -> Result<RecordBatch>;
+}
+
+/// Hands a full batch of `rows` to `sink`; with `rest`, whatever is left, even nothing, so that
+/// every table an ingest writes gets its file.
+fn flush(rows: &mut dyn Rows, table: &Table, sink: &mut dyn Sink, rest: bool) -> Result<()> {
+    if rest || rows.len() >= BATCH_ROWS {
+        sink.write(table, rows.take()?)?;
+    }
+    Ok(())
+}
+
+impl IngestReport {
+    /// Counts one more record received and returns its index in the stream, so that a strict
+    /// error names the record by its place in the whole stream, not in its chunk.
+    fn next_index(&mut self) -> usize {
+        self.received += 1;
+        usize::try_from(self.received - 1).unwrap_or(usize::MAX)
+    }
+}
+
 /// Tokens of one identifier pair under every collaboration key, in a fixed order.
 struct TokenBuilder {
     owner: Int64Builder,
@@ -207,9 +273,14 @@ impl TokenBuilder {
         }
         Ok(())
     }
+}
 
-    fn finish(mut self) -> Result<RecordBatch> {
-        let with_attribute = self.attribute.is_some();
+impl Rows for TokenBuilder {
+    fn len(&self) -> usize {
+        self.owner.len()
+    }
+
+    fn take(&mut self) -> Result<RecordBatch> {
         let mut columns: Vec<ArrayRef> = vec![
             Arc::new(self.owner.finish()),
             Arc::new(self.version.finish()),
@@ -219,60 +290,114 @@ impl TokenBuilder {
             columns.push(Arc::new(builder.finish()));
         }
         Ok(RecordBatch::try_new(
-            tokens_schema(with_attribute),
+            tokens_schema(self.attribute.is_some()),
             columns,
         )?)
     }
 }
 
-/// The result of a member ingest: the member table and, per collaboration, the member tokens.
-pub struct MemberTables {
-    /// `members_schema()` rows.
-    pub members: RecordBatch,
-    /// Member tokens by collaboration (contract) id.
-    pub tokens: BTreeMap<String, RecordBatch>,
-    /// What happened to the records.
-    pub report: IngestReport,
+/// Rows of the member table.
+#[derive(Default)]
+struct MemberRows {
+    key: Int64Builder,
+    age_band: StringBuilder,
+    prefecture: StringBuilder,
+    gender: StringBuilder,
 }
 
-/// Builds the member table and each collaboration's member tokens. A member without any usable
-/// identifier is still kept (it may buy and consent) but can never be matched.
-pub fn members(
-    records: &[MemberInput],
-    rules: &Rules,
-    secret: &MasterSecret,
+impl Rows for MemberRows {
+    fn len(&self) -> usize {
+        self.key.len()
+    }
+
+    fn take(&mut self) -> Result<RecordBatch> {
+        Ok(RecordBatch::try_new(
+            members_schema(),
+            vec![
+                Arc::new(self.key.finish()),
+                Arc::new(self.age_band.finish()),
+                Arc::new(self.prefecture.finish()),
+                Arc::new(self.gender.finish()),
+            ],
+        )?)
+    }
+}
+
+/// A member export being ingested: the member table and each collaboration's member tokens. A
+/// member without any usable identifier is still kept (it may buy and consent) but can never be
+/// matched.
+pub struct MembersIngest {
+    pseudonyms: PseudonymKey,
+    keys: Vec<(Table, CollaborationKey, TokenBuilder)>,
     as_of: NaiveDate,
     strict: bool,
-) -> Result<MemberTables> {
-    let pseudonyms = secret.pseudonym_key();
-    let keys: Vec<(&String, CollaborationKey)> = rules
-        .contracts
-        .iter()
-        .map(|(id, c)| (id, secret.collaboration_key(id, c.key_version)))
-        .collect();
-    let mut report = IngestReport::default();
-    let mut key_col = Int64Builder::new();
-    let mut age_col = StringBuilder::new();
-    let mut pref_col = StringBuilder::new();
-    let mut gender_col = StringBuilder::new();
-    let mut token_builders: Vec<TokenBuilder> =
-        keys.iter().map(|_| TokenBuilder::new(false)).collect();
-    let mut seen = std::collections::HashSet::new();
+    rows: MemberRows,
+    /// Member pseudonyms seen so far (8 bytes a member), to refuse duplicates across chunks.
+    seen: HashSet<i64>,
+    report: IngestReport,
+}
 
-    for (index, record) in records.iter().enumerate() {
-        report.received += 1;
+impl Ingest for MembersIngest {
+    type Input = MemberInput;
+
+    fn push(&mut self, records: Vec<MemberInput>, sink: &mut dyn Sink) -> Result<()> {
+        for record in records {
+            let index = self.report.next_index();
+            self.member(index, &record)?;
+        }
+        flush(&mut self.rows, &Table::Members, sink, false)?;
+        for (table, _, tokens) in &mut self.keys {
+            flush(tokens, table, sink, false)?;
+        }
+        Ok(())
+    }
+
+    fn finish(mut self, sink: &mut dyn Sink) -> Result<IngestReport> {
+        flush(&mut self.rows, &Table::Members, sink, true)?;
+        for (table, _, tokens) in &mut self.keys {
+            flush(tokens, table, sink, true)?;
+        }
+        Ok(self.report)
+    }
+}
+
+impl MembersIngest {
+    /// Starts an ingest under the rules' collaborations; ages are taken on `as_of`.
+    pub fn new(rules: &Rules, secret: &MasterSecret, as_of: NaiveDate, strict: bool) -> Self {
+        Self {
+            pseudonyms: secret.pseudonym_key(),
+            keys: rules
+                .contracts
+                .iter()
+                .map(|(id, c)| {
+                    (
+                        Table::MemberTokens(id.clone()),
+                        secret.collaboration_key(id, c.key_version),
+                        TokenBuilder::new(false),
+                    )
+                })
+                .collect(),
+            as_of,
+            strict,
+            rows: MemberRows::default(),
+            seen: HashSet::new(),
+            report: IngestReport::default(),
+        }
+    }
+
+    fn member(&mut self, index: usize, record: &MemberInput) -> Result<()> {
+        let strict = self.strict;
         if record.member_id.trim().is_empty() {
-            report.reject(index, "member_id: empty", strict)?;
-            continue;
+            return self.report.reject(index, "member_id: empty", strict);
         }
         let Some(prefecture) = generalize::prefecture(&record.prefecture) else {
-            report.reject(index, "prefecture: not a Japanese prefecture", strict)?;
-            continue;
+            return self
+                .report
+                .reject(index, "prefecture: not a Japanese prefecture", strict);
         };
-        let member_key = pseudonyms.pseudonym(&record.member_id);
-        if !seen.insert(member_key) {
-            report.reject(index, "member_id: duplicate", strict)?;
-            continue;
+        let member_key = self.pseudonyms.pseudonym(&record.member_id);
+        if !self.seen.insert(member_key) {
+            return self.report.reject(index, "member_id: duplicate", strict);
         }
         let mut identifiers = Vec::with_capacity(2);
         for (raw, normalize) in [
@@ -288,126 +413,239 @@ pub fn members(
             match normalize(raw) {
                 Ok(normalized) => identifiers.push(normalized),
                 // The member stays; only the bad identifier is dropped, and counted.
-                Err(reason) => report.reject(index, reason.0, strict)?,
+                Err(reason) => self.report.reject(index, reason.0, strict)?,
             }
         }
-        for ((_, key), builder) in keys.iter().zip(token_builders.iter_mut()) {
+        for (_, key, tokens) in &mut self.keys {
             for id in &identifiers {
-                builder.push(member_key, key.token(id), None)?;
+                tokens.push(member_key, key.token(id), None)?;
             }
         }
-        key_col.append_value(member_key);
-        age_col.append_value(generalize::age_band(&record.birth_date, as_of));
-        pref_col.append_value(prefecture);
-        gender_col.append_value(generalize::gender(&record.gender));
-        report.accepted += 1;
+        self.rows.key.append_value(member_key);
+        self.rows
+            .age_band
+            .append_value(generalize::age_band(&record.birth_date, self.as_of));
+        self.rows.prefecture.append_value(prefecture);
+        self.rows
+            .gender
+            .append_value(generalize::gender(&record.gender));
+        self.report.accepted += 1;
+        Ok(())
     }
-    let members = RecordBatch::try_new(
-        members_schema(),
-        vec![
-            Arc::new(key_col.finish()),
-            Arc::new(age_col.finish()),
-            Arc::new(pref_col.finish()),
-            Arc::new(gender_col.finish()),
-        ],
-    )?;
-    let mut tokens = BTreeMap::new();
-    for ((id, _), builder) in keys.into_iter().zip(token_builders) {
-        tokens.insert(id.clone(), builder.finish()?);
-    }
-    Ok(MemberTables {
-        members,
-        tokens,
-        report,
-    })
 }
 
-/// Builds a batch of purchases.
-pub fn purchases(
-    records: &[PurchaseInput],
-    rules: &Rules,
-    secret: &MasterSecret,
+/// Rows of the purchases table.
+struct PurchaseRows {
+    key: Int64Builder,
+    at: TimestampMicrosecondBuilder,
+    sku: StringBuilder,
+    brand: StringBuilder,
+    maker: StringBuilder,
+    category: StringBuilder,
+    quantity: Int64Builder,
+    amount: Int64Builder,
+}
+
+impl Default for PurchaseRows {
+    fn default() -> Self {
+        Self {
+            key: Int64Builder::new(),
+            at: TimestampMicrosecondBuilder::new().with_timezone("UTC"),
+            sku: StringBuilder::new(),
+            brand: StringBuilder::new(),
+            maker: StringBuilder::new(),
+            category: StringBuilder::new(),
+            quantity: Int64Builder::new(),
+            amount: Int64Builder::new(),
+        }
+    }
+}
+
+impl Rows for PurchaseRows {
+    fn len(&self) -> usize {
+        self.key.len()
+    }
+
+    fn take(&mut self) -> Result<RecordBatch> {
+        Ok(RecordBatch::try_new(
+            purchases_schema(),
+            vec![
+                Arc::new(self.key.finish()),
+                Arc::new(self.at.finish()),
+                Arc::new(self.sku.finish()),
+                Arc::new(self.brand.finish()),
+                Arc::new(self.maker.finish()),
+                Arc::new(self.category.finish()),
+                Arc::new(self.quantity.finish()),
+                Arc::new(self.amount.finish()),
+            ],
+        )?)
+    }
+}
+
+/// A purchase export being ingested.
+pub struct PurchasesIngest {
+    pseudonyms: PseudonymKey,
+    categories: Option<Vec<String>>,
     strict: bool,
-) -> Result<(RecordBatch, IngestReport)> {
-    let pseudonyms = secret.pseudonym_key();
-    let categories = rules.domains.get("category");
-    let mut report = IngestReport::default();
-    let mut key = Int64Builder::new();
-    let mut at = TimestampMicrosecondBuilder::new().with_timezone("UTC");
-    let (mut sku, mut brand, mut maker, mut category) = (
-        StringBuilder::new(),
-        StringBuilder::new(),
-        StringBuilder::new(),
-        StringBuilder::new(),
-    );
-    let (mut quantity, mut amount) = (Int64Builder::new(), Int64Builder::new());
-    for (index, r) in records.iter().enumerate() {
-        report.received += 1;
+    rows: PurchaseRows,
+    report: IngestReport,
+}
+
+impl Ingest for PurchasesIngest {
+    type Input = PurchaseInput;
+
+    fn push(&mut self, records: Vec<PurchaseInput>, sink: &mut dyn Sink) -> Result<()> {
+        for record in records {
+            let index = self.report.next_index();
+            self.purchase(index, &record)?;
+        }
+        flush(&mut self.rows, &Table::Purchases, sink, false)
+    }
+
+    fn finish(mut self, sink: &mut dyn Sink) -> Result<IngestReport> {
+        flush(&mut self.rows, &Table::Purchases, sink, true)?;
+        Ok(self.report)
+    }
+}
+
+impl PurchasesIngest {
+    /// Starts an ingest; categories must be in the rules' `category` domain when one is set.
+    pub fn new(rules: &Rules, secret: &MasterSecret, strict: bool) -> Self {
+        Self {
+            pseudonyms: secret.pseudonym_key(),
+            categories: rules.domains.get("category").cloned(),
+            strict,
+            rows: PurchaseRows::default(),
+            report: IngestReport::default(),
+        }
+    }
+
+    fn purchase(&mut self, index: usize, r: &PurchaseInput) -> Result<()> {
+        let time = parse_time(&r.purchased_at);
         let reason = if r.member_id.trim().is_empty() {
             Some("member_id: empty")
-        } else if parse_time(&r.purchased_at).is_none() {
+        } else if time.is_none() {
             Some("purchased_at: not an RFC 3339 timestamp")
         } else if r.quantity <= 0 {
             Some("quantity: must be positive")
         } else if r.amount < 0 {
             Some("amount: must not be negative")
-        } else if categories.is_some_and(|c| !c.iter().any(|v| v == r.category.trim())) {
+        } else if self
+            .categories
+            .as_ref()
+            .is_some_and(|c| !c.iter().any(|v| v == r.category.trim()))
+        {
             Some("category: not in the configured domain")
         } else {
             None
         };
-        if let Some(reason) = reason {
-            report.reject(index, reason, strict)?;
-            continue;
-        }
-        let time = parse_time(&r.purchased_at).expect("checked above");
-        key.append_value(pseudonyms.pseudonym(&r.member_id));
-        at.append_value(time.timestamp_micros());
-        sku.append_value(r.sku.trim());
-        brand.append_value(r.brand.trim());
-        maker.append_value(r.manufacturer.trim());
-        category.append_value(r.category.trim());
-        quantity.append_value(r.quantity);
-        amount.append_value(r.amount);
-        report.accepted += 1;
+        let (None, Some(time)) = (reason, time) else {
+            let reason = reason.unwrap_or("purchased_at: not an RFC 3339 timestamp");
+            return self.report.reject(index, reason, self.strict);
+        };
+        let rows = &mut self.rows;
+        rows.key
+            .append_value(self.pseudonyms.pseudonym(&r.member_id));
+        rows.at.append_value(time.timestamp_micros());
+        rows.sku.append_value(r.sku.trim());
+        rows.brand.append_value(r.brand.trim());
+        rows.maker.append_value(r.manufacturer.trim());
+        rows.category.append_value(r.category.trim());
+        rows.quantity.append_value(r.quantity);
+        rows.amount.append_value(r.amount);
+        self.report.accepted += 1;
+        Ok(())
     }
-    let batch = RecordBatch::try_new(
-        purchases_schema(),
-        vec![
-            Arc::new(key.finish()),
-            Arc::new(at.finish()),
-            Arc::new(sku.finish()),
-            Arc::new(brand.finish()),
-            Arc::new(maker.finish()),
-            Arc::new(category.finish()),
-            Arc::new(quantity.finish()),
-            Arc::new(amount.finish()),
-        ],
-    )?;
-    Ok((batch, report))
 }
 
-/// Builds a batch of consent events.
-pub fn consent(
-    records: &[ConsentInput],
-    rules: &Rules,
-    secret: &MasterSecret,
+/// Rows of the consent log.
+struct ConsentRows {
+    key: Int64Builder,
+    purpose: StringBuilder,
+    version: UInt32Builder,
+    action: StringBuilder,
+    at: TimestampMicrosecondBuilder,
+    source: StringBuilder,
+    expires: TimestampMicrosecondBuilder,
+}
+
+impl Default for ConsentRows {
+    fn default() -> Self {
+        Self {
+            key: Int64Builder::new(),
+            purpose: StringBuilder::new(),
+            version: UInt32Builder::new(),
+            action: StringBuilder::new(),
+            at: TimestampMicrosecondBuilder::new().with_timezone("UTC"),
+            source: StringBuilder::new(),
+            expires: TimestampMicrosecondBuilder::new().with_timezone("UTC"),
+        }
+    }
+}
+
+impl Rows for ConsentRows {
+    fn len(&self) -> usize {
+        self.key.len()
+    }
+
+    fn take(&mut self) -> Result<RecordBatch> {
+        Ok(RecordBatch::try_new(
+            consent_schema(),
+            vec![
+                Arc::new(self.key.finish()),
+                Arc::new(self.purpose.finish()),
+                Arc::new(self.version.finish()),
+                Arc::new(self.action.finish()),
+                Arc::new(self.at.finish()),
+                Arc::new(self.source.finish()),
+                Arc::new(self.expires.finish()),
+            ],
+        )?)
+    }
+}
+
+/// A consent export being ingested.
+pub struct ConsentIngest {
+    pseudonyms: PseudonymKey,
+    purposes: HashSet<String>,
     strict: bool,
-) -> Result<(RecordBatch, IngestReport)> {
-    let pseudonyms = secret.pseudonym_key();
-    let mut report = IngestReport::default();
-    let mut key = Int64Builder::new();
-    let (mut purpose, mut action, mut source) = (
-        StringBuilder::new(),
-        StringBuilder::new(),
-        StringBuilder::new(),
-    );
-    let mut version = UInt32Builder::new();
-    let mut at = TimestampMicrosecondBuilder::new().with_timezone("UTC");
-    let mut expires = TimestampMicrosecondBuilder::new().with_timezone("UTC");
-    for (index, r) in records.iter().enumerate() {
-        report.received += 1;
-        let parsed_action = Action::parse(&r.action);
+    rows: ConsentRows,
+    report: IngestReport,
+}
+
+impl Ingest for ConsentIngest {
+    type Input = ConsentInput;
+
+    fn push(&mut self, records: Vec<ConsentInput>, sink: &mut dyn Sink) -> Result<()> {
+        for record in records {
+            let index = self.report.next_index();
+            self.event(index, &record)?;
+        }
+        flush(&mut self.rows, &Table::Consent, sink, false)
+    }
+
+    fn finish(mut self, sink: &mut dyn Sink) -> Result<IngestReport> {
+        flush(&mut self.rows, &Table::Consent, sink, true)?;
+        Ok(self.report)
+    }
+}
+
+impl ConsentIngest {
+    /// Starts an ingest; purposes must be configured in the rules.
+    pub fn new(rules: &Rules, secret: &MasterSecret, strict: bool) -> Self {
+        Self {
+            pseudonyms: secret.pseudonym_key(),
+            purposes: rules.purposes.keys().cloned().collect(),
+            strict,
+            rows: ConsentRows::default(),
+            report: IngestReport::default(),
+        }
+    }
+
+    fn event(&mut self, index: usize, r: &ConsentInput) -> Result<()> {
+        let action = Action::parse(&r.action);
+        let at = parse_time(&r.at);
         let expiry = if r.expires_at.trim().is_empty() {
             Some(None)
         } else {
@@ -415,11 +653,11 @@ pub fn consent(
         };
         let reason = if r.member_id.trim().is_empty() {
             Some("member_id: empty")
-        } else if !rules.purposes.contains_key(r.purpose.trim()) {
+        } else if !self.purposes.contains(r.purpose.trim()) {
             Some("purpose: not configured")
-        } else if parsed_action.is_none() {
+        } else if action.is_none() {
             Some("action: must be granted or withdrawn")
-        } else if parse_time(&r.at).is_none() {
+        } else if at.is_none() {
             Some("at: not an RFC 3339 timestamp")
         } else if expiry.is_none() {
             Some("expires_at: not an RFC 3339 timestamp")
@@ -428,121 +666,149 @@ pub fn consent(
         } else {
             None
         };
-        if let Some(reason) = reason {
-            report.reject(index, reason, strict)?;
-            continue;
-        }
-        key.append_value(pseudonyms.pseudonym(&r.member_id));
-        purpose.append_value(r.purpose.trim());
-        version.append_value(r.notice_version);
-        action.append_value(parsed_action.expect("checked").as_str());
-        at.append_value(parse_time(&r.at).expect("checked").timestamp_micros());
-        source.append_value(r.source.trim());
-        expires.append_option(expiry.flatten().map(|t| t.timestamp_micros()));
-        report.accepted += 1;
+        let (None, Some(action), Some(at), Some(expiry)) = (reason, action, at, expiry) else {
+            let reason = reason.unwrap_or("record: invalid");
+            return self.report.reject(index, reason, self.strict);
+        };
+        let rows = &mut self.rows;
+        rows.key
+            .append_value(self.pseudonyms.pseudonym(&r.member_id));
+        rows.purpose.append_value(r.purpose.trim());
+        rows.version.append_value(r.notice_version);
+        rows.action.append_value(action.as_str());
+        rows.at.append_value(at.timestamp_micros());
+        rows.source.append_value(r.source.trim());
+        rows.expires
+            .append_option(expiry.map(|t| t.timestamp_micros()));
+        self.report.accepted += 1;
+        Ok(())
     }
-    let batch = RecordBatch::try_new(
-        consent_schema(),
-        vec![
-            Arc::new(key.finish()),
-            Arc::new(purpose.finish()),
-            Arc::new(version.finish()),
-            Arc::new(action.finish()),
-            Arc::new(at.finish()),
-            Arc::new(source.finish()),
-            Arc::new(expires.finish()),
-        ],
-    )?;
-    Ok((batch, report))
 }
 
-/// Builds a partner list: one row per token, `owner` being the record number so that a customer
-/// given by both email and phone still counts once.
-pub fn partner_list(
-    records: &[ListInput],
-    partner: &Partner,
-    key: &CollaborationKey,
+/// A partner's customer list being ingested: one row per token, `owner` being the record number
+/// in the stream, so that a customer given by both email and phone still counts once.
+pub struct ListIngest {
+    attribute_values: Vec<String>,
+    key: CollaborationKey,
     strict: bool,
-) -> Result<(RecordBatch, IngestReport)> {
-    let mut report = IngestReport::default();
-    let mut builder = TokenBuilder::new(true);
-    for (index, r) in records.iter().enumerate() {
-        report.received += 1;
+    rows: TokenBuilder,
+    report: IngestReport,
+}
+
+impl Ingest for ListIngest {
+    type Input = ListInput;
+
+    fn push(&mut self, records: Vec<ListInput>, sink: &mut dyn Sink) -> Result<()> {
+        for record in records {
+            let index = self.report.next_index();
+            self.customer(index, &record)?;
+        }
+        flush(&mut self.rows, &Table::List, sink, false)
+    }
+
+    fn finish(mut self, sink: &mut dyn Sink) -> Result<IngestReport> {
+        flush(&mut self.rows, &Table::List, sink, true)?;
+        Ok(self.report)
+    }
+}
+
+impl ListIngest {
+    /// Starts a list of `partner`'s, hashed (or its tokens checked) under `key`.
+    pub fn new(partner: &Partner, key: CollaborationKey, strict: bool) -> Self {
+        Self {
+            attribute_values: partner.attribute_values.clone(),
+            key,
+            strict,
+            rows: TokenBuilder::new(true),
+            report: IngestReport::default(),
+        }
+    }
+
+    fn customer(&mut self, index: usize, r: &ListInput) -> Result<()> {
+        let strict = self.strict;
         let has_raw = !r.email.trim().is_empty() || !r.phone.trim().is_empty();
         let has_tokens = !r.email_token.trim().is_empty() || !r.phone_token.trim().is_empty();
         let attribute = r.attribute.trim();
         if has_raw && has_tokens {
-            report.reject(index, "record: mixes raw identifiers and tokens", strict)?;
-            continue;
+            return self
+                .report
+                .reject(index, "record: mixes raw identifiers and tokens", strict);
         }
         if !has_raw && !has_tokens {
-            report.reject(index, "record: no identifier", strict)?;
-            continue;
+            return self.report.reject(index, "record: no identifier", strict);
         }
-        if !attribute.is_empty() && !partner.attribute_values.iter().any(|v| v == attribute) {
-            report.reject(
+        if !attribute.is_empty() && !self.attribute_values.iter().any(|v| v == attribute) {
+            return self.report.reject(
                 index,
                 "attribute: not one of the partner's declared values",
                 strict,
-            )?;
-            continue;
+            );
         }
-        let mut tokens = Vec::with_capacity(2);
-        let mut rejected = false;
-        if has_raw {
-            for (raw, normalize) in [
-                (
-                    &r.email,
-                    normalize::email as fn(&str) -> Result<String, Rejection>,
-                ),
-                (&r.phone, normalize::phone),
-            ] {
-                if raw.trim().is_empty() {
-                    continue;
-                }
-                match normalize(raw) {
-                    Ok(normalized) => tokens.push(key.token(&normalized)),
-                    Err(reason) => {
-                        report.reject(index, reason.0, strict)?;
-                        rejected = true;
-                    }
-                }
-            }
+        let (tokens, rejected) = if has_raw {
+            self.hashed(index, r)?
         } else {
-            for text in [&r.email_token, &r.phone_token] {
-                if text.trim().is_empty() {
-                    continue;
-                }
-                match text.parse::<Token>() {
-                    Ok(token) if token.version == key.version => tokens.push(token),
-                    Ok(_) => {
-                        report.reject(
-                            index,
-                            "token: key version is not the collaboration's current one",
-                            strict,
-                        )?;
-                        rejected = true;
-                    }
-                    Err(_) => {
-                        report.reject(index, "token: malformed", strict)?;
-                        rejected = true;
-                    }
-                }
-            }
-        }
+            self.checked(index, r)?
+        };
         // A record with one bad identifier still counts through its good one.
         if tokens.is_empty() {
             if !rejected {
-                report.reject(index, "record: no identifier", strict)?;
+                self.report.reject(index, "record: no identifier", strict)?;
             }
-            continue;
+            return Ok(());
         }
         let owner = i64::try_from(index).unwrap_or(i64::MAX);
         let attribute = (!attribute.is_empty()).then_some(attribute);
         for token in tokens {
-            builder.push(owner, token, attribute)?;
+            self.rows.push(owner, token, attribute)?;
         }
-        report.accepted += 1;
+        self.report.accepted += 1;
+        Ok(())
     }
-    Ok((builder.finish()?, report))
+
+    /// Tokens of a record's raw identifiers, and whether one was rejected.
+    fn hashed(&mut self, index: usize, r: &ListInput) -> Result<(Vec<Token>, bool)> {
+        let mut tokens = Vec::with_capacity(2);
+        let mut rejected = false;
+        for (raw, normalize) in [
+            (
+                &r.email,
+                normalize::email as fn(&str) -> Result<String, Rejection>,
+            ),
+            (&r.phone, normalize::phone),
+        ] {
+            if raw.trim().is_empty() {
+                continue;
+            }
+            match normalize(raw) {
+                Ok(normalized) => tokens.push(self.key.token(&normalized)),
+                Err(reason) => {
+                    self.report.reject(index, reason.0, self.strict)?;
+                    rejected = true;
+                }
+            }
+        }
+        Ok((tokens, rejected))
+    }
+
+    /// A record's pre-computed tokens, checked, and whether one was rejected.
+    fn checked(&mut self, index: usize, r: &ListInput) -> Result<(Vec<Token>, bool)> {
+        let mut tokens = Vec::with_capacity(2);
+        let mut rejected = false;
+        for text in [&r.email_token, &r.phone_token] {
+            if text.trim().is_empty() {
+                continue;
+            }
+            let reason = match text.parse::<Token>() {
+                Ok(token) if token.version == self.key.version => {
+                    tokens.push(token);
+                    continue;
+                }
+                Ok(_) => "token: key version is not the collaboration's current one",
+                Err(_) => "token: malformed",
+            };
+            self.report.reject(index, reason, self.strict)?;
+            rejected = true;
+        }
+        Ok((tokens, rejected))
+    }
 }

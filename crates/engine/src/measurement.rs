@@ -93,7 +93,7 @@ fn audience_views(
         min_notice_version: purpose.min_notice_version,
         grant_valid_days: purpose.grant_valid_days,
     };
-    let matched = views::matched_members(snapshot, contract_id, &list.tokens);
+    let matched = views::matched_members(snapshot, contract_id, list)?;
     let eligible = views::consented(snapshot, &matched, &contract.purpose, &requirement, now);
     SafeViews::of_audience(snapshot, &matched, &eligible)
 }

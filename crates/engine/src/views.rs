@@ -19,7 +19,7 @@ use datafusion::prelude::{SessionConfig, SessionContext};
 
 use crate::Result;
 use crate::ingest::purchases_schema;
-use crate::store::Snapshot;
+use crate::store::{PartnerList, Snapshot};
 
 /// Names of the tables a query may read. Nothing else is registered in a query's session.
 pub const SAFE_VIEWS: &[&str] = &["members", "purchases"];
@@ -31,7 +31,7 @@ pub const MEMBER_KEY: &str = "member_key";
 /// Safe views built for one query.
 pub struct SafeViews {
     /// The `members` view.
-    pub members: RecordBatch,
+    pub members: Vec<RecordBatch>,
     /// The `purchases` view.
     pub purchases: Vec<RecordBatch>,
 }
@@ -55,10 +55,11 @@ impl SafeViews {
         matched: &HashMap<i64, Option<String>>,
         eligible: &HashSet<i64>,
     ) -> Result<Self> {
-        let members = match &snapshot.members {
-            Some(batch) => members_view(batch, matched, eligible)?,
-            None => RecordBatch::new_empty(members_view_schema()),
-        };
+        let members = snapshot
+            .members
+            .iter()
+            .map(|batch| members_view(batch, matched, eligible))
+            .collect::<Result<Vec<_>>>()?;
         let purchases = snapshot
             .purchases
             .iter()
@@ -70,7 +71,7 @@ impl SafeViews {
     /// Views with the right schemas and no rows, to plan and check queries without data (lint).
     pub fn empty() -> Self {
         Self {
-            members: RecordBatch::new_empty(members_view_schema()),
+            members: Vec::new(),
             purchases: Vec::new(),
         }
     }
@@ -85,7 +86,7 @@ impl SafeViews {
             SAFE_VIEWS[0],
             Arc::new(MemTable::try_new(
                 members_view_schema(),
-                vec![vec![self.members.clone()]],
+                vec![self.members.clone()],
             )?),
         )?;
         ctx.register_table(
@@ -100,37 +101,69 @@ impl SafeViews {
 }
 
 /// Members whose tokens for this collaboration appear in a list, with the partner's attribute for
-/// them (the first one given, if several records match).
+/// them (the first one given, if several records match). The list is read from disk a batch at a
+/// time and only its tokens that some member has are kept, so the work's memory follows the
+/// retailer's members, never the list's length.
 pub fn matched_members(
     snapshot: &Snapshot,
     contract_id: &str,
-    list: &RecordBatch,
-) -> HashMap<i64, Option<String>> {
-    let versions = list.column(1).as_primitive::<UInt32Type>();
-    let macs = list.column(2).as_fixed_size_binary();
-    let attributes = list.column(3).as_string::<i32>();
-    let mut wanted: HashMap<(u32, &[u8]), Option<&str>> = HashMap::with_capacity(list.num_rows());
-    for i in 0..list.num_rows() {
-        let attribute = attributes.is_valid(i).then(|| attributes.value(i));
-        wanted
-            .entry((versions.value(i), macs.value(i)))
-            .or_insert(attribute);
+    list: &PartnerList,
+) -> Result<HashMap<i64, Option<String>>> {
+    let Some(tokens) = snapshot.member_tokens.get(contract_id) else {
+        return Ok(HashMap::new());
+    };
+    // Each member token, and the attribute of the first list record that carries it (`None`
+    // until a record does).
+    let mut in_list: HashMap<TokenKey, Option<Option<String>>> = HashMap::new();
+    for batch in tokens {
+        let versions = batch.column(1).as_primitive::<UInt32Type>();
+        let macs = batch.column(2).as_fixed_size_binary();
+        for i in 0..batch.num_rows() {
+            in_list.insert(token_key(versions.value(i), macs.value(i)), None);
+        }
+    }
+    for batch in list.batches()? {
+        let batch = batch?;
+        let versions = batch.column(1).as_primitive::<UInt32Type>();
+        let macs = batch.column(2).as_fixed_size_binary();
+        let attributes = batch.column(3).as_string::<i32>();
+        for i in 0..batch.num_rows() {
+            if let Some(slot @ None) = in_list.get_mut(&token_key(versions.value(i), macs.value(i)))
+            {
+                *slot = Some(
+                    attributes
+                        .is_valid(i)
+                        .then(|| attributes.value(i).to_string()),
+                );
+            }
+        }
     }
     let mut matched = HashMap::new();
-    if let Some(tokens) = snapshot.member_tokens.get(contract_id) {
-        let owners = tokens.column(0).as_primitive::<Int64Type>();
-        let versions = tokens.column(1).as_primitive::<UInt32Type>();
-        let macs = tokens.column(2).as_fixed_size_binary();
-        for i in 0..tokens.num_rows() {
-            if let Some(attribute) = wanted.get(&(versions.value(i), macs.value(i))) {
+    for batch in tokens {
+        let owners = batch.column(0).as_primitive::<Int64Type>();
+        let versions = batch.column(1).as_primitive::<UInt32Type>();
+        let macs = batch.column(2).as_fixed_size_binary();
+        for i in 0..batch.num_rows() {
+            if let Some(Some(attribute)) = in_list.get(&token_key(versions.value(i), macs.value(i)))
+            {
                 let entry = matched.entry(owners.value(i)).or_insert(None);
                 if entry.is_none() {
-                    *entry = attribute.map(str::to_string);
+                    *entry = attribute.clone();
                 }
             }
         }
     }
-    matched
+    Ok(matched)
+}
+
+/// A match token as a map key: its key version and MAC.
+type TokenKey = (u32, [u8; 32]);
+
+fn token_key(version: u32, mac: &[u8]) -> TokenKey {
+    // Every stored MAC is 32 bytes (the column is `FixedSizeBinary(32)`).
+    let mut bytes = [0u8; 32];
+    bytes.copy_from_slice(mac);
+    (version, bytes)
 }
 
 /// How many members a collaboration's consent filter admits at `now`: all members consenting to
@@ -142,16 +175,21 @@ pub fn consent_counts(
     contract: &Contract,
     requirement: &Requirement,
     now: DateTime<Utc>,
-) -> (usize, Option<usize>) {
+) -> Result<(usize, Option<usize>)> {
     let consenting = consented_where(snapshot, |_| true, &contract.purpose, requirement, now);
-    let in_list = snapshot.lists.get(&contract.partner).map(|list| {
-        let matched = matched_members(snapshot, contract_id, &list.tokens);
-        consenting
-            .iter()
-            .filter(|m| matched.contains_key(m))
-            .count()
-    });
-    (consenting.len(), in_list)
+    let in_list = match snapshot.lists.get(&contract.partner) {
+        Some(list) => {
+            let matched = matched_members(snapshot, contract_id, list)?;
+            Some(
+                consenting
+                    .iter()
+                    .filter(|m| matched.contains_key(m))
+                    .count(),
+            )
+        }
+        None => None,
+    };
+    Ok((consenting.len(), in_list))
 }
 
 /// The matched members whose consent for `purpose` holds at `now`.

@@ -1,22 +1,27 @@
-//! The retailer analyst's API: streaming ingest of members, purchases and consent events. An ingest
+//! The retailer analyst's API: streaming ingest of members, purchases and consent events, and of
+//! a partner's list on its behalf. Records are checked and hashed as they arrive; an ingest
 //! becomes visible only when the whole stream has been read and accepted.
 
 use std::sync::Arc;
 
 use cleanroom_core::rules::Role;
-use cleanroom_engine::ingest::{self, ConsentInput, MemberInput, PurchaseInput};
+use cleanroom_engine::ingest::{ConsentIngest, Ingest, MembersIngest, PurchasesIngest};
 use cleanroom_proto::v1::admin_service_server::AdminService;
 use cleanroom_proto::v1::{
-    IngestConsentRequest, IngestMembersRequest, IngestPartnerListRequest, IngestPurchasesRequest,
-    IngestSummary, UploadListResponse, ingest_consent_request, ingest_members_request,
-    ingest_partner_list_request, ingest_purchases_request,
+    CustomerRecord, IngestConsentRequest, IngestHeader, IngestMembersRequest,
+    IngestPartnerListRequest, IngestPurchasesRequest, IngestSummary, UploadListResponse,
+    ingest_consent_request, ingest_members_request, ingest_partner_list_request,
+    ingest_purchases_request,
 };
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::Result;
-use crate::app::{App, Audited};
 use crate::audit::Entry;
-use crate::stream::{Part, collect};
+use crate::context::{Audited, Call};
+use crate::convert;
+use crate::partner::{ListHeader, receive_list};
+use crate::state::App;
+use crate::stream::{Fed, Feed, Part, StreamLimits, feed};
 
 /// Handlers of `cleanroom.v1.AdminService`.
 pub struct AdminApi {
@@ -36,183 +41,137 @@ impl Audited for IngestSummary {
     }
 }
 
-impl AdminApi {
-    /// The caller, who must be an analyst; keep it for the whole call (it holds the call's
-    /// place among the principal's calls in flight).
-    fn analyst<T>(
-        &self,
-        request: &Request<T>,
-        method: &str,
-        entry: &mut Entry,
-    ) -> Result<crate::auth::Principal> {
-        let principal = self.app.authenticate(&self.app.live(), request)?;
-        entry.principal = principal.name.clone();
-        entry.role = principal.role.as_str().to_string();
-        principal.require(Role::Analyst, method)?;
-        Ok(principal)
+/// Reads an analyst's ingest stream into staged tables: the analyst role is checked before the
+/// stream is read; `start` makes the ingest from the header.
+async fn ingest<M, R, I>(
+    call: &Call,
+    entry: &mut Entry,
+    app: &App,
+    stream: Streaming<M>,
+    split: fn(M) -> Part<IngestHeader, R>,
+    convert: fn(R) -> I::Input,
+    start: impl FnOnce(&IngestHeader) -> I,
+) -> Result<Fed>
+where
+    M: prost::Message + Default + Send + 'static,
+    R: Send + 'static,
+    I: Ingest + 'static,
+{
+    call.require(Role::Analyst, &entry.method)?;
+    let limits = StreamLimits::of(&call.live.rules);
+    let (_, fed) = feed(stream, split, limits, |header| {
+        Ok(Feed::new(start(header), app.store.staging(), convert))
+    })
+    .await?;
+    entry.records = Some((fed.report.received, fed.report.accepted));
+    if fed.report.accepted == 0 {
+        return Err(cleanroom_core::Error::Input("the ingest has no valid record".into()).into());
     }
+    Ok(fed)
+}
 
-    fn summary(report: ingest::IngestReport, consent_snapshot_id: String) -> IngestSummary {
-        IngestSummary {
-            records_received: report.received,
-            records_accepted: report.accepted,
-            rejected_by_reason: report.rejected.into_iter().collect(),
-            consent_snapshot_id,
-            audit_id: String::new(),
-        }
+fn split_members(m: IngestMembersRequest) -> Part<IngestHeader, cleanroom_proto::v1::MemberRecord> {
+    match m.kind {
+        Some(ingest_members_request::Kind::Header(h)) => Part::Header(h),
+        Some(ingest_members_request::Kind::Chunk(c)) => Part::Chunk(c.records),
+        None => Part::Empty,
     }
+}
 
-    fn nothing_valid(report: &ingest::IngestReport) -> Result<()> {
-        if report.accepted == 0 {
-            return Err(
-                cleanroom_core::Error::Input("the ingest has no valid record".into()).into(),
-            );
-        }
-        Ok(())
+fn split_purchases(
+    m: IngestPurchasesRequest,
+) -> Part<IngestHeader, cleanroom_proto::v1::PurchaseRecord> {
+    match m.kind {
+        Some(ingest_purchases_request::Kind::Header(h)) => Part::Header(h),
+        Some(ingest_purchases_request::Kind::Chunk(c)) => Part::Chunk(c.records),
+        None => Part::Empty,
     }
+}
 
-    async fn members(
-        &self,
-        request: Request<Streaming<IngestMembersRequest>>,
-        entry: &mut Entry,
-    ) -> Result<IngestSummary> {
-        let _caller = self.analyst(&request, "IngestMembers", entry)?;
-        let split = |m: IngestMembersRequest| match m.kind {
-            Some(ingest_members_request::Kind::Header(h)) => Part::Header(h),
-            Some(ingest_members_request::Kind::Chunk(c)) => Part::Chunk(c.records),
-            None => Part::Empty,
-        };
-        let (header, records) = collect(
-            request.into_inner(),
-            split,
-            self.app.live().rules.privacy.max_upload_records,
-        )
-        .await?;
-        let inputs: Vec<MemberInput> = records
-            .into_iter()
-            .map(|r| MemberInput {
-                member_id: r.member_id,
-                email: r.email,
-                phone: r.phone,
-                prefecture: r.prefecture,
-                birth_date: r.birth_date,
-                gender: r.gender,
-            })
-            .collect();
-        let tables = ingest::members(
-            &inputs,
-            &self.app.live().rules,
-            &self.app.secret,
-            self.app.today(),
-            header.strict,
-        )?;
-        drop(inputs);
-        entry.records = Some((tables.report.received, tables.report.accepted));
-        Self::nothing_valid(&tables.report)?;
-        let report = self.app.store.replace_members(tables)?;
-        Ok(Self::summary(report, String::new()))
+fn split_consent(
+    m: IngestConsentRequest,
+) -> Part<IngestHeader, cleanroom_proto::v1::ConsentRecord> {
+    match m.kind {
+        Some(ingest_consent_request::Kind::Header(h)) => Part::Header(h),
+        Some(ingest_consent_request::Kind::Chunk(c)) => Part::Chunk(c.records),
+        None => Part::Empty,
     }
+}
 
-    async fn purchases(
-        &self,
-        request: Request<Streaming<IngestPurchasesRequest>>,
-        entry: &mut Entry,
-    ) -> Result<IngestSummary> {
-        let _caller = self.analyst(&request, "IngestPurchases", entry)?;
-        let split = |m: IngestPurchasesRequest| match m.kind {
-            Some(ingest_purchases_request::Kind::Header(h)) => Part::Header(h),
-            Some(ingest_purchases_request::Kind::Chunk(c)) => Part::Chunk(c.records),
-            None => Part::Empty,
-        };
-        let (header, records) = collect(
-            request.into_inner(),
-            split,
-            self.app.live().rules.privacy.max_upload_records,
-        )
-        .await?;
-        let inputs: Vec<PurchaseInput> = records
-            .into_iter()
-            .map(|r| PurchaseInput {
-                member_id: r.member_id,
-                purchased_at: r.purchased_at,
-                sku: r.sku,
-                brand: r.brand,
-                manufacturer: r.manufacturer,
-                category: r.category,
-                quantity: r.quantity,
-                amount: r.amount,
-            })
-            .collect();
-        let (batch, report) = ingest::purchases(
-            &inputs,
-            &self.app.live().rules,
-            &self.app.secret,
-            header.strict,
-        )?;
-        entry.records = Some((report.received, report.accepted));
-        Self::nothing_valid(&report)?;
-        self.app.store.append_purchases(batch)?;
-        Ok(Self::summary(report, String::new()))
-    }
-
-    async fn consent(
-        &self,
-        request: Request<Streaming<IngestConsentRequest>>,
-        entry: &mut Entry,
-    ) -> Result<IngestSummary> {
-        let _caller = self.analyst(&request, "IngestConsent", entry)?;
-        let split = |m: IngestConsentRequest| match m.kind {
-            Some(ingest_consent_request::Kind::Header(h)) => Part::Header(h),
-            Some(ingest_consent_request::Kind::Chunk(c)) => Part::Chunk(c.records),
-            None => Part::Empty,
-        };
-        let (header, records) = collect(
-            request.into_inner(),
-            split,
-            self.app.live().rules.privacy.max_upload_records,
-        )
-        .await?;
-        let inputs: Vec<ConsentInput> = records
-            .into_iter()
-            .map(|r| ConsentInput {
-                member_id: r.member_id,
-                purpose: r.purpose,
-                notice_version: r.notice_version,
-                action: r.action,
-                at: r.at,
-                source: r.source,
-                expires_at: r.expires_at,
-            })
-            .collect();
-        let (batch, report) = ingest::consent(
-            &inputs,
-            &self.app.live().rules,
-            &self.app.secret,
-            header.strict,
-        )?;
-        entry.records = Some((report.received, report.accepted));
-        Self::nothing_valid(&report)?;
-        let snapshot = self.app.store.append_consent(batch)?;
-        entry.consent_snapshot = Some(snapshot.clone());
-        Ok(Self::summary(report, snapshot))
+fn split_partner_list(m: IngestPartnerListRequest) -> Part<ListHeader, CustomerRecord> {
+    match m.kind {
+        Some(ingest_partner_list_request::Kind::Header(h)) => Part::Header(ListHeader {
+            partner_id: Some(h.partner_id),
+            strict: h.strict,
+        }),
+        Some(ingest_partner_list_request::Kind::Chunk(c)) => Part::Chunk(c.records),
+        None => Part::Empty,
     }
 }
 
 impl AdminApi {
-    async fn partner_list(
+    async fn members(
         &self,
-        request: Request<Streaming<IngestPartnerListRequest>>,
+        call: &Call,
         entry: &mut Entry,
-    ) -> Result<UploadListResponse> {
-        let _caller = self.analyst(&request, "IngestPartnerList", entry)?;
-        let split = |m: IngestPartnerListRequest| match m.kind {
-            Some(ingest_partner_list_request::Kind::Header(h)) => Part::Header(h),
-            Some(ingest_partner_list_request::Kind::Chunk(c)) => Part::Chunk(c.records),
-            None => Part::Empty,
-        };
-        let limit = self.app.live().rules.privacy.max_upload_records;
-        let (header, records) = collect(request.into_inner(), split, limit).await?;
-        crate::partner::store_list(&self.app, &header.partner_id, records, header.strict, entry)
+        stream: Streaming<IngestMembersRequest>,
+    ) -> Result<IngestSummary> {
+        let (rules, secret) = (&call.live.rules, &self.app.secret);
+        let fed = ingest(
+            call,
+            entry,
+            &self.app,
+            stream,
+            split_members,
+            convert::member_input,
+            |h| MembersIngest::new(rules, secret, call.today, h.strict),
+        )
+        .await?;
+        self.app.store.commit_members(fed.staging)?;
+        Ok(convert::ingest_summary(fed.report, String::new()))
+    }
+
+    async fn purchases(
+        &self,
+        call: &Call,
+        entry: &mut Entry,
+        stream: Streaming<IngestPurchasesRequest>,
+    ) -> Result<IngestSummary> {
+        let (rules, secret) = (&call.live.rules, &self.app.secret);
+        let fed = ingest(
+            call,
+            entry,
+            &self.app,
+            stream,
+            split_purchases,
+            convert::purchase_input,
+            |h| PurchasesIngest::new(rules, secret, h.strict),
+        )
+        .await?;
+        self.app.store.commit_purchases(fed.staging)?;
+        Ok(convert::ingest_summary(fed.report, String::new()))
+    }
+
+    async fn consent(
+        &self,
+        call: &Call,
+        entry: &mut Entry,
+        stream: Streaming<IngestConsentRequest>,
+    ) -> Result<IngestSummary> {
+        let (rules, secret) = (&call.live.rules, &self.app.secret);
+        let fed = ingest(
+            call,
+            entry,
+            &self.app,
+            stream,
+            split_consent,
+            convert::consent_input,
+            |h| ConsentIngest::new(rules, secret, h.strict),
+        )
+        .await?;
+        let snapshot = self.app.store.commit_consent(fed.staging)?;
+        entry.consent_snapshot = Some(snapshot.clone());
+        Ok(convert::ingest_summary(fed.report, snapshot))
     }
 }
 
@@ -220,49 +179,53 @@ impl AdminApi {
 impl AdminService for AdminApi {
     async fn ingest_partner_list(
         &self,
-        request: Request<Streaming<IngestPartnerListRequest>>,
+        mut request: Request<Streaming<IngestPartnerListRequest>>,
     ) -> std::result::Result<Response<UploadListResponse>, Status> {
-        let mut entry = Entry {
-            method: "IngestPartnerList".into(),
-            ..Default::default()
+        let (call, mut entry) = Call::take(&mut request)?;
+        let result = match call.require(Role::Analyst, "IngestPartnerList") {
+            Ok(()) => {
+                let stream = request.into_inner();
+                receive_list(
+                    &self.app,
+                    &call,
+                    &mut entry,
+                    None,
+                    stream,
+                    split_partner_list,
+                )
+                .await
+            }
+            Err(e) => Err(e),
         };
-        let result = self.partner_list(request, &mut entry).await;
-        self.app.finish(entry, result)
+        self.app.finish(call, entry, result).await
     }
 
     async fn ingest_members(
         &self,
-        request: Request<Streaming<IngestMembersRequest>>,
+        mut request: Request<Streaming<IngestMembersRequest>>,
     ) -> std::result::Result<Response<IngestSummary>, Status> {
-        let mut entry = Entry {
-            method: "IngestMembers".into(),
-            ..Default::default()
-        };
-        let result = self.members(request, &mut entry).await;
-        self.app.finish(entry, result)
+        let (call, mut entry) = Call::take(&mut request)?;
+        let result = self.members(&call, &mut entry, request.into_inner()).await;
+        self.app.finish(call, entry, result).await
     }
 
     async fn ingest_purchases(
         &self,
-        request: Request<Streaming<IngestPurchasesRequest>>,
+        mut request: Request<Streaming<IngestPurchasesRequest>>,
     ) -> std::result::Result<Response<IngestSummary>, Status> {
-        let mut entry = Entry {
-            method: "IngestPurchases".into(),
-            ..Default::default()
-        };
-        let result = self.purchases(request, &mut entry).await;
-        self.app.finish(entry, result)
+        let (call, mut entry) = Call::take(&mut request)?;
+        let result = self
+            .purchases(&call, &mut entry, request.into_inner())
+            .await;
+        self.app.finish(call, entry, result).await
     }
 
     async fn ingest_consent(
         &self,
-        request: Request<Streaming<IngestConsentRequest>>,
+        mut request: Request<Streaming<IngestConsentRequest>>,
     ) -> std::result::Result<Response<IngestSummary>, Status> {
-        let mut entry = Entry {
-            method: "IngestConsent".into(),
-            ..Default::default()
-        };
-        let result = self.consent(request, &mut entry).await;
-        self.app.finish(entry, result)
+        let (call, mut entry) = Call::take(&mut request)?;
+        let result = self.consent(&call, &mut entry, request.into_inner()).await;
+        self.app.finish(call, entry, result).await
     }
 }

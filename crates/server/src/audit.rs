@@ -274,17 +274,37 @@ impl ChainKey {
     }
 }
 
+/// The end of the chain: where the next record goes. Held only to order and write a record to the
+/// file (the page cache), never across a sync.
 struct Tail {
+    seq: u64,
+    hash: String,
+    file: File,
+    /// The file's length after the last whole record.
+    len: u64,
+    /// Why the trail takes no more records: a write that could not be undone, or a failed sync
+    /// (after which the kernel may have dropped what was written). The service fails closed.
+    broken: Option<String>,
+}
+
+/// What is on disk for certain: the last record synced, and the checkpoint written for it.
+struct Durable {
     seq: u64,
     hash: String,
     file: File,
 }
 
 /// The append-only trail.
+///
+/// Appends are group-committed: a record is ordered and written under the tail's lock, then made
+/// durable under a second lock by one sync that covers every record written so far, followed by
+/// the checkpoint of that head. Concurrent calls share syncs instead of queueing behind each
+/// other's, and no caller gets an answer before its record is on disk.
 pub struct AuditTrail {
     path: PathBuf,
     key: ChainKey,
     tail: Mutex<Tail>,
+    durable: Mutex<Durable>,
 }
 
 const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -341,15 +361,29 @@ impl AuditTrail {
             None => {}
         }
         write_checkpoint(path, &key.checkpoint(seq, &hash))?;
+        let io = |e: std::io::Error| Error::Internal(format!("audit trail: {e}"));
         let file = OpenOptions::new()
             .create(true)
             .append(true)
             .open(path)
-            .map_err(|e| Error::Internal(format!("audit trail: {e}")))?;
+            .map_err(io)?;
+        let len = file.metadata().map_err(io)?.len();
+        let syncer = file.try_clone().map_err(io)?;
         let trail = Self {
             path: path.to_path_buf(),
             key,
-            tail: Mutex::new(Tail { seq, hash, file }),
+            tail: Mutex::new(Tail {
+                seq,
+                hash: hash.clone(),
+                file,
+                len,
+                broken: None,
+            }),
+            durable: Mutex::new(Durable {
+                seq,
+                hash,
+                file: syncer,
+            }),
         };
         Ok((trail, history, torn))
     }
@@ -364,15 +398,29 @@ impl AuditTrail {
         verify_records(&self.key, records)
     }
 
-    /// The current head, signed: what a legal reviewer keeps elsewhere.
+    /// The head on disk, signed: what a legal reviewer keeps elsewhere.
     pub fn checkpoint(&self) -> Checkpoint {
-        let tail = self.tail.lock().expect("audit lock poisoned");
-        self.key.checkpoint(tail.seq, &tail.hash)
+        let durable = self.durable.lock().expect("audit lock poisoned");
+        self.key.checkpoint(durable.seq, &durable.hash)
     }
 
-    /// Appends one record, synced to disk, then its checkpoint, and returns its id.
+    /// Appends one record and returns its id once the record is on disk with a checkpoint at or
+    /// after it. Blocking: call it off the async workers.
     pub fn append(&self, entry: Entry, at: chrono::DateTime<chrono::Utc>) -> Result<String> {
+        let (seq, id) = self.write(entry, at)?;
+        self.make_durable(seq)?;
+        Ok(id)
+    }
+
+    /// Orders a record after the last and writes it to the file, not yet synced. A write that
+    /// fails part-way is cut back, so the file always ends with a whole record.
+    fn write(&self, entry: Entry, at: chrono::DateTime<chrono::Utc>) -> Result<(u64, String)> {
         let mut tail = self.tail.lock().expect("audit lock poisoned");
+        if let Some(why) = &tail.broken {
+            return Err(Error::Internal(format!(
+                "audit trail refuses records: {why}"
+            )));
+        }
         let seq = tail.seq + 1;
         let mut record = Record {
             seq,
@@ -386,15 +434,41 @@ impl AuditTrail {
         let mut line =
             serde_json::to_vec(&record).map_err(|e| Error::Internal(format!("audit: {e}")))?;
         line.push(b'\n');
-        tail.file
-            .write_all(&line)
-            .and_then(|_| tail.file.sync_data())
-            .map_err(|e| Error::Internal(format!("audit trail write: {e}")))?;
+        if let Err(e) = tail.file.write_all(&line) {
+            let len = tail.len;
+            if let Err(cut) = tail.file.set_len(len) {
+                tail.broken = Some(format!("a failed write could not be cut back: {cut}"));
+            }
+            return Err(Error::Internal(format!("audit trail write: {e}")));
+        }
+        tail.len += line.len() as u64;
         tail.seq = seq;
         tail.hash = record.hash;
-        // A crash before this leaves the checkpoint one behind the trail, which verifies.
-        write_checkpoint(&self.path, &self.key.checkpoint(seq, &tail.hash))?;
-        Ok(record.id)
+        Ok((seq, record.id))
+    }
+
+    /// Syncs the trail up to at least record `seq`, with every record written before the sync
+    /// began, and writes the checkpoint of that head. A caller whose record an earlier sync
+    /// covered returns at once.
+    fn make_durable(&self, seq: u64) -> Result<()> {
+        let mut durable = self.durable.lock().expect("audit lock poisoned");
+        if durable.seq >= seq {
+            return Ok(());
+        }
+        let (head_seq, head_hash) = {
+            let tail = self.tail.lock().expect("audit lock poisoned");
+            (tail.seq, tail.hash.clone())
+        };
+        if let Err(e) = durable.file.sync_data() {
+            let why = format!("a sync failed: {e}");
+            self.tail.lock().expect("audit lock poisoned").broken = Some(why.clone());
+            return Err(Error::Internal(format!("audit trail: {why}")));
+        }
+        // A crash before this leaves the checkpoint behind the trail, which verifies.
+        write_checkpoint(&self.path, &self.key.checkpoint(head_seq, &head_hash))?;
+        durable.seq = head_seq;
+        durable.hash = head_hash;
+        Ok(())
     }
 }
 

@@ -17,6 +17,7 @@ use base64::Engine as _;
 use cleanroom_core::rules::{Role, Rules};
 use rand::RngCore;
 use sha2::{Digest, Sha256};
+use tonic::codegen::http::HeaderMap;
 
 use crate::{Error, Result};
 
@@ -153,42 +154,27 @@ impl Authenticator {
         Ok(auth)
     }
 
-    /// The principal behind a request: its `authorization: Bearer <token>` metadata, and for a
-    /// principal bound to a client certificate, that certificate presented over mutual TLS.
-    pub fn principal<T>(&self, request: &tonic::Request<T>) -> Result<Principal> {
-        let principal = self.bearer(request.metadata())?;
-        if let Some(bound) = &principal.client_cert_sha256 {
-            let presented = request
-                .peer_certs()
-                .and_then(|certs| certs.first().map(|c| crate::tls::cert_sha256(c)));
-            if presented.as_ref() != Some(bound) {
-                return Err(Error::Unauthenticated(
-                    "this token is bound to a client certificate, which the connection did not \
-                     present"
-                        .into(),
-                ));
-            }
-        }
-        Ok(principal)
-    }
-
-    fn bearer(&self, metadata: &tonic::metadata::MetadataMap) -> Result<Principal> {
-        let header = metadata
-            .get("authorization")
-            .ok_or_else(|| {
-                Error::Unauthenticated("missing `authorization: Bearer <token>` metadata".into())
-            })?
-            .to_str()
-            .map_err(|_| Error::Unauthenticated("malformed authorization metadata".into()))?;
-        let token = header
-            .strip_prefix("Bearer ")
-            .ok_or_else(|| Error::Unauthenticated("authorization must be `Bearer <token>`".into()))?
-            .trim();
-        let unknown = || Error::Unauthenticated("unknown bearer token".into());
+    /// The principal behind `token` when it is known without running Argon2: a demo-form token,
+    /// or a minted token verified before under this configuration.
+    pub fn known(&self, token: &str) -> Option<Principal> {
         let digest = token_sha256(token);
         if let Some(principal) = self.by_token_sha256.get(&digest) {
-            return Ok(principal.clone());
+            return Some(principal.clone());
         }
+        self.verified
+            .lock()
+            .expect("auth lock poisoned")
+            .get(&digest)
+            .cloned()
+    }
+
+    /// The principal behind `token`, checking a minted token's secret with Argon2 (slow by
+    /// design: run it off the async workers). Failed secrets are limited per token id.
+    pub fn verify(&self, token: &str) -> Result<Principal> {
+        if let Some(principal) = self.known(token) {
+            return Ok(principal);
+        }
+        let unknown = || Error::Unauthenticated("unknown bearer token".into());
         let mut parts = token.splitn(3, '.');
         let (Some(MINTED_PREFIX), Some(id), Some(secret)) =
             (parts.next(), parts.next(), parts.next())
@@ -196,14 +182,6 @@ impl Authenticator {
             return Err(unknown());
         };
         let (hash, principal) = self.by_id.get(id).ok_or_else(unknown)?;
-        if let Some(known) = self
-            .verified
-            .lock()
-            .expect("auth lock poisoned")
-            .get(&digest)
-        {
-            return Ok(known.clone());
-        }
         self.limit_failures(id)?;
         let parsed = PasswordHash::new(hash).map_err(|_| unknown())?;
         if Argon2::default()
@@ -216,7 +194,7 @@ impl Authenticator {
         self.verified
             .lock()
             .expect("auth lock poisoned")
-            .insert(digest, principal.clone());
+            .insert(token_sha256(token), principal.clone());
         Ok(principal.clone())
     }
 
@@ -237,7 +215,36 @@ impl Authenticator {
     }
 }
 
+/// The bearer token of a call's `authorization: Bearer <token>` header (gRPC metadata, or the
+/// review page's HTTP header).
+pub fn bearer_token(headers: &HeaderMap) -> Result<String> {
+    let header = headers
+        .get("authorization")
+        .ok_or_else(|| {
+            Error::Unauthenticated("missing `authorization: Bearer <token>` metadata".into())
+        })?
+        .to_str()
+        .map_err(|_| Error::Unauthenticated("malformed authorization metadata".into()))?;
+    let token = header
+        .strip_prefix("Bearer ")
+        .ok_or_else(|| Error::Unauthenticated("authorization must be `Bearer <token>`".into()))?;
+    Ok(token.trim().to_string())
+}
+
 impl Principal {
+    /// The principal, if the connection presented the client certificate (SHA-256 of its DER)
+    /// that it is bound to, or it is bound to none.
+    pub fn bound_to(self, presented: Option<&str>) -> Result<Self> {
+        match &self.client_cert_sha256 {
+            Some(bound) if presented != Some(bound.as_str()) => Err(Error::Unauthenticated(
+                "this token is bound to a client certificate, which the connection did not \
+                 present"
+                    .into(),
+            )),
+            _ => Ok(self),
+        }
+    }
+
     /// The principal holding `slot` for as long as it (or a clone) lives.
     pub(crate) fn holding(mut self, slot: crate::limit::CallSlot) -> Self {
         self.slot = Some(std::sync::Arc::new(slot));

@@ -13,6 +13,9 @@ pub enum Error {
     /// Anything from the engine or the domain rules.
     #[error(transparent)]
     Engine(#[from] cleanroom_engine::Error),
+    /// A stream that went silent for longer than the limit allows.
+    #[error("stalled: {0}")]
+    Stalled(String),
     /// A failure of the server itself (audit trail, encoding).
     #[error("internal: {0}")]
     Internal(String),

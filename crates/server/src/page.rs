@@ -17,8 +17,8 @@ use cleanroom_proto::v1::{
 };
 use serde::Deserialize;
 
-use crate::app::App;
-use crate::review::LegalApi;
+use crate::legal::LegalApi;
+use crate::state::App;
 use crate::{Error, Result};
 
 /// The page itself: one self-contained file, no external resources.
@@ -40,7 +40,10 @@ where
     L: axum::serve::Listener,
     L::Addr: std::fmt::Debug,
 {
-    let api = Arc::new(LegalApi::new(app));
+    let api = Arc::new(Page {
+        legal: LegalApi::new(Arc::clone(&app)),
+        app,
+    });
     let router = Router::new()
         .route("/", get(page))
         .route("/api/allowlist", get(allowlist))
@@ -76,17 +79,29 @@ async fn page() -> Response {
     hardened(([(header::CONTENT_TYPE, "text/html; charset=utf-8")], PAGE).into_response())
 }
 
-/// A gRPC request carrying the browser's `Authorization` header as metadata.
-fn with_token<T>(headers: &HeaderMap, message: T) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(message);
-    if let Some(value) = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok())
-    {
-        request.metadata_mut().insert("authorization", value);
+/// A request to a `LegalService` handler, authenticated from the browser's `Authorization`
+/// header exactly as the gRPC layer authenticates a call: the same credentials, limits and
+/// per-call context. A refused call is answered here and never reaches the handler.
+async fn authenticated<T>(
+    api: &Page,
+    method: &str,
+    headers: &HeaderMap,
+    message: T,
+) -> std::result::Result<tonic::Request<T>, Response> {
+    match api.app.open_call(method, headers, None).await {
+        Ok(call) => {
+            let mut request = tonic::Request::new(message);
+            request.extensions_mut().insert(call);
+            Ok(request)
+        }
+        Err(status) => Err(json::<()>(Err(status))),
     }
-    request
+}
+
+/// What the page's routes share.
+struct Page {
+    app: Arc<App>,
+    legal: LegalApi,
 }
 
 /// The handler's answer as JSON, or its status as an HTTP error with the same reason.
@@ -111,11 +126,11 @@ fn json<T: serde::Serialize>(
     hardened(response)
 }
 
-async fn allowlist(State(api): State<Arc<LegalApi>>, headers: HeaderMap) -> Response {
-    json(
-        api.list_allow_list(with_token(&headers, ListAllowListRequest {}))
-            .await,
-    )
+async fn allowlist(State(api): State<Arc<Page>>, headers: HeaderMap) -> Response {
+    match authenticated(&api, "ListAllowList", &headers, ListAllowListRequest {}).await {
+        Ok(request) => json(api.legal.list_allow_list(request).await),
+        Err(refused) => refused,
+    }
 }
 
 #[derive(Deserialize)]
@@ -129,7 +144,7 @@ struct AuditFilter {
 }
 
 async fn audit(
-    State(api): State<Arc<LegalApi>>,
+    State(api): State<Arc<Page>>,
     headers: HeaderMap,
     Query(filter): Query<AuditFilter>,
 ) -> Response {
@@ -138,7 +153,10 @@ async fn audit(
         query_id: filter.query,
         limit: filter.limit,
     };
-    json(api.list_audit(with_token(&headers, request)).await)
+    match authenticated(&api, "ListAudit", &headers, request).await {
+        Ok(request) => json(api.legal.list_audit(request).await),
+        Err(refused) => refused,
+    }
 }
 
 #[derive(Deserialize)]
@@ -174,7 +192,7 @@ fn bad_body(rejection: axum::extract::rejection::JsonRejection) -> Response {
 }
 
 async fn approve(
-    State(api): State<Arc<LegalApi>>,
+    State(api): State<Arc<Page>>,
     headers: HeaderMap,
     Path(id): Path<String>,
     body: Body<ApproveBody>,
@@ -189,11 +207,14 @@ async fn approve(
         expires: body.expires,
         note: body.note,
     };
-    json(api.approve_query(with_token(&headers, request)).await)
+    match authenticated(&api, "ApproveQuery", &headers, request).await {
+        Ok(request) => json(api.legal.approve_query(request).await),
+        Err(refused) => refused,
+    }
 }
 
 async fn reject(
-    State(api): State<Arc<LegalApi>>,
+    State(api): State<Arc<Page>>,
     headers: HeaderMap,
     Path(id): Path<String>,
     body: Body<RejectBody>,
@@ -207,5 +228,8 @@ async fn reject(
         content_sha256: body.content_sha256,
         reason: body.reason,
     };
-    json(api.reject_query(with_token(&headers, request)).await)
+    match authenticated(&api, "RejectQuery", &headers, request).await {
+        Ok(request) => json(api.legal.reject_query(request).await),
+        Err(refused) => refused,
+    }
 }

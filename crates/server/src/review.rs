@@ -1,34 +1,22 @@
-//! Legal review of the allow-list: approvals bound to a query's content hash, every version of
-//! every query kept for diffs, and the `LegalService` handlers (which the review page calls too).
+//! The state of legal review: approvals bound to a query's content hash, and every version of
+//! every query kept for diffs. Its handlers are `LegalService`'s ([`crate::legal`]).
 //!
 //! Decisions live in the hash-chained audit trail and nowhere else: the service rebuilds them from
 //! it at start-up, so an approval cannot be forged or edited without breaking the chain. The text
 //! of every version the service has seen is archived under `data_dir/allowlist/` so that a
 //! reviewer can compare the approved version with a proposed one after the file has changed.
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
 use chrono::{DateTime, NaiveDate, Utc};
-use cleanroom_core::allowlist::{AllowList, ParamKind, QueryDef};
-use cleanroom_core::rules::{Role, Rules};
-use cleanroom_proto::v1::legal_service_server::LegalService;
-use cleanroom_proto::v1::{
-    AllowListReview, ApproveQueryRequest, AuditPage, AuditRecord, DiffLine, DimensionSpec,
-    ListAllowListRequest, ListAuditRequest, PartnerAccess, QueryDiff, QueryReview, QueryVersion,
-    RejectQueryRequest, ReviewDecision, ReviewDecisionResponse, ReviewMetric, ReviewParameter,
-    Viewer,
-};
+use cleanroom_core::allowlist::{AllowList, QueryDef};
+use cleanroom_engine::guard::admission::shown;
+use cleanroom_proto::v1::QueryVersion;
 use serde::{Deserialize, Serialize};
-use tonic::{Request, Response, Status};
 
-use crate::app::{App, Audited, Live};
-use crate::audit::{Entry, Event, Record};
-use crate::auth::Principal;
-use crate::partner::shown;
-use crate::status::to_status;
+use crate::audit::{Event, Record};
 use crate::{Error, Result};
 
 /// One approval or rejection of one version of a query.
@@ -232,7 +220,8 @@ impl ReviewState {
         }
     }
 
-    fn add(&self, decision: Decision) {
+    /// Takes a decision into effect (once the audit trail holds it).
+    pub(crate) fn add(&self, decision: Decision) {
         self.inner
             .lock()
             .expect("review lock poisoned")
@@ -241,7 +230,7 @@ impl ReviewState {
     }
 
     /// Archived text of one version.
-    fn text_of(&self, id: &str, sha: &str) -> Option<String> {
+    pub(crate) fn text_of(&self, id: &str, sha: &str) -> Option<String> {
         let file = {
             let inner = self.inner.lock().expect("review lock poisoned");
             inner
@@ -254,7 +243,8 @@ impl ReviewState {
         std::fs::read_to_string(self.dir.join(file)).ok()
     }
 
-    fn history(&self, id: &str) -> Vec<QueryVersion> {
+    /// Every version of a query seen, with the decisions on each.
+    pub(crate) fn history(&self, id: &str) -> Vec<QueryVersion> {
         let inner = self.inner.lock().expect("review lock poisoned");
         let mut versions: Vec<QueryVersion> = inner
             .versions
@@ -284,7 +274,7 @@ impl ReviewState {
                 .iter_mut()
                 .find(|v| v.content_sha256 == d.content_sha256)
                 .expect("just ensured");
-            version.decisions.push(to_proto(d));
+            version.decisions.push(crate::convert::decision(d));
         }
         versions
     }
@@ -340,491 +330,6 @@ fn decision_of(record: &Record) -> Option<Decision> {
         expires,
         note,
     })
-}
-
-fn to_proto(d: &Decision) -> ReviewDecision {
-    ReviewDecision {
-        decision: if d.approved { "approved" } else { "rejected" }.into(),
-        by: d.by.clone(),
-        role: d.role.clone(),
-        at: d.at.to_rfc3339(),
-        expires: d.expires.map(|e| e.to_string()),
-        note: d.note.clone(),
-        content_sha256: d.content_sha256.clone(),
-    }
-}
-
-/// A line diff of two texts.
-fn diff_lines(old: &str, new: &str) -> Vec<DiffLine> {
-    similar::TextDiff::from_lines(old, new)
-        .iter_all_changes()
-        .map(|change| DiffLine {
-            op: match change.tag() {
-                similar::ChangeTag::Equal => "equal",
-                similar::ChangeTag::Insert => "insert",
-                similar::ChangeTag::Delete => "delete",
-            }
-            .into(),
-            text: change.value().trim_end_matches('\n').to_string(),
-        })
-        .collect()
-}
-
-/// The values a domain holds for the partners of a query. The partner attribute differs by
-/// partner: its values are merged.
-fn domain_values(rules: &Rules, domain: &str, partners: &[String]) -> Vec<String> {
-    let mut values: Vec<String> = Vec::new();
-    for partner in partners {
-        for value in rules.domain(domain, partner).unwrap_or_default() {
-            if !values.contains(&value) {
-                values.push(value);
-            }
-        }
-    }
-    values
-}
-
-/// Handlers of `cleanroom.v1.LegalService`.
-pub struct LegalApi {
-    app: Arc<App>,
-}
-
-impl LegalApi {
-    /// Wraps the shared state.
-    pub fn new(app: Arc<App>) -> Self {
-        Self { app }
-    }
-
-    /// The caller, who must be a legal reviewer (or, to read, an analyst).
-    fn reviewer<T>(
-        &self,
-        request: &Request<T>,
-        live: &Live,
-        method: &str,
-        write: bool,
-        entry: &mut Entry,
-    ) -> Result<Principal> {
-        let principal = self.app.authenticate(live, request)?;
-        entry.principal = principal.name.clone();
-        entry.role = principal.role.as_str().to_string();
-        let allowed = principal.role == Role::Legal || (!write && principal.role == Role::Analyst);
-        if !allowed {
-            let roles = if write {
-                "the legal role"
-            } else {
-                "the legal and analyst roles"
-            };
-            return Err(cleanroom_core::Error::Permission(format!(
-                "{method} is for {roles}; the caller is {}",
-                principal.role.as_str()
-            ))
-            .into());
-        }
-        Ok(principal)
-    }
-
-    fn review_of(&self, live: &Live, query: &QueryDef, today: NaiveDate) -> QueryReview {
-        let rules = &live.rules;
-        let approval = self.app.review.approval(query, today);
-        let approved_sha256 = match &approval {
-            Approval::Changed { approved_sha256 } => Some(approved_sha256.clone()),
-            _ => None,
-        };
-        let diff = approved_sha256.as_ref().and_then(|sha| {
-            let text = self.app.review.text_of(&query.id, sha)?;
-            let old = QueryDef::parse(&text).ok()?;
-            Some(QueryDiff {
-                from_sha256: sha.clone(),
-                to_sha256: query.content_sha256.clone(),
-                sql: diff_lines(old.sql.trim(), query.sql.trim()),
-                metadata: diff_lines(
-                    &old.metadata_lines().join("\n"),
-                    &query.metadata_lines().join("\n"),
-                ),
-            })
-        });
-        let bound_text = |v: &Option<toml::Value>| match v {
-            Some(toml::Value::String(s)) => s.clone(),
-            Some(other) => other.to_string(),
-            None => String::new(),
-        };
-        QueryReview {
-            id: query.id.clone(),
-            version: query.version,
-            title: query.title.clone(),
-            title_ja: query.title_ja.clone(),
-            description: query.description.trim().to_string(),
-            description_ja: query.description_ja.as_ref().map(|d| d.trim().to_string()),
-            purposes: query.purposes.clone(),
-            contract_clause: query.contract_clause.clone(),
-            partners: query
-                .partners
-                .iter()
-                .map(|id| {
-                    let contract = rules.contract_of(id);
-                    let guarantee = contract.and_then(|(_, c)| c.protection.guarantee().ok());
-                    let g = guarantee.as_ref();
-                    PartnerAccess {
-                        period_epsilon: g.map_or(0.0, |g| g.epsilon),
-                        period_delta: g.map_or(0.0, |g| g.delta),
-                        period_days: g.map_or(0, |g| g.period_days),
-                        answers_per_period: g.map_or(0, |g| g.answers_per_period),
-                        answer_epsilon: g.map_or(0.0, |g| g.answer_epsilon),
-                        answer_delta: g.map_or(0.0, |g| g.answer_delta),
-                        rows_per_member: contract.map_or(0, |(_, c)| {
-                            query
-                                .max_rows_per_member
-                                .min(c.protection.max_rows_per_member)
-                        }),
-                        id: id.clone(),
-                        name: rules
-                            .partners
-                            .get(id)
-                            .map(|p| p.name.clone())
-                            .unwrap_or_default(),
-                        effective_k: contract
-                            .map(|(_, c)| rules.effective_k(c, query.k))
-                            .unwrap_or_else(|| rules.privacy.k_floor.max(query.k)),
-                        on_contract: contract.is_some_and(|(_, c)| c.queries.contains(&query.id)),
-                    }
-                })
-                .collect(),
-            parameters: query
-                .params
-                .iter()
-                .map(|p| ReviewParameter {
-                    name: p.name.clone(),
-                    r#type: p.kind.as_str().to_string(),
-                    description: p.description.clone(),
-                    allowed_values: match (p.kind, &p.values, &p.domain) {
-                        (ParamKind::Enum, Some(values), _) => values.clone(),
-                        (ParamKind::Enum, None, Some(domain)) => {
-                            domain_values(rules, domain, &query.partners)
-                        }
-                        _ => Vec::new(),
-                    },
-                    min: bound_text(&p.min),
-                    max: bound_text(&p.max),
-                    granularity: p
-                        .granularity
-                        .map(|g| g.as_str().to_string())
-                        .unwrap_or_default(),
-                    min_window_days: p.min_window_days,
-                })
-                .collect(),
-            dimensions: query
-                .dimensions
-                .iter()
-                .map(|d| DimensionSpec {
-                    name: d.name.clone(),
-                    domain: domain_values(rules, &d.domain, &query.partners),
-                })
-                .collect(),
-            metrics: query
-                .metrics
-                .iter()
-                .map(|m| ReviewMetric {
-                    name: m.clone(),
-                    per_member_bound: query.metric_bounds.get(m).copied().unwrap_or(1),
-                })
-                .collect(),
-            k: query.k,
-            sql: query.sql.trim().to_string(),
-            content_sha256: query.content_sha256.clone(),
-            state: approval.name().to_string(),
-            state_detail: approval.sentence(),
-            approved_sha256,
-            diff,
-            history: self.app.review.history(&query.id),
-        }
-    }
-
-    async fn list(&self, request: Request<ListAllowListRequest>) -> Result<AllowListReview> {
-        let live = self.app.live();
-        let principal = self.reviewer(
-            &request,
-            &live,
-            "ListAllowList",
-            false,
-            &mut Entry::default(),
-        )?;
-        let today = self.app.today();
-        let mut queries: Vec<QueryReview> = live
-            .allowlist
-            .iter()
-            .map(|q| self.review_of(&live, q, today))
-            .collect();
-        queries.extend(live.allowlist.invalid().iter().map(|bad| QueryReview {
-            id: bad.id.clone(),
-            title: bad.id.clone(),
-            state: "invalid".into(),
-            state_detail: format!("the file does not load: {}", bad.reason),
-            ..Default::default()
-        }));
-        queries.sort_by(|a, b| a.id.cmp(&b.id));
-        Ok(AllowListReview {
-            generated_at: self.app.clock.now().to_rfc3339(),
-            viewer: Some(Viewer {
-                name: principal.name,
-                role: principal.role.as_str().to_string(),
-            }),
-            queries,
-        })
-    }
-
-    /// Approves or rejects the current content of a query, after checking the reviewer read it.
-    fn decide(
-        &self,
-        request: Request<(String, String, Option<String>, String, bool)>,
-        entry: &mut Entry,
-    ) -> Result<(ReviewDecisionResponse, Decision)> {
-        let live = self.app.live();
-        let approved = request.get_ref().4;
-        let method = if approved {
-            "ApproveQuery"
-        } else {
-            "RejectQuery"
-        };
-        // Recorded before the caller is checked, so refused attempts name their query too.
-        entry.query_id = Some(shown(&request.get_ref().0));
-        let principal = self.reviewer(&request, &live, method, true, entry)?;
-        let (query_id, sha, expires, note, _) = request.into_inner();
-        let query = live.allowlist.get(&query_id).ok_or_else(|| {
-            cleanroom_core::Error::NotFound(format!(
-                "no valid query `{}` in the allow-list",
-                shown(&query_id)
-            ))
-        })?;
-        entry.query_id = Some(query.id.clone());
-        entry.query_sha256 = Some(query.content_sha256.clone());
-        if sha != query.content_sha256 {
-            return Err(cleanroom_core::Error::Precondition(format!(
-                "query {} changed since it was read: its content is now {}; review it again",
-                query.id,
-                &query.content_sha256[..12]
-            ))
-            .into());
-        }
-        let today = self.app.today();
-        let expires = match expires.as_deref().map(str::trim).filter(|e| !e.is_empty()) {
-            None => None,
-            Some(text) => {
-                let date = NaiveDate::parse_from_str(text, "%Y-%m-%d").map_err(|_| {
-                    cleanroom_core::Error::Input("expires: expected a date as YYYY-MM-DD".into())
-                })?;
-                if date < today {
-                    return Err(cleanroom_core::Error::Input(format!(
-                        "expires: {date} is in the past"
-                    ))
-                    .into());
-                }
-                Some(date)
-            }
-        };
-        let note: String = note.trim().chars().take(2000).collect();
-        if !approved && note.is_empty() {
-            return Err(cleanroom_core::Error::Input("a rejection needs a reason".into()).into());
-        }
-        entry.event = Some(Event::Decision {
-            version: query.version,
-            note: note.clone(),
-            expires,
-        });
-        let decision = Decision {
-            query_id: query.id.clone(),
-            content_sha256: query.content_sha256.clone(),
-            approved,
-            by: principal.name,
-            role: principal.role.as_str().to_string(),
-            at: self.app.clock.now(),
-            expires,
-            note,
-        };
-        Ok((
-            ReviewDecisionResponse {
-                decision: Some(to_proto(&decision)),
-                audit_id: String::new(),
-            },
-            decision,
-        ))
-    }
-
-    fn finish_decision(
-        &self,
-        method: &str,
-        request: Request<(String, String, Option<String>, String, bool)>,
-    ) -> std::result::Result<Response<ReviewDecisionResponse>, Status> {
-        let mut entry = Entry {
-            method: method.into(),
-            ..Default::default()
-        };
-        let outcome = self.decide(request, &mut entry);
-        let (result, decision) = match outcome {
-            Ok((response, decision)) => (Ok(response), Some(decision)),
-            Err(e) => (Err(e), None),
-        };
-        let response = self.app.finish(entry, result)?;
-        // Only a decision the audit trail holds takes effect.
-        if let Some(decision) = decision {
-            self.app.review.add(decision);
-        }
-        Ok(response)
-    }
-
-    fn audit_page(
-        &self,
-        request: Request<ListAuditRequest>,
-        entry: &mut Entry,
-    ) -> Result<AuditPage> {
-        let live = self.app.live();
-        let _caller = self.reviewer(&request, &live, "ListAudit", false, entry)?;
-        let filter = request.into_inner();
-        let records = crate::audit::read(self.app.audit.path())?;
-        let chain_intact = self.app.audit.verify_records(&records).is_ok();
-        let total = records.len() as u64;
-        let partners: BTreeSet<String> = records
-            .iter()
-            .filter_map(|r| r.entry.partner.clone())
-            .collect();
-        let queries: BTreeSet<String> = records
-            .iter()
-            .filter_map(|r| r.entry.query_id.clone())
-            .collect();
-        let limit = match filter.limit {
-            0 => 200,
-            n => n.min(5000),
-        } as usize;
-        let page = records
-            .iter()
-            .rev()
-            .filter(|r| {
-                (filter.partner.is_empty() || r.entry.partner.as_deref() == Some(&filter.partner))
-                    && (filter.query_id.is_empty()
-                        || r.entry.query_id.as_deref() == Some(&filter.query_id))
-            })
-            .take(limit)
-            .map(audit_record)
-            .collect();
-        Ok(AuditPage {
-            records: page,
-            partners: partners.into_iter().collect(),
-            queries: queries.into_iter().collect(),
-            chain_intact,
-            total,
-        })
-    }
-}
-
-fn audit_record(r: &Record) -> AuditRecord {
-    let e = &r.entry;
-    let params = match &e.params {
-        Some(serde_json::Value::Object(map)) => map
-            .iter()
-            .map(|(k, v)| {
-                let text = match v {
-                    serde_json::Value::String(s) => s.clone(),
-                    other => other.to_string(),
-                };
-                (k.clone(), text)
-            })
-            .collect(),
-        _ => BTreeMap::new(),
-    };
-    let mut details = match &e.event {
-        Some(event) => event.display(),
-        None => e.details.clone().unwrap_or_default(),
-    };
-    if let Some((received, accepted)) = e.records {
-        details.insert(
-            "records".into(),
-            format!("{accepted} of {received} accepted"),
-        );
-    }
-    AuditRecord {
-        id: r.id.clone(),
-        seq: r.seq,
-        at: r.at.clone(),
-        principal: e.principal.clone(),
-        role: e.role.clone(),
-        partner: e.partner.clone(),
-        method: e.method.clone(),
-        query_id: e.query_id.clone(),
-        query_sha256: e.query_sha256.clone(),
-        params,
-        rows_released: e.rows_released,
-        rows_suppressed: e.rows_suppressed,
-        consent_snapshot: e.consent_snapshot.clone(),
-        list_version: e.list_version,
-        outcome: e.outcome.clone(),
-        details,
-    }
-}
-
-impl Audited for ReviewDecisionResponse {
-    fn set_audit_id(&mut self, id: String) {
-        self.audit_id = id;
-    }
-}
-
-impl Audited for AuditPage {
-    fn set_audit_id(&mut self, _id: String) {}
-}
-
-#[tonic::async_trait]
-impl LegalService for LegalApi {
-    async fn list_allow_list(
-        &self,
-        request: Request<ListAllowListRequest>,
-    ) -> std::result::Result<Response<AllowListReview>, Status> {
-        self.list(request)
-            .await
-            .map(Response::new)
-            .map_err(|e| to_status(&e, "-"))
-    }
-
-    async fn approve_query(
-        &self,
-        request: Request<ApproveQueryRequest>,
-    ) -> std::result::Result<Response<ReviewDecisionResponse>, Status> {
-        let (metadata, extensions, r) = request.into_parts();
-        let request = Request::from_parts(
-            metadata,
-            extensions,
-            (r.query_id, r.content_sha256, r.expires, r.note, true),
-        );
-        self.finish_decision("ApproveQuery", request)
-    }
-
-    async fn reject_query(
-        &self,
-        request: Request<RejectQueryRequest>,
-    ) -> std::result::Result<Response<ReviewDecisionResponse>, Status> {
-        let (metadata, extensions, r) = request.into_parts();
-        let request = Request::from_parts(
-            metadata,
-            extensions,
-            (r.query_id, r.content_sha256, None, r.reason, false),
-        );
-        self.finish_decision("RejectQuery", request)
-    }
-
-    async fn list_audit(
-        &self,
-        request: Request<ListAuditRequest>,
-    ) -> std::result::Result<Response<AuditPage>, Status> {
-        // Reading the trail is itself recorded: who looked at which partner's records.
-        let mut entry = Entry {
-            method: "ListAudit".into(),
-            ..Default::default()
-        };
-        let filter = request.get_ref();
-        // The caller's filters, as safe characters only and bounded: the trail never stores
-        // caller text verbatim.
-        entry.partner = Some(shown(&filter.partner)).filter(|p| !p.is_empty());
-        entry.query_id = Some(shown(&filter.query_id)).filter(|q| !q.is_empty());
-        let result = self.audit_page(request, &mut entry);
-        self.app.finish(entry, result)
-    }
 }
 
 #[cfg(test)]

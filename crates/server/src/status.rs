@@ -8,6 +8,7 @@
 //! | unknown query (or not on the caller's allow-list) | `NOT_FOUND` |
 //! | expired contract, no list yet, query refused by the guard | `FAILED_PRECONDITION` |
 //! | size limits, budgets | `RESOURCE_EXHAUSTED` |
+//! | an upload stream silent for too long | `DEADLINE_EXCEEDED` |
 //! | anything else | `INTERNAL`, with only the audit id |
 //!
 //! Domain and guard messages are written never to contain data, so they are shown. Storage and
@@ -29,6 +30,7 @@ pub fn to_status(error: &Error, audit_id: &str) -> Status {
     };
     match error {
         Error::Unauthenticated(msg) => Status::unauthenticated(msg.clone()),
+        Error::Stalled(msg) => Status::deadline_exceeded(msg.clone()),
         Error::Engine(Engine::Domain(domain)) => {
             let code = match domain {
                 Domain::Input(_) => Code::InvalidArgument,

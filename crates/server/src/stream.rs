@@ -1,9 +1,23 @@
 //! Reading a client stream of "one header, then chunks of records", the shape of every upload and
-//! ingest. Nothing is stored while reading: the caller stores only a complete, accepted stream.
+//! ingest, as it arrives. The header is read first and the caller's checks (permission, contract,
+//! allowance) run on it before any record is read. Each chunk then goes, as soon as it is read,
+//! to a blocking thread that checks, hashes and stages it, with at most [`CHUNKS_IN_FLIGHT`]
+//! chunks waiting: an upload's memory is bounded by its chunk size, never by its length. The
+//! stream is bounded in records, bytes and silence; a stream that breaks or exceeds a bound
+//! leaves nothing behind (its staged files are removed).
 
+use std::time::Duration;
+
+use cleanroom_core::rules::Rules;
+use cleanroom_engine::ingest::{Ingest, IngestReport};
+use cleanroom_engine::store::Staging;
+use tokio::sync::mpsc;
 use tonic::{Status, Streaming};
 
 use crate::{Error, Result};
+
+/// Chunks read from the network but not yet staged, at most.
+const CHUNKS_IN_FLIGHT: usize = 2;
 
 /// One message of an upload stream, whatever its proto type.
 pub(crate) enum Part<H, R> {
@@ -12,38 +26,184 @@ pub(crate) enum Part<H, R> {
     Empty,
 }
 
-/// Reads a whole stream: exactly one header first, then chunks, within the record limit.
-pub(crate) async fn collect<M, H, R>(
-    mut stream: Streaming<M>,
-    split: impl Fn(M) -> Part<H, R>,
-    limit: u64,
-) -> Result<(H, Vec<R>)> {
-    let input = |msg: &str| cleanroom_core::Error::Input(msg.to_string());
-    let mut header = None;
-    let mut records = Vec::new();
-    while let Some(message) = stream.message().await.map_err(|s| broken(&s))? {
-        match (split(message), &header) {
-            (Part::Header(h), None) => header = Some(h),
-            (Part::Header(_), Some(_)) => {
-                return Err(input("the stream has a second header").into());
-            }
-            (Part::Chunk(_), None) => {
-                return Err(input("the stream must start with a header").into());
-            }
-            (Part::Chunk(chunk), Some(_)) => {
-                if records.len() as u64 + chunk.len() as u64 > limit {
-                    return Err(cleanroom_core::Error::Limit(format!(
-                        "an upload may hold at most {limit} records"
-                    ))
-                    .into());
-                }
-                records.extend(chunk);
-            }
-            (Part::Empty, _) => return Err(input("empty stream message").into()),
+/// The bounds on one stream.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct StreamLimits {
+    /// Records, over all chunks.
+    pub records: u64,
+    /// Encoded bytes, over all messages.
+    pub bytes: u64,
+    /// The longest wait for the next message.
+    pub idle: Duration,
+}
+
+impl StreamLimits {
+    /// The bounds the rules set.
+    pub fn of(rules: &Rules) -> Self {
+        Self {
+            records: rules.privacy.max_upload_records,
+            bytes: rules.limits.max_stream_bytes,
+            idle: Duration::from_secs(u64::from(rules.limits.stream_idle_seconds)),
         }
     }
-    let header = header.ok_or_else(|| input("the stream must start with a header"))?;
-    Ok((header, records))
+}
+
+/// An ingest fed from a stream: converts each chunk's records and stages the rows.
+pub(crate) struct Feed<I: Ingest, R> {
+    ingest: I,
+    staging: Staging,
+    convert: fn(R) -> I::Input,
+}
+
+impl<I: Ingest, R> Feed<I, R> {
+    /// Feeds `ingest`, staging its rows in `staging`, each record converted with `convert`.
+    pub fn new(ingest: I, staging: Staging, convert: fn(R) -> I::Input) -> Self {
+        Self {
+            ingest,
+            staging,
+            convert,
+        }
+    }
+
+    /// Ingests chunks until the end of the stream is signalled, then finishes and closes the
+    /// staged files (synced, ready to commit). A channel closed without the end means the stream
+    /// failed: the staged files are dropped, and with them removed.
+    fn run(mut self, chunks: &mut mpsc::Receiver<Message<R>>) -> Result<Fed> {
+        loop {
+            match chunks.blocking_recv() {
+                Some(Message::Chunk(records)) => {
+                    let inputs = records.into_iter().map(self.convert).collect();
+                    self.ingest.push(inputs, &mut self.staging)?;
+                }
+                Some(Message::End) => break,
+                None => return Err(Error::Internal("the stream ended early".into())),
+            }
+        }
+        let report = self.ingest.finish(&mut self.staging)?;
+        self.staging.close()?;
+        Ok(Fed {
+            staging: self.staging,
+            report,
+        })
+    }
+}
+
+/// What a stream became: its tables, staged and synced but not committed, and what happened to
+/// its records.
+pub(crate) struct Fed {
+    pub staging: Staging,
+    pub report: IngestReport,
+}
+
+enum Message<R> {
+    Chunk(Vec<R>),
+    End,
+}
+
+/// Reads a whole stream: exactly one header first, on which `start` decides and builds the
+/// feed, then chunks, fed as they arrive, within `limits`.
+pub(crate) async fn feed<M, H, R, I>(
+    mut stream: Streaming<M>,
+    split: fn(M) -> Part<H, R>,
+    limits: StreamLimits,
+    start: impl FnOnce(&H) -> Result<Feed<I, R>>,
+) -> Result<(H, Fed)>
+where
+    M: prost::Message + Default + Send + 'static,
+    R: Send + 'static,
+    I: Ingest + 'static,
+{
+    let input = |msg: &str| Error::from(cleanroom_core::Error::Input(msg.to_string()));
+    let mut received = Received::new(limits);
+    let header = match received.next(&mut stream).await?.map(split) {
+        Some(Part::Header(header)) => header,
+        Some(Part::Empty) => return Err(input("empty stream message")),
+        _ => return Err(input("the stream must start with a header")),
+    };
+    let feed = start(&header)?;
+    let (chunks, mut waiting) = mpsc::channel(CHUNKS_IN_FLIGHT);
+    let worker = tokio::task::spawn_blocking(move || feed.run(&mut waiting));
+    let read = async {
+        while let Some(message) = received.next(&mut stream).await? {
+            let records = match split(message) {
+                Part::Chunk(records) => records,
+                Part::Header(_) => return Err(input("the stream has a second header")),
+                Part::Empty => return Err(input("empty stream message")),
+            };
+            received.count(records.len())?;
+            if chunks.send(Message::Chunk(records)).await.is_err() {
+                // The worker stopped on a record (strict mode): its error is the answer.
+                return Ok(());
+            }
+        }
+        let _ = chunks.send(Message::End).await;
+        Ok(())
+    }
+    .await;
+    drop(chunks);
+    let fed = worker
+        .await
+        .map_err(|e| Error::Internal(format!("ingest worker: {e}")))?;
+    read?;
+    Ok((header, fed?))
+}
+
+/// What a stream has sent so far, against its limits.
+struct Received {
+    limits: StreamLimits,
+    records: u64,
+    bytes: u64,
+}
+
+impl Received {
+    fn new(limits: StreamLimits) -> Self {
+        Self {
+            limits,
+            records: 0,
+            bytes: 0,
+        }
+    }
+
+    /// The next message, if the stream sends one in time and within the byte limit.
+    async fn next<M: prost::Message + Default>(
+        &mut self,
+        stream: &mut Streaming<M>,
+    ) -> Result<Option<M>> {
+        let idle = self.limits.idle;
+        let message = tokio::time::timeout(idle, stream.message())
+            .await
+            .map_err(|_| {
+                Error::Stalled(format!(
+                    "the stream sent nothing for {} s; nothing was stored",
+                    idle.as_secs()
+                ))
+            })?
+            .map_err(|s| broken(&s))?;
+        if let Some(message) = &message {
+            self.bytes += message.encoded_len() as u64;
+            if self.bytes > self.limits.bytes {
+                return Err(cleanroom_core::Error::Limit(format!(
+                    "an upload may carry at most {} bytes; nothing was stored",
+                    self.limits.bytes
+                ))
+                .into());
+            }
+        }
+        Ok(message)
+    }
+
+    /// Counts a chunk's records against the record limit.
+    fn count(&mut self, records: usize) -> Result<()> {
+        self.records += records as u64;
+        if self.records > self.limits.records {
+            return Err(cleanroom_core::Error::Limit(format!(
+                "an upload may hold at most {} records",
+                self.limits.records
+            ))
+            .into());
+        }
+        Ok(())
+    }
 }
 
 /// A stream that broke mid-way (a client error, a message over the size limit) fails the upload.

@@ -1,0 +1,399 @@
+//! Start-up wiring: opening the service's state from its data directory (verifying and
+//! reconciling what a crash may have left), and serving gRPC (with reflection, health and the
+//! authentication layer) and the review page, until told to stop.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use cleanroom_engine::guard::{Guard, PastCall};
+use cleanroom_engine::store::Store;
+use cleanroom_proto::v1::admin_service_server::AdminServiceServer;
+use cleanroom_proto::v1::legal_service_server::LegalServiceServer;
+use cleanroom_proto::v1::partner_service_server::PartnerServiceServer;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::admin::AdminApi;
+use crate::audit::{AuditTrail, Entry, Event};
+use crate::layer::Authenticated;
+use crate::legal::LegalApi;
+use crate::live::{Live, Reload, source_fingerprint};
+use crate::partner::PartnerApi;
+use crate::state::{App, AppConfig, RefusedCalls};
+use crate::tls::Tls;
+use crate::{Error, Result};
+
+/// The largest gRPC message accepted, in bytes. Uploads stream many messages of this size at most.
+pub const MAX_MESSAGE_BYTES: usize = 8 * 1024 * 1024;
+
+/// The health service name that reports whether the configuration on disk is the one in force.
+pub const CONFIG_HEALTH: &str = "cleanroom.config";
+
+impl App {
+    /// Opens the data directory and the audit trail.
+    pub fn new(config: AppConfig) -> Result<Arc<Self>> {
+        // The configuration is checked (credentials included) before anything is opened or
+        // written: a refused start leaves the data directory as it was.
+        let fingerprint = match &config.sources {
+            Some(sources) => source_fingerprint(sources)?,
+            None => String::new(),
+        };
+        let live = Live::new(
+            config.rules,
+            config.allowlist,
+            fingerprint,
+            config.allow_demo_tokens,
+        )?;
+        let store = Store::open_for_service(&config.data_dir)?;
+        let audit_path = config.data_dir.join("audit.jsonl");
+        // Budgets, list allowances and approvals survive restarts: all are in the audit trail.
+        let (audit, history, torn_audit) =
+            AuditTrail::open(&audit_path, crate::audit::ChainKey::new(&config.secret))?;
+        let past: Vec<PastCall> = history
+            .iter()
+            .filter_map(|r| {
+                Some(PastCall {
+                    partner: r.entry.partner.clone()?,
+                    method: r.entry.method.clone(),
+                    at: DateTime::parse_from_rfc3339(&r.at)
+                        .ok()?
+                        .with_timezone(&Utc),
+                    ok: r.entry.outcome == "ok",
+                    fresh: match &r.entry.event {
+                        Some(Event::Answer(report)) => report.fresh,
+                        _ => r
+                            .entry
+                            .details
+                            .as_ref()
+                            .and_then(|d| d.get("fresh"))
+                            .is_none_or(|f| f == "true"),
+                    },
+                })
+            })
+            .collect();
+        let guard = Guard::open(&config.data_dir, &config.secret, &past)?;
+        require_whole_ledger(&guard, &history)?;
+        let review = crate::review::ReviewState::open(&config.data_dir, &history)?;
+        reconcile(&store, &audit, &history, config.clock.now())?;
+        let torn: Vec<_> = torn_audit
+            .into_iter()
+            .chain(guard.recovered())
+            .chain(review.recovered())
+            .collect();
+        for tail in torn {
+            let file = tail
+                .path
+                .strip_prefix(&config.data_dir)
+                .unwrap_or(&tail.path)
+                .display()
+                .to_string();
+            tracing::warn!(%file, bytes = tail.dropped_bytes, "dropped a torn last record");
+            audit.append(
+                Entry {
+                    principal: "service".into(),
+                    method: "RecoverTornRecord".into(),
+                    outcome: "ok".into(),
+                    event: Some(Event::Recovered {
+                        file,
+                        dropped_bytes: tail.dropped_bytes,
+                    }),
+                    ..Default::default()
+                },
+                config.clock.now(),
+            )?;
+        }
+        review.archive(&live.allowlist, config.clock.now())?;
+        Ok(Arc::new(Self {
+            live: RwLock::new(Arc::new(live)),
+            sources: config.sources,
+            allow_demo_tokens: config.allow_demo_tokens,
+            refused: Mutex::new(String::new()),
+            calls: crate::limit::PerMinute::default(),
+            in_flight: Arc::default(),
+            refused_calls: RefusedCalls::default(),
+            guard,
+            review,
+            store,
+            secret: config.secret,
+            audit: Arc::new(audit),
+            clock: config.clock,
+        }))
+    }
+}
+
+/// The calls that commit a write to the store, as the audit trail names them.
+const WRITES: &[&str] = &[
+    "IngestMembers",
+    "IngestPurchases",
+    "IngestConsent",
+    "UploadList",
+    "IngestPartnerList",
+];
+
+/// Makes the trail account for the data directory: files no manifest named were removed, and a
+/// write committed whose record a crash lost (the store commits before the call's record is
+/// written) gets a record now. So after any crash no data is without a record.
+fn reconcile(
+    store: &Store,
+    audit: &AuditTrail,
+    history: &[crate::audit::Record],
+    now: DateTime<Utc>,
+) -> Result<()> {
+    let recorded = history
+        .iter()
+        .filter(|r| r.entry.outcome == "ok" && WRITES.contains(&r.entry.method.as_str()))
+        .count() as u64;
+    let recovered: u64 = history
+        .iter()
+        .filter_map(|r| match &r.entry.event {
+            Some(Event::Reconciled {
+                unrecorded_writes, ..
+            }) => Some(*unrecorded_writes),
+            _ => None,
+        })
+        .sum();
+    let unrecorded_writes = store.commits().saturating_sub(recorded + recovered);
+    let orphan_files = store.collected().to_vec();
+    if unrecorded_writes == 0 && orphan_files.is_empty() {
+        return Ok(());
+    }
+    tracing::warn!(
+        unrecorded_writes,
+        orphans = orphan_files.len(),
+        "data directory reconciled with the audit trail"
+    );
+    audit.append(
+        Entry {
+            principal: "service".into(),
+            method: "Reconcile".into(),
+            outcome: "ok".into(),
+            event: Some(Event::Reconciled {
+                orphan_files,
+                unrecorded_writes,
+            }),
+            ..Default::default()
+        },
+        now,
+    )?;
+    Ok(())
+}
+
+/// Fails closed when the guard's privacy ledger holds fewer charges than the audit trail records
+/// charged answers: the ledger was lost or rolled back, and rebuilding budgets from it would
+/// refill them.
+fn require_whole_ledger(guard: &Guard, history: &[crate::audit::Record]) -> Result<()> {
+    let charged = history
+        .iter()
+        .filter(|r| matches!(&r.entry.event, Some(Event::Answer(report)) if report.rho_spent > 0.0))
+        .count();
+    let on_ledger = guard.charges();
+    if on_ledger < charged {
+        return Err(Error::Internal(format!(
+            "guard/ledger.jsonl holds {on_ledger} charges but the audit trail records {charged} \
+             charged answers: the ledger is missing or was rolled back; restore it from backup \
+             (the service will not start and refill budgets)"
+        )));
+    }
+    Ok(())
+}
+
+/// Serves the API on `listener` (over TLS when `tls` is given) until `shutdown` resolves.
+pub async fn serve(
+    app: Arc<App>,
+    listener: TcpListener,
+    tls: Option<Tls>,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<()> {
+    // Both reflection versions: grpcurl speaks v1, grpcio's reflection client still v1alpha.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(cleanroom_proto::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection()
+        .build_v1()
+        .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
+    let reflection_v1alpha = reflection()
+        .build_v1alpha()
+        .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<PartnerServiceServer<PartnerApi>>()
+        .await;
+    health_reporter
+        .set_serving::<AdminServiceServer<AdminApi>>()
+        .await;
+    health_reporter
+        .set_serving::<LegalServiceServer<LegalApi>>()
+        .await;
+
+    // Every call to the clean room's own services is authenticated before it reaches them.
+    let partner = PartnerServiceServer::new(PartnerApi::new(Arc::clone(&app)))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(64 * 1024 * 1024);
+    let partner = Authenticated::new(Arc::clone(&app), partner);
+    let admin = AdminServiceServer::new(AdminApi::new(Arc::clone(&app)))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let admin = Authenticated::new(Arc::clone(&app), admin);
+    let legal = Authenticated::new(
+        Arc::clone(&app),
+        LegalServiceServer::new(LegalApi::new(Arc::clone(&app))),
+    );
+    health_reporter
+        .set_service_status(CONFIG_HEALTH, tonic_health::ServingStatus::Serving)
+        .await;
+    let watcher = app.sources.as_ref().map(|sources| {
+        let (app, poll) = (Arc::clone(&app), sources.poll);
+        let config_health = health_reporter.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(poll).await;
+                let app = Arc::clone(&app);
+                let outcome = tokio::task::spawn_blocking(move || app.reload()).await;
+                let in_force = match outcome {
+                    Ok(Ok(Reload::Applied | Reload::Unchanged)) => true,
+                    Ok(Ok(Reload::Refused)) => false,
+                    Ok(Err(e)) => {
+                        tracing::error!(error = %e, "configuration reload failed");
+                        false
+                    }
+                    Err(_) => false,
+                };
+                let status = if in_force {
+                    tonic_health::ServingStatus::Serving
+                } else {
+                    tonic_health::ServingStatus::NotServing
+                };
+                config_health
+                    .set_service_status(CONFIG_HEALTH, status)
+                    .await;
+            }
+        })
+    });
+    let limits = app.live().rules.limits.clone();
+    let mut builder = tonic::transport::Server::builder()
+        .timeout(Duration::from_secs(u64::from(limits.call_timeout_seconds)))
+        .concurrency_limit_per_connection(limits.concurrent_calls_per_connection as usize)
+        .max_concurrent_streams(Some(limits.concurrent_calls_per_connection));
+    if let Some(tls) = &tls {
+        builder = builder
+            .tls_config(tls.grpc())
+            .map_err(|e| Error::Internal(format!("TLS: {e}")))?;
+    }
+    let served = builder
+        .add_service(health)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(partner)
+        .add_service(admin)
+        .add_service(legal)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await
+        .map_err(|e| Error::Internal(format!("server: {e}")));
+    if let Some(watcher) = watcher {
+        watcher.abort();
+    }
+    served
+}
+
+/// A server running in the background: gRPC and the review page.
+pub struct Running {
+    /// The gRPC address.
+    pub addr: SocketAddr,
+    /// The review page's address.
+    pub review_addr: SocketAddr,
+    shutdown: Option<tokio::sync::watch::Sender<bool>>,
+    handles: Vec<tokio::task::JoinHandle<Result<()>>>,
+}
+
+impl Running {
+    /// Stops both servers and waits for them.
+    pub async fn stop(mut self) -> Result<()> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(true);
+        }
+        for handle in self.handles.drain(..) {
+            handle
+                .await
+                .map_err(|e| Error::Internal(format!("server task: {e}")))??;
+        }
+        Ok(())
+    }
+}
+
+/// Binds `addr` for gRPC and `review_addr` for the review page (port 0 picks a free port) and
+/// serves both in the background, in plain text: loopback only.
+pub async fn spawn_with_page(
+    app: Arc<App>,
+    addr: SocketAddr,
+    review_addr: SocketAddr,
+) -> Result<Running> {
+    spawn_with_tls(app, addr, review_addr, None).await
+}
+
+/// As [`spawn_with_page`], over TLS on both ports when `tls` is given. Without TLS only loopback
+/// addresses are allowed: bearer tokens and raw identifiers travel over these ports.
+pub async fn spawn_with_tls(
+    app: Arc<App>,
+    addr: SocketAddr,
+    review_addr: SocketAddr,
+    tls: Option<Tls>,
+) -> Result<Running> {
+    if tls.is_none() {
+        for (what, a) in [("gRPC", addr), ("review page", review_addr)] {
+            if !a.ip().is_loopback() {
+                return Err(Error::Internal(format!(
+                    "{what} address {a}: only loopback addresses are allowed without TLS"
+                )));
+            }
+        }
+    }
+    let listener = bind(addr).await?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| Error::Internal(e.to_string()))?;
+    let page = bind(review_addr).await?;
+    let review_addr = page
+        .local_addr()
+        .map_err(|e| Error::Internal(e.to_string()))?;
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let page_task = match &tls {
+        Some(tls) => tokio::spawn(crate::page::serve(
+            Arc::clone(&app),
+            tls.page_listener(page)?,
+            stopped(rx.clone()),
+        )),
+        None => tokio::spawn(crate::page::serve(
+            Arc::clone(&app),
+            page,
+            stopped(rx.clone()),
+        )),
+    };
+    let handles = vec![
+        tokio::spawn(serve(app, listener, tls, stopped(rx))),
+        page_task,
+    ];
+    Ok(Running {
+        addr,
+        review_addr,
+        shutdown: Some(tx),
+        handles,
+    })
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| Error::Internal(format!("cannot listen on {addr}: {e}")))
+}
+
+/// Binds `addr` (use port 0 for any free port) and serves gRPC there and the review page on a
+/// free port of the same loopback address, in the background.
+pub async fn spawn(app: Arc<App>, addr: SocketAddr) -> Result<Running> {
+    spawn_with_page(app, addr, SocketAddr::new(addr.ip(), 0)).await
+}
