@@ -29,6 +29,8 @@ mod review;
 mod tls;
 // Minted tokens, demo tokens refused by `serve`, limited guesses.
 mod credentials;
+// Uploads read as they arrive, bounded in bytes and silence; one upload holds up no one else.
+mod streams;
 // Torn records, lost ledgers: crash safety of the data directory.
 mod crash;
 // `kill -9` of the real binary during ingests, uploads and queries.

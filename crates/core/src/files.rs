@@ -27,12 +27,7 @@ pub fn read_config_file(path: &Path) -> Result<String> {
     if meta.len() > MAX_CONFIG_BYTES {
         return Err(refuse(path, "larger than 1 MiB"));
     }
-    let file = std::fs::File::open(path).map_err(|e| refuse(path, &io_reason(&e)))?;
-    // The path may have been swapped between the two looks: check what was opened.
-    let opened = file.metadata().map_err(|e| refuse(path, &io_reason(&e)))?;
-    if !opened.file_type().is_file() {
-        return Err(refuse(path, "not a regular file"));
-    }
+    let file = open_regular(path)?;
     let mut bytes = Vec::new();
     file.take(MAX_CONFIG_BYTES + 1)
         .read_to_end(&mut bytes)
@@ -41,6 +36,23 @@ pub fn read_config_file(path: &Path) -> Result<String> {
         return Err(refuse(path, "larger than 1 MiB"));
     }
     String::from_utf8(bytes).map_err(|_| refuse(path, "not UTF-8"))
+}
+
+/// Opens a regular file for reading. The path may have been swapped since it was looked at: the
+/// open itself refuses a symlink (O_NOFOLLOW) and never waits on a FIFO (O_NONBLOCK), and what
+/// it opened is checked to be a regular file.
+fn open_regular(path: &Path) -> Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| refuse(path, &io_reason(&e)))?;
+    let opened = file.metadata().map_err(|e| refuse(path, &io_reason(&e)))?;
+    if !opened.file_type().is_file() {
+        return Err(refuse(path, "not a regular file"));
+    }
+    Ok(file)
 }
 
 /// An I/O error's kind, in words that cannot carry the file's content.
@@ -143,6 +155,27 @@ mod tests {
                 .contains("1 MiB")
         );
         assert!(read_config_file(dir.path()).is_err(), "a directory");
+    }
+
+    /// A symlink or a FIFO swapped in after the first look is refused by the open itself,
+    /// without blocking on the FIFO (which has no writer).
+    #[test]
+    fn the_open_refuses_what_a_swap_could_put_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("a.toml");
+        std::fs::write(&file, "k = 1\n").unwrap();
+        assert!(open_regular(&file).is_ok());
+        let link = dir.path().join("b.toml");
+        std::os::unix::fs::symlink(&file, &link).unwrap();
+        assert!(open_regular(&link).is_err(), "a symlink is not followed");
+        let fifo = dir.path().join("c.toml");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let refused = open_regular(&fifo).unwrap_err().to_string();
+        assert!(refused.contains("not a regular file"), "{refused}");
     }
 
     #[test]

@@ -564,6 +564,43 @@ mod tests {
     }
 
     #[test]
+    fn concurrent_appends_share_syncs_and_keep_one_whole_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let (trail, _, _) = AuditTrail::open(&path, key(&[7; 32])).unwrap();
+        let trail = std::sync::Arc::new(trail);
+        let writers: Vec<_> = (0..8)
+            .map(|writer| {
+                let trail = std::sync::Arc::clone(&trail);
+                std::thread::spawn(move || {
+                    (0..50)
+                        .map(|i| {
+                            let entry = Entry {
+                                method: format!("W{writer}-{i}"),
+                                outcome: "ok".into(),
+                                ..Default::default()
+                            };
+                            trail.append(entry, chrono::Utc::now()).unwrap()
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        let ids: std::collections::BTreeSet<String> = writers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap())
+            .collect();
+        assert_eq!(ids.len(), 400, "every append got its own record");
+        // Every acknowledged record is on disk, in one chain, and the checkpoint covers it.
+        let verified = verify(&path, &key(&[7; 32]), None).unwrap();
+        assert_eq!(verified.records, 400);
+        assert_eq!(trail.checkpoint(), verified.checkpoint);
+        let on_disk: std::collections::BTreeSet<String> =
+            read(&path).unwrap().into_iter().map(|r| r.id).collect();
+        assert_eq!(on_disk, ids);
+    }
+
+    #[test]
     fn edits_cuts_and_rewrites_do_not_verify() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.jsonl");

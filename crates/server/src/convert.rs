@@ -13,12 +13,12 @@ use cleanroom_engine::guard::Answer;
 use cleanroom_engine::ingest::{ConsentInput, IngestReport, ListInput, MemberInput, PurchaseInput};
 use cleanroom_proto::v1::{
     AuditRecord, Column, ConsentRecord, CustomerRecord, DimensionSpec, IngestSummary, MemberRecord,
-    ParamValue, ParameterSpec, Protection, PurchaseRecord, QueryDescription, ReviewDecision, Row,
-    Value, param_value, value::Kind,
+    ParamValue, ParameterSpec, Protection, PurchaseRecord, QueryDescription, QueryVersion,
+    ReviewDecision, Row, Value, param_value, value::Kind,
 };
 
 use crate::audit::Record;
-use crate::review::Decision;
+use crate::review::{Decision, VersionHistory};
 use crate::{Error, Result};
 
 /// A member record as ingest takes it.
@@ -262,6 +262,16 @@ pub fn decision(d: &Decision) -> ReviewDecision {
         expires: d.expires.map(|e| e.to_string()),
         note: d.note.clone(),
         content_sha256: d.content_sha256.clone(),
+    }
+}
+
+/// A query version's history as the review page shows it.
+pub fn query_version(v: &VersionHistory) -> QueryVersion {
+    QueryVersion {
+        content_sha256: v.content_sha256.clone(),
+        version: v.version,
+        first_seen: v.first_seen.clone(),
+        decisions: v.decisions.iter().map(decision).collect(),
     }
 }
 

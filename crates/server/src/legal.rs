@@ -182,7 +182,13 @@ impl LegalApi {
             state_detail: approval.sentence(),
             approved_sha256,
             diff,
-            history: self.app.review.history(&query.id),
+            history: self
+                .app
+                .review
+                .history(&query.id)
+                .iter()
+                .map(convert::query_version)
+                .collect(),
         }
     }
 

@@ -13,7 +13,6 @@ use std::sync::Mutex;
 use chrono::{DateTime, NaiveDate, Utc};
 use cleanroom_core::allowlist::{AllowList, QueryDef};
 use cleanroom_engine::guard::admission::shown;
-use cleanroom_proto::v1::QueryVersion;
 use serde::{Deserialize, Serialize};
 
 use crate::audit::{Event, Record};
@@ -243,14 +242,14 @@ impl ReviewState {
         std::fs::read_to_string(self.dir.join(file)).ok()
     }
 
-    /// Every version of a query seen, with the decisions on each.
-    pub(crate) fn history(&self, id: &str) -> Vec<QueryVersion> {
+    /// Every version of a query seen, with the decisions on each, oldest first.
+    pub(crate) fn history(&self, id: &str) -> Vec<VersionHistory> {
         let inner = self.inner.lock().expect("review lock poisoned");
-        let mut versions: Vec<QueryVersion> = inner
+        let mut versions: Vec<VersionHistory> = inner
             .versions
             .iter()
             .filter(|v| v.id == id)
-            .map(|v| QueryVersion {
+            .map(|v| VersionHistory {
                 content_sha256: v.content_sha256.clone(),
                 version: v.version,
                 first_seen: v.first_seen.clone(),
@@ -263,7 +262,7 @@ impl ReviewState {
                 .any(|v| v.content_sha256 == d.content_sha256)
             {
                 // Decided on a version this data directory never archived (an older trail).
-                versions.push(QueryVersion {
+                versions.push(VersionHistory {
                     content_sha256: d.content_sha256.clone(),
                     version: 0,
                     first_seen: String::new(),
@@ -274,10 +273,23 @@ impl ReviewState {
                 .iter_mut()
                 .find(|v| v.content_sha256 == d.content_sha256)
                 .expect("just ensured");
-            version.decisions.push(crate::convert::decision(d));
+            version.decisions.push(d.clone());
         }
         versions
     }
+}
+
+/// One version of a query and the decisions on it.
+#[derive(Debug, Clone)]
+pub struct VersionHistory {
+    /// The version's content hash.
+    pub content_sha256: String,
+    /// Its version number (0 when the archive never held it).
+    pub version: u32,
+    /// When the service first saw it (RFC 3339), if it did.
+    pub first_seen: String,
+    /// The decisions on it, oldest first.
+    pub decisions: Vec<Decision>,
 }
 
 /// Writes a file that must not exist yet, through a temporary name.
