@@ -180,6 +180,20 @@ enum Command {
         #[command(subcommand)]
         command: TokenCommand,
     },
+    /// Write a throwaway CA's certificate, a server certificate for the given names and client
+    /// certificates, to try TLS and mutual TLS (evaluation only: use your own CA in production).
+    ThrowawayPki {
+        /// Directory for ca.pem, server.pem, server.key, server.spki (the browser pin) and
+        /// <client>.pem/.key.
+        #[arg(long)]
+        dir: PathBuf,
+        /// A DNS name or IP address the server certificate is for (repeat for several).
+        #[arg(long = "name", required = true)]
+        names: Vec<String>,
+        /// A client certificate to issue (repeat for several).
+        #[arg(long = "client")]
+        clients: Vec<String>,
+    },
     /// Retailer side: print a collaboration's match key for its partner's `prep`.
     ExportKey {
         /// The service configuration file.
@@ -342,6 +356,24 @@ fn run(cli: Cli) -> Result<()> {
                     name,
                 },
         } => token_new(&role, partner.as_deref(), &name),
+        Command::ThrowawayPki {
+            dir,
+            names,
+            clients,
+        } => {
+            let names: Vec<&str> = names.iter().map(String::as_str).collect();
+            let clients: Vec<&str> = clients.iter().map(String::as_str).collect();
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            cleanroom_client::pki::ThrowawayPki::generate_for(&names, &clients)?.write(&dir)?;
+            println!(
+                "wrote a throwaway CA (ca.pem), a server certificate for {} and {} client \
+                 certificate(s) to {}",
+                names.join(", "),
+                clients.len(),
+                dir.display()
+            );
+            Ok(())
+        }
         Command::Gen {
             seed,
             members,

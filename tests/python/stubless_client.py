@@ -2,9 +2,10 @@
 
 It discovers everything through server reflection, as grpcurl or any grpcio tool would: lists the
 services, checks health, then builds a RunQuery request from the reflected descriptors and runs it.
-.ci/run starts `cleanroom demo --keep-serving` and runs this against it.
+.ci/run runs this against `cleanroom serve` over TLS (tests/deploy/serve_in_netns.sh); it works as
+well against `cleanroom demo --keep-serving`.
 
-Usage: python stubless_client.py HOST:PORT
+Usage: python stubless_client.py HOST:PORT [CA.pem]
 """
 
 import sys
