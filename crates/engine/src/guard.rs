@@ -149,7 +149,7 @@ pub struct QueryRequest<'a> {
     contract_id: &'a str,
     /// Typed parameters, not yet snapped.
     params: &'a BTreeMap<String, BoundValue>,
-    snapshot: &'a Snapshot,
+    snapshot: Arc<Snapshot>,
     now: DateTime<Utc>,
 }
 
@@ -158,7 +158,7 @@ impl<'a> QueryRequest<'a> {
     pub fn new(
         admitted: AdmittedQuery<'a>,
         params: &'a BTreeMap<String, BoundValue>,
-        snapshot: &'a Snapshot,
+        snapshot: Arc<Snapshot>,
     ) -> Self {
         let partner = admitted.partner;
         Self {
@@ -630,16 +630,16 @@ impl Guard {
             min_notice_version: purpose.min_notice_version,
             grant_valid_days: purpose.grant_valid_days,
         };
-        let matched = views::matched_members(request.snapshot, request.contract_id, question.list)?;
-        let eligible = views::consented(
-            request.snapshot,
-            &matched,
-            &contract.purpose,
-            &requirement,
+        let (audience, views) = audience_views(
+            Arc::clone(&request.snapshot),
+            request.contract_id.to_string(),
+            question.list.clone(),
+            contract.purpose.clone(),
+            requirement,
             request.now,
-        );
-        self.check_audience(question, eligible.len())?;
-        let views = SafeViews::of_audience(request.snapshot, &matched, &eligible)?;
+        )
+        .await?;
+        self.check_audience(question, audience)?;
         let ctx = views.session()?;
         // Planned again over the real views: the same SQL and schemas give the same checks.
         let shape = checked_plan(&ctx, request, &question.params, &question.policy).await?;
@@ -840,6 +840,27 @@ impl Guard {
 }
 
 /// Plans a query's SQL in `ctx`, binds its snapped parameters and checks the plan.
+/// The matched, consenting audience (its size) and the safe views over it, built on a blocking
+/// thread: reading the partner's list and filtering the retailer's tables is work in proportion
+/// to the data, which must not hold up the async workers that serve every other call.
+async fn audience_views(
+    snapshot: Arc<Snapshot>,
+    contract_id: String,
+    list: crate::store::PartnerList,
+    purpose: String,
+    requirement: Requirement,
+    now: DateTime<Utc>,
+) -> Result<(usize, SafeViews)> {
+    tokio::task::spawn_blocking(move || {
+        let matched = views::matched_members(&snapshot, &contract_id, &list)?;
+        let eligible = views::consented(&snapshot, &matched, &purpose, &requirement, now);
+        let views = SafeViews::of_audience(&snapshot, &matched, &eligible)?;
+        Ok((eligible.len(), views))
+    })
+    .await
+    .map_err(|e| Error::Storage(format!("building the audience: {e}")))?
+}
+
 async fn checked_plan(
     ctx: &SessionContext,
     request: &QueryRequest<'_>,

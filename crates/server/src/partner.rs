@@ -77,7 +77,7 @@ impl PartnerApi {
         let answer = self
             .app
             .guard
-            .run(QueryRequest::new(admitted, &bound, &snapshot))
+            .run(QueryRequest::new(admitted, &bound, Arc::clone(&snapshot)))
             .await
             .inspect_err(|_| {
                 // The parameters the caller sent are typed and checked; record them.
