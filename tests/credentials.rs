@@ -8,7 +8,7 @@ use cleanroom_core::rules::{PrincipalEntry, Role};
 use cleanroom_proto::v1::ListQueriesRequest;
 use tonic::Code;
 
-use crate::util::{Harness, Setup, root, sample_rules};
+use crate::util::{Harness, Setup, open_upload, root, sample_rules};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_minted_token_authenticates_and_guesses_against_it_are_limited() {
@@ -231,7 +231,7 @@ async fn a_stalled_upload_stream_is_cut_at_the_call_time_limit() {
         ..Default::default()
     })
     .await;
-    let (tx, stalled) = stalled_upload().await;
+    let (tx, stalled) = open_upload().await;
     // The outer limit only keeps a broken build from hanging the suite; the service's own cut
     // comes first.
     let status = tokio::time::timeout(
@@ -258,7 +258,7 @@ async fn each_principal_has_its_own_calls_in_flight() {
         ..Default::default()
     })
     .await;
-    let (tx, stalled) = stalled_upload().await;
+    let (tx, stalled) = open_upload().await;
     let mut uploader = h.partner("sakura_foods");
     let upload = tokio::spawn(async move { uploader.upload_list(stalled).await });
     let list = || async {
@@ -289,21 +289,4 @@ async fn each_principal_has_its_own_calls_in_flight() {
         .await
         .expect("the place is free once the stream ended");
     h.stop().await;
-}
-
-/// An upload stream that sends its header and then nothing, until the returned sender drops.
-async fn stalled_upload() -> (
-    tokio::sync::mpsc::Sender<cleanroom_proto::v1::UploadListRequest>,
-    tokio_stream::wrappers::ReceiverStream<cleanroom_proto::v1::UploadListRequest>,
-) {
-    use cleanroom_proto::v1::{UploadListHeader, UploadListRequest, upload_list_request};
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(UploadListRequest {
-        kind: Some(upload_list_request::Kind::Header(UploadListHeader {
-            strict: false,
-        })),
-    })
-    .await
-    .unwrap();
-    (tx, tokio_stream::wrappers::ReceiverStream::new(rx))
 }

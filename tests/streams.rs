@@ -6,10 +6,10 @@ use std::path::Path;
 use std::time::Duration;
 
 use cleanroom_proto::v1::{
-    CustomerRecord, ListChunk, UploadListHeader, UploadListRequest, upload_list_request,
+    CustomerRecord, IngestPartnerListRequest, ListChunk, PartnerListHeader, UploadListRequest,
+    ingest_partner_list_request, upload_list_request,
 };
 use tokio::sync::mpsc::Sender;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
 
 use crate::util::*;
@@ -26,20 +26,6 @@ fn customers(from: usize, count: usize) -> Vec<CustomerRecord> {
             ..Default::default()
         })
         .collect()
-}
-
-/// An upload stream the test feeds by hand: the header is sent, chunks follow as the test sends
-/// them, and the stream ends when the sender drops.
-async fn open_upload() -> (Sender<UploadListRequest>, ReceiverStream<UploadListRequest>) {
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(UploadListRequest {
-        kind: Some(upload_list_request::Kind::Header(UploadListHeader {
-            strict: false,
-        })),
-    })
-    .await
-    .unwrap();
-    (tx, ReceiverStream::new(rx))
 }
 
 /// Sends `count` customers in chunks of 2,000.
@@ -251,6 +237,91 @@ async fn one_partners_upload_in_flight_holds_up_no_one_else() {
     assert!(
         staged_files(&dir).is_empty(),
         "the staged file was committed"
+    );
+    h.stop().await;
+}
+
+/// Item 5: the list allowance is decided on the header, before any record is read or hashed. With
+/// Sakura's one version a window already used, an upload that sends its header and then nothing
+/// is refused at once with the time the next upload is possible; had the service waited for the
+/// records, the stream's silence would have ended it as DEADLINE_EXCEEDED instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_over_the_allowance_is_refused_before_any_record_is_read() {
+    let mut rules = sample_rules();
+    rules.limits.stream_idle_seconds = 20;
+    for contract in rules.contracts.values_mut() {
+        contract.protection.max_list_versions = 1;
+    }
+    let h = Harness::start_with(Setup {
+        rules,
+        ..Default::default()
+    })
+    .await;
+    let (tx, stream) = open_upload().await;
+    let status = tokio::time::timeout(
+        Duration::from_secs(60),
+        h.partner("sakura_foods").upload_list(stream),
+    )
+    .await
+    .expect("the service answers")
+    .unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains("the next upload is possible at"),
+        "{status:?}"
+    );
+    drop(tx);
+    // The analyst's upload on Sakura's behalf meets the same allowance, on its header.
+    let (tx, stream) = tokio::sync::mpsc::channel(1);
+    tx.send(IngestPartnerListRequest {
+        kind: Some(ingest_partner_list_request::Kind::Header(
+            PartnerListHeader {
+                partner_id: "sakura_foods".into(),
+                strict: false,
+            },
+        )),
+    })
+    .await
+    .unwrap();
+    let status = tokio::time::timeout(
+        Duration::from_secs(60),
+        h.analyst()
+            .ingest_partner_list(tokio_stream::wrappers::ReceiverStream::new(stream)),
+    )
+    .await
+    .expect("the service answers")
+    .unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    drop(tx);
+    h.stop().await;
+}
+
+/// Item 6: the server time an answer reports is rounded up to 250 ms, so it shows little of the
+/// data's size or of other callers' load.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reported_server_time_is_coarse() {
+    let h = Harness::start_with(Setup {
+        rules: precise_rules(),
+        ..Default::default()
+    })
+    .await;
+    let mut reported = Vec::new();
+    for (partner, query) in [
+        ("sakura_foods", "matched_overlap"),
+        ("kumo_denki", "matched_overlap"),
+        ("sakura_foods", "category_buyers_by_age_band"),
+    ] {
+        let params = if query == "matched_overlap" {
+            Vec::new()
+        } else {
+            year()
+        };
+        let answer = h.run(partner, query, &params).await.unwrap();
+        reported.push(answer.elapsed_ms);
+    }
+    assert!(
+        reported.iter().all(|ms| *ms > 0 && ms % 250 == 0),
+        "{reported:?}"
     );
     h.stop().await;
 }

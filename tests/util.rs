@@ -440,3 +440,22 @@ pub fn list_of(members: &[&str], attribute: &str) -> Vec<cleanroom_proto::v1::Cu
     assert_eq!(records.len(), wanted.len(), "every member is in the sample");
     records
 }
+
+/// A partner's upload stream that the test feeds by hand: the header is sent, chunks follow as
+/// the test sends them through the returned sender, and the stream ends when the sender drops
+/// (until then it stalls).
+pub async fn open_upload() -> (
+    tokio::sync::mpsc::Sender<cleanroom_proto::v1::UploadListRequest>,
+    tokio_stream::wrappers::ReceiverStream<cleanroom_proto::v1::UploadListRequest>,
+) {
+    use cleanroom_proto::v1::{UploadListHeader, UploadListRequest, upload_list_request};
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(UploadListRequest {
+        kind: Some(upload_list_request::Kind::Header(UploadListHeader {
+            strict: false,
+        })),
+    })
+    .await
+    .unwrap();
+    (tx, tokio_stream::wrappers::ReceiverStream::new(rx))
+}
