@@ -165,15 +165,21 @@ impl ReviewState {
 
     /// Archives every query version not seen before, so it can be compared later.
     pub fn archive(&self, allowlist: &AllowList, now: DateTime<Utc>) -> Result<()> {
-        let mut inner = self.inner.lock().expect("review lock poisoned");
-        for query in allowlist.iter() {
-            let seen = inner
-                .versions
+        // Decided under the lock, written and synced outside it: approvals are read on every
+        // query and never wait for the disk. Only the reload watcher (and start-up) archives.
+        let unseen: Vec<&QueryDef> = {
+            let inner = self.inner.lock().expect("review lock poisoned");
+            allowlist
                 .iter()
-                .any(|v| v.id == query.id && v.content_sha256 == query.content_sha256);
-            if seen {
-                continue;
-            }
+                .filter(|q| {
+                    !inner
+                        .versions
+                        .iter()
+                        .any(|v| v.id == q.id && v.content_sha256 == q.content_sha256)
+                })
+                .collect()
+        };
+        for query in unseen {
             let file = format!("{}-{}.toml", shown(&query.id), &query.content_sha256[..16]);
             write_new(&self.dir.join(&file), query.source_text.as_bytes())?;
             let entry = VersionEntry {
@@ -194,7 +200,11 @@ impl ReviewState {
                 .write_all(&line)
                 .and_then(|_| index.sync_data())
                 .map_err(storage)?;
-            inner.versions.push(entry);
+            self.inner
+                .lock()
+                .expect("review lock poisoned")
+                .versions
+                .push(entry);
         }
         Ok(())
     }
