@@ -5,9 +5,13 @@
 #
 # For each record count, starts a fresh `cleanroom demo --keep-serving` (the sample loaded), reads
 # the server's peak resident set (VmHWM) once the demo is done, uploads a generated list of that
-# many raw e-mail addresses as Sakura Foods over the real gRPC API (`cleanroom upload-list`, a
+# many customers as Sakura Foods over the real gRPC API (`cleanroom upload-list`, a
 # separate process), and reads the peak again. The difference is what the upload cost the server
-# at its worst moment. Give two binaries' figures from one run to compare builds.
+# at its worst moment. With PYTHON set to a Python that has grpcio and polars (for example the CI's
+# venv), it then times Sakura's first answer over the new list (fresh: the audience is matched
+# against the whole list) and its repeat (served from the answer store), through
+# examples/python/cleanroom_client.py; the difference is the server's work for the fresh answer.
+# Give two binaries' figures from one run to compare builds.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 bin=${1:-${CARGO_TARGET_DIR:-target}/debug/cleanroom}
@@ -20,12 +24,16 @@ trap 'kill "${server:-}" 2>/dev/null || true; rm -rf "$work"' EXIT
 peak_kb() { awk '/^VmHWM:/ { print $2 }' "/proc/$1/status"; }
 
 for n in "${counts[@]}"; do
-  python3 - "$n" > "$work/list.csv" <<'PY'
+  # Sakura's sample list (so the audience is real and queries answer), then made-up customers
+  # up to the count.
+  python3 - "$n" sample_data/partner_lists/sakura_foods.csv > "$work/list.csv" <<'PY'
 import sys
-n = int(sys.argv[1])
+n, sample = int(sys.argv[1]), open(sys.argv[2]).read().splitlines()
 out = sys.stdout
-out.write("email,phone,attribute\n")
-for i in range(n):
+out.write(sample[0] + "\n")
+rows = sample[1:n + 1]
+out.write("".join(row + "\n" for row in rows))
+for i in range(n - len(rows)):
     out.write(f"bench.customer{i}@example.com,,\n")
 PY
   log="$work/serve.log"
@@ -45,6 +53,20 @@ PY
   printf '%s records: server peak RSS %d MB before, %d MB after (+%d MB), upload %.1f s; %s\n' \
     "$n" $((before / 1024)) $((after / 1024)) $(((after - before) / 1024)) \
     "$(echo "$end - $start" | bc)" "$(tr '\n' ' ' < "$work/upload.log" | cut -c1-80)"
+  if [ -n "${PYTHON:-}" ]; then
+    timed_query() {
+      local t0 t1
+      t0=$(date +%s.%N)
+      "$PYTHON" examples/python/cleanroom_client.py --addr "$addr" --token demo-sakura-token \
+        --query matched_overlap > /dev/null
+      t1=$(date +%s.%N)
+      echo "$t1 - $t0" | bc
+    }
+    fresh=$(timed_query)
+    repeat=$(timed_query)
+    printf '  first answer over it %.2f s, its repeat %.2f s (peak RSS then %d MB)\n' \
+      "$fresh" "$repeat" $(($(peak_kb "$server") / 1024))
+  fi
   kill "$server"
   wait "$server" 2>/dev/null || true
 done
