@@ -589,8 +589,7 @@ fn verify_audit(data_dir: &Path, config: Option<&Path>, kept: Option<&Path>) -> 
     };
     let kept = match kept {
         Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("reading {}", path.display()))?;
+            let text = cleanroom_core::files::read_config_file(path)?;
             Some(
                 serde_json::from_str::<cleanroom_server::audit::Checkpoint>(&text)
                     .with_context(|| format!("{}: not a checkpoint", path.display()))?,
@@ -667,8 +666,7 @@ async fn serve(settings: settings::Settings, allow_demo_tokens: bool) -> Result<
 /// Hashes a raw list with the collaboration key. Writes through a temporary file so a failed run
 /// leaves no half-written output.
 fn prep(key_file: &Path, input: &Path, output: &Path) -> Result<()> {
-    let key_text = std::fs::read_to_string(key_file)
-        .with_context(|| format!("reading {}", key_file.display()))?;
+    let key_text = cleanroom_core::files::read_config_file(key_file)?;
     let key = CollaborationKey::from_export(&key_text)?;
     let records = cleanroom_client::read_list(input)?;
     let tmp = output.with_extension("tmp");

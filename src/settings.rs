@@ -77,10 +77,10 @@ fn default_queries() -> PathBuf {
 impl Settings {
     /// Loads the file, applies environment and flag overrides, and validates.
     pub fn load(path: &Path, listen: Option<String>, data_dir: Option<PathBuf>) -> Result<Self> {
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let mut settings: Settings =
-            toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        let text = cleanroom_core::files::read_config_file(path)?;
+        let mut settings: Settings = toml::from_str(&text).map_err(|e| {
+            cleanroom_core::files::in_file(path, cleanroom_core::files::toml_error(&text, &e))
+        })?;
         let env = |key: &str| std::env::var(format!("CLEANROOM__{key}")).ok();
         if let Some(v) = env("LISTEN") {
             settings.listen = v;
@@ -166,8 +166,7 @@ impl Settings {
         let Some(path) = &self.master_secret_file else {
             bail!("no master secret: set CLEANROOM_MASTER_SECRET (hex) or master_secret_file");
         };
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let text = cleanroom_core::files::read_config_file(path)?;
         MasterSecret::from_hex(&text).with_context(|| path.display().to_string())
     }
 

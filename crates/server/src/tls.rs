@@ -20,9 +20,6 @@ use tokio_rustls::server::TlsStream;
 
 use crate::{Error, Result};
 
-/// The largest certificate or key file read.
-const MAX_PEM_BYTES: u64 = 1024 * 1024;
-
 /// How long a TLS handshake may take before the connection is dropped.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -58,16 +55,12 @@ fn config_error(path: &Path, what: &str) -> Error {
     Error::Internal(format!("TLS: {}: {what}", path.display()))
 }
 
-/// Reads a PEM file: a regular file (no symlink, device or FIFO), at most [`MAX_PEM_BYTES`].
+/// Reads a PEM file as every configuration file is read: a regular file (no symlink, device or
+/// FIFO, even one swapped in after the check), at most 1 MiB.
 fn read_pem(path: &Path) -> Result<Vec<u8>> {
-    let meta = std::fs::symlink_metadata(path).map_err(|e| config_error(path, &e.to_string()))?;
-    if !meta.file_type().is_file() {
-        return Err(config_error(path, "not a regular file"));
-    }
-    if meta.len() > MAX_PEM_BYTES {
-        return Err(config_error(path, "larger than 1 MiB"));
-    }
-    std::fs::read(path).map_err(|e| config_error(path, &e.to_string()))
+    cleanroom_core::files::read_config_file(path)
+        .map(String::into_bytes)
+        .map_err(|e| Error::Internal(format!("TLS: {e}")))
 }
 
 fn certificates(pem: &[u8], path: &Path) -> Result<Vec<CertificateDer<'static>>> {
@@ -234,4 +227,44 @@ impl axum::serve::Listener for TlsListener {
 /// The SHA-256 (hex) of a DER certificate: how the rules bind a principal to a client certificate.
 pub fn cert_sha256(der: &[u8]) -> String {
     hex::encode(Sha256::digest(der))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Key and certificate files are read as every configuration file is: a symlink (here to a
+    /// readable key) or a FIFO in their place is refused, never followed or waited on.
+    #[test]
+    fn certificate_and_key_files_are_regular_files_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("real.key");
+        std::fs::write(&real, "not a key").unwrap();
+        let link = dir.path().join("server.key");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let files = TlsFiles {
+            cert: dir.path().join("server.pem"),
+            key: link,
+            client_ca: None,
+        };
+        std::fs::write(&files.cert, "not a certificate").unwrap();
+        let refused = Tls::load(&files).expect_err("a symlinked key is refused");
+        assert!(
+            refused.to_string().contains("not a regular file"),
+            "{refused}"
+        );
+        let fifo = dir.path().join("fifo.pem");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+        assert!(made.unwrap().success());
+        let files = TlsFiles {
+            cert: fifo,
+            key: real,
+            client_ca: None,
+        };
+        let refused = Tls::load(&files).expect_err("a FIFO is refused");
+        assert!(
+            refused.to_string().contains("not a regular file"),
+            "{refused}"
+        );
+    }
 }
