@@ -183,8 +183,8 @@ enum Command {
     /// Write a throwaway CA's certificate, a server certificate for the given names and client
     /// certificates, to try TLS and mutual TLS (evaluation only: use your own CA in production).
     ThrowawayPki {
-        /// Directory for ca.pem, server.pem, server.key, server.spki (the browser pin) and
-        /// <client>.pem/.key.
+        /// Directory for ca.pem, server.pem, server.key, server.spki (the browser pin) and a
+        /// .pem and .key per client.
         #[arg(long)]
         dir: PathBuf,
         /// A DNS name or IP address the server certificate is for (repeat for several).

@@ -4,7 +4,7 @@
 //!
 //! [`Guard::run`] is the only function that releases query results. It reads as its stages:
 //! 1. **snap** the parameters to the query's declared granularity and minimum window
-//!    ([`params`]), and **plan and check** the SQL against the safe views ([`plan`]). Both depend
+//!    ([`params`]), and **plan and check** the SQL against the safe views (`plan`). Both depend
 //!    only on the request and the allow-list, never on data, so their refusals cost nothing;
 //! 2. **key** the answer by the question and the data's version (ingest and upload counters, the
 //!    day), and serve a stored answer again at no cost ([`answers`]);

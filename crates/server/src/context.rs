@@ -1,8 +1,8 @@
 //! A call's context, built once before its handler runs: who calls (authenticated, within its
 //! limits), under which configuration, at which instant and local day, and the audit entry the
 //! handler fills in. The authentication layer ([`crate::layer`]) and the review page build it
-//! the same way, with [`App::open_call`]; handlers take it from the request and end the call with
-//! [`App::finish`], which writes the audit record before anything is answered.
+//! the same way, with `App::open_call`; handlers take it from the request and end the call with
+//! `App::finish`, which writes the audit record before anything is answered.
 
 use std::sync::Arc;
 
@@ -30,7 +30,7 @@ pub struct Call {
     /// The retailer's local date at `now`.
     pub today: NaiveDate,
     /// The call's audit record as authentication began it (principal, role, partner, method);
-    /// [`Call::take`] hands it to the handler to fill in.
+    /// `Call::take` hands it to the handler to fill in.
     pub entry: Entry,
 }
 
