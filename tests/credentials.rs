@@ -164,6 +164,7 @@ async fn unauthenticated_calls_write_nothing_and_caller_text_is_bounded() {
         before,
         "nothing was written for unauthenticated calls"
     );
+    assert_eq!(h.app.unauthenticated_calls(), 4, "each one was counted");
 
     h.legal()
         .list_audit(ListAuditRequest {
@@ -278,6 +279,8 @@ async fn each_principal_has_its_own_calls_in_flight() {
     }
     let refused = refused.expect("the stalled stream's place is held");
     assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert_eq!(h.app.limited_calls(), 1, "counted as limited, not audited");
+    assert_eq!(h.app.unauthenticated_calls(), 0);
     assert!(refused.message().contains("in flight"), "{refused:?}");
     h.partner("kumo_denki")
         .list_queries(ListQueriesRequest {})

@@ -100,6 +100,8 @@ pub fn test_secret() -> MasterSecret {
 /// A running service and a connection to it.
 pub struct Harness {
     pub conn: Connection,
+    /// The running service's state (for its counters; tests act through the gRPC API).
+    pub app: Arc<App>,
     pub rules: Rules,
     pub data_dir: TempDir,
     queries: PathBuf,
@@ -145,7 +147,7 @@ impl Harness {
     pub async fn start_with(setup: Setup) -> Self {
         setup.rules.validate().expect("test rules are valid");
         let data_dir = tempfile::tempdir().unwrap();
-        let (server, conn) = Self::serve(
+        let (server, conn, app) = Self::serve(
             &setup.rules,
             &setup.queries,
             setup.sources.clone(),
@@ -166,6 +168,7 @@ impl Harness {
         }
         Self {
             conn,
+            app,
             rules: setup.rules,
             data_dir,
             queries: setup.queries,
@@ -182,7 +185,7 @@ impl Harness {
         tls: Option<&ThrowawayPki>,
         data_dir: &Path,
         now: chrono::DateTime<chrono::Utc>,
-    ) -> (Running, Connection) {
+    ) -> (Running, Connection, Arc<App>) {
         let allowlist = AllowList::load(queries, rules).expect("allow-list loads");
         let app = App::new(AppConfig {
             data_dir: data_dir.to_path_buf(),
@@ -196,11 +199,13 @@ impl Harness {
         .unwrap();
         let any = SocketAddr::from(([127, 0, 0, 1], 0));
         let Some(pki) = tls else {
-            let server = cleanroom_server::spawn(app, any).await.unwrap();
+            let server = cleanroom_server::spawn(Arc::clone(&app), any)
+                .await
+                .unwrap();
             let conn = Connection::open(&format!("http://{}", server.addr))
                 .await
                 .unwrap();
-            return (server, conn);
+            return (server, conn, app);
         };
         let server_tls = cleanroom_server::tls::Tls::from_pem(
             pki.server.cert_pem.as_bytes(),
@@ -208,7 +213,7 @@ impl Harness {
             Some(pki.ca_pem.as_bytes()),
         )
         .unwrap();
-        let server = cleanroom_server::spawn_with_tls(app, any, any, Some(server_tls))
+        let server = cleanroom_server::spawn_with_tls(Arc::clone(&app), any, any, Some(server_tls))
             .await
             .unwrap();
         let first = pki.clients.first().map(|(name, _)| name.as_str());
@@ -216,7 +221,7 @@ impl Harness {
             Connection::open_tls(&format!("https://{}", server.addr), &pki.client_tls(first))
                 .await
                 .unwrap();
-        (server, conn)
+        (server, conn, app)
     }
 
     /// Stops the service and starts a new one on the same data directory, as after a restart.
@@ -237,7 +242,7 @@ impl Harness {
     ) -> Self {
         self.server.take().unwrap().stop().await.unwrap();
         damage(self.data_dir.path());
-        let (server, conn) = Self::serve(
+        let (server, conn, app) = Self::serve(
             &self.rules,
             &self.queries,
             self.sources.clone(),
@@ -248,6 +253,7 @@ impl Harness {
         .await;
         self.server = Some(server);
         self.conn = conn;
+        self.app = app;
         self
     }
 
