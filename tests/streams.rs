@@ -77,6 +77,28 @@ fn list_files(dir: &Path) -> usize {
         .count()
 }
 
+/// Sakura's upload of `BATCH_ROWS + 4000` customers, left open once its first batch is hashed
+/// and staged on disk: the sender keeps the stream open, dropping it ends the upload.
+async fn upload_in_flight(
+    h: &Harness,
+) -> (
+    Sender<UploadListRequest>,
+    tokio::task::JoinHandle<
+        Result<tonic::Response<cleanroom_proto::v1::UploadListResponse>, tonic::Status>,
+    >,
+) {
+    let dir = h.data_dir.path().to_path_buf();
+    let (tx, stream) = open_upload().await;
+    let mut uploader = h.partner("sakura_foods");
+    let upload = tokio::spawn(async move { uploader.upload_list(stream).await });
+    send_customers(&tx, BATCH_ROWS + 4000).await;
+    eventually("the upload's first batch staged", || {
+        staged_files(&dir).iter().any(|(_, size)| *size > 1_000_000)
+    })
+    .await;
+    (tx, upload)
+}
+
 /// A stream's records are hashed and written to a staged file while the stream is still open,
 /// not buffered until its end; a stream that breaks leaves no file and no list version behind.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -88,14 +110,7 @@ async fn an_upload_is_staged_as_it_arrives_and_a_broken_one_leaves_nothing() {
     .await;
     let dir = h.data_dir.path().to_path_buf();
     let lists_before = list_files(&dir);
-    let (tx, stream) = open_upload().await;
-    let mut uploader = h.partner("sakura_foods");
-    let upload = tokio::spawn(async move { uploader.upload_list(stream).await });
-    send_customers(&tx, BATCH_ROWS + 4000).await;
-    eventually("a staged file holding the first batch", || {
-        staged_files(&dir).iter().any(|(_, size)| *size > 1_000_000)
-    })
-    .await;
+    let (tx, upload) = upload_in_flight(&h).await;
     assert_eq!(list_files(&dir), lists_before, "nothing is committed yet");
     // The client goes away mid-stream: the call is reset, not ended.
     upload.abort();
@@ -193,14 +208,7 @@ async fn one_partners_upload_in_flight_holds_up_no_one_else() {
     })
     .await;
     let dir = h.data_dir.path().to_path_buf();
-    let (tx, stream) = open_upload().await;
-    let mut uploader = h.partner("sakura_foods");
-    let upload = tokio::spawn(async move { uploader.upload_list(stream).await });
-    send_customers(&tx, BATCH_ROWS + 4000).await;
-    eventually("Sakura's first batch staged", || {
-        staged_files(&dir).iter().any(|(_, size)| *size > 1_000_000)
-    })
-    .await;
+    let (tx, upload) = upload_in_flight(&h).await;
     // A limit only so that a regression fails instead of hanging the suite.
     let bounded = Duration::from_secs(120);
     let kumo_list =
