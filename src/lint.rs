@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use cleanroom_core::allowlist::read_query;
 use cleanroom_core::rules::Rules;
-use cleanroom_engine::guard::{self, Policy};
+use cleanroom_engine::guard;
 
 /// One problem found.
 pub struct Finding {
@@ -94,8 +94,7 @@ pub async fn lint(dir: &Path, rules: &Rules) -> Result<(usize, Vec<Finding>)> {
             ));
         }
         for (partner, contract) in with_contract {
-            let policy = Policy::for_query(rules, &query, contract, partner);
-            if let Err(e) = guard::check(&query.sql, &policy).await {
+            if let Err(e) = guard::check(rules, &query, contract, partner).await {
                 findings.push(finding(sql_line, format!("for partner {partner}: {e}")));
             }
         }

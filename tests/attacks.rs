@@ -6,7 +6,9 @@ use std::collections::{BTreeMap, HashSet};
 
 use cleanroom_client::upload_list;
 use cleanroom_core::rules::SensitiveColumn;
-use cleanroom_proto::v1::{IngestHeader, ListQueriesRequest, RunQueryResponse};
+use cleanroom_proto::v1::{
+    ApproveQueryRequest, IngestHeader, ListAllowListRequest, ListQueriesRequest,
+};
 use tonic::Code;
 
 use crate::truth::Truth;
@@ -15,20 +17,49 @@ use crate::util::{
     text, year,
 };
 
-fn refused_by_guard(result: Result<RunQueryResponse, tonic::Status>, what: &str) {
-    let status = result
-        .err()
-        .unwrap_or_else(|| panic!("{what}: the query ran"));
+/// A template the guard refuses is refused before anyone can approve it: the review listing
+/// shows it as invalid with the guard's reason, an approval is refused, and a partner cannot run
+/// it (it is not on the allow-list in force).
+pub(crate) async fn refused_by_guard(h: &Harness, id: &str, what: &str) {
+    let review = h
+        .legal()
+        .list_allow_list(ListAllowListRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let shown = review
+        .queries
+        .iter()
+        .find(|q| q.id == id)
+        .unwrap_or_else(|| panic!("{what}: not listed for review"));
+    assert_eq!(shown.state, "invalid", "{what}: {shown:?}");
+    assert!(
+        shown.state_detail.contains("guard refused the query"),
+        "{what}: {}",
+        shown.state_detail
+    );
+    let approval = h
+        .legal()
+        .approve_query(ApproveQueryRequest {
+            query_id: id.into(),
+            content_sha256: shown.content_sha256.clone(),
+            expires: None,
+            note: "approved regardless".into(),
+        })
+        .await
+        .unwrap_err();
     assert_eq!(
-        status.code(),
+        approval.code(),
         Code::FailedPrecondition,
-        "{what}: {status:?}"
+        "{what}: {approval:?}"
     );
     assert!(
-        status.message().starts_with("guard refused the query"),
+        approval.message().contains("cannot be approved"),
         "{what}: {}",
-        status.message()
+        approval.message()
     );
+    let run = h.run("sakura_foods", id, &[]).await.unwrap_err();
+    assert_eq!(run.code(), Code::NotFound, "{what}: {run:?}");
 }
 
 /// THREATS 4: a total minus the released cells must not reveal a withheld cell.
@@ -90,7 +121,7 @@ async fn marginal_subtraction_cannot_isolate_a_suppressed_cell() {
         metrics: &["members"],
     }]);
     let h2 = Harness::start_with(setup).await;
-    refused_by_guard(h2.run("sakura_foods", "test_rollup", &[]).await, "ROLLUP");
+    refused_by_guard(&h2, "test_rollup", "ROLLUP").await;
     h2.stop().await;
     h.stop().await;
 }
@@ -182,7 +213,7 @@ async fn injection_and_escape_are_refused() {
     let (setup, _dir) = setup_with_templates(HOSTILE);
     let h = Harness::start_with(setup).await;
     for t in HOSTILE {
-        refused_by_guard(h.run("sakura_foods", t.id, &[]).await, t.id);
+        refused_by_guard(&h, t.id, t.id).await;
     }
 
     // SQL inside parameters: typed checks refuse it, and the error never echoes it.
@@ -239,10 +270,7 @@ async fn injection_and_escape_are_refused() {
         category: "medical_history".into(),
     });
     let h = Harness::start_with(setup).await;
-    refused_by_guard(
-        h.run("sakura_foods", "test_by_gender", &[]).await,
-        "sensitive column",
-    );
+    refused_by_guard(&h, "test_by_gender", "sensitive column").await;
     h.stop().await;
 }
 

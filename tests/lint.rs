@@ -5,7 +5,7 @@ use std::process::Command;
 
 use crate::util::root;
 
-fn lint(queries: &std::path::Path) -> (bool, String) {
+pub(crate) fn lint(queries: &std::path::Path) -> (bool, String) {
     let output = Command::new(env!("CARGO_BIN_EXE_cleanroom"))
         .current_dir(root())
         .args([

@@ -23,7 +23,10 @@ use cleanroom_proto::v1::{CustomerRecord, ParamValue, RunQueryResponse};
 use tonic::Code;
 
 use crate::truth::Truth;
-use crate::util::{Harness, Setup, as_of, cells, date, list_of, relaxed_lists, sample_rules, text};
+use crate::util::{
+    Harness, Setup, Template, as_of, cells, date, list_of, relaxed_lists, sample_rules,
+    setup_with_templates, text,
+};
 
 /// The sample's target member.
 const TARGET: &str = "M0004001";
@@ -619,6 +622,97 @@ async fn one_big_spender_moves_a_sum_by_at_most_the_metric_bound() {
         (sum_after - sum_before).abs() <= slack,
         "one member moved the sum by {}",
         sum_after - sum_before
+    );
+    h.stop().await;
+}
+
+/// THREATS 16: a condition whose evaluation fails only on the target's row, through a cast
+/// DataFusion adds itself (type coercion of a CASE, a time compared with text, an IN list,
+/// COALESCE). Were it approved, the answer would be an error with her in the list and rows
+/// without her, whatever the charge. Each variant is refused by `queries lint` and by the review
+/// (shown as refused, its approval refused), and the service answers the same with the target in
+/// the list and without her.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_condition_that_fails_on_one_row_is_refused_before_approval() {
+    const HER_ROW: &str =
+        "m.prefecture = '鳥取県' AND p.category = 'pet' AND p.amount = 2480 THEN m.prefecture";
+    let sql = |condition: String| -> &'static str {
+        Box::leak(
+            format!(
+                "SELECT p.category, COUNT(DISTINCT p.member_key) AS buyers FROM purchases p \
+                 JOIN members m ON p.member_key = m.member_key WHERE {condition} GROUP BY p.category"
+            )
+            .into_boxed_str(),
+        )
+    };
+    let variants = [
+        (
+            "t_case_cast",
+            sql(format!("p.amount <> CASE WHEN {HER_ROW} ELSE '-1' END")),
+        ),
+        (
+            "t_time_vs_text",
+            sql(format!(
+                "p.purchased_at > CASE WHEN {HER_ROW} ELSE '2000-01-01' END"
+            )),
+        ),
+        (
+            "t_in_list",
+            sql(format!(
+                "p.amount IN (p.amount, CASE WHEN {HER_ROW} ELSE '0' END)"
+            )),
+        ),
+        (
+            "t_coalesce",
+            sql(format!("COALESCE(p.amount, CASE WHEN {HER_ROW} END) >= 0")),
+        ),
+    ];
+    let templates: Vec<Template> = variants
+        .iter()
+        .map(|(id, sql)| Template {
+            id,
+            sql,
+            dimensions: &[("category", "category")],
+            metrics: &["buyers"],
+        })
+        .collect();
+    let (setup, dir) = setup_with_templates(&templates);
+
+    let (clean, lint) = crate::lint::lint(dir.path());
+    assert!(!clean, "lint must refuse them:\n{lint}");
+    for (id, _) in &variants {
+        assert!(
+            lint.lines()
+                .any(|l| l.contains(&format!("{id}.toml:")) && l.contains("cannot-fail-on-data")),
+            "lint does not refuse {id}:\n{lint}"
+        );
+    }
+
+    let known = Knowledge::load();
+    let h = Harness::start_with(Setup {
+        rules: relaxed_lists(setup.rules.clone()),
+        ..setup
+    })
+    .await;
+    let (buyers, _) = known.companions(9, 0);
+    let mut with_target = buyers.clone();
+    with_target.push(TARGET.into());
+    for (id, _) in &variants {
+        crate::attacks::refused_by_guard(&h, id, id).await;
+    }
+    let mut outcomes = Vec::new();
+    for list in [with_target, buyers] {
+        upload(&h, list_of(&ids(&list), "gold")).await;
+        let mut world = Vec::new();
+        for (id, _) in &variants {
+            let status = h.run("sakura_foods", id, &year()).await.unwrap_err();
+            world.push((status.code(), status.message().to_string()));
+        }
+        outcomes.push(world);
+    }
+    assert_eq!(
+        outcomes[0], outcomes[1],
+        "the target's world looks the same"
     );
     h.stop().await;
 }

@@ -15,7 +15,7 @@ mod golden;
 mod consent;
 // Attacks from docs/threats.md carried out against the running service (4, 8–11, daily budgets).
 mod attacks;
-// THREATS 1–7 and 13–15 (docs/threats.md) against the accounted guard, with k − 1 known companions.
+// THREATS 1–7 and 13–16 (docs/threats.md) against the accounted guard, with k − 1 known companions.
 mod privacy;
 // Bad input gets a precise status and leaves nothing half-ingested.
 mod bad_input;

@@ -415,6 +415,34 @@ impl QueryDef {
         }
     }
 
+    /// A value of every declared parameter, of its declared type (its lower bound, or its first
+    /// allowed value): enough to plan and check the query as the guard will, without a request.
+    /// Only the types decide what DataFusion's analysis adds to a plan, so a plan checked with
+    /// these values is checked for every value of those types.
+    pub fn example_params(&self, rules: &Rules, partner: &str) -> BTreeMap<String, BoundValue> {
+        self.params
+            .iter()
+            .map(|spec| {
+                let value = match spec.kind {
+                    ParamKind::Date => {
+                        BoundValue::Date(spec.min.as_ref().and_then(bound_date).unwrap_or_default())
+                    }
+                    ParamKind::Int => BoundValue::Int(match spec.min {
+                        Some(toml::Value::Integer(min)) => min,
+                        _ => 0,
+                    }),
+                    ParamKind::Enum => BoundValue::Str(
+                        self.allowed_values(spec, rules, partner)
+                            .into_iter()
+                            .next()
+                            .unwrap_or_default(),
+                    ),
+                };
+                (spec.name.clone(), value)
+            })
+            .collect()
+    }
+
     /// Checks the caller's values against the declared parameters and returns them typed. Every
     /// declared parameter must be present, no other name is accepted, and no error message echoes
     /// a value (a caller could put anything in it). Snapping dates to their granularity and the
@@ -703,6 +731,18 @@ impl AllowList {
     /// All queries in id order.
     pub fn iter(&self) -> impl Iterator<Item = &QueryDef> {
         self.queries.values()
+    }
+
+    /// Sets a valid query aside as invalid, with the reason: for a query the guard refuses,
+    /// which must not be approved or run.
+    pub fn set_aside(&mut self, id: &str, reason: String) {
+        if let Some(query) = self.queries.remove(id) {
+            self.invalid.push(InvalidQuery {
+                id: query.id,
+                path: query.source,
+                reason,
+            });
+        }
     }
 
     /// The files that failed validation.

@@ -40,7 +40,7 @@ use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, Field, Int64Type, Schema};
 use datafusion::arrow::ipc::reader::StreamReader;
 use datafusion::arrow::ipc::writer::StreamWriter;
-use datafusion::common::{ParamValues, ScalarValue};
+use datafusion::common::ScalarValue;
 use datafusion::prelude::SessionContext;
 use sha2::{Digest, Sha256};
 
@@ -289,12 +289,35 @@ fn local_midnight_micros(date: NaiveDate, utc_offset_minutes: i32) -> i64 {
     midnight - i64::from(utc_offset_minutes) * 60_000_000
 }
 
-/// Plans and checks a query without running it, over safe views with no rows, as `queries lint`
-/// and the allow-list's validation do.
-pub async fn check(sql: &str, policy: &Policy) -> Result<()> {
+/// Plans and checks a query without running it, over safe views with no rows, as `queries lint`,
+/// the allow-list's loading and the review page do: the same checks the guard makes before each
+/// answer, on the plan analysed with a value of each parameter's type.
+pub async fn check(
+    rules: &Rules,
+    query: &QueryDef,
+    contract: &Contract,
+    partner: &str,
+) -> Result<()> {
+    let policy = Policy::for_query(rules, query, contract, partner);
+    let values = param_values(
+        &query.example_params(rules, partner),
+        rules.retailer.utc_offset_minutes,
+    );
     let ctx = SafeViews::empty().session()?;
-    let plan = plan::plan_sql(&ctx, sql).await?;
-    plan::check_plan(&plan, policy).map(|_| ())
+    checked_plan(&ctx, &query.sql, values, &policy)
+        .await
+        .map(|_| ())
+}
+
+/// [`check`] for callers outside an async context (loading the allow-list). Planning over tables
+/// with no rows waits on nothing, so it completes on the calling thread.
+pub fn check_now(
+    rules: &Rules,
+    query: &QueryDef,
+    contract: &Contract,
+    partner: &str,
+) -> Result<()> {
+    futures::executor::block_on(check(rules, query, contract, partner))
 }
 
 /// Canonical text of snapped parameters: equal questions have equal keys.
@@ -473,7 +496,8 @@ impl Guard {
                 Outcome::Refused(message)
             }
             Err(Error::Engine(e)) => {
-                tracing::warn!(query = %request.query.id, error = %e, "execution failed; answered with the fixed refusal");
+                // Only the error's kind: its text can quote the value of the row it failed on.
+                tracing::warn!(query = %request.query.id, kind = engine_error_kind(&e), "execution failed; answered with the fixed refusal");
                 Outcome::Refused(EXECUTION_REFUSAL.into())
             }
             // Storage failures are the service's, not the data's: the charge stays, nothing is
@@ -502,8 +526,16 @@ impl Guard {
         };
         // Planned against views with no rows: the plan and its checks cannot depend on data.
         let ctx = SafeViews::empty().session()?;
-        let shape = checked_plan(&ctx, request, &params, &policy).await?;
-        let bounds: Vec<u64> = shape
+        let offset = rules.retailer.utc_offset_minutes;
+        let checked = checked_plan(
+            &ctx,
+            &request.query.sql,
+            param_values(&params, offset),
+            &policy,
+        )
+        .await?;
+        let bounds: Vec<u64> = checked
+            .shape
             .metrics
             .iter()
             .filter(|m| !m.member_count)
@@ -642,15 +674,12 @@ impl Guard {
         self.check_audience(question, audience)?;
         let ctx = views.session()?;
         // Planned again over the real views: the same SQL and schemas give the same checks.
-        let shape = checked_plan(&ctx, request, &question.params, &question.policy).await?;
-        let per_member = plan::per_member_plan(&shape)?;
-        let batches = ctx
-            .execute_logical_plan(per_member)
-            .await?
-            .collect()
-            .await?;
-        let cells = self.fold(&batches, &shape, question)?;
-        self.release(question, &shape, &cells)
+        let offset = request.rules.retailer.utc_offset_minutes;
+        let values = param_values(&question.params, offset);
+        let checked = checked_plan(&ctx, &request.query.sql, values, &question.policy).await?;
+        let batches = plan::execute(&ctx, &checked.runs).await?;
+        let cells = self.fold(&batches, &checked.shape, question)?;
+        self.release(question, &checked.shape, &cells)
     }
 
     /// The audience check: the matched, consenting audience plus discrete Gaussian noise must
@@ -861,22 +890,49 @@ async fn audience_views(
     .map_err(|e| Error::Storage(format!("building the audience: {e}")))?
 }
 
+/// A query's plan, checked: its shape (how its output folds into cells) and the per-member plan
+/// exactly as DataFusion will run it.
+struct CheckedPlan {
+    shape: plan::Shape,
+    runs: datafusion::logical_expr::LogicalPlan,
+}
+
+/// Plans a query's SQL in `ctx` with its parameters' values bound, analyses it, checks the
+/// analysed plan, and derives and checks the optimised per-member plan that will run.
 async fn checked_plan(
     ctx: &SessionContext,
-    request: &QueryRequest<'_>,
-    params: &BTreeMap<String, BoundValue>,
+    sql: &str,
+    values: HashMap<String, ScalarValue>,
     policy: &Policy,
-) -> Result<plan::Shape> {
-    let plan = plan::plan_sql(ctx, &request.query.sql).await?;
-    let offset = request.rules.retailer.utc_offset_minutes;
-    let values: HashMap<String, ScalarValue> = params
+) -> Result<CheckedPlan> {
+    let analysed = plan::analysed_plan(ctx, sql, values).await?;
+    let shape = plan::check_plan(&analysed, policy)?;
+    let runs = plan::plan_that_runs(ctx, &plan::per_member_plan(&shape)?)?;
+    Ok(CheckedPlan { shape, runs })
+}
+
+/// Snapped parameters as the values bound to their placeholders.
+fn param_values(
+    params: &BTreeMap<String, BoundValue>,
+    utc_offset_minutes: i32,
+) -> HashMap<String, ScalarValue> {
+    params
         .iter()
-        .map(|(k, v)| (k.clone(), bind_value(v, offset)))
-        .collect();
-    let plan = plan
-        .with_param_values(ParamValues::from(values))
-        .map_err(|_| Error::Guard("the query's parameters do not match its placeholders".into()))?;
-    plan::check_plan(&plan, policy)
+        .map(|(k, v)| (k.clone(), bind_value(v, utc_offset_minutes)))
+        .collect()
+}
+
+/// A DataFusion error's kind, without its message (which can quote a row's value).
+fn engine_error_kind(e: &datafusion::error::DataFusionError) -> &'static str {
+    use datafusion::error::DataFusionError as E;
+    match e.find_root() {
+        E::ArrowError(..) => "arrow",
+        E::ResourcesExhausted(_) => "resources exhausted",
+        E::Execution(_) | E::ExecutionJoin(_) => "execution",
+        E::IoError(_) | E::ObjectStore(_) | E::ParquetError(_) => "io",
+        E::Internal(_) => "internal",
+        _ => "other",
+    }
 }
 
 /// Each metric's noise variance, in shape order: `None` for a count of the cell's members, which

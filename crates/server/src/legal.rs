@@ -204,7 +204,7 @@ impl LegalApi {
             id: bad.id.clone(),
             title: bad.id.clone(),
             state: "invalid".into(),
-            state_detail: format!("the file does not load: {}", bad.reason),
+            state_detail: format!("cannot be approved or run: {}", bad.reason),
             ..Default::default()
         }));
         queries.sort_by(|a, b| a.id.cmp(&b.id));
@@ -228,6 +228,20 @@ impl LegalApi {
         // Recorded before the caller is checked, so refused attempts name their query too.
         entry.query_id = Some(shown(&decide.query_id));
         reviewer(call, &entry.method, true)?;
+        if let Some(bad) = call
+            .live
+            .allowlist
+            .invalid()
+            .iter()
+            .find(|q| q.id == decide.query_id)
+        {
+            // Refused before approval, so no approval can stand for a query the guard refuses.
+            return Err(cleanroom_core::Error::Precondition(format!(
+                "query {} cannot be approved: {}",
+                bad.id, bad.reason
+            ))
+            .into());
+        }
         let query = call.live.allowlist.get(&decide.query_id).ok_or_else(|| {
             cleanroom_core::Error::NotFound(format!(
                 "no valid query `{}` in the allow-list",

@@ -46,10 +46,11 @@ impl Live {
     /// credentials are not acceptable.
     pub(crate) fn new(
         rules: Rules,
-        allowlist: AllowList,
+        mut allowlist: AllowList,
         fingerprint: String,
         allow_demo_tokens: bool,
     ) -> Result<Self> {
+        set_aside_what_the_guard_refuses(&rules, &mut allowlist);
         Ok(Self {
             auth: Authenticator::new(&rules, allow_demo_tokens)?,
             rules_sha256: hex::encode(Sha256::digest(format!("{rules:?}").as_bytes())),
@@ -76,6 +77,28 @@ impl Live {
         let offset = FixedOffset::east_opt(offset * 60)
             .unwrap_or_else(|| FixedOffset::east_opt(0).expect("zero offset"));
         now.with_timezone(&offset).date_naive()
+    }
+}
+
+/// Runs the guard's plan checks on every query for every partner with a contract, as the guard
+/// will before each answer, and sets aside the queries it refuses: they are shown to reviewers as
+/// invalid, with the reason, and can be neither approved nor run.
+fn set_aside_what_the_guard_refuses(rules: &Rules, allowlist: &mut AllowList) {
+    let mut refused = Vec::new();
+    for query in allowlist.iter() {
+        for partner in &query.partners {
+            let Some((_, contract)) = rules.contract_of(partner) else {
+                continue;
+            };
+            if let Err(e) = cleanroom_engine::guard::check_now(rules, query, contract, partner) {
+                refused.push((query.id.clone(), format!("for partner {partner}: {e}")));
+                break;
+            }
+        }
+    }
+    for (id, reason) in refused {
+        tracing::warn!(query = %id, %reason, "the guard refuses a query; it is set aside");
+        allowlist.set_aside(&id, reason);
     }
 }
 

@@ -5,11 +5,13 @@
 //! subquery, or to be counted; only listed functions; no sensitive column; output columns exactly
 //! as declared, each a GROUP BY expression (a dimension) or an aggregate (a metric).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
+use datafusion::arrow::record_batch::RecordBatch;
+
 use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
-use datafusion::common::{Column, DFSchema};
+use datafusion::common::{Column, DFSchema, ParamValues, ScalarValue};
 use datafusion::logical_expr::utils::split_conjunction;
 use datafusion::logical_expr::{
     Aggregate, BinaryExpr, Expr, Filter, JoinType, LogicalPlan, Operator, Projection, SubqueryAlias,
@@ -20,6 +22,8 @@ use datafusion::sql::parser::Statement;
 use super::Policy;
 use crate::views::{MEMBER_KEY, SAFE_VIEWS};
 use crate::{Error, Result};
+
+mod fallible;
 
 /// Aggregates a query may output. MIN and MAX release one member's value; AVG and COUNT of
 /// distinct non-member values cannot be split into per-member contributions.
@@ -47,8 +51,14 @@ fn refuse<T>(reason: impl Into<String>) -> Result<T> {
     Err(Error::Guard(reason.into()))
 }
 
-/// Parses exactly one SELECT and plans it against the session's tables (only the safe views).
-pub(crate) async fn plan_sql(ctx: &SessionContext, sql: &str) -> Result<LogicalPlan> {
+/// Parses exactly one SELECT, plans it against the session's tables (only the safe views), binds
+/// the parameters' values and analyses it: the plan the checks read is the one DataFusion will
+/// run, with every cast its type coercion adds.
+pub(crate) async fn analysed_plan(
+    ctx: &SessionContext,
+    sql: &str,
+    values: HashMap<String, ScalarValue>,
+) -> Result<LogicalPlan> {
     let state = ctx.state();
     let mut statements = datafusion::sql::parser::DFParser::parse_sql(sql)
         .map_err(|_| Error::Guard("the query is not valid SQL".into()))?;
@@ -60,13 +70,44 @@ pub(crate) async fn plan_sql(ctx: &SessionContext, sql: &str) -> Result<LogicalP
     {
         return refuse("a query must be a single SELECT");
     }
-    state.statement_to_plan(statement).await.map_err(|e| {
+    let plan = state.statement_to_plan(statement).await.map_err(|e| {
         // The planner's message can name tables and columns; keep it in the server log only.
         tracing::debug!(error = %e, "query failed to plan against the safe views");
         Error::Guard(
             "the query does not plan against the safe views (unknown table or column?)".into(),
         )
-    })
+    })?;
+    let plan = plan
+        .with_param_values(ParamValues::from(values))
+        .map_err(|_| Error::Guard("the query's parameters do not match its placeholders".into()))?;
+    state
+        .analyzer()
+        .execute_and_check(plan, state.config_options(), |_, _| {})
+        .map_err(|e| {
+            tracing::debug!(error = %e, "query failed analysis against the safe views");
+            Error::Guard("the query's types do not agree (DataFusion's analysis refused it)".into())
+        })
+}
+
+/// The plan DataFusion will execute for `plan`: optimised, then checked once more for anything
+/// that could fail on a row's value, since every rewrite happens before execution.
+pub(crate) fn plan_that_runs(ctx: &SessionContext, plan: &LogicalPlan) -> Result<LogicalPlan> {
+    let optimized = ctx.state().optimize(plan).map_err(|e| {
+        tracing::debug!(error = %e, "a checked plan failed to optimise");
+        Error::Guard("the query could not be optimised".into())
+    })?;
+    fallible::check_plan_that_runs(&optimized)?;
+    Ok(optimized)
+}
+
+/// Executes a plan returned by [`plan_that_runs`] as it is, without rewriting it again.
+pub(crate) async fn execute(ctx: &SessionContext, plan: &LogicalPlan) -> Result<Vec<RecordBatch>> {
+    let state = ctx.state();
+    let physical = state
+        .query_planner()
+        .create_physical_plan(plan, &state)
+        .await?;
+    Ok(datafusion::physical_plan::collect(physical, ctx.task_ctx()).await?)
 }
 
 /// What the guard needs to know of an accepted plan to run it member by member.
@@ -370,6 +411,20 @@ fn member_columns(plan: &LogicalPlan, policy: &Policy) -> Result<BTreeSet<usize>
                 .collect();
             let mut equated = false;
             for (l, r) in &join.on {
+                check_expressions(
+                    std::slice::from_ref(l),
+                    join.left.schema(),
+                    &left,
+                    &[],
+                    policy,
+                )?;
+                check_expressions(
+                    std::slice::from_ref(r),
+                    join.right.schema(),
+                    &right,
+                    &[],
+                    policy,
+                )?;
                 match (
                     bare_column(l, join.left.schema()),
                     bare_column(r, join.right.schema()),
@@ -444,19 +499,6 @@ fn bare_column(expr: &Expr, schema: &DFSchema) -> Option<usize> {
     }
 }
 
-/// Whether `expr` is a literal number other than zero.
-fn is_nonzero_literal(expr: &Expr) -> bool {
-    match expr {
-        Expr::Literal(value, _) => {
-            !value.is_null()
-                && datafusion::common::ScalarValue::new_zero(&value.data_type())
-                    .is_ok_and(|zero| &zero != value)
-        }
-        Expr::Alias(alias) => is_nonzero_literal(&alias.expr),
-        _ => false,
-    }
-}
-
 /// Whether `expr` reads any of the given input columns.
 fn references(expr: &Expr, schema: &DFSchema, columns: &BTreeSet<usize>) -> bool {
     expr.column_refs().into_iter().any(|c| {
@@ -478,22 +520,7 @@ fn check_expressions(
     for expr in exprs {
         let mut verdict = Ok(());
         expr.apply(|e| {
-            let problem = match e {
-                Expr::Cast(_) => Some(
-                    "CAST fails on a value it cannot convert, which would answer differently \
-                     for one row: use TRY_CAST"
-                        .to_string(),
-                ),
-                Expr::BinaryExpr(b)
-                    if matches!(b.op, Operator::Divide | Operator::Modulo)
-                        && !is_nonzero_literal(&b.right) =>
-                {
-                    Some(
-                        "division and modulo need a non-zero constant divisor: dividing by a \
-                         column fails on a zero, which would answer differently for one row"
-                            .to_string(),
-                    )
-                }
+            let problem = fallible::problem(e, schema).or_else(|| match e {
                 Expr::Alias(_)
                 | Expr::Literal(..)
                 | Expr::BinaryExpr(_)
@@ -510,6 +537,7 @@ fn check_expressions(
                 | Expr::Case(_)
                 | Expr::TryCast(_)
                 | Expr::InList(_)
+                | Expr::Cast(_)
                 | Expr::Placeholder(_) => None,
                 Expr::Column(c) => policy
                     .sensitive_columns
@@ -553,7 +581,7 @@ fn check_expressions(
                     "expression `{}` is not allowed",
                     other.variant_name()
                 )),
-            };
+            });
             if let Some(problem) = problem {
                 verdict = refuse(problem);
                 return Ok(TreeNodeRecursion::Stop);
