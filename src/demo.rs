@@ -59,7 +59,7 @@ pub async fn run(options: DemoOptions<'_>) -> Result<()> {
     rand::rng().fill_bytes(&mut secret);
     let as_of: DateTime<chrono::Utc> = DateTime::parse_from_rfc3339(sample::AS_OF)?.into();
     let app = cleanroom_server::App::new(cleanroom_server::AppConfig {
-        data_dir: data_dir.path().to_path_buf(),
+        data_dir: data_dir.path().join("data"),
         rules,
         allowlist,
         secret: MasterSecret::new(secret)?,
@@ -72,6 +72,8 @@ pub async fn run(options: DemoOptions<'_>) -> Result<()> {
         }),
         // The demo runs on the published sample tokens.
         allow_demo_tokens: true,
+        mark: data_dir.path().join("high-water-mark.json"),
+        accept_restore: false,
     })?;
     let pki = match tls_dir {
         Some(dir) => Some(throwaway_pki(dir)?),

@@ -65,6 +65,11 @@ enum Command {
         /// their published tokens). Never on a real deployment.
         #[arg(long)]
         allow_demo_tokens: bool,
+        /// Start on a data directory restored from backup (behind the high-water mark): the
+        /// privacy charges and list uploads it lacks are carried over from the mark, never
+        /// refilled, and the restore is recorded in the audit trail.
+        #[arg(long)]
+        accept_restore: bool,
     },
     /// Generate fictional sample data (members, purchases, consent events, two partner lists).
     Gen {
@@ -344,9 +349,10 @@ fn run(cli: Cli) -> Result<()> {
             listen,
             data_dir,
             allow_demo_tokens,
+            accept_restore,
         } => {
             let settings = settings::Settings::load(&config, listen, data_dir)?;
-            runtime()?.block_on(serve(settings, allow_demo_tokens))
+            runtime()?.block_on(serve(settings, allow_demo_tokens, accept_restore))
         }
         Command::Token {
             command:
@@ -645,10 +651,14 @@ fn token_new(role: &str, partner: Option<&str>, name: &str) -> Result<()> {
     Ok(())
 }
 
-async fn serve(settings: settings::Settings, allow_demo_tokens: bool) -> Result<()> {
+async fn serve(
+    settings: settings::Settings,
+    allow_demo_tokens: bool,
+    accept_restore: bool,
+) -> Result<()> {
     let tls = settings.tls()?;
     let scheme = if tls.is_some() { "https" } else { "http" };
-    let app = cleanroom_server::App::new(settings.app_config(allow_demo_tokens)?)?;
+    let app = cleanroom_server::App::new(settings.app_config(allow_demo_tokens, accept_restore)?)?;
     let listen: std::net::SocketAddr = settings.listen.parse()?;
     let running =
         cleanroom_server::spawn_with_tls(app, listen, settings.review_addr()?, tls).await?;

@@ -38,6 +38,11 @@ pub struct Settings {
     /// TLS on both ports; without it, both stay on loopback.
     #[serde(default)]
     pub tls: Option<TlsSettings>,
+    /// The high-water mark: a file outside the data directory (and outside its backups) that
+    /// records how far the service has got, so a restored data directory is seen at start.
+    /// Default: `<data_dir>.high-water-mark.json`, beside the data directory.
+    #[serde(default)]
+    pub high_water_mark: Option<PathBuf>,
 }
 
 /// The `[tls]` table: PEM files for the server's certificate chain and key, and optionally the CA
@@ -102,6 +107,9 @@ impl Settings {
         if let Some(v) = env("QUERIES") {
             settings.queries = v.into();
         }
+        if let Some(v) = env("HIGH_WATER_MARK") {
+            settings.high_water_mark = Some(v.into());
+        }
         if let Some(v) = listen {
             settings.listen = v;
         }
@@ -131,6 +139,14 @@ impl Settings {
         }
         if self.reload_seconds == 0 {
             bail!("reload_seconds must be at least 1");
+        }
+        let mark = self.high_water_mark();
+        if mark.starts_with(&self.data_dir) {
+            bail!(
+                "high_water_mark = {:?} is inside data_dir: the mark must be kept outside the data \
+                 directory (and its backups) to see a restore of it",
+                mark.display().to_string()
+            );
         }
         Ok(())
     }
@@ -170,9 +186,26 @@ impl Settings {
         MasterSecret::from_hex(&text).with_context(|| path.display().to_string())
     }
 
+    /// Where the high-water mark is kept: as set, or beside the data directory.
+    pub fn high_water_mark(&self) -> PathBuf {
+        self.high_water_mark.clone().unwrap_or_else(|| {
+            let name = self
+                .data_dir
+                .file_name()
+                .map_or_else(|| "data".into(), |n| n.to_string_lossy().into_owned());
+            self.data_dir
+                .with_file_name(format!("{name}.high-water-mark.json"))
+        })
+    }
+
     /// Everything the service needs to start.
-    /// With `allow_demo_tokens`, principals in the demo token form are accepted.
-    pub fn app_config(&self, allow_demo_tokens: bool) -> Result<cleanroom_server::AppConfig> {
+    /// With `allow_demo_tokens`, principals in the demo token form are accepted; with
+    /// `accept_restore`, a data directory behind its high-water mark.
+    pub fn app_config(
+        &self,
+        allow_demo_tokens: bool,
+        accept_restore: bool,
+    ) -> Result<cleanroom_server::AppConfig> {
         let rules = self.rules()?;
         // Broken query files do not stop the service: they are shown to reviewers as invalid and
         // never run. `cleanroom queries lint` says what is wrong with them.
@@ -196,6 +229,8 @@ impl Settings {
                 poll: std::time::Duration::from_secs(self.reload_seconds),
             }),
             allow_demo_tokens,
+            mark: self.high_water_mark(),
+            accept_restore,
         })
     }
 }

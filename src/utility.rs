@@ -99,19 +99,21 @@ async fn measure(
     let allowlist = AllowList::load(queries_dir, &rules)?;
     let state = tempfile::tempdir()?;
     let app = cleanroom_server::App::new(cleanroom_server::AppConfig {
-        data_dir: state.path().to_path_buf(),
+        data_dir: state.path().join("data"),
         rules: rules.clone(),
         allowlist: allowlist.clone(),
         secret: MasterSecret::new(b"utility report secret, not for production".to_vec())?,
         clock: Arc::new(cleanroom_server::FixedClock(now)),
         sources: None,
         allow_demo_tokens: true,
+        mark: state.path().join("high-water-mark.json"),
+        accept_restore: false,
     })?;
     let server = cleanroom_server::spawn(app, SocketAddr::from(([127, 0, 0, 1], 0))).await?;
     let conn = Connection::open(&format!("http://{}", server.addr)).await?;
     sample::approve_all(&conn).await?;
     sample::load(&conn, sample_dir).await?;
-    let store = Store::open(state.path())?;
+    let store = Store::open(&state.path().join("data"))?;
     let snapshot = store.snapshot();
     let mut out = Vec::new();
     for (partner, token) in sample::PARTNERS {

@@ -6,7 +6,7 @@
 use std::io::Write;
 use std::path::Path;
 
-use crate::util::{Harness, try_app, year};
+use crate::util::{DataDir, Harness, try_app, year};
 
 fn append_torn(path: &Path, bytes: &[u8]) {
     let mut file = std::fs::OpenOptions::new().append(true).open(path).unwrap();
@@ -100,7 +100,7 @@ async fn a_lost_or_rolled_back_ledger_fails_closed() {
 
 #[test]
 fn a_corrupt_complete_record_is_not_guessed_at() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = DataDir::new();
     let app = try_app(dir.path()).unwrap();
     drop(app);
     let trail = dir.path().join("audit.jsonl");
@@ -205,18 +205,31 @@ async fn the_audit_trail_cannot_be_cut_or_rewritten_unnoticed() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("fewer than its checkpoint"));
 }
 
-/// Issue 9, item 8: a write and its record. The store commits a write before its call's audit
-/// record is written, so a crash between the two leaves data the trail does not account for, and
-/// a crash before the commit leaves a data file no manifest names. At start-up both are
-/// reconciled: the file is removed, the commit gets a record, once.
+/// Issue 9, item 8, and issue 14, item 6: a write and its record. The store commits a write
+/// before its call's audit record is written, so a crash between the two leaves data the trail
+/// does not account for, and a crash before the commit leaves a data file no manifest names. At
+/// start-up both are reconciled, once: the file is removed, and the commit gets a record naming
+/// the call, the partner and its records. Temporary files a stop left are removed without one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn start_up_reconciles_unrecorded_writes_and_orphan_files() {
     let h = Harness::start().await;
     let dir = h.shut_down().await;
-    // As a crash would leave them: a data file written but never committed, and a committed
-    // write (the manifest's counter) whose call record never made it to the trail.
+    // As a crash would leave them: a data file written but never committed, a committed list
+    // upload (in the manifest's log) whose call record never made it to the trail, and the
+    // temporary files of writes cut short.
     let orphan = dir.path().join("purchases-999999.parquet");
     std::fs::write(&orphan, b"PAR1 half-written").unwrap();
+    let temporaries = [
+        dir.path().join("audit.checkpoint.1-0.tmp"),
+        dir.path().join("staging-1-0.tmp"),
+        dir.path()
+            .join("guard/answers/c2FrdXJhX2Zvb2Rz/abc.json.1-0.tmp"),
+        dir.path().join("allowlist/versions.jsonl.1-0.tmp"),
+    ];
+    for tmp in &temporaries {
+        std::fs::create_dir_all(tmp.parent().unwrap()).unwrap();
+        std::fs::write(tmp, b"half").unwrap();
+    }
     let manifest_path = dir.path().join("manifest.json");
     let mut manifest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&manifest_path).unwrap()).unwrap();
@@ -224,10 +237,20 @@ async fn start_up_reconciles_unrecorded_writes_and_orphan_files() {
         .as_u64()
         .expect("the manifest counts commits");
     manifest["commits"] = (commits + 1).into();
+    manifest["log"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({
+            "seq": commits + 1, "at": "2026-11-01T00:00:00Z", "method": "UploadList",
+            "partner": "kumo_denki", "received": 7, "accepted": 6, "files": []
+        }));
     std::fs::write(&manifest_path, serde_json::to_vec(&manifest).unwrap()).unwrap();
 
     drop(try_app(dir.path()).expect("the service starts"));
     assert!(!orphan.exists(), "the orphan file is collected");
+    for tmp in &temporaries {
+        assert!(!tmp.exists(), "{} is collected", tmp.display());
+    }
     let trail = dir.path().join("audit.jsonl");
     let reconciled = |records: &[cleanroom_server::audit::Record]| {
         records
@@ -236,16 +259,27 @@ async fn start_up_reconciles_unrecorded_writes_and_orphan_files() {
                 Some(cleanroom_server::audit::Event::Reconciled {
                     orphan_files,
                     unrecorded_writes,
-                }) => Some((orphan_files.clone(), *unrecorded_writes)),
+                    writes,
+                }) => Some((orphan_files.clone(), *unrecorded_writes, writes.clone())),
                 _ => None,
             })
             .collect::<Vec<_>>()
     };
     let found = reconciled(&cleanroom_server::audit::read(&trail).unwrap());
+    assert_eq!(found.len(), 1, "one record accounts for both: {found:?}");
+    let (orphans, unrecorded, writes) = &found[0];
+    assert_eq!(orphans, &vec!["purchases-999999.parquet".to_string()]);
+    assert_eq!(*unrecorded, 1);
     assert_eq!(
-        found,
-        vec![(vec!["purchases-999999.parquet".to_string()], 1)],
-        "one record accounts for both"
+        writes,
+        &vec![cleanroom_server::audit::UnrecordedWrite {
+            commit: commits + 1,
+            method: "UploadList".into(),
+            partner: Some("kumo_denki".into()),
+            records: (7, 6),
+            request_id: None,
+        }],
+        "the write is named"
     );
     drop(try_app(dir.path()).expect("and starts again"));
     let again = reconciled(&cleanroom_server::audit::read(&trail).unwrap());

@@ -36,20 +36,35 @@ impl Drop for Served {
 }
 
 fn write_config(dir: &Path) -> PathBuf {
+    write_config_with(
+        dir,
+        &sample_dir().join("rules.toml"),
+        &root().join("queries"),
+        60,
+    )
+}
+
+/// A service configuration in `dir` (data in `dir/data`, the high-water mark beside it).
+fn write_config_with(dir: &Path, rules: &Path, queries: &Path, reload_seconds: u32) -> PathBuf {
     let config = dir.join("cleanroom.toml");
     let text = format!(
-        "listen = \"127.0.0.1:0\"\nreview_listen = \"127.0.0.1:0\"\nreload_seconds = 60\n\
-         data_dir = {:?}\nrules = {:?}\nqueries = {:?}\n",
+        "listen = \"127.0.0.1:0\"\nreview_listen = \"127.0.0.1:0\"\n\
+         reload_seconds = {reload_seconds}\ndata_dir = {:?}\nrules = {:?}\nqueries = {:?}\n",
         dir.join("data").display().to_string(),
-        sample_dir().join("rules.toml").display().to_string(),
-        root().join("queries").display().to_string(),
+        rules.display().to_string(),
+        queries.display().to_string(),
     );
     std::fs::write(&config, text).unwrap();
     config
 }
 
+/// Starts `cleanroom serve`. It runs with SIGXFSZ ignored (set by the shell that execs it, and
+/// inherited), as a service on a full disk sees it: a file-size limit then makes writes fail with
+/// an error instead of killing the process.
 fn serve(config: &Path) -> Served {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_cleanroom"))
+    let mut child = Command::new("sh")
+        .args(["-c", "trap '' XFSZ; exec \"$0\" \"$@\""])
+        .arg(env!("CARGO_BIN_EXE_cleanroom"))
         .args(["serve", "--allow-demo-tokens", "--config"])
         .arg(config)
         .env("CLEANROOM_MASTER_SECRET", secret_hex())
@@ -89,6 +104,19 @@ fn serve(config: &Path) -> Served {
 impl Served {
     async fn conn(&self) -> Connection {
         Connection::open(&self.addr).await.unwrap()
+    }
+
+    /// Limits the size of every file the service writes to `bytes` (the soft limit only, so it
+    /// can be lifted again), or lifts the limit: how a full disk looks to the service.
+    fn limit_file_size(&self, bytes: Option<u64>) {
+        let pid = self.child.as_ref().expect("running").id();
+        let limit = bytes.map_or("unlimited".to_string(), |b| b.to_string());
+        let status = Command::new("prlimit")
+            .arg(format!("--pid={pid}"))
+            .arg(format!("--fsize={limit}:"))
+            .status()
+            .expect("prlimit (util-linux) runs");
+        assert!(status.success(), "prlimit --fsize={limit}: failed");
     }
 
     /// `kill -9`.
@@ -310,4 +338,209 @@ async fn kill_minus_nine_during_writes_leaves_a_whole_state() {
         "{} audit records, {recovered} torn records recovered",
         records.len()
     );
+}
+
+/// The size of a file of the data directory.
+fn size(path: &Path) -> u64 {
+    std::fs::metadata(path).unwrap().len()
+}
+
+fn weekly(start: &str) -> Vec<(&'static str, cleanroom_proto::v1::ParamValue)> {
+    vec![
+        ("start", crate::util::date(start)),
+        ("end", crate::util::date("2026-11-02")),
+    ]
+}
+
+async fn repeat_rate(conn: &Connection, start: &str) -> Result<RunQueryResponse, tonic::Status> {
+    conn.partner(sample::partner_token("sakura_foods"))
+        .unwrap()
+        .run_query(crate::util::request("repeat_purchase_rate", &weekly(start)))
+        .await
+        .map(|r| r.into_inner())
+}
+
+/// Waits up to 30 s for `ready`.
+async fn eventually<F, Fut>(what: &str, mut ready: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for _ in 0..60 {
+        if ready().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    panic!("{what}: not within 30 s");
+}
+
+async fn listed_for_review(conn: &Connection, id: &str) -> bool {
+    conn.legal(sample::LEGAL_TOKEN)
+        .unwrap()
+        .list_allow_list(cleanroom_proto::v1::ListAllowListRequest {})
+        .await
+        .is_ok_and(|r| r.into_inner().queries.iter().any(|q| q.id == id))
+}
+
+/// Issue 14, item 3: a full disk during an append, for each JSONL file the service appends to
+/// (the privacy ledger, the query archive's index, the audit trail). The file size is limited
+/// just past the file's end (the service ignoring SIGXFSZ, as a full disk looks to it), the
+/// service is made to append to it, the limit is lifted, it is made to append again, and then it
+/// is killed with -9 and started: it starts, the trail verifies, and nothing charged is refilled.
+/// A question whose charge failed is not "being answered now" afterwards, and was not charged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_at_every_append_is_cut_back_and_the_service_starts_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let queries = dir.path().join("queries");
+    std::fs::create_dir(&queries).unwrap();
+    for entry in std::fs::read_dir(root().join("queries")).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, queries.join(path.file_name().unwrap())).unwrap();
+    }
+    let config = write_config_with(dir.path(), &sample_dir().join("rules.toml"), &queries, 1);
+    let data = dir.path().join("data");
+    let served = serve(&config);
+    let conn = served.conn().await;
+    sample::approve_all(&conn).await.unwrap();
+    sample::load(&conn, &sample_dir()).await.unwrap();
+    let mut used = overlap(&conn).await.protection.unwrap().answers_used;
+
+    // The privacy ledger: a fresh question's charge cannot be written.
+    served.limit_file_size(Some(size(&data.join("guard/ledger.jsonl")) + 20));
+    let failed = repeat_rate(&conn, "2025-11-03").await.unwrap_err();
+    assert_eq!(failed.code(), tonic::Code::Internal, "{failed:?}");
+    served.limit_file_size(None);
+    let answer = repeat_rate(&conn, "2025-11-03")
+        .await
+        .expect("answered once space is back, not 'being answered now'");
+    let p = answer.protection.unwrap();
+    assert!(p.fresh);
+    assert_eq!(
+        p.answers_used,
+        used + 1,
+        "the failed charge was not charged"
+    );
+    used = p.answers_used;
+    served.kill();
+    let served = check_restart(&config, &data, &mut used, "ledger", None).await;
+    let conn = served.conn().await;
+
+    // The query archive's index: a new query file arrives while the disk is full.
+    served.limit_file_size(Some(size(&data.join("allowlist/versions.jsonl")) + 20));
+    let added = crate::util::TOTAL;
+    std::fs::write(
+        queries.join(format!("{}.toml", added.id)),
+        format!(
+            "id = {:?}\nversion = 1\ntitle = \"t\"\ndescription = \"d\"\n\
+             purposes = [\"product_insight\"]\ncontract_clause = \"c\"\n\
+             partners = [\"sakura_foods\"]\nk = 10\nsql = '''{}'''\nmetrics = [\"members\"]\n",
+            added.id, added.sql
+        ),
+    )
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        !listed_for_review(&conn, added.id).await,
+        "a reload whose archive could not be written does not take effect"
+    );
+    served.limit_file_size(None);
+    eventually("the new query is archived and in force", || {
+        listed_for_review(&conn, added.id)
+    })
+    .await;
+    served.kill();
+    let served = check_restart(&config, &data, &mut used, "query archive", None).await;
+    let conn = served.conn().await;
+
+    // The audit trail: a call's record cannot be written.
+    served.limit_file_size(Some(size(&data.join("audit.jsonl")) + 20));
+    let failed = repeat_rate(&conn, "2025-11-03").await.unwrap_err();
+    assert_eq!(failed.code(), tonic::Code::Internal, "{failed:?}");
+    served.limit_file_size(None);
+    let again = repeat_rate(&conn, "2025-11-03").await.unwrap();
+    assert!(!again.protection.unwrap().fresh, "still the stored answer");
+    served.kill();
+    let served = check_restart(&config, &data, &mut used, "audit trail", None).await;
+    for file in [
+        "guard/ledger.jsonl",
+        "allowlist/versions.jsonl",
+        "audit.jsonl",
+    ] {
+        let (_, torn) = cleanroom_core::files::read_jsonl(&data.join(file), false).unwrap();
+        assert!(torn.is_none(), "{file} ends with a whole record");
+    }
+    served.kill();
+}
+
+/// Issue 14, item 4: a partner limited to 12 answers a day asks distinct fresh questions eight
+/// at a time, and the service is killed with -9 during the burst, twice. The daily count is
+/// rebuilt from what was charged, so across the kills the partner never receives answers to
+/// more than 12 distinct questions in the day: a question charged before a kill but answered
+/// after it is one of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_during_a_burst_never_refills_the_daily_answer_count() {
+    const LIMIT: usize = 12;
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("rules.toml");
+    let sample_rules = std::fs::read_to_string(sample_dir().join("rules.toml")).unwrap();
+    let limited = sample_rules.replacen(
+        "max_queries_per_day = 500",
+        &format!("max_queries_per_day = {LIMIT}"),
+        1,
+    );
+    assert_ne!(limited, sample_rules, "Sakura's contract comes first");
+    std::fs::write(&rules, limited).unwrap();
+    let config = write_config_with(dir.path(), &rules, &root().join("queries"), 60);
+    let mut served = serve(&config);
+    let conn = served.conn().await;
+    sample::approve_all(&conn).await.unwrap();
+    sample::load(&conn, &sample_dir()).await.unwrap();
+
+    let monday = chrono::NaiveDate::from_ymd_opt(2025, 6, 2).unwrap();
+    let starts: Vec<String> = (0..24)
+        .map(|week| (monday + chrono::Duration::weeks(week)).to_string())
+        .collect();
+    let mut answered: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
+    for (round, wait) in [(0, 250), (1, 600)] {
+        let conn = served.conn().await;
+        let burst: Vec<_> = starts[round * 8..round * 8 + 8]
+            .iter()
+            .map(|start| {
+                let (conn, start) = (conn.clone(), start.clone());
+                tokio::spawn(async move { (start.clone(), repeat_rate(&conn, &start).await) })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(wait)).await;
+        served.kill();
+        for task in burst {
+            let (start, result) = task.await.unwrap();
+            if result.is_ok() {
+                answered.insert(start);
+            }
+        }
+        println!("round {round}: {} answered so far", answered.len());
+        served = serve(&config);
+    }
+    // After the kills: every question asked again, then new ones until the day's answers end.
+    let conn = served.conn().await;
+    for start in &starts {
+        match repeat_rate(&conn, start).await {
+            Ok(_) => {
+                answered.insert(start.clone());
+            }
+            Err(status) => assert_eq!(
+                status.code(),
+                tonic::Code::ResourceExhausted,
+                "{start}: {status:?}"
+            ),
+        }
+    }
+    println!("{} distinct questions answered in the day", answered.len());
+    assert!(
+        answered.len() <= LIMIT,
+        "{} distinct answers against a limit of {LIMIT}",
+        answered.len()
+    );
+    served.kill();
 }

@@ -24,7 +24,7 @@ use tonic::Code;
 
 use crate::truth::Truth;
 use crate::util::{
-    Harness, Setup, Template, as_of, cells, date, list_of, relaxed_lists, sample_rules,
+    Harness, Setup, Template, as_of, cells, date, files_of, list_of, relaxed_lists, sample_rules,
     setup_with_templates, text,
 };
 
@@ -715,4 +715,116 @@ async fn a_condition_that_fails_on_one_row_is_refused_before_approval() {
         "the target's world looks the same"
     );
     h.stop().await;
+}
+
+/// THREATS 17, the restore of issue 14 (B): the operator keeps a backup of the data directory;
+/// Sakura uploads a list of 1,000 known members and asks three questions; the backup is restored
+/// the same day; Sakura uploads the same list plus the target (the same version number again)
+/// and asks the same three questions. Were answers keyed by counters, every cell without her
+/// would repeat and every cell with her would be one higher, with the budget back to where the
+/// backup left it. The restored directory is refused at start, changing nothing; accepted
+/// explicitly, every answer over the new list is fresh noise and the budget goes on from where
+/// it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_from_backup_replays_no_noise_and_refills_no_budget() {
+    let known = Knowledge::load();
+    let mut h = Harness::start_with(Setup {
+        rules: relaxed_lists(sample_rules()),
+        ..Default::default()
+    })
+    .await;
+    h.halt().await;
+    let backup = files_of(h.data_dir.path());
+    let h = h.restart_after(|_| {}).await;
+
+    let list: Vec<String> = known.consenting.iter().take(1000).cloned().collect();
+    let questions: [(&str, Vec<(&str, ParamValue)>); 3] = [
+        ("category_buyers_by_age_band", year()),
+        ("repeat_purchase_rate", year()),
+        ("matched_overlap", vec![]),
+    ];
+    let version = upload(&h, list_of(&ids(&list), "gold")).await;
+    let before = ask_fresh(&h, &questions).await;
+    let used = before[2].protection.as_ref().unwrap().answers_used;
+
+    let mut h = h;
+    h.halt().await;
+    let dir = h.data_dir.path().to_path_buf();
+    std::fs::remove_dir_all(&dir).unwrap();
+    for (path, bytes) in &backup {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, bytes).unwrap();
+    }
+    let restored = files_of(&dir);
+    let refused = crate::util::try_app(&dir)
+        .err()
+        .expect("a restored data directory is refused");
+    let message = refused.to_string();
+    assert!(
+        message.contains("high-water mark") && message.contains("--accept-restore"),
+        "{message}"
+    );
+    assert_eq!(
+        files_of(&dir),
+        restored,
+        "the refused start changed nothing"
+    );
+
+    let h = h.start_accepting_restore().await;
+    let mut with_target = list.clone();
+    with_target.push(TARGET.into());
+    assert_eq!(
+        upload(&h, list_of(&ids(&with_target), "gold")).await,
+        version,
+        "the same version number again"
+    );
+    let after = ask_fresh(&h, &questions).await;
+    assert_eq!(
+        after[2].protection.as_ref().unwrap().answers_used,
+        used + 3,
+        "the budget goes on from where it was"
+    );
+    for ((query, _), (old, new)) in questions.iter().zip(before.iter().zip(&after)) {
+        // Each metric has its interval column; the rest are dimensions.
+        let intervals = old
+            .columns
+            .iter()
+            .filter(|c| c.name.ends_with("_ci95"))
+            .count();
+        let dims = old.columns.len() - 2 * intervals;
+        let (old, new) = (cells(old, dims), cells(new, dims));
+        let replayed = old
+            .iter()
+            .filter(|(cell, v)| {
+                new.get(*cell)
+                    .is_some_and(|n| n[0] - v[0] == 0 || n[0] - v[0] == 1)
+            })
+            .count();
+        println!(
+            "{query}: {replayed} of {} cells within +1 of before",
+            old.len()
+        );
+        assert!(
+            replayed < old.len(),
+            "{query}: the noise was replayed on the new data"
+        );
+    }
+    h.stop().await;
+}
+
+/// Asks each question as Sakura; each must be answered fresh.
+async fn ask_fresh(
+    h: &Harness,
+    questions: &[(&str, Vec<(&str, ParamValue)>)],
+) -> Vec<RunQueryResponse> {
+    let mut answers = Vec::new();
+    for (query, params) in questions {
+        let answer = h.run("sakura_foods", query, params).await.unwrap();
+        assert!(
+            answer.protection.as_ref().unwrap().fresh,
+            "{query} is fresh"
+        );
+        answers.push(answer);
+    }
+    answers
 }

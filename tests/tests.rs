@@ -35,3 +35,5 @@ mod streams;
 mod crash;
 // `kill -9` of the real binary during ingests, uploads and queries.
 mod kill;
+// Operator faults: a lost or older manifest, refused starts that change nothing, audit ids.
+mod operator;

@@ -72,6 +72,14 @@ pub fn bare_app(data_dir: &Path) -> Arc<App> {
 
 /// As [`bare_app`], or why the service would not start there.
 pub fn try_app(data_dir: &Path) -> Result<Arc<App>, cleanroom_server::Error> {
+    try_app_with(data_dir, false)
+}
+
+/// As [`try_app`], accepting a data directory behind its high-water mark if `accept_restore`.
+pub fn try_app_with(
+    data_dir: &Path,
+    accept_restore: bool,
+) -> Result<Arc<App>, cleanroom_server::Error> {
     let rules = sample_rules();
     let allowlist = AllowList::load(&root().join("queries"), &rules).expect("allow-list loads");
     App::new(AppConfig {
@@ -82,7 +90,51 @@ pub fn try_app(data_dir: &Path) -> Result<Arc<App>, cleanroom_server::Error> {
         clock: Arc::new(FixedClock(as_of())),
         sources: None,
         allow_demo_tokens: true,
+        mark: mark_beside(data_dir),
+        accept_restore,
     })
+}
+
+/// Every file under `dir` and its bytes: what a refused start must leave exactly as it was.
+pub fn files_of(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+    let mut files = BTreeMap::new();
+    let mut dirs = vec![dir.to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else {
+                files.insert(path.clone(), std::fs::read(&path).unwrap());
+            }
+        }
+    }
+    files
+}
+
+/// The high-water mark of a test's data directory: beside it, outside it, as `serve` keeps it.
+pub fn mark_beside(data_dir: &Path) -> PathBuf {
+    data_dir.with_file_name("high-water-mark.json")
+}
+
+/// A test's data directory, `data` inside a temporary directory that also holds its high-water
+/// mark (outside the data directory, as in a deployment); both are removed when it drops.
+pub struct DataDir {
+    _root: TempDir,
+    data: PathBuf,
+}
+
+impl DataDir {
+    pub fn new() -> Self {
+        let root = tempfile::tempdir().unwrap();
+        let data = root.path().join("data");
+        Self { _root: root, data }
+    }
+
+    /// The data directory.
+    pub fn path(&self) -> &Path {
+        &self.data
+    }
 }
 
 /// The instant the sample data was exported; the harness pins the service's clock to it.
@@ -103,7 +155,7 @@ pub struct Harness {
     /// The running service's state (for its counters; tests act through the gRPC API).
     pub app: Arc<App>,
     pub rules: Rules,
-    pub data_dir: TempDir,
+    pub data_dir: DataDir,
     queries: PathBuf,
     sources: Option<Sources>,
     tls: Option<ThrowawayPki>,
@@ -146,7 +198,7 @@ impl Harness {
 
     pub async fn start_with(setup: Setup) -> Self {
         setup.rules.validate().expect("test rules are valid");
-        let data_dir = tempfile::tempdir().unwrap();
+        let data_dir = DataDir::new();
         let (server, conn, app) = Self::serve(
             &setup.rules,
             &setup.queries,
@@ -154,6 +206,7 @@ impl Harness {
             setup.tls.as_ref(),
             data_dir.path(),
             as_of(),
+            false,
         )
         .await;
         if setup.approve {
@@ -185,6 +238,7 @@ impl Harness {
         tls: Option<&ThrowawayPki>,
         data_dir: &Path,
         now: chrono::DateTime<chrono::Utc>,
+        accept_restore: bool,
     ) -> (Running, Connection, Arc<App>) {
         let allowlist = AllowList::load(queries, rules).expect("allow-list loads");
         let app = App::new(AppConfig {
@@ -195,6 +249,8 @@ impl Harness {
             clock: Arc::new(FixedClock(now)),
             sources,
             allow_demo_tokens: true,
+            mark: mark_beside(data_dir),
+            accept_restore,
         })
         .unwrap();
         let any = SocketAddr::from(([127, 0, 0, 1], 0));
@@ -224,6 +280,31 @@ impl Harness {
         (server, conn, app)
     }
 
+    /// A service with the sample rules and allow-list started on an existing data directory.
+    pub async fn restart_on(data_dir: DataDir) -> Self {
+        let setup = Setup::default();
+        let (server, conn, app) = Self::serve(
+            &setup.rules,
+            &setup.queries,
+            None,
+            None,
+            data_dir.path(),
+            as_of(),
+            false,
+        )
+        .await;
+        Self {
+            conn,
+            app,
+            rules: setup.rules,
+            data_dir,
+            queries: setup.queries,
+            sources: None,
+            tls: None,
+            server: Some(server),
+        }
+    }
+
     /// Stops the service and starts a new one on the same data directory, as after a restart.
     pub async fn restart(self) -> Self {
         self.restart_at(as_of()).await
@@ -231,16 +312,20 @@ impl Harness {
 
     /// Restarts with the clock pinned to another instant.
     pub async fn restart_at(self, now: chrono::DateTime<chrono::Utc>) -> Self {
-        self.relaunch(now, |_| {}).await
+        self.relaunch(now, |_| {}, false).await
     }
 
-    /// Stops the service, lets `damage` act on its data directory, and starts it again at `now`.
+    /// Stops the service, lets `damage` act on its data directory, and starts it again at `now`
+    /// (accepting a directory behind its high-water mark if `accept_restore`).
     async fn relaunch(
         mut self,
         now: chrono::DateTime<chrono::Utc>,
         damage: impl FnOnce(&Path),
+        accept_restore: bool,
     ) -> Self {
-        self.server.take().unwrap().stop().await.unwrap();
+        if let Some(server) = self.server.take() {
+            server.stop().await.unwrap();
+        }
         damage(self.data_dir.path());
         let (server, conn, app) = Self::serve(
             &self.rules,
@@ -249,6 +334,7 @@ impl Harness {
             self.tls.as_ref(),
             self.data_dir.path(),
             now,
+            accept_restore,
         )
         .await;
         self.server = Some(server);
@@ -298,11 +384,24 @@ impl Harness {
     /// Stops the service, lets `damage` act on its data directory (as a crash or an intruder
     /// would), and starts it again there.
     pub async fn restart_after(self, damage: impl FnOnce(&Path)) -> Self {
-        self.relaunch(as_of(), damage).await
+        self.relaunch(as_of(), damage, false).await
+    }
+
+    /// Starts the service again on its data directory, accepting that it is behind its
+    /// high-water mark (`serve --accept-restore`). The service must be stopped.
+    pub async fn start_accepting_restore(self) -> Self {
+        self.relaunch(as_of(), |_| {}, true).await
+    }
+
+    /// Stops the service, keeping the harness (and its data directory) for a restart.
+    pub async fn halt(&mut self) {
+        if let Some(server) = self.server.take() {
+            server.stop().await.unwrap();
+        }
     }
 
     /// Stops the service and hands over its data directory.
-    pub async fn shut_down(mut self) -> TempDir {
+    pub async fn shut_down(mut self) -> DataDir {
         self.server.take().unwrap().stop().await.unwrap();
         self.data_dir
     }

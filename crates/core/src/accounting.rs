@@ -118,14 +118,14 @@ impl Guarantee {
             && delta.is_finite()
             && delta > 0.0
             && delta <= 1e-3
-            && period_days > 0
+            && (1..=crate::rules::MAX_WINDOW_DAYS).contains(&period_days)
             && (1..=10_000).contains(&answers_per_period);
         if !valid {
-            return Err(Error::Config(
-                "need 0.01 <= epsilon <= 50, 0 < delta <= 0.001, period_days > 0 and \
-                 1 <= answers_per_period <= 10000"
-                    .into(),
-            ));
+            return Err(Error::Config(format!(
+                "need 0.01 <= epsilon <= 50, 0 < delta <= 0.001, 1 <= period_days <= {} and \
+                 1 <= answers_per_period <= 10000",
+                crate::rules::MAX_WINDOW_DAYS
+            )));
         }
         let rho_period = cdp_rho(epsilon, delta / 2.0);
         let answers = f64::from(answers_per_period);

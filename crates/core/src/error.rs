@@ -25,4 +25,8 @@ pub enum Error {
     /// A limit was reached (upload size, rate, budget).
     #[error("limit exceeded: {0}")]
     Limit(String),
+    /// A file of the service's own could not be read or written (a full disk, a damaged file).
+    /// The message names the file and, for a record, its line; never a record's content.
+    #[error("storage: {0}")]
+    Storage(String),
 }

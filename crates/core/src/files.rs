@@ -99,6 +99,22 @@ pub struct TornTail {
     pub dropped_bytes: u64,
 }
 
+/// Cuts a torn tail found by [`read_jsonl`] from its file, and syncs the cut.
+pub fn cut_torn_tail(torn: &TornTail) -> Result<()> {
+    let path = &torn.path;
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|e| storage(path, io_reason(&e)))?;
+    let len = file
+        .metadata()
+        .map_err(|e| storage(path, io_reason(&e)))?
+        .len();
+    file.set_len(len.saturating_sub(torn.dropped_bytes))
+        .and_then(|_| file.sync_all())
+        .map_err(|e| storage(path, io_reason(&e)))
+}
+
 /// Reads an append-only JSONL file written one `record\n` at a time and synced: every complete
 /// line, and the incomplete record after the last newline, if any. With `repair`, that torn tail
 /// is cut from the file (and the cut synced), so the next append starts on a line of its own;
@@ -114,14 +130,8 @@ pub fn read_jsonl(path: &Path, repair: bool) -> Result<(Vec<String>, Option<Torn
         path: path.to_path_buf(),
         dropped_bytes: (bytes.len() - complete) as u64,
     });
-    if torn.is_some() && repair {
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .open(path)
-            .map_err(|e| refuse(path, &io_reason(&e)))?;
-        file.set_len(complete as u64)
-            .and_then(|_| file.sync_all())
-            .map_err(|e| refuse(path, &io_reason(&e)))?;
+    if let Some(torn) = torn.as_ref().filter(|_| repair) {
+        cut_torn_tail(torn)?;
     }
     let text = std::str::from_utf8(&bytes[..complete]).map_err(|_| refuse(path, "not UTF-8"))?;
     let lines = text
@@ -130,6 +140,194 @@ pub fn read_jsonl(path: &Path, repair: bool) -> Result<(Vec<String>, Option<Torn
         .map(str::to_string)
         .collect();
     Ok((lines, torn))
+}
+
+fn storage(path: &Path, why: impl std::fmt::Display) -> Error {
+    Error::Storage(format!("{}: {why}", path.display()))
+}
+
+/// Parses the records [`read_jsonl`] read, naming the file and the line of the first that does
+/// not parse (by its position and the kind of fault only: a record's text is never quoted).
+pub fn parse_jsonl<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    lines: &[String],
+) -> Result<Vec<T>> {
+    lines
+        .iter()
+        .enumerate()
+        .map(|(i, line)| {
+            serde_json::from_str(line).map_err(|e| {
+                let fault = match e.classify() {
+                    serde_json::error::Category::Syntax | serde_json::error::Category::Eof => {
+                        "not valid JSON"
+                    }
+                    _ => "not a record of this file",
+                };
+                storage(
+                    path,
+                    format!("line {}: {fault} (column {})", i + 1, e.column()),
+                )
+            })
+        })
+        .collect()
+}
+
+/// The ending every temporary file of the service has: a file being written before it is renamed
+/// into place. Any such file found at start-up was left by a crash and is removed.
+pub const TEMPORARY_SUFFIX: &str = ".tmp";
+
+/// A temporary name beside `path` that no other writer in this process or another uses.
+pub fn temporary_beside(path: &Path) -> std::path::PathBuf {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let name = path
+        .file_name()
+        .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+    path.with_file_name(format!(
+        "{name}.{}-{n}{TEMPORARY_SUFFIX}",
+        std::process::id()
+    ))
+}
+
+/// Makes a directory's entries (a file renamed or created in it) durable.
+pub fn sync_dir(dir: &Path) -> Result<()> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| storage(dir, io_reason(&e)))
+}
+
+/// Writes `bytes` to `path` whole: a reader or a crash sees the old file or the new one, never
+/// part of one. The bytes go to a temporary file beside it, synced, renamed into place, and the
+/// directory is synced so that the rename itself survives a crash.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let tmp = temporary_beside(path);
+    let written = std::fs::File::create(&tmp)
+        .and_then(|mut file| file.write_all(bytes).and_then(|_| file.sync_all()))
+        .and_then(|_| std::fs::rename(&tmp, path));
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(storage(path, io_reason(&e)));
+    }
+    sync_dir(path.parent().unwrap_or(Path::new(".")))
+}
+
+/// An append-only file of JSON records, one per line: the one way every such file of the service
+/// (audit trail, privacy ledger, query archive) grows.
+///
+/// A record is written whole or not at all. A write that fails part-way (a full disk, a
+/// file-size limit) is cut back to the end of the last whole record before the error is returned,
+/// so the next append never lands on a fragment; a cut that cannot be made (or a failed sync)
+/// leaves the log refusing records, because what is on disk is then unknown (it fails closed).
+pub struct AppendLog {
+    path: std::path::PathBuf,
+    file: std::fs::File,
+    /// The file's length after the last whole record.
+    len: u64,
+    /// Whole records in the file.
+    records: u64,
+    broken: Option<String>,
+}
+
+impl AppendLog {
+    /// Opens `path` (created if missing) to append after its `records` whole records; the file
+    /// must end with a whole record (a torn tail cut, see [`read_jsonl`]).
+    pub fn open(path: &Path, records: u64) -> Result<Self> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|e| storage(path, io_reason(&e)))?;
+        let len = file
+            .metadata()
+            .map_err(|e| storage(path, io_reason(&e)))?
+            .len();
+        Ok(Self {
+            path: path.to_path_buf(),
+            file,
+            len,
+            records,
+            broken: None,
+        })
+    }
+
+    /// The file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Whole records written so far.
+    pub fn records(&self) -> u64 {
+        self.records
+    }
+
+    /// A second handle on the file, to sync it without holding the log (group commit).
+    pub fn sync_handle(&self) -> Result<std::fs::File> {
+        self.file
+            .try_clone()
+            .map_err(|e| storage(&self.path, io_reason(&e)))
+    }
+
+    /// Writes one record (`record` holds no newline) after the last, not yet synced. Returns its
+    /// line number.
+    pub fn write(&mut self, record: &[u8]) -> Result<u64> {
+        use std::io::Write;
+        if let Some(why) = &self.broken {
+            return Err(storage(&self.path, format!("takes no more records: {why}")));
+        }
+        let line = self.records + 1;
+        let mut bytes = Vec::with_capacity(record.len() + 1);
+        bytes.extend_from_slice(record);
+        bytes.push(b'\n');
+        if let Err(e) = self.file.write_all(&bytes) {
+            let cut = self.cut_back();
+            return Err(storage(
+                &self.path,
+                format!("line {line}: {}; {cut}", io_reason(&e)),
+            ));
+        }
+        self.len += bytes.len() as u64;
+        self.records = line;
+        Ok(line)
+    }
+
+    /// Writes one record and makes it durable. If it cannot be made durable it is cut back, so
+    /// a failure leaves no trace of it (or the log refuses further records).
+    pub fn append(&mut self, record: &[u8]) -> Result<u64> {
+        let before = (self.len, self.records);
+        let line = self.write(record)?;
+        if let Err(e) = self.file.sync_data() {
+            (self.len, self.records) = before;
+            let cut = self.cut_back();
+            return Err(storage(
+                &self.path,
+                format!("line {line}: {}; {cut}", io_reason(&e)),
+            ));
+        }
+        Ok(line)
+    }
+
+    /// Whether a failure left what is on disk unknown.
+    pub fn is_broken(&self) -> bool {
+        self.broken.is_some()
+    }
+
+    /// Cuts the file back to its last whole record and syncs the cut; says what happened.
+    fn cut_back(&mut self) -> String {
+        match self
+            .file
+            .set_len(self.len)
+            .and_then(|_| self.file.sync_data())
+        {
+            Ok(()) => "the partial record was cut back; nothing of it remains".to_string(),
+            Err(e) => {
+                let why = format!("a failed write could not be cut back ({})", io_reason(&e));
+                self.broken = Some(why.clone());
+                why
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -213,5 +411,53 @@ mod tests {
         let shown = toml_error(text, &e).to_string();
         assert!(shown.contains("2:10"), "{shown}");
         assert!(!shown.contains("TOPSECRETVALUE"), "{shown}");
+    }
+
+    #[test]
+    fn a_failed_append_is_cut_back_and_the_next_one_starts_on_its_own_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log.jsonl");
+        let mut log = AppendLog::open(&path, 0).unwrap();
+        assert_eq!(log.append(b"{\"a\":1}").unwrap(), 1);
+        // A file-size limit just past the end stands in for a full disk: the write is cut
+        // short, and the error names the file and the line.
+        let limit = std::fs::metadata(&path).unwrap().len() + 3;
+        let full = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        full.set_len(limit).unwrap();
+        // Simulate a partial record left by a short write, as the kernel leaves it.
+        log.len = limit - 3;
+        let cut = log.cut_back();
+        assert!(cut.contains("cut back"), "{cut}");
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), limit - 3);
+        assert_eq!(log.append(b"{\"a\":2}").unwrap(), 2);
+        let (lines, torn) = read_jsonl(&path, false).unwrap();
+        assert_eq!((lines.len(), torn), (2, None));
+        let parsed: Vec<serde_json::Value> = parse_jsonl(&path, &lines).unwrap();
+        assert_eq!(parsed[1]["a"], 2);
+        let bad = parse_jsonl::<serde_json::Value>(&path, &["{\"a\":".into()]).unwrap_err();
+        assert!(
+            bad.to_string()
+                .contains("log.jsonl: line 1: not valid JSON"),
+            "{bad}"
+        );
+    }
+
+    #[test]
+    fn atomic_writes_leave_no_temporary_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        write_atomic(&path, b"one").unwrap();
+        write_atomic(&path, b"two").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"two");
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names.len(), 1, "{names:?}");
+        assert!(
+            temporary_beside(&path)
+                .to_string_lossy()
+                .ends_with(TEMPORARY_SUFFIX)
+        );
     }
 }

@@ -11,6 +11,11 @@ use serde::Deserialize;
 use crate::generalize::{AGE_BANDS, GENDERS, PREFECTURES};
 use crate::{Error, Result};
 
+/// The longest period a budget or a list allowance may count over, in days. Charges and uploads
+/// older than this never count again, so the high-water mark kept outside the data directory
+/// need not remember them.
+pub const MAX_WINDOW_DAYS: u32 = 366;
+
 /// The whole rules file.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -491,9 +496,12 @@ impl Rules {
                     5 * k
                 ));
             }
-            if protection.max_list_versions == 0 || protection.list_window_days == 0 {
+            if protection.max_list_versions == 0
+                || !(1..=MAX_WINDOW_DAYS).contains(&protection.list_window_days)
+            {
                 return fail(format!(
-                    "contracts.{id}.protection: max_list_versions and list_window_days must be positive"
+                    "contracts.{id}.protection: max_list_versions must be positive and \
+                     list_window_days between 1 and {MAX_WINDOW_DAYS}"
                 ));
             }
             if !(1..=MAX_ROWS_PER_MEMBER).contains(&protection.max_rows_per_member) {

@@ -44,7 +44,7 @@ use datafusion::common::ScalarValue;
 use datafusion::prelude::SessionContext;
 use sha2::{Digest, Sha256};
 
-use crate::store::{Snapshot, Staging, Store};
+use crate::store::{CommitRecord, Snapshot, Staging, Store, WriteFacts};
 use crate::views::{self, SafeViews};
 use crate::{Error, Result};
 
@@ -58,7 +58,7 @@ mod plan;
 
 pub use admission::{AdmittedPartner, AdmittedQuery, Approvals, admit_partner, admit_query};
 pub use answers::{NoiseReport, Outcome, Release, ReleaseFacts};
-pub use budget::{Budgets, Charge, RhoLedger};
+pub use budget::{Charge, LedgerFile, RhoLedger, Spend, Terms};
 use lists::Lists;
 
 /// The largest output domain (product of the dimensions' domain sizes) the guard will enumerate.
@@ -122,22 +122,6 @@ impl Policy {
             .chain(self.metrics.iter().cloned())
             .collect()
     }
-}
-
-/// An earlier call, as the audit trail remembers it: the guard rebuilds its daily answer counts
-/// and list allowances from these, so a restart refills nothing.
-#[derive(Debug, Clone)]
-pub struct PastCall {
-    /// The partner concerned.
-    pub partner: String,
-    /// The RPC method.
-    pub method: String,
-    /// When.
-    pub at: DateTime<Utc>,
-    /// Whether it succeeded.
-    pub ok: bool,
-    /// Whether it was a fresh answer (repeats do not count against the daily limit).
-    pub fresh: bool,
 }
 
 /// A query to answer: only an admitted query makes one ([`admission`]), so nothing reaches
@@ -258,6 +242,8 @@ pub struct ListUpload<'a> {
     pub partner: AdmittedPartner<'a>,
     /// The hashed list, staged (`ingest::tokens_schema(true)` rows).
     pub list: Staging,
+    /// What the upload was, for the store's record of it.
+    pub facts: WriteFacts,
     /// Where lists are kept.
     pub store: &'a Store,
 }
@@ -265,7 +251,6 @@ pub struct ListUpload<'a> {
 /// The guard and the state its defences keep.
 pub struct Guard {
     noise_key: [u8; 32],
-    answers_per_day: Budgets,
     ledger: RhoLedger,
     answers: answers::Answers,
     lists: Mutex<Lists>,
@@ -412,28 +397,52 @@ struct Question<'a> {
 }
 
 impl Guard {
-    /// Opens the guard's state in `data_dir/guard`, with keys derived from the master secret.
-    pub fn open(data_dir: &Path, secret: &MasterSecret, past: &[PastCall]) -> Result<Self> {
+    /// Opens the guard's state in `data_dir/guard` (the privacy ledger as start-up read it),
+    /// with keys derived from the master secret. `uploads` are the partners' accepted list
+    /// uploads (partner, time), from the store's record: the list allowance is rebuilt from them.
+    pub fn open(
+        data_dir: &Path,
+        secret: &MasterSecret,
+        ledger: LedgerFile,
+        uploads: impl IntoIterator<Item = (String, DateTime<Utc>)>,
+    ) -> Result<Self> {
         let dir = data_dir.join("guard");
         std::fs::create_dir_all(&dir)?;
-        let ok = |method: &'static str| {
-            past.iter()
-                .filter(move |c| c.ok && c.method == method)
-                .map(|c| (c.partner.clone(), c.at))
-        };
-        let answers_per_day = Budgets::from_history(
-            past.iter()
-                .filter(|c| c.ok && c.method == "RunQuery" && c.fresh)
-                .map(|c| (c.partner.clone(), c.at)),
-        );
-        let lists = Lists::open(ok("UploadList").chain(ok("IngestPartnerList")));
         Ok(Self {
             noise_key: secret.guard_key("noise"),
-            answers_per_day,
-            ledger: RhoLedger::open(dir.join("ledger.jsonl"))?,
+            ledger: RhoLedger::open(ledger)?,
             answers: answers::Answers::open(dir.join("answers"))?,
-            lists: Mutex::new(lists),
+            lists: Mutex::new(Lists::open(uploads)),
         })
+    }
+
+    /// Where the privacy ledger of a data directory is.
+    pub fn ledger_path(data_dir: &Path) -> std::path::PathBuf {
+        data_dir.join("guard").join("ledger.jsonl")
+    }
+
+    /// Every charge on the privacy ledger (for the high-water mark kept outside the data
+    /// directory).
+    pub fn spends(&self) -> Vec<Spend> {
+        self.ledger.spends()
+    }
+
+    /// Carries charges over onto the ledger (charges a restored ledger lacks).
+    pub fn carry(&self, spends: &[Spend]) -> Result<()> {
+        self.ledger.carry(spends)
+    }
+
+    /// The list uploads the allowances count (partner, time).
+    pub fn uploads(&self) -> Vec<(String, DateTime<Utc>)> {
+        self.lists.lock().expect("list ledger lock poisoned").all()
+    }
+
+    /// Takes list uploads into the allowance (uploads a restored data directory lacks).
+    pub fn carry_uploads(&self, uploads: impl IntoIterator<Item = (String, DateTime<Utc>)>) {
+        self.lists
+            .lock()
+            .expect("list ledger lock poisoned")
+            .extend(uploads);
     }
 
     /// Refuses an upload the partner's list allowance would refuse, before any of its records
@@ -468,11 +477,11 @@ impl Guard {
 
     /// Admits and stores a new version of a partner's list, within the upload allowance. Nothing
     /// about the members it matches is decided or shown here. Returns the new version number.
-    pub fn store_list(&self, upload: ListUpload<'_>) -> Result<u32> {
+    pub fn store_list(&self, upload: ListUpload<'_>) -> Result<CommitRecord> {
         self.list_allowance(&upload.partner, true)?;
         upload
             .store
-            .commit_list(upload.partner.partner, upload.list)
+            .commit_list(upload.partner.partner, upload.list, upload.facts)
     }
 
     /// Answers one query. This is the only function that releases query results.
@@ -542,7 +551,7 @@ impl Guard {
             .map(|m| m.bound)
             .collect();
         let noise = guarantee.noise_plan(policy.rows_per_member, &bounds)?;
-        let key = self.answer_key(request, &params, list.version);
+        let key = self.answer_key(request, &params, list);
         Ok(Question {
             request,
             contract,
@@ -555,59 +564,48 @@ impl Guard {
         })
     }
 
-    /// The answer's key: the question (partner, query content, snapped parameters) and the data it
-    /// sees (the retailer's data version, the list version, the retailer's day, since consent
-    /// expiries and ages move with it). Every part is a counter or the request itself, never a
-    /// function of member data, so whether a key was seen before says nothing about a member.
+    /// The answer's key, which also keys its noise: the question (partner, query content,
+    /// snapped parameters) and the data it reads, by content: the digest of the retailer's
+    /// committed files, the digest of the partner's list version, and the retailer's day (consent
+    /// expiries and ages move with it). Different data never gets the same key, so noise is never
+    /// replayed on new data, not even after a restore from backup brings old counters back.
+    /// Whether a key was seen before depends on the partner's own list and the retailer's data as
+    /// a whole, so it tells the partner nothing about a member it did not put in its list itself.
     fn answer_key(
         &self,
         request: &QueryRequest<'_>,
         params: &BTreeMap<String, BoundValue>,
-        list_version: u32,
+        list: &crate::store::PartnerList,
     ) -> String {
         let day = local_date(request.now, request.rules.retailer.utc_offset_minutes);
         let text = format!(
-            "{}|{}|{}|{}|{}|{}|{}|{}",
+            "answer/v2|{}|{}|{}|{}|{}|{}|{}|{}|{}",
             request.partner,
             request.contract_id,
             request.query.id,
             request.query.content_sha256,
             params_key(params),
             request.snapshot.data_version,
-            list_version,
+            list.version,
+            list.digest,
             day
         );
         hex::encode(Sha256::digest(text.as_bytes()))
     }
 
-    /// Takes a fresh answer from the daily count and its ρ from the period's budget, on disk.
+    /// Charges a fresh answer to the partner's ledger, on disk: one of today's answers and its ρ
+    /// of the period's budget (nothing for a repeat).
     fn charge(&self, question: &Question<'_>) -> Result<Charge> {
         let request = question.request;
         let g = &question.guarantee;
-        let repeat = self
-            .ledger
-            .paid(request.partner, &question.key, g.period_days, request.now);
-        if !repeat {
-            self.answers_per_day.take(
-                request.partner,
-                question.contract.max_queries_per_day,
-                request.now,
-            )?;
-        }
-        let charge = self.ledger.charge(
-            request.partner,
-            &question.key,
-            g.rho_answer,
-            g.rho_period,
-            g.period_days,
-            request.now,
-        );
-        if charge.is_err() && !repeat {
-            // Refused for the period's budget: no answer was given, so today's count is returned.
-            // The refusal depends on the partner's own spending only, never on the data.
-            self.answers_per_day.give_back(request.partner, request.now);
-        }
-        charge
+        let terms = Terms {
+            rho: g.rho_answer,
+            budget: g.rho_period,
+            period_days: g.period_days,
+            per_day: question.contract.max_queries_per_day,
+        };
+        self.ledger
+            .charge(request.partner, &question.key, &terms, request.now)
     }
 
     /// Turns a stored or fresh outcome into the partner's answer, with what this call cost.

@@ -7,15 +7,22 @@
 //! rejected upload at any step leaves the previous state intact (temporary files are removed when
 //! the write is dropped, or at the next start), and readers always see one whole snapshot.
 //!
+//! The manifest is the store's record: every file with its SHA-256, and a log of every committed
+//! write (what it was, for whom, its request id, the files it placed and replaced), from which
+//! a retried write is recognised and the partners' list allowances are rebuilt. Opening checks
+//! before it changes anything ([`Found`]): a manifest missing while data files exist, or naming a
+//! file that is gone, refuses the start instead of deleting or ignoring data.
+//!
 //! The retailer's tables are kept in memory as well; partners' lists are not: they are read from
 //! their files, a batch at a time, when an answer needs them.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
+use chrono::{DateTime, Utc};
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::parquet::arrow::ArrowWriter;
@@ -26,7 +33,9 @@ use datafusion::parquet::file::properties::WriterProperties;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::ingest::{BATCH_ROWS, Sink, Table};
+use cleanroom_core::files;
+
+use crate::ingest::{BATCH_ROWS, IngestReport, Sink, Table};
 use crate::{Error, Result};
 
 /// A partner's current customer list. It is kept on disk only and read a batch at a time when an
@@ -35,6 +44,8 @@ use crate::{Error, Result};
 pub struct PartnerList {
     /// Version, counting from 1 with every accepted upload.
     pub version: u32,
+    /// SHA-256 of the list's file: the content the answers over it read.
+    pub digest: String,
     file: PathBuf,
 }
 
@@ -60,9 +71,10 @@ pub struct Snapshot {
     pub lists: BTreeMap<String, PartnerList>,
     /// Identifies the consent log's exact content: every ingest changes it.
     pub consent_snapshot_id: String,
-    /// Identifies the retailer's data (members, purchases, consent) exactly; partners' lists are
-    /// not part of it. The guard keys repeatable answers on it, so that one partner's upload
-    /// does not change another partner's answers.
+    /// A digest of the retailer's data (members, member tokens, purchases, consent): the SHA-256
+    /// of its committed files' SHA-256s, so that different data never has the same version, even
+    /// after a restore from backup. Partners' lists are not part of it, so one partner's upload
+    /// does not change another partner's answers. The guard keys answers and noise on it.
     pub data_version: String,
 }
 
@@ -82,16 +94,100 @@ struct Manifest {
     /// read 0): checked against the audit trail's records of writes at start-up.
     #[serde(default)]
     commits: u64,
+    /// SHA-256 of every file named above (files of older manifests are hashed when opened).
+    #[serde(default)]
+    digests: BTreeMap<String, String>,
+    /// Every write committed since the log began, oldest first.
+    #[serde(default)]
+    log: Vec<CommitRecord>,
+}
+
+/// One committed write, as the manifest remembers it: enough to answer a retry of it, to rebuild
+/// list allowances, and to name it in the audit trail if a crash lost its record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CommitRecord {
+    /// Its place among the directory's commits, from 1.
+    pub seq: u64,
+    /// When it was committed.
+    pub at: DateTime<Utc>,
+    /// The call that made it (`IngestMembers`, `UploadList`, ...).
+    pub method: String,
+    /// The partner whose list it was, for list uploads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partner: Option<String>,
+    /// The caller's request id, if it sent one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+    /// Records received.
+    pub received: u64,
+    /// Records accepted.
+    pub accepted: u64,
+    /// Records skipped, by reason.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub rejected: BTreeMap<String, u64>,
+    /// The data files it placed.
+    pub files: Vec<String>,
+    /// The data files it replaced (removed once it was committed).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub replaced: Vec<String>,
+    /// The list version it stored, for list uploads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub list_version: Option<u32>,
+    /// The consent snapshot it produced, for consent ingests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consent_snapshot_id: Option<String>,
+}
+
+/// What a commit produced besides its files, for its record.
+#[derive(Debug, Default)]
+struct Produced {
+    list_version: Option<u32>,
+    consent_snapshot_id: Option<String>,
+}
+
+/// What a write is, for its commit record (the store adds where it went).
+#[derive(Debug, Clone)]
+pub struct WriteFacts {
+    /// When.
+    pub at: DateTime<Utc>,
+    /// The call (`IngestMembers`, `UploadList`, ...).
+    pub method: String,
+    /// The partner whose list it is, for list uploads.
+    pub partner: Option<String>,
+    /// The caller's request id, if any.
+    pub request_id: Option<String>,
+    /// What happened to its records.
+    pub report: IngestReport,
 }
 
 impl Manifest {
+    /// The SHA-256 of the retailer's files' SHA-256s, in a fixed order with their roles.
     fn data_version(&self) -> String {
-        format!(
-            "{}|{}|{}",
-            self.members.as_deref().unwrap_or("-"),
-            self.purchases.last().map(String::as_str).unwrap_or("-"),
-            self.consent_snapshot_id()
-        )
+        let mut hash = Sha256::new();
+        let mut part = |role: &str, file: &str| {
+            hash.update(role.as_bytes());
+            hash.update([0]);
+            hash.update(self.digest(file).as_bytes());
+            hash.update([0]);
+        };
+        if let Some(members) = &self.members {
+            part("members", members);
+        }
+        for (contract, file) in &self.member_tokens {
+            part(&format!("member_tokens/{contract}"), file);
+        }
+        for file in &self.purchases {
+            part("purchases", file);
+        }
+        for file in &self.consent {
+            part("consent", file);
+        }
+        hex::encode(hash.finalize())
+    }
+
+    /// A file's SHA-256, as recorded.
+    fn digest(&self, file: &str) -> &str {
+        self.digests.get(file).map_or("", String::as_str)
     }
 
     fn consent_snapshot_id(&self) -> String {
@@ -113,6 +209,134 @@ impl Manifest {
     }
 }
 
+/// What a data directory holds, read without changing anything: the manifest (if any), the data
+/// files no manifest names, and the files it names that are gone. Start-up decides on this
+/// before it repairs anything, so a refused start leaves the directory as it found it.
+#[derive(Debug)]
+pub struct Found {
+    dir: PathBuf,
+    manifest: Option<Manifest>,
+    /// Data files (`*.parquet`) in the directory.
+    data_files: Vec<String>,
+    /// Data files the manifest does not name: written by a write that never committed, or
+    /// replaced by one that did.
+    orphans: Vec<String>,
+    /// Files the manifest names that are not there.
+    missing: Vec<String>,
+}
+
+impl Found {
+    /// Reads the data directory `dir` (a missing directory reads as empty).
+    pub fn read(dir: &Path) -> Result<Self> {
+        let manifest_path = dir.join(MANIFEST);
+        let manifest: Option<Manifest> = match std::fs::read(&manifest_path) {
+            Ok(bytes) => Some(serde_json::from_slice(&bytes).map_err(|e| {
+                Error::Storage(format!(
+                    "{}: not a manifest (line {}, column {})",
+                    manifest_path.display(),
+                    e.line(),
+                    e.column()
+                ))
+            })?),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(Error::Storage(format!("{}: {e}", manifest_path.display()))),
+        };
+        let data_files = data_files(dir)?;
+        let named: BTreeSet<&str> = manifest
+            .iter()
+            .flat_map(|m| m.files())
+            .map(String::as_str)
+            .collect();
+        let orphans = data_files
+            .iter()
+            .filter(|f| !named.contains(f.as_str()))
+            .cloned()
+            .collect();
+        let present: BTreeSet<&str> = data_files.iter().map(String::as_str).collect();
+        let missing = named
+            .iter()
+            .filter(|f| !present.contains(*f))
+            .map(|f| f.to_string())
+            .collect();
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            manifest,
+            data_files,
+            orphans,
+            missing,
+        })
+    }
+
+    /// Why the service must not start on this directory, if it must not: data files without a
+    /// manifest, or a manifest naming files that are gone. The message names the manifest and
+    /// says how to recover.
+    pub fn refusal(&self) -> Option<String> {
+        let manifest = self.dir.join(MANIFEST);
+        match &self.manifest {
+            None if !self.data_files.is_empty() => Some(format!(
+                "{} is missing while the data directory holds {} data files ({}, ...): the \
+                 manifest is the record of which of them were committed. Restore manifest.json \
+                 from the backup these files came from (or the whole data directory from one \
+                 backup). Nothing was changed",
+                manifest.display(),
+                self.data_files.len(),
+                self.data_files[0]
+            )),
+            Some(_) if !self.missing.is_empty() => Some(format!(
+                "{} names {} files that are not in the data directory ({}, ...): restore the \
+                 data directory whole from one backup. Nothing was changed",
+                manifest.display(),
+                self.missing.len(),
+                self.missing[0]
+            )),
+            _ => None,
+        }
+    }
+
+    /// Writes committed, as the manifest counts them.
+    pub fn commits(&self) -> u64 {
+        self.manifest.as_ref().map_or(0, |m| m.commits)
+    }
+
+    /// The manifest's log of committed writes.
+    pub fn log(&self) -> &[CommitRecord] {
+        self.manifest.as_ref().map_or(&[], |m| m.log.as_slice())
+    }
+
+    /// Data files no manifest names; opening the store removes them.
+    pub fn orphans(&self) -> &[String] {
+        &self.orphans
+    }
+
+    /// Data files some committed write replaced (removed after its commit, or at the next start).
+    pub fn replaced(&self) -> BTreeSet<&str> {
+        self.log()
+            .iter()
+            .flat_map(|c| &c.replaced)
+            .map(String::as_str)
+            .collect()
+    }
+}
+
+/// The data files (`*.parquet`) of `dir`, sorted; none if it does not exist.
+fn data_files(dir: &Path) -> Result<Vec<String>> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(Error::Storage(format!("{}: {e}", dir.display()))),
+    };
+    let mut files = Vec::new();
+    for entry in entries {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.ends_with(".parquet") && entry.file_type()?.is_file() {
+            files.push(name);
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
 /// The store: the data directory plus the current snapshot.
 pub struct Store {
     dir: PathBuf,
@@ -120,33 +344,47 @@ pub struct Store {
     /// Serializes commits (renames and the manifest, never the writing of a table); readers never
     /// wait for it.
     writer: Mutex<Manifest>,
-    /// Files no manifest named, removed at open (a crash between writing and committing).
-    collected: Vec<String>,
 }
 
 const MANIFEST: &str = "manifest.json";
 
 impl Store {
-    /// Opens a data directory as its service: loads the committed state and removes the files no
-    /// manifest names (see [`Store::collected`]). Only the one service of a directory may do this.
-    pub fn open_for_service(dir: &Path) -> Result<Self> {
-        let mut store = Self::open(dir)?;
-        let manifest = store.writer.lock().expect("writer lock poisoned").clone();
-        store.collected = collect_orphans(dir, &manifest)?;
-        Ok(store)
+    /// Opens a data directory as its service, once start-up has decided on what it found: removes
+    /// the data files no manifest names (a crash between writing and committing; files a commit
+    /// replaced), records the digests an older manifest lacks, and loads the committed state.
+    /// Refuses what [`Found::refusal`] refuses. Only the one service of a directory may do this.
+    pub fn open_found(found: Found) -> Result<Self> {
+        if let Some(why) = found.refusal() {
+            return Err(Error::Storage(why));
+        }
+        std::fs::create_dir_all(&found.dir)?;
+        for orphan in &found.orphans {
+            std::fs::remove_file(found.dir.join(orphan))?;
+        }
+        if !found.orphans.is_empty() {
+            files::sync_dir(&found.dir)?;
+        }
+        let mut manifest = found.manifest.unwrap_or_default();
+        if add_digests(&found.dir, &mut manifest)? {
+            write_manifest(&found.dir, &manifest)?;
+        }
+        Self::load(&found.dir, manifest)
     }
 
-    /// Opens (or creates) a data directory and loads the committed state, changing nothing on
-    /// disk (for tools reading beside a running service).
+    /// Opens a data directory to read it beside a running service (tools), changing nothing on
+    /// disk; refuses what [`Found::refusal`] refuses.
     pub fn open(dir: &Path) -> Result<Self> {
+        let found = Found::read(dir)?;
+        if let Some(why) = found.refusal() {
+            return Err(Error::Storage(why));
+        }
         std::fs::create_dir_all(dir)?;
-        let manifest_path = dir.join(MANIFEST);
-        let manifest: Manifest = if manifest_path.exists() {
-            serde_json::from_slice(&std::fs::read(&manifest_path)?)
-                .map_err(|e| Error::Storage(format!("manifest is corrupt: {e}")))?
-        } else {
-            Manifest::default()
-        };
+        let mut manifest = found.manifest.unwrap_or_default();
+        add_digests(dir, &mut manifest)?;
+        Self::load(dir, manifest)
+    }
+
+    fn load(dir: &Path, manifest: Manifest) -> Result<Self> {
         let read = |name: &String| read_parquet(&dir.join(name));
         let read_all = |names: &[String]| -> Result<Vec<Arc<RecordBatch>>> {
             Ok(names
@@ -178,6 +416,7 @@ impl Store {
                 .map(|(partner, count, file)| {
                     let list = PartnerList {
                         version: u32::try_from(count).unwrap_or(u32::MAX),
+                        digest: manifest.digest(file).to_string(),
                         file: dir.join(file),
                     };
                     (partner.clone(), list)
@@ -190,18 +429,42 @@ impl Store {
             dir: dir.to_path_buf(),
             current: RwLock::new(Arc::new(snapshot)),
             writer: Mutex::new(manifest),
-            collected: Vec::new(),
         })
-    }
-
-    /// The files no manifest named that open removed.
-    pub fn collected(&self) -> &[String] {
-        &self.collected
     }
 
     /// Writes committed so far.
     pub fn commits(&self) -> u64 {
         self.writer.lock().expect("writer lock poisoned").commits
+    }
+
+    /// The committed writes, oldest first.
+    pub fn log(&self) -> Vec<CommitRecord> {
+        self.writer
+            .lock()
+            .expect("writer lock poisoned")
+            .log
+            .clone()
+    }
+
+    /// The committed write a retry names: the same call, for the same partner, with the same
+    /// request id.
+    pub fn committed(
+        &self,
+        method: &str,
+        partner: Option<&str>,
+        request_id: &str,
+    ) -> Option<CommitRecord> {
+        self.writer
+            .lock()
+            .expect("writer lock poisoned")
+            .log
+            .iter()
+            .rfind(|c| {
+                c.method == method
+                    && c.partner.as_deref() == partner
+                    && c.request_id.as_deref() == Some(request_id)
+            })
+            .cloned()
     }
 
     /// The current snapshot. Holding it keeps its data alive and unchanged.
@@ -220,65 +483,113 @@ impl Store {
     /// Commits one write: `stage` gets the manifest, a function that moves a staged table into
     /// place under a new file name, and the current snapshot, and returns the new snapshot. Only
     /// renames and the manifest happen under the commit lock; the tables were written and synced
-    /// before. Files the write replaced are removed once it is committed.
+    /// before. Files the write replaced are removed once it is committed. Returns the write's
+    /// record in the manifest's log.
     fn commit(
         &self,
-        stage: impl FnOnce(&mut Manifest, &mut Placer<'_>, &Snapshot) -> Result<Snapshot>,
-    ) -> Result<()> {
+        facts: WriteFacts,
+        stage: impl FnOnce(&mut Manifest, &mut Placer<'_>, &Snapshot) -> Result<(Snapshot, Produced)>,
+    ) -> Result<CommitRecord> {
         let mut committed = self.writer.lock().expect("writer lock poisoned");
         let mut manifest = committed.clone();
         let base = self.snapshot();
-        let mut placed: Vec<PathBuf> = Vec::new();
+        let mut placed: Vec<(String, String)> = Vec::new();
         let mut next_file = manifest.next_file;
         let result = {
             let mut place = |stem: &str, staged: &mut Staged| -> Result<String> {
                 next_file += 1;
                 let name = format!("{stem}-{next_file:06}.parquet");
-                let path = self.dir.join(&name);
-                std::fs::rename(&staged.tmp, &path)?;
+                std::fs::rename(&staged.tmp, self.dir.join(&name))?;
                 staged.placed = true;
-                placed.push(path);
+                placed.push((name.clone(), hex::encode(staged.digest)));
                 Ok(name)
             };
             stage(&mut manifest, &mut place, &base).and_then(|snapshot| {
-                sync_dir(&self.dir)?;
+                files::sync_dir(&self.dir)?;
                 Ok(snapshot)
             })
         };
-        let mut snapshot = match result {
-            Ok(snapshot) => snapshot,
+        let (mut snapshot, produced) = match result {
+            Ok(staged) => staged,
             Err(e) => {
                 // Files placed for a failed write are not in any manifest: remove them.
-                for f in placed {
-                    let _ = std::fs::remove_file(f);
+                for (name, _) in placed {
+                    let _ = std::fs::remove_file(self.dir.join(name));
                 }
                 return Err(e);
             }
         };
-        manifest.next_file = next_file;
-        manifest.commits += 1;
+        let record = self.record(
+            &mut manifest,
+            &committed,
+            facts,
+            &placed,
+            next_file,
+            produced,
+        );
         snapshot.data_version = manifest.data_version();
-        let bytes = serde_json::to_vec_pretty(&manifest)
-            .map_err(|e| Error::Storage(format!("manifest: {e}")))?;
-        write_atomic(&self.dir.join(MANIFEST), &bytes)?;
-        let replaced: Vec<&String> = committed
-            .files()
-            .filter(|f| !manifest.files().any(|kept| kept == *f))
-            .collect();
-        for file in replaced {
+        if let Err(e) = write_manifest(&self.dir, &manifest) {
+            for (name, _) in placed {
+                let _ = std::fs::remove_file(self.dir.join(name));
+            }
+            return Err(e);
+        }
+        for file in &record.replaced {
             // Best effort: a file left behind is collected at the next start.
             let _ = std::fs::remove_file(self.dir.join(file));
         }
         *committed = manifest;
         *self.current.write().expect("snapshot lock poisoned") = Arc::new(snapshot);
-        Ok(())
+        Ok(record)
+    }
+
+    /// Adds a write's digests and its record to the manifest about to be committed.
+    fn record(
+        &self,
+        manifest: &mut Manifest,
+        before: &Manifest,
+        facts: WriteFacts,
+        placed: &[(String, String)],
+        next_file: u64,
+        produced: Produced,
+    ) -> CommitRecord {
+        manifest.next_file = next_file;
+        manifest.commits += 1;
+        for (name, digest) in placed {
+            manifest.digests.insert(name.clone(), digest.clone());
+        }
+        let kept: BTreeSet<&String> = manifest.files().collect();
+        let replaced: Vec<String> = before
+            .files()
+            .filter(|f| !kept.contains(f))
+            .cloned()
+            .collect();
+        for file in &replaced {
+            manifest.digests.remove(file);
+        }
+        let record = CommitRecord {
+            seq: manifest.commits,
+            at: facts.at,
+            method: facts.method,
+            partner: facts.partner,
+            request_id: facts.request_id,
+            received: facts.report.received,
+            accepted: facts.report.accepted,
+            rejected: facts.report.rejected,
+            files: placed.iter().map(|(name, _)| name.clone()).collect(),
+            replaced,
+            list_version: produced.list_version,
+            consent_snapshot_id: produced.consent_snapshot_id,
+        };
+        manifest.log.push(record.clone());
+        record
     }
 
     /// Replaces the member table and every collaboration's member tokens with a staged member
     /// ingest.
-    pub fn commit_members(&self, mut staging: Staging) -> Result<()> {
+    pub fn commit_members(&self, mut staging: Staging, facts: WriteFacts) -> Result<CommitRecord> {
         staging.close()?;
-        self.commit(|manifest, place, base| {
+        self.commit(facts, |manifest, place, base| {
             let mut next = base.clone();
             let members = staging.table(&Table::Members)?;
             manifest.members = Some(place("members", members)?);
@@ -294,28 +605,31 @@ impl Store {
                 next.member_tokens
                     .insert(contract.clone(), std::mem::take(&mut staged.batches));
             }
-            Ok(next)
+            Ok((next, Produced::default()))
         })
     }
 
     /// Appends a staged purchase ingest.
-    pub fn commit_purchases(&self, mut staging: Staging) -> Result<()> {
+    pub fn commit_purchases(
+        &self,
+        mut staging: Staging,
+        facts: WriteFacts,
+    ) -> Result<CommitRecord> {
         staging.close()?;
-        self.commit(|manifest, place, base| {
+        self.commit(facts, |manifest, place, base| {
             let mut next = base.clone();
             let purchases = staging.table(&Table::Purchases)?;
             manifest.purchases.push(place("purchases", purchases)?);
             next.purchases.append(&mut purchases.batches);
-            Ok(next)
+            Ok((next, Produced::default()))
         })
     }
 
-    /// Appends a staged consent ingest and returns the new consent snapshot id.
-    pub fn commit_consent(&self, mut staging: Staging) -> Result<String> {
+    /// Appends a staged consent ingest; its record names the new consent snapshot.
+    pub fn commit_consent(&self, mut staging: Staging, facts: WriteFacts) -> Result<CommitRecord> {
         staging.close()?;
         let digest = staging.table(&Table::Consent)?.digest;
-        let mut id = String::new();
-        self.commit(|manifest, place, base| {
+        self.commit(facts, |manifest, place, base| {
             let mut next = base.clone();
             let consent = staging.table(&Table::Consent)?;
             let file = place("consent", consent)?;
@@ -326,17 +640,24 @@ impl Store {
             manifest.consent.push(file);
             next.consent.append(&mut consent.batches);
             next.consent_snapshot_id = manifest.consent_snapshot_id();
-            id = next.consent_snapshot_id.clone();
-            Ok(next)
-        })?;
-        Ok(id)
+            let produced = Produced {
+                consent_snapshot_id: Some(next.consent_snapshot_id.clone()),
+                ..Default::default()
+            };
+            Ok((next, produced))
+        })
     }
 
-    /// Stores a staged list as the new version of a partner's list and returns its version.
-    pub fn commit_list(&self, partner: &str, mut staging: Staging) -> Result<u32> {
+    /// Stores a staged list as the new version of a partner's list; its record names the version.
+    pub fn commit_list(
+        &self,
+        partner: &str,
+        mut staging: Staging,
+        facts: WriteFacts,
+    ) -> Result<CommitRecord> {
         staging.close()?;
-        let mut version = 0;
-        self.commit(|manifest, place, base| {
+        let digest = hex::encode(staging.table(&Table::List)?.digest);
+        self.commit(facts, |manifest, place, base| {
             let mut next = base.clone();
             let file = place(
                 &format!("list-{}", file_safe(partner)),
@@ -344,15 +665,19 @@ impl Store {
             )?;
             let history = manifest.lists.entry(partner.to_string()).or_default();
             history.push(file.clone());
-            version = u32::try_from(history.len()).unwrap_or(u32::MAX);
+            let version = u32::try_from(history.len()).unwrap_or(u32::MAX);
             let list = PartnerList {
                 version,
+                digest: digest.clone(),
                 file: self.dir.join(file),
             };
             next.lists.insert(partner.to_string(), list);
-            Ok(next)
-        })?;
-        Ok(version)
+            let produced = Produced {
+                list_version: Some(version),
+                ..Default::default()
+            };
+            Ok((next, produced))
+        })
     }
 }
 
@@ -422,12 +747,12 @@ impl Sink for Staging {
 }
 
 /// A file that hashes what is written to it, so a staged table's digest costs no second read.
-struct HashingFile {
-    file: File,
+struct HashingFile<W = File> {
+    file: W,
     sha: Sha256,
 }
 
-impl std::io::Write for HashingFile {
+impl<W: std::io::Write> std::io::Write for HashingFile<W> {
     fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
         let written = self.file.write(bytes)?;
         self.sha.update(&bytes[..written]);
@@ -485,34 +810,32 @@ fn file_safe(id: &str) -> String {
         .collect()
 }
 
-/// Removes the data files (and temporary files) of `dir` that `manifest` does not name: what a
-/// crash between writing a file and committing the manifest leaves. Never visible, now gone.
-fn collect_orphans(dir: &Path, manifest: &Manifest) -> Result<Vec<String>> {
-    let named: std::collections::BTreeSet<&str> = manifest.files().map(String::as_str).collect();
-    let mut collected = Vec::new();
-    for entry in std::fs::read_dir(dir)? {
-        let entry = entry?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let data_file = name.ends_with(".parquet") || name.ends_with(".tmp");
-        if data_file && entry.file_type()?.is_file() && !named.contains(name.as_str()) {
-            std::fs::remove_file(entry.path())?;
-            collected.push(name);
-        }
+/// Records the SHA-256 of every file the manifest names but has no digest for (manifests written
+/// before digests were kept). Returns whether any was added.
+fn add_digests(dir: &Path, manifest: &mut Manifest) -> Result<bool> {
+    let lacking: Vec<String> = manifest
+        .files()
+        .filter(|f| !manifest.digests.contains_key(*f))
+        .cloned()
+        .collect();
+    for file in &lacking {
+        let mut hashing = HashingFile {
+            file: std::io::sink(),
+            sha: Sha256::new(),
+        };
+        std::io::copy(&mut File::open(dir.join(file))?, &mut hashing)?;
+        manifest
+            .digests
+            .insert(file.clone(), hex::encode(hashing.sha.finalize()));
     }
-    collected.sort();
-    Ok(collected)
+    Ok(!lacking.is_empty())
 }
 
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    {
-        use std::io::Write;
-        let mut file = File::create(&tmp)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)?;
-    sync_dir(path.parent().unwrap_or(Path::new(".")))
+/// Replaces the manifest: the commit point of every write.
+fn write_manifest(dir: &Path, manifest: &Manifest) -> Result<()> {
+    let bytes = serde_json::to_vec_pretty(manifest)
+        .map_err(|e| Error::Storage(format!("manifest: {e}")))?;
+    Ok(files::write_atomic(&dir.join(MANIFEST), &bytes)?)
 }
 
 /// Parquet files are written in row groups of [`BATCH_ROWS`] rows: the writer holds at most one.
@@ -520,11 +843,6 @@ fn writer_properties() -> WriterProperties {
     WriterProperties::builder()
         .set_max_row_group_row_count(Some(BATCH_ROWS))
         .build()
-}
-
-fn sync_dir(path: &Path) -> Result<()> {
-    File::open(path)?.sync_all()?;
-    Ok(())
 }
 
 fn parquet_batches(path: &Path) -> Result<ParquetRecordBatchReader> {

@@ -127,7 +127,9 @@ impl AdminApi {
             |h| MembersIngest::new(rules, secret, call.today, h.strict),
         )
         .await?;
-        self.app.store.commit_members(fed.staging)?;
+        let facts = call.write_facts("IngestMembers", None, None, &fed.report);
+        let record = self.app.store.commit_members(fed.staging, facts)?;
+        entry.committed(&record);
         Ok(convert::ingest_summary(fed.report, String::new()))
     }
 
@@ -148,7 +150,9 @@ impl AdminApi {
             |h| PurchasesIngest::new(rules, secret, h.strict),
         )
         .await?;
-        self.app.store.commit_purchases(fed.staging)?;
+        let facts = call.write_facts("IngestPurchases", None, None, &fed.report);
+        let record = self.app.store.commit_purchases(fed.staging, facts)?;
+        entry.committed(&record);
         Ok(convert::ingest_summary(fed.report, String::new()))
     }
 
@@ -169,8 +173,10 @@ impl AdminApi {
             |h| ConsentIngest::new(rules, secret, h.strict),
         )
         .await?;
-        let snapshot = self.app.store.commit_consent(fed.staging)?;
-        entry.consent_snapshot = Some(snapshot.clone());
+        let facts = call.write_facts("IngestConsent", None, None, &fed.report);
+        let record = self.app.store.commit_consent(fed.staging, facts)?;
+        entry.committed(&record);
+        let snapshot = record.consent_snapshot_id.unwrap_or_default();
         Ok(convert::ingest_summary(fed.report, snapshot))
     }
 }

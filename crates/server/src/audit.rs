@@ -8,13 +8,12 @@
 //! requests that carry identifiers (uploads, ingests) are recorded by their counts only.
 
 use std::collections::BTreeMap;
-use std::fs::{File, OpenOptions};
-use std::io::Write;
+use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 
 use chrono::NaiveDate;
-use cleanroom_core::files::{TornTail, read_jsonl};
+use cleanroom_core::files::{self, AppendLog, TornTail, read_jsonl};
 use cleanroom_engine::guard::GuardReport;
 use hmac::{Hmac, KeyInit, Mac};
 use serde::{Deserialize, Serialize};
@@ -51,6 +50,16 @@ pub struct Entry {
     pub list_version: Option<u32>,
     /// Records received and accepted, for ingest calls.
     pub records: Option<(u64, u64)>,
+    /// The caller's request id, for writes that carry one (a retry sends the same).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+    /// The commit a write made (or, for a retry, the commit it answered): its place in the
+    /// manifest's log.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit: Option<u64>,
+    /// The data files a write committed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub files: Option<Vec<String>>,
     /// `ok`, or the status code and message of the refusal.
     pub outcome: String,
     /// What the call decided, typed: an answer's guard report, a reviewer's decision, a
@@ -61,6 +70,33 @@ pub struct Entry {
     /// trails verify unchanged, never written.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub details: Option<BTreeMap<String, String>>,
+}
+
+impl Entry {
+    /// Whether this record changes what the high-water mark must remember: a write, a fresh
+    /// answer, a reviewer's decision, a configuration change, a repair or an accepted restore.
+    pub fn moves_the_mark(&self) -> bool {
+        self.commit.is_some()
+            || match &self.event {
+                Some(Event::Answer(report)) => report.fresh,
+                Some(_) => true,
+                None => false,
+            }
+    }
+
+    /// Notes the commit a write made (or a retry answered): its place in the manifest's log and
+    /// the files it placed, so the trail names every file a committed write owns.
+    pub fn committed(&mut self, record: &cleanroom_engine::store::CommitRecord) {
+        self.commit = Some(record.seq);
+        self.files = Some(record.files.clone());
+        self.records = Some((record.received, record.accepted));
+        if record.list_version.is_some() {
+            self.list_version = record.list_version;
+        }
+        if record.consent_snapshot_id.is_some() {
+            self.consent_snapshot = record.consent_snapshot_id.clone();
+        }
+    }
 }
 
 /// A call's decision, as typed facts: one variant per kind of decision.
@@ -93,6 +129,20 @@ pub enum Event {
         orphan_files: Vec<String>,
         /// Committed writes the trail had no record of.
         unrecorded_writes: u64,
+        /// Those writes, each named: commit, call, partner, records.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        writes: Vec<UnrecordedWrite>,
+    },
+    /// Start-up found the data directory behind the high-water mark kept outside it (a restore
+    /// from backup), and the operator accepted it: what the mark held that the directory lacked
+    /// was carried over, so no budget was refilled.
+    RestoreAccepted {
+        /// What differed.
+        reasons: Vec<String>,
+        /// Charges carried over onto the privacy ledger.
+        carried_charges: u64,
+        /// List uploads carried over into the list allowances.
+        carried_uploads: Vec<Upload>,
     },
     /// A configuration change that took effect.
     ConfigChange {
@@ -149,9 +199,34 @@ impl Event {
             Event::Reconciled {
                 orphan_files,
                 unrecorded_writes,
+                writes,
             } => {
                 out.insert("orphan_files".into(), orphan_files.join(", "));
                 out.insert("unrecorded_writes".into(), unrecorded_writes.to_string());
+                for w in writes {
+                    out.insert(
+                        format!("commit {}", w.commit),
+                        format!(
+                            "{}{}: {} received, {} accepted",
+                            w.method,
+                            w.partner
+                                .as_ref()
+                                .map(|p| format!(" for {p}"))
+                                .unwrap_or_default(),
+                            w.records.0,
+                            w.records.1
+                        ),
+                    );
+                }
+            }
+            Event::RestoreAccepted {
+                reasons,
+                carried_charges,
+                carried_uploads,
+            } => {
+                out.insert("reasons".into(), reasons.join("; "));
+                out.insert("carried_charges".into(), carried_charges.to_string());
+                out.insert("carried_uploads".into(), carried_uploads.len().to_string());
             }
             Event::ConfigChange {
                 rules,
@@ -173,12 +248,39 @@ impl Event {
     }
 }
 
+/// A partner's accepted list upload, as list allowances count it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Upload {
+    /// The partner.
+    pub partner: String,
+    /// When it was accepted.
+    pub at: chrono::DateTime<chrono::Utc>,
+}
+
+/// A committed write whose call's record a crash lost, as start-up records it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct UnrecordedWrite {
+    /// Its place in the manifest's log.
+    pub commit: u64,
+    /// The call that made it.
+    pub method: String,
+    /// The partner, for a list upload.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partner: Option<String>,
+    /// Records received and accepted.
+    pub records: (u64, u64),
+    /// The caller's request id, if it sent one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+}
+
 /// One stored record.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Record {
     /// Position in the chain, from 1.
     pub seq: u64,
-    /// `a-<seq>`, the id callers are given.
+    /// The id callers are given: `a-` and 16 hex digits keyed from the chain key and `seq`
+    /// (records written before keyed ids read `a-<seq>`).
     pub id: String,
     /// When it was written (RFC 3339).
     pub at: String,
@@ -231,6 +333,13 @@ impl ChainKey {
         Ok(self.mac(&[b"record/v1", record.prev.as_bytes(), &body]))
     }
 
+    /// The id a caller is given for record `seq`: keyed, so it reveals nothing about how many
+    /// calls anyone else made between two of one's own.
+    fn record_id(&self, seq: u64) -> String {
+        let mac = self.mac(&[b"record-id/v1", &seq.to_le_bytes()]);
+        format!("a-{}", &mac[..16])
+    }
+
     /// A signed checkpoint of a head.
     pub fn checkpoint(&self, seq: u64, head: &str) -> Checkpoint {
         Checkpoint {
@@ -279,11 +388,10 @@ impl ChainKey {
 struct Tail {
     seq: u64,
     hash: String,
-    file: File,
-    /// The file's length after the last whole record.
-    len: u64,
-    /// Why the trail takes no more records: a write that could not be undone, or a failed sync
-    /// (after which the kernel may have dropped what was written). The service fails closed.
+    /// The file: a failed write is cut back to the last whole record.
+    log: AppendLog,
+    /// Why the trail takes no more records: a failed sync (after which the kernel may have
+    /// dropped what was written). The service fails closed.
     broken: Option<String>,
 }
 
@@ -305,6 +413,29 @@ pub struct AuditTrail {
     key: ChainKey,
     tail: Mutex<Tail>,
     durable: Mutex<Durable>,
+    follower: OnceLock<Follower>,
+}
+
+/// What runs after each durable append: told whether the record matters to the high-water mark.
+pub type Follower = Box<dyn Fn(bool) -> Result<()> + Send + Sync>;
+
+/// A trail as start-up found it: verified, not yet changed.
+pub struct TrailFile {
+    path: PathBuf,
+    records: Vec<Record>,
+    torn: Option<TornTail>,
+}
+
+impl TrailFile {
+    /// Its records.
+    pub fn records(&self) -> &[Record] {
+        &self.records
+    }
+
+    /// Its torn last record, which opening cuts.
+    pub fn torn(&self) -> Option<&TornTail> {
+        self.torn.as_ref()
+    }
 }
 
 const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -327,56 +458,55 @@ pub fn read_checkpoint(trail: &Path) -> Result<Option<Checkpoint>> {
 }
 
 fn write_checkpoint(trail: &Path, checkpoint: &Checkpoint) -> Result<()> {
-    let path = checkpoint_path(trail);
-    let tmp = path.with_extension("checkpoint.tmp");
-    let io = |e: std::io::Error| Error::Internal(format!("audit checkpoint: {e}"));
     let bytes = serde_json::to_vec(checkpoint).map_err(|e| Error::Internal(e.to_string()))?;
-    let mut file = File::create(&tmp).map_err(io)?;
-    file.write_all(&bytes)
-        .and_then(|_| file.sync_all())
-        .map_err(io)?;
-    std::fs::rename(&tmp, &path).map_err(io)
+    Ok(files::write_atomic(&checkpoint_path(trail), &bytes)?)
 }
 
 impl AuditTrail {
-    /// Opens the trail, verifying the existing chain and its checkpoint first: a service must not
-    /// extend a trail that has been tampered with, cut or rewritten. A trail with records but no
-    /// checkpoint fails too (the checkpoint was removed).
-    /// Also returns the records already in it, read once, for callers that rebuild state from them,
-    /// and the torn last record a crash left, if any: it is cut from the file (never a permanent
-    /// outage) and the caller records that it was.
-    pub fn open(path: &Path, key: ChainKey) -> Result<(Self, Vec<Record>, Option<TornTail>)> {
-        let (lines, torn) = read_jsonl(path, true)?;
-        let history = parse_records(&lines)?;
-        let (seq, hash) = verify_records(&key, &history)?;
+    /// Reads the trail at `path` without changing it, verifying the chain and its checkpoint: a
+    /// service must not extend a trail that has been tampered with, cut or rewritten. A trail
+    /// with records but no checkpoint fails too (the checkpoint was removed). A torn last record
+    /// (a crash mid-write) is not a record; opening cuts it.
+    pub fn read(path: &Path, key: &ChainKey) -> Result<TrailFile> {
+        let (lines, torn) = read_jsonl(path, false)?;
+        let records = parse_records(&lines)?;
+        verify_records(key, &records)?;
         match read_checkpoint(path)? {
-            Some(checkpoint) => key.check(&checkpoint, &history)?,
-            None if !history.is_empty() => {
+            Some(checkpoint) => key.check(&checkpoint, &records)?,
+            None if !records.is_empty() => {
                 return Err(Error::Internal(format!(
                     "{} is missing while the trail has {} records",
                     checkpoint_path(path).display(),
-                    history.len()
+                    records.len()
                 )));
             }
             None => {}
         }
-        write_checkpoint(path, &key.checkpoint(seq, &hash))?;
-        let io = |e: std::io::Error| Error::Internal(format!("audit trail: {e}"));
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .map_err(io)?;
-        let len = file.metadata().map_err(io)?.len();
-        let syncer = file.try_clone().map_err(io)?;
-        let trail = Self {
+        Ok(TrailFile {
             path: path.to_path_buf(),
+            records,
+            torn,
+        })
+    }
+
+    /// Opens a trail as read: cuts its torn last record, if any (never a permanent outage; the
+    /// caller records that it did), rewrites its checkpoint and opens it for appending.
+    pub fn open(file: TrailFile, key: ChainKey) -> Result<Self> {
+        if let Some(torn) = &file.torn {
+            files::cut_torn_tail(torn)?;
+        }
+        let (seq, hash) = verify_records(&key, &file.records)?;
+        let path = file.path;
+        write_checkpoint(&path, &key.checkpoint(seq, &hash))?;
+        let log = AppendLog::open(&path, seq)?;
+        let syncer = log.sync_handle()?;
+        Ok(Self {
+            path,
             key,
             tail: Mutex::new(Tail {
                 seq,
                 hash: hash.clone(),
-                file,
-                len,
+                log,
                 broken: None,
             }),
             durable: Mutex::new(Durable {
@@ -384,8 +514,15 @@ impl AuditTrail {
                 hash,
                 file: syncer,
             }),
-        };
-        Ok((trail, history, torn))
+            follower: OnceLock::new(),
+        })
+    }
+
+    /// Sets what runs after every record is durable, before its call is answered (the
+    /// high-water mark's update); it is told whether the record itself matters to the mark. A
+    /// failure fails the append.
+    pub fn set_follower(&self, follower: Follower) {
+        let _ = self.follower.set(follower);
     }
 
     /// Where the trail is kept.
@@ -407,8 +544,12 @@ impl AuditTrail {
     /// Appends one record and returns its id once the record is on disk with a checkpoint at or
     /// after it. Blocking: call it off the async workers.
     pub fn append(&self, entry: Entry, at: chrono::DateTime<chrono::Utc>) -> Result<String> {
+        let matters = entry.moves_the_mark();
         let (seq, id) = self.write(entry, at)?;
         self.make_durable(seq)?;
+        if let Some(follow) = self.follower.get() {
+            follow(matters)?;
+        }
         Ok(id)
     }
 
@@ -424,24 +565,16 @@ impl AuditTrail {
         let seq = tail.seq + 1;
         let mut record = Record {
             seq,
-            id: format!("a-{seq:08}"),
+            id: self.key.record_id(seq),
             at: at.to_rfc3339(),
             entry,
             prev: tail.hash.clone(),
             hash: String::new(),
         };
         record.hash = self.key.record_hash(&record)?;
-        let mut line =
+        let line =
             serde_json::to_vec(&record).map_err(|e| Error::Internal(format!("audit: {e}")))?;
-        line.push(b'\n');
-        if let Err(e) = tail.file.write_all(&line) {
-            let len = tail.len;
-            if let Err(cut) = tail.file.set_len(len) {
-                tail.broken = Some(format!("a failed write could not be cut back: {cut}"));
-            }
-            return Err(Error::Internal(format!("audit trail write: {e}")));
-        }
-        tail.len += line.len() as u64;
+        tail.log.write(&line)?;
         tail.seq = seq;
         tail.hash = record.hash;
         Ok((seq, record.id))
@@ -551,8 +684,12 @@ mod tests {
         ChainKey::new(&cleanroom_core::token::MasterSecret::new(secret.to_vec()).unwrap())
     }
 
+    fn open(path: &Path, key: ChainKey) -> Result<AuditTrail> {
+        AuditTrail::open(AuditTrail::read(path, &key)?, key)
+    }
+
     fn trail_of(path: &Path, methods: &[&str]) {
-        let (trail, _, _) = AuditTrail::open(path, key(&[7; 32])).unwrap();
+        let trail = open(path, key(&[7; 32])).unwrap();
         for method in methods {
             let entry = Entry {
                 method: (*method).into(),
@@ -567,7 +704,7 @@ mod tests {
     fn concurrent_appends_share_syncs_and_keep_one_whole_chain() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.jsonl");
-        let (trail, _, _) = AuditTrail::open(&path, key(&[7; 32])).unwrap();
+        let trail = open(&path, key(&[7; 32])).unwrap();
         let trail = std::sync::Arc::new(trail);
         let writers: Vec<_> = (0..8)
             .map(|writer| {
@@ -619,13 +756,13 @@ mod tests {
         let cut = verify(&path, &k, None).unwrap_err().to_string();
         assert!(cut.contains("fewer than its checkpoint"), "{cut}");
         assert!(
-            AuditTrail::open(&path, key(&[7; 32])).is_err(),
+            open(&path, key(&[7; 32])).is_err(),
             "the service refuses it"
         );
         // Rewritten whole by someone without the key, checkpoint and all.
         std::fs::write(&path, "").unwrap();
         std::fs::remove_file(checkpoint_path(&path)).unwrap();
-        let (forged, _, _) = AuditTrail::open(&path, key(&[9; 32])).unwrap();
+        let forged = open(&path, key(&[9; 32])).unwrap();
         forged.append(Entry::default(), chrono::Utc::now()).unwrap();
         assert!(
             verify(&path, &k, None).is_err(),

@@ -54,6 +54,23 @@ impl Call {
         self.principal.require(role, method)
     }
 
+    /// What a write of this call is, for the store's record of it.
+    pub fn write_facts(
+        &self,
+        method: &str,
+        partner: Option<&str>,
+        request_id: Option<&str>,
+        report: &cleanroom_engine::ingest::IngestReport,
+    ) -> cleanroom_engine::store::WriteFacts {
+        cleanroom_engine::store::WriteFacts {
+            at: self.now,
+            method: method.to_string(),
+            partner: partner.map(str::to_string),
+            request_id: request_id.map(str::to_string),
+            report: report.clone(),
+        }
+    }
+
     /// The partner a partner principal speaks for.
     pub fn partner(&self, method: &str) -> Result<&str> {
         self.require(Role::Partner, method)?;

@@ -19,6 +19,10 @@ pub enum Error {
     /// A failure of the server itself (audit trail, encoding).
     #[error("internal: {0}")]
     Internal(String),
+    /// Start-up found the data directory in a state it must not start on; nothing was changed.
+    /// The message names the file, what disagrees and how to recover.
+    #[error("refused to start: {0}")]
+    Refused(String),
 }
 
 impl From<cleanroom_core::Error> for Error {

@@ -155,14 +155,16 @@ where
     }
     let partner_id = own.or(header.partner_id.as_deref()).unwrap_or_default();
     tracing::info!(partner = %shown(partner_id), principal = %call.principal.name, "list upload received");
-    let version = app.guard.store_list(ListUpload {
+    let facts = call.write_facts(&entry.method, Some(partner_id), None, &report);
+    let record = app.guard.store_list(ListUpload {
         partner: guard::admit_partner(rules, partner_id, call.now)?,
         list: fed.staging,
+        facts,
         store: &app.store,
     })?;
-    entry.list_version = Some(version);
+    entry.committed(&record);
     Ok(UploadListResponse {
-        list_version: version,
+        list_version: record.list_version.unwrap_or_default(),
         records_received: report.received,
         records_accepted: report.accepted,
         rejected_by_reason: report.rejected.into_iter().collect(),

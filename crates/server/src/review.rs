@@ -6,12 +6,12 @@
 //! of every version the service has seen is archived under `data_dir/allowlist/` so that a
 //! reviewer can compare the approved version with a proposed one after the file has changed.
 
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use chrono::{DateTime, NaiveDate, Utc};
 use cleanroom_core::allowlist::{AllowList, QueryDef};
+use cleanroom_core::files::{self, AppendLog};
 use cleanroom_engine::guard::admission::shown;
 use serde::{Deserialize, Serialize};
 
@@ -117,6 +117,20 @@ struct VersionEntry {
     file: String,
 }
 
+/// The archive's index as start-up found it: read, not yet changed.
+pub struct IndexFile {
+    path: PathBuf,
+    versions: Vec<VersionEntry>,
+    torn: Option<files::TornTail>,
+}
+
+impl IndexFile {
+    /// Its torn last record, which opening cuts.
+    pub fn torn(&self) -> Option<&files::TornTail> {
+        self.torn.as_ref()
+    }
+}
+
 struct Inner {
     decisions: Vec<Decision>,
     versions: Vec<VersionEntry>,
@@ -126,6 +140,8 @@ struct Inner {
 pub struct ReviewState {
     dir: PathBuf,
     inner: Mutex<Inner>,
+    /// `versions.jsonl`, the archive's index: appended whole or cut back.
+    index: Mutex<AppendLog>,
     /// The torn last index record cut at open, if any.
     torn: Option<cleanroom_core::files::TornTail>,
 }
@@ -137,24 +153,36 @@ fn storage(e: impl std::fmt::Display) -> Error {
 }
 
 impl ReviewState {
-    /// Opens the archive in `data_dir/allowlist` and rebuilds the decisions from audit records.
-    pub fn open(data_dir: &Path, history: &[Record]) -> Result<Self> {
+    /// Reads the archive's index of `data_dir` without changing it (a missing one is empty).
+    pub fn read_index(data_dir: &Path) -> Result<IndexFile> {
+        let path = data_dir.join("allowlist").join(VERSIONS);
+        let (lines, torn) = files::read_jsonl(&path, false)?;
+        let versions = files::parse_jsonl(&path, &lines)?;
+        Ok(IndexFile {
+            path,
+            versions,
+            torn,
+        })
+    }
+
+    /// Opens the archive in `data_dir/allowlist` from its index as read (a torn last record is
+    /// cut) and rebuilds the decisions from audit records.
+    pub fn open(data_dir: &Path, index: IndexFile, history: &[Record]) -> Result<Self> {
         let dir = data_dir.join("allowlist");
         std::fs::create_dir_all(&dir).map_err(storage)?;
-        let (lines, torn) =
-            cleanroom_core::files::read_jsonl(&dir.join(VERSIONS), true).map_err(storage)?;
-        let versions = lines
-            .iter()
-            .map(|l| serde_json::from_str(l).map_err(storage))
-            .collect::<Result<Vec<VersionEntry>>>()?;
+        if let Some(torn) = &index.torn {
+            files::cut_torn_tail(torn)?;
+        }
+        let log = AppendLog::open(&index.path, index.versions.len() as u64)?;
         let decisions = history.iter().filter_map(decision_of).collect();
         Ok(Self {
             dir,
             inner: Mutex::new(Inner {
                 decisions,
-                versions,
+                versions: index.versions,
             }),
-            torn,
+            index: Mutex::new(log),
+            torn: index.torn,
         })
     }
 
@@ -181,7 +209,7 @@ impl ReviewState {
         };
         for query in unseen {
             let file = format!("{}-{}.toml", shown(&query.id), &query.content_sha256[..16]);
-            write_new(&self.dir.join(&file), query.source_text.as_bytes())?;
+            files::write_atomic(&self.dir.join(&file), query.source_text.as_bytes())?;
             let entry = VersionEntry {
                 id: query.id.clone(),
                 content_sha256: query.content_sha256.clone(),
@@ -189,17 +217,11 @@ impl ReviewState {
                 first_seen: now.to_rfc3339(),
                 file,
             };
-            let mut line = serde_json::to_vec(&entry).map_err(storage)?;
-            line.push(b'\n');
-            let mut index = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(self.dir.join(VERSIONS))
-                .map_err(storage)?;
-            index
-                .write_all(&line)
-                .and_then(|_| index.sync_data())
-                .map_err(storage)?;
+            let line = serde_json::to_vec(&entry).map_err(storage)?;
+            self.index
+                .lock()
+                .expect("review lock poisoned")
+                .append(&line)?;
             self.inner
                 .lock()
                 .expect("review lock poisoned")
@@ -302,16 +324,6 @@ pub struct VersionHistory {
     pub decisions: Vec<Decision>,
 }
 
-/// Writes a file that must not exist yet, through a temporary name.
-fn write_new(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    let mut file = std::fs::File::create(&tmp).map_err(storage)?;
-    file.write_all(bytes)
-        .and_then(|_| file.sync_all())
-        .map_err(storage)?;
-    std::fs::rename(&tmp, path).map_err(storage)
-}
-
 /// The guard refuses a query whose current content legal has not approved; the partner reads
 /// the state as its fixed word only.
 impl cleanroom_engine::guard::Approvals for ReviewState {
@@ -384,7 +396,8 @@ mod tests {
     #[test]
     fn approval_follows_the_content_hash() {
         let dir = tempfile::tempdir().unwrap();
-        let state = ReviewState::open(dir.path(), &[]).unwrap();
+        let index = ReviewState::read_index(dir.path()).unwrap();
+        let state = ReviewState::open(dir.path(), index, &[]).unwrap();
         let today = NaiveDate::from_ymd_opt(2026, 11, 1).unwrap();
         let (a, b) = (query("a"), query("b"));
         assert_eq!(state.approval(&a, today), Approval::Pending);

@@ -6,9 +6,6 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
-use cleanroom_engine::guard::{Guard, PastCall};
-use cleanroom_engine::store::Store;
 use cleanroom_proto::v1::admin_service_server::AdminServiceServer;
 use cleanroom_proto::v1::legal_service_server::LegalServiceServer;
 use cleanroom_proto::v1::partner_service_server::PartnerServiceServer;
@@ -16,11 +13,13 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::admin::AdminApi;
-use crate::audit::{AuditTrail, Entry, Event};
+use crate::audit::Upload;
 use crate::layer::Authenticated;
 use crate::legal::LegalApi;
 use crate::live::{Live, Reload, source_fingerprint};
+use crate::mark::{Mark, MarkKey, MarkWriter};
 use crate::partner::PartnerApi;
+use crate::recovery::{self, Found};
 use crate::state::{App, AppConfig, RefusedCalls};
 use crate::tls::Tls;
 use crate::{Error, Result};
@@ -32,7 +31,9 @@ pub const MAX_MESSAGE_BYTES: usize = 8 * 1024 * 1024;
 pub const CONFIG_HEALTH: &str = "cleanroom.config";
 
 impl App {
-    /// Opens the data directory and the audit trail.
+    /// Opens the service's state: checks the configuration, then reads the data directory, its
+    /// trail and ledger and the high-water mark and decides whether to start, and only then
+    /// repairs what a crash left (module `recovery`). A refused start changes nothing.
     pub fn new(config: AppConfig) -> Result<Arc<Self>> {
         // The configuration is checked (credentials included) before anything is opened or
         // written: a refused start leaves the data directory as it was.
@@ -41,71 +42,16 @@ impl App {
             None => String::new(),
         };
         let live = Live::new(
-            config.rules,
-            config.allowlist,
+            config.rules.clone(),
+            config.allowlist.clone(),
             fingerprint,
             config.allow_demo_tokens,
         )?;
-        let store = Store::open_for_service(&config.data_dir)?;
-        let audit_path = config.data_dir.join("audit.jsonl");
-        // Budgets, list allowances and approvals survive restarts: all are in the audit trail.
-        let (audit, history, torn_audit) =
-            AuditTrail::open(&audit_path, crate::audit::ChainKey::new(&config.secret))?;
-        let past: Vec<PastCall> = history
-            .iter()
-            .filter_map(|r| {
-                Some(PastCall {
-                    partner: r.entry.partner.clone()?,
-                    method: r.entry.method.clone(),
-                    at: DateTime::parse_from_rfc3339(&r.at)
-                        .ok()?
-                        .with_timezone(&Utc),
-                    ok: r.entry.outcome == "ok",
-                    fresh: match &r.entry.event {
-                        Some(Event::Answer(report)) => report.fresh,
-                        _ => r
-                            .entry
-                            .details
-                            .as_ref()
-                            .and_then(|d| d.get("fresh"))
-                            .is_none_or(|f| f == "true"),
-                    },
-                })
-            })
-            .collect();
-        let guard = Guard::open(&config.data_dir, &config.secret, &past)?;
-        require_whole_ledger(&guard, &history)?;
-        let review = crate::review::ReviewState::open(&config.data_dir, &history)?;
-        reconcile(&store, &audit, &history, config.clock.now())?;
-        let torn: Vec<_> = torn_audit
-            .into_iter()
-            .chain(guard.recovered())
-            .chain(review.recovered())
-            .collect();
-        for tail in torn {
-            let file = tail
-                .path
-                .strip_prefix(&config.data_dir)
-                .unwrap_or(&tail.path)
-                .display()
-                .to_string();
-            tracing::warn!(%file, bytes = tail.dropped_bytes, "dropped a torn last record");
-            audit.append(
-                Entry {
-                    principal: "service".into(),
-                    method: "RecoverTornRecord".into(),
-                    outcome: "ok".into(),
-                    event: Some(Event::Recovered {
-                        file,
-                        dropped_bytes: tail.dropped_bytes,
-                    }),
-                    ..Default::default()
-                },
-                config.clock.now(),
-            )?;
-        }
-        review.archive(&live.allowlist, config.clock.now())?;
-        Ok(Arc::new(Self {
+        let found = Found::read(&config)?;
+        let plan = found.decide(config.accept_restore)?;
+        let opened = recovery::repair(found, plan, &config)?;
+        opened.review.archive(&live.allowlist, config.clock.now())?;
+        let app = Arc::new(Self {
             live: RwLock::new(Arc::new(live)),
             sources: config.sources,
             allow_demo_tokens: config.allow_demo_tokens,
@@ -113,90 +59,48 @@ impl App {
             calls: crate::limit::PerMinute::default(),
             in_flight: Arc::default(),
             refused_calls: RefusedCalls::default(),
-            guard,
-            review,
-            store,
+            guard: opened.guard,
+            review: opened.review,
+            store: opened.store,
+            mark: MarkWriter::new(config.mark, MarkKey::new(&config.secret)),
             secret: config.secret,
-            audit: Arc::new(audit),
+            audit: Arc::new(opened.audit),
             clock: config.clock,
-        }))
+        });
+        app.follow_with_mark()?;
+        Ok(app)
     }
-}
 
-/// The calls that commit a write to the store, as the audit trail names them.
-const WRITES: &[&str] = &[
-    "IngestMembers",
-    "IngestPurchases",
-    "IngestConsent",
-    "UploadList",
-    "IngestPartnerList",
-];
-
-/// Makes the trail account for the data directory: files no manifest named were removed, and a
-/// write committed whose record a crash lost (the store commits before the call's record is
-/// written) gets a record now. So after any crash no data is without a record.
-fn reconcile(
-    store: &Store,
-    audit: &AuditTrail,
-    history: &[crate::audit::Record],
-    now: DateTime<Utc>,
-) -> Result<()> {
-    let recorded = history
-        .iter()
-        .filter(|r| r.entry.outcome == "ok" && WRITES.contains(&r.entry.method.as_str()))
-        .count() as u64;
-    let recovered: u64 = history
-        .iter()
-        .filter_map(|r| match &r.entry.event {
-            Some(Event::Reconciled {
-                unrecorded_writes, ..
-            }) => Some(*unrecorded_writes),
-            _ => None,
-        })
-        .sum();
-    let unrecorded_writes = store.commits().saturating_sub(recorded + recovered);
-    let orphan_files = store.collected().to_vec();
-    if unrecorded_writes == 0 && orphan_files.is_empty() {
-        return Ok(());
+    /// Keeps the high-water mark up to date from now on (after every record that moves it,
+    /// before its call is answered), starting with one written now.
+    fn follow_with_mark(self: &Arc<Self>) -> Result<()> {
+        self.mark.update(self.mark_now(), true)?;
+        let app = Arc::downgrade(self);
+        self.audit
+            .set_follower(Box::new(move |matters| match app.upgrade() {
+                Some(app) => app.mark.update(app.mark_now(), matters),
+                None => Ok(()),
+            }));
+        Ok(())
     }
-    tracing::warn!(
-        unrecorded_writes,
-        orphans = orphan_files.len(),
-        "data directory reconciled with the audit trail"
-    );
-    audit.append(
-        Entry {
-            principal: "service".into(),
-            method: "Reconcile".into(),
-            outcome: "ok".into(),
-            event: Some(Event::Reconciled {
-                orphan_files,
-                unrecorded_writes,
-            }),
-            ..Default::default()
-        },
-        now,
-    )?;
-    Ok(())
-}
 
-/// Fails closed when the guard's privacy ledger holds fewer charges than the audit trail records
-/// charged answers: the ledger was lost or rolled back, and rebuilding budgets from it would
-/// refill them.
-fn require_whole_ledger(guard: &Guard, history: &[crate::audit::Record]) -> Result<()> {
-    let charged = history
-        .iter()
-        .filter(|r| matches!(&r.entry.event, Some(Event::Answer(report)) if report.rho_spent > 0.0))
-        .count();
-    let on_ledger = guard.charges();
-    if on_ledger < charged {
-        return Err(Error::Internal(format!(
-            "guard/ledger.jsonl holds {on_ledger} charges but the audit trail records {charged} \
-             charged answers: the ledger is missing or was rolled back; restore it from backup \
-             (the service will not start and refill budgets)"
-        )));
+    /// The high-water mark of the service's state now.
+    fn mark_now(&self) -> Mark {
+        let head = self.audit.checkpoint();
+        let uploads = self
+            .guard
+            .uploads()
+            .into_iter()
+            .map(|(partner, at)| Upload { partner, at })
+            .collect();
+        Mark::of(
+            (head.seq, head.head),
+            self.store.commits(),
+            self.guard.spends(),
+            uploads,
+            self.clock.now(),
+        )
     }
-    Ok(())
 }
 
 /// Serves the API on `listener` (over TLS when `tls` is given) until `shutdown` resolves.

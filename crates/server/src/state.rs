@@ -64,6 +64,12 @@ pub struct AppConfig {
     /// Accept principals in the demo token form (a SHA-256 of a token of unknown strength, such
     /// as the published sample tokens). Only the demo and tests set it.
     pub allow_demo_tokens: bool,
+    /// The high-water mark: a file outside the data directory, so that a restore of the
+    /// directory from backup is seen at start ([`crate::mark`]).
+    pub mark: PathBuf,
+    /// Start on a data directory behind its high-water mark (a restore the operator intends),
+    /// carrying over what it lacks.
+    pub accept_restore: bool,
 }
 
 /// State shared by every handler.
@@ -92,6 +98,8 @@ pub struct App {
     pub guard: Guard,
     /// Approvals and rejections of allow-list versions, and every version seen.
     pub review: ReviewState,
+    /// Keeps the high-water mark outside the data directory up to date.
+    pub(crate) mark: crate::mark::MarkWriter,
 }
 
 /// Calls refused before a handler ran: without valid credentials, or over a principal's limits.

@@ -38,12 +38,14 @@ pub fn to_status(error: &Error, audit_id: &str) -> Status {
                 Domain::Permission(_) => Code::PermissionDenied,
                 Domain::Precondition(_) => Code::FailedPrecondition,
                 Domain::Limit(_) => Code::ResourceExhausted,
-                Domain::Config(_) => return internal(),
+                Domain::Config(_) | Domain::Storage(_) => return internal(),
             };
             Status::new(code, domain.to_string())
         }
         Error::Engine(Engine::Guard(_)) => Status::failed_precondition(error.to_string()),
-        Error::Engine(Engine::Storage(_) | Engine::Engine(_)) | Error::Internal(_) => internal(),
+        Error::Engine(Engine::Storage(_) | Engine::Engine(_))
+        | Error::Internal(_)
+        | Error::Refused(_) => internal(),
     }
 }
 

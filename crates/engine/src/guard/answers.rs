@@ -1,11 +1,10 @@
 //! The store of answers already paid for: `data_dir/guard/answers/<partner>/<key>.json`, one file
-//! per answer, written whole (temporary file, sync, rename) so that a crash leaves either the old
-//! state or the new one. A repeat of a question on the same data is served from here, byte for
+//! per answer, written whole (temporary file, sync, rename, directory sync) so that a crash leaves
+//! either the old state or the new one. A repeat of a question on the same data is served from here, byte for
 //! byte, at no cost and with no fresh noise; a refusal that was charged (a too-small audience, a
 //! failed execution) is stored and repeated the same way.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::PathBuf;
 
 use base64::Engine;
@@ -130,14 +129,12 @@ impl Answers {
     pub fn put(&self, partner: &str, key: &str, outcome: &Outcome) -> Result<()> {
         let path = self.path(partner, key);
         let dir = path.parent().expect("answer paths have a parent");
-        std::fs::create_dir_all(dir).map_err(storage)?;
-        let mut file = tempfile::NamedTempFile::new_in(dir).map_err(storage)?;
+        if !dir.exists() {
+            std::fs::create_dir_all(dir).map_err(storage)?;
+            cleanroom_core::files::sync_dir(&self.dir)?;
+        }
         let bytes = serde_json::to_vec(outcome).map_err(storage)?;
-        file.write_all(&bytes)
-            .and_then(|_| file.as_file().sync_all())
-            .map_err(storage)?;
-        file.persist(&path).map_err(storage)?;
-        Ok(())
+        Ok(cleanroom_core::files::write_atomic(&path, &bytes)?)
     }
 }
 

@@ -18,7 +18,7 @@ pub(crate) struct Lists {
 }
 
 impl Lists {
-    /// The ledger of earlier accepted uploads (partner, time), from the audit trail.
+    /// The ledger of earlier accepted uploads (partner, time), from the store's record.
     pub fn open(uploads: impl IntoIterator<Item = (String, DateTime<Utc>)>) -> Self {
         let mut by_partner: HashMap<String, VecDeque<DateTime<Utc>>> = HashMap::new();
         for (partner, at) in uploads {
@@ -29,6 +29,26 @@ impl Lists {
         }
         Self {
             uploads: by_partner,
+        }
+    }
+
+    /// Every upload held, oldest first per partner.
+    pub fn all(&self) -> Vec<(String, DateTime<Utc>)> {
+        let mut all: Vec<(String, DateTime<Utc>)> = self
+            .uploads
+            .iter()
+            .flat_map(|(p, times)| times.iter().map(move |t| (p.clone(), *t)))
+            .collect();
+        all.sort();
+        all
+    }
+
+    /// Adds uploads made elsewhere (carried over after a restore).
+    pub fn extend(&mut self, uploads: impl IntoIterator<Item = (String, DateTime<Utc>)>) {
+        for (partner, at) in uploads {
+            let times = self.uploads.entry(partner).or_default();
+            times.push_back(at);
+            times.make_contiguous().sort();
         }
     }
 
