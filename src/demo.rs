@@ -347,6 +347,7 @@ async fn withdrawal(
         IngestHeader {
             source: "app-withdrawals".into(),
             strict: true,
+            request_id: cleanroom_client::new_request_id(),
         },
         withdrawals,
     )

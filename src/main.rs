@@ -7,6 +7,7 @@ mod lint;
 mod rules_cmd;
 mod settings;
 mod utility;
+mod write_cmd;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -127,6 +128,11 @@ enum Command {
         /// Fail the whole file on the first invalid record instead of skipping it.
         #[arg(long)]
         strict: bool,
+        /// Names this write for its retries: a retry of a write that committed is answered with
+        /// the original result and stores nothing new. Default: a new id, printed; give the
+        /// printed id again to retry a write whose outcome was not known.
+        #[arg(long)]
+        request_id: Option<String>,
         #[command(flatten)]
         tls: TlsArgs,
     },
@@ -147,6 +153,11 @@ enum Command {
         /// Upload as the retailer analyst on this partner's behalf (the token is the analyst's).
         #[arg(long)]
         on_behalf_of: Option<String>,
+        /// Names this write for its retries: a retry of a write that committed is answered with
+        /// the original result and stores nothing new. Default: a new id, printed; give the
+        /// printed id again to retry a write whose outcome was not known.
+        #[arg(long)]
+        request_id: Option<String>,
         #[command(flatten)]
         tls: TlsArgs,
     },
@@ -443,10 +454,16 @@ fn run(cli: Cli) -> Result<()> {
             addr,
             token,
             strict,
+            request_id,
             tls,
         } => runtime()?.block_on(async {
             let conn = connect(&addr, &tls).await?;
-            ingest(kind, &file, &conn, &token, strict).await
+            let write = write_cmd::Write {
+                file: &file,
+                strict,
+                request_id,
+            };
+            write_cmd::ingest(kind, write, &conn, &token).await
         }),
         Command::UploadList {
             file,
@@ -454,30 +471,16 @@ fn run(cli: Cli) -> Result<()> {
             token,
             strict,
             on_behalf_of,
+            request_id,
             tls,
         } => runtime()?.block_on(async {
-            let records = cleanroom_client::read_list(&file)?;
             let conn = connect(&addr, &tls).await?;
-            let response = match on_behalf_of {
-                Some(partner) => {
-                    let mut admin = conn.admin(&token)?;
-                    cleanroom_client::ingest_partner_list(&mut admin, &partner, strict, records)
-                        .await?
-                }
-                None => {
-                    cleanroom_client::upload_list(&mut conn.partner(&token)?, strict, records)
-                        .await?
-                }
+            let write = write_cmd::Write {
+                file: &file,
+                strict,
+                request_id,
             };
-            println!(
-                "list v{}: {} received, {} accepted, audit {}",
-                response.list_version,
-                response.records_received,
-                response.records_accepted,
-                response.audit_id
-            );
-            print_skipped(&response.rejected_by_reason);
-            Ok(())
+            write_cmd::upload_list(write, on_behalf_of.as_deref(), &conn, &token).await
         }),
         Command::Utility {
             members,
@@ -509,69 +512,6 @@ fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-    }
-}
-
-async fn ingest(
-    kind: IngestKind,
-    file: &Path,
-    conn: &cleanroom_client::Connection,
-    token: &str,
-    strict: bool,
-) -> Result<()> {
-    let mut admin = conn.admin(token)?;
-    let header = cleanroom_proto::v1::IngestHeader {
-        source: file
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default(),
-        strict,
-    };
-    let summary = match kind {
-        IngestKind::Members => {
-            cleanroom_client::ingest_members(
-                &mut admin,
-                header,
-                cleanroom_client::read_members(file)?,
-            )
-            .await?
-        }
-        IngestKind::Purchases => {
-            cleanroom_client::ingest_purchases(
-                &mut admin,
-                header,
-                cleanroom_client::read_purchases(file)?,
-            )
-            .await?
-        }
-        IngestKind::Consent => {
-            cleanroom_client::ingest_consent(
-                &mut admin,
-                header,
-                cleanroom_client::read_consent(file)?,
-            )
-            .await?
-        }
-    };
-    println!(
-        "{} received, {} accepted, audit {}{}",
-        summary.records_received,
-        summary.records_accepted,
-        summary.audit_id,
-        if summary.consent_snapshot_id.is_empty() {
-            String::new()
-        } else {
-            format!(", consent snapshot {}", summary.consent_snapshot_id)
-        }
-    );
-    print_skipped(&summary.rejected_by_reason);
-    Ok(())
-}
-
-/// Prints what an upload or ingest skipped, by reason (reasons never contain the values).
-fn print_skipped(rejected: &std::collections::BTreeMap<String, u64>) {
-    for (reason, count) in rejected {
-        println!("  skipped ({reason}): {count}");
     }
 }
 

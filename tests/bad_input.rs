@@ -140,6 +140,7 @@ async fn malformed_and_oversized_uploads_store_nothing() {
     let header = |strict| UploadListRequest {
         kind: Some(upload_list_request::Kind::Header(UploadListHeader {
             strict,
+            ..Default::default()
         })),
     };
     let chunk = |records: Vec<CustomerRecord>| UploadListRequest {
@@ -257,6 +258,7 @@ async fn a_strict_ingest_with_an_invalid_phone_changes_nothing() {
     let header = IngestHeader {
         source: "test".into(),
         strict: true,
+        ..Default::default()
     };
     let status = code_of(
         ingest_members(&mut h.analyst(), header, members)

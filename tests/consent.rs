@@ -55,6 +55,7 @@ async fn ingest(h: &Harness, events: Vec<ConsentRecord>) -> String {
         IngestHeader {
             source: "test".into(),
             strict: true,
+            ..Default::default()
         },
         events,
     )

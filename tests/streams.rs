@@ -286,6 +286,7 @@ async fn an_upload_over_the_allowance_is_refused_before_any_record_is_read() {
             PartnerListHeader {
                 partner_id: "sakura_foods".into(),
                 strict: false,
+                ..Default::default()
             },
         )),
     })

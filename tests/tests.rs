@@ -37,3 +37,5 @@ mod crash;
 mod kill;
 // Operator faults: a lost or older manifest, refused starts that change nothing, audit ids.
 mod operator;
+// Writes retried with their request id after a broken connection: stored exactly once.
+mod retries;

@@ -558,6 +558,7 @@ pub async fn open_upload() -> (
     tx.send(UploadListRequest {
         kind: Some(upload_list_request::Kind::Header(UploadListHeader {
             strict: false,
+            ..Default::default()
         })),
     })
     .await

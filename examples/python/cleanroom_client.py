@@ -15,15 +15,19 @@ Without --query it lists the queries open to the caller and stops. Exit codes: 0
 a usage error (bad flag, missing token, unknown or badly typed parameter), 2 when the service
 refuses a call (the gRPC status code name and its details are printed).
 
-The functions below are the same pieces for scripts and tests: `load_stubs`, `PartnerClient`,
-`build_params`, `parse_param_args`, `typed_rows`, `to_polars`, `format_description`,
-`format_metadata`.
+With --upload-list FILE it first uploads a customer list (retried with one request id while the
+connection breaks, so a retry never stores it twice).
+
+The functions below are the same pieces for scripts and tests: `load_stubs`, `PartnerClient`
+(with `upload_list`), `read_list_csv`, `build_params`, `parse_param_args`, `typed_rows`,
+`to_polars`, `format_description`, `format_metadata`.
 """
 
 from __future__ import annotations
 
 import argparse
 import atexit
+import csv
 import datetime
 import importlib
 import io
@@ -31,6 +35,8 @@ import os
 import shutil
 import sys
 import tempfile
+import time
+import uuid
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -41,6 +47,10 @@ PROTO_FILE = "cleanroom/v1/cleanroom.proto"
 DEFAULT_PROTO_DIR = Path(__file__).resolve().parents[2] / "proto"
 DEFAULT_ADDR = "127.0.0.1:50051"
 DEFAULT_TIMEOUT_S = 120.0
+# Records per streamed upload message, as the Rust client sends them.
+CHUNK_RECORDS = 2000
+# Failures after which a write may or may not have been carried out: sent again with its id.
+RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED}
 
 
 class UsageError(Exception):
@@ -178,11 +188,49 @@ class PartnerClient:
             request.params[name].CopyFrom(value)
         return self.stub.RunQuery(request, metadata=self.metadata, timeout=self.timeout)
 
+    def upload_list(self, records, strict: bool = False, request_id: str | None = None,
+                    attempts: int = 4, pause: float = 0.5):
+        """Uploads a customer list: `records` are dicts with `email`, `phone` and `attribute`
+        (or `email_token`/`phone_token` from `cleanroom prep`), streamed in chunks.
+
+        The upload carries a request id (a new one unless given) and is sent again with the same
+        id, at most `attempts` times, while the connection breaks or the service is unavailable:
+        a retry of an upload that committed answers the original result (`already_committed`)
+        and stores nothing new. Returns (UploadListResponse, request id, attempts made)."""
+        request_id = request_id or uuid.uuid4().hex
+        records = [self.pb2.CustomerRecord(**record) for record in records]
+        header = self.pb2.UploadListHeader(strict=strict, request_id=request_id)
+
+        def messages():
+            yield self.pb2.UploadListRequest(header=header)
+            for start in range(0, len(records), CHUNK_RECORDS):
+                chunk = self.pb2.ListChunk(records=records[start:start + CHUNK_RECORDS])
+                yield self.pb2.UploadListRequest(chunk=chunk)
+
+        for attempt in range(1, attempts + 1):
+            try:
+                response = self.stub.UploadList(messages(), metadata=self.metadata,
+                                                timeout=self.timeout)
+                return response, request_id, attempt
+            except grpc.RpcError as error:
+                if error.code() not in RETRYABLE or attempt == attempts:
+                    raise
+                time.sleep(pause * 2 ** (attempt - 1))
+        raise AssertionError("unreachable")
+
     def run_with_text_params(self, query_id: str, raw: dict[str, str]):
         """Describes the query, converts `raw` (name -> text) with the declared types, runs it.
         Returns (description, response)."""
         description = self.describe_query(query_id)
         return description, self.run_query(query_id, build_params(self.pb2, description, raw))
+
+
+def read_list_csv(path: str | os.PathLike) -> list[dict[str, str]]:
+    """A customer list file as records for `PartnerClient.upload_list`: the columns
+    email,phone,attribute (raw) or email_token,phone_token,attribute (from `cleanroom prep`)."""
+    columns = {"email", "phone", "email_token", "phone_token", "attribute"}
+    with open(path, newline="", encoding="utf-8") as file:
+        return [{k: v for k, v in row.items() if k in columns and v} for row in csv.DictReader(file)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -374,6 +422,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
                              "without it, plain text (loopback only)")
     parser.add_argument("--cert", default=None, help="client certificate (PEM), for mutual TLS")
     parser.add_argument("--key", default=None, help="the client certificate's key (PEM)")
+    parser.add_argument("--upload-list", metavar="FILE",
+                        help="upload this customer list first (email,phone,attribute), retried "
+                             "with one request id while the connection breaks")
     parser.add_argument("--query", help="query id to describe and run; without it, only list")
     parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                         help="query parameter, repeatable; typed from DescribeQuery")
@@ -395,6 +446,13 @@ def main(argv: list[str] | None = None) -> int:
         stubs = load_stubs(args.proto_dir)
         with PartnerClient(args.addr, token, stubs, timeout=args.timeout, ca=args.ca,
                            cert=args.cert, key=args.key) as client:
+            if args.upload_list:
+                call = "UploadList"
+                response, request_id, attempts = client.upload_list(read_list_csv(args.upload_list))
+                how = ("committed by an earlier attempt; nothing new was stored"
+                       if response.already_committed else f"committed on attempt {attempts}")
+                print(f"list v{response.list_version}: {response.records_received} received, "
+                      f"{response.records_accepted} accepted ({how}; request id {request_id})")
             call = "ListQueries"
             summaries = client.list_queries()
             print(f"queries open to this partner ({len(summaries)}):")

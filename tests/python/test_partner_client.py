@@ -2,8 +2,9 @@
 
 Runs as Sakura Foods and Kumo Denki on the demo's sample: lists the queries, runs one per partner,
 and checks that the Arrow IPC stream loaded into Polars is exactly the typed rows, that every
-released row has at least effective k buyers (within the noise the response states), and that a
-query off Sakura's list is NOT_FOUND.
+released row has at least effective k buyers (within the noise the response states), that a
+query off Sakura's list is NOT_FOUND, and that an upload sent again with its request id is stored
+once.
 
 Usage: python tests/python/test_partner_client.py HOST:PORT
 (start the service with `cleanroom demo --keep-serving`). Plain Python, no pytest; exits non-zero
@@ -134,6 +135,18 @@ def expect_code(code: grpc.StatusCode, fn, *args) -> str:
     raise AssertionError(f"expected {code.name}, the call succeeded")
 
 
+def upload_twice(client: cc.PartnerClient) -> str:
+    """The same list under one request id, twice (a retry): one version, the second answer
+    says it replays the first."""
+    records = cc.read_list_csv(REPO / "sample_data" / "partner_lists" / "kumo_denki.csv")
+    first, request_id, _ = client.upload_list(records)
+    assert not first.already_committed, first
+    again, _, _ = client.upload_list(records, request_id=request_id)
+    assert again.already_committed, again
+    assert again.list_version == first.list_version, (first.list_version, again.list_version)
+    return f"list v{first.list_version}, request id {request_id}"
+
+
 def main(address: str, ca: str | None = None) -> int:
     stubs = cc.load_stubs()
     print(f"stubs generated from {stubs.proto_dir} into {stubs.out_dir}")
@@ -157,6 +170,8 @@ def main(address: str, ca: str | None = None) -> int:
                   grpc.StatusCode.NOT_FOUND, sakura.describe_query, query_id)
         check("sakura: RunQuery of an unknown id is NOT_FOUND", expect_code,
               grpc.StatusCode.NOT_FOUND, sakura.run_query, "no_such_query", {})
+        check("kumo: an upload sent twice with one request id is stored once",
+              upload_twice, kumo)
         with cc.PartnerClient(address, "not-a-token", stubs, ca=ca) as stranger:
             check("unknown token is UNAUTHENTICATED", expect_code, grpc.StatusCode.UNAUTHENTICATED,
                   stranger.list_queries)

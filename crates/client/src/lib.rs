@@ -379,7 +379,8 @@ pub async fn ingest_consent(
         .into_inner())
 }
 
-/// Streams a partner's customer list as the analyst, on the partner's behalf.
+/// Streams a partner's customer list as the analyst, on the partner's behalf, under a request id
+/// of its own.
 pub async fn ingest_partner_list(
     client: &mut AdminClient,
     partner_id: &str,
@@ -389,7 +390,18 @@ pub async fn ingest_partner_list(
     let header = PartnerListHeader {
         partner_id: partner_id.into(),
         strict,
+        request_id: new_request_id(),
     };
+    ingest_partner_list_as(client, header, records).await
+}
+
+/// Streams a partner's customer list as the analyst under `header` (whose request id a retry
+/// sends again).
+pub async fn ingest_partner_list_as(
+    client: &mut AdminClient,
+    header: PartnerListHeader,
+    records: Vec<CustomerRecord>,
+) -> Result<UploadListResponse> {
     let mut messages = vec![IngestPartnerListRequest {
         kind: Some(ingest_partner_list_request::Kind::Header(header)),
     }];
@@ -404,16 +416,27 @@ pub async fn ingest_partner_list(
         .into_inner())
 }
 
-/// Streams a customer list: a header, then chunks.
+/// Streams a customer list, under a request id of its own.
 pub async fn upload_list(
     client: &mut PartnerClient,
     strict: bool,
     records: Vec<CustomerRecord>,
 ) -> Result<UploadListResponse> {
+    let header = UploadListHeader {
+        strict,
+        request_id: new_request_id(),
+    };
+    upload_list_as(client, header, records).await
+}
+
+/// Streams a customer list under `header` (whose request id a retry sends again).
+pub async fn upload_list_as(
+    client: &mut PartnerClient,
+    header: UploadListHeader,
+    records: Vec<CustomerRecord>,
+) -> Result<UploadListResponse> {
     let mut messages = vec![UploadListRequest {
-        kind: Some(upload_list_request::Kind::Header(UploadListHeader {
-            strict,
-        })),
+        kind: Some(upload_list_request::Kind::Header(header)),
     }];
     messages.extend(chunks(records).map(|records| UploadListRequest {
         kind: Some(upload_list_request::Kind::Chunk(ListChunk { records })),
@@ -422,6 +445,52 @@ pub async fn upload_list(
         .upload_list(tokio_stream::iter(messages))
         .await?
         .into_inner())
+}
+
+/// A new request id: 128 random bits in hex. Make one per file and send it again on every retry
+/// of that file's write, so that the service recognises a retry of a write that committed.
+pub fn new_request_id() -> String {
+    use rand::RngCore;
+    let mut bytes = [0u8; 16];
+    rand::rng().fill_bytes(&mut bytes);
+    hex::encode(bytes)
+}
+
+/// Whether a failed call may be sent again as it is: the connection broke or the service was
+/// unavailable (or busy with the same write), so the call may or may not have been carried out.
+/// Only for writes that carry a request id, which makes a second run harmless.
+pub fn worth_retrying(status: &Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+    )
+}
+
+/// A write sent up to `attempts` times with one request id, `pause` apart (doubling), for as long
+/// as its connection breaks. Returns its answer and the attempts it took, or the last error
+/// with the attempts made.
+pub async fn retrying<T, F, Fut>(
+    attempts: u32,
+    pause: std::time::Duration,
+    mut attempt: F,
+) -> std::result::Result<(T, u32), (Error, u32)>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let mut wait = pause;
+    let mut made = 0;
+    loop {
+        made += 1;
+        match attempt().await {
+            Ok(answer) => return Ok((answer, made)),
+            Err(Error::Status(status)) if worth_retrying(&status) && made < attempts => {
+                tokio::time::sleep(wait).await;
+                wait *= 2;
+            }
+            Err(e) => return Err((e, made)),
+        }
+    }
 }
 
 fn chunks<T>(records: Vec<T>) -> impl Iterator<Item = Vec<T>> {

@@ -50,6 +50,7 @@ pub async fn load(conn: &Connection, dir: &Path) -> Result<Loaded> {
     let header = |source: &str| IngestHeader {
         source: source.into(),
         strict: false,
+        request_id: crate::new_request_id(),
     };
     let mut ingests = Vec::new();
 

@@ -25,6 +25,9 @@ pub enum Error {
     /// A limit was reached (upload size, rate, budget).
     #[error("limit exceeded: {0}")]
     Limit(String),
+    /// The request collides with one in progress; the same request a moment later succeeds.
+    #[error("busy: {0}")]
+    Busy(String),
     /// A file of the service's own could not be read or written (a full disk, a damaged file).
     /// The message names the file and, for a record, its line; never a record's content.
     #[error("storage: {0}")]

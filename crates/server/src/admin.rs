@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use cleanroom_core::rules::Role;
 use cleanroom_engine::ingest::{ConsentIngest, Ingest, MembersIngest, PurchasesIngest};
+use cleanroom_engine::store::{CommitRecord, Staging, Store, WriteFacts};
 use cleanroom_proto::v1::admin_service_server::AdminService;
 use cleanroom_proto::v1::{
     CustomerRecord, IngestConsentRequest, IngestHeader, IngestMembersRequest,
@@ -19,7 +20,9 @@ use crate::Result;
 use crate::audit::Entry;
 use crate::context::{Audited, Call};
 use crate::convert;
+use crate::limit::CallSlot;
 use crate::partner::{ListHeader, receive_list};
+use crate::retry::{self, Claim};
 use crate::state::App;
 use crate::stream::{Fed, Feed, Part, StreamLimits, feed};
 
@@ -41,8 +44,17 @@ impl Audited for IngestSummary {
     }
 }
 
+/// What an ingest stream became.
+enum Written {
+    /// Its tables, staged and synced, to commit while holding its request id's place.
+    Fed(Fed, Option<CallSlot>),
+    /// A retry of an ingest committed before under its request id: the original's record.
+    Replayed(CommitRecord),
+}
+
 /// Reads an analyst's ingest stream into staged tables: the analyst role is checked before the
-/// stream is read; `start` makes the ingest from the header.
+/// stream is read; a header whose request id names a committed ingest ends the stream there (a
+/// retry); otherwise `start` makes the ingest from the header.
 async fn ingest<M, R, I>(
     call: &Call,
     entry: &mut Entry,
@@ -51,7 +63,7 @@ async fn ingest<M, R, I>(
     split: fn(M) -> Part<IngestHeader, R>,
     convert: fn(R) -> I::Input,
     start: impl FnOnce(&IngestHeader) -> I,
-) -> Result<Fed>
+) -> Result<Written>
 where
     M: prost::Message + Default + Send + 'static,
     R: Send + 'static,
@@ -59,15 +71,32 @@ where
 {
     call.require(Role::Analyst, &entry.method)?;
     let limits = StreamLimits::of(&call.live.rules);
+    let method = entry.method.clone();
+    let mut claim = None;
     let (_, fed) = feed(stream, split, limits, |header| {
-        Ok(Feed::new(start(header), app.store.staging(), convert))
+        let request_id = retry::parse(&header.request_id)?;
+        entry.request_id = request_id.clone();
+        let claimed = claim.insert(app.claim_write(&method, None, request_id.as_deref())?);
+        Ok(match claimed {
+            Claim::Replay(_) => None,
+            Claim::Run(_) => Some(Feed::new(start(header), app.store.staging(), convert)),
+        })
     })
     .await?;
+    let (slot, fed) = match (claim, fed) {
+        (Some(Claim::Replay(record)), _) => return Ok(Written::Replayed(record)),
+        (Some(Claim::Run(slot)), Some(fed)) => (slot, fed),
+        _ => {
+            return Err(crate::Error::Internal(
+                "an ingest was neither run nor replayed".into(),
+            ));
+        }
+    };
     entry.records = Some((fed.report.received, fed.report.accepted));
     if fed.report.accepted == 0 {
         return Err(cleanroom_core::Error::Input("the ingest has no valid record".into()).into());
     }
-    Ok(fed)
+    Ok(Written::Fed(fed, slot))
 }
 
 fn split_members(m: IngestMembersRequest) -> Part<IngestHeader, cleanroom_proto::v1::MemberRecord> {
@@ -103,6 +132,7 @@ fn split_partner_list(m: IngestPartnerListRequest) -> Part<ListHeader, CustomerR
         Some(ingest_partner_list_request::Kind::Header(h)) => Part::Header(ListHeader {
             partner_id: Some(h.partner_id),
             strict: h.strict,
+            request_id: h.request_id,
         }),
         Some(ingest_partner_list_request::Kind::Chunk(c)) => Part::Chunk(c.records),
         None => Part::Empty,
@@ -117,7 +147,7 @@ impl AdminApi {
         stream: Streaming<IngestMembersRequest>,
     ) -> Result<IngestSummary> {
         let (rules, secret) = (&call.live.rules, &self.app.secret);
-        let fed = ingest(
+        let written = ingest(
             call,
             entry,
             &self.app,
@@ -127,10 +157,9 @@ impl AdminApi {
             |h| MembersIngest::new(rules, secret, call.today, h.strict),
         )
         .await?;
-        let facts = call.write_facts("IngestMembers", None, None, &fed.report);
-        let record = self.app.store.commit_members(fed.staging, facts)?;
-        entry.committed(&record);
-        Ok(convert::ingest_summary(fed.report, String::new()))
+        self.commit(call, entry, written, |store, staging, facts| {
+            store.commit_members(staging, facts)
+        })
     }
 
     async fn purchases(
@@ -140,7 +169,7 @@ impl AdminApi {
         stream: Streaming<IngestPurchasesRequest>,
     ) -> Result<IngestSummary> {
         let (rules, secret) = (&call.live.rules, &self.app.secret);
-        let fed = ingest(
+        let written = ingest(
             call,
             entry,
             &self.app,
@@ -150,10 +179,9 @@ impl AdminApi {
             |h| PurchasesIngest::new(rules, secret, h.strict),
         )
         .await?;
-        let facts = call.write_facts("IngestPurchases", None, None, &fed.report);
-        let record = self.app.store.commit_purchases(fed.staging, facts)?;
-        entry.committed(&record);
-        Ok(convert::ingest_summary(fed.report, String::new()))
+        self.commit(call, entry, written, |store, staging, facts| {
+            store.commit_purchases(staging, facts)
+        })
     }
 
     async fn consent(
@@ -163,7 +191,7 @@ impl AdminApi {
         stream: Streaming<IngestConsentRequest>,
     ) -> Result<IngestSummary> {
         let (rules, secret) = (&call.live.rules, &self.app.secret);
-        let fed = ingest(
+        let written = ingest(
             call,
             entry,
             &self.app,
@@ -173,11 +201,37 @@ impl AdminApi {
             |h| ConsentIngest::new(rules, secret, h.strict),
         )
         .await?;
-        let facts = call.write_facts("IngestConsent", None, None, &fed.report);
-        let record = self.app.store.commit_consent(fed.staging, facts)?;
+        self.commit(call, entry, written, |store, staging, facts| {
+            store.commit_consent(staging, facts)
+        })
+    }
+
+    /// Commits what an ingest stream staged (its request id's place held until the call ends),
+    /// or answers a retry with the original commit's result.
+    fn commit(
+        &self,
+        call: &Call,
+        entry: &mut Entry,
+        written: Written,
+        commit: impl FnOnce(&Store, Staging, WriteFacts) -> cleanroom_engine::Result<CommitRecord>,
+    ) -> Result<IngestSummary> {
+        let record = match written {
+            Written::Replayed(record) => {
+                entry.replayed(&record);
+                return Ok(convert::ingest_summary(&record, true));
+            }
+            Written::Fed(fed, _slot) => {
+                let facts = call.write_facts(
+                    &entry.method,
+                    None,
+                    entry.request_id.as_deref(),
+                    &fed.report,
+                );
+                commit(&self.app.store, fed.staging, facts)?
+            }
+        };
         entry.committed(&record);
-        let snapshot = record.consent_snapshot_id.unwrap_or_default();
-        Ok(convert::ingest_summary(fed.report, snapshot))
+        Ok(convert::ingest_summary(&record, false))
     }
 }
 

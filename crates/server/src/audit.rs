@@ -76,12 +76,19 @@ impl Entry {
     /// Whether this record changes what the high-water mark must remember: a write, a fresh
     /// answer, a reviewer's decision, a configuration change, a repair or an accepted restore.
     pub fn moves_the_mark(&self) -> bool {
-        self.commit.is_some()
-            || match &self.event {
-                Some(Event::Answer(report)) => report.fresh,
-                Some(_) => true,
-                None => false,
-            }
+        match &self.event {
+            Some(Event::Answer(report)) => report.fresh,
+            Some(Event::Replayed { .. }) => false,
+            Some(_) => true,
+            None => self.commit.is_some(),
+        }
+    }
+
+    /// Notes that this call was a retry of a write committed before under its request id: it
+    /// wrote nothing, and answered the original commit's result.
+    pub fn replayed(&mut self, record: &cleanroom_engine::store::CommitRecord) {
+        self.committed(record);
+        self.event = Some(Event::Replayed { commit: record.seq });
     }
 
     /// Notes the commit a write made (or a retry answered): its place in the manifest's log and
@@ -143,6 +150,12 @@ pub enum Event {
         carried_charges: u64,
         /// List uploads carried over into the list allowances.
         carried_uploads: Vec<Upload>,
+    },
+    /// A retry of a write committed before under the same request id: nothing was written, the
+    /// original result was answered.
+    Replayed {
+        /// The original write's commit.
+        commit: u64,
     },
     /// A configuration change that took effect.
     ConfigChange {
@@ -227,6 +240,9 @@ impl Event {
                 out.insert("reasons".into(), reasons.join("; "));
                 out.insert("carried_charges".into(), carried_charges.to_string());
                 out.insert("carried_uploads".into(), carried_uploads.len().to_string());
+            }
+            Event::Replayed { commit } => {
+                out.insert("replay_of_commit".into(), commit.to_string());
             }
             Event::ConfigChange {
                 rules,

@@ -10,11 +10,12 @@ use cleanroom_engine::arrow::array::{Array, AsArray, RecordBatch};
 use cleanroom_engine::arrow::compute::cast;
 use cleanroom_engine::arrow::datatypes::{DataType, Float64Type, Int64Type};
 use cleanroom_engine::guard::Answer;
-use cleanroom_engine::ingest::{ConsentInput, IngestReport, ListInput, MemberInput, PurchaseInput};
+use cleanroom_engine::ingest::{ConsentInput, ListInput, MemberInput, PurchaseInput};
+use cleanroom_engine::store::CommitRecord;
 use cleanroom_proto::v1::{
     AuditRecord, Column, ConsentRecord, CustomerRecord, DimensionSpec, IngestSummary, MemberRecord,
     ParamValue, ParameterSpec, Protection, PurchaseRecord, QueryDescription, QueryVersion,
-    ReviewDecision, Row, Value, param_value, value::Kind,
+    ReviewDecision, Row, UploadListResponse, Value, param_value, value::Kind,
 };
 
 use crate::audit::Record;
@@ -72,13 +73,26 @@ pub fn list_input(r: CustomerRecord) -> ListInput {
 }
 
 /// What an ingest did, as the analyst reads it.
-pub fn ingest_summary(report: IngestReport, consent_snapshot_id: String) -> IngestSummary {
+pub fn ingest_summary(record: &CommitRecord, already_committed: bool) -> IngestSummary {
     IngestSummary {
-        records_received: report.received,
-        records_accepted: report.accepted,
-        rejected_by_reason: report.rejected.into_iter().collect(),
-        consent_snapshot_id,
+        records_received: record.received,
+        records_accepted: record.accepted,
+        rejected_by_reason: record.rejected.clone().into_iter().collect(),
+        consent_snapshot_id: record.consent_snapshot_id.clone().unwrap_or_default(),
         audit_id: String::new(),
+        already_committed,
+    }
+}
+
+/// The response to a list upload, from the store's record of it (the original's, for a retry).
+pub fn upload_response(record: &CommitRecord, already_committed: bool) -> UploadListResponse {
+    UploadListResponse {
+        list_version: record.list_version.unwrap_or_default(),
+        records_received: record.received,
+        records_accepted: record.accepted,
+        rejected_by_reason: record.rejected.clone().into_iter().collect(),
+        audit_id: String::new(),
+        already_committed,
     }
 }
 

@@ -25,6 +25,7 @@ pub mod mark;
 pub mod page;
 pub mod partner;
 mod recovery;
+mod retry;
 pub mod review;
 pub mod startup;
 pub mod state;

@@ -19,6 +19,7 @@ use crate::Result;
 use crate::audit::{Entry, Event};
 use crate::context::{Audited, Call};
 use crate::convert;
+use crate::retry::{self, Claim};
 use crate::state::App;
 use crate::status::to_status;
 use crate::stream::{Feed, Part, StreamLimits, feed};
@@ -109,17 +110,20 @@ impl PartnerApi {
     }
 }
 
-/// The header of a list upload: whose list (a partner's own upload names no one) and whether
-/// one bad record fails it.
+/// The header of a list upload: whose list (a partner's own upload names no one), whether one
+/// bad record fails it, and the request id that names it for retries.
 pub(crate) struct ListHeader {
     pub partner_id: Option<String>,
     pub strict: bool,
+    pub request_id: String,
 }
 
 /// Receives a new version of a partner's list, for the partner itself (`own`) or for an analyst
 /// acting on its behalf (the header names the partner). The partner is admitted under a contract
-/// in force and within its list allowance before any record is read; records are hashed as they
-/// arrive; the guard stores the list as the next version. A list with no valid record is refused.
+/// in force and within its list allowance before any record is read (a retry of an upload
+/// committed under the same request id is answered there, with the original version, taking no
+/// allowance); records are hashed as they arrive; the guard stores the list as the next version.
+/// A list with no valid record is refused.
 pub(crate) async fn receive_list<M>(
     app: &App,
     call: &Call,
@@ -133,21 +137,46 @@ where
 {
     let rules = &call.live.rules;
     let limits = StreamLimits::of(rules);
+    let method = entry.method.clone();
+    let mut claim = None;
     let (header, fed) = feed(stream, split, limits, |header: &ListHeader| {
         let partner_id = own.or(header.partner_id.as_deref()).unwrap_or_default();
         entry.partner = Some(shown(partner_id));
         let partner = rules.partners.get(partner_id).ok_or_else(|| {
             cleanroom_core::Error::NotFound(format!("no partner `{}`", shown(partner_id)))
         })?;
+        let request_id = retry::parse(&header.request_id)?;
+        entry.request_id = request_id.clone();
         let admitted = guard::admit_partner(rules, partner_id, call.now)?;
+        let claimed =
+            claim.insert(app.claim_write(&method, Some(partner_id), request_id.as_deref())?);
+        if let Claim::Replay(_) = claimed {
+            return Ok(None);
+        }
         app.guard.check_list_allowance(&admitted)?;
         let key = app
             .secret
             .collaboration_key(admitted.contract_id(), admitted.contract().key_version);
         let ingest = ListIngest::new(partner, key, header.strict);
-        Ok(Feed::new(ingest, app.store.staging(), convert::list_input))
+        Ok(Some(Feed::new(
+            ingest,
+            app.store.staging(),
+            convert::list_input,
+        )))
     })
     .await?;
+    let (_slot, fed) = match (claim, fed) {
+        (Some(Claim::Replay(record)), _) => {
+            entry.replayed(&record);
+            return Ok(convert::upload_response(&record, true));
+        }
+        (Some(Claim::Run(slot)), Some(fed)) => (slot, fed),
+        _ => {
+            return Err(crate::Error::Internal(
+                "an upload was neither run nor replayed".into(),
+            ));
+        }
+    };
     let report = fed.report;
     entry.records = Some((report.received, report.accepted));
     if report.accepted == 0 {
@@ -155,7 +184,12 @@ where
     }
     let partner_id = own.or(header.partner_id.as_deref()).unwrap_or_default();
     tracing::info!(partner = %shown(partner_id), principal = %call.principal.name, "list upload received");
-    let facts = call.write_facts(&entry.method, Some(partner_id), None, &report);
+    let facts = call.write_facts(
+        &method,
+        Some(partner_id),
+        entry.request_id.as_deref(),
+        &report,
+    );
     let record = app.guard.store_list(ListUpload {
         partner: guard::admit_partner(rules, partner_id, call.now)?,
         list: fed.staging,
@@ -163,13 +197,7 @@ where
         store: &app.store,
     })?;
     entry.committed(&record);
-    Ok(UploadListResponse {
-        list_version: record.list_version.unwrap_or_default(),
-        records_received: report.received,
-        records_accepted: report.accepted,
-        rejected_by_reason: report.rejected.into_iter().collect(),
-        audit_id: String::new(),
-    })
+    Ok(convert::upload_response(&record, false))
 }
 
 fn split_upload(message: UploadListRequest) -> Part<ListHeader, CustomerRecord> {
@@ -177,6 +205,7 @@ fn split_upload(message: UploadListRequest) -> Part<ListHeader, CustomerRecord> 
         Some(upload_list_request::Kind::Header(h)) => Part::Header(ListHeader {
             partner_id: None,
             strict: h.strict,
+            request_id: h.request_id,
         }),
         Some(upload_list_request::Kind::Chunk(c)) => Part::Chunk(c.records),
         None => Part::Empty,

@@ -58,6 +58,7 @@ impl App {
             refused: Mutex::new(String::new()),
             calls: crate::limit::PerMinute::default(),
             in_flight: Arc::default(),
+            writes_in_flight: Arc::default(),
             refused_calls: RefusedCalls::default(),
             guard: opened.guard,
             review: opened.review,

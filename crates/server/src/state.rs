@@ -92,6 +92,8 @@ pub struct App {
     pub(crate) calls: crate::limit::PerMinute,
     /// Each principal's calls in flight.
     pub(crate) in_flight: Arc<crate::limit::InFlight>,
+    /// Writes in flight by request id: a retry never runs beside the write it retries.
+    pub(crate) writes_in_flight: Arc<crate::limit::InFlight>,
     /// Calls refused before they reached a handler: never audited, counted and logged coarsely.
     pub(crate) refused_calls: RefusedCalls,
     /// The guard and the state of its defences (budgets, history, list ledger).

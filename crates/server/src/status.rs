@@ -9,6 +9,7 @@
 //! | expired contract, no list yet, query refused by the guard | `FAILED_PRECONDITION` |
 //! | size limits, budgets | `RESOURCE_EXHAUSTED` |
 //! | an upload stream silent for too long | `DEADLINE_EXCEEDED` |
+//! | a write whose request id is already in progress (retry) | `UNAVAILABLE` |
 //! | anything else | `INTERNAL`, with only the audit id |
 //!
 //! Domain and guard messages are written never to contain data, so they are shown. Storage and
@@ -38,6 +39,7 @@ pub fn to_status(error: &Error, audit_id: &str) -> Status {
                 Domain::Permission(_) => Code::PermissionDenied,
                 Domain::Precondition(_) => Code::FailedPrecondition,
                 Domain::Limit(_) => Code::ResourceExhausted,
+                Domain::Busy(_) => Code::Unavailable,
                 Domain::Config(_) | Domain::Storage(_) => return internal(),
             };
             Status::new(code, domain.to_string())

@@ -101,13 +101,14 @@ enum Message<R> {
 }
 
 /// Reads a whole stream: exactly one header first, on which `start` decides and builds the
-/// feed, then chunks, fed as they arrive, within `limits`.
+/// feed, then chunks, fed as they arrive, within `limits`. If `start` builds no feed (a retry of
+/// a write already committed), nothing more is read and no feed is returned.
 pub(crate) async fn feed<M, H, R, I>(
     mut stream: Streaming<M>,
     split: fn(M) -> Part<H, R>,
     limits: StreamLimits,
-    start: impl FnOnce(&H) -> Result<Feed<I, R>>,
-) -> Result<(H, Fed)>
+    start: impl FnOnce(&H) -> Result<Option<Feed<I, R>>>,
+) -> Result<(H, Option<Fed>)>
 where
     M: prost::Message + Default + Send + 'static,
     R: Send + 'static,
@@ -120,7 +121,9 @@ where
         Some(Part::Empty) => return Err(input("empty stream message")),
         _ => return Err(input("the stream must start with a header")),
     };
-    let feed = start(&header)?;
+    let Some(feed) = start(&header)? else {
+        return Ok((header, None));
+    };
     let (chunks, mut waiting) = mpsc::channel(CHUNKS_IN_FLIGHT);
     let worker = tokio::task::spawn_blocking(move || feed.run(&mut waiting));
     let read = async {
@@ -145,7 +148,7 @@ where
         .await
         .map_err(|e| Error::Internal(format!("ingest worker: {e}")))?;
     read?;
-    Ok((header, fed?))
+    Ok((header, Some(fed?)))
 }
 
 /// What a stream has sent so far, against its limits.
