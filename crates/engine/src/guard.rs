@@ -565,12 +565,13 @@ impl Guard {
     }
 
     /// The answer's key, which also keys its noise: the question (partner, query content,
-    /// snapped parameters) and the data it reads, by content: the digest of the retailer's
-    /// committed files, the digest of the partner's list version, and the retailer's day (consent
-    /// expiries and ages move with it). Different data never gets the same key, so noise is never
-    /// replayed on new data, not even after a restore from backup brings old counters back.
-    /// Whether a key was seen before depends on the partner's own list and the retailer's data as
-    /// a whole, so it tells the partner nothing about a member it did not put in its list itself.
+    /// snapped parameters) and the data it reads: the retailer's data version (its committed
+    /// files, by name and digest), the partner's list version and its digest, and the retailer's
+    /// day (consent expiries and ages move with it). Every ingest and upload makes a new key, as
+    /// counters did; the digests make different data get a different key even when a restore from
+    /// backup brings old counters back, so noise is never replayed on new data. Whether a key
+    /// was seen before depends on the partner's own uploads and on whether the retailer ingested
+    /// anything, never on one member.
     fn answer_key(
         &self,
         request: &QueryRequest<'_>,

@@ -71,10 +71,11 @@ pub struct Snapshot {
     pub lists: BTreeMap<String, PartnerList>,
     /// Identifies the consent log's exact content: every ingest changes it.
     pub consent_snapshot_id: String,
-    /// A digest of the retailer's data (members, member tokens, purchases, consent): the SHA-256
-    /// of its committed files' SHA-256s, so that different data never has the same version, even
-    /// after a restore from backup. Partners' lists are not part of it, so one partner's upload
-    /// does not change another partner's answers. The guard keys answers and noise on it.
+    /// A digest of the retailer's data (members, member tokens, purchases, consent): of its
+    /// committed files' names and SHA-256s, so that every ingest makes a new version and
+    /// different data never has the same one, even after a restore from backup. Partners' lists
+    /// are not part of it, so one partner's upload does not change another partner's answers. The
+    /// guard keys answers and noise on it.
     pub data_version: String,
 }
 
@@ -161,14 +162,17 @@ pub struct WriteFacts {
 }
 
 impl Manifest {
-    /// The SHA-256 of the retailer's files' SHA-256s, in a fixed order with their roles.
+    /// The SHA-256 of the retailer's files, each by its role, name and SHA-256, in a fixed order.
+    /// The names change with every commit (as counters did), so an ingest always makes new data,
+    /// whatever it holds; the content digests make it differ whenever the content differs, even
+    /// after a restore from backup reuses a name.
     fn data_version(&self) -> String {
         let mut hash = Sha256::new();
         let mut part = |role: &str, file: &str| {
-            hash.update(role.as_bytes());
-            hash.update([0]);
-            hash.update(self.digest(file).as_bytes());
-            hash.update([0]);
+            for field in [role, file, self.digest(file)] {
+                hash.update(field.as_bytes());
+                hash.update([0]);
+            }
         };
         if let Some(members) = &self.members {
             part("members", members);
