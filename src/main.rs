@@ -1,6 +1,7 @@
 //! `cleanroom`: the one binary. It serves the clean room, runs the demo on the bundled sample data,
 //! generates sample data at any scale, and hashes a partner's list locally (`prep`).
 
+mod bench;
 mod demo;
 mod r#gen;
 mod lint;
@@ -160,6 +161,36 @@ enum Command {
         request_id: Option<String>,
         #[command(flatten)]
         tls: TlsArgs,
+    },
+    /// Speed and memory at a retailer's size, against baselines in the same run (Markdown on
+    /// stdout): ingest, a new question against raw DataFusion, repeats, member tokens against
+    /// bare HMAC, and a gRPC load test. Run it on a release build.
+    Bench {
+        /// Retailer members to generate.
+        #[arg(long, default_value_t = 100_000)]
+        members: usize,
+        /// Seed of the generated data.
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+        /// Keep the generated files and the data directory here (files of the same size and
+        /// seed are reused); a temporary directory otherwise.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Concurrent clients of each load level.
+        #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+        clients: Vec<usize>,
+        /// Distinct questions per load level (repeats: four times as many).
+        #[arg(long, default_value_t = 64)]
+        questions: usize,
+        /// Also write the figures as JSON (for bench/peers.py).
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// The allow-list directory.
+        #[arg(long, default_value = "queries")]
+        queries: PathBuf,
+        /// The rules (budgets are widened for the run).
+        #[arg(long, default_value = "sample_data/rules.toml")]
+        rules: PathBuf,
     },
     /// Benchmark report: how much of the true answer survives each protection setting, on a
     /// generated dataset of any size (Markdown on stdout).
@@ -482,6 +513,28 @@ fn run(cli: Cli) -> Result<()> {
             };
             write_cmd::upload_list(write, on_behalf_of.as_deref(), &conn, &token).await
         }),
+        Command::Bench {
+            members,
+            seed,
+            dir,
+            clients,
+            questions,
+            json,
+            queries,
+            rules,
+        } => {
+            let opts = bench::BenchOptions {
+                members,
+                seed,
+                dir,
+                clients,
+                questions,
+                json,
+            };
+            let report = runtime()?.block_on(bench::run(opts, &queries, &rules))?;
+            print!("{report}");
+            Ok(())
+        }
         Command::Utility {
             members,
             seed,

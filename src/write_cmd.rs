@@ -1,16 +1,23 @@
-//! `cleanroom ingest` and `cleanroom upload-list`: a file's records streamed to the service under
-//! one request id, sent again while the connection breaks (at most [`ATTEMPTS`] times), and a
-//! plain answer on whether the write committed. A retry of a write that committed is recognised
+//! `cleanroom ingest` and `cleanroom upload-list`: a file's records streamed to the service a chunk
+//! at a time (any length, in bounded memory, with its progress shown) under one request id, sent
+//! again while the connection breaks (at most [`ATTEMPTS`] times), and a plain answer on whether
+//! the write committed. A retry of a write that committed is recognised
 //! by the service and answered with the original result; nothing is written twice.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use std::io::IsTerminal;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
 use anyhow::{Result, bail};
-use cleanroom_client::Connection;
+use cleanroom_client::{Connection, Progress};
 use cleanroom_proto::v1::{
     IngestHeader, IngestSummary, PartnerListHeader, UploadListHeader, UploadListResponse,
 };
+use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::IngestKind;
 
@@ -19,6 +26,9 @@ pub const ATTEMPTS: u32 = 4;
 
 /// The first pause between two sends (doubling after each).
 const PAUSE: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// How often progress is written as a line when standard error is not a terminal.
+const LINE_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// An answer that says whether it replays an earlier commit.
 trait Committed {
@@ -67,7 +77,7 @@ impl Write<'_> {
     }
 }
 
-/// Ingests a retailer export as the analyst.
+/// Ingests a retailer export as the analyst, streamed from the file a chunk at a time.
 pub async fn ingest(
     kind: IngestKind,
     write: Write<'_>,
@@ -76,41 +86,33 @@ pub async fn ingest(
 ) -> Result<()> {
     let id = write.request_id();
     let header = write.ingest_header(&id);
-    let summary = match kind {
-        IngestKind::Members => {
-            let records = cleanroom_client::read_members(write.file)?;
-            send(&id, || {
-                let (conn, header, records) = (conn.clone(), header.clone(), records.clone());
-                async move {
-                    let mut admin = conn.admin(token)?;
-                    cleanroom_client::ingest_members(&mut admin, header, records).await
+    let shown = Shown::start(write.file)?;
+    let summary = send(&id, || {
+        let (conn, header, path, progress) = (
+            conn.clone(),
+            header.clone(),
+            write.file.to_path_buf(),
+            shown.restart(),
+        );
+        async move {
+            let mut admin = conn.admin(token)?;
+            match kind {
+                IngestKind::Members => {
+                    cleanroom_client::ingest_members_file(&mut admin, header, &path, progress).await
                 }
-            })
-            .await?
-        }
-        IngestKind::Purchases => {
-            let records = cleanroom_client::read_purchases(write.file)?;
-            send(&id, || {
-                let (conn, header, records) = (conn.clone(), header.clone(), records.clone());
-                async move {
-                    let mut admin = conn.admin(token)?;
-                    cleanroom_client::ingest_purchases(&mut admin, header, records).await
+                IngestKind::Purchases => {
+                    cleanroom_client::ingest_purchases_file(&mut admin, header, &path, progress)
+                        .await
                 }
-            })
-            .await?
-        }
-        IngestKind::Consent => {
-            let records = cleanroom_client::read_consent(write.file)?;
-            send(&id, || {
-                let (conn, header, records) = (conn.clone(), header.clone(), records.clone());
-                async move {
-                    let mut admin = conn.admin(token)?;
-                    cleanroom_client::ingest_consent(&mut admin, header, records).await
+                IngestKind::Consent => {
+                    cleanroom_client::ingest_consent_file(&mut admin, header, &path, progress).await
                 }
-            })
-            .await?
+            }
         }
-    };
+    })
+    .await;
+    shown.finish();
+    let summary = summary?;
     println!(
         "{} received, {} accepted, audit {}{}",
         summary.records_received,
@@ -126,7 +128,8 @@ pub async fn ingest(
     Ok(())
 }
 
-/// Uploads a customer list: the partner's own, or, with `on_behalf_of`, as the analyst.
+/// Uploads a customer list (the partner's own, or, with `on_behalf_of`, as the analyst),
+/// streamed from the file a chunk at a time.
 pub async fn upload_list(
     write: Write<'_>,
     on_behalf_of: Option<&str>,
@@ -134,10 +137,15 @@ pub async fn upload_list(
     token: &str,
 ) -> Result<()> {
     let id = write.request_id();
-    let records = cleanroom_client::read_list(write.file)?;
     let strict = write.strict;
+    let shown = Shown::start(write.file)?;
     let response = send(&id, || {
-        let (conn, records, id) = (conn.clone(), records.clone(), id.clone());
+        let (conn, id, path, progress) = (
+            conn.clone(),
+            id.clone(),
+            write.file.to_path_buf(),
+            shown.restart(),
+        );
         async move {
             match on_behalf_of {
                 Some(partner) => {
@@ -147,7 +155,8 @@ pub async fn upload_list(
                         request_id: id,
                     };
                     let mut admin = conn.admin(token)?;
-                    cleanroom_client::ingest_partner_list_as(&mut admin, header, records).await
+                    cleanroom_client::ingest_partner_list_file(&mut admin, header, &path, progress)
+                        .await
                 }
                 None => {
                     let header = UploadListHeader {
@@ -155,12 +164,14 @@ pub async fn upload_list(
                         request_id: id,
                     };
                     let mut partner = conn.partner(token)?;
-                    cleanroom_client::upload_list_as(&mut partner, header, records).await
+                    cleanroom_client::upload_list_file(&mut partner, header, &path, progress).await
                 }
             }
         }
     })
-    .await?;
+    .await;
+    shown.finish();
+    let response = response?;
     println!(
         "list v{}: {} received, {} accepted, audit {}",
         response.list_version,
@@ -170,6 +181,84 @@ pub async fn upload_list(
     );
     print_skipped(&response.rejected_by_reason);
     Ok(())
+}
+
+/// The progress of a write, shown while it streams: a bar (records, bytes, rate, time left) on a
+/// terminal, a plain line every few seconds otherwise. Each attempt starts a fresh count.
+struct Shown {
+    current: Arc<Mutex<Arc<Progress>>>,
+    done: Arc<AtomicBool>,
+    painter: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Shown {
+    fn start(file: &Path) -> Result<Self> {
+        let total = std::fs::metadata(file)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?
+            .len();
+        let current = Arc::new(Mutex::new(Arc::new(Progress::default())));
+        let done = Arc::new(AtomicBool::new(false));
+        let painter = {
+            let (current, done) = (Arc::clone(&current), Arc::clone(&done));
+            std::thread::spawn(move || paint_until(total, &current, &done))
+        };
+        Ok(Self {
+            current,
+            done,
+            painter: Some(painter),
+        })
+    }
+
+    /// A fresh count for the next attempt, which the display follows from now on.
+    fn restart(&self) -> Arc<Progress> {
+        let fresh = Arc::new(Progress::default());
+        *self.current.lock().expect("progress lock") = Arc::clone(&fresh);
+        fresh
+    }
+
+    fn finish(mut self) {
+        self.done.store(true, Ordering::Relaxed);
+        if let Some(painter) = self.painter.take() {
+            let _ = painter.join();
+        }
+    }
+}
+
+/// Shows the progress of `current` of a file of `total` bytes until `done`.
+fn paint_until(total: u64, current: &Mutex<Arc<Progress>>, done: &AtomicBool) {
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let style = ProgressStyle::with_template(
+            "{bar:30} {bytes}/{total_bytes} {msg} ({binary_bytes_per_sec}, {eta} left)",
+        )
+        .expect("a valid template");
+        ProgressBar::new(total).with_style(style)
+    });
+    let started = Instant::now();
+    let mut said = Instant::now();
+    while !done.load(Ordering::Relaxed) {
+        let progress = current.lock().expect("progress lock").clone();
+        let (records, bytes) = (progress.records(), progress.bytes());
+        let rate = records as f64 / started.elapsed().as_secs_f64().max(0.001);
+        match &bar {
+            Some(bar) => {
+                bar.set_position(bytes);
+                bar.set_message(format!("{records} records, {rate:.0}/s"));
+            }
+            None if said.elapsed() >= LINE_EVERY => {
+                eprintln!(
+                    "{records} records sent, {} of {} MB, {rate:.0} records/s",
+                    bytes / 1_000_000,
+                    total / 1_000_000
+                );
+                said = Instant::now();
+            }
+            None => {}
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
 }
 
 /// Sends a write until it is answered or its connection broke [`ATTEMPTS`] times, and says in

@@ -4,8 +4,10 @@
 
 pub mod pki;
 pub mod sample;
+pub mod stream;
 
 use std::path::Path;
+use std::sync::Arc;
 
 use cleanroom_proto::v1::admin_service_client::AdminServiceClient;
 use cleanroom_proto::v1::legal_service_client::LegalServiceClient;
@@ -19,6 +21,7 @@ use cleanroom_proto::v1::{
     upload_list_request,
 };
 use serde::Deserialize;
+pub use stream::{CsvRecord, Progress};
 use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
@@ -194,25 +197,10 @@ impl Connection {
     }
 }
 
-fn read_csv<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Vec<T>> {
-    let fail = |message: String| Error::File {
-        path: path.display().to_string(),
-        message,
-    };
-    let mut reader = csv::Reader::from_path(path).map_err(|e| fail(e.to_string()))?;
-    reader
-        .deserialize()
-        .enumerate()
-        .map(|(i, row)| {
-            row.map_err(|_| fail(format!("row {} does not match the expected columns", i + 1)))
-        })
-        .collect()
-}
-
 /// A row of the retailer's member export. Names, addresses and postal codes are read past and
 /// never leave this function.
 #[derive(Deserialize)]
-struct MemberRow {
+pub struct MemberRow {
     member_id: String,
     email: String,
     phone: String,
@@ -221,23 +209,28 @@ struct MemberRow {
     gender: String,
 }
 
-/// Reads the retailer's member export (`members.csv`).
-pub fn read_members(path: &Path) -> Result<Vec<MemberRecord>> {
-    Ok(read_csv::<MemberRow>(path)?
-        .into_iter()
-        .map(|r| MemberRecord {
+impl CsvRecord for MemberRecord {
+    type Row = MemberRow;
+    fn from_row(r: MemberRow) -> Self {
+        MemberRecord {
             member_id: r.member_id,
             email: r.email,
             phone: r.phone,
             prefecture: r.prefecture,
             birth_date: r.birth_date,
             gender: r.gender,
-        })
-        .collect())
+        }
+    }
 }
 
+/// Reads the retailer's member export (`members.csv`).
+pub fn read_members(path: &Path) -> Result<Vec<MemberRecord>> {
+    stream::read_all(path)
+}
+
+/// A row of the retailer's purchase export.
 #[derive(Deserialize)]
-struct PurchaseRow {
+pub struct PurchaseRow {
     member_id: String,
     purchased_at: String,
     sku: String,
@@ -248,11 +241,10 @@ struct PurchaseRow {
     amount: i64,
 }
 
-/// Reads the retailer's purchase export (`purchases.csv`).
-pub fn read_purchases(path: &Path) -> Result<Vec<PurchaseRecord>> {
-    Ok(read_csv::<PurchaseRow>(path)?
-        .into_iter()
-        .map(|r| PurchaseRecord {
+impl CsvRecord for PurchaseRecord {
+    type Row = PurchaseRow;
+    fn from_row(r: PurchaseRow) -> Self {
+        PurchaseRecord {
             member_id: r.member_id,
             purchased_at: r.purchased_at,
             sku: r.sku,
@@ -261,12 +253,18 @@ pub fn read_purchases(path: &Path) -> Result<Vec<PurchaseRecord>> {
             category: r.category,
             quantity: r.quantity,
             amount: r.amount,
-        })
-        .collect())
+        }
+    }
 }
 
+/// Reads the retailer's purchase export (`purchases.csv`).
+pub fn read_purchases(path: &Path) -> Result<Vec<PurchaseRecord>> {
+    stream::read_all(path)
+}
+
+/// A row of the retailer's consent log export.
 #[derive(Deserialize)]
-struct ConsentRow {
+pub struct ConsentRow {
     member_id: String,
     purpose: String,
     notice_version: u32,
@@ -276,11 +274,10 @@ struct ConsentRow {
     expires_at: String,
 }
 
-/// Reads the retailer's consent log export (`consent_events.csv`).
-pub fn read_consent(path: &Path) -> Result<Vec<ConsentRecord>> {
-    Ok(read_csv::<ConsentRow>(path)?
-        .into_iter()
-        .map(|r| ConsentRecord {
+impl CsvRecord for ConsentRecord {
+    type Row = ConsentRow;
+    fn from_row(r: ConsentRow) -> Self {
+        ConsentRecord {
             member_id: r.member_id,
             purpose: r.purpose,
             notice_version: r.notice_version,
@@ -288,12 +285,18 @@ pub fn read_consent(path: &Path) -> Result<Vec<ConsentRecord>> {
             at: r.at,
             source: r.source,
             expires_at: r.expires_at,
-        })
-        .collect())
+        }
+    }
 }
 
+/// Reads the retailer's consent log export (`consent_events.csv`).
+pub fn read_consent(path: &Path) -> Result<Vec<ConsentRecord>> {
+    stream::read_all(path)
+}
+
+/// A row of a partner's customer list: raw identifiers or tokens, and the attribute.
 #[derive(Deserialize)]
-struct ListRow {
+pub struct ListRow {
     #[serde(default)]
     email: String,
     #[serde(default)]
@@ -306,19 +309,23 @@ struct ListRow {
     attribute: String,
 }
 
-/// Reads a partner's customer list: `email,phone,attribute` (raw) or
-/// `email_token,phone_token,attribute` (from `cleanroom prep`).
-pub fn read_list(path: &Path) -> Result<Vec<CustomerRecord>> {
-    Ok(read_csv::<ListRow>(path)?
-        .into_iter()
-        .map(|r| CustomerRecord {
+impl CsvRecord for CustomerRecord {
+    type Row = ListRow;
+    fn from_row(r: ListRow) -> Self {
+        CustomerRecord {
             email: r.email,
             phone: r.phone,
             email_token: r.email_token,
             phone_token: r.phone_token,
             attribute: r.attribute,
-        })
-        .collect())
+        }
+    }
+}
+
+/// Reads a partner's customer list: `email,phone,attribute` (raw) or
+/// `email_token,phone_token,attribute` (from `cleanroom prep`).
+pub fn read_list(path: &Path) -> Result<Vec<CustomerRecord>> {
+    stream::read_all(path)
 }
 
 /// Streams a member export: a header, then chunks.
@@ -445,6 +452,107 @@ pub async fn upload_list_as(
         .upload_list(tokio_stream::iter(messages))
         .await?
         .into_inner())
+}
+
+/// Streams a member export file, read a chunk at a time (see [`stream::send_file`]).
+pub async fn ingest_members_file(
+    client: &mut AdminClient,
+    header: IngestHeader,
+    path: &Path,
+    progress: Arc<Progress>,
+) -> Result<IngestSummary> {
+    let header = IngestMembersRequest {
+        kind: Some(ingest_members_request::Kind::Header(header)),
+    };
+    let chunk = |records| IngestMembersRequest {
+        kind: Some(ingest_members_request::Kind::Chunk(MemberChunk { records })),
+    };
+    stream::send_file(path, header, chunk, progress, |messages| async move {
+        Ok(client.ingest_members(messages).await?.into_inner())
+    })
+    .await
+}
+
+/// Streams a purchase export file, read a chunk at a time.
+pub async fn ingest_purchases_file(
+    client: &mut AdminClient,
+    header: IngestHeader,
+    path: &Path,
+    progress: Arc<Progress>,
+) -> Result<IngestSummary> {
+    let header = IngestPurchasesRequest {
+        kind: Some(ingest_purchases_request::Kind::Header(header)),
+    };
+    let chunk = |records| IngestPurchasesRequest {
+        kind: Some(ingest_purchases_request::Kind::Chunk(PurchaseChunk {
+            records,
+        })),
+    };
+    stream::send_file(path, header, chunk, progress, |messages| async move {
+        Ok(client.ingest_purchases(messages).await?.into_inner())
+    })
+    .await
+}
+
+/// Streams a consent log export file, read a chunk at a time.
+pub async fn ingest_consent_file(
+    client: &mut AdminClient,
+    header: IngestHeader,
+    path: &Path,
+    progress: Arc<Progress>,
+) -> Result<IngestSummary> {
+    let header = IngestConsentRequest {
+        kind: Some(ingest_consent_request::Kind::Header(header)),
+    };
+    let chunk = |records| IngestConsentRequest {
+        kind: Some(ingest_consent_request::Kind::Chunk(ConsentChunk {
+            records,
+        })),
+    };
+    stream::send_file(path, header, chunk, progress, |messages| async move {
+        Ok(client.ingest_consent(messages).await?.into_inner())
+    })
+    .await
+}
+
+/// Streams a customer list file as the partner, read a chunk at a time.
+pub async fn upload_list_file(
+    client: &mut PartnerClient,
+    header: UploadListHeader,
+    path: &Path,
+    progress: Arc<Progress>,
+) -> Result<UploadListResponse> {
+    let header = UploadListRequest {
+        kind: Some(upload_list_request::Kind::Header(header)),
+    };
+    let chunk = |records| UploadListRequest {
+        kind: Some(upload_list_request::Kind::Chunk(ListChunk { records })),
+    };
+    stream::send_file(path, header, chunk, progress, |messages| async move {
+        Ok(client.upload_list(messages).await?.into_inner())
+    })
+    .await
+}
+
+/// Streams a customer list file as the analyst on a partner's behalf, read a chunk at a time.
+pub async fn ingest_partner_list_file(
+    client: &mut AdminClient,
+    header: PartnerListHeader,
+    path: &Path,
+    progress: Arc<Progress>,
+) -> Result<UploadListResponse> {
+    let header = IngestPartnerListRequest {
+        kind: Some(ingest_partner_list_request::Kind::Header(header)),
+    };
+    let chunk = |records| IngestPartnerListRequest {
+        kind: Some(ingest_partner_list_request::Kind::Chunk(ListChunk {
+            records,
+        })),
+    };
+    stream::send_file(path, header, chunk, progress, |messages| async move {
+        Ok(client.ingest_partner_list(messages).await?.into_inner())
+    })
+    .await
 }
 
 /// A new request id: 128 random bits in hex. Make one per file and send it again on every retry

@@ -62,9 +62,13 @@ pub struct Limits {
     /// Calls in flight at once on one connection. Read when the service starts.
     #[serde(default = "default_concurrent_calls_per_connection")]
     pub concurrent_calls_per_connection: u32,
-    /// The most bytes one upload or ingest stream may carry, over all its messages.
+    /// The most bytes one partner list upload may carry, over all its messages.
     #[serde(default = "default_max_stream_bytes")]
     pub max_stream_bytes: u64,
+    /// The most bytes one analyst ingest (members, purchases, consent) may carry: an export of
+    /// any number of records is bounded by this and the disk, not by a record count.
+    #[serde(default = "default_max_ingest_bytes")]
+    pub max_ingest_bytes: u64,
     /// The longest an upload or ingest stream may go without sending a message, in seconds.
     #[serde(default = "default_stream_idle_seconds")]
     pub stream_idle_seconds: u32,
@@ -72,6 +76,10 @@ pub struct Limits {
 
 fn default_max_stream_bytes() -> u64 {
     1 << 30
+}
+
+fn default_max_ingest_bytes() -> u64 {
+    1 << 38
 }
 
 fn default_stream_idle_seconds() -> u32 {
@@ -102,6 +110,7 @@ impl Default for Limits {
             concurrent_calls_per_principal: default_concurrent_calls_per_principal(),
             concurrent_calls_per_connection: default_concurrent_calls_per_connection(),
             max_stream_bytes: default_max_stream_bytes(),
+            max_ingest_bytes: default_max_ingest_bytes(),
             stream_idle_seconds: default_stream_idle_seconds(),
         }
     }
@@ -536,6 +545,7 @@ impl Rules {
             || limits.concurrent_calls_per_principal == 0
             || limits.concurrent_calls_per_connection == 0
             || limits.max_stream_bytes == 0
+            || limits.max_ingest_bytes == 0
             || limits.stream_idle_seconds == 0
         {
             return fail("every value under [limits] must be at least 1".into());

@@ -44,8 +44,9 @@ use datafusion::common::ScalarValue;
 use datafusion::prelude::SessionContext;
 use sha2::{Digest, Sha256};
 
+use crate::audience::{AudienceOf, Audiences};
 use crate::store::{CommitRecord, Snapshot, Staging, Store, WriteFacts};
-use crate::views::{self, SafeViews};
+use crate::views::SafeViews;
 use crate::{Error, Result};
 
 pub mod admission;
@@ -251,6 +252,8 @@ pub struct ListUpload<'a> {
 /// The guard and the state its defences keep.
 pub struct Guard {
     noise_key: [u8; 32],
+    /// The audiences' shared parts (matched lists, consent states).
+    audiences: Audiences,
     ledger: RhoLedger,
     answers: answers::Answers,
     lists: Mutex<Lists>,
@@ -391,7 +394,6 @@ struct Question<'a> {
     guarantee: Guarantee,
     policy: Policy,
     params: BTreeMap<String, BoundValue>,
-    noise: NoisePlan,
     list: &'a crate::store::PartnerList,
     key: String,
 }
@@ -410,6 +412,7 @@ impl Guard {
         std::fs::create_dir_all(&dir)?;
         Ok(Self {
             noise_key: secret.guard_key("noise"),
+            audiences: Audiences::default(),
             ledger: RhoLedger::open(ledger)?,
             answers: answers::Answers::open(dir.join("answers"))?,
             lists: Mutex::new(Lists::open(uploads)),
@@ -486,8 +489,10 @@ impl Guard {
 
     /// Answers one query. This is the only function that releases query results.
     pub async fn run(&self, request: QueryRequest<'_>) -> Result<Answer> {
-        let question = self.question(&request).await?;
+        let question = self.question(&request)?;
         let partner = request.partner;
+        // A repeat is served before anything is planned: its answer was checked, charged and
+        // stored when it was first asked.
         if let Some(outcome) = self.answers.get(partner, &question.key)? {
             let period = question.guarantee.period_days;
             let (rho_used, resets_at) = self.ledger.usage(partner, period, request.now);
@@ -498,8 +503,9 @@ impl Guard {
             };
             return self.serve(&question, outcome, usage);
         }
+        let noise = self.noise_plan(&question).await?;
         let charge = self.charge(&question)?;
-        let outcome = match self.compute(&question).await {
+        let outcome = match self.compute(&question, &noise).await {
             Ok(outcome) => outcome,
             Err(Error::Domain(cleanroom_core::Error::Precondition(message))) => {
                 Outcome::Refused(message)
@@ -517,9 +523,9 @@ impl Guard {
         self.serve(&question, outcome, charge)
     }
 
-    /// Every check that depends only on the request and the allow-list: the contract and its
-    /// guarantee, snapped parameters, the plan, the noise plan, the list, the answer's key.
-    async fn question<'a>(&self, request: &'a QueryRequest<'a>) -> Result<Question<'a>> {
+    /// What is asked, from the request and the allow-list alone: the contract and its
+    /// guarantee, the policy, snapped parameters, the list, the answer's key. Nothing is planned.
+    fn question<'a>(&self, request: &'a QueryRequest<'a>) -> Result<Question<'a>> {
         let rules = request.rules;
         let contract = rules.contracts.get(request.contract_id).ok_or_else(|| {
             cleanroom_core::Error::Precondition("the partner has no contract".into())
@@ -533,24 +539,6 @@ impl Guard {
             )
             .into());
         };
-        // Planned against views with no rows: the plan and its checks cannot depend on data.
-        let ctx = SafeViews::empty().session()?;
-        let offset = rules.retailer.utc_offset_minutes;
-        let checked = checked_plan(
-            &ctx,
-            &request.query.sql,
-            param_values(&params, offset),
-            &policy,
-        )
-        .await?;
-        let bounds: Vec<u64> = checked
-            .shape
-            .metrics
-            .iter()
-            .filter(|m| !m.member_count)
-            .map(|m| m.bound)
-            .collect();
-        let noise = guarantee.noise_plan(policy.rows_per_member, &bounds)?;
         let key = self.answer_key(request, &params, list);
         Ok(Question {
             request,
@@ -558,10 +546,28 @@ impl Guard {
             guarantee,
             policy,
             params,
-            noise,
             list,
             key,
         })
+    }
+
+    /// Plans and checks a fresh question over views with no rows (so neither can depend on data,
+    /// and a refusal costs nothing) and returns the noise its metrics' bounds call for.
+    async fn noise_plan(&self, question: &Question<'_>) -> Result<NoisePlan> {
+        let request = question.request;
+        let ctx = SafeViews::empty().session()?;
+        let offset = request.rules.retailer.utc_offset_minutes;
+        let values = param_values(&question.params, offset);
+        let checked = checked_plan(&ctx, &request.query.sql, values, &question.policy).await?;
+        let bounds: Vec<u64> = checked
+            .shape
+            .metrics
+            .iter()
+            .filter(|m| !m.member_count)
+            .map(|m| m.bound)
+            .collect();
+        let rows = question.policy.rows_per_member;
+        Ok(question.guarantee.noise_plan(rows, &bounds)?)
     }
 
     /// The answer's key, which also keys its noise: the question (partner, query content,
@@ -645,7 +651,7 @@ impl Guard {
 
     /// The charged part: audience check, execution, release. Runs only after the charge is on
     /// disk.
-    async fn compute(&self, question: &Question<'_>) -> Result<Outcome> {
+    async fn compute(&self, question: &Question<'_>, noise: &NoisePlan) -> Result<Outcome> {
         let request = question.request;
         let contract = question.contract;
         let purpose = request
@@ -657,34 +663,40 @@ impl Guard {
                     "the contract's purpose is not configured".into(),
                 )
             })?;
-        let requirement = Requirement {
-            min_notice_version: purpose.min_notice_version,
-            grant_valid_days: purpose.grant_valid_days,
-        };
-        let (audience, views) = audience_views(
-            Arc::clone(&request.snapshot),
-            request.contract_id.to_string(),
-            question.list.clone(),
-            contract.purpose.clone(),
-            requirement,
-            request.now,
-        )
-        .await?;
-        self.check_audience(question, audience)?;
-        let ctx = views.session()?;
+        let audience = self
+            .audiences
+            .audience(AudienceOf {
+                snapshot: &request.snapshot,
+                contract_id: request.contract_id,
+                list: question.list,
+                purpose: &contract.purpose,
+                requirement: Requirement {
+                    min_notice_version: purpose.min_notice_version,
+                    grant_valid_days: purpose.grant_valid_days,
+                },
+                now: request.now,
+            })
+            .await?;
+        self.check_audience(question, noise, audience.len())?;
+        let ctx = SafeViews::of(&request.snapshot, audience)?.session()?;
         // Planned again over the real views: the same SQL and schemas give the same checks.
         let offset = request.rules.retailer.utc_offset_minutes;
         let values = param_values(&question.params, offset);
         let checked = checked_plan(&ctx, &request.query.sql, values, &question.policy).await?;
         let batches = plan::execute(&ctx, &checked.runs).await?;
         let cells = self.fold(&batches, &checked.shape, question)?;
-        self.release(question, &checked.shape, &cells)
+        self.release(question, noise, &checked.shape, &cells)
     }
 
     /// The audience check: the matched, consenting audience plus discrete Gaussian noise must
     /// reach the contract's minimum. Sensitivity 1; its ρ is part of the answer's charge.
-    fn check_audience(&self, question: &Question<'_>, audience: usize) -> Result<()> {
-        let noise = self.draw(&question.key, &[b"audience"], question.noise.audience);
+    fn check_audience(
+        &self,
+        question: &Question<'_>,
+        noise: &NoisePlan,
+        audience: usize,
+    ) -> Result<()> {
+        let noise = self.draw(&question.key, &[b"audience"], noise.audience);
         let minimum = i64::from(question.contract.protection.min_audience);
         if (audience as i64).saturating_add(noise) < minimum {
             return Err(cleanroom_core::Error::Precondition(format!(
@@ -766,11 +778,11 @@ impl Guard {
     fn release(
         &self,
         question: &Question<'_>,
+        noise: &NoisePlan,
         shape: &plan::Shape,
         cells: &Cells,
     ) -> Result<Outcome> {
         let policy = &question.policy;
-        let noise = &question.noise;
         let k = i64::from(policy.k);
         let threshold = k.saturating_add(i64::try_from(noise.margin).unwrap_or(i64::MAX));
         let variances = metric_variances(shape, noise);
@@ -819,7 +831,7 @@ impl Guard {
                 .collect();
             *slot = Some(released);
         }
-        let report = self.noise_report(question, shape, &variances, threshold);
+        let report = self.noise_report(question, noise, shape, &variances, threshold);
         let batch = output_batch(policy, &cells.sizes, &values, &report)?;
         let suppressed_rows = (total as u64) - facts.released;
         Ok(Outcome::Released(Release {
@@ -840,12 +852,12 @@ impl Guard {
     fn noise_report(
         &self,
         question: &Question<'_>,
+        noise: &NoisePlan,
         shape: &plan::Shape,
         variances: &[Option<u64>],
         threshold: i64,
     ) -> NoiseReport {
         let policy = &question.policy;
-        let noise = &question.noise;
         let variance_of = |m: usize| variances[m].unwrap_or(noise.count);
         NoiseReport {
             noise_sd: (0..policy.metrics.len())
@@ -865,28 +877,6 @@ impl Guard {
             release_threshold: threshold as u64,
         }
     }
-}
-
-/// Plans a query's SQL in `ctx`, binds its snapped parameters and checks the plan.
-/// The matched, consenting audience (its size) and the safe views over it, built on a blocking
-/// thread: reading the partner's list and filtering the retailer's tables is work in proportion
-/// to the data, which must not hold up the async workers that serve every other call.
-async fn audience_views(
-    snapshot: Arc<Snapshot>,
-    contract_id: String,
-    list: crate::store::PartnerList,
-    purpose: String,
-    requirement: Requirement,
-    now: DateTime<Utc>,
-) -> Result<(usize, SafeViews)> {
-    tokio::task::spawn_blocking(move || {
-        let matched = views::matched_members(&snapshot, &contract_id, &list)?;
-        let eligible = views::consented(&snapshot, &matched, &purpose, &requirement, now);
-        let views = SafeViews::of_audience(&snapshot, &matched, &eligible)?;
-        Ok((eligible.len(), views))
-    })
-    .await
-    .map_err(|e| Error::Storage(format!("building the audience: {e}")))?
 }
 
 /// A query's plan, checked: its shape (how its output folds into cells) and the per-member plan

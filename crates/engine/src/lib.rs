@@ -7,6 +7,7 @@
 //! ledger, builds the safe views (only the matched, consenting audience, as the tables `members`
 //! and `purchases`; private to this crate), executes member by member and releases noisy cells.
 
+pub mod audience;
 pub mod error;
 pub mod guard;
 pub mod ingest;

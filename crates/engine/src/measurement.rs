@@ -15,9 +15,10 @@ use datafusion::arrow::datatypes::{DataType, Int64Type};
 use datafusion::common::{ParamValues, ScalarValue};
 
 use crate::Result;
+use crate::audience::{AudienceOf, Audiences};
 use crate::guard::bind_value;
 use crate::store::Snapshot;
-use crate::views::{self, SafeViews};
+use crate::views::SafeViews;
 
 /// Each row's dimension values (as text) and its exact metric values (null as 0).
 pub type ExactCells = HashMap<Vec<String>, Vec<i64>>;
@@ -33,7 +34,7 @@ pub async fn exact_answer(
     effective: &BTreeMap<String, String>,
     now: DateTime<Utc>,
 ) -> Result<ExactCells> {
-    let views = audience_views(snapshot, rules, partner, now)?;
+    let views = audience_views(snapshot, rules, partner, now).await?;
     let params = bound_params(query, effective, rules.retailer.utc_offset_minutes);
     let batches = views
         .session()?
@@ -73,8 +74,8 @@ pub async fn exact_answer(
     Ok(cells)
 }
 
-/// The partner's matched, consenting audience as safe views.
-fn audience_views(
+/// The partner's matched, consenting audience as safe views (computed as the guard computes it).
+async fn audience_views(
     snapshot: &Snapshot,
     rules: &Rules,
     partner: &str,
@@ -93,9 +94,18 @@ fn audience_views(
         min_notice_version: purpose.min_notice_version,
         grant_valid_days: purpose.grant_valid_days,
     };
-    let matched = views::matched_members(snapshot, contract_id, list)?;
-    let eligible = views::consented(snapshot, &matched, &contract.purpose, &requirement, now);
-    SafeViews::of_audience(snapshot, &matched, &eligible)
+    let snapshot = std::sync::Arc::new(snapshot.clone());
+    let audience = Audiences::default()
+        .audience(AudienceOf {
+            snapshot: &snapshot,
+            contract_id,
+            list,
+            purpose: &contract.purpose,
+            requirement,
+            now,
+        })
+        .await?;
+    SafeViews::of(&snapshot, audience)
 }
 
 /// The snapped parameters as the literals bound to the query's placeholders.
@@ -119,4 +129,61 @@ fn bound_params(
             Some((p.name.clone(), bind_value(&value, utc_offset_minutes)))
         })
         .collect()
+}
+
+/// A DataFusion session over the retailer's whole tables as the store holds them (`members`
+/// with every member, `purchases`): for the benchmark's baseline, the same join and aggregate as
+/// a query with no audience, no guard and no noise.
+pub fn raw_session(snapshot: &Snapshot) -> Result<datafusion::prelude::SessionContext> {
+    use datafusion::datasource::MemTable;
+    let ctx = datafusion::prelude::SessionContext::new();
+    let table = |schema, batches: &[std::sync::Arc<datafusion::arrow::array::RecordBatch>]| {
+        let batches: Vec<_> = batches.iter().map(|b| b.as_ref().clone()).collect();
+        let partitions = split(batches, ctx.state().config().target_partitions());
+        MemTable::try_new(schema, partitions)
+    };
+    ctx.register_table(
+        "members",
+        std::sync::Arc::new(table(crate::ingest::members_schema(), &snapshot.members)?),
+    )?;
+    ctx.register_table(
+        "purchases",
+        std::sync::Arc::new(table(
+            crate::ingest::purchases_schema(),
+            &snapshot.purchases,
+        )?),
+    )?;
+    Ok(ctx)
+}
+
+/// Batches dealt round-robin into `n` partitions, so that a scan runs on every core.
+fn split<T>(batches: Vec<T>, n: usize) -> Vec<Vec<T>> {
+    let mut partitions: Vec<Vec<T>> = (0..n.max(1)).map(|_| Vec::new()).collect();
+    for (i, batch) in batches.into_iter().enumerate() {
+        partitions[i % n.max(1)].push(batch);
+    }
+    partitions
+}
+
+/// The values of `$start` and `$end` for a window of local dates.
+pub fn window_params(start: &str, end: &str, utc_offset_minutes: i32) -> Result<ParamValues> {
+    let date = |text: &str| {
+        NaiveDate::parse_from_str(text, "%Y-%m-%d").map_err(|_| {
+            crate::Error::Domain(cleanroom_core::Error::Input(format!("not a date: {text}")))
+        })
+    };
+    let values: std::collections::HashMap<String, ScalarValue> = [
+        (
+            "start",
+            bind_value(&BoundValue::Date(date(start)?), utc_offset_minutes),
+        ),
+        (
+            "end",
+            bind_value(&BoundValue::Date(date(end)?), utc_offset_minutes),
+        ),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    Ok(ParamValues::from(values))
 }

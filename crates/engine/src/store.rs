@@ -77,6 +77,9 @@ pub struct Snapshot {
     /// are not part of it, so one partner's upload does not change another partner's answers. The
     /// guard keys answers and noise on it.
     pub data_version: String,
+    /// The member table's file and SHA-256 (each collaboration's member tokens are written with
+    /// it): what a list's matches depend on, besides the list.
+    pub members_version: String,
 }
 
 /// What the data directory holds; rewriting it is the commit point of every write.
@@ -187,6 +190,14 @@ impl Manifest {
             part("consent", file);
         }
         hex::encode(hash.finalize())
+    }
+
+    /// The member table's file and digest.
+    fn members_version(&self) -> String {
+        match &self.members {
+            Some(file) => format!("{file}:{}", self.digest(file)),
+            None => "-".into(),
+        }
     }
 
     /// A file's SHA-256, as recorded.
@@ -428,6 +439,7 @@ impl Store {
                 .collect(),
             consent_snapshot_id: manifest.consent_snapshot_id(),
             data_version: manifest.data_version(),
+            members_version: manifest.members_version(),
         };
         Ok(Self {
             dir: dir.to_path_buf(),
@@ -532,6 +544,7 @@ impl Store {
             produced,
         );
         snapshot.data_version = manifest.data_version();
+        snapshot.members_version = manifest.members_version();
         if let Err(e) = write_manifest(&self.dir, &manifest) {
             for (name, _) in placed {
                 let _ = std::fs::remove_file(self.dir.join(name));

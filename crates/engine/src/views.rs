@@ -1,25 +1,32 @@
-//! The per-collaboration safe views. For one query they hold only the members who are both in the
-//! partner's current list and consented to the contract's purpose at the current notice version,
-//! evaluated at query time, and no column that identifies anyone: no member id, no token, no
-//! identifier. They are the only tables a query's SQL can name.
+//! The per-collaboration safe views. For one query they show only the members of its audience
+//! ([`crate::audience`]: in the partner's current list and consenting to the contract's purpose at
+//! the current notice version, at the question's instant), and no column that identifies anyone:
+//! no member id, no token, no identifier. They are the only tables a query's SQL can name. The
+//! audience is applied inside the plan, as each table is scanned ([`filter::AudienceExec`]), so no
+//! table is ever copied for a question.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use cleanroom_core::consent::{self, Action, Event, Requirement};
-use cleanroom_core::rules::{Contract, UNKNOWN_ATTRIBUTE};
-use datafusion::arrow::array::{Array, AsArray, BooleanArray, RecordBatch, StringArray};
-use datafusion::arrow::compute::filter_record_batch;
+use cleanroom_core::rules::Contract;
+use datafusion::arrow::array::{Array, AsArray, RecordBatch};
 use datafusion::arrow::datatypes::{
-    DataType, Field, Int64Type, Schema, TimestampMicrosecondType, UInt32Type,
+    DataType, Field, Int64Type, Schema, SchemaRef, TimestampMicrosecondType, UInt32Type,
 };
-use datafusion::datasource::MemTable;
+use datafusion::catalog::{Session, TableProvider};
+use datafusion::datasource::{MemTable, TableType};
+use datafusion::logical_expr::Expr;
+use datafusion::physical_plan::ExecutionPlan;
 use datafusion::prelude::{SessionConfig, SessionContext};
 
 use crate::Result;
-use crate::ingest::purchases_schema;
+use crate::audience::Audience;
+use crate::ingest::{members_schema, purchases_schema};
 use crate::store::{PartnerList, Snapshot};
+
+mod filter;
 
 /// Names of the tables a query may read. Nothing else is registered in a query's session.
 pub const SAFE_VIEWS: &[&str] = &["members", "purchases"];
@@ -28,12 +35,10 @@ pub const SAFE_VIEWS: &[&str] = &["members", "purchases"];
 /// counted, never output.
 pub const MEMBER_KEY: &str = "member_key";
 
-/// Safe views built for one query.
+/// Safe views built for one query: the retailer's tables, each scanned through its audience.
 pub struct SafeViews {
-    /// The `members` view.
-    pub members: Vec<RecordBatch>,
-    /// The `purchases` view.
-    pub purchases: Vec<RecordBatch>,
+    members: Arc<SafeView>,
+    purchases: Arc<SafeView>,
 }
 
 /// Schema of the `members` view.
@@ -48,32 +53,24 @@ pub fn members_view_schema() -> Arc<Schema> {
 }
 
 impl SafeViews {
-    /// The views over one audience: `eligible` members (matched and consenting), with the partner
-    /// attribute `matched` gives them.
-    pub fn of_audience(
-        snapshot: &Snapshot,
-        matched: &HashMap<i64, Option<String>>,
-        eligible: &HashSet<i64>,
-    ) -> Result<Self> {
-        let members = snapshot
-            .members
-            .iter()
-            .map(|batch| members_view(batch, matched, eligible))
-            .collect::<Result<Vec<_>>>()?;
-        let purchases = snapshot
-            .purchases
-            .iter()
-            .map(|batch| keep_members(batch, eligible))
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Self { members, purchases })
+    /// The views of `snapshot`'s tables over `audience`: only its members' rows are scanned out,
+    /// and `members` carries each one's partner attribute.
+    pub fn of(snapshot: &Snapshot, audience: Arc<Audience>) -> Result<Self> {
+        let members = memory_table(members_schema(), &snapshot.members)?;
+        let purchases = memory_table(purchases_schema(), &snapshot.purchases)?;
+        Ok(Self {
+            members: Arc::new(SafeView::new(
+                members_view_schema(),
+                members,
+                Arc::clone(&audience),
+            )),
+            purchases: Arc::new(SafeView::new(purchases_schema(), purchases, audience)),
+        })
     }
 
     /// Views with the right schemas and no rows, to plan and check queries without data (lint).
     pub fn empty() -> Self {
-        Self {
-            members: Vec::new(),
-            purchases: Vec::new(),
-        }
+        Self::of(&Snapshot::default(), Arc::default()).expect("empty tables build")
     }
 
     /// A fresh DataFusion session in which the safe views are the only tables.
@@ -84,19 +81,97 @@ impl SafeViews {
         let ctx = SessionContext::new_with_config(config);
         ctx.register_table(
             SAFE_VIEWS[0],
-            Arc::new(MemTable::try_new(
-                members_view_schema(),
-                vec![self.members.clone()],
-            )?),
+            Arc::clone(&self.members) as Arc<dyn TableProvider>,
         )?;
         ctx.register_table(
             SAFE_VIEWS[1],
-            Arc::new(MemTable::try_new(
-                purchases_schema(),
-                vec![self.purchases.clone()],
-            )?),
+            Arc::clone(&self.purchases) as Arc<dyn TableProvider>,
         )?;
         Ok(ctx)
+    }
+}
+
+/// A retailer table held in memory, its batches dealt over as many partitions as there are
+/// cores so that a scan runs on every one.
+fn memory_table(
+    schema: Arc<Schema>,
+    batches: &[Arc<RecordBatch>],
+) -> Result<Arc<dyn TableProvider>> {
+    let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut partitions: Vec<Vec<RecordBatch>> = vec![Vec::new(); n];
+    for (i, batch) in batches.iter().enumerate() {
+        partitions[i % n].push(batch.as_ref().clone());
+    }
+    Ok(Arc::new(MemTable::try_new(schema, partitions)?))
+}
+
+/// One safe view: a retailer table whose scan keeps only the audience's rows (and, for
+/// `members`, adds the partner attribute), inside the plan. A query cannot name the table
+/// underneath, and the audience is applied however the query reads the view.
+#[derive(Debug)]
+struct SafeView {
+    schema: Arc<Schema>,
+    source: Arc<dyn TableProvider>,
+    audience: Arc<Audience>,
+}
+
+impl SafeView {
+    fn new(schema: Arc<Schema>, source: Arc<dyn TableProvider>, audience: Arc<Audience>) -> Self {
+        Self {
+            schema,
+            source,
+            audience,
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl TableProvider for SafeView {
+    fn schema(&self) -> SchemaRef {
+        Arc::clone(&self.schema)
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::View
+    }
+
+    async fn scan(
+        &self,
+        state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        _filters: &[Expr],
+        _limit: Option<usize>,
+    ) -> datafusion::error::Result<Arc<dyn ExecutionPlan>> {
+        let wanted: Vec<usize> = match projection {
+            Some(p) => p.clone(),
+            None => (0..self.schema.fields().len()).collect(),
+        };
+        // View columns are the table's, in order, then (for members) the partner attribute.
+        let stored = self.source.schema().fields().len();
+        let mut read: Vec<usize> = wanted.iter().copied().filter(|c| *c < stored).collect();
+        let key = match read.iter().position(|c| *c == 0) {
+            Some(at) => at,
+            None => {
+                read.push(0);
+                read.len() - 1
+            }
+        };
+        let outputs = wanted
+            .iter()
+            .map(|c| match read.iter().position(|r| r == c) {
+                Some(at) => filter::Output::Column(at),
+                None => filter::Output::Attribute,
+            })
+            .collect();
+        let input = self.source.scan(state, Some(&read), &[], None).await?;
+        let schema = Arc::new(self.schema.project(&wanted)?);
+        Ok(Arc::new(filter::AudienceExec::new(
+            input,
+            Arc::clone(&self.audience),
+            key,
+            outputs,
+            schema,
+        )))
     }
 }
 
@@ -192,23 +267,6 @@ pub fn consent_counts(
     Ok((consenting.len(), in_list))
 }
 
-/// The matched members whose consent for `purpose` holds at `now`.
-pub fn consented(
-    snapshot: &Snapshot,
-    matched: &HashMap<i64, Option<String>>,
-    purpose: &str,
-    requirement: &Requirement,
-    now: DateTime<Utc>,
-) -> HashSet<i64> {
-    consented_where(
-        snapshot,
-        |member| matched.contains_key(&member),
-        purpose,
-        requirement,
-        now,
-    )
-}
-
 /// The members passing `keep` whose consent for `purpose` holds at `now`.
 fn consented_where(
     snapshot: &Snapshot,
@@ -253,37 +311,4 @@ fn consented_where(
         .filter(|(_, event)| consent::admits(event.as_ref(), requirement, now))
         .map(|(member, _)| member)
         .collect()
-}
-
-fn membership_mask(batch: &RecordBatch, eligible: &HashSet<i64>) -> BooleanArray {
-    let keys = batch.column(0).as_primitive::<Int64Type>();
-    keys.iter()
-        .map(|k| Some(k.is_some_and(|k| eligible.contains(&k))))
-        .collect()
-}
-
-fn keep_members(batch: &RecordBatch, eligible: &HashSet<i64>) -> Result<RecordBatch> {
-    Ok(filter_record_batch(
-        batch,
-        &membership_mask(batch, eligible),
-    )?)
-}
-
-fn members_view(
-    batch: &RecordBatch,
-    matched: &HashMap<i64, Option<String>>,
-    eligible: &HashSet<i64>,
-) -> Result<RecordBatch> {
-    let kept = keep_members(batch, eligible)?;
-    let keys = kept.column(0).as_primitive::<Int64Type>();
-    let attributes: StringArray = keys
-        .iter()
-        .map(|k| {
-            let attribute = k.and_then(|k| matched.get(&k).cloned().flatten());
-            Some(attribute.unwrap_or_else(|| UNKNOWN_ATTRIBUTE.to_string()))
-        })
-        .collect();
-    let mut columns = kept.columns().to_vec();
-    columns.push(Arc::new(attributes));
-    Ok(RecordBatch::try_new(members_view_schema(), columns)?)
 }

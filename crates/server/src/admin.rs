@@ -70,7 +70,7 @@ where
     I: Ingest + 'static,
 {
     call.require(Role::Analyst, &entry.method)?;
-    let limits = StreamLimits::of(&call.live.rules);
+    let limits = StreamLimits::for_ingest(&call.live.rules);
     let method = entry.method.clone();
     let mut claim = None;
     let (_, fed) = feed(stream, split, limits, |header| {

@@ -38,12 +38,22 @@ pub(crate) struct StreamLimits {
 }
 
 impl StreamLimits {
-    /// The bounds the rules set.
+    /// The bounds the rules set on a partner's list upload: records and bytes.
     pub fn of(rules: &Rules) -> Self {
         Self {
             records: rules.privacy.max_upload_records,
             bytes: rules.limits.max_stream_bytes,
             idle: Duration::from_secs(u64::from(rules.limits.stream_idle_seconds)),
+        }
+    }
+
+    /// The bounds on an analyst's ingest of the retailer's exports: bytes only, so an export of
+    /// any number of records goes in whole.
+    pub fn for_ingest(rules: &Rules) -> Self {
+        Self {
+            records: u64::MAX,
+            bytes: rules.limits.max_ingest_bytes,
+            ..Self::of(rules)
         }
     }
 }
@@ -186,7 +196,7 @@ impl Received {
             self.bytes += message.encoded_len() as u64;
             if self.bytes > self.limits.bytes {
                 return Err(cleanroom_core::Error::Limit(format!(
-                    "an upload may carry at most {} bytes; nothing was stored",
+                    "this stream may carry at most {} bytes; nothing was stored",
                     self.limits.bytes
                 ))
                 .into());

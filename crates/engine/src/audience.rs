@@ -1,0 +1,336 @@
+//! The audience of a question: the members in the partner's current list who consent to the
+//! contract's purpose at the current notice version, at the question's instant. It is what the
+//! safe views show a query (`views`), applied inside the plan as the retailer's tables are
+//! scanned, never by copying them.
+//!
+//! Its two expensive parts are computed once and shared: the members a list matches (per
+//! collaboration, member table and list content) and the latest consent event of every member
+//! for a purpose (per consent snapshot). Each is computed by the first question that needs it,
+//! while others that need it wait for that one computation, and kept for the next. Consent is
+//! then judged at the question's own instant from the kept events, so a withdrawal or an expiry
+//! counts at the next question, as at query time it must.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::{Arc, Mutex};
+
+use chrono::{DateTime, Utc};
+use cleanroom_core::consent::{self, Action, Event, Requirement};
+use cleanroom_core::rules::UNKNOWN_ATTRIBUTE;
+use datafusion::arrow::array::{Array, AsArray};
+use datafusion::arrow::datatypes::{Int64Type, TimestampMicrosecondType, UInt32Type};
+use tokio::sync::OnceCell;
+
+use crate::store::{PartnerList, Snapshot};
+use crate::{Error, Result};
+
+/// Hashes a member pseudonym as itself: pseudonyms are keyed hashes, uniform and unguessable, so
+/// they need no second hash (and a lookup per scanned row stays cheap).
+#[derive(Default, Clone, Copy)]
+pub struct MemberHasher(u64);
+
+impl Hasher for MemberHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+
+    fn write_i64(&mut self, n: i64) {
+        self.0 = n as u64;
+    }
+}
+
+/// A map keyed by member pseudonym.
+pub type MemberMap<V> = HashMap<i64, V, BuildHasherDefault<MemberHasher>>;
+
+/// The members of one question's audience, with the partner's attribute of each.
+#[derive(Debug, Default)]
+pub struct Audience {
+    /// Member → index of its attribute in `attributes`.
+    members: MemberMap<u32>,
+    attributes: Vec<String>,
+}
+
+impl Audience {
+    /// Whether a member is in the audience.
+    pub fn contains(&self, member: i64) -> bool {
+        self.members.contains_key(&member)
+    }
+
+    /// A member's attribute, if the member is in the audience.
+    pub fn attribute(&self, member: i64) -> Option<&str> {
+        self.members
+            .get(&member)
+            .map(|i| self.attributes[*i as usize].as_str())
+    }
+
+    /// Members in the audience.
+    pub fn len(&self) -> usize {
+        self.members.len()
+    }
+
+    /// Whether no member is in it.
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty()
+    }
+
+    /// The members and their attributes (for measurement).
+    pub fn members(&self) -> impl Iterator<Item = (i64, &str)> {
+        self.members
+            .iter()
+            .map(|(m, i)| (*m, self.attributes[*i as usize].as_str()))
+    }
+}
+
+/// The members a list matches, each with the attribute of the first record that matched it.
+#[derive(Debug, Default)]
+pub struct Matched {
+    members: MemberMap<u32>,
+    attributes: Vec<String>,
+}
+
+impl Matched {
+    /// How many members the list matches.
+    pub fn len(&self) -> usize {
+        self.members.len()
+    }
+
+    /// Whether it matches no member.
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty()
+    }
+
+    /// Whether `member` is matched.
+    pub fn contains(&self, member: i64) -> bool {
+        self.members.contains_key(&member)
+    }
+}
+
+/// Every member's latest consent event for one purpose, over all events (those dated after a
+/// question's instant are rare; a question sees them and looks such members up again).
+#[derive(Debug, Default)]
+pub struct ConsentState {
+    latest: MemberMap<Event>,
+}
+
+/// Computed parts kept for the next question, a few of each.
+const KEPT: usize = 8;
+
+type Cell<T> = Arc<OnceCell<Arc<T>>>;
+
+/// The shared computations of audiences.
+#[derive(Default)]
+pub struct Audiences {
+    matched: Mutex<VecDeque<(String, Cell<Matched>)>>,
+    consent: Mutex<VecDeque<(String, Cell<ConsentState>)>>,
+}
+
+/// What a question's audience depends on.
+pub struct AudienceOf<'a> {
+    /// The data.
+    pub snapshot: &'a Arc<Snapshot>,
+    /// The collaboration whose member tokens match the list.
+    pub contract_id: &'a str,
+    /// The partner's current list.
+    pub list: &'a PartnerList,
+    /// The contract's purpose.
+    pub purpose: &'a str,
+    /// What a grant must meet.
+    pub requirement: Requirement,
+    /// The question's instant.
+    pub now: DateTime<Utc>,
+}
+
+impl Audiences {
+    /// The audience of a question: matched and consent state shared with other questions,
+    /// consent judged at `of.now`.
+    pub async fn audience(&self, of: AudienceOf<'_>) -> Result<Arc<Audience>> {
+        let matched = self.matched(of.snapshot, of.contract_id, of.list).await?;
+        let state = self.consent_state(of.snapshot, of.purpose).await?;
+        let (snapshot, purpose) = (Arc::clone(of.snapshot), of.purpose.to_string());
+        let (requirement, now) = (of.requirement, of.now);
+        blocking(move || {
+            Ok(judge(
+                &snapshot,
+                &matched,
+                &state,
+                &purpose,
+                &requirement,
+                now,
+            ))
+        })
+        .await
+    }
+
+    async fn matched(
+        &self,
+        snapshot: &Arc<Snapshot>,
+        contract_id: &str,
+        list: &PartnerList,
+    ) -> Result<Arc<Matched>> {
+        let key = format!("{contract_id}|{}|{}", snapshot.members_version, list.digest);
+        let cell = kept(&self.matched, key);
+        let (snapshot, contract, list) =
+            (Arc::clone(snapshot), contract_id.to_string(), list.clone());
+        cell.get_or_try_init(|| blocking(move || match_list(&snapshot, &contract, &list)))
+            .await
+            .cloned()
+    }
+
+    async fn consent_state(
+        &self,
+        snapshot: &Arc<Snapshot>,
+        purpose: &str,
+    ) -> Result<Arc<ConsentState>> {
+        let key = format!("{purpose}|{}", snapshot.consent_snapshot_id);
+        let cell = kept(&self.consent, key);
+        let (snapshot, purpose) = (Arc::clone(snapshot), purpose.to_string());
+        cell.get_or_try_init(|| blocking(move || Ok(consent_state(&snapshot, &purpose))))
+            .await
+            .cloned()
+    }
+}
+
+/// The cell kept under `key`, made if missing (the oldest one forgotten beyond [`KEPT`]).
+fn kept<T>(cells: &Mutex<VecDeque<(String, Cell<T>)>>, key: String) -> Cell<T> {
+    let mut cells = cells.lock().expect("audience cache lock poisoned");
+    if let Some((_, cell)) = cells.iter().find(|(k, _)| *k == key) {
+        return Arc::clone(cell);
+    }
+    let cell: Cell<T> = Arc::default();
+    cells.push_back((key, Arc::clone(&cell)));
+    if cells.len() > KEPT {
+        cells.pop_front();
+    }
+    cell
+}
+
+/// Work in proportion to the data, off the async workers.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<Arc<T>> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| Error::Storage(format!("computing an audience: {e}")))?
+        .map(Arc::new)
+}
+
+/// The members whose tokens for this collaboration appear in the list, with the attribute of the
+/// first list record that carries each (first-attribute semantics). The list is read a batch at
+/// a time and only its tokens some member has are kept.
+fn match_list(snapshot: &Snapshot, contract_id: &str, list: &PartnerList) -> Result<Matched> {
+    let by_token = crate::views::matched_members(snapshot, contract_id, list)?;
+    let mut matched = Matched::default();
+    let mut index: HashMap<String, u32> = HashMap::new();
+    for (member, attribute) in by_token {
+        let attribute = attribute.unwrap_or_else(|| UNKNOWN_ATTRIBUTE.to_string());
+        let next = u32::try_from(matched.attributes.len()).unwrap_or(u32::MAX);
+        let i = *index.entry(attribute.clone()).or_insert_with(|| {
+            matched.attributes.push(attribute);
+            next
+        });
+        matched.members.insert(member, i);
+    }
+    Ok(matched)
+}
+
+/// Every member's latest event for `purpose`, over every event in the consent log.
+fn consent_state(snapshot: &Snapshot, purpose: &str) -> ConsentState {
+    let mut latest: MemberMap<Option<Event>> = MemberMap::default();
+    for_each_event(snapshot, purpose, |member, event| {
+        consent::keep_latest(
+            latest.entry(member).or_default(),
+            event,
+            DateTime::<Utc>::MAX_UTC,
+        );
+    });
+    ConsentState {
+        latest: latest
+            .into_iter()
+            .filter_map(|(member, event)| Some((member, event?)))
+            .collect(),
+    }
+}
+
+/// The audience at `now`: matched members whose latest event at `now` admits them.
+fn judge(
+    snapshot: &Snapshot,
+    matched: &Matched,
+    state: &ConsentState,
+    purpose: &str,
+    requirement: &Requirement,
+    now: DateTime<Utc>,
+) -> Audience {
+    let mut audience = Audience {
+        members: MemberMap::default(),
+        attributes: matched.attributes.clone(),
+    };
+    let mut later: HashSet<i64> = HashSet::new();
+    for (member, attribute) in &matched.members {
+        match state.latest.get(member) {
+            Some(event) if event.at > now => {
+                later.insert(*member);
+            }
+            Some(event) if consent::admits(Some(event), requirement, now) => {
+                audience.members.insert(*member, *attribute);
+            }
+            _ => {}
+        }
+    }
+    if !later.is_empty() {
+        // Members whose latest event is after `now`: their latest event at `now` decides.
+        let mut at_now: MemberMap<Option<Event>> = MemberMap::default();
+        for_each_event(snapshot, purpose, |member, event| {
+            if later.contains(&member) {
+                consent::keep_latest(at_now.entry(member).or_default(), event, now);
+            }
+        });
+        for (member, event) in at_now {
+            if consent::admits(event.as_ref(), requirement, now) {
+                audience.members.insert(member, matched.members[&member]);
+            }
+        }
+    }
+    audience
+}
+
+/// Calls `f` with every consent event for `purpose`, in log order.
+fn for_each_event(snapshot: &Snapshot, purpose: &str, mut f: impl FnMut(i64, Event)) {
+    for batch in &snapshot.consent {
+        let members = batch.column(0).as_primitive::<Int64Type>();
+        let purposes = batch.column(1).as_string::<i32>();
+        let versions = batch.column(2).as_primitive::<UInt32Type>();
+        let actions = batch.column(3).as_string::<i32>();
+        let ats = batch.column(4).as_primitive::<TimestampMicrosecondType>();
+        let expiries = batch.column(6).as_primitive::<TimestampMicrosecondType>();
+        for i in 0..batch.num_rows() {
+            if purposes.value(i) != purpose {
+                continue;
+            }
+            let (Some(action), Some(at)) = (
+                Action::parse(actions.value(i)),
+                DateTime::from_timestamp_micros(ats.value(i)),
+            ) else {
+                continue;
+            };
+            let expires_at = expiries
+                .is_valid(i)
+                .then(|| DateTime::from_timestamp_micros(expiries.value(i)))
+                .flatten();
+            f(
+                members.value(i),
+                Event {
+                    action,
+                    notice_version: versions.value(i),
+                    at,
+                    expires_at,
+                },
+            );
+        }
+    }
+}
