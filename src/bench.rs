@@ -206,6 +206,7 @@ async fn start_service(
         allow_demo_tokens: true,
         mark,
         accept_restore: false,
+        engine: cleanroom_engine::executor::ExecutorConfig::with_defaults(dir.join("data/spill")),
     })?;
     let server =
         cleanroom_server::spawn(Arc::clone(&app), SocketAddr::from(([127, 0, 0, 1], 0))).await?;

@@ -15,6 +15,7 @@ use cleanroom_client::{Connection, PartnerClient, sample};
 use cleanroom_core::allowlist::AllowList;
 use cleanroom_core::rules::Rules;
 use cleanroom_core::token::MasterSecret;
+use cleanroom_engine::executor::ExecutorConfig;
 use cleanroom_proto::v1::{
     ConsentRecord, DescribeQueryRequest, IngestHeader, ListQueriesRequest, ParamValue,
     QueryDescription, RunQueryRequest, RunQueryResponse, param_value, value::Kind,
@@ -74,6 +75,7 @@ pub async fn run(options: DemoOptions<'_>) -> Result<()> {
         allow_demo_tokens: true,
         mark: data_dir.path().join("high-water-mark.json"),
         accept_restore: false,
+        engine: ExecutorConfig::with_defaults(data_dir.path().join("data/spill")),
     })?;
     let pki = match tls_dir {
         Some(dir) => Some(throwaway_pki(dir)?),

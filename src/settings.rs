@@ -43,6 +43,27 @@ pub struct Settings {
     /// Default: `<data_dir>.high-water-mark.json`, beside the data directory.
     #[serde(default)]
     pub high_water_mark: Option<PathBuf>,
+    /// How questions execute.
+    #[serde(default)]
+    pub engine: EngineSettings,
+}
+
+/// The `[engine]` table: what query execution may use.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EngineSettings {
+    /// The memory every executing question together may hold, in MiB (default 1024).
+    #[serde(default)]
+    pub memory_mb: Option<usize>,
+    /// Where a question spills what does not fit (default `<data_dir>/spill`).
+    #[serde(default)]
+    pub spill_dir: Option<PathBuf>,
+    /// Questions executing at once (default: one per core); the others wait their turn.
+    #[serde(default)]
+    pub concurrent_queries: Option<usize>,
+    /// Threads executing questions (default: one per core).
+    #[serde(default)]
+    pub threads: Option<usize>,
 }
 
 /// The `[tls]` table: PEM files for the server's certificate chain and key, and optionally the CA
@@ -140,6 +161,10 @@ impl Settings {
         if self.reload_seconds == 0 {
             bail!("reload_seconds must be at least 1");
         }
+        let e = &self.engine;
+        if e.memory_mb == Some(0) || e.concurrent_queries == Some(0) || e.threads == Some(0) {
+            bail!("[engine]: memory_mb, concurrent_queries and threads must be at least 1");
+        }
         let mark = self.high_water_mark();
         if mark.starts_with(&self.data_dir) {
             bail!(
@@ -231,7 +256,28 @@ impl Settings {
             allow_demo_tokens,
             mark: self.high_water_mark(),
             accept_restore,
+            engine: self.engine_config(),
         })
+    }
+
+    /// The query execution the `[engine]` table asks for, defaults filled in.
+    pub fn engine_config(&self) -> cleanroom_engine::executor::ExecutorConfig {
+        let e = &self.engine;
+        let spill = e
+            .spill_dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("spill"));
+        let mut config = cleanroom_engine::executor::ExecutorConfig::with_defaults(spill);
+        if let Some(mb) = e.memory_mb {
+            config.memory_bytes = mb.saturating_mul(1 << 20);
+        }
+        if let Some(n) = e.concurrent_queries {
+            config.concurrent_queries = n;
+        }
+        if let Some(n) = e.threads {
+            config.threads = n;
+        }
+        config
     }
 }
 

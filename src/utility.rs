@@ -108,6 +108,9 @@ async fn measure(
         allow_demo_tokens: true,
         mark: state.path().join("high-water-mark.json"),
         accept_restore: false,
+        engine: cleanroom_engine::executor::ExecutorConfig::with_defaults(
+            state.path().join("data/spill"),
+        ),
     })?;
     let server = cleanroom_server::spawn(app, SocketAddr::from(([127, 0, 0, 1], 0))).await?;
     let conn = Connection::open(&format!("http://{}", server.addr)).await?;

@@ -174,3 +174,40 @@ async fn audit_ids_reveal_no_count_of_other_calls() {
     assert_eq!(b - a, 2, "the retailer finds both records, one call apart");
     h.stop().await;
 }
+
+/// Issue 15, item 3: a question that needs more memory than the query pool has is answered
+/// "ask again in a moment" (free: it is paid for), nothing is stored, and the service goes on
+/// serving; with memory back, asking again computes it at no further cost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_question_short_of_memory_never_takes_the_service_down() {
+    let h = Harness::start_with(crate::util::Setup {
+        query_memory: Some(4 * 1024),
+        ..Default::default()
+    })
+    .await;
+    let short = h
+        .run("sakura_foods", "category_buyers_by_age_band", &year())
+        .await
+        .unwrap_err();
+    assert_eq!(short.code(), tonic::Code::Unavailable, "{short:?}");
+    assert!(short.message().contains("ask again"), "{short:?}");
+    h.partner("sakura_foods")
+        .list_queries(cleanroom_proto::v1::ListQueriesRequest {})
+        .await
+        .expect("the service goes on serving");
+    let used =
+        |r: &cleanroom_proto::v1::RunQueryResponse| r.protection.as_ref().unwrap().answers_used;
+    let overlap = h.run("sakura_foods", "matched_overlap", &[]).await;
+    let before = overlap.as_ref().map(used).ok();
+    let h = h.restart_with_query_memory(None).await;
+    let answer = h
+        .run("sakura_foods", "category_buyers_by_age_band", &year())
+        .await
+        .expect("with memory back it answers");
+    let p = answer.protection.as_ref().unwrap();
+    assert_eq!(p.rho_spent, 0.0, "it was paid for when first asked");
+    if let Some(before) = before {
+        assert_eq!(used(&answer), before, "no second charge");
+    }
+    h.stop().await;
+}

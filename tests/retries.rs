@@ -183,7 +183,7 @@ fn purchase_rows(h: &Harness) -> usize {
         .snapshot()
         .purchases
         .iter()
-        .map(|b| b.num_rows())
+        .map(|f| f.rows().unwrap() as usize)
         .sum()
 }
 

@@ -11,6 +11,7 @@ use cleanroom_client::{AdminClient, Connection, PartnerClient, sample};
 use cleanroom_core::allowlist::AllowList;
 use cleanroom_core::rules::Rules;
 use cleanroom_core::token::MasterSecret;
+use cleanroom_engine::executor::ExecutorConfig;
 use cleanroom_proto::v1::{
     ParamValue, RunQueryRequest, RunQueryResponse, param_value, value::Kind,
 };
@@ -92,6 +93,7 @@ pub fn try_app_with(
         allow_demo_tokens: true,
         mark: mark_beside(data_dir),
         accept_restore,
+        engine: ExecutorConfig::with_defaults(data_dir.join("spill")),
     })
 }
 
@@ -159,6 +161,8 @@ pub struct Harness {
     queries: PathBuf,
     sources: Option<Sources>,
     tls: Option<ThrowawayPki>,
+    /// The query memory pool, if not the default.
+    query_memory: Option<usize>,
     server: Option<Running>,
 }
 
@@ -175,6 +179,8 @@ pub struct Setup {
     /// accepted); the harness connects trusting the CA, presenting the first client certificate
     /// the CA issued, if any.
     pub tls: Option<ThrowawayPki>,
+    /// The memory every executing question together may hold, in bytes, if not the default.
+    pub query_memory: Option<usize>,
 }
 
 impl Default for Setup {
@@ -186,6 +192,7 @@ impl Default for Setup {
             approve: true,
             sources: None,
             tls: None,
+            query_memory: None,
         }
     }
 }
@@ -207,6 +214,7 @@ impl Harness {
             data_dir.path(),
             as_of(),
             false,
+            setup.query_memory,
         )
         .await;
         if setup.approve {
@@ -227,10 +235,12 @@ impl Harness {
             queries: setup.queries,
             sources: setup.sources,
             tls: setup.tls,
+            query_memory: setup.query_memory,
             server: Some(server),
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn serve(
         rules: &Rules,
         queries: &Path,
@@ -239,7 +249,12 @@ impl Harness {
         data_dir: &Path,
         now: chrono::DateTime<chrono::Utc>,
         accept_restore: bool,
+        query_memory: Option<usize>,
     ) -> (Running, Connection, Arc<App>) {
+        let mut engine = ExecutorConfig::with_defaults(data_dir.join("spill"));
+        if let Some(bytes) = query_memory {
+            engine.memory_bytes = bytes;
+        }
         let allowlist = AllowList::load(queries, rules).expect("allow-list loads");
         let app = App::new(AppConfig {
             data_dir: data_dir.to_path_buf(),
@@ -251,6 +266,7 @@ impl Harness {
             allow_demo_tokens: true,
             mark: mark_beside(data_dir),
             accept_restore,
+            engine,
         })
         .unwrap();
         let any = SocketAddr::from(([127, 0, 0, 1], 0));
@@ -291,6 +307,7 @@ impl Harness {
             data_dir.path(),
             as_of(),
             false,
+            None,
         )
         .await;
         Self {
@@ -301,6 +318,7 @@ impl Harness {
             queries: setup.queries,
             sources: None,
             tls: None,
+            query_memory: None,
             server: Some(server),
         }
     }
@@ -335,6 +353,7 @@ impl Harness {
             self.data_dir.path(),
             now,
             accept_restore,
+            self.query_memory,
         )
         .await;
         self.server = Some(server);
@@ -391,6 +410,12 @@ impl Harness {
     /// high-water mark (`serve --accept-restore`). The service must be stopped.
     pub async fn start_accepting_restore(self) -> Self {
         self.relaunch(as_of(), |_| {}, true).await
+    }
+
+    /// Restarts with another query memory pool (`None`: the default).
+    pub async fn restart_with_query_memory(mut self, bytes: Option<usize>) -> Self {
+        self.query_memory = bytes;
+        self.relaunch(as_of(), |_| {}, false).await
     }
 
     /// Stops the service, keeping the harness (and its data directory) for a restart.

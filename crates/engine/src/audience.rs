@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use chrono::{DateTime, Utc};
 use cleanroom_core::consent::{self, Action, Event, Requirement};
 use cleanroom_core::rules::UNKNOWN_ATTRIBUTE;
-use datafusion::arrow::array::{Array, AsArray};
+use datafusion::arrow::array::{Array, AsArray, RecordBatch};
 use datafusion::arrow::datatypes::{Int64Type, TimestampMicrosecondType, UInt32Type};
 use tokio::sync::OnceCell;
 
@@ -154,17 +154,7 @@ impl Audiences {
         let state = self.consent_state(of.snapshot, of.purpose).await?;
         let (snapshot, purpose) = (Arc::clone(of.snapshot), of.purpose.to_string());
         let (requirement, now) = (of.requirement, of.now);
-        blocking(move || {
-            Ok(judge(
-                &snapshot,
-                &matched,
-                &state,
-                &purpose,
-                &requirement,
-                now,
-            ))
-        })
-        .await
+        blocking(move || judge(&snapshot, &matched, &state, &purpose, &requirement, now)).await
     }
 
     async fn matched(
@@ -190,7 +180,7 @@ impl Audiences {
         let key = format!("{purpose}|{}", snapshot.consent_snapshot_id);
         let cell = kept(&self.consent, key);
         let (snapshot, purpose) = (Arc::clone(snapshot), purpose.to_string());
-        cell.get_or_try_init(|| blocking(move || Ok(consent_state(&snapshot, &purpose))))
+        cell.get_or_try_init(|| blocking(move || consent_state(&snapshot, &purpose)))
             .await
             .cloned()
     }
@@ -240,7 +230,7 @@ fn match_list(snapshot: &Snapshot, contract_id: &str, list: &PartnerList) -> Res
 }
 
 /// Every member's latest event for `purpose`, over every event in the consent log.
-fn consent_state(snapshot: &Snapshot, purpose: &str) -> ConsentState {
+fn consent_state(snapshot: &Snapshot, purpose: &str) -> Result<ConsentState> {
     let mut latest: MemberMap<Option<Event>> = MemberMap::default();
     for_each_event(snapshot, purpose, |member, event| {
         consent::keep_latest(
@@ -248,13 +238,13 @@ fn consent_state(snapshot: &Snapshot, purpose: &str) -> ConsentState {
             event,
             DateTime::<Utc>::MAX_UTC,
         );
-    });
-    ConsentState {
+    })?;
+    Ok(ConsentState {
         latest: latest
             .into_iter()
             .filter_map(|(member, event)| Some((member, event?)))
             .collect(),
-    }
+    })
 }
 
 /// The audience at `now`: matched members whose latest event at `now` admits them.
@@ -265,7 +255,7 @@ fn judge(
     purpose: &str,
     requirement: &Requirement,
     now: DateTime<Utc>,
-) -> Audience {
+) -> Result<Audience> {
     let mut audience = Audience {
         members: MemberMap::default(),
         attributes: matched.attributes.clone(),
@@ -289,48 +279,57 @@ fn judge(
             if later.contains(&member) {
                 consent::keep_latest(at_now.entry(member).or_default(), event, now);
             }
-        });
+        })?;
         for (member, event) in at_now {
             if consent::admits(event.as_ref(), requirement, now) {
                 audience.members.insert(member, matched.members[&member]);
             }
         }
     }
-    audience
+    Ok(audience)
 }
 
-/// Calls `f` with every consent event for `purpose`, in log order.
-fn for_each_event(snapshot: &Snapshot, purpose: &str, mut f: impl FnMut(i64, Event)) {
-    for batch in &snapshot.consent {
-        let members = batch.column(0).as_primitive::<Int64Type>();
-        let purposes = batch.column(1).as_string::<i32>();
-        let versions = batch.column(2).as_primitive::<UInt32Type>();
-        let actions = batch.column(3).as_string::<i32>();
-        let ats = batch.column(4).as_primitive::<TimestampMicrosecondType>();
-        let expiries = batch.column(6).as_primitive::<TimestampMicrosecondType>();
-        for i in 0..batch.num_rows() {
-            if purposes.value(i) != purpose {
-                continue;
-            }
-            let (Some(action), Some(at)) = (
-                Action::parse(actions.value(i)),
-                DateTime::from_timestamp_micros(ats.value(i)),
-            ) else {
-                continue;
-            };
-            let expires_at = expiries
-                .is_valid(i)
-                .then(|| DateTime::from_timestamp_micros(expiries.value(i)))
-                .flatten();
-            f(
-                members.value(i),
-                Event {
-                    action,
-                    notice_version: versions.value(i),
-                    at,
-                    expires_at,
-                },
-            );
+/// Calls `f` with every consent event for `purpose`, in log order, reading the consent files a
+/// batch at a time.
+fn for_each_event(snapshot: &Snapshot, purpose: &str, mut f: impl FnMut(i64, Event)) -> Result<()> {
+    for file in &snapshot.consent {
+        for batch in file.batches()? {
+            events_of(&batch?, purpose, &mut f);
         }
+    }
+    Ok(())
+}
+
+/// Calls `f` with the consent events for `purpose` in one batch of the consent table.
+fn events_of(batch: &RecordBatch, purpose: &str, f: &mut impl FnMut(i64, Event)) {
+    let members = batch.column(0).as_primitive::<Int64Type>();
+    let purposes = batch.column(1).as_string::<i32>();
+    let versions = batch.column(2).as_primitive::<UInt32Type>();
+    let actions = batch.column(3).as_string::<i32>();
+    let ats = batch.column(4).as_primitive::<TimestampMicrosecondType>();
+    let expiries = batch.column(6).as_primitive::<TimestampMicrosecondType>();
+    for i in 0..batch.num_rows() {
+        if purposes.value(i) != purpose {
+            continue;
+        }
+        let (Some(action), Some(at)) = (
+            Action::parse(actions.value(i)),
+            DateTime::from_timestamp_micros(ats.value(i)),
+        ) else {
+            continue;
+        };
+        let expires_at = expiries
+            .is_valid(i)
+            .then(|| DateTime::from_timestamp_micros(expiries.value(i)))
+            .flatten();
+        f(
+            members.value(i),
+            Event {
+                action,
+                notice_version: versions.value(i),
+                at,
+                expires_at,
+            },
+        );
     }
 }

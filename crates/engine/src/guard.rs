@@ -45,6 +45,7 @@ use datafusion::prelude::SessionContext;
 use sha2::{Digest, Sha256};
 
 use crate::audience::{AudienceOf, Audiences};
+use crate::executor::{Executor, ExecutorConfig};
 use crate::store::{CommitRecord, Snapshot, Staging, Store, WriteFacts};
 use crate::views::SafeViews;
 use crate::{Error, Result};
@@ -254,6 +255,8 @@ pub struct Guard {
     noise_key: [u8; 32],
     /// The audiences' shared parts (matched lists, consent states).
     audiences: Audiences,
+    /// Where questions execute (memory pool, query threads, plans at once).
+    executor: Executor,
     ledger: RhoLedger,
     answers: answers::Answers,
     lists: Mutex<Lists>,
@@ -407,12 +410,14 @@ impl Guard {
         secret: &MasterSecret,
         ledger: LedgerFile,
         uploads: impl IntoIterator<Item = (String, DateTime<Utc>)>,
+        executor: &ExecutorConfig,
     ) -> Result<Self> {
         let dir = data_dir.join("guard");
         std::fs::create_dir_all(&dir)?;
         Ok(Self {
             noise_key: secret.guard_key("noise"),
             audiences: Audiences::default(),
+            executor: Executor::new(executor)?,
             ledger: RhoLedger::open(ledger)?,
             answers: answers::Answers::open(dir.join("answers"))?,
             lists: Mutex::new(Lists::open(uploads)),
@@ -507,6 +512,17 @@ impl Guard {
         let charge = self.charge(&question)?;
         let outcome = match self.compute(&question, &noise).await {
             Ok(outcome) => outcome,
+            Err(Error::Engine(e)) if out_of_memory(&e) => {
+                // Short of memory now, not of anything in the data: nothing is stored, the
+                // charge stays, and asking again (free, it is paid for) computes it.
+                tracing::warn!(query = %request.query.id, "a question ran out of query memory");
+                return Err(cleanroom_core::Error::Busy(
+                    "the service is short of memory for this question now; ask again in a \
+                     moment (it is paid for: asking again costs nothing)"
+                        .into(),
+                )
+                .into());
+            }
             Err(Error::Domain(cleanroom_core::Error::Precondition(message))) => {
                 Outcome::Refused(message)
             }
@@ -678,12 +694,17 @@ impl Guard {
             })
             .await?;
         self.check_audience(question, noise, audience.len())?;
-        let ctx = SafeViews::of(&request.snapshot, audience)?.session()?;
+        let views = SafeViews::of(&request.snapshot, audience)?;
+        let ctx = views.session_in(self.executor.env())?;
         // Planned again over the real views: the same SQL and schemas give the same checks.
         let offset = request.rules.retailer.utc_offset_minutes;
         let values = param_values(&question.params, offset);
         let checked = checked_plan(&ctx, &request.query.sql, values, &question.policy).await?;
-        let batches = plan::execute(&ctx, &checked.runs).await?;
+        let runs = checked.runs.clone();
+        let batches = self
+            .executor
+            .run(async move { plan::execute(&ctx, &runs).await })
+            .await?;
         let cells = self.fold(&batches, &checked.shape, question)?;
         self.release(question, noise, &checked.shape, &cells)
     }
@@ -909,6 +930,14 @@ fn param_values(
         .iter()
         .map(|(k, v)| (k.clone(), bind_value(v, utc_offset_minutes)))
         .collect()
+}
+
+/// Whether execution failed for want of memory in the query pool.
+fn out_of_memory(e: &datafusion::error::DataFusionError) -> bool {
+    matches!(
+        e.find_root(),
+        datafusion::error::DataFusionError::ResourcesExhausted(_)
+    )
 }
 
 /// A DataFusion error's kind, without its message (which can quote a row's value).

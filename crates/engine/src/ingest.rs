@@ -195,8 +195,9 @@ pub enum Table {
     Members,
     /// One collaboration's member tokens, by contract id.
     MemberTokens(String),
-    /// Purchases.
-    Purchases,
+    /// Purchases of one month (`YYYY-MM`, the retailer's local time): each month of an ingest
+    /// goes to its own file, so a question over a window reads only its months.
+    Purchases(String),
     /// Consent events.
     Consent,
     /// A partner's customer list.
@@ -488,7 +489,10 @@ pub struct PurchasesIngest {
     pseudonyms: PseudonymKey,
     categories: Option<Vec<String>>,
     strict: bool,
-    rows: PurchaseRows,
+    /// The retailer's offset from UTC, for the local month a purchase falls in.
+    offset: chrono::FixedOffset,
+    /// Rows by local month.
+    months: BTreeMap<String, PurchaseRows>,
     report: IngestReport,
 }
 
@@ -500,11 +504,16 @@ impl Ingest for PurchasesIngest {
             let index = self.report.next_index();
             self.purchase(index, &record)?;
         }
-        flush(&mut self.rows, &Table::Purchases, sink, false)
+        for (month, rows) in &mut self.months {
+            flush(rows, &Table::Purchases(month.clone()), sink, false)?;
+        }
+        Ok(())
     }
 
     fn finish(mut self, sink: &mut dyn Sink) -> Result<IngestReport> {
-        flush(&mut self.rows, &Table::Purchases, sink, true)?;
+        for (month, rows) in &mut self.months {
+            flush(rows, &Table::Purchases(month.clone()), sink, true)?;
+        }
         Ok(self.report)
     }
 }
@@ -512,11 +521,14 @@ impl Ingest for PurchasesIngest {
 impl PurchasesIngest {
     /// Starts an ingest; categories must be in the rules' `category` domain when one is set.
     pub fn new(rules: &Rules, secret: &MasterSecret, strict: bool) -> Self {
+        let offset = chrono::FixedOffset::east_opt(rules.retailer.utc_offset_minutes * 60)
+            .unwrap_or_else(|| chrono::FixedOffset::east_opt(0).expect("zero offset"));
         Self {
             pseudonyms: secret.pseudonym_key(),
             categories: rules.domains.get("category").cloned(),
             strict,
-            rows: PurchaseRows::default(),
+            offset,
+            months: BTreeMap::new(),
             report: IngestReport::default(),
         }
     }
@@ -544,7 +556,8 @@ impl PurchasesIngest {
             let reason = reason.unwrap_or("purchased_at: not an RFC 3339 timestamp");
             return self.report.reject(index, reason, self.strict);
         };
-        let rows = &mut self.rows;
+        let month = time.with_timezone(&self.offset).format("%Y-%m").to_string();
+        let rows = self.months.entry(month).or_default();
         rows.key
             .append_value(self.pseudonyms.pseudonym(&r.member_id));
         rows.at.append_value(time.timestamp_micros());

@@ -1,5 +1,5 @@
-//! The engine side of the clean room, on Apache DataFusion: the data store (Arrow in memory,
-//! Parquet on disk), ingest into pseudonymous tables, the per-collaboration safe views and the
+//! The engine side of the clean room, on Apache DataFusion: the data store (Parquet files on disk,
+//! a manifest as the commit point), ingest into pseudonymous tables, the per-collaboration safe views and the
 //! guard, the one place where privacy rules are enforced on every query.
 //!
 //! A query's path through this crate: admission ([`guard::admission`]) decides who may ask what;
@@ -9,6 +9,7 @@
 
 pub mod audience;
 pub mod error;
+pub mod executor;
 pub mod guard;
 pub mod ingest;
 #[cfg(feature = "measurement")]

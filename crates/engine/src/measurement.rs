@@ -18,7 +18,7 @@ use crate::Result;
 use crate::audience::{AudienceOf, Audiences};
 use crate::guard::bind_value;
 use crate::store::Snapshot;
-use crate::views::SafeViews;
+use crate::views::{self, SafeViews};
 
 /// Each row's dimension values (as text) and its exact metric values (null as 0).
 pub type ExactCells = HashMap<Vec<String>, Vec<i64>>;
@@ -132,37 +132,21 @@ fn bound_params(
 }
 
 /// A DataFusion session over the retailer's whole tables as the store holds them (`members`
-/// with every member, `purchases`): for the benchmark's baseline, the same join and aggregate as
-/// a query with no audience, no guard and no noise.
+/// with every member, `purchases`, read from the same files, the same way): for the benchmark's
+/// baseline, the same join and aggregate as a query with no audience, no guard and no noise.
 pub fn raw_session(snapshot: &Snapshot) -> Result<datafusion::prelude::SessionContext> {
-    use datafusion::datasource::MemTable;
     let ctx = datafusion::prelude::SessionContext::new();
-    let table = |schema, batches: &[std::sync::Arc<datafusion::arrow::array::RecordBatch>]| {
-        let batches: Vec<_> = batches.iter().map(|b| b.as_ref().clone()).collect();
-        let partitions = split(batches, ctx.state().config().target_partitions());
-        MemTable::try_new(schema, partitions)
-    };
+    let members: Vec<_> = snapshot.members.iter().collect();
+    let purchases: Vec<_> = snapshot.purchases.iter().collect();
     ctx.register_table(
         "members",
-        std::sync::Arc::new(table(crate::ingest::members_schema(), &snapshot.members)?),
+        views::file_table(crate::ingest::members_schema(), &members)?,
     )?;
     ctx.register_table(
         "purchases",
-        std::sync::Arc::new(table(
-            crate::ingest::purchases_schema(),
-            &snapshot.purchases,
-        )?),
+        views::file_table(crate::ingest::purchases_schema(), &purchases)?,
     )?;
     Ok(ctx)
-}
-
-/// Batches dealt round-robin into `n` partitions, so that a scan runs on every core.
-fn split<T>(batches: Vec<T>, n: usize) -> Vec<Vec<T>> {
-    let mut partitions: Vec<Vec<T>> = (0..n.max(1)).map(|_| Vec::new()).collect();
-    for (i, batch) in batches.into_iter().enumerate() {
-        partitions[i % n.max(1)].push(batch);
-    }
-    partitions
 }
 
 /// The values of `$start` and `$end` for a window of local dates.

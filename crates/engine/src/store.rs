@@ -13,8 +13,9 @@
 //! before it changes anything ([`Found`]): a manifest missing while data files exist, or naming a
 //! file that is gone, refuses the start instead of deleting or ignoring data.
 //!
-//! The retailer's tables are kept in memory as well; partners' lists are not: they are read from
-//! their files, a batch at a time, when an answer needs them.
+//! Nothing of the tables is kept in memory: questions scan the committed files through DataFusion
+//! (purchases in a file per month of each ingest, so a window reads only its months' row groups),
+//! and lists, member tokens and consent events are read a batch at a time when needed.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
@@ -56,17 +57,39 @@ impl PartnerList {
     }
 }
 
-/// One consistent state of everything the engine reads.
+/// A committed table file: read a batch at a time, or scanned by DataFusion.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableFile {
+    /// Where it is.
+    pub path: PathBuf,
+}
+
+impl TableFile {
+    /// How many rows it holds (from its footer).
+    pub fn rows(&self) -> Result<u64> {
+        let builder = ParquetRecordBatchReaderBuilder::try_new(File::open(&self.path)?)?;
+        Ok(u64::try_from(builder.metadata().file_metadata().num_rows()).unwrap_or(0))
+    }
+
+    /// Its rows, a batch at a time.
+    pub fn batches(&self) -> Result<impl Iterator<Item = Result<RecordBatch>> + use<>> {
+        Ok(parquet_batches(&self.path)?.map(|batch| Ok(batch?)))
+    }
+}
+
+/// One consistent state of everything the engine reads: the committed files of each table.
+/// Nothing of the tables is held in memory; questions scan the files, and the operating system's
+/// page cache keeps what is read often.
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
-    /// The member table, once members have been ingested.
-    pub members: Vec<Arc<RecordBatch>>,
+    /// The member table's file, once members have been ingested.
+    pub members: Option<TableFile>,
     /// Member tokens by collaboration (contract) id.
-    pub member_tokens: BTreeMap<String, Vec<Arc<RecordBatch>>>,
-    /// Purchases, every ingest's batches in order.
-    pub purchases: Vec<Arc<RecordBatch>>,
-    /// Consent events, every ingest's batches in order.
-    pub consent: Vec<Arc<RecordBatch>>,
+    pub member_tokens: BTreeMap<String, TableFile>,
+    /// Purchases: a file per month of each ingest, in ingest order.
+    pub purchases: Vec<TableFile>,
+    /// Consent events: a file per ingest, in ingest order.
+    pub consent: Vec<TableFile>,
     /// Current customer list of each partner.
     pub lists: BTreeMap<String, PartnerList>,
     /// Identifies the consent log's exact content: every ingest changes it.
@@ -190,6 +213,39 @@ impl Manifest {
             part("consent", file);
         }
         hex::encode(hash.finalize())
+    }
+
+    /// The state this manifest commits, as files under `dir`.
+    fn snapshot(&self, dir: &Path) -> Snapshot {
+        let file = |name: &String| TableFile {
+            path: dir.join(name),
+        };
+        Snapshot {
+            members: self.members.as_ref().map(file),
+            member_tokens: self
+                .member_tokens
+                .iter()
+                .map(|(contract, name)| (contract.clone(), file(name)))
+                .collect(),
+            purchases: self.purchases.iter().map(file).collect(),
+            consent: self.consent.iter().map(file).collect(),
+            lists: self
+                .lists
+                .iter()
+                .filter_map(|(partner, files)| files.last().map(|f| (partner, files.len(), f)))
+                .map(|(partner, count, name)| {
+                    let list = PartnerList {
+                        version: u32::try_from(count).unwrap_or(u32::MAX),
+                        digest: self.digest(name).to_string(),
+                        file: dir.join(name),
+                    };
+                    (partner.clone(), list)
+                })
+                .collect(),
+            consent_snapshot_id: self.consent_snapshot_id(),
+            data_version: self.data_version(),
+            members_version: self.members_version(),
+        }
     }
 
     /// The member table's file and digest.
@@ -400,47 +456,7 @@ impl Store {
     }
 
     fn load(dir: &Path, manifest: Manifest) -> Result<Self> {
-        let read = |name: &String| read_parquet(&dir.join(name));
-        let read_all = |names: &[String]| -> Result<Vec<Arc<RecordBatch>>> {
-            Ok(names
-                .iter()
-                .map(read)
-                .collect::<Result<Vec<_>>>()?
-                .into_iter()
-                .flatten()
-                .collect())
-        };
-        let snapshot = Snapshot {
-            members: manifest
-                .members
-                .as_ref()
-                .map(read)
-                .transpose()?
-                .unwrap_or_default(),
-            member_tokens: manifest
-                .member_tokens
-                .iter()
-                .map(|(k, f)| Ok((k.clone(), read(f)?)))
-                .collect::<Result<_>>()?,
-            purchases: read_all(&manifest.purchases)?,
-            consent: read_all(&manifest.consent)?,
-            lists: manifest
-                .lists
-                .iter()
-                .filter_map(|(partner, files)| files.last().map(|f| (partner, files.len(), f)))
-                .map(|(partner, count, file)| {
-                    let list = PartnerList {
-                        version: u32::try_from(count).unwrap_or(u32::MAX),
-                        digest: manifest.digest(file).to_string(),
-                        file: dir.join(file),
-                    };
-                    (partner.clone(), list)
-                })
-                .collect(),
-            consent_snapshot_id: manifest.consent_snapshot_id(),
-            data_version: manifest.data_version(),
-            members_version: manifest.members_version(),
-        };
+        let snapshot = manifest.snapshot(dir);
         Ok(Self {
             dir: dir.to_path_buf(),
             current: RwLock::new(Arc::new(snapshot)),
@@ -504,11 +520,10 @@ impl Store {
     fn commit(
         &self,
         facts: WriteFacts,
-        stage: impl FnOnce(&mut Manifest, &mut Placer<'_>, &Snapshot) -> Result<(Snapshot, Produced)>,
+        stage: impl FnOnce(&mut Manifest, &mut Placer<'_>) -> Result<Produced>,
     ) -> Result<CommitRecord> {
         let mut committed = self.writer.lock().expect("writer lock poisoned");
         let mut manifest = committed.clone();
-        let base = self.snapshot();
         let mut placed: Vec<(String, String)> = Vec::new();
         let mut next_file = manifest.next_file;
         let result = {
@@ -520,13 +535,13 @@ impl Store {
                 placed.push((name.clone(), hex::encode(staged.digest)));
                 Ok(name)
             };
-            stage(&mut manifest, &mut place, &base).and_then(|snapshot| {
+            stage(&mut manifest, &mut place).and_then(|produced| {
                 files::sync_dir(&self.dir)?;
-                Ok(snapshot)
+                Ok(produced)
             })
         };
-        let (mut snapshot, produced) = match result {
-            Ok(staged) => staged,
+        let produced = match result {
+            Ok(produced) => produced,
             Err(e) => {
                 // Files placed for a failed write are not in any manifest: remove them.
                 for (name, _) in placed {
@@ -543,8 +558,7 @@ impl Store {
             next_file,
             produced,
         );
-        snapshot.data_version = manifest.data_version();
-        snapshot.members_version = manifest.members_version();
+        let snapshot = manifest.snapshot(&self.dir);
         if let Err(e) = write_manifest(&self.dir, &manifest) {
             for (name, _) in placed {
                 let _ = std::fs::remove_file(self.dir.join(name));
@@ -606,39 +620,42 @@ impl Store {
     /// ingest.
     pub fn commit_members(&self, mut staging: Staging, facts: WriteFacts) -> Result<CommitRecord> {
         staging.close()?;
-        self.commit(facts, |manifest, place, base| {
-            let mut next = base.clone();
+        self.commit(facts, |manifest, place| {
             let members = staging.table(&Table::Members)?;
             manifest.members = Some(place("members", members)?);
-            next.members = std::mem::take(&mut members.batches);
             manifest.member_tokens.clear();
-            next.member_tokens.clear();
             for (table, staged) in &mut staging.tables {
                 let Table::MemberTokens(contract) = table else {
                     continue;
                 };
                 let file = place(&format!("member_tokens-{}", file_safe(contract)), staged)?;
                 manifest.member_tokens.insert(contract.clone(), file);
-                next.member_tokens
-                    .insert(contract.clone(), std::mem::take(&mut staged.batches));
             }
-            Ok((next, Produced::default()))
+            Ok(Produced::default())
         })
     }
 
-    /// Appends a staged purchase ingest.
+    /// Appends a staged purchase ingest: a file per month it holds.
     pub fn commit_purchases(
         &self,
         mut staging: Staging,
         facts: WriteFacts,
     ) -> Result<CommitRecord> {
         staging.close()?;
-        self.commit(facts, |manifest, place, base| {
-            let mut next = base.clone();
-            let purchases = staging.table(&Table::Purchases)?;
-            manifest.purchases.push(place("purchases", purchases)?);
-            next.purchases.append(&mut purchases.batches);
-            Ok((next, Produced::default()))
+        self.commit(facts, |manifest, place| {
+            let mut months = 0;
+            for (table, staged) in &mut staging.tables {
+                let Table::Purchases(month) = table else {
+                    continue;
+                };
+                let file = place(&format!("purchases-{}", file_safe(month)), staged)?;
+                manifest.purchases.push(file);
+                months += 1;
+            }
+            if months == 0 {
+                return Err(Error::Storage("the write staged no purchases".into()));
+            }
+            Ok(Produced::default())
         })
     }
 
@@ -646,22 +663,17 @@ impl Store {
     pub fn commit_consent(&self, mut staging: Staging, facts: WriteFacts) -> Result<CommitRecord> {
         staging.close()?;
         let digest = staging.table(&Table::Consent)?.digest;
-        self.commit(facts, |manifest, place, base| {
-            let mut next = base.clone();
-            let consent = staging.table(&Table::Consent)?;
-            let file = place("consent", consent)?;
+        self.commit(facts, |manifest, place| {
+            let file = place("consent", staging.table(&Table::Consent)?)?;
             let mut chain = Sha256::new();
             chain.update(manifest.consent_chain.as_bytes());
             chain.update(digest);
             manifest.consent_chain = hex::encode(chain.finalize());
             manifest.consent.push(file);
-            next.consent.append(&mut consent.batches);
-            next.consent_snapshot_id = manifest.consent_snapshot_id();
-            let produced = Produced {
-                consent_snapshot_id: Some(next.consent_snapshot_id.clone()),
+            Ok(Produced {
+                consent_snapshot_id: Some(manifest.consent_snapshot_id()),
                 ..Default::default()
-            };
-            Ok((next, produced))
+            })
         })
     }
 
@@ -673,27 +685,17 @@ impl Store {
         facts: WriteFacts,
     ) -> Result<CommitRecord> {
         staging.close()?;
-        let digest = hex::encode(staging.table(&Table::List)?.digest);
-        self.commit(facts, |manifest, place, base| {
-            let mut next = base.clone();
+        self.commit(facts, |manifest, place| {
             let file = place(
                 &format!("list-{}", file_safe(partner)),
                 staging.table(&Table::List)?,
             )?;
             let history = manifest.lists.entry(partner.to_string()).or_default();
-            history.push(file.clone());
-            let version = u32::try_from(history.len()).unwrap_or(u32::MAX);
-            let list = PartnerList {
-                version,
-                digest: digest.clone(),
-                file: self.dir.join(file),
-            };
-            next.lists.insert(partner.to_string(), list);
-            let produced = Produced {
-                list_version: Some(version),
+            history.push(file);
+            Ok(Produced {
+                list_version: Some(u32::try_from(history.len()).unwrap_or(u32::MAX)),
                 ..Default::default()
-            };
-            Ok((next, produced))
+            })
         })
     }
 }
@@ -715,8 +717,6 @@ struct Staged {
     writer: Option<ArrowWriter<HashingFile>>,
     /// SHA-256 of the file, once closed.
     digest: [u8; 32],
-    /// The rows, kept for the snapshot; not for lists, which are read from disk when needed.
-    batches: Vec<Arc<RecordBatch>>,
     /// Renamed into place by a commit: no longer this staging's to remove.
     placed: bool,
 }
@@ -737,7 +737,6 @@ impl Staged {
             tmp,
             writer: Some(writer),
             digest: [0; 32],
-            batches: Vec::new(),
             placed: false,
         })
     }
@@ -754,11 +753,8 @@ impl Sink for Staging {
             .writer
             .as_mut()
             .ok_or_else(|| Error::Storage("a staged table was written after closing".into()))?;
-        writer.write(&batch)?;
         // Row groups are flushed as they fill, so the writer holds at most one in memory.
-        if *table != Table::List && batch.num_rows() > 0 {
-            staged.batches.push(Arc::new(batch));
-        }
+        writer.write(&batch)?;
         Ok(())
     }
 }
@@ -866,10 +862,4 @@ fn parquet_batches(path: &Path) -> Result<ParquetRecordBatchReader> {
     Ok(ParquetRecordBatchReaderBuilder::try_new(File::open(path)?)?
         .with_batch_size(BATCH_ROWS)
         .build()?)
-}
-
-fn read_parquet(path: &Path) -> Result<Vec<Arc<RecordBatch>>> {
-    parquet_batches(path)?
-        .map(|batch| Ok(Arc::new(batch?)))
-        .collect()
 }

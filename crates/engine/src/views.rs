@@ -11,20 +11,25 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use cleanroom_core::consent::{self, Action, Event, Requirement};
 use cleanroom_core::rules::Contract;
-use datafusion::arrow::array::{Array, AsArray, RecordBatch};
+use datafusion::arrow::array::{Array, AsArray};
 use datafusion::arrow::datatypes::{
     DataType, Field, Int64Type, Schema, SchemaRef, TimestampMicrosecondType, UInt32Type,
 };
 use datafusion::catalog::{Session, TableProvider};
+use datafusion::datasource::file_format::parquet::ParquetFormat;
+use datafusion::datasource::listing::{
+    ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
+};
 use datafusion::datasource::{MemTable, TableType};
-use datafusion::logical_expr::Expr;
+use datafusion::execution::runtime_env::RuntimeEnv;
+use datafusion::logical_expr::{Expr, TableProviderFilterPushDown};
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::prelude::{SessionConfig, SessionContext};
 
 use crate::Result;
 use crate::audience::Audience;
 use crate::ingest::{members_schema, purchases_schema};
-use crate::store::{PartnerList, Snapshot};
+use crate::store::{PartnerList, Snapshot, TableFile};
 
 mod filter;
 
@@ -56,8 +61,14 @@ impl SafeViews {
     /// The views of `snapshot`'s tables over `audience`: only its members' rows are scanned out,
     /// and `members` carries each one's partner attribute.
     pub fn of(snapshot: &Snapshot, audience: Arc<Audience>) -> Result<Self> {
-        let members = memory_table(members_schema(), &snapshot.members)?;
-        let purchases = memory_table(purchases_schema(), &snapshot.purchases)?;
+        let members = file_table(
+            members_schema(),
+            &snapshot.members.iter().collect::<Vec<_>>(),
+        )?;
+        let purchases = file_table(
+            purchases_schema(),
+            &snapshot.purchases.iter().collect::<Vec<_>>(),
+        )?;
         Ok(Self {
             members: Arc::new(SafeView::new(
                 members_view_schema(),
@@ -73,12 +84,24 @@ impl SafeViews {
         Self::of(&Snapshot::default(), Arc::default()).expect("empty tables build")
     }
 
-    /// A fresh DataFusion session in which the safe views are the only tables.
+    /// A fresh DataFusion session in which the safe views are the only tables (for planning
+    /// and checking: its runtime is DataFusion's default).
     pub fn session(&self) -> Result<SessionContext> {
+        self.session_in(Arc::new(RuntimeEnv::default()))
+    }
+
+    /// A fresh session over the safe views that executes in `env` (the service's memory pool and
+    /// spill directory).
+    pub fn session_in(&self, env: Arc<RuntimeEnv>) -> Result<SessionContext> {
         let config = SessionConfig::new()
             .with_information_schema(false)
             .with_default_catalog_and_schema("cleanroom", "safe");
-        let ctx = SessionContext::new_with_config(config);
+        let mut config = config;
+        let parquet = &mut config.options_mut().execution.parquet;
+        // Filters evaluated while decoding, so rows outside a window are never materialised.
+        parquet.pushdown_filters = true;
+        parquet.reorder_filters = true;
+        let ctx = SessionContext::new_with_config_rt(config, env);
         ctx.register_table(
             SAFE_VIEWS[0],
             Arc::clone(&self.members) as Arc<dyn TableProvider>,
@@ -91,18 +114,26 @@ impl SafeViews {
     }
 }
 
-/// A retailer table held in memory, its batches dealt over as many partitions as there are
-/// cores so that a scan runs on every one.
-fn memory_table(
+/// A retailer table: its committed Parquet files, read by DataFusion (projection and predicate
+/// pushed into the scan, row groups and pages pruned by their statistics). The files are named
+/// one by one, never listed from the directory, so a file no commit named is never read.
+pub(crate) fn file_table(
     schema: Arc<Schema>,
-    batches: &[Arc<RecordBatch>],
+    files: &[&TableFile],
 ) -> Result<Arc<dyn TableProvider>> {
-    let n = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let mut partitions: Vec<Vec<RecordBatch>> = vec![Vec::new(); n];
-    for (i, batch) in batches.iter().enumerate() {
-        partitions[i % n].push(batch.as_ref().clone());
+    if files.is_empty() {
+        return Ok(Arc::new(MemTable::try_new(schema, vec![Vec::new()])?));
     }
-    Ok(Arc::new(MemTable::try_new(schema, partitions)?))
+    let urls = files
+        .iter()
+        .map(|f| ListingTableUrl::parse(f.path.to_string_lossy()))
+        .collect::<datafusion::error::Result<Vec<_>>>()?;
+    let options =
+        ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
+    let config = ListingTableConfig::new_with_multi_paths(urls)
+        .with_listing_options(options)
+        .with_schema(schema);
+    Ok(Arc::new(ListingTable::try_new(config)?))
 }
 
 /// One safe view: a retailer table whose scan keeps only the audience's rows (and, for
@@ -135,11 +166,34 @@ impl TableProvider for SafeView {
         TableType::View
     }
 
+    /// Filters on the table's own columns are handed to its scan to prune with (DataFusion
+    /// still applies them above the view): a date window reads only the row groups it covers.
+    fn supports_filters_pushdown(
+        &self,
+        filters: &[&Expr],
+    ) -> datafusion::error::Result<Vec<TableProviderFilterPushDown>> {
+        let stored = self.source.schema();
+        Ok(filters
+            .iter()
+            .map(|f| {
+                let own = f
+                    .column_refs()
+                    .iter()
+                    .all(|c| stored.index_of(&c.name).is_ok());
+                if own {
+                    TableProviderFilterPushDown::Inexact
+                } else {
+                    TableProviderFilterPushDown::Unsupported
+                }
+            })
+            .collect())
+    }
+
     async fn scan(
         &self,
         state: &dyn Session,
         projection: Option<&Vec<usize>>,
-        _filters: &[Expr],
+        filters: &[Expr],
         _limit: Option<usize>,
     ) -> datafusion::error::Result<Arc<dyn ExecutionPlan>> {
         let wanted: Vec<usize> = match projection {
@@ -163,7 +217,7 @@ impl TableProvider for SafeView {
                 None => filter::Output::Attribute,
             })
             .collect();
-        let input = self.source.scan(state, Some(&read), &[], None).await?;
+        let input = self.source.scan(state, Some(&read), filters, None).await?;
         let schema = Arc::new(self.schema.project(&wanted)?);
         Ok(Arc::new(filter::AudienceExec::new(
             input,
@@ -190,7 +244,8 @@ pub fn matched_members(
     // Each member token, and the attribute of the first list record that carries it (`None`
     // until a record does).
     let mut in_list: HashMap<TokenKey, Option<Option<String>>> = HashMap::new();
-    for batch in tokens {
+    for batch in tokens.batches()? {
+        let batch = batch?;
         let versions = batch.column(1).as_primitive::<UInt32Type>();
         let macs = batch.column(2).as_fixed_size_binary();
         for i in 0..batch.num_rows() {
@@ -214,7 +269,8 @@ pub fn matched_members(
         }
     }
     let mut matched = HashMap::new();
-    for batch in tokens {
+    for batch in tokens.batches()? {
+        let batch = batch?;
         let owners = batch.column(0).as_primitive::<Int64Type>();
         let versions = batch.column(1).as_primitive::<UInt32Type>();
         let macs = batch.column(2).as_fixed_size_binary();
@@ -251,7 +307,7 @@ pub fn consent_counts(
     requirement: &Requirement,
     now: DateTime<Utc>,
 ) -> Result<(usize, Option<usize>)> {
-    let consenting = consented_where(snapshot, |_| true, &contract.purpose, requirement, now);
+    let consenting = consented_where(snapshot, |_| true, &contract.purpose, requirement, now)?;
     let in_list = match snapshot.lists.get(&contract.partner) {
         Some(list) => {
             let matched = matched_members(snapshot, contract_id, list)?;
@@ -274,9 +330,15 @@ fn consented_where(
     purpose: &str,
     requirement: &Requirement,
     now: DateTime<Utc>,
-) -> HashSet<i64> {
+) -> Result<HashSet<i64>> {
     let mut latest: HashMap<i64, Option<Event>> = HashMap::new();
-    for batch in &snapshot.consent {
+    let batches = snapshot
+        .consent
+        .iter()
+        .map(|file| file.batches())
+        .collect::<Result<Vec<_>>>()?;
+    for batch in batches.into_iter().flatten() {
+        let batch = batch?;
         let members = batch.column(0).as_primitive::<Int64Type>();
         let purposes = batch.column(1).as_string::<i32>();
         let versions = batch.column(2).as_primitive::<UInt32Type>();
@@ -306,9 +368,9 @@ fn consented_where(
             consent::keep_latest(latest.entry(member).or_default(), event, now);
         }
     }
-    latest
+    Ok(latest
         .into_iter()
         .filter(|(_, event)| consent::admits(event.as_ref(), requirement, now))
         .map(|(member, _)| member)
-        .collect()
+        .collect())
 }

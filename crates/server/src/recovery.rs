@@ -354,6 +354,7 @@ pub(crate) fn repair(found: Found, plan: Plan, config: &AppConfig) -> Result<Ope
         &config.secret,
         found.ledger,
         uploads.into_iter().map(|u| (u.partner, u.at)),
+        &config.engine,
     )?;
     let review = ReviewState::open(&config.data_dir, found.index, &history)?;
     for tail in torn {

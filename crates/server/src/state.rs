@@ -70,6 +70,8 @@ pub struct AppConfig {
     /// Start on a data directory behind its high-water mark (a restore the operator intends),
     /// carrying over what it lacks.
     pub accept_restore: bool,
+    /// How questions execute: memory pool, spill directory, plans at once, query threads.
+    pub engine: cleanroom_engine::executor::ExecutorConfig,
 }
 
 /// State shared by every handler.
