@@ -117,7 +117,8 @@ enum Command {
         /// What the file holds.
         #[arg(long, value_enum)]
         kind: IngestKind,
-        /// The CSV export.
+        /// The CSV export (purchases: CSV, or Parquet if the name ends in `.parquet`; either
+        /// goes to the service as Arrow record batches).
         #[arg(long)]
         file: PathBuf,
         /// Service address.
@@ -344,6 +345,9 @@ enum IngestKind {
     Purchases,
     Consent,
 }
+
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()

@@ -141,6 +141,7 @@ async fn ingest_then_cut(
         messages.push(IngestPurchasesRequest {
             kind: Some(ingest_purchases_request::Kind::Chunk(PurchaseChunk {
                 records: chunk.to_vec(),
+                arrow_ipc: Vec::new(),
             })),
         });
     }

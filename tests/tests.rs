@@ -19,6 +19,8 @@ mod attacks;
 mod privacy;
 // Bad input gets a precise status and leaves nothing half-ingested.
 mod bad_input;
+// Exports as Arrow columns (from CSV or Parquet) store what their records store.
+mod columnar;
 // Reflection and health, as a client without our stubs sees them.
 mod discovery;
 // `cleanroom queries lint` on good and broken allow-lists.

@@ -2,6 +2,7 @@
 //! retailer's export files and the partners' lists, and streaming uploads in chunks. The demo, the
 //! tests and any Rust integration use it; other languages use the proto directly.
 
+pub mod columns;
 pub mod pki;
 pub mod sample;
 pub mod stream;
@@ -358,6 +359,7 @@ pub async fn ingest_purchases(
     messages.extend(chunks(records).map(|records| IngestPurchasesRequest {
         kind: Some(ingest_purchases_request::Kind::Chunk(PurchaseChunk {
             records,
+            arrow_ipc: Vec::new(),
         })),
     }));
     Ok(client
@@ -473,7 +475,8 @@ pub async fn ingest_members_file(
     .await
 }
 
-/// Streams a purchase export file, read a chunk at a time.
+/// Streams a purchase export file (CSV, or Parquet if its name ends in `.parquet`) as Arrow
+/// record batches, a batch at a time.
 pub async fn ingest_purchases_file(
     client: &mut AdminClient,
     header: IngestHeader,
@@ -483,14 +486,21 @@ pub async fn ingest_purchases_file(
     let header = IngestPurchasesRequest {
         kind: Some(ingest_purchases_request::Kind::Header(header)),
     };
-    let chunk = |records| IngestPurchasesRequest {
+    let chunk = |arrow_ipc| IngestPurchasesRequest {
         kind: Some(ingest_purchases_request::Kind::Chunk(PurchaseChunk {
-            records,
+            records: Vec::new(),
+            arrow_ipc,
         })),
     };
-    stream::send_file(path, header, chunk, progress, |messages| async move {
-        Ok(client.ingest_purchases(messages).await?.into_inner())
-    })
+    let columns = &columns::PURCHASE_COLUMNS;
+    columns::send_columns(
+        path,
+        header,
+        columns,
+        chunk,
+        progress,
+        |messages| async move { Ok(client.ingest_purchases(messages).await?.into_inner()) },
+    )
     .await
 }
 

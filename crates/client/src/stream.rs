@@ -75,17 +75,37 @@ where
     F: FnOnce(ReceiverStream<M>) -> Fut,
     Fut: std::future::Future<Output = Result<R>>,
 {
+    let path: PathBuf = path.to_path_buf();
+    let read = move |messages: &mpsc::Sender<M>, progress: &Progress| {
+        read_chunks::<T, M>(&path, chunk, messages, progress)
+    };
+    send_read(header, progress, read, call).await
+}
+
+/// Sends `header`, then what `read` sends (on a thread of its own), as the request stream of
+/// `call`. An error of `read` cancels the call and is the error: the stream is not ended, so the
+/// service never takes what was read before it for the whole file.
+pub(crate) async fn send_read<M, R, F, Fut>(
+    header: M,
+    progress: Arc<Progress>,
+    read: impl FnOnce(&mpsc::Sender<M>, &Progress) -> Result<()> + Send + 'static,
+    call: F,
+) -> Result<R>
+where
+    M: Send + 'static,
+    F: FnOnce(ReceiverStream<M>) -> Fut,
+    Fut: std::future::Future<Output = Result<R>>,
+{
     let (messages, stream) = mpsc::channel(MESSAGES_AHEAD);
     let (failed, failure) = oneshot::channel();
-    let path: PathBuf = path.to_path_buf();
     std::thread::spawn(move || {
         if messages.blocking_send(header).is_err() {
             return;
         }
-        if let Err(failure) = read_chunks::<T, M>(&path, chunk, messages, &progress) {
+        if let Err(e) = read(&messages, &progress) {
             // The sender travels with the error: ending the stream now would commit the part
             // read so far, so it is dropped only after the call is cancelled.
-            let _ = failed.send(failure);
+            let _ = failed.send((e, messages));
         }
     });
     let mut held = None;
@@ -102,23 +122,26 @@ where
     outcome
 }
 
-/// A stream cut by a row that does not parse, and its still open sender.
-type Failure<M> = (Error, mpsc::Sender<M>);
+/// Counts `n` more records read, `bytes` of the file read so far.
+pub(crate) fn advanced(progress: &Progress, n: usize, bytes: u64) {
+    progress.records.fetch_add(n as u64, Ordering::Relaxed);
+    progress.bytes.store(bytes, Ordering::Relaxed);
+}
 
 /// Reads the file's rows into chunks of records and sends them as messages.
 fn read_chunks<T: CsvRecord, M>(
     path: &Path,
     chunk: fn(Vec<T>) -> M,
-    messages: mpsc::Sender<M>,
+    messages: &mpsc::Sender<M>,
     progress: &Progress,
-) -> std::result::Result<(), Failure<M>> {
+) -> Result<()> {
     let fail = |message: String| Error::File {
         path: path.display().to_string(),
         message,
     };
     let mut reader = match csv::Reader::from_path(path) {
         Ok(reader) => reader,
-        Err(e) => return Err((fail(e.to_string()), messages)),
+        Err(e) => return Err(fail(e.to_string())),
     };
     let mut rows = reader.deserialize::<T::Row>();
     let mut index = 0u64;
@@ -129,20 +152,16 @@ fn read_chunks<T: CsvRecord, M>(
             match row {
                 Ok(row) => records.push(T::from_row(row)),
                 Err(_) => {
-                    let e = fail(format!("row {index} does not match the expected columns"));
-                    return Err((e, messages));
+                    return Err(fail(format!(
+                        "row {index} does not match the expected columns"
+                    )));
                 }
             }
         }
         if records.is_empty() {
             return Ok(());
         }
-        progress
-            .records
-            .fetch_add(records.len() as u64, Ordering::Relaxed);
-        progress
-            .bytes
-            .store(rows.reader().position().byte(), Ordering::Relaxed);
+        advanced(progress, records.len(), rows.reader().position().byte());
         if messages.blocking_send(chunk(records)).is_err() {
             // The call ended (refused, or cancelled): nothing more to send.
             return Ok(());

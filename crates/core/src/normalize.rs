@@ -16,10 +16,20 @@ impl std::fmt::Display for Rejection {
     }
 }
 
+/// NFKC of `raw`, borrowed when it is ASCII: every ASCII string is already in NFKC, and most
+/// e-mails and phone numbers of an export are ASCII, so they skip the Unicode tables.
+fn nfkc(raw: &str) -> std::borrow::Cow<'_, str> {
+    if raw.is_ascii() {
+        std::borrow::Cow::Borrowed(raw)
+    } else {
+        std::borrow::Cow::Owned(raw.nfkc().collect())
+    }
+}
+
 /// Normalizes an email address: NFKC, trim, ASCII lowercase, and for gmail.com only, remove the
 /// dots of the local part and drop everything from the first `+`.
 pub fn email(raw: &str) -> Result<String, Rejection> {
-    let folded: String = raw.nfkc().collect();
+    let folded = nfkc(raw);
     let trimmed = folded.trim();
     if trimmed.is_empty() {
         return Err(Rejection("email: empty"));
@@ -53,7 +63,8 @@ pub fn email(raw: &str) -> Result<String, Rejection> {
         }
         return Ok(format!("{canonical}@{domain}"));
     }
-    Ok(format!("{local}@{domain}"))
+    // Exactly one `@` between two non-empty parts: `lower` is already `local@domain`.
+    Ok(lower)
 }
 
 /// Characters accepted as separators inside a phone number. NFKC keeps the katakana long mark
@@ -72,7 +83,7 @@ const E164_MAX_DIGITS: usize = 15;
 /// Normalizes a phone number to E.164. A Japanese domestic number (leading 0) becomes `+81`
 /// followed by the rest of its digits.
 pub fn phone(raw: &str) -> Result<String, Rejection> {
-    let folded: String = raw.nfkc().collect();
+    let folded = nfkc(raw);
     let trimmed = folded.trim();
     if trimmed.is_empty() {
         return Err(Rejection("phone: empty"));

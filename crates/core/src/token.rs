@@ -59,10 +59,10 @@ impl MasterSecret {
     /// HKDF salt, so two collaborations never share a key even under the same master secret.
     pub fn collaboration_key(&self, collaboration_id: &str, version: u32) -> CollaborationKey {
         let info = format!("cleanroom/match-key/v{version}");
-        CollaborationKey {
+        CollaborationKey::new(
             version,
-            key: self.derive(collaboration_id.as_bytes(), info.as_bytes()),
-        }
+            self.derive(collaboration_id.as_bytes(), info.as_bytes()),
+        )
     }
 
     /// The key of the audit trail's chain and checkpoints: without the master secret nobody can
@@ -74,7 +74,9 @@ impl MasterSecret {
     /// The key that turns retailer member ids into pseudonyms. It is separate from every
     /// collaboration key, so a partner holding its key learns nothing about member pseudonyms.
     pub fn pseudonym_key(&self) -> PseudonymKey {
-        PseudonymKey(self.derive(b"cleanroom/member-pseudonym", b"v1"))
+        PseudonymKey(Keyed::new(
+            &self.derive(b"cleanroom/member-pseudonym", b"v1"),
+        ))
     }
 
     /// A key of the guard's own, for one use (`noise`, `fingerprint`): seeds of sticky noise and
@@ -85,13 +87,40 @@ impl MasterSecret {
     }
 }
 
+/// An HMAC-SHA256 key with its padded key blocks already hashed: each MAC clones this state
+/// instead of hashing the key again, which halves the work for an identifier (two compressions
+/// of SHA-256 instead of four) when millions of member ids and e-mails are hashed in an ingest.
+#[derive(Clone)]
+struct Keyed(HmacSha256);
+
+impl Keyed {
+    fn new(key: &[u8; 32]) -> Self {
+        Self(HmacSha256::new_from_slice(key).expect("HMAC accepts keys of any length"))
+    }
+
+    fn mac(&self, data: &[u8]) -> [u8; 32] {
+        let mut mac = self.0.clone();
+        mac.update(data);
+        mac.finalize().into_bytes().into()
+    }
+}
+
 /// One collaboration's HMAC key at one version.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone)]
 pub struct CollaborationKey {
     /// The key version that tokens made with this key carry.
     pub version: u32,
     key: [u8; 32],
+    keyed: Keyed,
 }
+
+impl PartialEq for CollaborationKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.version == other.version && self.key == other.key
+    }
+}
+
+impl Eq for CollaborationKey {}
 
 impl std::fmt::Debug for CollaborationKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -113,7 +142,15 @@ impl CollaborationKey {
             .ok()
             .and_then(|k| k.try_into().ok())
             .ok_or_else(bad)?;
-        Ok(Self { version, key })
+        Ok(Self::new(version, key))
+    }
+
+    fn new(version: u32, key: [u8; 32]) -> Self {
+        Self {
+            version,
+            key,
+            keyed: Keyed::new(&key),
+        }
     }
 
     /// The exported form handed to a partner that hashes its list locally.
@@ -125,12 +162,13 @@ impl CollaborationKey {
     pub fn token(&self, normalized: &str) -> Token {
         Token {
             version: self.version,
-            mac: hmac_sha256(&self.key, normalized.as_bytes()),
+            mac: self.keyed.mac(normalized.as_bytes()),
         }
     }
 }
 
-/// HMAC-SHA256 of `data` under `key`.
+/// HMAC-SHA256 of `data` under `key`, the key hashed anew (for one-off MACs: keys that hash
+/// millions of identifiers keep their hashed key blocks instead).
 pub fn hmac_sha256(key: &[u8], data: &[u8]) -> [u8; 32] {
     let mut mac = HmacSha256::new_from_slice(key).expect("HMAC accepts keys of any length");
     mac.update(data);
@@ -173,14 +211,14 @@ impl std::str::FromStr for Token {
 
 /// The key that maps a retailer member id to its pseudonym.
 #[derive(Clone)]
-pub struct PseudonymKey([u8; 32]);
+pub struct PseudonymKey(Keyed);
 
 impl PseudonymKey {
     /// The pseudonym of one member: the first 8 bytes of a keyed hash of the member id. It is the
     /// only member key the engine ever sees; at 2^64 values, collisions among millions of members
     /// are vanishingly rare.
     pub fn pseudonym(&self, member_id: &str) -> i64 {
-        let mac = hmac_sha256(&self.0, member_id.trim().as_bytes());
+        let mac = self.0.mac(member_id.trim().as_bytes());
         i64::from_be_bytes(mac[..8].try_into().expect("8 bytes"))
     }
 }

@@ -119,7 +119,7 @@ pub struct ConsentState {
 }
 
 /// Computed parts kept for the next question, a few of each.
-const KEPT: usize = 8;
+pub(crate) const KEPT: usize = 8;
 
 type Cell<T> = Arc<OnceCell<Arc<T>>>;
 
@@ -155,6 +155,20 @@ impl Audiences {
         let (snapshot, purpose) = (Arc::clone(of.snapshot), of.purpose.to_string());
         let (requirement, now) = (of.requirement, of.now);
         blocking(move || judge(&snapshot, &matched, &state, &purpose, &requirement, now)).await
+    }
+
+    /// Computes and keeps what the questions of `contract_id` on `snapshot` will share (its
+    /// matched list and its purpose's consent state), so the first of them does not wait for it.
+    pub async fn prepare(
+        &self,
+        snapshot: &Arc<Snapshot>,
+        contract_id: &str,
+        list: &PartnerList,
+        purpose: &str,
+    ) -> Result<()> {
+        self.matched(snapshot, contract_id, list).await?;
+        self.consent_state(snapshot, purpose).await?;
+        Ok(())
     }
 
     async fn matched(

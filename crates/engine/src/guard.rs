@@ -492,6 +492,24 @@ impl Guard {
             .commit_list(upload.partner.partner, upload.list, upload.facts)
     }
 
+    /// Computes ahead what questions on `snapshot` will share: each contract's matched list and
+    /// its purpose's consent state, as many as the audience cache keeps. Run after a commit, so
+    /// the first question after an upload or an ingest does not wait for them. Nothing is
+    /// decided, charged or released here.
+    pub async fn prepare(&self, snapshot: &Arc<Snapshot>, rules: &Rules) -> Result<()> {
+        let current = rules
+            .contracts
+            .iter()
+            .filter_map(|(id, c)| Some((id, c, snapshot.lists.get(&c.partner)?)))
+            .take(crate::audience::KEPT);
+        for (contract_id, contract, list) in current {
+            self.audiences
+                .prepare(snapshot, contract_id, list, &contract.purpose)
+                .await?;
+        }
+        Ok(())
+    }
+
     /// Answers one query. This is the only function that releases query results.
     pub async fn run(&self, request: QueryRequest<'_>) -> Result<Answer> {
         let question = self.question(&request)?;
@@ -971,7 +989,7 @@ fn metric_variances(shape: &plan::Shape, noise: &NoisePlan) -> Vec<Option<u64>> 
 }
 
 /// A member's rows: the cell each falls in, and its clamped metric values.
-type MemberRows = HashMap<i64, Vec<(usize, Vec<i64>)>>;
+type MemberRows = crate::audience::MemberMap<Vec<(usize, Vec<i64>)>>;
 
 /// Reads the per-member plan's output: for every member, the cells it falls in and its values
 /// there, each clamped to [0, bound]. Rows outside the declared domain are dropped and counted.
@@ -981,7 +999,7 @@ fn per_member_rows(
     policy: &Policy,
     sizes: &[usize],
 ) -> Result<(MemberRows, u64)> {
-    let positions: Vec<HashMap<&str, usize>> = policy
+    let positions: Vec<datafusion::common::HashMap<&str, usize>> = policy
         .dimensions
         .iter()
         .map(|(_, domain)| {
@@ -993,13 +1011,14 @@ fn per_member_rows(
         })
         .collect();
     let groups = shape.aggregate.group_expr.len();
-    let mut per_member: MemberRows = HashMap::new();
+    let mut per_member = MemberRows::default();
     let mut out_of_domain_rows = 0u64;
     for batch in batches {
         let dims = shape
             .dimension_groups
             .iter()
-            .map(|g| cast(batch.column(*g), &DataType::Utf8))
+            // String views: the engine's own string type, so the cast is usually no copy.
+            .map(|g| cast(batch.column(*g), &DataType::Utf8View))
             .collect::<std::result::Result<Vec<ArrayRef>, _>>()?;
         let members = cast(batch.column(groups), &DataType::Int64)?;
         let members = members.as_primitive::<Int64Type>();
@@ -1011,7 +1030,7 @@ fn per_member_rows(
         'rows: for row in 0..batch.num_rows() {
             let mut cell = 0usize;
             for (d, text) in dims.iter().enumerate() {
-                let text = text.as_string::<i32>();
+                let text = text.as_string_view();
                 let position = text
                     .is_valid(row)
                     .then(|| positions[d].get(text.value(row)))

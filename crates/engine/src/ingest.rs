@@ -12,20 +12,22 @@
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
-use chrono::{DateTime, NaiveDate, Utc};
+use chrono::{DateTime, Datelike, NaiveDate, Utc};
 use cleanroom_core::consent::Action;
 use cleanroom_core::generalize;
 use cleanroom_core::normalize::{self, Rejection};
 use cleanroom_core::rules::{Partner, Rules};
 use cleanroom_core::token::{CollaborationKey, MasterSecret, PseudonymKey, Token};
 use datafusion::arrow::array::{
-    ArrayBuilder, ArrayRef, FixedSizeBinaryBuilder, Int64Builder, StringBuilder,
-    TimestampMicrosecondBuilder, UInt32Builder,
+    ArrayBuilder, ArrayRef, FixedSizeBinaryBuilder, Int64Array, Int64Builder, StringArray,
+    StringBuilder, TimestampMicrosecondBuilder, UInt32Builder,
 };
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use datafusion::arrow::record_batch::RecordBatch;
 
 use crate::Result;
+
+mod columnar;
 
 /// One retailer member as ingest receives it. Names, addresses and postal codes never get this far.
 #[derive(Debug, Clone, Default)]
@@ -218,6 +220,15 @@ pub trait Ingest: Send {
 
     /// Ingests the next chunk of records.
     fn push(&mut self, records: Vec<Self::Input>, sink: &mut dyn Sink) -> Result<()>;
+
+    /// Ingests the next chunk given as an Arrow IPC stream, its columns named as the record's
+    /// fields. Only the ingests that say so take one.
+    fn push_arrow(&mut self, _ipc: &[u8], _sink: &mut dyn Sink) -> Result<()> {
+        Err(cleanroom_core::Error::Input(
+            "this ingest takes chunks of records, not Arrow IPC".into(),
+        )
+        .into())
+    }
 
     /// Writes what is left and reports what happened to the records.
     fn finish(self, sink: &mut dyn Sink) -> Result<IngestReport>;
@@ -484,6 +495,82 @@ impl Rows for PurchaseRows {
     }
 }
 
+/// One purchase as the checks read it, borrowed from a record or from a row of Arrow columns.
+struct PurchaseRow<'a> {
+    member_id: &'a str,
+    purchased_at: &'a str,
+    sku: &'a str,
+    brand: &'a str,
+    manufacturer: &'a str,
+    category: &'a str,
+    /// None: the column had no value (a record always has one).
+    quantity: Option<i64>,
+    amount: Option<i64>,
+}
+
+impl<'a> PurchaseRow<'a> {
+    fn of(r: &'a PurchaseInput) -> Self {
+        Self {
+            member_id: &r.member_id,
+            purchased_at: &r.purchased_at,
+            sku: &r.sku,
+            brand: &r.brand,
+            manufacturer: &r.manufacturer,
+            category: &r.category,
+            quantity: Some(r.quantity),
+            amount: Some(r.amount),
+        }
+    }
+}
+
+/// The columns of a purchases chunk sent as Arrow, named as `PurchaseRecord`'s fields.
+struct PurchaseColumns {
+    text: [StringArray; 6],
+    quantity: Int64Array,
+    amount: Int64Array,
+}
+
+impl PurchaseColumns {
+    const FIELDS: [&'static str; 8] = [
+        "member_id",
+        "purchased_at",
+        "sku",
+        "brand",
+        "manufacturer",
+        "category",
+        "quantity",
+        "amount",
+    ];
+
+    fn of(batch: &RecordBatch) -> Result<Self> {
+        let text = |i: usize| columnar::text(batch, Self::FIELDS[i]);
+        Ok(Self {
+            text: [text(0)?, text(1)?, text(2)?, text(3)?, text(4)?, text(5)?],
+            quantity: columnar::whole(batch, "quantity")?,
+            amount: columnar::whole(batch, "amount")?,
+        })
+    }
+
+    fn row(&self, i: usize) -> PurchaseRow<'_> {
+        let text = |c: usize| columnar::text_at(&self.text[c], i);
+        PurchaseRow {
+            member_id: text(0),
+            purchased_at: text(1),
+            sku: text(2),
+            brand: text(3),
+            manufacturer: text(4),
+            category: text(5),
+            quantity: columnar::whole_at(&self.quantity, i),
+            amount: columnar::whole_at(&self.amount, i),
+        }
+    }
+}
+
+/// The purchases table of one local month.
+fn purchases_of((year, month): (i32, u32)) -> Table {
+    Table::Purchases(format!("{year:04}-{month:02}"))
+}
+
 /// A purchase export being ingested.
 pub struct PurchasesIngest {
     pseudonyms: PseudonymKey,
@@ -491,8 +578,8 @@ pub struct PurchasesIngest {
     strict: bool,
     /// The retailer's offset from UTC, for the local month a purchase falls in.
     offset: chrono::FixedOffset,
-    /// Rows by local month.
-    months: BTreeMap<String, PurchaseRows>,
+    /// Rows by local month (year and month: formatted only when a batch leaves).
+    months: BTreeMap<(i32, u32), PurchaseRows>,
     report: IngestReport,
 }
 
@@ -500,19 +587,27 @@ impl Ingest for PurchasesIngest {
     type Input = PurchaseInput;
 
     fn push(&mut self, records: Vec<PurchaseInput>, sink: &mut dyn Sink) -> Result<()> {
-        for record in records {
+        for record in &records {
             let index = self.report.next_index();
-            self.purchase(index, &record)?;
+            self.purchase(index, PurchaseRow::of(record))?;
         }
-        for (month, rows) in &mut self.months {
-            flush(rows, &Table::Purchases(month.clone()), sink, false)?;
+        self.flush_full(sink)
+    }
+
+    fn push_arrow(&mut self, ipc: &[u8], sink: &mut dyn Sink) -> Result<()> {
+        for batch in columnar::batches(ipc, &PurchaseColumns::FIELDS)? {
+            let columns = PurchaseColumns::of(&batch)?;
+            for i in 0..batch.num_rows() {
+                let index = self.report.next_index();
+                self.purchase(index, columns.row(i))?;
+            }
         }
-        Ok(())
+        self.flush_full(sink)
     }
 
     fn finish(mut self, sink: &mut dyn Sink) -> Result<IngestReport> {
         for (month, rows) in &mut self.months {
-            flush(rows, &Table::Purchases(month.clone()), sink, true)?;
+            flush(rows, &purchases_of(*month), sink, true)?;
         }
         Ok(self.report)
     }
@@ -533,15 +628,26 @@ impl PurchasesIngest {
         }
     }
 
-    fn purchase(&mut self, index: usize, r: &PurchaseInput) -> Result<()> {
-        let time = parse_time(&r.purchased_at);
+    fn flush_full(&mut self, sink: &mut dyn Sink) -> Result<()> {
+        for (month, rows) in &mut self.months {
+            flush(rows, &purchases_of(*month), sink, false)?;
+        }
+        Ok(())
+    }
+
+    fn purchase(&mut self, index: usize, r: PurchaseRow<'_>) -> Result<()> {
+        let time = parse_time(r.purchased_at);
         let reason = if r.member_id.trim().is_empty() {
             Some("member_id: empty")
         } else if time.is_none() {
             Some("purchased_at: not an RFC 3339 timestamp")
-        } else if r.quantity <= 0 {
+        } else if r.quantity.is_none() {
+            Some("quantity: missing")
+        } else if r.quantity.is_some_and(|q| q <= 0) {
             Some("quantity: must be positive")
-        } else if r.amount < 0 {
+        } else if r.amount.is_none() {
+            Some("amount: missing")
+        } else if r.amount.is_some_and(|a| a < 0) {
             Some("amount: must not be negative")
         } else if self
             .categories
@@ -556,17 +662,20 @@ impl PurchasesIngest {
             let reason = reason.unwrap_or("purchased_at: not an RFC 3339 timestamp");
             return self.report.reject(index, reason, self.strict);
         };
-        let month = time.with_timezone(&self.offset).format("%Y-%m").to_string();
-        let rows = self.months.entry(month).or_default();
+        let local = time.with_timezone(&self.offset);
+        let rows = self
+            .months
+            .entry((local.year(), local.month()))
+            .or_default();
         rows.key
-            .append_value(self.pseudonyms.pseudonym(&r.member_id));
+            .append_value(self.pseudonyms.pseudonym(r.member_id));
         rows.at.append_value(time.timestamp_micros());
         rows.sku.append_value(r.sku.trim());
         rows.brand.append_value(r.brand.trim());
         rows.maker.append_value(r.manufacturer.trim());
         rows.category.append_value(r.category.trim());
-        rows.quantity.append_value(r.quantity);
-        rows.amount.append_value(r.amount);
+        rows.quantity.append_value(r.quantity.unwrap_or_default());
+        rows.amount.append_value(r.amount.unwrap_or_default());
         self.report.accepted += 1;
         Ok(())
     }

@@ -27,7 +27,7 @@ use datafusion::physical_plan::ExecutionPlan;
 use datafusion::prelude::{SessionConfig, SessionContext};
 
 use crate::Result;
-use crate::audience::Audience;
+use crate::audience::{Audience, MemberMap};
 use crate::ingest::{members_schema, purchases_schema};
 use crate::store::{PartnerList, Snapshot, TableFile};
 
@@ -237,13 +237,15 @@ pub fn matched_members(
     snapshot: &Snapshot,
     contract_id: &str,
     list: &PartnerList,
-) -> Result<HashMap<i64, Option<String>>> {
+) -> Result<MemberMap<Option<String>>> {
     let Some(tokens) = snapshot.member_tokens.get(contract_id) else {
-        return Ok(HashMap::new());
+        return Ok(MemberMap::default());
     };
     // Each member token, and the attribute of the first list record that carries it (`None`
-    // until a record does).
-    let mut in_list: HashMap<TokenKey, Option<Option<String>>> = HashMap::new();
+    // until a record does). Millions of keys: a faster hash than std's SipHash, which guards
+    // against keys chosen to collide, and these are MACs nobody can choose.
+    let mut in_list: datafusion::common::HashMap<TokenKey, Option<Option<String>>> =
+        datafusion::common::HashMap::default();
     for batch in tokens.batches()? {
         let batch = batch?;
         let versions = batch.column(1).as_primitive::<UInt32Type>();
@@ -268,7 +270,7 @@ pub fn matched_members(
             }
         }
     }
-    let mut matched = HashMap::new();
+    let mut matched = MemberMap::default();
     for batch in tokens.batches()? {
         let batch = batch?;
         let owners = batch.column(0).as_primitive::<Int64Type>();

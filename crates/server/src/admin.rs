@@ -112,7 +112,11 @@ fn split_purchases(
 ) -> Part<IngestHeader, cleanroom_proto::v1::PurchaseRecord> {
     match m.kind {
         Some(ingest_purchases_request::Kind::Header(h)) => Part::Header(h),
-        Some(ingest_purchases_request::Kind::Chunk(c)) => Part::Chunk(c.records),
+        Some(ingest_purchases_request::Kind::Chunk(c)) => match (c.arrow_ipc, c.records) {
+            (ipc, records) if ipc.is_empty() => Part::Chunk(records),
+            (ipc, records) if records.is_empty() => Part::Arrow(ipc),
+            _ => Part::Invalid("a chunk carries records or Arrow IPC, not both"),
+        },
         None => Part::Empty,
     }
 }

@@ -23,6 +23,10 @@ const CHUNKS_IN_FLIGHT: usize = 2;
 pub(crate) enum Part<H, R> {
     Header(H),
     Chunk(Vec<R>),
+    /// A chunk of rows as an Arrow IPC stream, decoded and checked by the ingest.
+    Arrow(Vec<u8>),
+    /// A message no stream may carry, and why.
+    Invalid(&'static str),
     Empty,
 }
 
@@ -85,6 +89,7 @@ impl<I: Ingest, R> Feed<I, R> {
                     let inputs = records.into_iter().map(self.convert).collect();
                     self.ingest.push(inputs, &mut self.staging)?;
                 }
+                Some(Message::Arrow(ipc)) => self.ingest.push_arrow(&ipc, &mut self.staging)?,
                 Some(Message::End) => break,
                 None => return Err(Error::Internal("the stream ended early".into())),
             }
@@ -107,6 +112,7 @@ pub(crate) struct Fed {
 
 enum Message<R> {
     Chunk(Vec<R>),
+    Arrow(Vec<u8>),
     End,
 }
 
@@ -129,6 +135,7 @@ where
     let header = match received.next(&mut stream).await?.map(split) {
         Some(Part::Header(header)) => header,
         Some(Part::Empty) => return Err(input("empty stream message")),
+        Some(Part::Invalid(why)) => return Err(input(why)),
         _ => return Err(input("the stream must start with a header")),
     };
     let Some(feed) = start(&header)? else {
@@ -138,13 +145,19 @@ where
     let worker = tokio::task::spawn_blocking(move || feed.run(&mut waiting));
     let read = async {
         while let Some(message) = received.next(&mut stream).await? {
-            let records = match split(message) {
-                Part::Chunk(records) => records,
+            let chunk = match split(message) {
+                Part::Chunk(records) => {
+                    received.count(records.len())?;
+                    Message::Chunk(records)
+                }
+                // Only ingests, which have no record limit, take Arrow: its rows are counted
+                // as the ingest decodes them.
+                Part::Arrow(ipc) => Message::Arrow(ipc),
                 Part::Header(_) => return Err(input("the stream has a second header")),
+                Part::Invalid(why) => return Err(input(why)),
                 Part::Empty => return Err(input("empty stream message")),
             };
-            received.count(records.len())?;
-            if chunks.send(Message::Chunk(records)).await.is_err() {
+            if chunks.send(chunk).await.is_err() {
                 // The worker stopped on a record (strict mode): its error is the answer.
                 return Ok(());
             }
