@@ -98,14 +98,27 @@ struct LoadLevel {
     peak_rss_mb: f64,
 }
 
+/// New questions asked one after another before the load test (the first is reported apart).
+const NEW_QUESTIONS: usize = 7;
+
 /// Runs the benchmark and returns its report as Markdown.
 pub async fn run(opts: BenchOptions, queries_dir: &Path, rules_path: &Path) -> Result<String> {
+    let as_of = NaiveDate::from_ymd_opt(2026, 11, 1).expect("a date");
+    let available = Windows::new(as_of).next.len();
+    let needed = NEW_QUESTIONS + opts.questions * opts.clients.len();
+    if needed > available {
+        anyhow::bail!(
+            "the generated year allows {available} distinct windows: at most {} distinct \
+             questions per load level with {} load levels",
+            (available - NEW_QUESTIONS) / opts.clients.len().max(1),
+            opts.clients.len()
+        );
+    }
     let temporary = tempfile::tempdir()?;
     let dir = opts
         .dir
         .clone()
         .unwrap_or_else(|| temporary.path().to_path_buf());
-    let as_of = NaiveDate::from_ymd_opt(2026, 11, 1).expect("a date");
     let mut figures = Figures {
         as_of: as_of.to_string(),
         ..Default::default()
@@ -116,7 +129,7 @@ pub async fn run(opts: BenchOptions, queries_dir: &Path, rules_path: &Path) -> R
     ingest_all(&conn, &files, &mut figures).await?;
     figures.rss_after_ingest_mb = rss_mb("VmRSS");
     let mut windows = Windows::new(as_of);
-    ask_new_questions(&conn, &mut windows, 7, &mut figures).await?;
+    ask_new_questions(&conn, &mut windows, NEW_QUESTIONS, &mut figures).await?;
     raw_datafusion(&app, &figures.windows.clone(), &mut figures).await?;
     repeats(&conn, &figures.windows[0].clone(), 200, &mut figures).await?;
     tokens_against_hmac(&mut figures);

@@ -58,7 +58,8 @@ pub struct EngineSettings {
     /// Where a question spills what does not fit (default `<data_dir>/spill`).
     #[serde(default)]
     pub spill_dir: Option<PathBuf>,
-    /// Questions executing at once (default: one per core); the others wait their turn.
+    /// Questions executing at once (default: half the cores, at least one); the others wait
+    /// their turn.
     #[serde(default)]
     pub concurrent_queries: Option<usize>,
     /// Threads executing questions (default: one per core).

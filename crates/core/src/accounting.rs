@@ -81,6 +81,30 @@ pub fn cdp_rho(epsilon: f64, delta: f64) -> f64 {
     low
 }
 
+/// A guarantee's settings, exactly (ε and δ by their bits).
+type Settings = (u64, u64, u32, u32);
+
+/// Guarantees computed so far. Converting (ε, δ) to ρ and back is a numeric search of thousands of
+/// logarithms, which every question (a stored repeat too) would otherwise repeat; contracts have
+/// few distinct settings, and a changed one is simply computed anew.
+static COMPUTED: std::sync::Mutex<Vec<(Settings, Guarantee)>> = std::sync::Mutex::new(Vec::new());
+
+/// Settings kept at most; beyond, the oldest is forgotten.
+const KEPT_GUARANTEES: usize = 64;
+
+fn computed(settings: Settings) -> Option<Guarantee> {
+    let known = COMPUTED.lock().unwrap_or_else(|e| e.into_inner());
+    known.iter().find(|(s, _)| *s == settings).map(|(_, g)| *g)
+}
+
+fn remember(settings: Settings, guarantee: Guarantee) {
+    let mut known = COMPUTED.lock().unwrap_or_else(|e| e.into_inner());
+    if known.len() >= KEPT_GUARANTEES {
+        known.remove(0);
+    }
+    known.push((settings, guarantee));
+}
+
 /// A contract's guarantee, and what it makes each answer cost.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Guarantee {
@@ -127,11 +151,20 @@ impl Guarantee {
                 crate::rules::MAX_WINDOW_DAYS
             )));
         }
+        let settings = (
+            epsilon.to_bits(),
+            delta.to_bits(),
+            period_days,
+            answers_per_period,
+        );
+        if let Some(known) = computed(settings) {
+            return Ok(known);
+        }
         let rho_period = cdp_rho(epsilon, delta / 2.0);
         let answers = f64::from(answers_per_period);
         let rho_answer = rho_period / answers;
         let hard_k_delta_per_answer = delta / 2.0 / answers;
-        Ok(Self {
+        let guarantee = Self {
             epsilon,
             delta,
             period_days,
@@ -141,7 +174,9 @@ impl Guarantee {
             answer_epsilon: cdp_epsilon(rho_answer, hard_k_delta_per_answer),
             answer_delta: 2.0 * hard_k_delta_per_answer,
             hard_k_delta_per_answer,
-        })
+        };
+        remember(settings, guarantee);
+        Ok(guarantee)
     }
 
     /// How one answer's ρ is shared: a small part for the audience check, the rest evenly between
@@ -331,6 +366,18 @@ mod tests {
             g.noise_plan(64, &[10_000_000_000]).is_err(),
             "out of range is an error"
         );
+    }
+
+    #[test]
+    fn a_remembered_guarantee_is_the_one_its_settings_compute() {
+        let first = Guarantee::new(3.0, 1e-7, 30, 40).unwrap();
+        let other = Guarantee::new(3.0, 1e-7, 30, 41).unwrap();
+        assert_ne!(
+            first, other,
+            "settings one answer apart must not share an entry"
+        );
+        assert_eq!(Guarantee::new(3.0, 1e-7, 30, 40).unwrap(), first);
+        assert_eq!(first.rho_answer, cdp_rho(3.0, 0.5e-7) / 40.0);
     }
 
     #[test]
