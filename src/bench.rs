@@ -30,6 +30,7 @@ use cleanroom_client::{Connection, Progress, sample};
 use cleanroom_core::allowlist::AllowList;
 use cleanroom_core::rules::Rules;
 use cleanroom_core::token::MasterSecret;
+use cleanroom_engine::executor::ExecutorConfig;
 use cleanroom_proto::v1::{
     IngestHeader, ParamValue, RunQueryRequest, UploadListHeader, param_value,
 };
@@ -50,6 +51,8 @@ pub struct BenchOptions {
     pub questions: usize,
     /// Also write the figures as JSON here (for `bench/peers.py`).
     pub json: Option<PathBuf>,
+    /// The query memory pool in MiB, if not the service's default.
+    pub memory_mb: Option<usize>,
 }
 
 /// The question every timing asks, and the query behind it.
@@ -68,6 +71,8 @@ pub struct Figures {
     /// Per export: records and seconds.
     ingest: Vec<(String, u64, f64)>,
     rss_after_ingest_mb: f64,
+    /// The service's query memory pool.
+    query_memory_mb: u64,
     /// Seconds: the first new question, then the median of the next ones.
     new_first_s: f64,
     new_median_s: f64,
@@ -124,10 +129,11 @@ pub async fn run(opts: BenchOptions, queries_dir: &Path, rules_path: &Path) -> R
         ..Default::default()
     };
     let files = generate(&opts, &dir, as_of, &mut figures)?;
-    let (server, conn, app) = start_service(&dir, queries_dir, rules_path).await?;
+    let (server, conn, app) = start_service(&dir, opts.memory_mb, queries_dir, rules_path).await?;
     sample::approve_all(&conn).await?;
     ingest_all(&conn, &files, &mut figures).await?;
     figures.rss_after_ingest_mb = rss_mb("VmRSS");
+    figures.query_memory_mb = (engine_config(&dir, opts.memory_mb).memory_bytes >> 20) as u64;
     let mut windows = Windows::new(as_of);
     ask_new_questions(&conn, &mut windows, NEW_QUESTIONS, &mut figures).await?;
     raw_datafusion(&app, &figures.windows.clone(), &mut figures).await?;
@@ -192,8 +198,18 @@ fn generate(
 }
 
 /// The service on loopback, in this process, on a fresh data directory under `dir`.
+/// The service's engine settings: the defaults of `serve`, the memory pool as asked.
+fn engine_config(dir: &Path, memory_mb: Option<usize>) -> ExecutorConfig {
+    let mut engine = ExecutorConfig::with_defaults(dir.join("data/spill"));
+    if let Some(mb) = memory_mb {
+        engine.memory_bytes = mb.saturating_mul(1 << 20);
+    }
+    engine
+}
+
 async fn start_service(
     dir: &Path,
+    memory_mb: Option<usize>,
     queries_dir: &Path,
     rules_path: &Path,
 ) -> Result<(
@@ -209,6 +225,7 @@ async fn start_service(
     rules.validate()?;
     let allowlist = AllowList::load(queries_dir, &rules)?;
     let now: DateTime<Utc> = DateTime::parse_from_rfc3339(sample::AS_OF)?.into();
+    let engine = engine_config(dir, memory_mb);
     let app = cleanroom_server::App::new(cleanroom_server::AppConfig {
         data_dir: data,
         rules,
@@ -219,7 +236,7 @@ async fn start_service(
         allow_demo_tokens: true,
         mark,
         accept_restore: false,
-        engine: cleanroom_engine::executor::ExecutorConfig::with_defaults(dir.join("data/spill")),
+        engine,
     })?;
     let server =
         cleanroom_server::spawn(Arc::clone(&app), SocketAddr::from(([127, 0, 0, 1], 0))).await?;
@@ -229,9 +246,13 @@ async fn start_service(
 
 /// The sample rules with budgets wide enough for a benchmark's few hundred fresh answers: the
 /// guard does all its work for each of them, noise included. The per-partner rate and
-/// concurrency limits are widened too, so the load test measures the engine's capacity (its
-/// `[engine] concurrent_queries` queue), not the refusals a partner's limits are there to give.
+/// concurrency limits and the list upload caps are widened too, so the load test measures the
+/// engine's capacity (its `[engine] concurrent_queries` queue), not the refusals a partner's
+/// limits are there to give.
 fn widened(mut rules: Rules) -> Rules {
+    // Partners' lists of a large run (three quarters of the members) exceed the default cap.
+    rules.privacy.max_upload_records = u64::MAX;
+    rules.limits.max_stream_bytes = u64::MAX;
     rules.limits.calls_per_minute = 1_000_000;
     rules.limits.concurrent_calls_per_principal = 256;
     rules.limits.concurrent_calls_per_connection = 256;
@@ -587,8 +608,8 @@ fn render(opts: &BenchOptions, f: &Figures) -> String {
     line(
         &mut out,
         format!(
-            "\nresident memory after ingest: {:.0} MB\n",
-            f.rss_after_ingest_mb
+            "\nresident memory after ingest: {:.0} MB (query memory pool: {} MB)\n",
+            f.rss_after_ingest_mb, f.query_memory_mb
         ),
     );
     line(

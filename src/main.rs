@@ -186,6 +186,9 @@ enum Command {
         /// Also write the figures as JSON (for bench/peers.py).
         #[arg(long)]
         json: Option<PathBuf>,
+        /// The service's query memory pool (`[engine] memory_mb`); default as in `serve`.
+        #[arg(long)]
+        memory_mb: Option<usize>,
         /// The allow-list directory.
         #[arg(long, default_value = "queries")]
         queries: PathBuf,
@@ -524,6 +527,7 @@ fn run(cli: Cli) -> Result<()> {
             clients,
             questions,
             json,
+            memory_mb,
             queries,
             rules,
         } => {
@@ -534,6 +538,7 @@ fn run(cli: Cli) -> Result<()> {
                 clients,
                 questions,
                 json,
+                memory_mb,
             };
             let report = runtime()?.block_on(bench::run(opts, &queries, &rules))?;
             print!("{report}");

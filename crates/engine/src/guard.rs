@@ -533,7 +533,8 @@ impl Guard {
             Err(Error::Engine(e)) if out_of_memory(&e) => {
                 // Short of memory now, not of anything in the data: nothing is stored, the
                 // charge stays, and asking again (free, it is paid for) computes it.
-                tracing::warn!(query = %request.query.id, "a question ran out of query memory");
+                // DataFusion's message names the operator and the bytes, never a value.
+                tracing::warn!(query = %request.query.id, error = %e, "a question ran out of query memory");
                 return Err(cleanroom_core::Error::Busy(
                     "the service is short of memory for this question now; ask again in a \
                      moment (it is paid for: asking again costs nothing)"
