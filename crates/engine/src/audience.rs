@@ -305,7 +305,11 @@ fn judge(
 
 /// Calls `f` with every consent event for `purpose`, in log order, reading the consent files a
 /// batch at a time.
-fn for_each_event(snapshot: &Snapshot, purpose: &str, mut f: impl FnMut(i64, Event)) -> Result<()> {
+pub(crate) fn for_each_event(
+    snapshot: &Snapshot,
+    purpose: &str,
+    mut f: impl FnMut(i64, Event),
+) -> Result<()> {
     for file in &snapshot.consent {
         for batch in file.batches()? {
             events_of(&batch?, purpose, &mut f);

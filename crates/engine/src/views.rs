@@ -9,12 +9,10 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use cleanroom_core::consent::{self, Action, Event, Requirement};
+use cleanroom_core::consent::{self, Event, Requirement};
 use cleanroom_core::rules::Contract;
 use datafusion::arrow::array::{Array, AsArray};
-use datafusion::arrow::datatypes::{
-    DataType, Field, Int64Type, Schema, SchemaRef, TimestampMicrosecondType, UInt32Type,
-};
+use datafusion::arrow::datatypes::{DataType, Field, Int64Type, Schema, SchemaRef, UInt32Type};
 use datafusion::catalog::{Session, TableProvider};
 use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::{
@@ -334,42 +332,11 @@ fn consented_where(
     now: DateTime<Utc>,
 ) -> Result<HashSet<i64>> {
     let mut latest: HashMap<i64, Option<Event>> = HashMap::new();
-    let batches = snapshot
-        .consent
-        .iter()
-        .map(|file| file.batches())
-        .collect::<Result<Vec<_>>>()?;
-    for batch in batches.into_iter().flatten() {
-        let batch = batch?;
-        let members = batch.column(0).as_primitive::<Int64Type>();
-        let purposes = batch.column(1).as_string::<i32>();
-        let versions = batch.column(2).as_primitive::<UInt32Type>();
-        let actions = batch.column(3).as_string::<i32>();
-        let ats = batch.column(4).as_primitive::<TimestampMicrosecondType>();
-        let expiries = batch.column(6).as_primitive::<TimestampMicrosecondType>();
-        for i in 0..batch.num_rows() {
-            let member = members.value(i);
-            if purposes.value(i) != purpose || !keep(member) {
-                continue;
-            }
-            let (Some(action), Some(at)) = (
-                Action::parse(actions.value(i)),
-                DateTime::from_timestamp_micros(ats.value(i)),
-            ) else {
-                continue;
-            };
-            let event = Event {
-                action,
-                notice_version: versions.value(i),
-                at,
-                expires_at: expiries
-                    .is_valid(i)
-                    .then(|| DateTime::from_timestamp_micros(expiries.value(i)))
-                    .flatten(),
-            };
+    crate::audience::for_each_event(snapshot, purpose, |member, event| {
+        if keep(member) {
             consent::keep_latest(latest.entry(member).or_default(), event, now);
         }
-    }
+    })?;
     Ok(latest
         .into_iter()
         .filter(|(_, event)| consent::admits(event.as_ref(), requirement, now))
