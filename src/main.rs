@@ -2,6 +2,7 @@
 //! generates sample data at any scale, and hashes a partner's list locally (`prep`).
 
 mod bench;
+mod cluster;
 mod demo;
 mod r#gen;
 mod lint;
@@ -162,6 +163,17 @@ enum Command {
         request_id: Option<String>,
         #[command(flatten)]
         tls: TlsArgs,
+    },
+    /// Start an Apache Ballista scheduler and executors on loopback, for `[engine] cluster`
+    /// (prints `scheduler df://127.0.0.1:PORT`; runs until interrupted). The data directory's
+    /// path must be the same for the service and the cluster, as it is on one machine.
+    Cluster {
+        /// How many executors.
+        #[arg(long, default_value_t = 2)]
+        executors: usize,
+        /// Task slots per executor.
+        #[arg(long, default_value_t = 1)]
+        slots: usize,
     },
     /// Speed and memory at a retailer's size, against baselines in the same run (Markdown on
     /// stdout): ingest, a new question against raw DataFusion, repeats, member tokens against
@@ -392,6 +404,12 @@ fn run(cli: Cli) -> Result<()> {
                 keep_serving,
                 tls_dir: tls_dir.as_deref(),
             }))
+        }
+        Command::Cluster { executors, slots } => {
+            if executors == 0 || slots == 0 {
+                bail!("--executors and --slots must be at least 1");
+            }
+            runtime()?.block_on(cluster::run(executors, slots))
         }
         Command::Serve {
             config,

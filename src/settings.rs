@@ -65,6 +65,14 @@ pub struct EngineSettings {
     /// Threads executing questions (default: one per core).
     #[serde(default)]
     pub threads: Option<usize>,
+    /// An Apache Ballista scheduler (`df://host:port`) to execute questions on instead of this
+    /// machine. Its executors must see the data directory at the same path.
+    #[serde(default)]
+    pub cluster: Option<String>,
+    /// Where the service writes each question's audience for the cluster to read, on the same
+    /// shared path (default `<data_dir>/cluster`).
+    #[serde(default)]
+    pub cluster_dir: Option<PathBuf>,
 }
 
 /// The `[tls]` table: PEM files for the server's certificate chain and key, and optionally the CA
@@ -165,6 +173,22 @@ impl Settings {
         let e = &self.engine;
         if e.memory_mb == Some(0) || e.concurrent_queries == Some(0) || e.threads == Some(0) {
             bail!("[engine]: memory_mb, concurrent_queries and threads must be at least 1");
+        }
+        if let Some(cluster) = &e.cluster {
+            // Ballista's own form of a scheduler's address; anything else would fail only at the
+            // first question.
+            let host = cluster.strip_prefix("df://").filter(|rest| {
+                rest.rsplit_once(':')
+                    .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
+            });
+            if host.is_none() {
+                bail!(
+                    "[engine] cluster = {cluster:?}: expected a Ballista scheduler as df://host:port"
+                );
+            }
+        }
+        if e.cluster_dir.is_some() && e.cluster.is_none() {
+            bail!("[engine] cluster_dir is set without a cluster to share it with");
         }
         let mark = self.high_water_mark();
         if mark.starts_with(&self.data_dir) {
@@ -278,6 +302,16 @@ impl Settings {
         if let Some(n) = e.threads {
             config.threads = n;
         }
+        config.cluster =
+            e.cluster.clone().map(
+                |scheduler| cleanroom_engine::executor::cluster::ClusterConfig {
+                    scheduler,
+                    shared_dir: e
+                        .cluster_dir
+                        .clone()
+                        .unwrap_or_else(|| self.data_dir.join("cluster")),
+                },
+            );
         config
     }
 }

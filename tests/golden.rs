@@ -12,15 +12,16 @@ use crate::truth::{Cells, Truth, aggregate};
 use crate::util::{Harness, Setup, cells, date, precise_rules, read, root, text, year};
 
 /// One query run of the golden set.
-struct Case {
-    partner: &'static str,
-    query: &'static str,
-    params: Vec<(&'static str, ParamValue)>,
+pub(crate) struct Case {
+    pub partner: &'static str,
+    pub query: &'static str,
+    pub params: Vec<(&'static str, ParamValue)>,
     domain_cells: usize,
     expected: Cells,
 }
 
-fn cases(truth: &Truth, h: &Harness) -> Vec<Case> {
+/// Every allowed query of the sample, with parameters, and its answer computed from the raw files.
+pub(crate) fn cases(truth: &Truth, h: &Harness) -> Vec<Case> {
     let rules = &h.rules;
     let sakura = truth.eligible(rules, "sakura_foods", &[]);
     let kumo = truth.eligible(rules, "kumo_denki", &[]);

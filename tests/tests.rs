@@ -11,6 +11,8 @@ mod truth;
 mod vectors;
 // Each allowed query's output: golden files, checked against the ground truth.
 mod golden;
+// The same answers from the checked plans executed on a Ballista cluster on loopback.
+mod cluster;
 // Consent at query time: withdrawals, old notices, expiry.
 mod consent;
 // Attacks from docs/threats.md carried out against the running service (4, 8–11, daily budgets).

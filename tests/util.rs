@@ -12,6 +12,7 @@ use cleanroom_core::allowlist::AllowList;
 use cleanroom_core::rules::Rules;
 use cleanroom_core::token::MasterSecret;
 use cleanroom_engine::executor::ExecutorConfig;
+use cleanroom_engine::executor::cluster::ClusterConfig;
 use cleanroom_proto::v1::{
     ParamValue, RunQueryRequest, RunQueryResponse, param_value, value::Kind,
 };
@@ -163,6 +164,8 @@ pub struct Harness {
     tls: Option<ThrowawayPki>,
     /// The query memory pool, if not the default.
     query_memory: Option<usize>,
+    /// The Ballista scheduler questions execute on, if any.
+    cluster: Option<String>,
     server: Option<Running>,
 }
 
@@ -181,6 +184,8 @@ pub struct Setup {
     pub tls: Option<ThrowawayPki>,
     /// The memory every executing question together may hold, in bytes, if not the default.
     pub query_memory: Option<usize>,
+    /// Execute questions on this Ballista scheduler (`df://host:port`) instead of in process.
+    pub cluster: Option<String>,
 }
 
 impl Default for Setup {
@@ -193,6 +198,7 @@ impl Default for Setup {
             sources: None,
             tls: None,
             query_memory: None,
+            cluster: None,
         }
     }
 }
@@ -215,6 +221,7 @@ impl Harness {
             as_of(),
             false,
             setup.query_memory,
+            setup.cluster.clone(),
         )
         .await;
         if setup.approve {
@@ -236,6 +243,7 @@ impl Harness {
             sources: setup.sources,
             tls: setup.tls,
             query_memory: setup.query_memory,
+            cluster: setup.cluster,
             server: Some(server),
         }
     }
@@ -250,11 +258,16 @@ impl Harness {
         now: chrono::DateTime<chrono::Utc>,
         accept_restore: bool,
         query_memory: Option<usize>,
+        cluster: Option<String>,
     ) -> (Running, Connection, Arc<App>) {
         let mut engine = ExecutorConfig::with_defaults(data_dir.join("spill"));
         if let Some(bytes) = query_memory {
             engine.memory_bytes = bytes;
         }
+        engine.cluster = cluster.map(|scheduler| ClusterConfig {
+            scheduler,
+            shared_dir: data_dir.join("cluster"),
+        });
         let allowlist = AllowList::load(queries, rules).expect("allow-list loads");
         let app = App::new(AppConfig {
             data_dir: data_dir.to_path_buf(),
@@ -308,6 +321,7 @@ impl Harness {
             as_of(),
             false,
             None,
+            None,
         )
         .await;
         Self {
@@ -319,6 +333,7 @@ impl Harness {
             sources: None,
             tls: None,
             query_memory: None,
+            cluster: None,
             server: Some(server),
         }
     }
@@ -354,6 +369,7 @@ impl Harness {
             now,
             accept_restore,
             self.query_memory,
+            self.cluster.clone(),
         )
         .await;
         self.server = Some(server);

@@ -1,17 +1,53 @@
-//! Where questions execute: one DataFusion runtime for the whole service, with a memory pool
-//! bounded by configuration (a fair spill pool: an operator that needs more spills to disk, or
-//! waits for another question to finish), a spill directory, a limit on plans executing at once,
-//! and a thread pool of its own, so that calls that only read stored answers (repeats, listings,
-//! uploads) never wait behind a question being computed.
+//! Where questions execute, behind one trait ([`PlanExecutor`]): the guard hands over a checked,
+//! optimised per-member plan and gets its rows back, then folds, adds noise and releases on the
+//! service whatever executed the plan.
+//!
+//! - On this machine ([`LocalExecutor`], the default): one DataFusion runtime for the whole
+//!   service, with a memory pool bounded by configuration (a fair spill pool: an operator that
+//!   needs more spills to disk, or waits for another question to finish), a spill directory, a
+//!   limit on plans executing at once, and a thread pool of its own, so that calls that only read
+//!   stored answers (repeats, listings, uploads) never wait behind a question being computed.
+//! - On an Apache Ballista cluster ([`cluster::ClusterExecutor`]), when the settings name a
+//!   scheduler: only the member-level aggregate runs there; its rows come back to the guard.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use datafusion::arrow::array::RecordBatch;
 use datafusion::execution::memory_pool::FairSpillPool;
 use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
+use datafusion::logical_expr::LogicalPlan;
+use datafusion::prelude::SessionContext;
 use tokio::sync::Semaphore;
 
+use crate::audience::Audience;
 use crate::{Error, Result};
+
+pub mod cluster;
+
+/// Executes the guard's checked per-member plans.
+#[async_trait::async_trait]
+pub trait PlanExecutor: Send + Sync {
+    /// The runtime a question's session is planned in (and, on this machine, executes in).
+    fn env(&self) -> Arc<RuntimeEnv>;
+
+    /// Runs `plan` (checked and optimised in `ctx`, over the safe views of `audience`) to the
+    /// end and returns its rows.
+    async fn collect(
+        &self,
+        ctx: SessionContext,
+        plan: LogicalPlan,
+        audience: Arc<Audience>,
+    ) -> Result<Vec<RecordBatch>>;
+}
+
+/// The executor `config` asks for: a Ballista cluster if it names one, this machine otherwise.
+pub fn from_config(config: &ExecutorConfig) -> Result<Arc<dyn PlanExecutor>> {
+    Ok(match &config.cluster {
+        Some(cluster) => Arc::new(cluster::ClusterExecutor::new(cluster, config)?),
+        None => Arc::new(LocalExecutor::new(config)?),
+    })
+}
 
 /// How questions execute, from the service settings.
 #[derive(Debug, Clone)]
@@ -24,6 +60,8 @@ pub struct ExecutorConfig {
     pub concurrent_queries: usize,
     /// Threads of the query runtime.
     pub threads: usize,
+    /// A Ballista cluster to execute on instead of this machine.
+    pub cluster: Option<cluster::ClusterConfig>,
 }
 
 impl ExecutorConfig {
@@ -38,6 +76,7 @@ impl ExecutorConfig {
             // 64 distinct questions from 8 clients took 28 % longer than from one).
             concurrent_queries: (cores / 2).max(1),
             threads: cores,
+            cluster: None,
         }
     }
 }
@@ -54,29 +93,32 @@ impl Drop for CpuRuntime {
     }
 }
 
-/// The service's query execution.
-pub struct Executor {
+/// Query execution on this machine.
+pub struct LocalExecutor {
     env: Arc<RuntimeEnv>,
     cpu: CpuRuntime,
     gate: Semaphore,
 }
 
-impl Executor {
-    /// The runtime `config` describes. Spill files an earlier run left (DataFusion's
-    /// `datafusion-*` directories; nothing else in the directory is touched) are removed: they
-    /// are never needed again.
-    pub fn new(config: &ExecutorConfig) -> Result<Self> {
-        std::fs::create_dir_all(&config.spill_dir)?;
-        for entry in std::fs::read_dir(&config.spill_dir)? {
-            let entry = entry?;
-            if entry
-                .file_name()
-                .to_string_lossy()
-                .starts_with("datafusion-")
-            {
-                let _ = std::fs::remove_dir_all(entry.path());
-            }
+/// Removes what an earlier run left in `dir` under names starting with `prefix` (and nothing
+/// else): spill files and audience files are never needed again.
+pub(crate) fn remove_leftovers(dir: &std::path::Path, prefix: &str) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_name().to_string_lossy().starts_with(prefix) {
+            let path = entry.path();
+            let _ = std::fs::remove_dir_all(&path).or_else(|_| std::fs::remove_file(&path));
         }
+    }
+    Ok(())
+}
+
+impl LocalExecutor {
+    /// The runtime `config` describes. Spill files an earlier run left (DataFusion's
+    /// `datafusion-*` directories) are removed.
+    pub fn new(config: &ExecutorConfig) -> Result<Self> {
+        remove_leftovers(&config.spill_dir, "datafusion-")?;
         let env = RuntimeEnvBuilder::new()
             .with_memory_pool(Arc::new(FairSpillPool::new(config.memory_bytes)))
             .with_temp_file_path(&config.spill_dir)
@@ -94,13 +136,8 @@ impl Executor {
         })
     }
 
-    /// The runtime environment every question's session shares (memory pool, spill files).
-    pub fn env(&self) -> Arc<RuntimeEnv> {
-        Arc::clone(&self.env)
-    }
-
     /// Runs `work` on the query runtime once a place among the plans executing is free.
-    pub async fn run<T: Send + 'static>(
+    async fn run<T: Send + 'static>(
         &self,
         work: impl std::future::Future<Output = Result<T>> + Send + 'static,
     ) -> Result<T> {
@@ -119,4 +156,31 @@ impl Executor {
             .await
             .map_err(|e| Error::Storage(format!("a query task failed: {e}")))?
     }
+}
+
+#[async_trait::async_trait]
+impl PlanExecutor for LocalExecutor {
+    /// The runtime environment every question's session shares (memory pool, spill files).
+    fn env(&self) -> Arc<RuntimeEnv> {
+        Arc::clone(&self.env)
+    }
+
+    async fn collect(
+        &self,
+        ctx: SessionContext,
+        plan: LogicalPlan,
+        _audience: Arc<Audience>,
+    ) -> Result<Vec<RecordBatch>> {
+        self.run(async move { execute(&ctx, &plan).await }).await
+    }
+}
+
+/// Executes a checked plan as it is, without rewriting it again.
+async fn execute(ctx: &SessionContext, plan: &LogicalPlan) -> Result<Vec<RecordBatch>> {
+    let state = ctx.state();
+    let physical = state
+        .query_planner()
+        .create_physical_plan(plan, &state)
+        .await?;
+    Ok(datafusion::physical_plan::collect(physical, ctx.task_ctx()).await?)
 }

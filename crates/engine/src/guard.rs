@@ -45,7 +45,7 @@ use datafusion::prelude::SessionContext;
 use sha2::{Digest, Sha256};
 
 use crate::audience::{AudienceOf, Audiences};
-use crate::executor::{Executor, ExecutorConfig};
+use crate::executor::{ExecutorConfig, PlanExecutor};
 use crate::store::{CommitRecord, Snapshot, Staging, Store, WriteFacts};
 use crate::views::SafeViews;
 use crate::{Error, Result};
@@ -255,8 +255,9 @@ pub struct Guard {
     noise_key: [u8; 32],
     /// The audiences' shared parts (matched lists, consent states).
     audiences: Audiences,
-    /// Where questions execute (memory pool, query threads, plans at once).
-    executor: Executor,
+    /// Where questions execute (this machine's memory pool, query threads and plans at once, or
+    /// a Ballista cluster).
+    executor: Arc<dyn PlanExecutor>,
     ledger: RhoLedger,
     answers: answers::Answers,
     lists: Mutex<Lists>,
@@ -417,7 +418,7 @@ impl Guard {
         Ok(Self {
             noise_key: secret.guard_key("noise"),
             audiences: Audiences::default(),
-            executor: Executor::new(executor)?,
+            executor: crate::executor::from_config(executor)?,
             ledger: RhoLedger::open(ledger)?,
             answers: answers::Answers::open(dir.join("answers"))?,
             lists: Mutex::new(Lists::open(uploads)),
@@ -713,16 +714,15 @@ impl Guard {
             })
             .await?;
         self.check_audience(question, noise, audience.len())?;
-        let views = SafeViews::of(&request.snapshot, audience)?;
+        let views = SafeViews::of(&request.snapshot, Arc::clone(&audience))?;
         let ctx = views.session_in(self.executor.env())?;
         // Planned again over the real views: the same SQL and schemas give the same checks.
         let offset = request.rules.retailer.utc_offset_minutes;
         let values = param_values(&question.params, offset);
         let checked = checked_plan(&ctx, &request.query.sql, values, &question.policy).await?;
-        let runs = checked.runs.clone();
         let batches = self
             .executor
-            .run(async move { plan::execute(&ctx, &runs).await })
+            .collect(ctx, checked.runs.clone(), audience)
             .await?;
         let cells = self.fold(&batches, &checked.shape, question)?;
         self.release(question, noise, &checked.shape, &cells)
@@ -778,6 +778,10 @@ impl Guard {
         let mut cells: HashMap<usize, CellData> = HashMap::new();
         let mut members_capped = 0;
         for (member, mut rows) in per_member {
+            // A member's rows in a fixed order (they arrive in whatever order the plan's
+            // partitions finish, here or on a cluster), so which rows the cap keeps cannot depend
+            // on it.
+            rows.sort_unstable();
             if rows.len() > cap {
                 members_capped += 1;
                 rows.sort_by_key(|(cell, _)| {

@@ -136,8 +136,8 @@ fn bound_params(
 /// baseline, the same join and aggregate as a query with no audience, no guard and no noise.
 pub fn raw_session(snapshot: &Snapshot) -> Result<datafusion::prelude::SessionContext> {
     let ctx = datafusion::prelude::SessionContext::new();
-    let members: Vec<_> = snapshot.members.iter().collect();
-    let purchases: Vec<_> = snapshot.purchases.iter().collect();
+    let members = views::paths(&snapshot.members);
+    let purchases = views::paths(&snapshot.purchases);
     ctx.register_table(
         "members",
         views::file_table(crate::ingest::members_schema(), &members)?,

@@ -6,6 +6,7 @@
 //! table is ever copied for a question.
 
 use std::collections::{HashMap, HashSet};
+use std::path::Path;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
@@ -30,6 +31,9 @@ use crate::ingest::{members_schema, purchases_schema};
 use crate::store::{PartnerList, Snapshot, TableFile};
 
 mod filter;
+mod standard;
+
+pub(crate) use standard::{audience_schema, with_standard_scans};
 
 /// Names of the tables a query may read. Nothing else is registered in a query's session.
 pub const SAFE_VIEWS: &[&str] = &["members", "purchases"];
@@ -59,14 +63,8 @@ impl SafeViews {
     /// The views of `snapshot`'s tables over `audience`: only its members' rows are scanned out,
     /// and `members` carries each one's partner attribute.
     pub fn of(snapshot: &Snapshot, audience: Arc<Audience>) -> Result<Self> {
-        let members = file_table(
-            members_schema(),
-            &snapshot.members.iter().collect::<Vec<_>>(),
-        )?;
-        let purchases = file_table(
-            purchases_schema(),
-            &snapshot.purchases.iter().collect::<Vec<_>>(),
-        )?;
+        let members = file_table(members_schema(), &paths(&snapshot.members))?;
+        let purchases = file_table(purchases_schema(), &paths(&snapshot.purchases))?;
         Ok(Self {
             members: Arc::new(SafeView::new(
                 members_view_schema(),
@@ -112,19 +110,21 @@ impl SafeViews {
     }
 }
 
+/// The paths of a table's committed files.
+pub(crate) fn paths<'a>(files: impl IntoIterator<Item = &'a TableFile>) -> Vec<&'a Path> {
+    files.into_iter().map(|f| f.path.as_path()).collect()
+}
+
 /// A retailer table: its committed Parquet files, read by DataFusion (projection and predicate
 /// pushed into the scan, row groups and pages pruned by their statistics). The files are named
 /// one by one, never listed from the directory, so a file no commit named is never read.
-pub(crate) fn file_table(
-    schema: Arc<Schema>,
-    files: &[&TableFile],
-) -> Result<Arc<dyn TableProvider>> {
+pub(crate) fn file_table(schema: Arc<Schema>, files: &[&Path]) -> Result<Arc<dyn TableProvider>> {
     if files.is_empty() {
         return Ok(Arc::new(MemTable::try_new(schema, vec![Vec::new()])?));
     }
     let urls = files
         .iter()
-        .map(|f| ListingTableUrl::parse(f.path.to_string_lossy()))
+        .map(|f| ListingTableUrl::parse(f.to_string_lossy()))
         .collect::<datafusion::error::Result<Vec<_>>>()?;
     let options =
         ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");

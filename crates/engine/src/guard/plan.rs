@@ -8,8 +8,6 @@
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
-use datafusion::arrow::record_batch::RecordBatch;
-
 use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
 use datafusion::common::{Column, DFSchema, ParamValues, ScalarValue};
 use datafusion::logical_expr::utils::split_conjunction;
@@ -98,16 +96,6 @@ pub(crate) fn plan_that_runs(ctx: &SessionContext, plan: &LogicalPlan) -> Result
     })?;
     fallible::check_plan_that_runs(&optimized)?;
     Ok(optimized)
-}
-
-/// Executes a plan returned by [`plan_that_runs`] as it is, without rewriting it again.
-pub(crate) async fn execute(ctx: &SessionContext, plan: &LogicalPlan) -> Result<Vec<RecordBatch>> {
-    let state = ctx.state();
-    let physical = state
-        .query_planner()
-        .create_physical_plan(plan, &state)
-        .await?;
-    Ok(datafusion::physical_plan::collect(physical, ctx.task_ctx()).await?)
 }
 
 /// What the guard needs to know of an accepted plan to run it member by member.
