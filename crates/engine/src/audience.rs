@@ -320,12 +320,21 @@ pub(crate) fn for_each_event(
 
 /// Calls `f` with the consent events for `purpose` in one batch of the consent table.
 fn events_of(batch: &RecordBatch, purpose: &str, f: &mut impl FnMut(i64, Event)) {
-    let members = batch.column(0).as_primitive::<Int64Type>();
-    let purposes = batch.column(1).as_string::<i32>();
-    let versions = batch.column(2).as_primitive::<UInt32Type>();
-    let actions = batch.column(3).as_string::<i32>();
-    let ats = batch.column(4).as_primitive::<TimestampMicrosecondType>();
-    let expiries = batch.column(6).as_primitive::<TimestampMicrosecondType>();
+    use crate::tables::consent;
+    let members = batch
+        .column(consent::MEMBER_KEY)
+        .as_primitive::<Int64Type>();
+    let purposes = batch.column(consent::PURPOSE).as_string::<i32>();
+    let versions = batch
+        .column(consent::NOTICE_VERSION)
+        .as_primitive::<UInt32Type>();
+    let actions = batch.column(consent::ACTION).as_string::<i32>();
+    let ats = batch
+        .column(consent::AT)
+        .as_primitive::<TimestampMicrosecondType>();
+    let expiries = batch
+        .column(consent::EXPIRES_AT)
+        .as_primitive::<TimestampMicrosecondType>();
     for i in 0..batch.num_rows() {
         if purposes.value(i) != purpose {
             continue;

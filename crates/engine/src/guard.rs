@@ -242,7 +242,7 @@ impl Answer {
 pub struct ListUpload<'a> {
     /// The partner, admitted under its contract.
     pub partner: AdmittedPartner<'a>,
-    /// The hashed list, staged (`ingest::tokens_schema(true)` rows).
+    /// The hashed list, staged (`tables::tokens::schema(true)` rows).
     pub list: Staging,
     /// What the upload was, for the store's record of it.
     pub facts: WriteFacts,

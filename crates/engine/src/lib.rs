@@ -15,6 +15,7 @@ pub mod ingest;
 #[cfg(feature = "measurement")]
 pub mod measurement;
 pub mod store;
+pub mod tables;
 mod views;
 
 pub use views::consent_counts;

@@ -140,11 +140,11 @@ pub fn raw_session(snapshot: &Snapshot) -> Result<datafusion::prelude::SessionCo
     let purchases = views::paths(&snapshot.purchases);
     ctx.register_table(
         "members",
-        views::file_table(crate::ingest::members_schema(), &members)?,
+        views::file_table(crate::tables::members::schema(), &members)?,
     )?;
     ctx.register_table(
         "purchases",
-        views::file_table(crate::ingest::purchases_schema(), &purchases)?,
+        views::file_table(crate::tables::purchases::schema(), &purchases)?,
     )?;
     Ok(ctx)
 }

@@ -51,7 +51,7 @@ pub struct PartnerList {
 }
 
 impl PartnerList {
-    /// The list's rows (`tokens_schema(true)`), a batch at a time.
+    /// The list's rows (`tables::tokens::schema(true)`), a batch at a time.
     pub fn batches(&self) -> Result<impl Iterator<Item = Result<RecordBatch>> + use<>> {
         Ok(parquet_batches(&self.file)?.map(|batch| Ok(batch?)))
     }

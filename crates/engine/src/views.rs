@@ -27,8 +27,8 @@ use datafusion::prelude::{SessionConfig, SessionContext};
 
 use crate::Result;
 use crate::audience::{Audience, MemberMap};
-use crate::ingest::{members_schema, purchases_schema};
 use crate::store::{PartnerList, Snapshot, TableFile};
+use crate::tables::{self, tokens};
 
 mod filter;
 mod standard;
@@ -42,36 +42,44 @@ pub const SAFE_VIEWS: &[&str] = &["members", "purchases"];
 /// counted, never output.
 pub const MEMBER_KEY: &str = "member_key";
 
+/// The `members` view's column carrying the partner's attribute of each member.
+pub const PARTNER_ATTRIBUTE: &str = "partner_attribute";
+
+/// Where both tables under the views keep the member key.
+const KEY_COLUMN: usize = tables::members::MEMBER_KEY;
+const _: () = assert!(tables::purchases::MEMBER_KEY == KEY_COLUMN);
+
 /// Safe views built for one query: the retailer's tables, each scanned through its audience.
 pub struct SafeViews {
     members: Arc<SafeView>,
     purchases: Arc<SafeView>,
 }
 
-/// Schema of the `members` view.
+/// Schema of the `members` view: the member table's columns, then the partner attribute.
 pub fn members_view_schema() -> Arc<Schema> {
-    Arc::new(Schema::new(vec![
-        Field::new(MEMBER_KEY, DataType::Int64, false),
-        Field::new("age_band", DataType::Utf8, false),
-        Field::new("prefecture", DataType::Utf8, false),
-        Field::new("gender", DataType::Utf8, false),
-        Field::new("partner_attribute", DataType::Utf8, false),
-    ]))
+    let table = tables::members::schema();
+    let mut fields: Vec<Field> = table.fields().iter().map(|f| f.as_ref().clone()).collect();
+    fields.push(Field::new(PARTNER_ATTRIBUTE, DataType::Utf8, false));
+    Arc::new(Schema::new(fields))
 }
 
 impl SafeViews {
     /// The views of `snapshot`'s tables over `audience`: only its members' rows are scanned out,
     /// and `members` carries each one's partner attribute.
     pub fn of(snapshot: &Snapshot, audience: Arc<Audience>) -> Result<Self> {
-        let members = file_table(members_schema(), &paths(&snapshot.members))?;
-        let purchases = file_table(purchases_schema(), &paths(&snapshot.purchases))?;
+        let members = file_table(tables::members::schema(), &paths(&snapshot.members))?;
+        let purchases = file_table(tables::purchases::schema(), &paths(&snapshot.purchases))?;
         Ok(Self {
             members: Arc::new(SafeView::new(
                 members_view_schema(),
                 members,
                 Arc::clone(&audience),
             )),
-            purchases: Arc::new(SafeView::new(purchases_schema(), purchases, audience)),
+            purchases: Arc::new(SafeView::new(
+                tables::purchases::schema(),
+                purchases,
+                audience,
+            )),
         })
     }
 
@@ -201,10 +209,10 @@ impl TableProvider for SafeView {
         // View columns are the table's, in order, then (for members) the partner attribute.
         let stored = self.source.schema().fields().len();
         let mut read: Vec<usize> = wanted.iter().copied().filter(|c| *c < stored).collect();
-        let key = match read.iter().position(|c| *c == 0) {
+        let key = match read.iter().position(|c| *c == KEY_COLUMN) {
             Some(at) => at,
             None => {
-                read.push(0);
+                read.push(KEY_COLUMN);
                 read.len() - 1
             }
         };
@@ -246,17 +254,21 @@ pub fn matched_members(
         datafusion::common::HashMap::default();
     for batch in tokens.batches()? {
         let batch = batch?;
-        let versions = batch.column(1).as_primitive::<UInt32Type>();
-        let macs = batch.column(2).as_fixed_size_binary();
+        let versions = batch
+            .column(tokens::KEY_VERSION)
+            .as_primitive::<UInt32Type>();
+        let macs = batch.column(tokens::MAC).as_fixed_size_binary();
         for i in 0..batch.num_rows() {
             in_list.insert(token_key(versions.value(i), macs.value(i)), None);
         }
     }
     for batch in list.batches()? {
         let batch = batch?;
-        let versions = batch.column(1).as_primitive::<UInt32Type>();
-        let macs = batch.column(2).as_fixed_size_binary();
-        let attributes = batch.column(3).as_string::<i32>();
+        let versions = batch
+            .column(tokens::KEY_VERSION)
+            .as_primitive::<UInt32Type>();
+        let macs = batch.column(tokens::MAC).as_fixed_size_binary();
+        let attributes = batch.column(tokens::ATTRIBUTE).as_string::<i32>();
         for i in 0..batch.num_rows() {
             if let Some(slot @ None) = in_list.get_mut(&token_key(versions.value(i), macs.value(i)))
             {
@@ -271,9 +283,11 @@ pub fn matched_members(
     let mut matched = MemberMap::default();
     for batch in tokens.batches()? {
         let batch = batch?;
-        let owners = batch.column(0).as_primitive::<Int64Type>();
-        let versions = batch.column(1).as_primitive::<UInt32Type>();
-        let macs = batch.column(2).as_fixed_size_binary();
+        let owners = batch.column(tokens::OWNER).as_primitive::<Int64Type>();
+        let versions = batch
+            .column(tokens::KEY_VERSION)
+            .as_primitive::<UInt32Type>();
+        let macs = batch.column(tokens::MAC).as_fixed_size_binary();
         for i in 0..batch.num_rows() {
             if let Some(Some(attribute)) = in_list.get(&token_key(versions.value(i), macs.value(i)))
             {

@@ -18,11 +18,8 @@ use datafusion::logical_expr::{
     EmptyRelation, Expr, JoinType, LogicalPlan, LogicalPlanBuilder, TableScan,
 };
 
-use super::{MEMBER_KEY, SafeView, file_table};
+use super::{MEMBER_KEY, PARTNER_ATTRIBUTE as ATTRIBUTE, SafeView, file_table};
 use crate::{Error, Result};
-
-/// The audience file's name for the member key's partner attribute.
-const ATTRIBUTE: &str = "partner_attribute";
 
 /// The audience file's schema: each member of the audience and its partner attribute.
 pub(crate) fn audience_schema() -> Arc<Schema> {

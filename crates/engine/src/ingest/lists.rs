@@ -1,0 +1,153 @@
+//! A partner's customer list: raw identifiers hashed here, or tokens made by `cleanroom prep`
+//! checked, one row per token.
+
+use cleanroom_core::normalize::{self, Rejection};
+use cleanroom_core::rules::Partner;
+use cleanroom_core::token::{CollaborationKey, Token};
+
+use super::tokens::TokenBuilder;
+use super::{Ingest, IngestReport, Sink, Table, flush};
+use crate::Result;
+
+/// One record of a partner's customer list: raw identifiers or pre-computed tokens.
+#[derive(Debug, Clone, Default)]
+pub struct ListInput {
+    /// Raw email.
+    pub email: String,
+    /// Raw phone.
+    pub phone: String,
+    /// Token of the normalized email, from `cleanroom prep`.
+    pub email_token: String,
+    /// Token of the normalized phone, from `cleanroom prep`.
+    pub phone_token: String,
+    /// The partner's attribute; one of its declared values, or empty.
+    pub attribute: String,
+}
+
+/// A partner's customer list being ingested: one row per token, `owner` being the record number
+/// in the stream, so that a customer given by both email and phone still counts once.
+pub struct ListIngest {
+    attribute_values: Vec<String>,
+    key: CollaborationKey,
+    strict: bool,
+    rows: TokenBuilder,
+    report: IngestReport,
+}
+
+impl Ingest for ListIngest {
+    type Input = ListInput;
+
+    fn push(&mut self, records: Vec<ListInput>, sink: &mut dyn Sink) -> Result<()> {
+        for record in records {
+            let index = self.report.next_index();
+            self.customer(index, &record)?;
+        }
+        flush(&mut self.rows, &Table::List, sink, false)
+    }
+
+    fn finish(mut self, sink: &mut dyn Sink) -> Result<IngestReport> {
+        flush(&mut self.rows, &Table::List, sink, true)?;
+        Ok(self.report)
+    }
+}
+
+impl ListIngest {
+    /// Starts a list of `partner`'s, hashed (or its tokens checked) under `key`.
+    pub fn new(partner: &Partner, key: CollaborationKey, strict: bool) -> Self {
+        Self {
+            attribute_values: partner.attribute_values.clone(),
+            key,
+            strict,
+            rows: TokenBuilder::new(true),
+            report: IngestReport::default(),
+        }
+    }
+
+    fn customer(&mut self, index: usize, r: &ListInput) -> Result<()> {
+        let strict = self.strict;
+        let has_raw = !r.email.trim().is_empty() || !r.phone.trim().is_empty();
+        let has_tokens = !r.email_token.trim().is_empty() || !r.phone_token.trim().is_empty();
+        let attribute = r.attribute.trim();
+        if has_raw && has_tokens {
+            return self
+                .report
+                .reject(index, "record: mixes raw identifiers and tokens", strict);
+        }
+        if !has_raw && !has_tokens {
+            return self.report.reject(index, "record: no identifier", strict);
+        }
+        if !attribute.is_empty() && !self.attribute_values.iter().any(|v| v == attribute) {
+            return self.report.reject(
+                index,
+                "attribute: not one of the partner's declared values",
+                strict,
+            );
+        }
+        let (tokens, rejected) = if has_raw {
+            self.hashed(index, r)?
+        } else {
+            self.checked(index, r)?
+        };
+        // A record with one bad identifier still counts through its good one.
+        if tokens.is_empty() {
+            if !rejected {
+                self.report.reject(index, "record: no identifier", strict)?;
+            }
+            return Ok(());
+        }
+        let owner = i64::try_from(index).unwrap_or(i64::MAX);
+        let attribute = (!attribute.is_empty()).then_some(attribute);
+        for token in tokens {
+            self.rows.push(owner, token, attribute)?;
+        }
+        self.report.accepted += 1;
+        Ok(())
+    }
+
+    /// Tokens of a record's raw identifiers, and whether one was rejected.
+    fn hashed(&mut self, index: usize, r: &ListInput) -> Result<(Vec<Token>, bool)> {
+        let mut tokens = Vec::with_capacity(2);
+        let mut rejected = false;
+        for (raw, normalize) in [
+            (
+                &r.email,
+                normalize::email as fn(&str) -> Result<String, Rejection>,
+            ),
+            (&r.phone, normalize::phone),
+        ] {
+            if raw.trim().is_empty() {
+                continue;
+            }
+            match normalize(raw) {
+                Ok(normalized) => tokens.push(self.key.token(&normalized)),
+                Err(reason) => {
+                    self.report.reject(index, reason.0, self.strict)?;
+                    rejected = true;
+                }
+            }
+        }
+        Ok((tokens, rejected))
+    }
+
+    /// A record's pre-computed tokens, checked, and whether one was rejected.
+    fn checked(&mut self, index: usize, r: &ListInput) -> Result<(Vec<Token>, bool)> {
+        let mut tokens = Vec::with_capacity(2);
+        let mut rejected = false;
+        for text in [&r.email_token, &r.phone_token] {
+            if text.trim().is_empty() {
+                continue;
+            }
+            let reason = match text.parse::<Token>() {
+                Ok(token) if token.version == self.key.version => {
+                    tokens.push(token);
+                    continue;
+                }
+                Ok(_) => "token: key version is not the collaboration's current one",
+                Err(_) => "token: malformed",
+            };
+            self.report.reject(index, reason, self.strict)?;
+            rejected = true;
+        }
+        Ok((tokens, rejected))
+    }
+}
