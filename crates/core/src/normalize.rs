@@ -29,7 +29,67 @@ fn nfkc(raw: &str) -> std::borrow::Cow<'_, str> {
 /// Normalizes an email address: NFKC, trim, ASCII lowercase, and for gmail.com only, remove the
 /// dots of the local part and drop everything from the first `+`.
 pub fn email(raw: &str) -> Result<String, Rejection> {
-    let folded = nfkc(raw);
+    if raw.is_ascii() {
+        // Most e-mails of an export: one pass over the bytes instead of several over the text.
+        return email_ascii(raw.as_bytes());
+    }
+    email_reference(&nfkc(raw))
+}
+
+/// Whitespace as `char::is_whitespace` sees it, among ASCII bytes.
+fn ascii_space(b: &u8) -> bool {
+    matches!(b, b'\t'..=b'\r' | b' ')
+}
+
+/// [`email`] for ASCII input: the same checks in the same order, so the same result and the
+/// same rejection (a property test holds it to [`email_reference`]), with one allocation.
+fn email_ascii(raw: &[u8]) -> Result<String, Rejection> {
+    let Some(start) = raw.iter().position(|b| !ascii_space(b)) else {
+        return Err(Rejection("email: empty"));
+    };
+    let end = raw
+        .iter()
+        .rposition(|b| !ascii_space(b))
+        .map_or(start, |e| e + 1);
+    let trimmed = &raw[start..end];
+    if trimmed.iter().any(ascii_space) {
+        return Err(Rejection("email: contains whitespace"));
+    }
+    let Some(at) = trimmed.iter().position(|b| *b == b'@') else {
+        return Err(Rejection("email: no @"));
+    };
+    let (local, domain) = (&trimmed[..at], &trimmed[at + 1..]);
+    if domain.contains(&b'@') {
+        return Err(Rejection("email: more than one @"));
+    }
+    if local.is_empty() {
+        return Err(Rejection("email: empty local part"));
+    }
+    if domain.is_empty()
+        || !domain.contains(&b'.')
+        || domain.starts_with(b".")
+        || domain.ends_with(b".")
+    {
+        return Err(Rejection("email: invalid domain"));
+    }
+    let mut out = String::with_capacity(trimmed.len());
+    let lower = |b: &u8| char::from(b.to_ascii_lowercase());
+    if domain.eq_ignore_ascii_case(b"gmail.com") {
+        let without_tag = local.split(|b| *b == b'+').next().unwrap_or_default();
+        out.extend(without_tag.iter().filter(|b| **b != b'.').map(lower));
+        if out.is_empty() {
+            return Err(Rejection("email: empty local part"));
+        }
+        out.push('@');
+        out.extend(domain.iter().map(lower));
+        return Ok(out);
+    }
+    out.extend(trimmed.iter().map(lower));
+    Ok(out)
+}
+
+/// [`email`] on any text, already in NFKC: the rules as written.
+fn email_reference(folded: &str) -> Result<String, Rejection> {
     let trimmed = folded.trim();
     if trimmed.is_empty() {
         return Err(Rejection("email: empty"));
@@ -150,7 +210,33 @@ mod tests {
         assert!(!err.0.contains(secret));
     }
 
+    #[test]
+    fn ascii_emails_take_the_fast_path_to_the_same_result() {
+        for raw in [
+            " Taro.Yamada+shop@GMail.com ",
+            "a@b.c",
+            "+@gmail.com",
+            "..@gmail.com",
+            "a@@b.c",
+            "a b@c.d",
+            "\x0b",
+            "x@.jp",
+            "x@jp.",
+            "@x.jp",
+            "x\x0b@y.jp",
+        ] {
+            assert_eq!(email_ascii(raw.as_bytes()), email_reference(raw), "{raw:?}");
+        }
+    }
+
     proptest! {
+        #[test]
+        fn the_ascii_fast_path_agrees_with_the_rules_as_written(
+            s in "[ \t\x0b\x0c\r\naAzZ09@.+_-]{0,24}(@(gmail|GMAIL|example)?[.]?(com|jp)?[.]?)?"
+        ) {
+            prop_assert_eq!(email_ascii(s.as_bytes()), email_reference(&s));
+        }
+
         #[test]
         fn email_normalization_is_idempotent(s in "\\PC{0,40}") {
             if let Ok(once) = email(&s) {

@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
 use datafusion::common::{Column, DFSchema, ParamValues, ScalarValue};
+use datafusion::functions_aggregate::expr_fn::count;
 use datafusion::logical_expr::utils::split_conjunction;
 use datafusion::logical_expr::{
     Aggregate, BinaryExpr, Expr, Filter, JoinType, LogicalPlan, Operator, Projection, SubqueryAlias,
@@ -287,16 +288,39 @@ pub(crate) fn check_plan(plan: &LogicalPlan, policy: &Policy) -> Result<Shape> {
 /// The plan that computes every output aggregate per member and row: the output aggregate grouped
 /// by its dimensions and the member key. Its columns are the group expressions, the member key,
 /// then the aggregates.
+///
+/// A count of the row's distinct members is released as the row's noisy member count, so one
+/// member's own value of it is never read: per member it is computed as a plain count, not as a
+/// distinct count (a hash set per member and row, most of a question's time at a million
+/// members), in the same place, so every other aggregate keeps its column.
 pub(crate) fn per_member_plan(shape: &Shape) -> Result<LogicalPlan> {
     let a = &shape.aggregate;
     let (qualifier, field) = a.input.schema().qualified_field(shape.member_index);
     let member = Expr::Column(Column::new(qualifier.cloned(), field.name()));
     let mut group_expr = a.group_expr.clone();
-    group_expr.push(member);
+    group_expr.push(member.clone());
+    let member_count = |i: usize| {
+        shape
+            .metrics
+            .iter()
+            .any(|m| m.member_count && m.aggregate == i)
+    };
+    let aggr_expr = a
+        .aggr_expr
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            if member_count(i) {
+                count(member.clone()).alias(e.schema_name().to_string())
+            } else {
+                e.clone()
+            }
+        })
+        .collect();
     Ok(LogicalPlan::Aggregate(Aggregate::try_new(
         Arc::clone(&a.input),
         group_expr,
-        a.aggr_expr.clone(),
+        aggr_expr,
     )?))
 }
 
