@@ -9,6 +9,11 @@
 //! while others that need it wait for that one computation, and kept for the next. Consent is
 //! then judged at the question's own instant from the kept events, so a withdrawal or an expiry
 //! counts at the next question, as at query time it must.
+//!
+//! What they hold counts against the service's query memory pool ([`Audiences::charged_to`]): the
+//! kept parts as long as they are kept (or used), each question's audience while it is answered.
+//! When the pool cannot hold a new part, the other kept parts are forgotten first; if it still
+//! cannot, the question is short of memory like any other and is answered "ask again".
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
@@ -19,6 +24,7 @@ use cleanroom_core::consent::{self, Action, Event, Requirement};
 use cleanroom_core::rules::UNKNOWN_ATTRIBUTE;
 use datafusion::arrow::array::{Array, AsArray, RecordBatch};
 use datafusion::arrow::datatypes::{Int64Type, TimestampMicrosecondType, UInt32Type};
+use datafusion::execution::memory_pool::{MemoryConsumer, MemoryPool, MemoryReservation};
 use tokio::sync::OnceCell;
 
 use crate::store::{PartnerList, Snapshot};
@@ -54,6 +60,8 @@ pub struct Audience {
     /// Member → index of its attribute in `attributes`.
     members: MemberMap<u32>,
     attributes: Vec<String>,
+    /// Its memory, charged to the query pool while the question holds it.
+    charge: Option<MemoryReservation>,
 }
 
 impl Audience {
@@ -92,6 +100,8 @@ impl Audience {
 pub struct Matched {
     members: MemberMap<u32>,
     attributes: Vec<String>,
+    /// Its memory, charged to the query pool while it is kept or used.
+    charge: Option<MemoryReservation>,
 }
 
 impl Matched {
@@ -116,6 +126,54 @@ impl Matched {
 #[derive(Debug, Default)]
 pub struct ConsentState {
     latest: MemberMap<Event>,
+    /// Its memory, charged to the query pool while it is kept or used.
+    charge: Option<MemoryReservation>,
+}
+
+/// What a computed part holds on the heap (its maps' tables and its attribute texts), as charged
+/// to the query memory pool.
+trait HeapBytes {
+    fn heap_bytes(&self) -> usize;
+    fn charge_with(&mut self, charge: Option<MemoryReservation>);
+}
+
+/// A member map's table: its slots and one control byte each.
+fn map_bytes<V>(map: &MemberMap<V>) -> usize {
+    map.capacity() * (std::mem::size_of::<(i64, V)>() + 1)
+}
+
+fn text_bytes(texts: &[String]) -> usize {
+    texts
+        .iter()
+        .map(|t| t.capacity() + std::mem::size_of::<String>())
+        .sum()
+}
+
+impl HeapBytes for Audience {
+    fn heap_bytes(&self) -> usize {
+        map_bytes(&self.members) + text_bytes(&self.attributes)
+    }
+    fn charge_with(&mut self, charge: Option<MemoryReservation>) {
+        self.charge = charge;
+    }
+}
+
+impl HeapBytes for Matched {
+    fn heap_bytes(&self) -> usize {
+        map_bytes(&self.members) + text_bytes(&self.attributes)
+    }
+    fn charge_with(&mut self, charge: Option<MemoryReservation>) {
+        self.charge = charge;
+    }
+}
+
+impl HeapBytes for ConsentState {
+    fn heap_bytes(&self) -> usize {
+        map_bytes(&self.latest)
+    }
+    fn charge_with(&mut self, charge: Option<MemoryReservation>) {
+        self.charge = charge;
+    }
 }
 
 /// Computed parts kept for the next question, a few of each.
@@ -128,6 +186,8 @@ type Cell<T> = Arc<OnceCell<Arc<T>>>;
 pub struct Audiences {
     matched: Mutex<VecDeque<(String, Cell<Matched>)>>,
     consent: Mutex<VecDeque<(String, Cell<ConsentState>)>>,
+    /// The query memory pool their memory is charged to (none: not charged).
+    pool: Option<Arc<dyn MemoryPool>>,
 }
 
 /// What a question's audience depends on.
@@ -147,6 +207,14 @@ pub struct AudienceOf<'a> {
 }
 
 impl Audiences {
+    /// Audiences whose memory is charged to `pool`, the query memory pool.
+    pub fn charged_to(pool: Arc<dyn MemoryPool>) -> Self {
+        Self {
+            pool: Some(pool),
+            ..Self::default()
+        }
+    }
+
     /// The audience of a question: matched and consent state shared with other questions,
     /// consent judged at `of.now`.
     pub async fn audience(&self, of: AudienceOf<'_>) -> Result<Arc<Audience>> {
@@ -154,7 +222,39 @@ impl Audiences {
         let state = self.consent_state(of.snapshot, of.purpose).await?;
         let (snapshot, purpose) = (Arc::clone(of.snapshot), of.purpose.to_string());
         let (requirement, now) = (of.requirement, of.now);
-        blocking(move || judge(&snapshot, &matched, &state, &purpose, &requirement, now)).await
+        let audience =
+            blocking(move || judge(&snapshot, &matched, &state, &purpose, &requirement, now))
+                .await?;
+        self.charged("question audience", audience)
+    }
+
+    /// `part` with its memory charged to the pool. When the pool cannot take it, every kept part
+    /// is forgotten (those in use stay charged until their questions end) and it is tried once
+    /// more; then the pool's refusal is the question's: short of memory, ask again.
+    fn charged<T: HeapBytes>(&self, what: &str, mut part: T) -> Result<Arc<T>> {
+        let Some(pool) = &self.pool else {
+            return Ok(Arc::new(part));
+        };
+        let bytes = part.heap_bytes();
+        let charge = MemoryConsumer::new(what).register(pool);
+        if charge.try_grow(bytes).is_err() {
+            self.forget_all();
+            charge.try_grow(bytes)?;
+        }
+        part.charge_with(Some(charge));
+        Ok(Arc::new(part))
+    }
+
+    /// Forgets every kept part, so that the memory they hold goes back to the pool.
+    fn forget_all(&self) {
+        self.matched
+            .lock()
+            .expect("audience cache lock poisoned")
+            .clear();
+        self.consent
+            .lock()
+            .expect("audience cache lock poisoned")
+            .clear();
     }
 
     /// Computes and keeps what the questions of `contract_id` on `snapshot` will share (its
@@ -181,9 +281,12 @@ impl Audiences {
         let cell = kept(&self.matched, key);
         let (snapshot, contract, list) =
             (Arc::clone(snapshot), contract_id.to_string(), list.clone());
-        cell.get_or_try_init(|| blocking(move || match_list(&snapshot, &contract, &list)))
-            .await
-            .cloned()
+        cell.get_or_try_init(|| async {
+            let matched = blocking(move || match_list(&snapshot, &contract, &list)).await?;
+            self.charged("matched list", matched)
+        })
+        .await
+        .cloned()
     }
 
     async fn consent_state(
@@ -194,9 +297,12 @@ impl Audiences {
         let key = format!("{purpose}|{}", snapshot.consent_snapshot_id);
         let cell = kept(&self.consent, key);
         let (snapshot, purpose) = (Arc::clone(snapshot), purpose.to_string());
-        cell.get_or_try_init(|| blocking(move || consent_state(&snapshot, &purpose)))
-            .await
-            .cloned()
+        cell.get_or_try_init(|| async {
+            let state = blocking(move || consent_state(&snapshot, &purpose)).await?;
+            self.charged("consent state", state)
+        })
+        .await
+        .cloned()
     }
 }
 
@@ -217,11 +323,10 @@ fn kept<T>(cells: &Mutex<VecDeque<(String, Cell<T>)>>, key: String) -> Cell<T> {
 /// Work in proportion to the data, off the async workers.
 async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> Result<T> + Send + 'static,
-) -> Result<Arc<T>> {
+) -> Result<T> {
     tokio::task::spawn_blocking(work)
         .await
         .map_err(|e| Error::Storage(format!("computing an audience: {e}")))?
-        .map(Arc::new)
 }
 
 /// The members whose tokens for this collaboration appear in the list, with the attribute of the
@@ -258,6 +363,7 @@ fn consent_state(snapshot: &Snapshot, purpose: &str) -> Result<ConsentState> {
             .into_iter()
             .filter_map(|(member, event)| Some((member, event?)))
             .collect(),
+        charge: None,
     })
 }
 
@@ -273,6 +379,7 @@ fn judge(
     let mut audience = Audience {
         members: MemberMap::default(),
         attributes: matched.attributes.clone(),
+        charge: None,
     };
     let mut later: HashSet<i64> = HashSet::new();
     for (member, attribute) in &matched.members {
@@ -358,5 +465,48 @@ fn events_of(batch: &RecordBatch, purpose: &str, f: &mut impl FnMut(i64, Event))
                 expires_at,
             },
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use datafusion::execution::memory_pool::GreedyMemoryPool;
+
+    use super::*;
+
+    fn matched(members: i64) -> Matched {
+        let mut matched = Matched::default();
+        matched.attributes.push("owner".into());
+        for m in 0..members {
+            matched.members.insert(m, 0);
+        }
+        matched
+    }
+
+    #[test]
+    fn a_kept_part_is_charged_to_the_query_pool_until_dropped() {
+        let pool: Arc<dyn MemoryPool> = Arc::new(GreedyMemoryPool::new(1 << 20));
+        let audiences = Audiences::charged_to(Arc::clone(&pool));
+        let part = matched(10_000);
+        let bytes = part.heap_bytes();
+        assert!(bytes >= 10_000 * 12, "{bytes} bytes for 10,000 members");
+        let kept = audiences.charged("matched list", part).unwrap();
+        assert_eq!(pool.reserved(), bytes);
+        drop(kept);
+        assert_eq!(pool.reserved(), 0);
+    }
+
+    #[test]
+    fn a_part_the_pool_cannot_hold_is_short_of_memory() {
+        let pool: Arc<dyn MemoryPool> = Arc::new(GreedyMemoryPool::new(16 * 1024));
+        let audiences = Audiences::charged_to(Arc::clone(&pool));
+        let refused = audiences
+            .charged("matched list", matched(10_000))
+            .unwrap_err();
+        assert!(
+            matches!(&refused, Error::Engine(e) if matches!(e.find_root(), datafusion::error::DataFusionError::ResourcesExhausted(_))),
+            "{refused}"
+        );
+        assert_eq!(pool.reserved(), 0, "nothing stays charged");
     }
 }

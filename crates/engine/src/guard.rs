@@ -415,10 +415,11 @@ impl Guard {
     ) -> Result<Self> {
         let dir = data_dir.join("guard");
         std::fs::create_dir_all(&dir)?;
+        let executor = crate::executor::from_config(executor)?;
         Ok(Self {
             noise_key: secret.guard_key("noise"),
-            audiences: Audiences::default(),
-            executor: crate::executor::from_config(executor)?,
+            audiences: Audiences::charged_to(Arc::clone(&executor.env().memory_pool)),
+            executor,
             ledger: RhoLedger::open(ledger)?,
             answers: answers::Answers::open(dir.join("answers"))?,
             lists: Mutex::new(Lists::open(uploads)),
