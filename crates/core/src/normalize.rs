@@ -72,11 +72,14 @@ fn email_ascii(raw: &[u8]) -> Result<String, Rejection> {
     {
         return Err(Rejection("email: invalid domain"));
     }
-    let mut out = String::with_capacity(trimmed.len());
-    let lower = |b: &u8| char::from(b.to_ascii_lowercase());
     if domain.eq_ignore_ascii_case(b"gmail.com") {
+        let lower = |b: &u8| char::from(b.to_ascii_lowercase());
         let without_tag = local.split(|b| *b == b'+').next().unwrap_or_default();
-        out.extend(without_tag.iter().filter(|b| **b != b'.').map(lower));
+        let mut out: String = without_tag
+            .iter()
+            .filter(|b| **b != b'.')
+            .map(lower)
+            .collect();
         if out.is_empty() {
             return Err(Rejection("email: empty local part"));
         }
@@ -84,8 +87,10 @@ fn email_ascii(raw: &[u8]) -> Result<String, Rejection> {
         out.extend(domain.iter().map(lower));
         return Ok(out);
     }
-    out.extend(trimmed.iter().map(lower));
-    Ok(out)
+    // One copy, lowered in place (the input is ASCII, so it is UTF-8 as it is).
+    let mut out = trimmed.to_vec();
+    out.make_ascii_lowercase();
+    Ok(String::from_utf8(out).expect("ASCII is UTF-8"))
 }
 
 /// [`email`] on any text, already in NFKC: the rules as written.

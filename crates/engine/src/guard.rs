@@ -779,11 +779,12 @@ impl Guard {
         let mut cells: HashMap<usize, CellData> = HashMap::new();
         let mut members_capped = 0;
         for (member, mut rows) in per_member {
-            // A member's rows in a fixed order (they arrive in whatever order the plan's
-            // partitions finish, here or on a cluster), so which rows the cap keeps cannot depend
-            // on it.
-            rows.sort_unstable();
             if rows.len() > cap {
+                // A member's rows in a fixed order first (they arrive in whatever order the
+                // plan's partitions finish, here or on a cluster), so which rows the cap keeps
+                // cannot depend on it. Uncapped, order does not matter: the sums below add
+                // values clamped to be non-negative, and a member counts once per cell.
+                rows.sort_unstable();
                 members_capped += 1;
                 rows.sort_by_key(|(cell, _)| {
                     let mut h = Sha256::new();
