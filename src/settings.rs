@@ -342,6 +342,22 @@ mod tests {
     }
 
     #[test]
+    fn a_cluster_must_be_a_ballista_scheduler_address() {
+        let with = |engine: &str| load(&format!("rules = \"r.toml\"\n[engine]\n{engine}\n"));
+        let refused = with("cluster = \"http://scheduler:50050\"").unwrap_err();
+        assert!(refused.to_string().contains("df://host:port"), "{refused}");
+        let refused = with("cluster_dir = \"shared\"").unwrap_err();
+        assert!(
+            refused.to_string().contains("without a cluster"),
+            "{refused}"
+        );
+        let settings = with("cluster = \"df://10.0.0.5:50050\"").unwrap();
+        let cluster = settings.engine_config().cluster.expect("a cluster");
+        assert_eq!(cluster.scheduler, "df://10.0.0.5:50050");
+        assert_eq!(cluster.shared_dir, settings.data_dir.join("cluster"));
+    }
+
+    #[test]
     fn the_example_configuration_loads() {
         let root = std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo test sets it");
         let example = Path::new(&root).join("config/cleanroom.example.toml");
