@@ -152,11 +152,18 @@ impl AudienceFile {
                 Arc::new(StringArray::from(attributes)),
             ],
         )?;
-        let mut writer =
-            ArrowWriter::try_new(std::fs::File::create(&partial)?, batch.schema(), None)?;
-        writer.write(&batch)?;
-        writer.close()?;
-        std::fs::rename(&partial, &path)?;
+        let written = (|| -> Result<()> {
+            let file = std::fs::File::create(&partial)?;
+            let mut writer = ArrowWriter::try_new(file, batch.schema(), None)?;
+            writer.write(&batch)?;
+            writer.close()?;
+            Ok(std::fs::rename(&partial, &path)?)
+        })();
+        if let Err(e) = written {
+            // A full disk leaves no half-written file behind.
+            let _ = std::fs::remove_file(&partial);
+            return Err(e);
+        }
         Ok(Self { digest, path })
     }
 }

@@ -32,15 +32,25 @@ pub(crate) fn audience_schema() -> Arc<Schema> {
 /// `plan` with every safe view's scan replaced by standard nodes over `audience_file`.
 pub(crate) fn with_standard_scans(plan: LogicalPlan, audience_file: &Path) -> Result<LogicalPlan> {
     let audience = file_table(audience_schema(), &[audience_file])?;
+    // The first refusal of a scan, kept as the guard's own error: passed through DataFusion's
+    // error type it would read as an execution failure.
+    let mut refused = None;
     let rewritten = plan.transform_up_with_subqueries(|node| {
         let LogicalPlan::TableScan(scan) = &node else {
             return Ok(Transformed::no(node));
         };
-        let standard = standard_scan(scan, &audience)
-            .map_err(|e| datafusion::error::DataFusionError::External(Box::new(e)))?;
-        Ok(Transformed::yes(standard))
+        match standard_scan(scan, &audience) {
+            Ok(standard) => Ok(Transformed::yes(standard)),
+            Err(e) => {
+                refused.get_or_insert(e);
+                Ok(Transformed::no(node))
+            }
+        }
     })?;
-    Ok(rewritten.data)
+    match refused {
+        Some(e) => Err(e),
+        None => Ok(rewritten.data),
+    }
 }
 
 /// The standard nodes for one scan of a safe view. Any other scan is refused: a checked plan
