@@ -72,9 +72,18 @@ impl Audience {
 
     /// A member's attribute, if the member is in the audience.
     pub fn attribute(&self, member: i64) -> Option<&str> {
-        self.members
-            .get(&member)
-            .map(|i| self.attributes[*i as usize].as_str())
+        self.attribute_index(member).map(|i| self.attribute_text(i))
+    }
+
+    /// Where a member's attribute is kept, if the member is in the audience (one look-up both
+    /// tests membership and finds the attribute).
+    pub fn attribute_index(&self, member: i64) -> Option<u32> {
+        self.members.get(&member).copied()
+    }
+
+    /// The attribute kept at `index` (from [`Audience::attribute_index`]).
+    pub fn attribute_text(&self, index: u32) -> &str {
+        &self.attributes[index as usize]
     }
 
     /// Members in the audience.

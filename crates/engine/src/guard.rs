@@ -35,9 +35,8 @@ use cleanroom_core::allowlist::{BoundValue, QueryDef};
 use cleanroom_core::consent::Requirement;
 use cleanroom_core::rules::{Contract, Rules};
 use cleanroom_core::token::MasterSecret;
-use datafusion::arrow::array::{Array, ArrayRef, AsArray, Int64Array, RecordBatch, StringArray};
-use datafusion::arrow::compute::cast;
-use datafusion::arrow::datatypes::{DataType, Field, Int64Type, Schema};
+use datafusion::arrow::array::{ArrayRef, Int64Array, RecordBatch, StringArray};
+use datafusion::arrow::datatypes::{DataType, Field, Schema};
 use datafusion::arrow::ipc::reader::StreamReader;
 use datafusion::arrow::ipc::writer::StreamWriter;
 use datafusion::common::ScalarValue;
@@ -53,6 +52,7 @@ use crate::{Error, Result};
 pub mod admission;
 pub mod answers;
 pub mod budget;
+mod fold;
 mod lists;
 pub mod noise;
 pub mod params;
@@ -62,9 +62,6 @@ pub use admission::{AdmittedPartner, AdmittedQuery, Approvals, admit_partner, ad
 pub use answers::{NoiseReport, Outcome, Release, ReleaseFacts};
 pub use budget::{Charge, LedgerFile, RhoLedger, Spend, Terms};
 use lists::Lists;
-
-/// The largest output domain (product of the dimensions' domain sizes) the guard will enumerate.
-const MAX_DOMAIN_CELLS: usize = 1_000_000;
 
 /// The suffix of the column that carries each metric's 95 % half-width.
 pub const INTERVAL_SUFFIX: &str = "_ci95";
@@ -326,34 +323,6 @@ fn local_date(now: DateTime<Utc>, utc_offset_minutes: i32) -> NaiveDate {
     let offset = FixedOffset::east_opt(utc_offset_minutes * 60)
         .unwrap_or_else(|| FixedOffset::east_opt(0).expect("zero offset"));
     now.with_timezone(&offset).date_naive()
-}
-
-/// The output of the per-member plan folded into cells of the output domain.
-struct Cells {
-    /// Domain size of each dimension.
-    sizes: Vec<usize>,
-    /// Cells with at least one member: their members and summed, clamped metric values.
-    cells: HashMap<usize, CellData>,
-    /// Result rows whose dimension values fall outside the declared domain (dropped).
-    out_of_domain_rows: u64,
-    /// Members who had more rows than the limit.
-    members_capped: u64,
-}
-
-#[derive(Default)]
-struct CellData {
-    members: Vec<i64>,
-    values: Vec<i64>,
-}
-
-impl Cells {
-    fn count(&self) -> usize {
-        self.sizes.iter().product()
-    }
-
-    fn size(&self, cell: usize) -> i64 {
-        self.cells.get(&cell).map_or(0, |c| c.members.len() as i64)
-    }
 }
 
 /// What the guard decided for one cell of the output domain.
@@ -725,7 +694,12 @@ impl Guard {
             .executor
             .collect(ctx, checked.runs.clone(), audience)
             .await?;
-        let cells = self.fold(&batches, &checked.shape, question)?;
+        let cap_key = fold::CapKey {
+            noise_key: &self.noise_key,
+            answer_key: &question.key,
+        };
+        let layout = fold::Layout::of(&checked.shape);
+        let cells = fold::fold(&batches, &layout, &question.policy, &cap_key)?;
         self.release(question, noise, &checked.shape, &cells)
     }
 
@@ -758,67 +732,6 @@ impl Guard {
         noise::discrete_gaussian(&mut noise::seeded_rng(&self.noise_key, &all), variance)
     }
 
-    /// Folds the per-member rows into cells of the output domain. Each member's contribution to
-    /// a metric in a row is clamped to [0, bound], and a member counts in at most
-    /// `rows_per_member` rows, chosen by a keyed hash so the choice is stable and unguessable.
-    fn fold(
-        &self,
-        batches: &[RecordBatch],
-        shape: &plan::Shape,
-        question: &Question<'_>,
-    ) -> Result<Cells> {
-        let policy = &question.policy;
-        let sizes: Vec<usize> = policy.dimensions.iter().map(|(_, d)| d.len()).collect();
-        sizes
-            .iter()
-            .try_fold(1usize, |acc, s| acc.checked_mul(*s))
-            .filter(|c| *c <= MAX_DOMAIN_CELLS)
-            .ok_or_else(|| Error::Guard("the output domain is too large to protect".into()))?;
-        let (per_member, out_of_domain_rows) = per_member_rows(batches, shape, policy, &sizes)?;
-        let cap = policy.rows_per_member as usize;
-        let mut cells: HashMap<usize, CellData> = HashMap::new();
-        let mut members_capped = 0;
-        for (member, mut rows) in per_member {
-            if rows.len() > cap {
-                // A member's rows in a fixed order first (they arrive in whatever order the
-                // plan's partitions finish, here or on a cluster), so which rows the cap keeps
-                // cannot depend on it. Uncapped, order does not matter: the sums below add
-                // values clamped to be non-negative, and a member counts once per cell.
-                rows.sort_unstable();
-                members_capped += 1;
-                rows.sort_by_key(|(cell, _)| {
-                    let mut h = Sha256::new();
-                    h.update(self.noise_key);
-                    h.update(question.key.as_bytes());
-                    h.update(member.to_le_bytes());
-                    h.update(cell.to_le_bytes());
-                    h.finalize()
-                });
-                rows.truncate(cap);
-            }
-            for (cell, values) in rows {
-                let data = cells.entry(cell).or_default();
-                if data.values.is_empty() {
-                    data.values = vec![0; values.len()];
-                }
-                // Two result rows of one member in one cell (values that map to the same domain
-                // value) still make one member.
-                if data.members.last() != Some(&member) {
-                    data.members.push(member);
-                }
-                for (total, v) in data.values.iter_mut().zip(values) {
-                    *total = total.saturating_add(v);
-                }
-            }
-        }
-        Ok(Cells {
-            sizes,
-            cells,
-            out_of_domain_rows,
-            members_capped,
-        })
-    }
-
     /// The release: a noisy member count for every cell of the domain, the hard k and the noisy
     /// threshold k + τ, noisy metrics for released cells, then plausibility (post-processing).
     fn release(
@@ -826,7 +739,7 @@ impl Guard {
         question: &Question<'_>,
         noise: &NoisePlan,
         shape: &plan::Shape,
-        cells: &Cells,
+        cells: &fold::Cells,
     ) -> Result<Outcome> {
         let policy = &question.policy;
         let k = i64::from(policy.k);
@@ -993,84 +906,6 @@ fn metric_variances(shape: &plan::Shape, noise: &NoisePlan) -> Vec<Option<u64>> 
             }
         })
         .collect()
-}
-
-/// A member's rows: the cell each falls in, and its clamped metric values.
-type MemberRows = crate::audience::MemberMap<Vec<(usize, Vec<i64>)>>;
-
-/// Reads the per-member plan's output: for every member, the cells it falls in and its values
-/// there, each clamped to [0, bound]. Rows outside the declared domain are dropped and counted.
-fn per_member_rows(
-    batches: &[RecordBatch],
-    shape: &plan::Shape,
-    policy: &Policy,
-    sizes: &[usize],
-) -> Result<(MemberRows, u64)> {
-    let positions: Vec<datafusion::common::HashMap<&str, usize>> = policy
-        .dimensions
-        .iter()
-        .map(|(_, domain)| {
-            domain
-                .iter()
-                .enumerate()
-                .map(|(i, v)| (v.as_str(), i))
-                .collect()
-        })
-        .collect();
-    let groups = shape.aggregate.group_expr.len();
-    let mut per_member = MemberRows::default();
-    let mut out_of_domain_rows = 0u64;
-    for batch in batches {
-        let dims = shape
-            .dimension_groups
-            .iter()
-            // String views: the engine's own string type, so the cast is usually no copy.
-            .map(|g| cast(batch.column(*g), &DataType::Utf8View))
-            .collect::<std::result::Result<Vec<ArrayRef>, _>>()?;
-        let members = cast(batch.column(groups), &DataType::Int64)?;
-        let members = members.as_primitive::<Int64Type>();
-        let metrics = shape
-            .metrics
-            .iter()
-            .map(|m| cast(batch.column(groups + 1 + m.aggregate), &DataType::Int64))
-            .collect::<std::result::Result<Vec<ArrayRef>, _>>()?;
-        'rows: for row in 0..batch.num_rows() {
-            let mut cell = 0usize;
-            for (d, text) in dims.iter().enumerate() {
-                let text = text.as_string_view();
-                let position = text
-                    .is_valid(row)
-                    .then(|| positions[d].get(text.value(row)))
-                    .flatten();
-                let Some(position) = position else {
-                    out_of_domain_rows += 1;
-                    continue 'rows;
-                };
-                cell = cell * sizes[d] + position;
-            }
-            if !members.is_valid(row) {
-                continue;
-            }
-            let values = metrics
-                .iter()
-                .zip(&shape.metrics)
-                .map(|(column, m)| {
-                    let column = column.as_primitive::<Int64Type>();
-                    let value = if column.is_valid(row) {
-                        column.value(row)
-                    } else {
-                        0
-                    };
-                    value.clamp(0, i64::try_from(m.bound).unwrap_or(i64::MAX))
-                })
-                .collect();
-            per_member
-                .entry(members.value(row))
-                .or_default()
-                .push((cell, values));
-        }
-    }
-    Ok((per_member, out_of_domain_rows))
 }
 
 /// The released rows as a batch: dimension values from the domain, metric values as released,

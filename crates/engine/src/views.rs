@@ -74,11 +74,13 @@ impl SafeViews {
                 members_view_schema(),
                 members,
                 Arc::clone(&audience),
+                filter::RowsPerMember::One,
             )),
             purchases: Arc::new(SafeView::new(
                 tables::purchases::schema(),
                 purchases,
                 audience,
+                filter::RowsPerMember::Many,
             )),
         })
     }
@@ -105,6 +107,12 @@ impl SafeViews {
         // Filters evaluated while decoding, so rows outside a window are never materialised.
         parquet.pushdown_filters = true;
         parquet.reorder_filters = true;
+        // A question joins purchases to members; the audience's members (at most one row each)
+        // are the smaller side and are collected once and probed by every partition, rather than
+        // both sides hashed and repartitioned. The row limit reaches a retailer of tens of
+        // millions of members; the build side is still charged to the memory pool.
+        let optimizer = &mut config.options_mut().optimizer;
+        optimizer.hash_join_single_partition_threshold_rows = COLLECTED_JOIN_SIDE_ROWS;
         let ctx = SessionContext::new_with_config_rt(config, env);
         ctx.register_table(
             SAFE_VIEWS[0],
@@ -117,6 +125,9 @@ impl SafeViews {
         Ok(ctx)
     }
 }
+
+/// The most rows a join's smaller side may have to be collected once rather than partitioned.
+const COLLECTED_JOIN_SIDE_ROWS: usize = 8 << 20;
 
 /// The paths of a table's committed files.
 pub(crate) fn paths<'a>(files: impl IntoIterator<Item = &'a TableFile>) -> Vec<&'a Path> {
@@ -150,14 +161,21 @@ struct SafeView {
     schema: Arc<Schema>,
     source: Arc<dyn TableProvider>,
     audience: Arc<Audience>,
+    rows: filter::RowsPerMember,
 }
 
 impl SafeView {
-    fn new(schema: Arc<Schema>, source: Arc<dyn TableProvider>, audience: Arc<Audience>) -> Self {
+    fn new(
+        schema: Arc<Schema>,
+        source: Arc<dyn TableProvider>,
+        audience: Arc<Audience>,
+        rows: filter::RowsPerMember,
+    ) -> Self {
         Self {
             schema,
             source,
             audience,
+            rows,
         }
     }
 }
@@ -225,13 +243,10 @@ impl TableProvider for SafeView {
             .collect();
         let input = self.source.scan(state, Some(&read), filters, None).await?;
         let schema = Arc::new(self.schema.project(&wanted)?);
-        Ok(Arc::new(filter::AudienceExec::new(
-            input,
-            Arc::clone(&self.audience),
-            key,
-            outputs,
-            schema,
-        )))
+        Ok(Arc::new(
+            filter::AudienceExec::new(input, Arc::clone(&self.audience), key, outputs, schema)
+                .with_rows(self.rows),
+        ))
     }
 }
 

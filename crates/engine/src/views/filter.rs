@@ -6,13 +6,17 @@ use std::fmt;
 use std::sync::Arc;
 
 use datafusion::arrow::array::{ArrayRef, AsArray, BooleanArray, RecordBatch, StringArray};
+use datafusion::arrow::buffer::BooleanBuffer;
 use datafusion::arrow::compute::filter_record_batch;
 use datafusion::arrow::datatypes::{Int64Type, SchemaRef};
+use datafusion::common::Statistics;
+use datafusion::common::stats::Precision;
 use datafusion::common::tree_node::TreeNodeRecursion;
 use datafusion::error::Result;
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
 use datafusion::physical_expr::{EquivalenceProperties, PhysicalExpr};
 use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
+use datafusion::physical_plan::statistics::{ChildStats, StatisticsArgs};
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::{
     DisplayAs, DisplayFormatType, ExecutionPlan, ExecutionPlanProperties, PlanProperties,
@@ -30,6 +34,16 @@ pub(crate) enum Output {
     Attribute,
 }
 
+/// How many rows a member has in the table under the view: what the planner may expect of the
+/// view's size (it picks a join's smaller side by it).
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum RowsPerMember {
+    /// At most one (members): the view has at most the audience's size.
+    One,
+    /// Any number (purchases): at most the table's own size.
+    Many,
+}
+
 /// Keeps the audience's rows of its input.
 #[derive(Debug)]
 pub(crate) struct AudienceExec {
@@ -40,6 +54,7 @@ pub(crate) struct AudienceExec {
     outputs: Vec<Output>,
     schema: SchemaRef,
     properties: Arc<PlanProperties>,
+    rows: RowsPerMember,
 }
 
 impl AudienceExec {
@@ -63,7 +78,14 @@ impl AudienceExec {
             outputs,
             schema,
             properties,
+            rows: RowsPerMember::Many,
         }
+    }
+
+    /// The same, expecting `rows` per member in its input.
+    pub(crate) fn with_rows(mut self, rows: RowsPerMember) -> Self {
+        self.rows = rows;
+        self
     }
 }
 
@@ -98,13 +120,44 @@ impl ExecutionPlan for AudienceExec {
         self: Arc<Self>,
         mut children: Vec<Arc<dyn ExecutionPlan>>,
     ) -> Result<Arc<dyn ExecutionPlan>> {
-        Ok(Arc::new(Self::new(
-            children.swap_remove(0),
-            Arc::clone(&self.audience),
-            self.key,
-            self.outputs.clone(),
-            Arc::clone(&self.schema),
-        )))
+        Ok(Arc::new(
+            Self::new(
+                children.swap_remove(0),
+                Arc::clone(&self.audience),
+                self.key,
+                self.outputs.clone(),
+                Arc::clone(&self.schema),
+            )
+            .with_rows(self.rows),
+        ))
+    }
+
+    fn child_stats_requests(&self, partition: Option<usize>) -> Vec<ChildStats> {
+        vec![ChildStats::At(partition)]
+    }
+
+    /// An estimate only (the rows kept are known when they are scanned): at most the scan's
+    /// rows, and for a table of one row per member at most the audience's size.
+    fn statistics_from_inputs(
+        &self,
+        input_stats: &[Arc<Statistics>],
+        _args: &StatisticsArgs,
+    ) -> Result<Arc<Statistics>> {
+        let scanned = input_stats
+            .first()
+            .map_or(Precision::Absent, |s| s.num_rows.to_inexact());
+        let num_rows = match self.rows {
+            RowsPerMember::Many => scanned,
+            RowsPerMember::One => match scanned.get_value() {
+                Some(n) => Precision::Inexact((*n).min(self.audience.len())),
+                None => Precision::Inexact(self.audience.len()),
+            },
+        };
+        Ok(Arc::new(Statistics {
+            num_rows,
+            total_byte_size: Precision::Absent,
+            column_statistics: Statistics::unknown_column(&self.schema),
+        }))
     }
 
     fn execute(
@@ -123,7 +176,8 @@ impl ExecutionPlan for AudienceExec {
     }
 }
 
-/// The rows of `batch` whose member is in the audience, as the view's columns.
+/// The rows of `batch` whose member is in the audience, as the view's columns. One look-up per
+/// scanned row decides the row and, where the view shows it, finds the member's attribute.
 fn keep(
     batch: &RecordBatch,
     audience: &Audience,
@@ -131,25 +185,31 @@ fn keep(
     outputs: &[Output],
     schema: &SchemaRef,
 ) -> Result<RecordBatch> {
-    let members = batch.column(key).as_primitive::<Int64Type>();
-    let mask: BooleanArray = members
-        .values()
-        .iter()
-        .map(|m| Some(audience.contains(*m)))
-        .collect();
-    let kept = filter_record_batch(batch, &mask)?;
-    let kept_members = kept.column(key).as_primitive::<Int64Type>();
+    let members = batch.column(key).as_primitive::<Int64Type>().values();
+    let shows_attribute = outputs.iter().any(|o| matches!(o, Output::Attribute));
+    let mut attributes = Vec::new();
+    let mask = BooleanBuffer::collect_bool(members.len(), |row| {
+        match audience.attribute_index(members[row]) {
+            Some(attribute) => {
+                if shows_attribute {
+                    attributes.push(attribute);
+                }
+                true
+            }
+            None => false,
+        }
+    });
+    let kept = filter_record_batch(batch, &BooleanArray::new(mask, None))?;
     let columns = outputs
         .iter()
         .map(|output| match output {
             Output::Column(at) => Arc::clone(kept.column(*at)),
             Output::Attribute => {
-                let attributes: StringArray = kept_members
-                    .values()
+                let texts: StringArray = attributes
                     .iter()
-                    .map(|m| audience.attribute(*m))
+                    .map(|a| Some(audience.attribute_text(*a)))
                     .collect();
-                Arc::new(attributes) as ArrayRef
+                Arc::new(texts) as ArrayRef
             }
         })
         .collect();
