@@ -694,12 +694,7 @@ impl Guard {
             .executor
             .collect(ctx, checked.runs.clone(), audience)
             .await?;
-        let cap_key = fold::CapKey {
-            noise_key: &self.noise_key,
-            answer_key: &question.key,
-        };
-        let layout = fold::Layout::of(&checked.shape);
-        let cells = fold::fold(&batches, &layout, &question.policy, &cap_key)?;
+        let cells = self.fold(batches, &checked.shape, question).await?;
         self.release(question, noise, &checked.shape, &cells)
     }
 
@@ -730,6 +725,31 @@ impl Guard {
         let mut all: Vec<&[u8]> = vec![b"gauss/v1", key.as_bytes()];
         all.extend_from_slice(parts);
         noise::discrete_gaussian(&mut noise::seeded_rng(&self.noise_key, &all), variance)
+    }
+
+    /// Folds the per-member rows into cells (work in proportion to the rows, so off the async
+    /// workers that serve stored answers).
+    async fn fold(
+        &self,
+        batches: Vec<RecordBatch>,
+        shape: &plan::Shape,
+        question: &Question<'_>,
+    ) -> Result<fold::Cells> {
+        let layout = fold::Layout::of(shape);
+        let (policy, noise_key, answer_key) = (
+            question.policy.clone(),
+            self.noise_key,
+            question.key.clone(),
+        );
+        tokio::task::spawn_blocking(move || {
+            let cap_key = fold::CapKey {
+                noise_key: &noise_key,
+                answer_key: &answer_key,
+            };
+            fold::fold(&batches, &layout, &policy, &cap_key)
+        })
+        .await
+        .map_err(|e| Error::Guard(format!("folding an answer: {e}")))?
     }
 
     /// The release: a noisy member count for every cell of the domain, the hard k and the noisy

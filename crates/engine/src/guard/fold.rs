@@ -5,8 +5,9 @@
 //! It reads every row the plan returns, millions at a retailer's size, so it works in stages over
 //! columns rather than row by row through maps of small vectors: each row's cell and clamped
 //! values are read first ([`Rows::read`]), the rows are grouped by member with one counting sort
-//! ([`ByMember::of`]), and the groups are added up per cell ([`CellTotals`]). Only a member with
-//! more rows than the cap is handled one row at a time, as before.
+//! ([`ByMember::of`]), and the groups are added up per cell ([`CellTotals`]), the members split
+//! over the cores when there are many rows. Only a member with more rows than the cap is handled
+//! one row at a time, as before.
 
 use std::collections::HashMap;
 
@@ -97,15 +98,78 @@ pub(super) fn fold(
 ) -> Result<Cells> {
     let sizes = domain_sizes(policy)?;
     let rows = Rows::read(batches, layout, policy, &sizes)?;
-    let by_member = ByMember::of(&rows.members)?;
-    let cap = policy.rows_per_member as usize;
-    let mut totals = CellTotals::new(layout.metrics.len());
+    let shards = if rows.members.len() >= PARALLEL_ROWS {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    } else {
+        1
+    };
+    let (totals, members_capped) = fold_in_shards(&rows, policy.rows_per_member, cap_key, shards)?;
+    Ok(Cells {
+        sizes,
+        cells: totals.into_cells(),
+        out_of_domain_rows: rows.out_of_domain,
+        members_capped,
+    })
+}
+
+/// Rows from which the fold is worth splitting over the cores.
+const PARALLEL_ROWS: usize = 1 << 16;
+
+/// Folds the rows in `shards` parts side by side, each part the members of one residue of the
+/// pseudonym (uniform, so the parts are even), then adds the parts' totals: a member's rows all
+/// fall in one part, so capping and counting a member once per cell need nothing from the others.
+fn fold_in_shards(
+    rows: &Rows,
+    rows_per_member: u32,
+    cap_key: &CapKey<'_>,
+    shards: usize,
+) -> Result<(CellTotals, u64)> {
+    if shards <= 1 {
+        return fold_shard(rows, rows_per_member, cap_key, |_| true);
+    }
+    let parts = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..shards as u64)
+            .map(|shard| {
+                scope.spawn(move || {
+                    fold_shard(rows, rows_per_member, cap_key, |member| {
+                        (member as u64) % (shards as u64) == shard
+                    })
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .map_err(|_| Error::Guard("folding an answer failed".into()))?
+            })
+            .collect::<Result<Vec<_>>>()
+    })?;
+    let mut all = CellTotals::new(rows.width);
+    let mut capped = 0;
+    for (totals, part_capped) in parts {
+        all.merge(&totals);
+        capped += part_capped;
+    }
+    Ok((all, capped))
+}
+
+/// Folds the rows of the members `mine` selects.
+fn fold_shard(
+    rows: &Rows,
+    rows_per_member: u32,
+    cap_key: &CapKey<'_>,
+    mine: impl Fn(i64) -> bool,
+) -> Result<(CellTotals, u64)> {
+    let cap = rows_per_member as usize;
+    let by_member = ByMember::of(&rows.members, mine)?;
+    let mut totals = CellTotals::new(rows.width);
     let mut members_capped = 0;
     for (number, group) in by_member.groups().enumerate() {
         if group.len() > cap {
             members_capped += 1;
             let member = rows.members[group[0] as usize];
-            for (cell, values) in capped_rows(&rows, group, cap, member, cap_key) {
+            for (cell, values) in capped_rows(rows, group, cap, member, cap_key) {
                 totals.add(number, cell, &values);
             }
         } else {
@@ -114,12 +178,7 @@ pub(super) fn fold(
             }
         }
     }
-    Ok(Cells {
-        sizes,
-        cells: totals.into_cells(),
-        out_of_domain_rows: rows.out_of_domain,
-        members_capped,
-    })
+    Ok((totals, members_capped))
 }
 
 /// Each dimension's domain size, refusing a domain too large to protect.
@@ -345,21 +404,26 @@ struct ByMember {
 }
 
 impl ByMember {
-    fn of(members: &[i64]) -> Result<Self> {
+    /// The rows of the members `mine` selects.
+    fn of(members: &[i64], mine: impl Fn(i64) -> bool) -> Result<Self> {
         let too_many = || Error::Guard("the query's result has too many rows to protect".into());
         u32::try_from(members.len()).map_err(|_| too_many())?;
-        // Each row's member number (in order of first appearance) and each member's row count.
+        // Each chosen row and its member's number (in order of first appearance), and each
+        // member's row count.
         let mut numbers: MemberMap<u32> = MemberMap::default();
-        let mut number_of_row = Vec::with_capacity(members.len());
+        let mut number_of_row: Vec<(u32, u32)> = Vec::new();
         let mut counts: Vec<u32> = Vec::new();
-        for member in members {
+        for (row, member) in members.iter().enumerate() {
+            if !mine(*member) {
+                continue;
+            }
             let next = counts.len() as u32;
             let number = *numbers.entry(*member).or_insert(next);
             if number == next {
                 counts.push(0);
             }
             counts[number as usize] += 1;
-            number_of_row.push(number);
+            number_of_row.push((row as u32, number));
         }
         let mut starts = Vec::with_capacity(counts.len() + 1);
         let mut at = 0u32;
@@ -369,10 +433,10 @@ impl ByMember {
             starts.push(at);
         }
         let mut next = starts[..counts.len()].to_vec();
-        let mut order = vec![0u32; members.len()];
-        for (row, number) in number_of_row.into_iter().enumerate() {
+        let mut order = vec![0u32; number_of_row.len()];
+        for (row, number) in number_of_row {
             let slot = &mut next[number as usize];
-            order[*slot as usize] = row as u32;
+            order[*slot as usize] = row;
             *slot += 1;
         }
         Ok(Self { order, starts })
@@ -411,19 +475,22 @@ impl CellTotals {
         }
     }
 
+    /// Where `cell`'s totals are kept, made empty if it has none yet.
+    fn slot(&mut self, cell: usize) -> usize {
+        if let Some(slot) = self.slot_of_cell.get(&cell) {
+            return *slot;
+        }
+        let slot = self.cells.len();
+        self.slot_of_cell.insert(cell, slot);
+        self.cells.push(cell);
+        self.members.push(0);
+        self.last_member.push(0);
+        self.sums.extend(std::iter::repeat_n(0, self.width));
+        slot
+    }
+
     fn add(&mut self, member_number: usize, cell: usize, values: &[i64]) {
-        let slot = match self.slot_of_cell.get(&cell) {
-            Some(slot) => *slot,
-            None => {
-                let slot = self.cells.len();
-                self.slot_of_cell.insert(cell, slot);
-                self.cells.push(cell);
-                self.members.push(0);
-                self.last_member.push(0);
-                self.sums.extend(std::iter::repeat_n(0, self.width));
-                slot
-            }
-        };
+        let slot = self.slot(cell);
         if self.last_member[slot] != member_number + 1 {
             self.last_member[slot] = member_number + 1;
             self.members[slot] += 1;
@@ -431,6 +498,19 @@ impl CellTotals {
         let sums = &mut self.sums[slot * self.width..(slot + 1) * self.width];
         for (total, value) in sums.iter_mut().zip(values) {
             *total = total.saturating_add(*value);
+        }
+    }
+
+    /// Adds another part's totals, over members disjoint from this one's.
+    fn merge(&mut self, other: &CellTotals) {
+        for (slot, cell) in other.cells.iter().enumerate() {
+            let mine = self.slot(*cell);
+            self.members[mine] += other.members[slot];
+            let theirs = &other.sums[slot * self.width..(slot + 1) * self.width];
+            let sums = &mut self.sums[mine * self.width..(mine + 1) * self.width];
+            for (total, value) in sums.iter_mut().zip(theirs) {
+                *total = total.saturating_add(*value);
+            }
         }
     }
 

@@ -204,18 +204,28 @@ proptest! {
                 0..40),
             1..4),
         cap in 1u32..5,
+        shards in 1usize..4,
     ) {
         let batches: Vec<RecordBatch> = chunks.iter().map(|c| batch(c)).collect();
         let policy = policy(vec![domain(), domain()], cap);
         let layout = layout(2);
         let key = CapKey { noise_key: &NOISE_KEY, answer_key: "answer" };
+        let (expected, out_of_domain, capped) = reference(&batches, &layout, &policy);
+
         let folded = fold(&batches, &layout, &policy, &key).unwrap();
         let mut cells: Vec<(usize, CellData)> = folded.cells.into_iter().collect();
         cells.sort_by_key(|(c, _)| *c);
-        let (expected, out_of_domain, capped) = reference(&batches, &layout, &policy);
-        prop_assert_eq!(cells, expected);
+        prop_assert_eq!(&cells, &expected);
         prop_assert_eq!(folded.out_of_domain_rows, out_of_domain);
         prop_assert_eq!(folded.members_capped, capped);
+
+        // Split over cores (as a large result is), the same.
+        let rows = Rows::read(&batches, &layout, &policy, &[5, 5]).unwrap();
+        let (totals, split_capped) = fold_in_shards(&rows, cap, &key, shards).unwrap();
+        let mut split: Vec<(usize, CellData)> = totals.into_cells().into_iter().collect();
+        split.sort_by_key(|(c, _)| *c);
+        prop_assert_eq!(split, expected);
+        prop_assert_eq!(split_capped, capped);
     }
 }
 
