@@ -10,7 +10,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use chrono::{DateTime, FixedOffset, Utc};
+use chrono::{DateTime, Utc};
 use cleanroom_core::allowlist::AllowList;
 use cleanroom_core::consent::Requirement;
 use cleanroom_core::rules::Rules;
@@ -19,7 +19,7 @@ use cleanroom_engine::store::Store;
 /// Who may run what: (partner, query) pairs whose query is valid, open to the partner, on its
 /// contract, and whose contract is in force on `now`.
 fn access(rules: &Rules, allowlist: &AllowList, now: DateTime<Utc>) -> BTreeSet<(String, String)> {
-    let today = local_today(rules, now);
+    let today = rules.retailer.today(now);
     let mut pairs = BTreeSet::new();
     for query in allowlist.iter() {
         for partner in &query.partners {
@@ -33,12 +33,6 @@ fn access(rules: &Rules, allowlist: &AllowList, now: DateTime<Utc>) -> BTreeSet<
         }
     }
     pairs
-}
-
-fn local_today(rules: &Rules, now: DateTime<Utc>) -> chrono::NaiveDate {
-    let offset = FixedOffset::east_opt(rules.retailer.utc_offset_minutes * 60)
-        .unwrap_or_else(|| FixedOffset::east_opt(0).expect("zero offset"));
-    now.with_timezone(&offset).date_naive()
 }
 
 fn requirement(rules: &Rules, purpose: &str) -> Option<Requirement> {
@@ -67,7 +61,7 @@ pub fn validate(
         "{}: valid; effect compared with {} on {}:",
         proposed.display(),
         current.display(),
-        local_today(&new, now)
+        new.retailer.today(now)
     )?;
 
     let mut settings = Vec::new();
@@ -247,10 +241,27 @@ pub fn validate(
                 let marker = if b == a { "unchanged" } else { "changes" };
                 consent.push(format!("{id}: {} -> {} ({marker})", show(b), show(a)));
             }
+            consent.extend(missing_tokens(&snapshot, &new));
         }
     }
     section(&mut out, "consent filter", consent)?;
     Ok(out)
+}
+
+/// Contracts whose members have no tokens yet (added since the last members ingest): their
+/// partners' questions are refused, uncharged, until the members are ingested again.
+fn missing_tokens(snapshot: &cleanroom_engine::store::Snapshot, rules: &Rules) -> Vec<String> {
+    rules
+        .contracts
+        .keys()
+        .filter(|id| !snapshot.member_tokens.contains_key(*id))
+        .map(|id| {
+            format!(
+                "{id}: no member tokens yet; ingest the members again before its partner's \
+                 questions can be answered (they are refused, uncharged, until then)"
+            )
+        })
+        .collect()
 }
 
 fn section(out: &mut String, title: &str, lines: Vec<String>) -> Result<()> {

@@ -3,8 +3,8 @@
 
 use cleanroom_client::{ingest_members, upload_list};
 use cleanroom_proto::v1::{
-    CustomerRecord, IngestHeader, ListChunk, MemberRecord, UploadListHeader, UploadListRequest,
-    upload_list_request,
+    CustomerRecord, DescribeQueryRequest, IngestHeader, ListChunk, ListQueriesRequest,
+    MemberRecord, UploadListHeader, UploadListRequest, upload_list_request,
 };
 use tonic::Code;
 
@@ -119,6 +119,32 @@ async fn an_expired_contract_is_refused() {
         .await
         .unwrap_err();
     assert_eq!(code_of(err).code(), Code::FailedPrecondition);
+    // Nor is the allow-list shown under an expired contract.
+    let listed = h
+        .partner("sakura_foods")
+        .list_queries(ListQueriesRequest {})
+        .await
+        .unwrap_err();
+    let described = h
+        .partner("sakura_foods")
+        .describe_query(DescribeQueryRequest {
+            query_id: "matched_overlap".into(),
+        })
+        .await
+        .unwrap_err();
+    for status in [listed, described] {
+        assert_eq!(
+            status.code(),
+            Code::FailedPrecondition,
+            "{}",
+            status.message()
+        );
+        assert!(
+            status.message().contains("expired on 2026-10-31"),
+            "{}",
+            status.message()
+        );
+    }
     h.stop().await;
 }
 
@@ -335,5 +361,40 @@ async fn an_analyst_ingests_a_partner_list_on_its_behalf() {
             .unwrap_err(),
     );
     assert_eq!(status.code(), Code::PermissionDenied);
+    h.stop().await;
+}
+
+/// A contract added after the last members ingest has no member tokens, so its list can match
+/// nobody: its partner's question is refused before anything is charged (a retailer's ingest
+/// decides it, never a member), and asking again stays free until the members are ingested.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_contract_without_member_tokens_is_refused_uncharged() {
+    let mut h = Harness::start().await;
+    let contract = h.rules.contracts.remove("ctr-sakura-2026").unwrap();
+    h.rules.contracts.insert("ctr-sakura-2027".into(), contract);
+    let h = h.restart().await;
+    let charges = h.app.guard.charges();
+    for _ in 0..2 {
+        let status = h
+            .run("sakura_foods", "matched_overlap", &[])
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::FailedPrecondition);
+        assert!(
+            status
+                .message()
+                .contains("not yet computed its members' tokens for this contract"),
+            "{}",
+            status.message()
+        );
+    }
+    assert_eq!(
+        h.app.guard.charges(),
+        charges,
+        "a refusal before the data is free"
+    );
+    // The other collaboration's tokens are there: its partner is answered (and charged).
+    h.run("kumo_denki", "matched_overlap", &[]).await.unwrap();
+    assert_eq!(h.app.guard.charges(), charges + 1);
     h.stop().await;
 }

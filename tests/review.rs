@@ -569,6 +569,30 @@ async fn rules_validate_says_what_a_change_would_do() {
         .unwrap();
     assert!(kumo.contains("(unchanged)"), "{kumo}");
 
+    // A contract added since the members were ingested has no member tokens yet: named.
+    files.edit(
+        &files.rules(),
+        "[contracts.ctr-kumo-2026]",
+        "[contracts.ctr-kumo-2027]",
+    );
+    files.edit(
+        &files.rules(),
+        "[contracts.ctr-kumo-2026.protection]",
+        "[contracts.ctr-kumo-2027.protection]",
+    );
+    let (ok, out) = validate(&[
+        "--rules",
+        proposed.to_str().unwrap(),
+        "--data-dir",
+        &data_dir,
+    ]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("ctr-kumo-2027: no member tokens yet; ingest the members again"),
+        "{out}"
+    );
+    assert!(!out.contains("ctr-sakura-2026: no member tokens"), "{out}");
+
     files.edit(&files.rules(), "k_floor = 10", "k_floor = 1");
     let (ok, out) = validate(&["--rules", proposed.to_str().unwrap()]);
     assert!(!ok, "an invalid proposal fails");

@@ -141,6 +141,21 @@ pub struct Retailer {
     pub utc_offset_minutes: i32,
 }
 
+impl Retailer {
+    /// The retailer's offset from UTC (UTC itself if the configured one is out of range, which
+    /// validation refuses).
+    pub fn offset(&self) -> chrono::FixedOffset {
+        chrono::FixedOffset::east_opt(self.utc_offset_minutes.saturating_mul(60))
+            .unwrap_or_else(|| chrono::FixedOffset::east_opt(0).expect("zero offset"))
+    }
+
+    /// The retailer's local date at `now`: the one place it is computed. Contracts expire, ages
+    /// turn over, answers are keyed and windows begin on local dates.
+    pub fn today(&self, now: chrono::DateTime<chrono::Utc>) -> chrono::NaiveDate {
+        now.with_timezone(&self.offset()).date_naive()
+    }
+}
+
 impl Default for Retailer {
     fn default() -> Self {
         Self {

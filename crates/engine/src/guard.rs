@@ -29,7 +29,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use chrono::{DateTime, FixedOffset, NaiveDate, NaiveTime, Utc};
+use chrono::{DateTime, NaiveDate, NaiveTime, Utc};
 use cleanroom_core::accounting::{Guarantee, NoisePlan, interval95};
 use cleanroom_core::allowlist::{BoundValue, QueryDef};
 use cleanroom_core::consent::Requirement;
@@ -318,13 +318,6 @@ fn params_key(params: &BTreeMap<String, BoundValue>) -> String {
         .join(";")
 }
 
-/// The retailer's local date at `now`.
-fn local_date(now: DateTime<Utc>, utc_offset_minutes: i32) -> NaiveDate {
-    let offset = FixedOffset::east_opt(utc_offset_minutes * 60)
-        .unwrap_or_else(|| FixedOffset::east_opt(0).expect("zero offset"));
-    now.with_timezone(&offset).date_naive()
-}
-
 /// What the guard decided for one cell of the output domain.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Fate {
@@ -545,6 +538,21 @@ impl Guard {
             )
             .into());
         };
+        // Whether the retailer has computed its members' tokens for this collaboration depends on
+        // its ingests, never on a member: refused here, before anything is charged.
+        if !request
+            .snapshot
+            .member_tokens
+            .contains_key(request.contract_id)
+        {
+            return Err(cleanroom_core::Error::Precondition(
+                "the retailer has not yet computed its members' tokens for this contract (it \
+                 was added after the last members ingest); nothing is charged, ask again after \
+                 the retailer's next members ingest"
+                    .into(),
+            )
+            .into());
+        }
         let key = self.answer_key(request, &params, list);
         Ok(Question {
             request,
@@ -590,7 +598,7 @@ impl Guard {
         params: &BTreeMap<String, BoundValue>,
         list: &crate::store::PartnerList,
     ) -> String {
-        let day = local_date(request.now, request.rules.retailer.utc_offset_minutes);
+        let day = request.rules.retailer.today(request.now);
         let text = format!(
             "answer/v2|{}|{}|{}|{}|{}|{}|{}|{}|{}",
             request.partner,
@@ -1013,7 +1021,12 @@ mod tests {
         let at = DateTime::parse_from_rfc3339("2026-03-31T15:30:00Z")
             .unwrap()
             .with_timezone(&Utc);
-        assert_eq!(local_date(at, 540).to_string(), "2026-04-01");
-        assert_eq!(local_date(at, 0).to_string(), "2026-03-31");
+        let local = |utc_offset_minutes| {
+            cleanroom_core::rules::Retailer { utc_offset_minutes }
+                .today(at)
+                .to_string()
+        };
+        assert_eq!(local(540), "2026-04-01");
+        assert_eq!(local(0), "2026-03-31");
     }
 }

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use chrono::{DateTime, FixedOffset, NaiveDate, Utc};
+use chrono::{DateTime, NaiveDate, Utc};
 use cleanroom_core::allowlist::AllowList;
 use cleanroom_core::rules::Rules;
 use sha2::{Digest, Sha256};
@@ -73,10 +73,7 @@ impl Live {
 
     /// The retailer's local date at `now`: contracts expire and ages turn over on local dates.
     pub fn today(&self, now: DateTime<Utc>) -> NaiveDate {
-        let offset = self.rules.retailer.utc_offset_minutes;
-        let offset = FixedOffset::east_opt(offset * 60)
-            .unwrap_or_else(|| FixedOffset::east_opt(0).expect("zero offset"));
-        now.with_timezone(&offset).date_naive()
+        self.rules.retailer.today(now)
     }
 }
 

@@ -46,7 +46,7 @@ impl<'a> AdmittedPartner<'a> {
 
     /// The retailer's local date the admission was decided on.
     pub fn today(&self) -> NaiveDate {
-        super::local_date(self.now, self.rules.retailer.utc_offset_minutes)
+        self.rules.retailer.today(self.now)
     }
 
     /// A query this partner may see: listed for it by the query and by its contract.
@@ -90,7 +90,8 @@ impl<'a> AdmittedQuery<'a> {
     }
 }
 
-/// Admits `partner` under its contract, if it has one.
+/// Admits `partner` under its contract, if it has one and it is in force: an expired contract
+/// lists, describes, answers and accepts nothing.
 pub fn admit_partner<'a>(
     rules: &'a Rules,
     partner: &'a str,
@@ -99,13 +100,15 @@ pub fn admit_partner<'a>(
     let (contract_id, contract) = rules.contract_of(partner).ok_or_else(|| {
         cleanroom_core::Error::Precondition(format!("partner `{}` has no contract", shown(partner)))
     })?;
-    Ok(AdmittedPartner {
+    let admitted = AdmittedPartner {
         rules,
         partner,
         contract_id,
         contract,
         now,
-    })
+    };
+    admitted.require_in_force()?;
+    Ok(admitted)
 }
 
 impl AdmittedPartner<'_> {

@@ -205,8 +205,7 @@ impl Ingest for PurchasesIngest {
 impl PurchasesIngest {
     /// Starts an ingest; categories must be in the rules' `category` domain when one is set.
     pub fn new(rules: &Rules, secret: &MasterSecret, strict: bool) -> Self {
-        let offset = chrono::FixedOffset::east_opt(rules.retailer.utc_offset_minutes * 60)
-            .unwrap_or_else(|| chrono::FixedOffset::east_opt(0).expect("zero offset"));
+        let offset = rules.retailer.offset();
         Self {
             pseudonyms: secret.pseudonym_key(),
             categories: rules.domains.get("category").cloned(),

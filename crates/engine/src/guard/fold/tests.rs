@@ -132,17 +132,18 @@ fn reference(
     (cells, out_of_domain, capped)
 }
 
+/// One row of the per-member plan's output: two dimension values, the member, two metrics.
+type Row = (
+    Option<String>,
+    Option<String>,
+    Option<i64>,
+    Option<i64>,
+    Option<i64>,
+);
+
 /// One batch of the per-member plan's output: two dimension columns (the second a string view,
 /// the first plain strings), the member key, then two metrics.
-fn batch(
-    rows: &[(
-        Option<String>,
-        Option<String>,
-        Option<i64>,
-        Option<i64>,
-        Option<i64>,
-    )],
-) -> RecordBatch {
+fn batch(rows: &[Row]) -> RecordBatch {
     let schema = Arc::new(Schema::new(vec![
         Field::new("g0", DataType::Utf8, true),
         Field::new("g1", DataType::Utf8View, true),
