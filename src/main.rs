@@ -31,78 +31,15 @@ struct Cli {
 enum Command {
     /// Load the bundled sample data into a throwaway service on loopback and run every allowed
     /// query as each partner, then show refused requests.
-    Demo {
-        /// The sample data directory.
-        #[arg(long, default_value = "sample_data")]
-        sample_dir: PathBuf,
-        /// The allow-list directory.
-        #[arg(long, default_value = "queries")]
-        queries: PathBuf,
-        /// Loopback address to serve on (port 0 picks a free one).
-        #[arg(long, default_value = "127.0.0.1:0")]
-        listen: std::net::SocketAddr,
-        /// Loopback address of the review page (port 0 picks a free one).
-        #[arg(long, default_value = "127.0.0.1:0")]
-        review_listen: std::net::SocketAddr,
-        /// After the demo, keep serving the loaded sample until interrupted (for clients such as
-        /// grpcurl or tests/python/stubless_client.py).
-        #[arg(long)]
-        keep_serving: bool,
-        /// Serve both ports over TLS with a throwaway CA, written to this directory for clients
-        /// to trust (ca.pem; server and per-partner client certificates and keys).
-        #[arg(long)]
-        tls_dir: Option<PathBuf>,
-    },
+    Demo(DemoArgs),
     /// Run the gRPC service.
-    Serve {
-        /// The service configuration file (see config/cleanroom.example.toml).
-        #[arg(long)]
-        config: PathBuf,
-        /// Listen address, overriding the file and CLEANROOM__LISTEN.
-        #[arg(long)]
-        listen: Option<String>,
-        /// Data directory, overriding the file and CLEANROOM__DATA_DIR.
-        #[arg(long)]
-        data_dir: Option<PathBuf>,
-        /// Accept principals in the demo token form (token_sha256, as the sample rules use with
-        /// their published tokens). Never on a real deployment.
-        #[arg(long)]
-        allow_demo_tokens: bool,
-        /// Start on a data directory restored from backup (behind the high-water mark): the
-        /// privacy charges and list uploads it lacks are carried over from the mark, never
-        /// refilled, and the restore is recorded in the audit trail.
-        #[arg(long)]
-        accept_restore: bool,
-    },
+    Serve(ServeArgs),
     /// Generate fictional sample data (members, purchases, consent events, two partner lists).
-    Gen {
-        /// Seed: the same seed and options give the same bytes.
-        #[arg(long, default_value_t = 42)]
-        seed: u64,
-        /// Number of random retailer members; the attack tests' target member is added on top.
-        #[arg(long, default_value_t = 4000)]
-        members: usize,
-        /// Export date; purchases cover the year before it.
-        #[arg(long, default_value = "2026-11-01")]
-        as_of: chrono::NaiveDate,
-        /// Output directory.
-        #[arg(long, default_value = "sample_data")]
-        out: PathBuf,
-    },
+    Gen(GenArgs),
     /// Partner side: hash a customer list locally with the collaboration key, so that no raw
     /// identifier leaves the partner. Input columns: email,phone,attribute; output columns:
     /// email_token,phone_token,attribute.
-    Prep {
-        /// File holding the collaboration key (`v<version>.<hex>`), as `export-key` prints it.
-        #[arg(long)]
-        key_file: PathBuf,
-        /// The raw list.
-        #[arg(long)]
-        input: PathBuf,
-        /// Where to write the tokens.
-        #[arg(long)]
-        output: PathBuf,
-    },
+    Prep(PrepArgs),
     /// Work with the allow-list.
     Queries {
         #[command(subcommand)]
@@ -114,130 +51,24 @@ enum Command {
         command: RulesCommand,
     },
     /// Retailer analyst: stream one export file into a running service.
-    Ingest {
-        /// What the file holds.
-        #[arg(long, value_enum)]
-        kind: IngestKind,
-        /// The CSV export (purchases: CSV, or Parquet if the name ends in `.parquet`; either
-        /// goes to the service as Arrow record batches).
-        #[arg(long)]
-        file: PathBuf,
-        /// Service address.
-        #[arg(long, default_value = "http://127.0.0.1:50051")]
-        addr: String,
-        /// The analyst's bearer token.
-        #[arg(long, env = "CLEANROOM_TOKEN", hide_env_values = true)]
-        token: String,
-        /// Fail the whole file on the first invalid record instead of skipping it.
-        #[arg(long)]
-        strict: bool,
-        /// Names this write for its retries: a retry of a write that committed is answered with
-        /// the original result and stores nothing new. Default: a new id, printed; give the
-        /// printed id again to retry a write whose outcome was not known.
-        #[arg(long)]
-        request_id: Option<String>,
-        #[command(flatten)]
-        tls: TlsArgs,
-    },
+    Ingest(IngestArgs),
     /// Partner: upload a customer list (raw, or tokens from `prep`) to a running service.
-    UploadList {
-        /// The list: email,phone,attribute or email_token,phone_token,attribute.
-        #[arg(long)]
-        file: PathBuf,
-        /// Service address.
-        #[arg(long, default_value = "http://127.0.0.1:50051")]
-        addr: String,
-        /// The partner's bearer token.
-        #[arg(long, env = "CLEANROOM_TOKEN", hide_env_values = true)]
-        token: String,
-        /// Fail the whole upload on the first invalid identifier instead of skipping it.
-        #[arg(long)]
-        strict: bool,
-        /// Upload as the retailer analyst on this partner's behalf (the token is the analyst's).
-        #[arg(long)]
-        on_behalf_of: Option<String>,
-        /// Names this write for its retries: a retry of a write that committed is answered with
-        /// the original result and stores nothing new. Default: a new id, printed; give the
-        /// printed id again to retry a write whose outcome was not known.
-        #[arg(long)]
-        request_id: Option<String>,
-        #[command(flatten)]
-        tls: TlsArgs,
-    },
+    UploadList(UploadListArgs),
     /// Start an Apache Ballista scheduler and executors on loopback, for `[engine] cluster`
     /// (prints `scheduler df://127.0.0.1:PORT`; runs until interrupted). The data directory's
     /// path must be the same for the service and the cluster, as it is on one machine.
-    Cluster {
-        /// How many executors.
-        #[arg(long, default_value_t = 2)]
-        executors: usize,
-        /// Task slots per executor.
-        #[arg(long, default_value_t = 1)]
-        slots: usize,
-    },
+    Cluster(ClusterArgs),
     /// Speed and memory at a retailer's size, against baselines in the same run (Markdown on
     /// stdout): ingest, a new question against raw DataFusion, repeats, member tokens against
     /// bare HMAC, and a gRPC load test. Run it on a release build.
-    Bench {
-        /// Retailer members to generate.
-        #[arg(long, default_value_t = 100_000)]
-        members: usize,
-        /// Seed of the generated data.
-        #[arg(long, default_value_t = 7)]
-        seed: u64,
-        /// Keep the generated files and the data directory here (files of the same size and
-        /// seed are reused); a temporary directory otherwise.
-        #[arg(long)]
-        dir: Option<PathBuf>,
-        /// Concurrent clients of each load level.
-        #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
-        clients: Vec<usize>,
-        /// Distinct questions per load level (repeats: four times as many).
-        #[arg(long, default_value_t = 64)]
-        questions: usize,
-        /// Also write the figures as JSON (for bench/peers.py).
-        #[arg(long)]
-        json: Option<PathBuf>,
-        /// The service's query memory pool (`[engine] memory_mb`); default as in `serve`.
-        #[arg(long)]
-        memory_mb: Option<usize>,
-        /// The allow-list directory.
-        #[arg(long, default_value = "queries")]
-        queries: PathBuf,
-        /// The rules (budgets are widened for the run).
-        #[arg(long, default_value = "sample_data/rules.toml")]
-        rules: PathBuf,
-    },
+    Bench(BenchArgs),
     /// Benchmark report: how much of the true answer survives each protection setting, on a
     /// generated dataset of any size (Markdown on stdout).
-    Utility {
-        /// Retailer members to generate.
-        #[arg(long, default_value_t = 20_000)]
-        members: usize,
-        /// Seed of the generated data.
-        #[arg(long, default_value_t = 7)]
-        seed: u64,
-        /// The allow-list directory.
-        #[arg(long, default_value = "queries")]
-        queries: PathBuf,
-        /// The rules whose partners and contracts are measured.
-        #[arg(long, default_value = "sample_data/rules.toml")]
-        rules: PathBuf,
-    },
+    Utility(UtilityArgs),
     /// Legal reviewer: verify the audit trail's keyed chain and checkpoint in a data directory,
     /// and print the signed checkpoint to keep elsewhere. The chain key comes from the master
     /// secret (CLEANROOM_MASTER_SECRET, or the service configuration's key file).
-    VerifyAudit {
-        /// The service's data directory.
-        #[arg(long, default_value = "data")]
-        data_dir: PathBuf,
-        /// The service configuration, for its master secret file.
-        #[arg(long)]
-        config: Option<PathBuf>,
-        /// A checkpoint printed by an earlier run, kept elsewhere: the trail must extend it.
-        #[arg(long)]
-        checkpoint: Option<PathBuf>,
-    },
+    VerifyAudit(VerifyAuditArgs),
     /// Mint bearer tokens for the rules' principals.
     Token {
         #[command(subcommand)]
@@ -245,27 +76,232 @@ enum Command {
     },
     /// Write a throwaway CA's certificate, a server certificate for the given names and client
     /// certificates, to try TLS and mutual TLS (evaluation only: use your own CA in production).
-    ThrowawayPki {
-        /// Directory for ca.pem, server.pem, server.key, server.spki (the browser pin) and a
-        /// .pem and .key per client.
-        #[arg(long)]
-        dir: PathBuf,
-        /// A DNS name or IP address the server certificate is for (repeat for several).
-        #[arg(long = "name", required = true)]
-        names: Vec<String>,
-        /// A client certificate to issue (repeat for several).
-        #[arg(long = "client")]
-        clients: Vec<String>,
-    },
+    ThrowawayPki(ThrowawayPkiArgs),
     /// Retailer side: print a collaboration's match key for its partner's `prep`.
-    ExportKey {
-        /// The service configuration file.
-        #[arg(long)]
-        config: PathBuf,
-        /// The contract (collaboration) id.
-        #[arg(long)]
-        contract: String,
-    },
+    ExportKey(ExportKeyArgs),
+}
+
+#[derive(clap::Args)]
+struct DemoArgs {
+    /// The sample data directory.
+    #[arg(long, default_value = "sample_data")]
+    sample_dir: PathBuf,
+    /// The allow-list directory.
+    #[arg(long, default_value = "queries")]
+    queries: PathBuf,
+    /// Loopback address to serve on (port 0 picks a free one).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: std::net::SocketAddr,
+    /// Loopback address of the review page (port 0 picks a free one).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    review_listen: std::net::SocketAddr,
+    /// After the demo, keep serving the loaded sample until interrupted (for clients such as
+    /// grpcurl or tests/python/stubless_client.py).
+    #[arg(long)]
+    keep_serving: bool,
+    /// Serve both ports over TLS with a throwaway CA, written to this directory for clients
+    /// to trust (ca.pem; server and per-partner client certificates and keys).
+    #[arg(long)]
+    tls_dir: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// The service configuration file (see config/cleanroom.example.toml).
+    #[arg(long)]
+    config: PathBuf,
+    /// Listen address, overriding the file and CLEANROOM__LISTEN.
+    #[arg(long)]
+    listen: Option<String>,
+    /// Data directory, overriding the file and CLEANROOM__DATA_DIR.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Accept principals in the demo token form (token_sha256, as the sample rules use with
+    /// their published tokens). Never on a real deployment.
+    #[arg(long)]
+    allow_demo_tokens: bool,
+    /// Start on a data directory restored from backup (behind the high-water mark): the
+    /// privacy charges and list uploads it lacks are carried over from the mark, never
+    /// refilled, and the restore is recorded in the audit trail.
+    #[arg(long)]
+    accept_restore: bool,
+}
+
+#[derive(clap::Args)]
+struct GenArgs {
+    /// Seed: the same seed and options give the same bytes.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Number of random retailer members; the attack tests' target member is added on top.
+    #[arg(long, default_value_t = 4000)]
+    members: usize,
+    /// Export date; purchases cover the year before it.
+    #[arg(long, default_value = "2026-11-01")]
+    as_of: chrono::NaiveDate,
+    /// Output directory.
+    #[arg(long, default_value = "sample_data")]
+    out: PathBuf,
+}
+
+#[derive(clap::Args)]
+struct PrepArgs {
+    /// File holding the collaboration key (`v<version>.<hex>`), as `export-key` prints it.
+    #[arg(long)]
+    key_file: PathBuf,
+    /// The raw list.
+    #[arg(long)]
+    input: PathBuf,
+    /// Where to write the tokens.
+    #[arg(long)]
+    output: PathBuf,
+}
+
+#[derive(clap::Args)]
+struct IngestArgs {
+    /// What the file holds.
+    #[arg(long, value_enum)]
+    kind: IngestKind,
+    /// The CSV export (purchases: CSV, or Parquet if the name ends in `.parquet`; either
+    /// goes to the service as Arrow record batches).
+    #[arg(long)]
+    file: PathBuf,
+    /// Service address.
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    addr: String,
+    /// The analyst's bearer token.
+    #[arg(long, env = "CLEANROOM_TOKEN", hide_env_values = true)]
+    token: String,
+    /// Fail the whole file on the first invalid record instead of skipping it.
+    #[arg(long)]
+    strict: bool,
+    /// Names this write for its retries: a retry of a write that committed is answered with
+    /// the original result and stores nothing new. Default: a new id, printed; give the
+    /// printed id again to retry a write whose outcome was not known.
+    #[arg(long)]
+    request_id: Option<String>,
+    #[command(flatten)]
+    tls: TlsArgs,
+}
+
+#[derive(clap::Args)]
+struct UploadListArgs {
+    /// The list: email,phone,attribute or email_token,phone_token,attribute.
+    #[arg(long)]
+    file: PathBuf,
+    /// Service address.
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    addr: String,
+    /// The partner's bearer token.
+    #[arg(long, env = "CLEANROOM_TOKEN", hide_env_values = true)]
+    token: String,
+    /// Fail the whole upload on the first invalid identifier instead of skipping it.
+    #[arg(long)]
+    strict: bool,
+    /// Upload as the retailer analyst on this partner's behalf (the token is the analyst's).
+    #[arg(long)]
+    on_behalf_of: Option<String>,
+    /// Names this write for its retries: a retry of a write that committed is answered with
+    /// the original result and stores nothing new. Default: a new id, printed; give the
+    /// printed id again to retry a write whose outcome was not known.
+    #[arg(long)]
+    request_id: Option<String>,
+    #[command(flatten)]
+    tls: TlsArgs,
+}
+
+#[derive(clap::Args)]
+struct ClusterArgs {
+    /// How many executors.
+    #[arg(long, default_value_t = 2)]
+    executors: usize,
+    /// Task slots per executor.
+    #[arg(long, default_value_t = 1)]
+    slots: usize,
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// Retailer members to generate.
+    #[arg(long, default_value_t = 100_000)]
+    members: usize,
+    /// Seed of the generated data.
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+    /// Keep the generated files and the data directory here (files of the same size and
+    /// seed are reused); a temporary directory otherwise.
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Concurrent clients of each load level.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+    clients: Vec<usize>,
+    /// Distinct questions per load level (repeats: four times as many).
+    #[arg(long, default_value_t = 64)]
+    questions: usize,
+    /// Also write the figures as JSON (for bench/peers.py).
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// The service's query memory pool (`[engine] memory_mb`); default as in `serve`.
+    #[arg(long)]
+    memory_mb: Option<usize>,
+    /// The allow-list directory.
+    #[arg(long, default_value = "queries")]
+    queries: PathBuf,
+    /// The rules (budgets are widened for the run).
+    #[arg(long, default_value = "sample_data/rules.toml")]
+    rules: PathBuf,
+}
+
+#[derive(clap::Args)]
+struct UtilityArgs {
+    /// Retailer members to generate.
+    #[arg(long, default_value_t = 20_000)]
+    members: usize,
+    /// Seed of the generated data.
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+    /// The allow-list directory.
+    #[arg(long, default_value = "queries")]
+    queries: PathBuf,
+    /// The rules whose partners and contracts are measured.
+    #[arg(long, default_value = "sample_data/rules.toml")]
+    rules: PathBuf,
+}
+
+#[derive(clap::Args)]
+struct VerifyAuditArgs {
+    /// The service's data directory.
+    #[arg(long, default_value = "data")]
+    data_dir: PathBuf,
+    /// The service configuration, for its master secret file.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// A checkpoint printed by an earlier run, kept elsewhere: the trail must extend it.
+    #[arg(long)]
+    checkpoint: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct ThrowawayPkiArgs {
+    /// Directory for ca.pem, server.pem, server.key, server.spki (the browser pin) and a
+    /// .pem and .key per client.
+    #[arg(long)]
+    dir: PathBuf,
+    /// A DNS name or IP address the server certificate is for (repeat for several).
+    #[arg(long = "name", required = true)]
+    names: Vec<String>,
+    /// A client certificate to issue (repeat for several).
+    #[arg(long = "client")]
+    clients: Vec<String>,
+}
+
+#[derive(clap::Args)]
+struct ExportKeyArgs {
+    /// The service configuration file.
+    #[arg(long)]
+    config: PathBuf,
+    /// The contract (collaboration) id.
+    #[arg(long)]
+    contract: String,
 }
 
 /// How a command-line client reaches a service over TLS.
@@ -303,31 +339,37 @@ async fn connect(addr: &str, tls: &TlsArgs) -> Result<cleanroom_client::Connecti
 enum TokenCommand {
     /// Print a fresh token (256 random bits) once, and the `[[principals]]` entry that holds only
     /// its public id and an Argon2id hash of its secret.
-    New {
-        /// The principal's role.
-        #[arg(long, value_parser = ["partner", "analyst", "legal"])]
-        role: String,
-        /// For a partner principal: the partner id.
-        #[arg(long)]
-        partner: Option<String>,
-        /// The principal's name in the audit trail.
-        #[arg(long)]
-        name: String,
-    },
+    New(TokenNewArgs),
+}
+
+#[derive(clap::Args)]
+struct TokenNewArgs {
+    /// The principal's role.
+    #[arg(long, value_parser = ["partner", "analyst", "legal"])]
+    role: String,
+    /// For a partner principal: the partner id.
+    #[arg(long)]
+    partner: Option<String>,
+    /// The principal's name in the audit trail.
+    #[arg(long)]
+    name: String,
 }
 
 #[derive(Subcommand)]
 enum QueriesCommand {
     /// Check every query file against the rules and the guard's plan checks; exits non-zero with
     /// `file:line: reason` for each problem.
-    Lint {
-        /// The rules file.
-        #[arg(long, default_value = "sample_data/rules.toml")]
-        rules: PathBuf,
-        /// The allow-list directory.
-        #[arg(long, default_value = "queries")]
-        queries: PathBuf,
-    },
+    Lint(QueriesLintArgs),
+}
+
+#[derive(clap::Args)]
+struct QueriesLintArgs {
+    /// The rules file.
+    #[arg(long, default_value = "sample_data/rules.toml")]
+    rules: PathBuf,
+    /// The allow-list directory.
+    #[arg(long, default_value = "queries")]
+    queries: PathBuf,
 }
 
 #[derive(Subcommand)]
@@ -335,23 +377,26 @@ enum RulesCommand {
     /// Dry run: validate proposed rules and print what they would change against the rules in
     /// force (unrunnable queries, access lost and gained, effective k, consent filter counts).
     /// Exits non-zero, with the reason, if the proposed rules are invalid.
-    Validate {
-        /// The proposed rules file.
-        #[arg(long)]
-        rules: PathBuf,
-        /// The rules in force.
-        #[arg(long, default_value = "sample_data/rules.toml")]
-        current: PathBuf,
-        /// The allow-list directory.
-        #[arg(long, default_value = "queries")]
-        queries: PathBuf,
-        /// A data directory, to count the members each consent filter admits (read only).
-        #[arg(long)]
-        data_dir: Option<PathBuf>,
-        /// Evaluate consent and contract dates at this instant (RFC 3339) instead of now.
-        #[arg(long)]
-        as_of: Option<chrono::DateTime<chrono::FixedOffset>>,
-    },
+    Validate(RulesValidateArgs),
+}
+
+#[derive(clap::Args)]
+struct RulesValidateArgs {
+    /// The proposed rules file.
+    #[arg(long)]
+    rules: PathBuf,
+    /// The rules in force.
+    #[arg(long, default_value = "sample_data/rules.toml")]
+    current: PathBuf,
+    /// The allow-list directory.
+    #[arg(long, default_value = "queries")]
+    queries: PathBuf,
+    /// A data directory, to count the members each consent filter admits (read only).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Evaluate consent and contract dates at this instant (RFC 3339) instead of now.
+    #[arg(long)]
+    as_of: Option<chrono::DateTime<chrono::FixedOffset>>,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -383,216 +428,198 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Demo {
-            sample_dir,
-            queries,
-            listen,
-            review_listen,
-            keep_serving,
-            tls_dir,
-        } => {
-            for addr in [listen, review_listen] {
-                if !addr.ip().is_loopback() {
-                    bail!("{addr}: the demo serves on loopback only");
-                }
-            }
-            runtime()?.block_on(demo::run(demo::DemoOptions {
-                sample_dir: &sample_dir,
-                queries_dir: &queries,
-                listen,
-                review_listen,
-                keep_serving,
-                tls_dir: tls_dir.as_deref(),
-            }))
-        }
-        Command::Cluster { executors, slots } => {
-            if executors == 0 || slots == 0 {
-                bail!("--executors and --slots must be at least 1");
-            }
-            runtime()?.block_on(cluster::run(executors, slots))
-        }
-        Command::Serve {
-            config,
-            listen,
-            data_dir,
-            allow_demo_tokens,
-            accept_restore,
-        } => {
-            let settings = settings::Settings::load(&config, listen, data_dir)?;
-            runtime()?.block_on(serve(settings, allow_demo_tokens, accept_restore))
-        }
+        Command::Demo(args) => demo(args),
+        Command::Cluster(args) => cluster(args),
+        Command::Serve(args) => serve(args),
         Command::Token {
-            command:
-                TokenCommand::New {
-                    role,
-                    partner,
-                    name,
-                },
-        } => token_new(&role, partner.as_deref(), &name),
-        Command::ThrowawayPki {
-            dir,
-            names,
-            clients,
-        } => {
-            let names: Vec<&str> = names.iter().map(String::as_str).collect();
-            let clients: Vec<&str> = clients.iter().map(String::as_str).collect();
-            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-            cleanroom_client::pki::ThrowawayPki::generate_for(&names, &clients)?.write(&dir)?;
-            println!(
-                "wrote a throwaway CA (ca.pem), a server certificate for {} and {} client \
-                 certificate(s) to {}",
-                names.join(", "),
-                clients.len(),
-                dir.display()
-            );
-            Ok(())
-        }
-        Command::Gen {
-            seed,
-            members,
-            as_of,
-            out,
-        } => {
-            let report = r#gen::generate(&r#gen::GenOptions {
-                seed,
-                members,
-                as_of,
-                out_dir: out.clone(),
-            })?;
-            println!(
-                "wrote {}: {} members, {} purchases, {} consent events, lists {:?}",
-                out.display(),
-                report.members,
-                report.purchases,
-                report.consent_events,
-                report.list_records
-            );
-            Ok(())
-        }
-        Command::Prep {
-            key_file,
-            input,
-            output,
-        } => prep(&key_file, &input, &output),
+            command: TokenCommand::New(args),
+        } => token_new(&args.role, args.partner.as_deref(), &args.name),
+        Command::ThrowawayPki(args) => throwaway_pki(args),
+        Command::Gen(args) => generate(args),
+        Command::Prep(args) => prep(&args.key_file, &args.input, &args.output),
         Command::Queries {
-            command: QueriesCommand::Lint { rules, queries },
-        } => {
-            let rules = cleanroom_core::rules::Rules::load(&rules)?;
-            let (files, findings) = runtime()?.block_on(lint::lint(&queries, &rules))?;
-            for f in &findings {
-                println!("{}:{}: {}", f.path.display(), f.line, f.message);
-            }
-            if findings.is_empty() {
-                println!("{files} queries checked, no problem found");
-                Ok(())
-            } else {
-                bail!("{} problem(s) in {} query file(s)", findings.len(), files)
-            }
-        }
+            command: QueriesCommand::Lint(args),
+        } => lint_queries(args),
         Command::Rules {
-            command:
-                RulesCommand::Validate {
-                    rules,
-                    current,
-                    queries,
-                    data_dir,
-                    as_of,
-                },
-        } => {
-            let now = as_of.map(Into::into).unwrap_or_else(chrono::Utc::now);
-            let report = rules_cmd::validate(&current, &rules, &queries, data_dir.as_deref(), now)?;
-            print!("{report}");
-            Ok(())
-        }
-        Command::Ingest {
-            kind,
-            file,
-            addr,
-            token,
-            strict,
-            request_id,
-            tls,
-        } => runtime()?.block_on(async {
-            let conn = connect(&addr, &tls).await?;
-            let write = write_cmd::Write {
-                file: &file,
-                strict,
-                request_id,
-            };
-            write_cmd::ingest(kind, write, &conn, &token).await
-        }),
-        Command::UploadList {
-            file,
-            addr,
-            token,
-            strict,
-            on_behalf_of,
-            request_id,
-            tls,
-        } => runtime()?.block_on(async {
-            let conn = connect(&addr, &tls).await?;
-            let write = write_cmd::Write {
-                file: &file,
-                strict,
-                request_id,
-            };
-            write_cmd::upload_list(write, on_behalf_of.as_deref(), &conn, &token).await
-        }),
-        Command::Bench {
-            members,
-            seed,
-            dir,
-            clients,
-            questions,
-            json,
-            memory_mb,
-            queries,
-            rules,
-        } => {
-            let opts = bench::BenchOptions {
-                members,
-                seed,
-                dir,
-                clients,
-                questions,
-                json,
-                memory_mb,
-            };
-            let report = runtime()?.block_on(bench::run(opts, &queries, &rules))?;
-            print!("{report}");
-            Ok(())
-        }
-        Command::Utility {
-            members,
-            seed,
-            queries,
-            rules,
-        } => {
-            let report = runtime()?.block_on(utility::run(members, seed, &queries, &rules))?;
-            print!("{report}");
-            Ok(())
-        }
-        Command::VerifyAudit {
-            data_dir,
-            config,
-            checkpoint,
-        } => verify_audit(&data_dir, config.as_deref(), checkpoint.as_deref()),
-        Command::ExportKey { config, contract } => {
-            let settings = settings::Settings::load(&config, None, None)?;
-            let rules = settings.rules()?;
-            let Some(c) = rules.contracts.get(&contract) else {
-                bail!("no contract `{contract}` in {}", settings.rules.display());
-            };
-            println!(
-                "{}",
-                settings
-                    .master_secret()?
-                    .collaboration_key(&contract, c.key_version)
-                    .export()
-            );
-            Ok(())
+            command: RulesCommand::Validate(args),
+        } => validate_rules(args),
+        Command::Ingest(args) => ingest(args),
+        Command::UploadList(args) => upload_list(args),
+        Command::Bench(args) => bench(args),
+        Command::Utility(args) => utility(args),
+        Command::VerifyAudit(args) => verify_audit(
+            &args.data_dir,
+            args.config.as_deref(),
+            args.checkpoint.as_deref(),
+        ),
+        Command::ExportKey(args) => export_key(args),
+    }
+}
+
+fn demo(args: DemoArgs) -> Result<()> {
+    for addr in [args.listen, args.review_listen] {
+        if !addr.ip().is_loopback() {
+            bail!("{addr}: the demo serves on loopback only");
         }
     }
+    runtime()?.block_on(demo::run(demo::DemoOptions {
+        sample_dir: &args.sample_dir,
+        queries_dir: &args.queries,
+        listen: args.listen,
+        review_listen: args.review_listen,
+        keep_serving: args.keep_serving,
+        tls_dir: args.tls_dir.as_deref(),
+    }))
+}
+
+fn cluster(args: ClusterArgs) -> Result<()> {
+    if args.executors == 0 || args.slots == 0 {
+        bail!("--executors and --slots must be at least 1");
+    }
+    runtime()?.block_on(cluster::run(args.executors, args.slots))
+}
+
+fn serve(args: ServeArgs) -> Result<()> {
+    let settings = settings::Settings::load(&args.config, args.listen, args.data_dir)?;
+    runtime()?.block_on(serve_until_stopped(
+        settings,
+        args.allow_demo_tokens,
+        args.accept_restore,
+    ))
+}
+
+fn throwaway_pki(args: ThrowawayPkiArgs) -> Result<()> {
+    let ThrowawayPkiArgs {
+        dir,
+        names,
+        clients,
+    } = args;
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let clients: Vec<&str> = clients.iter().map(String::as_str).collect();
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    cleanroom_client::pki::ThrowawayPki::generate_for(&names, &clients)?.write(&dir)?;
+    println!(
+        "wrote a throwaway CA (ca.pem), a server certificate for {} and {} client \
+         certificate(s) to {}",
+        names.join(", "),
+        clients.len(),
+        dir.display()
+    );
+    Ok(())
+}
+
+fn generate(args: GenArgs) -> Result<()> {
+    let report = r#gen::generate(&r#gen::GenOptions {
+        seed: args.seed,
+        members: args.members,
+        as_of: args.as_of,
+        out_dir: args.out.clone(),
+    })?;
+    println!(
+        "wrote {}: {} members, {} purchases, {} consent events, lists {:?}",
+        args.out.display(),
+        report.members,
+        report.purchases,
+        report.consent_events,
+        report.list_records
+    );
+    Ok(())
+}
+
+fn lint_queries(args: QueriesLintArgs) -> Result<()> {
+    let rules = cleanroom_core::rules::Rules::load(&args.rules)?;
+    let (files, findings) = runtime()?.block_on(lint::lint(&args.queries, &rules))?;
+    for f in &findings {
+        println!("{}:{}: {}", f.path.display(), f.line, f.message);
+    }
+    if findings.is_empty() {
+        println!("{files} queries checked, no problem found");
+        Ok(())
+    } else {
+        bail!("{} problem(s) in {} query file(s)", findings.len(), files)
+    }
+}
+
+fn validate_rules(args: RulesValidateArgs) -> Result<()> {
+    let now = args.as_of.map(Into::into).unwrap_or_else(chrono::Utc::now);
+    let report = rules_cmd::validate(
+        &args.current,
+        &args.rules,
+        &args.queries,
+        args.data_dir.as_deref(),
+        now,
+    )?;
+    print!("{report}");
+    Ok(())
+}
+
+fn ingest(args: IngestArgs) -> Result<()> {
+    runtime()?.block_on(async {
+        let conn = connect(&args.addr, &args.tls).await?;
+        let write = write_cmd::Write {
+            file: &args.file,
+            strict: args.strict,
+            request_id: args.request_id,
+        };
+        write_cmd::ingest(args.kind, write, &conn, &args.token).await
+    })
+}
+
+fn upload_list(args: UploadListArgs) -> Result<()> {
+    runtime()?.block_on(async {
+        let conn = connect(&args.addr, &args.tls).await?;
+        let write = write_cmd::Write {
+            file: &args.file,
+            strict: args.strict,
+            request_id: args.request_id,
+        };
+        let on_behalf_of = args.on_behalf_of.as_deref();
+        write_cmd::upload_list(write, on_behalf_of, &conn, &args.token).await
+    })
+}
+
+fn bench(args: BenchArgs) -> Result<()> {
+    let opts = bench::BenchOptions {
+        members: args.members,
+        seed: args.seed,
+        dir: args.dir,
+        clients: args.clients,
+        questions: args.questions,
+        json: args.json,
+        memory_mb: args.memory_mb,
+    };
+    let report = runtime()?.block_on(bench::run(opts, &args.queries, &args.rules))?;
+    print!("{report}");
+    Ok(())
+}
+
+fn utility(args: UtilityArgs) -> Result<()> {
+    let UtilityArgs {
+        members,
+        seed,
+        queries,
+        rules,
+    } = args;
+    let report = runtime()?.block_on(utility::run(members, seed, &queries, &rules))?;
+    print!("{report}");
+    Ok(())
+}
+
+fn export_key(args: ExportKeyArgs) -> Result<()> {
+    let ExportKeyArgs { config, contract } = args;
+    let settings = settings::Settings::load(&config, None, None)?;
+    let rules = settings.rules()?;
+    let Some(c) = rules.contracts.get(&contract) else {
+        bail!("no contract `{contract}` in {}", settings.rules.display());
+    };
+    println!(
+        "{}",
+        settings
+            .master_secret()?
+            .collaboration_key(&contract, c.key_version)
+            .export()
+    );
+    Ok(())
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -671,7 +698,7 @@ fn token_new(role: &str, partner: Option<&str>, name: &str) -> Result<()> {
     Ok(())
 }
 
-async fn serve(
+async fn serve_until_stopped(
     settings: settings::Settings,
     allow_demo_tokens: bool,
     accept_restore: bool,
