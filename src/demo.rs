@@ -43,18 +43,38 @@ pub struct DemoOptions<'a> {
     pub tls_dir: Option<&'a Path>,
 }
 
+/// Runs the demo: each step prints its own part of the story, in this order.
 pub async fn run(options: DemoOptions<'_>) -> Result<()> {
-    let DemoOptions {
-        sample_dir,
-        queries_dir,
-        listen,
-        review_listen,
-        keep_serving,
-        tls_dir,
-    } = options;
-    let rules_path = sample_dir.join("rules.toml");
+    let service = start(&options).await?;
+    approve_allow_list(&service.conn).await?;
+    load_sample(&service.conn, options.sample_dir).await?;
+    for (partner, token) in sample::PARTNERS {
+        run_partner_queries(&service.conn, partner, token).await?;
+    }
+    show_refusals(&service.conn, options.sample_dir, service.as_of).await?;
+    finish(service, options.keep_serving).await
+}
+
+/// The running throwaway service and the demo's connection to it. Fields drop in declaration
+/// order, so on an early return the connection closes first, then the server, and the data
+/// directory it writes to is removed last.
+struct Service {
+    conn: Connection,
+    server: cleanroom_server::Running,
+    /// Whether both ports serve TLS.
+    tls: bool,
+    /// The pinned clock: the sample's export date.
+    as_of: DateTime<chrono::Utc>,
+    /// Held, never read: dropping it removes the throwaway data directory.
+    _data_dir: tempfile::TempDir,
+}
+
+/// Starts a throwaway service on the sample's rules and allow-list (fresh data directory, random
+/// master secret, clock pinned to the sample's export date) and connects to it.
+async fn start(options: &DemoOptions<'_>) -> Result<Service> {
+    let rules_path = options.sample_dir.join("rules.toml");
     let rules = Rules::load(&rules_path)?;
-    let allowlist = AllowList::load(queries_dir, &rules)?;
+    let allowlist = AllowList::load(options.queries_dir, &rules)?;
     let data_dir = tempfile::tempdir().context("creating a throwaway data directory")?;
     let mut secret = vec![0u8; 32];
     rand::rng().fill_bytes(&mut secret);
@@ -68,7 +88,7 @@ pub async fn run(options: DemoOptions<'_>) -> Result<()> {
         // Edits of the rules or the allow-list take effect while the demo keeps serving.
         sources: Some(cleanroom_server::Sources {
             rules: rules_path,
-            queries: queries_dir.to_path_buf(),
+            queries: options.queries_dir.to_path_buf(),
             poll: std::time::Duration::from_millis(500),
         }),
         // The demo runs on the published sample tokens.
@@ -77,7 +97,23 @@ pub async fn run(options: DemoOptions<'_>) -> Result<()> {
         accept_restore: false,
         engine: ExecutorConfig::with_defaults(data_dir.path().join("data/spill")),
     })?;
-    let pki = match tls_dir {
+    let (server, conn) = serve_and_connect(app, options).await?;
+    Ok(Service {
+        conn,
+        server,
+        tls: options.tls_dir.is_some(),
+        as_of,
+        _data_dir: data_dir,
+    })
+}
+
+/// Serves `app` on loopback (over TLS with a throwaway CA when asked), says where, and opens the
+/// demo's connection.
+async fn serve_and_connect(
+    app: Arc<cleanroom_server::App>,
+    options: &DemoOptions<'_>,
+) -> Result<(cleanroom_server::Running, Connection)> {
+    let pki = match options.tls_dir {
         Some(dir) => Some(throwaway_pki(dir)?),
         None => None,
     };
@@ -92,13 +128,15 @@ pub async fn run(options: DemoOptions<'_>) -> Result<()> {
         })
         .transpose()?;
     let scheme = if pki.is_some() { "https" } else { "http" };
-    let server = cleanroom_server::spawn_with_tls(app, listen, review_listen, server_tls).await?;
+    let server =
+        cleanroom_server::spawn_with_tls(app, options.listen, options.review_listen, server_tls)
+            .await?;
     println!(
         "clean room listening on {scheme}://{} (throwaway data dir, random master secret)",
         server.addr
     );
     println!("review page on {scheme}://{}/", server.review_addr);
-    if let Some(dir) = tls_dir {
+    if let Some(dir) = options.tls_dir {
         println!(
             "TLS with a throwaway CA: trust {}",
             dir.join("ca.pem").display()
@@ -113,11 +151,15 @@ pub async fn run(options: DemoOptions<'_>) -> Result<()> {
         Some(pki) => Connection::open_tls(&url, &pki.client_tls(None)).await?,
         None => Connection::open(&url).await?,
     };
+    Ok((server, conn))
+}
 
+/// The legal reviewer approves every query on the allow-list.
+async fn approve_allow_list(conn: &Connection) -> Result<()> {
     println!(
         "== Legal reviewer: approve the allow-list (approvals are bound to content hashes) =="
     );
-    for (id, response) in sample::approve_all(&conn).await? {
+    for (id, response) in sample::approve_all(conn).await? {
         let decision = response.decision.unwrap_or_default();
         println!(
             "{id:>32}: approved content {} by {}, audit {}",
@@ -126,9 +168,13 @@ pub async fn run(options: DemoOptions<'_>) -> Result<()> {
             response.audit_id
         );
     }
+    Ok(())
+}
 
+/// The analyst ingests the retailer's exports and each partner uploads its customer list.
+async fn load_sample(conn: &Connection, sample_dir: &Path) -> Result<()> {
     println!("\n== Retailer analyst: ingest (identifiers are keyed and dropped on arrival) ==");
-    let loaded = sample::load(&conn, sample_dir).await?;
+    let loaded = sample::load(conn, sample_dir).await?;
     for (name, summary, took) in &loaded.ingests {
         println!(
             "{name:>15}: {} received, {} accepted in {} ms{}",
@@ -149,40 +195,60 @@ pub async fn run(options: DemoOptions<'_>) -> Result<()> {
             reasons(&response.rejected_by_reason)
         );
     }
+    Ok(())
+}
 
-    for (partner, token) in sample::PARTNERS {
-        let mut client = conn.partner(token)?;
-        let queries = client
-            .list_queries(ListQueriesRequest {})
+/// One partner runs every query open to it, with the demo's parameters, and sees the answers.
+async fn run_partner_queries(conn: &Connection, partner: &str, token: &str) -> Result<()> {
+    let mut client = conn.partner(token)?;
+    let queries = client
+        .list_queries(ListQueriesRequest {})
+        .await?
+        .into_inner()
+        .queries;
+    println!(
+        "\n== Partner {partner}: {} allowed queries ==",
+        queries.len()
+    );
+    for summary in queries {
+        let description = client
+            .describe_query(DescribeQueryRequest {
+                query_id: summary.id.clone(),
+            })
             .await?
-            .into_inner()
-            .queries;
-        println!(
-            "\n== Partner {partner}: {} allowed queries ==",
-            queries.len()
-        );
-        for summary in queries {
-            let description = client
-                .describe_query(DescribeQueryRequest {
-                    query_id: summary.id.clone(),
-                })
-                .await?
-                .into_inner();
-            let params = demo_params(&description);
-            let response = client
-                .run_query(RunQueryRequest {
-                    query_id: summary.id.clone(),
-                    params: params.clone(),
-                })
-                .await
-                .with_context(|| format!("running {}", summary.id))?
-                .into_inner();
-            print_result(&description, &params, &response);
-        }
+            .into_inner();
+        let params = demo_params(&description);
+        let response = client
+            .run_query(RunQueryRequest {
+                query_id: summary.id.clone(),
+                params: params.clone(),
+            })
+            .await
+            .with_context(|| format!("running {}", summary.id))?
+            .into_inner();
+        print_result(&description, &params, &response);
     }
+    Ok(())
+}
 
+/// Requests the service must refuse or defuse, made as Sakura Foods, then a consent withdrawal.
+async fn show_refusals(
+    conn: &Connection,
+    sample_dir: &Path,
+    as_of: DateTime<chrono::Utc>,
+) -> Result<()> {
     println!("\n== Refused and withdrawn ==");
     let mut sakura = conn.partner(sample::partner_token("sakura_foods"))?;
+    refuse_foreign_query(&mut sakura).await;
+    refuse_injection(&mut sakura).await;
+    upload_plus_one(&mut sakura, sample_dir).await?;
+    day_tracker(&mut sakura).await?;
+    refuse_analyst_method(conn).await?;
+    withdrawal(conn, &mut sakura, sample_dir, as_of).await
+}
+
+/// A query on the allow-list, but not on Sakura Foods' part of it.
+async fn refuse_foreign_query(sakura: &mut PartnerClient) {
     show_refusal(
         "Sakura Foods runs Kumo Denki's query",
         sakura
@@ -192,6 +258,10 @@ pub async fn run(options: DemoOptions<'_>) -> Result<()> {
             })
             .await,
     );
+}
+
+/// SQL in a parameter: parameters are checked against their allowed values, never spliced.
+async fn refuse_injection(sakura: &mut PartnerClient) {
     let mut injected = window_params();
     injected.insert("brand".into(), text("Sakura Cha' OR '1'='1"));
     show_refusal(
@@ -203,9 +273,12 @@ pub async fn run(options: DemoOptions<'_>) -> Result<()> {
             })
             .await,
     );
-    // List differencing (THREATS 2): the same list plus one person is accepted as a new version,
-    // but every answer over it is a fresh, noisy, charged release: the difference it could show
-    // is one member, far inside the noise, and each look costs budget.
+}
+
+/// List differencing (THREATS 2): the same list plus one person is accepted as a new version,
+/// but every answer over it is a fresh, noisy, charged release: the difference it could show
+/// is one member, far inside the noise, and each look costs budget.
+async fn upload_plus_one(sakura: &mut PartnerClient, sample_dir: &Path) -> Result<()> {
     let mut plus_one =
         cleanroom_client::read_list(&sample_dir.join("partner_lists/sakura_foods.csv"))?;
     plus_one.push(cleanroom_proto::v1::CustomerRecord {
@@ -213,13 +286,17 @@ pub async fn run(options: DemoOptions<'_>) -> Result<()> {
         attribute: "gold".into(),
         ..Default::default()
     });
-    let upload = cleanroom_client::upload_list(&mut sakura, false, plus_one).await?;
+    let upload = cleanroom_client::upload_list(sakura, false, plus_one).await?;
     println!(
         "  Sakura Foods re-uploads its list plus one person: accepted as list v{}; its answers \
          are new, noisy and charged like any other",
         upload.list_version
     );
-    // A day tracker (THREATS 3): days 1–10 and 1–9 of June snap to the same month.
+    Ok(())
+}
+
+/// A day tracker (THREATS 3): days 1–10 and 1–9 of June snap to the same month.
+async fn day_tracker(sakura: &mut PartnerClient) -> Result<()> {
     let mut answers = Vec::new();
     for end in ["2026-06-11", "2026-06-10"] {
         let params = BTreeMap::from([
@@ -242,6 +319,11 @@ pub async fn run(options: DemoOptions<'_>) -> Result<()> {
         answers[0].effective_params["end"],
         answers[0].rows == answers[1].rows
     );
+    Ok(())
+}
+
+/// A partner's token on the analyst's service: methods are bound to roles.
+async fn refuse_analyst_method(conn: &Connection) -> Result<()> {
     let mut admin_as_partner = conn.admin(sample::partner_token("sakura_foods"))?;
     show_refusal(
         "Sakura Foods calls an analyst method",
@@ -256,28 +338,37 @@ pub async fn run(options: DemoOptions<'_>) -> Result<()> {
             other => tonic::Status::unknown(other.to_string()),
         }),
     );
-    withdrawal(&conn, &mut sakura, sample_dir, as_of).await?;
+    Ok(())
+}
 
-    drop(conn);
+/// Closes the demo's connection, keeps serving until interrupted when asked, then stops the
+/// service. The data directory goes when `service`'s last field drops, after the farewell line.
+async fn finish(service: Service, keep_serving: bool) -> Result<()> {
+    drop(service.conn);
     if keep_serving {
-        println!(
-            "\nserving the loaded sample on {} until interrupted",
-            server.addr
-        );
-        if pki.is_some() {
-            println!("TLS on both ports (https)");
-        }
-        use std::io::Write as _;
-        std::io::stdout().flush()?;
-        let mut terminate =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = terminate.recv() => {}
-        }
+        serve_until_interrupted(&service.server, service.tls).await?;
     }
-    server.stop().await?;
+    service.server.stop().await?;
     println!("\ndemo finished: the throwaway data directory is removed.");
+    Ok(())
+}
+
+/// Waits for Ctrl-C or SIGTERM while the loaded sample stays served.
+async fn serve_until_interrupted(server: &cleanroom_server::Running, tls: bool) -> Result<()> {
+    println!(
+        "\nserving the loaded sample on {} until interrupted",
+        server.addr
+    );
+    if tls {
+        println!("TLS on both ports (https)");
+    }
+    use std::io::Write as _;
+    std::io::stdout().flush()?;
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
+    }
     Ok(())
 }
 

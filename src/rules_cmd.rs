@@ -13,7 +13,7 @@ use anyhow::{Context, Result};
 use chrono::{DateTime, Utc};
 use cleanroom_core::allowlist::AllowList;
 use cleanroom_core::consent::Requirement;
-use cleanroom_core::rules::Rules;
+use cleanroom_core::rules::{Contract, Rules};
 use cleanroom_engine::store::Store;
 
 /// Who may run what: (partner, query) pairs whose query is valid, open to the partner, on its
@@ -63,7 +63,22 @@ pub fn validate(
         current.display(),
         new.retailer.today(now)
     )?;
+    section(&mut out, "settings", settings(&old, &new))?;
+    let (before, after) = (access(&old, &old_list, now), access(&new, &new_list, now));
+    let unrunnable = unrunnable(&before, &after, &new_list);
+    section(&mut out, "queries that become unrunnable", unrunnable)?;
+    section(&mut out, "access lost", moved(&before, &after, "loses"))?;
+    section(&mut out, "access gained", moved(&after, &before, "gains"))?;
+    let k_changes = k_changes(&old, &new, &old_list, &new_list, &before, &after);
+    section(&mut out, "effective k", k_changes)?;
+    let consent = consent_filter(&old, &new, data_dir, now)?;
+    section(&mut out, "consent filter", consent)?;
+    Ok(out)
+}
 
+/// The "settings" section: changes of the k floor, purposes, contracts, sensitive columns and
+/// principals, in that order.
+fn settings(old: &Rules, new: &Rules) -> Vec<String> {
     let mut settings = Vec::new();
     if old.privacy.k_floor != new.privacy.k_floor {
         settings.push(format!(
@@ -71,54 +86,43 @@ pub fn validate(
             old.privacy.k_floor, new.privacy.k_floor
         ));
     }
+    settings.extend(purpose_changes(old, new));
+    settings.extend(contract_changes(old, new));
+    settings.extend(sensitive_changes(old, new));
+    settings.extend(principal_changes(old, new));
+    settings
+}
+
+/// Purposes added, or whose notice version or grant validity moved.
+fn purpose_changes(old: &Rules, new: &Rules) -> Vec<String> {
+    let mut changes = Vec::new();
     for (id, p) in &new.purposes {
         match old.purposes.get(id) {
-            None => settings.push(format!("purpose {id} added")),
-            Some(o) if o.min_notice_version != p.min_notice_version => settings.push(format!(
+            None => changes.push(format!("purpose {id} added")),
+            Some(o) if o.min_notice_version != p.min_notice_version => changes.push(format!(
                 "purpose {id}: notice version {} -> {}",
                 o.min_notice_version, p.min_notice_version
             )),
-            Some(o) if o.grant_valid_days != p.grant_valid_days => settings.push(format!(
+            Some(o) if o.grant_valid_days != p.grant_valid_days => changes.push(format!(
                 "purpose {id}: grants valid for {:?} -> {:?} days",
                 o.grant_valid_days, p.grant_valid_days
             )),
             _ => {}
         }
     }
+    changes
+}
+
+/// Contracts added or changed (in the proposed rules' order), then contracts removed.
+fn contract_changes(old: &Rules, new: &Rules) -> Vec<String> {
+    let mut changes = Vec::new();
     for (id, c) in &new.contracts {
         match old.contracts.get(id) {
-            None => settings.push(format!("contract {id} added (partner {})", c.partner)),
+            None => changes.push(format!("contract {id} added (partner {})", c.partner)),
             Some(o) => {
-                let mut changes = Vec::new();
-                if o.k != c.k {
-                    changes.push(format!("k {} -> {}", o.k, c.k));
-                }
-                if o.expires != c.expires {
-                    changes.push(format!("expires {} -> {}", o.expires, c.expires));
-                }
-                if o.purpose != c.purpose {
-                    changes.push(format!("purpose {} -> {}", o.purpose, c.purpose));
-                }
-                if o.key_version != c.key_version {
-                    changes.push(format!(
-                        "match key version {} -> {} (the partner must upload its list again)",
-                        o.key_version, c.key_version
-                    ));
-                }
-                if o.max_queries_per_day != c.max_queries_per_day {
-                    changes.push(format!(
-                        "answers per day {:?} -> {:?}",
-                        o.max_queries_per_day, c.max_queries_per_day
-                    ));
-                }
-                if o.protection != c.protection {
-                    changes.push(format!(
-                        "protection {:?} -> {:?}",
-                        o.protection, c.protection
-                    ));
-                }
-                if !changes.is_empty() {
-                    settings.push(format!("contract {id}: {}", changes.join("; ")));
+                let terms = term_changes(o, c);
+                if !terms.is_empty() {
+                    changes.push(format!("contract {id}: {}", terms.join("; ")));
                 }
             }
         }
@@ -128,36 +132,85 @@ pub fn validate(
         .keys()
         .filter(|id| !new.contracts.contains_key(*id))
     {
-        settings.push(format!("contract {id} removed"));
+        changes.push(format!("contract {id} removed"));
     }
+    changes
+}
+
+/// What moved between two versions of one contract.
+fn term_changes(o: &Contract, c: &Contract) -> Vec<String> {
+    let mut changes = Vec::new();
+    if o.k != c.k {
+        changes.push(format!("k {} -> {}", o.k, c.k));
+    }
+    if o.expires != c.expires {
+        changes.push(format!("expires {} -> {}", o.expires, c.expires));
+    }
+    if o.purpose != c.purpose {
+        changes.push(format!("purpose {} -> {}", o.purpose, c.purpose));
+    }
+    if o.key_version != c.key_version {
+        changes.push(format!(
+            "match key version {} -> {} (the partner must upload its list again)",
+            o.key_version, c.key_version
+        ));
+    }
+    if o.max_queries_per_day != c.max_queries_per_day {
+        changes.push(format!(
+            "answers per day {:?} -> {:?}",
+            o.max_queries_per_day, c.max_queries_per_day
+        ));
+    }
+    if o.protection != c.protection {
+        changes.push(format!(
+            "protection {:?} -> {:?}",
+            o.protection, c.protection
+        ));
+    }
+    changes
+}
+
+/// Columns newly tagged sensitive, then columns no longer tagged.
+fn sensitive_changes(old: &Rules, new: &Rules) -> Vec<String> {
     let (old_sensitive, new_sensitive) =
         (old.sensitive_column_names(), new.sensitive_column_names());
-    for column in new_sensitive.difference(&old_sensitive) {
-        settings.push(format!("column {column} now tagged sensitive"));
-    }
-    for column in old_sensitive.difference(&new_sensitive) {
-        settings.push(format!("column {column} no longer tagged sensitive"));
-    }
+    let tagged = new_sensitive
+        .difference(&old_sensitive)
+        .map(|column| format!("column {column} now tagged sensitive"));
+    let untagged = old_sensitive
+        .difference(&new_sensitive)
+        .map(|column| format!("column {column} no longer tagged sensitive"));
+    tagged.chain(untagged).collect()
+}
+
+/// Principals (name and role) added, then removed.
+fn principal_changes(old: &Rules, new: &Rules) -> Vec<String> {
     let principals = |r: &Rules| -> BTreeSet<String> {
         r.principals
             .iter()
             .map(|p| format!("{} ({})", p.name, p.role.as_str()))
             .collect()
     };
-    for p in principals(&new).difference(&principals(&old)) {
-        settings.push(format!("principal {p} added"));
-    }
-    for p in principals(&old).difference(&principals(&new)) {
-        settings.push(format!("principal {p} removed"));
-    }
-    section(&mut out, "settings", settings)?;
+    let (old, new) = (principals(old), principals(new));
+    let added = new.difference(&old).map(|p| format!("principal {p} added"));
+    let removed = old
+        .difference(&new)
+        .map(|p| format!("principal {p} removed"));
+    added.chain(removed).collect()
+}
 
-    let (before, after) = (access(&old, &old_list, now), access(&new, &new_list, now));
+/// The "queries that become unrunnable" section: queries someone could run before and nobody
+/// can after, with the reason, sorted.
+fn unrunnable(
+    before: &BTreeSet<(String, String)>,
+    after: &BTreeSet<(String, String)>,
+    new_list: &AllowList,
+) -> Vec<String> {
     let runnable = |pairs: &BTreeSet<(String, String)>| -> BTreeSet<String> {
         pairs.iter().map(|(_, q)| q.clone()).collect()
     };
-    let mut unrunnable: Vec<String> = runnable(&before)
-        .difference(&runnable(&after))
+    let mut unrunnable: Vec<String> = runnable(before)
+        .difference(&runnable(after))
         .map(|q| {
             let why = new_list
                 .invalid()
@@ -169,25 +222,32 @@ pub fn validate(
         })
         .collect();
     unrunnable.sort();
-    section(&mut out, "queries that become unrunnable", unrunnable)?;
-    section(
-        &mut out,
-        "access lost",
-        before
-            .difference(&after)
-            .map(|(p, q)| format!("{p} loses {q}"))
-            .collect(),
-    )?;
-    section(
-        &mut out,
-        "access gained",
-        after
-            .difference(&before)
-            .map(|(p, q)| format!("{p} gains {q}"))
-            .collect(),
-    )?;
+    unrunnable
+}
+
+/// The "access lost" and "access gained" sections: (partner, query) pairs in `from` but not in
+/// `to`, as "<partner> <verb> <query>".
+fn moved(
+    from: &BTreeSet<(String, String)>,
+    to: &BTreeSet<(String, String)>,
+    verb: &str,
+) -> Vec<String> {
+    from.difference(to)
+        .map(|(p, q)| format!("{p} {verb} {q}"))
+        .collect()
+}
+
+/// The "effective k" section: pairs runnable both before and after whose effective k moves.
+fn k_changes(
+    old: &Rules,
+    new: &Rules,
+    old_list: &AllowList,
+    new_list: &AllowList,
+    before: &BTreeSet<(String, String)>,
+    after: &BTreeSet<(String, String)>,
+) -> Vec<String> {
     let mut k_changes = Vec::new();
-    for (partner, query_id) in before.intersection(&after) {
+    for (partner, query_id) in before.intersection(after) {
         let (Some(oq), Some(nq)) = (old_list.get(query_id), new_list.get(query_id)) else {
             continue;
         };
@@ -200,52 +260,70 @@ pub fn validate(
             k_changes.push(format!("{query_id} for {partner}: k {ok} -> {nk}"));
         }
     }
-    section(&mut out, "effective k", k_changes)?;
+    k_changes
+}
 
+/// The "consent filter" section: per contract, the members its consent filter admits before and
+/// after (needs the data directory), then contracts whose members have no tokens yet.
+fn consent_filter(
+    old: &Rules,
+    new: &Rules,
+    data_dir: Option<&Path>,
+    now: DateTime<Utc>,
+) -> Result<Vec<String>> {
+    let Some(dir) = data_dir else {
+        return Ok(vec![
+            "(give --data-dir to count the members each consent filter admits)".into(),
+        ]);
+    };
+    let store =
+        Store::open(dir).with_context(|| format!("opening data directory {}", dir.display()))?;
+    let snapshot = store.snapshot();
     let mut consent = Vec::new();
-    match data_dir {
-        None => {
-            consent.push("(give --data-dir to count the members each consent filter admits)".into())
-        }
-        Some(dir) => {
-            let store = Store::open(dir)
-                .with_context(|| format!("opening data directory {}", dir.display()))?;
-            let snapshot = store.snapshot();
-            let ids: BTreeSet<&String> = old.contracts.keys().chain(new.contracts.keys()).collect();
-            for id in ids {
-                let count = |rules: &Rules| -> Result<Option<(usize, Option<usize>)>> {
-                    let Some(contract) = rules.contracts.get(id) else {
-                        return Ok(None);
-                    };
-                    let Some(requirement) = requirement(rules, &contract.purpose) else {
-                        return Ok(None);
-                    };
-                    let counts = cleanroom_engine::consent_counts(
-                        &snapshot,
-                        id,
-                        contract,
-                        &requirement,
-                        now,
-                    )
-                    .context("reading a partner's list")?;
-                    Ok(Some(counts))
-                };
-                let show = |c: Option<(usize, Option<usize>)>| match c {
-                    None => "no contract".to_string(),
-                    Some((all, None)) => format!("{all} consenting, no list yet"),
-                    Some((all, Some(listed))) => {
-                        format!("{all} consenting, {listed} of them in the partner's list")
-                    }
-                };
-                let (b, a) = (count(&old)?, count(&new)?);
-                let marker = if b == a { "unchanged" } else { "changes" };
-                consent.push(format!("{id}: {} -> {} ({marker})", show(b), show(a)));
-            }
-            consent.extend(missing_tokens(&snapshot, &new));
+    let ids: BTreeSet<&String> = old.contracts.keys().chain(new.contracts.keys()).collect();
+    for id in ids {
+        let (b, a) = (
+            consent_count(&snapshot, id, old, now)?,
+            consent_count(&snapshot, id, new, now)?,
+        );
+        let marker = if b == a { "unchanged" } else { "changes" };
+        consent.push(format!(
+            "{id}: {} -> {} ({marker})",
+            show_count(b),
+            show_count(a)
+        ));
+    }
+    consent.extend(missing_tokens(&snapshot, new));
+    Ok(consent)
+}
+
+/// Members consenting under contract `id` of `rules`, and how many of them are in the partner's
+/// list (if it uploaded one); `None` when `rules` has no such contract or purpose.
+fn consent_count(
+    snapshot: &cleanroom_engine::store::Snapshot,
+    id: &str,
+    rules: &Rules,
+    now: DateTime<Utc>,
+) -> Result<Option<(usize, Option<usize>)>> {
+    let Some(contract) = rules.contracts.get(id) else {
+        return Ok(None);
+    };
+    let Some(requirement) = requirement(rules, &contract.purpose) else {
+        return Ok(None);
+    };
+    let counts = cleanroom_engine::consent_counts(snapshot, id, contract, &requirement, now)
+        .context("reading a partner's list")?;
+    Ok(Some(counts))
+}
+
+fn show_count(c: Option<(usize, Option<usize>)>) -> String {
+    match c {
+        None => "no contract".to_string(),
+        Some((all, None)) => format!("{all} consenting, no list yet"),
+        Some((all, Some(listed))) => {
+            format!("{all} consenting, {listed} of them in the partner's list")
         }
     }
-    section(&mut out, "consent filter", consent)?;
-    Ok(out)
 }
 
 /// Contracts whose members have no tokens yet (added since the last members ingest): their
