@@ -262,133 +262,195 @@ impl QueryDef {
     /// Checks the metadata on its own and against the rules: parameter constraints present and
     /// well-formed, dimensions drawing on known domains, k at or above the floor.
     pub fn validate(&self, rules: &Rules) -> Result<()> {
-        let fail = |msg: String| Err(Error::Config(format!("query {}: {msg}", self.id)));
+        self.check_purposes(rules)?;
+        self.check_k(rules)?;
+        self.check_partners(rules)?;
+        self.check_has_metric()?;
+        self.check_params(rules)?;
+        self.check_contribution_bounds()?;
+        self.check_noise(rules)?;
+        self.check_dimensions(rules)
+    }
+
+    /// A validation error about this query, prefixed with its id.
+    fn fail<T>(&self, msg: String) -> Result<T> {
+        Err(Error::Config(format!("query {}: {msg}", self.id)))
+    }
+
+    /// The query names at least one purpose, and only known ones.
+    fn check_purposes(&self, rules: &Rules) -> Result<()> {
         if self.purposes.is_empty() {
-            return fail("names no purpose".into());
+            return self.fail("names no purpose".into());
         }
         for purpose in &self.purposes {
             if !rules.purposes.contains_key(purpose) {
-                return fail(format!("unknown purpose `{purpose}`"));
+                return self.fail(format!("unknown purpose `{purpose}`"));
             }
         }
+        Ok(())
+    }
+
+    /// k lies between the rules' floor and [`crate::rules::MAX_K`].
+    fn check_k(&self, rules: &Rules) -> Result<()> {
         if self.k > crate::rules::MAX_K {
-            return fail(format!(
+            return self.fail(format!(
                 "k {} is above the largest k, {}",
                 self.k,
                 crate::rules::MAX_K
             ));
         }
         if self.k < rules.privacy.k_floor {
-            return fail(format!(
+            return self.fail(format!(
                 "k {} is below the floor {}",
                 self.k, rules.privacy.k_floor
             ));
         }
+        Ok(())
+    }
+
+    /// Every partner the query is open to is known to the rules.
+    fn check_partners(&self, rules: &Rules) -> Result<()> {
         for partner in &self.partners {
             if !rules.partners.contains_key(partner) {
-                return fail(format!("unknown partner `{partner}`"));
+                return self.fail(format!("unknown partner `{partner}`"));
             }
         }
+        Ok(())
+    }
+
+    /// The query declares at least one metric.
+    fn check_has_metric(&self) -> Result<()> {
         if self.metrics.is_empty() {
-            return fail("declares no metric".into());
+            return self.fail("declares no metric".into());
         }
+        Ok(())
+    }
+
+    /// Every parameter is declared once, used in the SQL, constrained as its kind requires and,
+    /// if it ends a window, well tied to its start.
+    fn check_params(&self, rules: &Rules) -> Result<()> {
         let mut names = BTreeSet::new();
         for p in &self.params {
             if !names.insert(p.name.as_str()) {
-                return fail(format!("parameter `{}` declared twice", p.name));
+                return self.fail(format!("parameter `{}` declared twice", p.name));
             }
             if !self.sql.contains(&format!("${}", p.name)) {
-                return fail(format!("parameter `{}` is not used in the SQL", p.name));
+                return self.fail(format!("parameter `{}` is not used in the SQL", p.name));
             }
-            match p.kind {
-                ParamKind::Date => {
-                    let (Some(min), Some(max)) = (&p.min, &p.max) else {
-                        return fail(format!("date parameter `{}` needs min and max", p.name));
-                    };
-                    if bound_date(min).is_none() || bound_date(max).is_none() {
-                        return fail(format!(
-                            "date parameter `{}`: min/max must be dates",
-                            p.name
-                        ));
-                    }
-                    if p.granularity.is_none() {
-                        return fail(format!("date parameter `{}` needs a granularity", p.name));
-                    }
+            self.check_param_constraints(p, rules)?;
+            self.check_param_window(p)?;
+        }
+        Ok(())
+    }
+
+    /// The constraints a parameter's kind requires: dates need date bounds and a granularity,
+    /// integers integer bounds, enums a value list or a known domain.
+    fn check_param_constraints(&self, p: &ParamSpec, rules: &Rules) -> Result<()> {
+        match p.kind {
+            ParamKind::Date => {
+                let (Some(min), Some(max)) = (&p.min, &p.max) else {
+                    return self.fail(format!("date parameter `{}` needs min and max", p.name));
+                };
+                if bound_date(min).is_none() || bound_date(max).is_none() {
+                    return self.fail(format!(
+                        "date parameter `{}`: min/max must be dates",
+                        p.name
+                    ));
                 }
-                ParamKind::Int => {
-                    let (Some(toml::Value::Integer(_)), Some(toml::Value::Integer(_))) =
-                        (&p.min, &p.max)
-                    else {
-                        return fail(format!(
-                            "int parameter `{}` needs integer min and max",
-                            p.name
-                        ));
-                    };
+                if p.granularity.is_none() {
+                    return self.fail(format!("date parameter `{}` needs a granularity", p.name));
                 }
-                ParamKind::Enum => match (&p.values, &p.domain) {
-                    (Some(values), None) if !values.is_empty() => {}
-                    (None, Some(domain)) if rules.has_domain(domain) => {}
-                    _ => {
-                        return fail(format!(
-                            "enum parameter `{}` needs a non-empty `values` list or a known `domain`",
-                            p.name
-                        ));
-                    }
-                },
             }
-            if let Some(after) = &p.after
-                && !self
-                    .params
-                    .iter()
-                    .any(|o| &o.name == after && o.kind == p.kind)
-            {
-                return fail(format!(
-                    "parameter `{}`: `after` names no parameter of its type",
+            ParamKind::Int => {
+                let (Some(toml::Value::Integer(_)), Some(toml::Value::Integer(_))) =
+                    (&p.min, &p.max)
+                else {
+                    return self.fail(format!(
+                        "int parameter `{}` needs integer min and max",
+                        p.name
+                    ));
+                };
+            }
+            ParamKind::Enum => match (&p.values, &p.domain) {
+                (Some(values), None) if !values.is_empty() => {}
+                (None, Some(domain)) if rules.has_domain(domain) => {}
+                _ => {
+                    return self.fail(format!(
+                        "enum parameter `{}` needs a non-empty `values` list or a known `domain`",
+                        p.name
+                    ));
+                }
+            },
+        }
+        Ok(())
+    }
+
+    /// `after` names a parameter of the same type, and a date that ends a window (and only such a
+    /// date) sets `min_window_days` of at least 1.
+    fn check_param_window(&self, p: &ParamSpec) -> Result<()> {
+        if let Some(after) = &p.after
+            && !self
+                .params
+                .iter()
+                .any(|o| &o.name == after && o.kind == p.kind)
+        {
+            return self.fail(format!(
+                "parameter `{}`: `after` names no parameter of its type",
+                p.name
+            ));
+        }
+        match (&p.after, p.kind, p.min_window_days) {
+            (Some(_), ParamKind::Date, Some(days)) if days > 0 => {}
+            (Some(_), ParamKind::Date, _) => {
+                return self.fail(format!(
+                    "parameter `{}` ends a window: it needs min_window_days of at least 1",
                     p.name
                 ));
             }
-            match (&p.after, p.kind, p.min_window_days) {
-                (Some(_), ParamKind::Date, Some(days)) if days > 0 => {}
-                (Some(_), ParamKind::Date, _) => {
-                    return fail(format!(
-                        "parameter `{}` ends a window: it needs min_window_days of at least 1",
-                        p.name
-                    ));
-                }
-                (_, _, Some(_)) => {
-                    return fail(format!(
-                        "parameter `{}`: min_window_days belongs on a date with `after`",
-                        p.name
-                    ));
-                }
-                _ => {}
+            (_, _, Some(_)) => {
+                return self.fail(format!(
+                    "parameter `{}`: min_window_days belongs on a date with `after`",
+                    p.name
+                ));
             }
+            _ => {}
         }
+        Ok(())
+    }
+
+    /// What one member may contribute to an answer: rows per member within
+    /// [`crate::rules::MAX_ROWS_PER_MEMBER`], and each metric bound positive, at most
+    /// [`MAX_METRIC_BOUND`] and on a declared metric.
+    fn check_contribution_bounds(&self) -> Result<()> {
         if !(1..=crate::rules::MAX_ROWS_PER_MEMBER).contains(&self.max_rows_per_member) {
-            return fail(format!(
+            return self.fail(format!(
                 "max_rows_per_member must be between 1 and {}",
                 crate::rules::MAX_ROWS_PER_MEMBER
             ));
         }
         for (metric, bound) in &self.metric_bounds {
             if *bound > MAX_METRIC_BOUND {
-                return fail(format!(
+                return self.fail(format!(
                     "metric_bounds.{metric} must be at most {MAX_METRIC_BOUND}"
                 ));
             }
             if !self.metrics.contains(metric) {
-                return fail(format!(
+                return self.fail(format!(
                     "metric_bounds names `{metric}`, which is not a metric"
                 ));
             }
             if *bound == 0 {
-                return fail(format!("metric_bounds.{metric} must be positive"));
+                return self.fail(format!("metric_bounds.{metric} must be positive"));
             }
         }
-        self.check_noise(rules)?;
+        Ok(())
+    }
+
+    /// Every dimension draws on a known domain.
+    fn check_dimensions(&self, rules: &Rules) -> Result<()> {
         for d in &self.dimensions {
             if !rules.has_domain(&d.domain) {
-                return fail(format!(
+                return self.fail(format!(
                     "dimension `{}`: unknown domain `{}`",
                     d.name, d.domain
                 ));

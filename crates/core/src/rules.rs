@@ -429,6 +429,47 @@ fn is_sha256_hex(text: &str) -> bool {
             .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
 }
 
+/// A rules-file error, as every check of [`Rules::validate`] reports it.
+fn fail<T>(msg: String) -> Result<T> {
+    Err(Error::Config(msg))
+}
+
+/// Checks a principal's client certificate pin and credential form, and returns the credential
+/// that must be unique among principals: the minted token's id or the demo token's hash.
+fn principal_credential(p: &PrincipalEntry) -> Result<&String> {
+    if p.client_cert_sha256
+        .as_deref()
+        .is_some_and(|c| !is_sha256_hex(c))
+    {
+        return fail(format!(
+            "principal `{}`: client_cert_sha256 must be 64 lowercase hex digits",
+            p.name
+        ));
+    }
+    match (&p.token_id, &p.token_hash, &p.token_sha256) {
+        (Some(id), Some(hash), None) => {
+            if !is_token_id(id) || !hash.starts_with("$argon2id$") {
+                return fail(format!(
+                    "principal `{}`: token_id must be 16 lowercase hex digits and \
+                     token_hash an $argon2id$ string (as `cleanroom token new` prints)",
+                    p.name
+                ));
+            }
+            Ok(id)
+        }
+        (None, None, Some(sha)) if is_sha256_hex(sha) => Ok(sha),
+        (None, None, Some(_)) => fail(format!(
+            "principal `{}`: token_sha256 must be 64 lowercase hex digits",
+            p.name
+        )),
+        _ => fail(format!(
+            "principal `{}`: needs token_id and token_hash (from `cleanroom token \
+             new`), or the demo form token_sha256, and not both",
+            p.name
+        )),
+    }
+}
+
 /// The largest k any floor, contract or query may set.
 pub const MAX_K: u32 = 1000;
 
@@ -459,10 +500,25 @@ impl Rules {
     /// Checks that the rules hang together: every reference resolves, every k is at least the
     /// floor's minimum, every partner has at most one contract, every token is unique.
     pub fn validate(&self) -> Result<()> {
-        let fail = |msg: String| Err(Error::Config(msg));
+        self.check_privacy()?;
+        self.check_domains()?;
+        self.check_partners()?;
+        self.check_contracts()?;
+        self.check_sensitive_columns()?;
+        self.check_limits()?;
+        self.check_principals()
+    }
+
+    /// The global k floor lies between 2 and [`MAX_K`].
+    fn check_privacy(&self) -> Result<()> {
         if self.privacy.k_floor < 2 || self.privacy.k_floor > MAX_K {
             return fail(format!("privacy.k_floor must be between 2 and {MAX_K}"));
         }
+        Ok(())
+    }
+
+    /// Configured domains leave the built-in ones alone and each list distinct values.
+    fn check_domains(&self) -> Result<()> {
         for name in self.domains.keys() {
             if BUILTIN_DOMAINS.contains(&name.as_str()) {
                 return fail(format!(
@@ -477,6 +533,12 @@ impl Rules {
                 ));
             }
         }
+        Ok(())
+    }
+
+    /// Each partner's attribute values are non-empty, distinct and leave out the reserved
+    /// [`UNKNOWN_ATTRIBUTE`].
+    fn check_partners(&self) -> Result<()> {
         for (id, partner) in &self.partners {
             let distinct: BTreeSet<_> = partner.attribute_values.iter().collect();
             if partner.attribute_values.is_empty()
@@ -492,50 +554,14 @@ impl Rules {
                 ));
             }
         }
+        Ok(())
+    }
+
+    /// Every contract is well-formed on its own, and no partner has two.
+    fn check_contracts(&self) -> Result<()> {
         let mut contract_of_partner = HashMap::new();
         for (id, contract) in &self.contracts {
-            if !self.partners.contains_key(&contract.partner) {
-                return fail(format!(
-                    "contracts.{id}: unknown partner `{}`",
-                    contract.partner
-                ));
-            }
-            if !self.purposes.contains_key(&contract.purpose) {
-                return fail(format!(
-                    "contracts.{id}: unknown purpose `{}`",
-                    contract.purpose
-                ));
-            }
-            if contract.k == 0 || contract.k > MAX_K {
-                return fail(format!("contracts.{id}.k must be between 1 and {MAX_K}"));
-            }
-            if contract.key_version == 0 {
-                return fail(format!("contracts.{id}.key_version must be positive"));
-            }
-            let protection = &contract.protection;
-            let k = self.effective_k(contract, 0);
-            if protection.min_audience < 5 * k {
-                return fail(format!(
-                    "contracts.{id}.protection.min_audience must be at least 5 × k = {}",
-                    5 * k
-                ));
-            }
-            if protection.max_list_versions == 0
-                || !(1..=MAX_WINDOW_DAYS).contains(&protection.list_window_days)
-            {
-                return fail(format!(
-                    "contracts.{id}.protection: max_list_versions must be positive and \
-                     list_window_days between 1 and {MAX_WINDOW_DAYS}"
-                ));
-            }
-            if !(1..=MAX_ROWS_PER_MEMBER).contains(&protection.max_rows_per_member) {
-                return fail(format!(
-                    "contracts.{id}.protection.max_rows_per_member must be between 1 and {MAX_ROWS_PER_MEMBER}"
-                ));
-            }
-            if let Err(e) = protection.guarantee() {
-                return fail(format!("contracts.{id}.protection: {e}"));
-            }
+            self.check_contract(id, contract)?;
             if let Some(other) = contract_of_partner.insert(&contract.partner, id) {
                 return fail(format!(
                     "partner `{}` has two contracts ({other}, {id}); one collaboration per partner",
@@ -543,6 +569,65 @@ impl Rules {
                 ));
             }
         }
+        Ok(())
+    }
+
+    /// One contract names a known partner and purpose, a k and key version in range, and a
+    /// protection that holds.
+    fn check_contract(&self, id: &str, contract: &Contract) -> Result<()> {
+        if !self.partners.contains_key(&contract.partner) {
+            return fail(format!(
+                "contracts.{id}: unknown partner `{}`",
+                contract.partner
+            ));
+        }
+        if !self.purposes.contains_key(&contract.purpose) {
+            return fail(format!(
+                "contracts.{id}: unknown purpose `{}`",
+                contract.purpose
+            ));
+        }
+        if contract.k == 0 || contract.k > MAX_K {
+            return fail(format!("contracts.{id}.k must be between 1 and {MAX_K}"));
+        }
+        if contract.key_version == 0 {
+            return fail(format!("contracts.{id}.key_version must be positive"));
+        }
+        self.check_protection(id, contract)
+    }
+
+    /// A contract's protection: an audience of at least 5 × k, list limits and rows per member in
+    /// range, and a privacy guarantee that can be computed.
+    fn check_protection(&self, id: &str, contract: &Contract) -> Result<()> {
+        let protection = &contract.protection;
+        let k = self.effective_k(contract, 0);
+        if protection.min_audience < 5 * k {
+            return fail(format!(
+                "contracts.{id}.protection.min_audience must be at least 5 × k = {}",
+                5 * k
+            ));
+        }
+        if protection.max_list_versions == 0
+            || !(1..=MAX_WINDOW_DAYS).contains(&protection.list_window_days)
+        {
+            return fail(format!(
+                "contracts.{id}.protection: max_list_versions must be positive and \
+                 list_window_days between 1 and {MAX_WINDOW_DAYS}"
+            ));
+        }
+        if !(1..=MAX_ROWS_PER_MEMBER).contains(&protection.max_rows_per_member) {
+            return fail(format!(
+                "contracts.{id}.protection.max_rows_per_member must be between 1 and {MAX_ROWS_PER_MEMBER}"
+            ));
+        }
+        if let Err(e) = protection.guarantee() {
+            return fail(format!("contracts.{id}.protection: {e}"));
+        }
+        Ok(())
+    }
+
+    /// Every sensitive column names one of the [`SENSITIVE_CATEGORIES`].
+    fn check_sensitive_columns(&self) -> Result<()> {
         for c in &self.sensitive_columns {
             if !SENSITIVE_CATEGORIES.iter().any(|(id, _)| *id == c.category) {
                 let known: Vec<&str> = SENSITIVE_CATEGORIES.iter().map(|(id, _)| *id).collect();
@@ -554,6 +639,11 @@ impl Rules {
                 ));
             }
         }
+        Ok(())
+    }
+
+    /// Every value under `[limits]` is at least 1.
+    fn check_limits(&self) -> Result<()> {
         let limits = &self.limits;
         if limits.calls_per_minute == 0
             || limits.call_timeout_seconds == 0
@@ -565,65 +655,43 @@ impl Rules {
         {
             return fail("every value under [limits] must be at least 1".into());
         }
+        Ok(())
+    }
+
+    /// Every principal has a well-formed credential no other principal shares, and names a
+    /// partner exactly when its role is partner.
+    fn check_principals(&self) -> Result<()> {
         let mut tokens = BTreeSet::new();
         for p in &self.principals {
-            if p.client_cert_sha256
-                .as_deref()
-                .is_some_and(|c| !is_sha256_hex(c))
-            {
-                return fail(format!(
-                    "principal `{}`: client_cert_sha256 must be 64 lowercase hex digits",
-                    p.name
-                ));
-            }
-            let credential = match (&p.token_id, &p.token_hash, &p.token_sha256) {
-                (Some(id), Some(hash), None) => {
-                    if !is_token_id(id) || !hash.starts_with("$argon2id$") {
-                        return fail(format!(
-                            "principal `{}`: token_id must be 16 lowercase hex digits and \
-                             token_hash an $argon2id$ string (as `cleanroom token new` prints)",
-                            p.name
-                        ));
-                    }
-                    id
-                }
-                (None, None, Some(sha)) if is_sha256_hex(sha) => sha,
-                (None, None, Some(_)) => {
-                    return fail(format!(
-                        "principal `{}`: token_sha256 must be 64 lowercase hex digits",
-                        p.name
-                    ));
-                }
-                _ => {
-                    return fail(format!(
-                        "principal `{}`: needs token_id and token_hash (from `cleanroom token \
-                         new`), or the demo form token_sha256, and not both",
-                        p.name
-                    ));
-                }
-            };
+            let credential = principal_credential(p)?;
             if !tokens.insert(credential) {
                 return fail(format!(
                     "principal `{}`: token shared with another principal",
                     p.name
                 ));
             }
-            match (p.role, &p.partner) {
-                (Role::Partner, Some(partner)) if self.partners.contains_key(partner) => {}
-                (Role::Partner, _) => {
-                    return fail(format!(
-                        "principal `{}`: a partner principal needs a known partner",
-                        p.name
-                    ));
-                }
-                (_, Some(_)) => {
-                    return fail(format!(
-                        "principal `{}`: only partner principals name a partner",
-                        p.name
-                    ));
-                }
-                (_, None) => {}
+            self.check_principal_partner(p)?;
+        }
+        Ok(())
+    }
+
+    /// A partner principal names a known partner; no other principal names one.
+    fn check_principal_partner(&self, p: &PrincipalEntry) -> Result<()> {
+        match (p.role, &p.partner) {
+            (Role::Partner, Some(partner)) if self.partners.contains_key(partner) => {}
+            (Role::Partner, _) => {
+                return fail(format!(
+                    "principal `{}`: a partner principal needs a known partner",
+                    p.name
+                ));
             }
+            (_, Some(_)) => {
+                return fail(format!(
+                    "principal `{}`: only partner principals name a partner",
+                    p.name
+                ));
+            }
+            (_, None) => {}
         }
         Ok(())
     }
