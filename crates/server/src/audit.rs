@@ -173,24 +173,7 @@ impl Event {
     pub fn display(&self) -> BTreeMap<String, String> {
         let mut out = BTreeMap::new();
         match self {
-            Event::Answer(r) => {
-                for (label, value) in [
-                    ("fresh", r.fresh.to_string()),
-                    ("k", r.k.to_string()),
-                    ("list_version", r.list_version.to_string()),
-                    ("rho_spent", r.rho_spent.to_string()),
-                    ("epsilon_spent", r.epsilon_spent.to_string()),
-                    ("delta_spent", r.delta_spent.to_string()),
-                    ("release_threshold", r.release_threshold.to_string()),
-                    ("rows_per_member", r.rows_per_member.to_string()),
-                    ("cells_released", r.cells.released.to_string()),
-                    ("cells_below_k", r.cells.below_k.to_string()),
-                    ("cells_below_threshold", r.cells.below_threshold.to_string()),
-                    ("members_capped", r.cells.members_capped.to_string()),
-                ] {
-                    out.insert(label.to_string(), value);
-                }
-            }
+            Event::Answer(r) => display_answer(r, &mut out),
             Event::Decision {
                 version,
                 note,
@@ -213,25 +196,7 @@ impl Event {
                 orphan_files,
                 unrecorded_writes,
                 writes,
-            } => {
-                out.insert("orphan_files".into(), orphan_files.join(", "));
-                out.insert("unrecorded_writes".into(), unrecorded_writes.to_string());
-                for w in writes {
-                    out.insert(
-                        format!("commit {}", w.commit),
-                        format!(
-                            "{}{}: {} received, {} accepted",
-                            w.method,
-                            w.partner
-                                .as_ref()
-                                .map(|p| format!(" for {p}"))
-                                .unwrap_or_default(),
-                            w.records.0,
-                            w.records.1
-                        ),
-                    );
-                }
-            }
+            } => display_reconciled(orphan_files, *unrecorded_writes, writes, &mut out),
             Event::RestoreAccepted {
                 reasons,
                 carried_charges,
@@ -248,19 +213,62 @@ impl Event {
                 rules,
                 queries,
                 invalid_queries,
-            } => {
-                if let Some(r) = rules {
-                    out.insert("rules".into(), r.clone());
-                }
-                if !queries.is_empty() {
-                    out.insert("queries".into(), queries.join(", "));
-                }
-                if !invalid_queries.is_empty() {
-                    out.insert("invalid_queries".into(), invalid_queries.join(", "));
-                }
-            }
+            } => display_config_change(rules.as_deref(), queries, invalid_queries, &mut out),
         }
         out
+    }
+}
+
+/// An answer's guard report as a reviewer reads it: what was enforced and what it cost.
+fn display_answer(r: &GuardReport, out: &mut BTreeMap<String, String>) {
+    for (label, value) in [
+        ("fresh", r.fresh.to_string()),
+        ("k", r.k.to_string()),
+        ("list_version", r.list_version.to_string()),
+        ("rho_spent", r.rho_spent.to_string()),
+        ("epsilon_spent", r.epsilon_spent.to_string()),
+        ("delta_spent", r.delta_spent.to_string()),
+        ("release_threshold", r.release_threshold.to_string()),
+        ("rows_per_member", r.rows_per_member.to_string()),
+        ("cells_released", r.cells.released.to_string()),
+        ("cells_below_k", r.cells.below_k.to_string()),
+        ("cells_below_threshold", r.cells.below_threshold.to_string()),
+        ("members_capped", r.cells.members_capped.to_string()),
+    ] {
+        out.insert(label.to_string(), value);
+    }
+}
+
+/// A reconciliation as a reviewer reads it: the orphans removed, and each unrecorded write under
+/// its commit.
+fn display_reconciled(
+    orphan_files: &[String],
+    unrecorded_writes: u64,
+    writes: &[UnrecordedWrite],
+    out: &mut BTreeMap<String, String>,
+) {
+    out.insert("orphan_files".into(), orphan_files.join(", "));
+    out.insert("unrecorded_writes".into(), unrecorded_writes.to_string());
+    for w in writes {
+        out.insert(format!("commit {}", w.commit), w.summary());
+    }
+}
+
+/// A configuration change as a reviewer reads it: only what changed is shown.
+fn display_config_change(
+    rules: Option<&str>,
+    queries: &[String],
+    invalid_queries: &[String],
+    out: &mut BTreeMap<String, String>,
+) {
+    if let Some(r) = rules {
+        out.insert("rules".into(), r.to_string());
+    }
+    if !queries.is_empty() {
+        out.insert("queries".into(), queries.join(", "));
+    }
+    if !invalid_queries.is_empty() {
+        out.insert("invalid_queries".into(), invalid_queries.join(", "));
     }
 }
 
@@ -288,6 +296,22 @@ pub struct UnrecordedWrite {
     /// The caller's request id, if it sent one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_id: Option<String>,
+}
+
+impl UnrecordedWrite {
+    /// The write in one line: `<method>[ for <partner>]: <received> received, <accepted> accepted`.
+    fn summary(&self) -> String {
+        format!(
+            "{}{}: {} received, {} accepted",
+            self.method,
+            self.partner
+                .as_ref()
+                .map(|p| format!(" for {p}"))
+                .unwrap_or_default(),
+            self.records.0,
+            self.records.1
+        )
+    }
 }
 
 /// One stored record.

@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use chrono::NaiveDate;
-use cleanroom_core::allowlist::{ParamKind, QueryDef};
+use cleanroom_core::allowlist::{ParamKind, ParamSpec, QueryDef};
 use cleanroom_core::rules::{Role, Rules};
 use cleanroom_engine::guard::admission::shown;
 use cleanroom_proto::v1::legal_service_server::LegalService;
@@ -75,6 +75,8 @@ impl LegalApi {
         Self { app }
     }
 
+    /// A query as a reviewer reads it: its terms, its partners' guarantees, its state and the diff
+    /// from the approved version.
     fn review_of(&self, live: &Live, query: &QueryDef, today: NaiveDate) -> QueryReview {
         let rules = &live.rules;
         let approval = self.app.review.approval(query, today);
@@ -82,19 +84,9 @@ impl LegalApi {
             Approval::Changed { approved_sha256 } => Some(approved_sha256.clone()),
             _ => None,
         };
-        let diff = approved_sha256.as_ref().and_then(|sha| {
-            let text = self.app.review.text_of(&query.id, sha)?;
-            let old = QueryDef::parse(&text).ok()?;
-            Some(QueryDiff {
-                from_sha256: sha.clone(),
-                to_sha256: query.content_sha256.clone(),
-                sql: diff_lines(old.sql.trim(), query.sql.trim()),
-                metadata: diff_lines(
-                    &old.metadata_lines().join("\n"),
-                    &query.metadata_lines().join("\n"),
-                ),
-            })
-        });
+        let diff = approved_sha256
+            .as_ref()
+            .and_then(|sha| self.diff_from_approved(query, sha));
         QueryReview {
             id: query.id.clone(),
             version: query.version,
@@ -107,74 +99,15 @@ impl LegalApi {
             partners: query
                 .partners
                 .iter()
-                .map(|id| {
-                    let contract = rules.contract_of(id);
-                    let guarantee = contract.and_then(|(_, c)| c.protection.guarantee().ok());
-                    let g = guarantee.as_ref();
-                    PartnerAccess {
-                        period_epsilon: g.map_or(0.0, |g| g.epsilon),
-                        period_delta: g.map_or(0.0, |g| g.delta),
-                        period_days: g.map_or(0, |g| g.period_days),
-                        answers_per_period: g.map_or(0, |g| g.answers_per_period),
-                        answer_epsilon: g.map_or(0.0, |g| g.answer_epsilon),
-                        answer_delta: g.map_or(0.0, |g| g.answer_delta),
-                        rows_per_member: contract.map_or(0, |(_, c)| {
-                            query
-                                .max_rows_per_member
-                                .min(c.protection.max_rows_per_member)
-                        }),
-                        id: id.clone(),
-                        name: rules
-                            .partners
-                            .get(id)
-                            .map(|p| p.name.clone())
-                            .unwrap_or_default(),
-                        effective_k: contract
-                            .map(|(_, c)| rules.effective_k(c, query.k))
-                            .unwrap_or_else(|| rules.privacy.k_floor.max(query.k)),
-                        on_contract: contract.is_some_and(|(_, c)| c.queries.contains(&query.id)),
-                    }
-                })
+                .map(|id| partner_access(rules, query, id))
                 .collect(),
             parameters: query
                 .params
                 .iter()
-                .map(|p| ReviewParameter {
-                    name: p.name.clone(),
-                    r#type: p.kind.as_str().to_string(),
-                    description: p.description.clone(),
-                    allowed_values: match (p.kind, &p.values, &p.domain) {
-                        (ParamKind::Enum, Some(values), _) => values.clone(),
-                        (ParamKind::Enum, None, Some(domain)) => {
-                            domain_values(rules, domain, &query.partners)
-                        }
-                        _ => Vec::new(),
-                    },
-                    min: bound_text(&p.min),
-                    max: bound_text(&p.max),
-                    granularity: p
-                        .granularity
-                        .map(|g| g.as_str().to_string())
-                        .unwrap_or_default(),
-                    min_window_days: p.min_window_days,
-                })
+                .map(|p| review_parameter(rules, query, p))
                 .collect(),
-            dimensions: query
-                .dimensions
-                .iter()
-                .map(|d| DimensionSpec {
-                    name: d.name.clone(),
-                    domain: domain_values(rules, &d.domain, &query.partners),
-                })
-                .collect(),
-            metrics: query
-                .metrics
-                .iter()
-                .map(|m| ReviewMetric {
-                    name: m.clone(),
-                    per_member_bound: query.metric_bounds.get(m).copied().unwrap_or(1),
-                })
-                .collect(),
+            dimensions: review_dimensions(rules, query),
+            metrics: review_metrics(query),
             k: query.k,
             sql: query.sql.trim().to_string(),
             content_sha256: query.content_sha256.clone(),
@@ -190,6 +123,22 @@ impl LegalApi {
                 .map(convert::query_version)
                 .collect(),
         }
+    }
+
+    /// The diff from the approved version `sha` to `query`, when that version's text is kept and
+    /// still parses.
+    fn diff_from_approved(&self, query: &QueryDef, sha: &str) -> Option<QueryDiff> {
+        let text = self.app.review.text_of(&query.id, sha)?;
+        let old = QueryDef::parse(&text).ok()?;
+        Some(QueryDiff {
+            from_sha256: sha.to_string(),
+            to_sha256: query.content_sha256.clone(),
+            sql: diff_lines(old.sql.trim(), query.sql.trim()),
+            metadata: diff_lines(
+                &old.metadata_lines().join("\n"),
+                &query.metadata_lines().join("\n"),
+            ),
+        })
     }
 
     fn list(&self, call: &Call) -> Result<AllowListReview> {
@@ -420,6 +369,81 @@ impl LegalService for LegalApi {
         let result = self.audit_page(&call, filter).await;
         self.app.finish(call, entry, result).await
     }
+}
+
+/// What partner `id` guarantees and is held to for `query`, as its contract says.
+fn partner_access(rules: &Rules, query: &QueryDef, id: &str) -> PartnerAccess {
+    let contract = rules.contract_of(id);
+    let guarantee = contract.and_then(|(_, c)| c.protection.guarantee().ok());
+    let g = guarantee.as_ref();
+    PartnerAccess {
+        period_epsilon: g.map_or(0.0, |g| g.epsilon),
+        period_delta: g.map_or(0.0, |g| g.delta),
+        period_days: g.map_or(0, |g| g.period_days),
+        answers_per_period: g.map_or(0, |g| g.answers_per_period),
+        answer_epsilon: g.map_or(0.0, |g| g.answer_epsilon),
+        answer_delta: g.map_or(0.0, |g| g.answer_delta),
+        rows_per_member: contract.map_or(0, |(_, c)| {
+            query
+                .max_rows_per_member
+                .min(c.protection.max_rows_per_member)
+        }),
+        id: id.to_string(),
+        name: rules
+            .partners
+            .get(id)
+            .map(|p| p.name.clone())
+            .unwrap_or_default(),
+        effective_k: contract
+            .map(|(_, c)| rules.effective_k(c, query.k))
+            .unwrap_or_else(|| rules.privacy.k_floor.max(query.k)),
+        on_contract: contract.is_some_and(|(_, c)| c.queries.contains(&query.id)),
+    }
+}
+
+/// A parameter of `query` as a reviewer reads it, with the values an enum may take.
+fn review_parameter(rules: &Rules, query: &QueryDef, p: &ParamSpec) -> ReviewParameter {
+    ReviewParameter {
+        name: p.name.clone(),
+        r#type: p.kind.as_str().to_string(),
+        description: p.description.clone(),
+        allowed_values: match (p.kind, &p.values, &p.domain) {
+            (ParamKind::Enum, Some(values), _) => values.clone(),
+            (ParamKind::Enum, None, Some(domain)) => domain_values(rules, domain, &query.partners),
+            _ => Vec::new(),
+        },
+        min: bound_text(&p.min),
+        max: bound_text(&p.max),
+        granularity: p
+            .granularity
+            .map(|g| g.as_str().to_string())
+            .unwrap_or_default(),
+        min_window_days: p.min_window_days,
+    }
+}
+
+/// The dimensions of `query`, each with the values its partners' domains hold.
+fn review_dimensions(rules: &Rules, query: &QueryDef) -> Vec<DimensionSpec> {
+    query
+        .dimensions
+        .iter()
+        .map(|d| DimensionSpec {
+            name: d.name.clone(),
+            domain: domain_values(rules, &d.domain, &query.partners),
+        })
+        .collect()
+}
+
+/// The metrics of `query`, each with its per-member bound (1 unless declared).
+fn review_metrics(query: &QueryDef) -> Vec<ReviewMetric> {
+    query
+        .metrics
+        .iter()
+        .map(|m| ReviewMetric {
+            name: m.clone(),
+            per_member_bound: query.metric_bounds.get(m).copied().unwrap_or(1),
+        })
+        .collect()
 }
 
 /// A line diff of two texts.

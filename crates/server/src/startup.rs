@@ -10,6 +10,9 @@ use cleanroom_proto::v1::admin_service_server::AdminServiceServer;
 use cleanroom_proto::v1::legal_service_server::LegalServiceServer;
 use cleanroom_proto::v1::partner_service_server::PartnerServiceServer;
 use tokio::net::TcpListener;
+use tonic_health::pb::health_server::{Health, HealthServer};
+use tonic_health::server::HealthReporter;
+use tonic_reflection::server::{v1 as reflection_v1, v1alpha as reflection_v1alpha};
 
 use crate::admin::AdminApi;
 use crate::audit::Upload;
@@ -110,83 +113,21 @@ pub async fn serve(
     tls: Option<Tls>,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<()> {
-    // Both reflection versions: grpcurl speaks v1, grpcio's reflection client still v1alpha.
-    let reflection = || {
-        tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(cleanroom_proto::v1::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-    };
-    let reflection_v1 = reflection()
-        .build_v1()
-        .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
-    let reflection_v1alpha = reflection()
-        .build_v1alpha()
-        .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
-    let (health_reporter, health) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_serving::<PartnerServiceServer<PartnerApi>>()
-        .await;
-    health_reporter
-        .set_serving::<AdminServiceServer<AdminApi>>()
-        .await;
-    health_reporter
-        .set_serving::<LegalServiceServer<LegalApi>>()
-        .await;
-
+    let (reflection_v1, reflection_v1alpha) = reflection_services()?;
+    let (health_reporter, health) = health_service().await;
     // Every call to the clean room's own services is authenticated before it reaches them.
-    let partner = PartnerServiceServer::new(PartnerApi::new(Arc::clone(&app)))
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(64 * 1024 * 1024);
-    let partner = Authenticated::new(Arc::clone(&app), partner);
-    let admin = AdminServiceServer::new(AdminApi::new(Arc::clone(&app)))
-        .max_decoding_message_size(MAX_MESSAGE_BYTES);
-    let admin = Authenticated::new(Arc::clone(&app), admin);
-    let legal = Authenticated::new(
-        Arc::clone(&app),
-        LegalServiceServer::new(LegalApi::new(Arc::clone(&app))),
-    );
+    let partner = partner_service(&app);
+    let admin = admin_service(&app);
+    let legal = legal_service(&app);
     health_reporter
         .set_service_status(CONFIG_HEALTH, tonic_health::ServingStatus::Serving)
         .await;
-    let watcher = app.sources.as_ref().map(|sources| {
-        let (app, poll) = (Arc::clone(&app), sources.poll);
-        let config_health = health_reporter.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(poll).await;
-                let app = Arc::clone(&app);
-                let outcome = tokio::task::spawn_blocking(move || app.reload()).await;
-                let in_force = match outcome {
-                    Ok(Ok(Reload::Applied | Reload::Unchanged)) => true,
-                    Ok(Ok(Reload::Refused)) => false,
-                    Ok(Err(e)) => {
-                        tracing::error!(error = %e, "configuration reload failed");
-                        false
-                    }
-                    Err(_) => false,
-                };
-                let status = if in_force {
-                    tonic_health::ServingStatus::Serving
-                } else {
-                    tonic_health::ServingStatus::NotServing
-                };
-                config_health
-                    .set_service_status(CONFIG_HEALTH, status)
-                    .await;
-            }
-        })
-    });
+    let watcher = app
+        .sources
+        .as_ref()
+        .map(|sources| watch_config(Arc::clone(&app), sources.poll, health_reporter.clone()));
     let preparer = tokio::spawn(prepare_audiences(Arc::clone(&app)));
-    let limits = app.live().rules.limits.clone();
-    let mut builder = tonic::transport::Server::builder()
-        .timeout(Duration::from_secs(u64::from(limits.call_timeout_seconds)))
-        .concurrency_limit_per_connection(limits.concurrent_calls_per_connection as usize)
-        .max_concurrent_streams(Some(limits.concurrent_calls_per_connection));
-    if let Some(tls) = &tls {
-        builder = builder
-            .tls_config(tls.grpc())
-            .map_err(|e| Error::Internal(format!("TLS: {e}")))?;
-    }
+    let mut builder = server_builder(&app, tls.as_ref())?;
     let served = builder
         .add_service(health)
         .add_service(reflection_v1)
@@ -202,6 +143,116 @@ pub async fn serve(
     }
     preparer.abort();
     served
+}
+
+/// The reflection services, over the clean room's API and health.
+fn reflection_services() -> Result<(
+    reflection_v1::ServerReflectionServer<impl reflection_v1::ServerReflection>,
+    reflection_v1alpha::ServerReflectionServer<impl reflection_v1alpha::ServerReflection>,
+)> {
+    // Both reflection versions: grpcurl speaks v1, grpcio's reflection client still v1alpha.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(cleanroom_proto::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection()
+        .build_v1()
+        .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
+    let reflection_v1alpha = reflection()
+        .build_v1alpha()
+        .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
+    Ok((reflection_v1, reflection_v1alpha))
+}
+
+/// The health service, with the clean room's three services reported serving.
+async fn health_service() -> (HealthReporter, HealthServer<impl Health>) {
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<PartnerServiceServer<PartnerApi>>()
+        .await;
+    health_reporter
+        .set_serving::<AdminServiceServer<AdminApi>>()
+        .await;
+    health_reporter
+        .set_serving::<LegalServiceServer<LegalApi>>()
+        .await;
+    (health_reporter, health)
+}
+
+/// The partner service, behind the authentication layer.
+fn partner_service(app: &Arc<App>) -> Authenticated<PartnerServiceServer<PartnerApi>> {
+    let partner = PartnerServiceServer::new(PartnerApi::new(Arc::clone(app)))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(64 * 1024 * 1024);
+    Authenticated::new(Arc::clone(app), partner)
+}
+
+/// The admin service, behind the authentication layer.
+fn admin_service(app: &Arc<App>) -> Authenticated<AdminServiceServer<AdminApi>> {
+    let admin = AdminServiceServer::new(AdminApi::new(Arc::clone(app)))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES);
+    Authenticated::new(Arc::clone(app), admin)
+}
+
+/// The legal service, behind the authentication layer.
+fn legal_service(app: &Arc<App>) -> Authenticated<LegalServiceServer<LegalApi>> {
+    Authenticated::new(
+        Arc::clone(app),
+        LegalServiceServer::new(LegalApi::new(Arc::clone(app))),
+    )
+}
+
+/// Reloads the configuration every `poll`, reporting under [`CONFIG_HEALTH`] whether the
+/// configuration on disk is the one in force.
+fn watch_config(
+    app: Arc<App>,
+    poll: Duration,
+    config_health: HealthReporter,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(poll).await;
+            let app = Arc::clone(&app);
+            let outcome = tokio::task::spawn_blocking(move || app.reload()).await;
+            let status = if config_in_force(outcome) {
+                tonic_health::ServingStatus::Serving
+            } else {
+                tonic_health::ServingStatus::NotServing
+            };
+            config_health
+                .set_service_status(CONFIG_HEALTH, status)
+                .await;
+        }
+    })
+}
+
+/// Whether a reload's outcome leaves the configuration on disk in force.
+fn config_in_force(outcome: std::result::Result<Result<Reload>, tokio::task::JoinError>) -> bool {
+    match outcome {
+        Ok(Ok(Reload::Applied | Reload::Unchanged)) => true,
+        Ok(Ok(Reload::Refused)) => false,
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "configuration reload failed");
+            false
+        }
+        Err(_) => false,
+    }
+}
+
+/// The gRPC server, within the configured limits, over TLS when `tls` is given.
+fn server_builder(app: &App, tls: Option<&Tls>) -> Result<tonic::transport::Server> {
+    let limits = app.live().rules.limits.clone();
+    let mut builder = tonic::transport::Server::builder()
+        .timeout(Duration::from_secs(u64::from(limits.call_timeout_seconds)))
+        .concurrency_limit_per_connection(limits.concurrent_calls_per_connection as usize)
+        .max_concurrent_streams(Some(limits.concurrent_calls_per_connection));
+    if let Some(tls) = tls {
+        builder = builder
+            .tls_config(tls.grpc())
+            .map_err(|e| Error::Internal(format!("TLS: {e}")))?;
+    }
+    Ok(builder)
 }
 
 /// How often the store is looked at for a new commit whose audiences to compute ahead.
