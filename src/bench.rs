@@ -580,25 +580,39 @@ fn reset_peak_rss() {
 
 fn render(opts: &BenchOptions, f: &Figures) -> String {
     let mut out = String::new();
-    let line = |out: &mut String, text: String| {
-        out.push_str(&text);
-        out.push('\n');
-    };
+    render_header(&mut out, opts, f);
+    render_ingest(&mut out, f);
+    render_new_question(&mut out, f);
+    render_repeat_and_tokens(&mut out, f);
+    render_load(&mut out, f);
+    out
+}
+
+/// Appends `text` and a newline.
+fn line(out: &mut String, text: String) {
+    out.push_str(&text);
+    out.push('\n');
+}
+
+fn render_header(out: &mut String, opts: &BenchOptions, f: &Figures) {
     line(
-        &mut out,
+        out,
         format!(
             "## cleanroom bench --members {} (seed {}): {} members, {} purchases, {} consent events\n",
             opts.members, opts.seed, f.members, f.purchases, f.consent_events
         ),
     );
+}
+
+fn render_ingest(out: &mut String, f: &Figures) {
     line(
-        &mut out,
+        out,
         "| ingest (through the CLI's streaming client) | records | seconds | records/s |".into(),
     );
-    line(&mut out, "|---|---|---|---|".into());
+    line(out, "|---|---|---|---|".into());
     for (what, records, seconds) in &f.ingest {
         line(
-            &mut out,
+            out,
             format!(
                 "| {what} | {records} | {seconds:.1} | {:.0} |",
                 *records as f64 / seconds
@@ -606,19 +620,22 @@ fn render(opts: &BenchOptions, f: &Figures) -> String {
         );
     }
     line(
-        &mut out,
+        out,
         format!(
             "\nresident memory after ingest: {:.0} MB (query memory pool: {} MB)\n",
             f.rss_after_ingest_mb, f.query_memory_mb
         ),
     );
+}
+
+fn render_new_question(out: &mut String, f: &Figures) {
     line(
-        &mut out,
+        out,
         "| a new question (one year) | first | median | ratio to raw DataFusion (median) |".into(),
     );
-    line(&mut out, "|---|---|---|---|".into());
+    line(out, "|---|---|---|---|".into());
     line(
-        &mut out,
+        out,
         format!(
             "| the clean room (gRPC, client side) | {:.3} s | {:.3} s | {:.2}× |",
             f.new_first_s,
@@ -627,21 +644,24 @@ fn render(opts: &BenchOptions, f: &Figures) -> String {
         ),
     );
     line(
-        &mut out,
+        out,
         format!(
             "| raw DataFusion, same process, same tables, no privacy | {:.3} s | {:.3} s | 1.00× |",
             f.raw_first_s, f.raw_median_s
         ),
     );
+}
+
+fn render_repeat_and_tokens(out: &mut String, f: &Figures) {
     line(
-        &mut out,
+        out,
         format!(
             "\nan identical repeat: median {:.2} ms, p99 {:.2} ms (one client)\n",
             f.repeat_median_ms, f.repeat_p99_ms
         ),
     );
     line(
-        &mut out,
+        out,
         format!(
             "member tokens: {:.0}/s against a bare HMAC-SHA256 loop's {:.0}/s on one core ({:.0} %)\n",
             f.tokens_per_s,
@@ -649,11 +669,14 @@ fn render(opts: &BenchOptions, f: &Figures) -> String {
             100.0 * f.tokens_per_s / f.hmac_per_s
         ),
     );
-    line(&mut out, "| load | clients | requests | errors | p50 | p99 | total | answers/s | peak RSS (× after ingest) |".into());
-    line(&mut out, "|---|---|---|---|---|---|---|---|---|".into());
+}
+
+fn render_load(out: &mut String, f: &Figures) {
+    line(out, "| load | clients | requests | errors | p50 | p99 | total | answers/s | peak RSS (× after ingest) |".into());
+    line(out, "|---|---|---|---|---|---|---|---|---|".into());
     for l in &f.load {
         line(
-            &mut out,
+            out,
             format!(
                 "| {} | {} | {} | {} | {:.1} ms | {:.1} ms | {:.1} s | {:.1} | {:.0} MB ({:.1}×) |",
                 l.kind,
@@ -669,5 +692,4 @@ fn render(opts: &BenchOptions, f: &Figures) -> String {
             ),
         );
     }
-    out
 }

@@ -294,85 +294,95 @@ pub fn generate(opts: &GenOptions) -> Result<GenReport> {
 /// e-mail and wants one fact about her.
 fn append_target(dir: &Path, as_of: NaiveDate, n: usize) -> Result<(usize, usize)> {
     let id = format!("M{:07}", n + 1);
-    let day = |days_before: u64, time: &str| -> String {
-        let date = as_of - chrono::Days::new(days_before);
-        format!("{date}T{time}+09:00")
-    };
-    let birth = as_of - chrono::Months::new(12 * 36 + 5);
-    let append = |file: &str, rows: Vec<Vec<String>>| -> Result<usize> {
-        let path = dir.join(file);
-        let handle = fs::OpenOptions::new()
-            .append(true)
-            .open(&path)
-            .with_context(|| format!("appending to {}", path.display()))?;
-        let mut writer = csv::WriterBuilder::new()
-            .has_headers(false)
-            .from_writer(handle);
-        let count = rows.len();
-        for row in rows {
-            writer.write_record(row)?;
-        }
-        writer.flush()?;
-        Ok(count)
-    };
-    let row = |fields: &[&str]| fields.iter().map(|f| f.to_string()).collect::<Vec<_>>();
-    append(
-        "members.csv",
-        vec![row(&[
-            &id,
-            "的場　花子",
-            "マトバ　ハナコ",
-            "Hanako.Matoba@example.jp",
-            "090-0777-1234",
-            "680-0000",
-            "鳥取県",
-            "鳥取県鳥取市栄町1-2-3",
-            &birth.to_string(),
-            "F",
-        ])],
-    )?;
-    let purchases = append(
-        "purchases.csv",
-        vec![
-            row(&[
-                &id,
-                &day(144, "19:20:00"),
-                "YPW-170",
-                "Yama Paw",
-                "Yama Pet",
-                "pet",
-                "1",
-                "2480",
-            ]),
-            row(&[
-                &id,
-                &day(46, "12:05:00"),
-                "SSB-101",
-                "Sakura Senbei",
-                "Sakura Foods",
-                "snacks",
-                "1",
-                "398",
-            ]),
-        ],
-    )?;
-    let granted = day(200, "09:00:00");
-    let consents = append(
-        "consent_events.csv",
-        vec![
-            row(&[&id, "product_insight", "3", "granted", &granted, "app", ""]),
-            row(&[
-                &id,
-                "appliance_research",
-                "2",
-                "granted",
-                &granted,
-                "app",
-                "",
-            ]),
-        ],
-    )?;
+    append_rows(dir, "members.csv", target_member_rows(&id, as_of))?;
+    let purchases = append_rows(dir, "purchases.csv", target_purchase_rows(&id, as_of))?;
+    let consents = append_rows(dir, "consent_events.csv", target_consent_rows(&id, as_of))?;
     Ok((purchases, consents))
+}
+
+/// A JST timestamp `days_before` days before `as_of`, at `time`.
+fn day_at(as_of: NaiveDate, days_before: u64, time: &str) -> String {
+    let date = as_of - chrono::Days::new(days_before);
+    format!("{date}T{time}+09:00")
+}
+
+fn row(fields: &[&str]) -> Vec<String> {
+    fields.iter().map(|f| f.to_string()).collect()
+}
+
+/// Appends `rows` to the existing `file` under `dir`, without a header; returns how many.
+fn append_rows(dir: &Path, file: &str, rows: Vec<Vec<String>>) -> Result<usize> {
+    let path = dir.join(file);
+    let handle = fs::OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .with_context(|| format!("appending to {}", path.display()))?;
+    let mut writer = csv::WriterBuilder::new()
+        .has_headers(false)
+        .from_writer(handle);
+    let count = rows.len();
+    for row in rows {
+        writer.write_record(row)?;
+    }
+    writer.flush()?;
+    Ok(count)
+}
+
+fn target_member_rows(id: &str, as_of: NaiveDate) -> Vec<Vec<String>> {
+    let birth = as_of - chrono::Months::new(12 * 36 + 5);
+    vec![row(&[
+        id,
+        "的場　花子",
+        "マトバ　ハナコ",
+        "Hanako.Matoba@example.jp",
+        "090-0777-1234",
+        "680-0000",
+        "鳥取県",
+        "鳥取県鳥取市栄町1-2-3",
+        &birth.to_string(),
+        "F",
+    ])]
+}
+
+fn target_purchase_rows(id: &str, as_of: NaiveDate) -> Vec<Vec<String>> {
+    vec![
+        row(&[
+            id,
+            &day_at(as_of, 144, "19:20:00"),
+            "YPW-170",
+            "Yama Paw",
+            "Yama Pet",
+            "pet",
+            "1",
+            "2480",
+        ]),
+        row(&[
+            id,
+            &day_at(as_of, 46, "12:05:00"),
+            "SSB-101",
+            "Sakura Senbei",
+            "Sakura Foods",
+            "snacks",
+            "1",
+            "398",
+        ]),
+    ]
+}
+
+fn target_consent_rows(id: &str, as_of: NaiveDate) -> Vec<Vec<String>> {
+    let granted = day_at(as_of, 200, "09:00:00");
+    vec![
+        row(&[id, "product_insight", "3", "granted", &granted, "app", ""]),
+        row(&[
+            id,
+            "appliance_research",
+            "2",
+            "granted",
+            &granted,
+            "app",
+            "",
+        ]),
+    ]
 }
 
 /// A separate ChaCha stream per file, so changing how one file is drawn does not shift the

@@ -15,13 +15,15 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use chrono::{DateTime, NaiveDate, Utc};
-use cleanroom_client::{Connection, sample};
-use cleanroom_core::allowlist::AllowList;
+use cleanroom_client::{Connection, PartnerClient, sample};
+use cleanroom_core::allowlist::{AllowList, QueryDef};
 use cleanroom_core::rules::Rules;
 use cleanroom_core::token::MasterSecret;
-use cleanroom_engine::measurement::exact_answer;
-use cleanroom_engine::store::Store;
-use cleanroom_proto::v1::{DescribeQueryRequest, ListQueriesRequest, RunQueryRequest, value::Kind};
+use cleanroom_engine::measurement::{ExactCells, exact_answer};
+use cleanroom_engine::store::{Snapshot, Store};
+use cleanroom_proto::v1::{
+    DescribeQueryRequest, ListQueriesRequest, RunQueryRequest, RunQueryResponse, value::Kind,
+};
 
 /// One protection setting to measure.
 struct Setting {
@@ -98,106 +100,166 @@ async fn measure(
 ) -> Result<Vec<Measured>> {
     let allowlist = AllowList::load(queries_dir, &rules)?;
     let state = tempfile::tempdir()?;
-    let app = cleanroom_server::App::new(cleanroom_server::AppConfig {
-        data_dir: state.path().join("data"),
-        rules: rules.clone(),
-        allowlist: allowlist.clone(),
-        secret: MasterSecret::new(b"utility report secret, not for production".to_vec())?,
-        clock: Arc::new(cleanroom_server::FixedClock(now)),
-        sources: None,
-        allow_demo_tokens: true,
-        mark: state.path().join("high-water-mark.json"),
-        accept_restore: false,
-        engine: cleanroom_engine::executor::ExecutorConfig::with_defaults(
-            state.path().join("data/spill"),
-        ),
-    })?;
+    let app = cleanroom_server::App::new(app_config(&rules, &allowlist, state.path(), now)?)?;
     let server = cleanroom_server::spawn(app, SocketAddr::from(([127, 0, 0, 1], 0))).await?;
     let conn = Connection::open(&format!("http://{}", server.addr)).await?;
     sample::approve_all(&conn).await?;
     sample::load(&conn, sample_dir).await?;
     let store = Store::open(&state.path().join("data"))?;
     let snapshot = store.snapshot();
+    let run = Run {
+        setting,
+        rules: &rules,
+        allowlist: &allowlist,
+        snapshot: &snapshot,
+        now,
+    };
     let mut out = Vec::new();
     for (partner, token) in sample::PARTNERS {
         let mut client = conn.partner(token)?;
-        let queries = client
-            .list_queries(ListQueriesRequest {})
-            .await?
-            .into_inner()
-            .queries;
-        for summary in queries {
-            let query = allowlist.get(&summary.id).context("a listed query")?;
-            let description = client
-                .describe_query(DescribeQueryRequest {
-                    query_id: summary.id.clone(),
-                })
-                .await?
-                .into_inner();
-            let params = crate::demo::demo_params(&description);
-            let answer = client
-                .run_query(RunQueryRequest {
-                    query_id: summary.id.clone(),
-                    params: params.clone(),
-                })
-                .await
-                .with_context(|| format!("{setting}: {partner} {}", summary.id))?
-                .into_inner();
-            let truth = exact_answer(
-                &snapshot,
-                &rules,
-                partner,
-                query,
-                &answer.effective_params,
-                now,
-            )
-            .await?;
-            // A row's members: its first metric that counts distinct members (every metric
-            // without a per-member bound does).
-            let members_metric = query
-                .metrics
-                .iter()
-                .position(|m| !query.metric_bounds.contains_key(m));
-            let members = |values: &Vec<i64>| members_metric.map_or(i64::MAX, |i| values[i]);
-            let dims = query.dimensions.len();
-            let k = answer.effective_k;
-            let mut errors: BTreeMap<String, Vec<f64>> = BTreeMap::new();
-            for row in &answer.rows {
-                let key: Vec<String> = row.values[..dims].iter().map(text).collect();
-                let Some(values) = truth.get(&key) else {
-                    continue;
-                };
-                for (i, metric) in query.metrics.iter().enumerate() {
-                    let released = match row.values[dims + i].kind {
-                        Some(Kind::IntValue(v)) => v as f64,
-                        Some(Kind::DoubleValue(v)) => v,
-                        _ => continue,
-                    };
-                    let true_value = values[i] as f64;
-                    if true_value != 0.0 {
-                        errors
-                            .entry(metric.clone())
-                            .or_default()
-                            .push(((released - true_value) / true_value).abs());
-                    }
-                }
-            }
-            out.push(Measured {
-                setting,
-                partner: partner.to_string(),
-                query: summary.id,
-                k,
-                cells_at_k: truth
-                    .values()
-                    .filter(|v| members(v) >= i64::from(k))
-                    .count(),
-                released: answer.rows.len(),
-                errors,
-            });
-        }
+        out.extend(measure_partner(&run, partner, &mut client).await?);
     }
     server.stop().await?;
     Ok(out)
+}
+
+/// What every answer of one setting is measured against.
+struct Run<'a> {
+    setting: &'static str,
+    rules: &'a Rules,
+    allowlist: &'a AllowList,
+    snapshot: &'a Snapshot,
+    now: DateTime<Utc>,
+}
+
+/// The server's configuration for one setting, its state under `state`.
+fn app_config(
+    rules: &Rules,
+    allowlist: &AllowList,
+    state: &Path,
+    now: DateTime<Utc>,
+) -> Result<cleanroom_server::AppConfig> {
+    Ok(cleanroom_server::AppConfig {
+        data_dir: state.join("data"),
+        rules: rules.clone(),
+        allowlist: allowlist.clone(),
+        secret: MasterSecret::new(b"utility report secret, not for production".to_vec())?,
+        clock: Arc::new(cleanroom_server::FixedClock(now)),
+        sources: None,
+        allow_demo_tokens: true,
+        mark: state.join("high-water-mark.json"),
+        accept_restore: false,
+        engine: cleanroom_engine::executor::ExecutorConfig::with_defaults(state.join("data/spill")),
+    })
+}
+
+/// Runs every query `partner` may ask and measures each answer.
+async fn measure_partner(
+    run: &Run<'_>,
+    partner: &str,
+    client: &mut PartnerClient,
+) -> Result<Vec<Measured>> {
+    let queries = client
+        .list_queries(ListQueriesRequest {})
+        .await?
+        .into_inner()
+        .queries;
+    let mut out = Vec::new();
+    for summary in queries {
+        out.push(measure_query(run, partner, client, summary.id).await?);
+    }
+    Ok(out)
+}
+
+/// Asks one query with demo parameters and compares its answer with the true cells.
+async fn measure_query(
+    run: &Run<'_>,
+    partner: &str,
+    client: &mut PartnerClient,
+    query_id: String,
+) -> Result<Measured> {
+    let query = run.allowlist.get(&query_id).context("a listed query")?;
+    let description = client
+        .describe_query(DescribeQueryRequest {
+            query_id: query_id.clone(),
+        })
+        .await?
+        .into_inner();
+    let params = crate::demo::demo_params(&description);
+    let answer = client
+        .run_query(RunQueryRequest {
+            query_id: query_id.clone(),
+            params: params.clone(),
+        })
+        .await
+        .with_context(|| format!("{}: {partner} {}", run.setting, query_id))?
+        .into_inner();
+    let truth = exact_answer(
+        run.snapshot,
+        run.rules,
+        partner,
+        query,
+        &answer.effective_params,
+        run.now,
+    )
+    .await?;
+    let errors = relative_errors(query, &answer, &truth);
+    Ok(Measured {
+        setting: run.setting,
+        partner: partner.to_string(),
+        query: query_id,
+        k: answer.effective_k,
+        cells_at_k: cells_at_k(query, &truth, answer.effective_k),
+        released: answer.rows.len(),
+        errors,
+    })
+}
+
+/// True cells with at least `k` members.
+fn cells_at_k(query: &QueryDef, truth: &ExactCells, k: u32) -> usize {
+    // A row's members: its first metric that counts distinct members (every metric
+    // without a per-member bound does).
+    let members_metric = query
+        .metrics
+        .iter()
+        .position(|m| !query.metric_bounds.contains_key(m));
+    let members = |values: &Vec<i64>| members_metric.map_or(i64::MAX, |i| values[i]);
+    truth
+        .values()
+        .filter(|v| members(v) >= i64::from(k))
+        .count()
+}
+
+/// Per metric: the relative error of each released value whose row is in `truth` and whose true
+/// value is not zero.
+fn relative_errors(
+    query: &QueryDef,
+    answer: &RunQueryResponse,
+    truth: &ExactCells,
+) -> BTreeMap<String, Vec<f64>> {
+    let dims = query.dimensions.len();
+    let mut errors: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    for row in &answer.rows {
+        let key: Vec<String> = row.values[..dims].iter().map(text).collect();
+        let Some(values) = truth.get(&key) else {
+            continue;
+        };
+        for (i, metric) in query.metrics.iter().enumerate() {
+            let released = match row.values[dims + i].kind {
+                Some(Kind::IntValue(v)) => v as f64,
+                Some(Kind::DoubleValue(v)) => v,
+                _ => continue,
+            };
+            let true_value = values[i] as f64;
+            if true_value != 0.0 {
+                errors
+                    .entry(metric.clone())
+                    .or_default()
+                    .push(((released - true_value) / true_value).abs());
+            }
+        }
+    }
+    errors
 }
 
 fn text(v: &cleanroom_proto::v1::Value) -> String {
