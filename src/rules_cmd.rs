@@ -226,7 +226,7 @@ fn unrunnable(
 }
 
 /// The "access lost" and "access gained" sections: (partner, query) pairs in `from` but not in
-/// `to`, as "<partner> <verb> <query>".
+/// `to`, as `"<partner> <verb> <query>"`.
 fn moved(
     from: &BTreeSet<(String, String)>,
     to: &BTreeSet<(String, String)>,
