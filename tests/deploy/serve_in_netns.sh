@@ -26,7 +26,9 @@ ip link set v0 up
 ip link set v1 up
 
 work=$(mktemp -d)
-trap 'kill "${server:-}" 2>/dev/null || true; rm -rf "$work"' EXIT
+# The service is stopped and waited for before its directory goes: it still writes while it
+# shuts down, and a directory removed under it would fail the run.
+trap 'if [ -n "${server:-}" ]; then kill "$server" 2>/dev/null || true; wait "$server" 2>/dev/null || true; fi; rm -rf "$work"' EXIT
 cp -r queries "$work/queries"
 # The sample contracts end on a fixed date; this deployment runs on the real clock.
 sed -E 's/^expires = ".*"/expires = "2099-12-31"/' sample_data/rules.toml > "$work/rules.toml"
