@@ -221,6 +221,7 @@ async fn start_service(
     let mark = dir.join("high-water-mark.json");
     let _ = std::fs::remove_dir_all(&data);
     let _ = std::fs::remove_file(&mark);
+    let _ = std::fs::remove_dir_all(dir.join("keys"));
     let rules = widened(Rules::load(rules_path)?);
     rules.validate()?;
     let allowlist = AllowList::load(queries_dir, &rules)?;
@@ -237,6 +238,7 @@ async fn start_service(
         mark,
         accept_restore: false,
         engine,
+        keys: dir.join("keys"),
     })?;
     let server =
         cleanroom_server::spawn(Arc::clone(&app), SocketAddr::from(([127, 0, 0, 1], 0))).await?;
@@ -446,7 +448,7 @@ fn tokens_against_hmac(figures: &mut Figures) {
     const N: usize = 300_000;
     let emails: Vec<String> = (0..N).map(|i| format!("member.{i}@example.jp")).collect();
     let secret = MasterSecret::new(vec![7; 32]).expect("a 32-byte secret");
-    let key = secret.collaboration_key("bench", 1);
+    let key = secret.collaboration_key("bench", 1, &[9; 32]);
     let started = Instant::now();
     let mut sink = 0u8;
     for email in &emails {

@@ -96,6 +96,7 @@ async fn start(options: &DemoOptions<'_>) -> Result<Service> {
         mark: data_dir.path().join("high-water-mark.json"),
         accept_restore: false,
         engine: ExecutorConfig::with_defaults(data_dir.path().join("data/spill")),
+        keys: data_dir.path().join("keys"),
     })?;
     let (server, conn) = serve_and_connect(app, options).await?;
     Ok(Service {

@@ -87,8 +87,28 @@ enum Command {
     /// Write a throwaway CA's certificate, a server certificate for the given names and client
     /// certificates, to try TLS and mutual TLS (evaluation only: use your own CA in production).
     ThrowawayPki(ThrowawayPkiArgs),
-    /// Retailer side: print a collaboration's match key for its partner's `prep`.
+    /// Retailer side: print a collaboration's match key for its partner's `prep` (made now in
+    /// the key store if the collaboration has none yet).
     ExportKey(ExportKeyArgs),
+    /// The key store: each collaboration's keys, with creation and destruction dates.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+}
+
+#[derive(clap::Subcommand)]
+enum KeysCommand {
+    /// List every collaboration key the store holds or held: contract, version, public key id,
+    /// created, destroyed (never key material).
+    Status(KeysStatusArgs),
+}
+
+#[derive(clap::Args)]
+struct KeysStatusArgs {
+    /// The service configuration file.
+    #[arg(long)]
+    config: PathBuf,
 }
 
 #[derive(clap::Args)]
@@ -473,6 +493,9 @@ fn run(cli: Cli) -> Result<()> {
             args.checkpoint.as_deref(),
         ),
         Command::ExportKey(args) => export_key(args),
+        Command::Keys {
+            command: KeysCommand::Status(args),
+        } => keys_status(args),
     }
 }
 
@@ -632,13 +655,41 @@ fn export_key(args: ExportKeyArgs) -> Result<()> {
     let Some(c) = rules.contracts.get(&contract) else {
         bail!("no contract `{contract}` in {}", settings.rules.display());
     };
-    println!(
-        "{}",
-        settings
-            .master_secret()?
-            .collaboration_key(&contract, c.key_version)
-            .export()
-    );
+    let key = settings
+        .open_key_store()?
+        .key(&contract, c.key_version, chrono::Utc::now())?;
+    println!("{}", key.export());
+    Ok(())
+}
+
+fn keys_status(args: KeysStatusArgs) -> Result<()> {
+    let settings = settings::Settings::load(&args.config, None, None)?;
+    let keys = settings.open_key_store()?;
+    let mut table = comfy_table::Table::new();
+    table.set_header([
+        "contract",
+        "version",
+        "key id",
+        "created",
+        "destroyed",
+        "why",
+    ]);
+    for key in keys.status()? {
+        let (destroyed, why) = key.destroyed.map_or_else(
+            || ("-".into(), "-".into()),
+            |(at, why)| (at.to_rfc3339(), why),
+        );
+        table.add_row([
+            key.contract,
+            key.version.to_string(),
+            key.key_id,
+            key.created.to_rfc3339(),
+            destroyed,
+            why,
+        ]);
+    }
+    println!("key store {}", keys.dir().display());
+    println!("{table}");
     Ok(())
 }
 

@@ -43,6 +43,11 @@ pub struct Settings {
     /// Default: `<data_dir>.high-water-mark.json`, beside the data directory.
     #[serde(default)]
     pub high_water_mark: Option<PathBuf>,
+    /// The key store: each collaboration's random key seed, kept outside the data directory and
+    /// backed up apart from it (a destroyed key must not come back with a restored data
+    /// directory). Default: `<data_dir>.keys`, beside the data directory.
+    #[serde(default)]
+    pub key_store: Option<PathBuf>,
     /// How questions execute.
     #[serde(default)]
     pub engine: EngineSettings,
@@ -190,6 +195,13 @@ impl Settings {
         if e.cluster_dir.is_some() && e.cluster.is_none() {
             bail!("[engine] cluster_dir is set without a cluster to share it with");
         }
+        if self.key_store().starts_with(&self.data_dir) {
+            bail!(
+                "key_store = {:?} is inside data_dir: keys must be kept (and backed up) apart from \
+                 the data directory, or restoring a backup would bring destroyed keys back",
+                self.key_store().display().to_string()
+            );
+        }
         let mark = self.high_water_mark();
         if mark.starts_with(&self.data_dir) {
             bail!(
@@ -238,14 +250,32 @@ impl Settings {
 
     /// Where the high-water mark is kept: as set, or beside the data directory.
     pub fn high_water_mark(&self) -> PathBuf {
-        self.high_water_mark.clone().unwrap_or_else(|| {
-            let name = self
-                .data_dir
-                .file_name()
-                .map_or_else(|| "data".into(), |n| n.to_string_lossy().into_owned());
-            self.data_dir
-                .with_file_name(format!("{name}.high-water-mark.json"))
-        })
+        self.high_water_mark
+            .clone()
+            .unwrap_or_else(|| self.beside_data_dir("high-water-mark.json"))
+    }
+
+    /// The key store's directory, the default filled in.
+    pub fn key_store(&self) -> PathBuf {
+        self.key_store
+            .clone()
+            .unwrap_or_else(|| self.beside_data_dir("keys"))
+    }
+
+    /// The key store, opened (made if there is none yet).
+    pub fn open_key_store(&self) -> Result<Arc<cleanroom_core::keys::KeyStore>> {
+        let dir = self.key_store();
+        cleanroom_core::keys::KeyStore::open(&dir, self.master_secret()?)
+            .with_context(|| format!("opening the key store {}", dir.display()))
+    }
+
+    /// `<data_dir>.<ending>`, beside the data directory.
+    fn beside_data_dir(&self, ending: &str) -> PathBuf {
+        let name = self
+            .data_dir
+            .file_name()
+            .map_or_else(|| "data".into(), |n| n.to_string_lossy().into_owned());
+        self.data_dir.with_file_name(format!("{name}.{ending}"))
     }
 
     /// Everything the service needs to start.
@@ -282,6 +312,7 @@ impl Settings {
             mark: self.high_water_mark(),
             accept_restore,
             engine: self.engine_config(),
+            keys: self.key_store(),
         })
     }
 

@@ -150,6 +150,7 @@ fn app_config(
         mark: state.join("high-water-mark.json"),
         accept_restore: false,
         engine: cleanroom_engine::executor::ExecutorConfig::with_defaults(state.join("data/spill")),
+        keys: state.join("keys"),
     })
 }
 

@@ -37,6 +37,8 @@ mod credentials;
 mod streams;
 // Torn records, lost ledgers: crash safety of the data directory.
 mod crash;
+// Collaboration keys: a destroyed key stays destroyed, a restored backup does not bring it back.
+mod keys;
 // `kill -9` of the real binary during ingests, uploads and queries.
 mod kill;
 // Operator faults: a lost or older manifest, refused starts that change nothing, audit ids.

@@ -95,6 +95,7 @@ pub fn try_app_with(
         mark: mark_beside(data_dir),
         accept_restore,
         engine: ExecutorConfig::with_defaults(data_dir.join("spill")),
+        keys: keys_beside(data_dir),
     })
 }
 
@@ -118,6 +119,32 @@ pub fn files_of(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
 /// The high-water mark of a test's data directory: beside it, outside it, as `serve` keeps it.
 pub fn mark_beside(data_dir: &Path) -> PathBuf {
     data_dir.with_file_name("high-water-mark.json")
+}
+
+/// The key store of a test's data directory: beside it, outside it, as `serve` keeps it. The
+/// sample's collaborations get fixed seeds, written in the store's own file form, so that member
+/// tokens (and the noise keyed by the data they are part of) come out the same on every run; a
+/// key the store already holds or destroyed is left as it is.
+pub fn keys_beside(data_dir: &Path) -> PathBuf {
+    use sha2::Digest as _;
+    let dir = data_dir.with_file_name("keys");
+    std::fs::create_dir_all(&dir).unwrap();
+    for (contract, c) in &sample_rules().contracts {
+        let stem = format!("{contract}.v{}", c.key_version);
+        let seed = dir.join(format!("{stem}.seed"));
+        if seed.exists() || dir.join(format!("{stem}.destroyed")).exists() {
+            continue;
+        }
+        let bytes = sha2::Sha256::digest(format!("cleanroom test seed {stem}").as_bytes());
+        let file = serde_json::json!({
+            "contract": contract,
+            "version": c.key_version,
+            "created": as_of(),
+            "seed": hex::encode(bytes),
+        });
+        std::fs::write(seed, serde_json::to_vec_pretty(&file).unwrap()).unwrap();
+    }
+    dir
 }
 
 /// A test's data directory, `data` inside a temporary directory that also holds its high-water
@@ -280,6 +307,7 @@ impl Harness {
             mark: mark_beside(data_dir),
             accept_restore,
             engine,
+            keys: keys_beside(data_dir),
         })
         .unwrap();
         let any = SocketAddr::from(([127, 0, 0, 1], 0));

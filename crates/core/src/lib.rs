@@ -10,6 +10,7 @@ pub mod consent;
 pub mod error;
 pub mod files;
 pub mod generalize;
+pub mod keys;
 pub mod normalize;
 pub mod rules;
 pub mod token;

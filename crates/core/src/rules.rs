@@ -575,6 +575,8 @@ impl Rules {
     /// One contract names a known partner and purpose, a k and key version in range, and a
     /// protection that holds.
     fn check_contract(&self, id: &str, contract: &Contract) -> Result<()> {
+        // The id names the collaboration's files in the key store.
+        crate::keys::check_contract_id(id)?;
         if !self.partners.contains_key(&contract.partner) {
             return fail(format!(
                 "contracts.{id}: unknown partner `{}`",

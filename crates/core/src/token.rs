@@ -1,9 +1,10 @@
 //! Keyed match tokens: one HMAC-SHA256 key per collaboration, derived with HKDF-SHA256 from the
-//! retailer's master secret, and keyed pseudonyms for the retailer's own member ids.
+//! retailer's master secret and the collaboration's random seed in the key store
+//! ([`crate::keys`]), and keyed pseudonyms for the retailer's own member ids.
 //!
 //! Tokens carry their key version so a key can rotate while old and new tokens overlap. Without the
 //! collaboration key a token cannot be tested against a guessed email, and ending a collaboration
-//! (destroying its key) makes its tokens unlinkable.
+//! (destroying its seed) makes its tokens unlinkable, even to the holder of the master secret.
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -55,14 +56,19 @@ impl MasterSecret {
         okm
     }
 
-    /// Derives the match key of one collaboration at one key version. The collaboration id is the
-    /// HKDF salt, so two collaborations never share a key even under the same master secret.
-    pub fn collaboration_key(&self, collaboration_id: &str, version: u32) -> CollaborationKey {
-        let info = format!("cleanroom/match-key/v{version}");
-        CollaborationKey::new(
-            version,
-            self.derive(collaboration_id.as_bytes(), info.as_bytes()),
-        )
+    /// Derives the match key of one collaboration at one key version from the master secret and
+    /// that key's random seed in the key store ([`crate::keys`]): without the seed the master
+    /// secret derives nothing, so destroying the seed makes the key, and every token made with
+    /// it, unrecoverable. The collaboration and version are the HKDF info, so a seed copied to
+    /// another collaboration's name gives another key.
+    pub fn collaboration_key(
+        &self,
+        collaboration_id: &str,
+        version: u32,
+        seed: &[u8; 32],
+    ) -> CollaborationKey {
+        let info = format!("cleanroom/match-key/{collaboration_id}/v{version}");
+        CollaborationKey::new(version, self.derive(seed, info.as_bytes()))
     }
 
     /// The key of the audit trail's chain and checkpoints: without the master secret nobody can
@@ -234,15 +240,19 @@ mod tests {
     #[test]
     fn collaborations_get_distinct_keys_and_versions_rotate() {
         let s = secret();
-        let a1 = s.collaboration_key("ctr-a", 1);
-        assert_ne!(a1, s.collaboration_key("ctr-b", 1));
-        assert_ne!(a1, s.collaboration_key("ctr-a", 2));
-        assert_eq!(a1, s.collaboration_key("ctr-a", 1));
+        let seed = [3u8; 32];
+        let a1 = s.collaboration_key("ctr-a", 1, &seed);
+        assert_ne!(a1, s.collaboration_key("ctr-b", 1, &seed));
+        assert_ne!(a1, s.collaboration_key("ctr-a", 2, &seed));
+        assert_ne!(a1, s.collaboration_key("ctr-a", 1, &[4u8; 32]));
+        assert_eq!(a1, s.collaboration_key("ctr-a", 1, &seed));
+        let other = MasterSecret::new(vec![8u8; 32]).unwrap();
+        assert_ne!(a1, other.collaboration_key("ctr-a", 1, &seed));
     }
 
     #[test]
     fn token_and_key_round_trip_through_text() {
-        let key = secret().collaboration_key("ctr-a", 3);
+        let key = secret().collaboration_key("ctr-a", 3, &[3u8; 32]);
         assert_eq!(CollaborationKey::from_export(&key.export()).unwrap(), key);
         let token = key.token("user@example.com");
         assert_eq!(token.to_string().parse::<Token>().unwrap(), token);

@@ -62,7 +62,7 @@ async fn ingest<M, R, I>(
     stream: Streaming<M>,
     split: fn(M) -> Part<IngestHeader, R>,
     convert: fn(R) -> I::Input,
-    start: impl FnOnce(&IngestHeader) -> I,
+    start: impl FnOnce(&IngestHeader) -> crate::Result<I>,
 ) -> Result<Written>
 where
     M: prost::Message + Default + Send + 'static,
@@ -79,7 +79,7 @@ where
         let claimed = claim.insert(app.claim_write(&method, None, request_id.as_deref())?);
         Ok(match claimed {
             Claim::Replay(_) => None,
-            Claim::Run(_) => Some(Feed::new(start(header), app.store.staging(), convert)),
+            Claim::Run(_) => Some(Feed::new(start(header)?, app.store.staging(), convert)),
         })
     })
     .await?;
@@ -150,7 +150,7 @@ impl AdminApi {
         entry: &mut Entry,
         stream: Streaming<IngestMembersRequest>,
     ) -> Result<IngestSummary> {
-        let (rules, secret) = (&call.live.rules, &self.app.secret);
+        let (rules, secret, keys) = (&call.live.rules, &self.app.secret, &self.app.keys);
         let written = ingest(
             call,
             entry,
@@ -158,7 +158,7 @@ impl AdminApi {
             stream,
             split_members,
             convert::member_input,
-            |h| MembersIngest::new(rules, secret, call.today, h.strict),
+            |h| Ok(MembersIngest::new(rules, secret, keys, call.now, h.strict)?),
         )
         .await?;
         self.commit(call, entry, written, |store, staging, facts| {
@@ -180,7 +180,7 @@ impl AdminApi {
             stream,
             split_purchases,
             convert::purchase_input,
-            |h| PurchasesIngest::new(rules, secret, h.strict),
+            |h| Ok(PurchasesIngest::new(rules, secret, h.strict)),
         )
         .await?;
         self.commit(call, entry, written, |store, staging, facts| {
@@ -202,7 +202,7 @@ impl AdminApi {
             stream,
             split_consent,
             convert::consent_input,
-            |h| ConsentIngest::new(rules, secret, h.strict),
+            |h| Ok(ConsentIngest::new(rules, secret, h.strict)),
         )
         .await?;
         self.commit(call, entry, written, |store, staging, facts| {

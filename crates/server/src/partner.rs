@@ -49,9 +49,10 @@ impl Audited for UploadListResponse {
 }
 
 /// The caller admitted as a partner under its contract (the guard decides).
-fn admitted<'a>(call: &'a Call, method: &str) -> Result<AdmittedPartner<'a>> {
+fn admitted<'a>(call: &'a Call, app: &App, method: &str) -> Result<AdmittedPartner<'a>> {
     Ok(guard::admit_partner(
         &call.live.rules,
+        &app.keys,
         call.partner(method)?,
         call.now,
     )?)
@@ -65,7 +66,7 @@ impl PartnerApi {
         request: RunQueryRequest,
     ) -> Result<RunQueryResponse> {
         let started = Instant::now();
-        let partner = admitted(call, "RunQuery")?;
+        let partner = admitted(call, &self.app, "RunQuery")?;
         let query = partner.visible(&call.live.allowlist, &request.query_id)?;
         entry.query_id = Some(query.id.clone());
         entry.query_sha256 = Some(query.content_sha256.clone());
@@ -147,16 +148,18 @@ where
         })?;
         let request_id = retry::parse(&header.request_id)?;
         entry.request_id = request_id.clone();
-        let admitted = guard::admit_partner(rules, partner_id, call.now)?;
+        let admitted = guard::admit_partner(rules, &app.keys, partner_id, call.now)?;
         let claimed =
             claim.insert(app.claim_write(&method, Some(partner_id), request_id.as_deref())?);
         if let Claim::Replay(_) = claimed {
             return Ok(None);
         }
         app.guard.check_list_allowance(&admitted)?;
-        let key = app
-            .secret
-            .collaboration_key(admitted.contract_id(), admitted.contract().key_version);
+        let key = app.keys.key(
+            admitted.contract_id(),
+            admitted.contract().key_version,
+            call.now,
+        )?;
         let ingest = ListIngest::new(partner, key, header.strict);
         Ok(Some(Feed::new(
             ingest,
@@ -191,7 +194,7 @@ where
         &report,
     );
     let record = app.guard.store_list(ListUpload {
-        partner: guard::admit_partner(rules, partner_id, call.now)?,
+        partner: guard::admit_partner(rules, &app.keys, partner_id, call.now)?,
         list: fed.staging,
         facts,
         store: &app.store,
@@ -219,7 +222,7 @@ impl PartnerService for PartnerApi {
         mut request: Request<ListQueriesRequest>,
     ) -> std::result::Result<Response<ListQueriesResponse>, Status> {
         let (call, _) = Call::take(&mut request)?;
-        let admitted = admitted(&call, "ListQueries").map_err(|e| to_status(&e, "-"))?;
+        let admitted = admitted(&call, &self.app, "ListQueries").map_err(|e| to_status(&e, "-"))?;
         let queries = admitted
             .visible_queries(&call.live.allowlist)
             .into_iter()
@@ -243,7 +246,8 @@ impl PartnerService for PartnerApi {
         mut request: Request<DescribeQueryRequest>,
     ) -> std::result::Result<Response<QueryDescription>, Status> {
         let (call, _) = Call::take(&mut request)?;
-        let admitted = admitted(&call, "DescribeQuery").map_err(|e| to_status(&e, "-"))?;
+        let admitted =
+            admitted(&call, &self.app, "DescribeQuery").map_err(|e| to_status(&e, "-"))?;
         let query = admitted
             .visible(&call.live.allowlist, &request.get_ref().query_id)
             .map_err(|e| to_status(&e.into(), "-"))?;

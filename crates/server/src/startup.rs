@@ -49,6 +49,7 @@ impl App {
             fingerprint,
             config.allow_demo_tokens,
         )?;
+        let keys = cleanroom_core::keys::KeyStore::open(&config.keys, config.secret.clone())?;
         let found = Found::read(&config)?;
         let plan = found.decide(config.accept_restore)?;
         let opened = recovery::repair(found, plan, &config)?;
@@ -67,6 +68,7 @@ impl App {
             store: opened.store,
             mark: MarkWriter::new(config.mark, MarkKey::new(&config.secret)),
             secret: config.secret,
+            keys,
             audit: Arc::new(opened.audit),
             clock: config.clock,
         });

@@ -72,6 +72,10 @@ pub struct AppConfig {
     pub accept_restore: bool,
     /// How questions execute: memory pool, spill directory, plans at once, query threads.
     pub engine: cleanroom_engine::executor::ExecutorConfig,
+    /// The key store: each collaboration's random key seed, outside the data directory and its
+    /// backups, so that destroying a seed cannot be undone by restoring a backup
+    /// ([`cleanroom_core::keys`]).
+    pub keys: PathBuf,
 }
 
 /// State shared by every handler.
@@ -86,6 +90,8 @@ pub struct App {
     pub store: Store,
     /// The master secret, for keys and pseudonyms.
     pub secret: MasterSecret,
+    /// Each collaboration's key seed; with the master secret, its match key.
+    pub keys: Arc<cleanroom_core::keys::KeyStore>,
     /// The audit trail.
     pub audit: Arc<AuditTrail>,
     /// Source of "now".

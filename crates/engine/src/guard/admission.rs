@@ -7,6 +7,7 @@
 
 use chrono::{DateTime, NaiveDate, Utc};
 use cleanroom_core::allowlist::{AllowList, QueryDef};
+use cleanroom_core::keys::KeyStore;
 use cleanroom_core::rules::{Contract, Rules};
 
 use crate::Result;
@@ -90,10 +91,11 @@ impl<'a> AdmittedQuery<'a> {
     }
 }
 
-/// Admits `partner` under its contract, if it has one and it is in force: an expired contract
-/// lists, describes, answers and accepts nothing.
+/// Admits `partner` under its contract, if it has one and it is in force: an expired contract,
+/// or one whose key was destroyed, lists, describes, answers and accepts nothing.
 pub fn admit_partner<'a>(
     rules: &'a Rules,
+    keys: &KeyStore,
     partner: &'a str,
     now: DateTime<Utc>,
 ) -> Result<AdmittedPartner<'a>> {
@@ -108,6 +110,9 @@ pub fn admit_partner<'a>(
         now,
     };
     admitted.require_in_force()?;
+    if let Some(ended) = keys.tombstone(contract_id, contract.key_version)? {
+        return Err(ended.refusal().into());
+    }
     Ok(admitted)
 }
 

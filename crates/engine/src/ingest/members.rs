@@ -3,8 +3,9 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use chrono::NaiveDate;
+use chrono::{DateTime, NaiveDate, Utc};
 use cleanroom_core::generalize;
+use cleanroom_core::keys::KeyStore;
 use cleanroom_core::normalize::{self, Rejection};
 use cleanroom_core::rules::Rules;
 use cleanroom_core::token::{CollaborationKey, MasterSecret, PseudonymKey};
@@ -98,27 +99,36 @@ impl Ingest for MembersIngest {
 }
 
 impl MembersIngest {
-    /// Starts an ingest under the rules' collaborations; ages are taken on `as_of`.
-    pub fn new(rules: &Rules, secret: &MasterSecret, as_of: NaiveDate, strict: bool) -> Self {
-        Self {
+    /// Starts an ingest under the rules' collaborations, their keys from the key store (made
+    /// now for a collaboration that has none yet); ages are taken on the retailer's date of
+    /// `now`. A collaboration whose key was destroyed gets no tokens: it has ended.
+    pub fn new(
+        rules: &Rules,
+        secret: &MasterSecret,
+        keys: &KeyStore,
+        now: DateTime<Utc>,
+        strict: bool,
+    ) -> Result<Self> {
+        let mut collaborations = Vec::new();
+        for (id, contract) in &rules.contracts {
+            if keys.tombstone(id, contract.key_version)?.is_some() {
+                continue;
+            }
+            collaborations.push((
+                Table::MemberTokens(id.clone()),
+                keys.key(id, contract.key_version, now)?,
+                TokenBuilder::new(false),
+            ));
+        }
+        Ok(Self {
             pseudonyms: secret.pseudonym_key(),
-            keys: rules
-                .contracts
-                .iter()
-                .map(|(id, c)| {
-                    (
-                        Table::MemberTokens(id.clone()),
-                        secret.collaboration_key(id, c.key_version),
-                        TokenBuilder::new(false),
-                    )
-                })
-                .collect(),
-            as_of,
+            keys: collaborations,
+            as_of: rules.retailer.today(now),
             strict,
             rows: MemberRows::default(),
             seen: HashSet::new(),
             report: IngestReport::default(),
-        }
+        })
     }
 
     fn member(&mut self, index: usize, record: &MemberInput) -> Result<()> {
