@@ -1,50 +1,97 @@
 //! Plan checks: what a query's `LogicalPlan` may contain, whatever its template says, and the
 //! rewrite that lets the guard compute every released value member by member.
 //!
-//! Only the safe views; aggregate output only; member keys used only to join, to group inside a
-//! subquery, or to be counted; only listed functions; no sensitive column; output columns exactly
-//! as declared, each a GROUP BY expression (a dimension) or an aggregate (a metric).
+//! `check_plan` is a short pipeline, modelled on DataFusion's analyzer: a list of named rules,
+//! one file each, each with its own tests. The `output-shape` rule runs first because it finds
+//! the output aggregate every other rule reads; then the member-key lineage of the aggregate's
+//! input is computed once (`lineage`), and so is every expression the plan evaluates before its
+//! output (`expressions`); then the rules of `RULES` run in order. Every refusal starts with the
+//! name of the rule that made it.
+//!
+//! - `output-shape`: the output is exactly the declared columns, each the output aggregate's own
+//!   GROUP BY expression (a dimension) or aggregate (a metric, a whole number); no HAVING, LIMIT,
+//!   ROLLUP or arithmetic on top of the aggregates;
+//! - `safe-views`: only the safe views are scanned, whole;
+//! - `allowed-nodes`: the aggregate's input is built of scans, filters, projections, aliases,
+//!   aggregates and joins only;
+//! - `one-member-per-row`: every row the output aggregates belongs to one member: it carries
+//!   `member_key`, and joins are inner joins equating `member_key` of both sides;
+//! - `member-key-use`: `member_key` is only passed through, grouped on as a bare column inside a
+//!   subquery, or counted; never filtered on or computed with;
+//! - `no-member-key-in-output`: `member_key` does not group the output;
+//! - `cannot-fail-on-data`: no expression can fail on a row's value (also applied to the
+//!   optimised plan that runs, `plan_that_runs`);
+//! - `allowed-expressions`: only listed expression kinds, functions and aggregates;
+//! - `sensitive-columns`: no column tagged sensitive is read;
+//! - `metric-bounds`: every metric has a per-member bound: a count of distinct members adds 1,
+//!   any other metric declares its bound.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 
-use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
-use datafusion::common::{Column, DFSchema, ParamValues, ScalarValue};
+use datafusion::common::{Column, ParamValues, ScalarValue};
 use datafusion::functions_aggregate::expr_fn::count;
-use datafusion::logical_expr::utils::split_conjunction;
-use datafusion::logical_expr::{
-    Aggregate, BinaryExpr, Expr, Filter, JoinType, LogicalPlan, Operator, Projection, SubqueryAlias,
-};
+use datafusion::logical_expr::{Aggregate, Expr, LogicalPlan};
 use datafusion::prelude::SessionContext;
 use datafusion::sql::parser::Statement;
 
 use super::Policy;
-use crate::views::{MEMBER_KEY, SAFE_VIEWS};
 use crate::{Error, Result};
 
-mod fallible;
+mod allowed_expressions;
+mod allowed_nodes;
+mod cannot_fail_on_data;
+mod expressions;
+mod lineage;
+mod member_key_use;
+mod metric_bounds;
+mod no_member_key_in_output;
+mod one_member_per_row;
+mod output_shape;
+mod safe_views;
+mod sensitive_columns;
+#[cfg(test)]
+mod test_plans;
 
-/// Aggregates a query may output. MIN and MAX release one member's value; AVG and COUNT of
-/// distinct non-member values cannot be split into per-member contributions.
-const OUTPUT_AGGREGATES: &[&str] = &["count", "sum"];
+use expressions::Site;
+use lineage::Lineage;
+use output_shape::Output;
 
-/// Aggregates allowed inside a query, for per-member intermediate values that are then counted.
-const INNER_AGGREGATES: &[&str] = &["count", "sum", "avg", "min", "max"];
+/// One check of the list: its name prefixes every refusal it makes.
+struct Rule {
+    name: &'static str,
+    /// Why the query is refused, if it is.
+    check: fn(&Query<'_>) -> std::result::Result<(), String>,
+}
 
-/// Scalar functions a query may use. None of them can fail on a row's value: a function that
-/// errors on one value (an overflowing `abs`, a failing cast) would answer differently for one
-/// member, so it is left out.
-const SCALAR_FUNCTIONS: &[&str] = &[
-    "date_trunc",
-    "date_part",
-    "coalesce",
-    "nullif",
-    "round",
-    "floor",
-    "ceil",
-    "lower",
-    "upper",
+/// The rules `check_plan` runs after `output-shape`, in order: the first refusal is the answer.
+const RULES: &[Rule] = &[
+    safe_views::RULE,
+    allowed_nodes::RULE,
+    one_member_per_row::RULE,
+    member_key_use::RULE,
+    no_member_key_in_output::RULE,
+    cannot_fail_on_data::RULE,
+    allowed_expressions::RULE,
+    sensitive_columns::RULE,
+    metric_bounds::RULE,
 ];
+
+/// What every rule reads, computed once per plan.
+struct Query<'a> {
+    policy: &'a Policy,
+    /// The output aggregate and how the output columns map onto it.
+    output: Output<'a>,
+    /// Which columns of each node under the output aggregate carry the member key.
+    lineage: Lineage<'a>,
+    /// Every expression the plan evaluates, with the node whose columns it reads.
+    expressions: Vec<Site<'a>>,
+}
+
+/// A rule's verdict as the guard's refusal, prefixed with the rule's name.
+fn named<T>(rule: &str, verdict: std::result::Result<T, String>) -> Result<T> {
+    verdict.map_err(|reason| Error::Guard(format!("{rule}: {reason}")))
+}
 
 fn refuse<T>(reason: impl Into<String>) -> Result<T> {
     Err(Error::Guard(reason.into()))
@@ -95,7 +142,7 @@ pub(crate) fn plan_that_runs(ctx: &SessionContext, plan: &LogicalPlan) -> Result
         tracing::debug!(error = %e, "a checked plan failed to optimise");
         Error::Guard("the query could not be optimised".into())
     })?;
-    fallible::check_plan_that_runs(&optimized)?;
+    cannot_fail_on_data::check_plan_that_runs(&optimized)?;
     Ok(optimized)
 }
 
@@ -130,157 +177,29 @@ pub(crate) struct MetricShape {
 /// computed on top of the aggregates (ratios, HAVING, LIMIT) is refused: the guard computes the
 /// released values itself, member by member, and a partner derives ratios from released cells.
 pub(crate) fn check_plan(plan: &LogicalPlan, policy: &Policy) -> Result<Shape> {
-    let declared = policy.output_columns();
-    let actual: Vec<String> = plan
-        .schema()
-        .fields()
-        .iter()
-        .map(|f| f.name().clone())
-        .collect();
-    if actual != declared {
-        return refuse(format!(
-            "output columns {actual:?} differ from the declared dimensions and metrics {declared:?}"
-        ));
-    }
-    // Output column i is column `mapping[i]` of the node being looked at.
-    let mut mapping: Vec<usize> = (0..declared.len()).collect();
-    let mut node = plan;
-    let aggregate = loop {
-        match node {
-            LogicalPlan::Projection(p) => {
-                check_expressions(&p.expr, p.input.schema(), &BTreeSet::new(), &[], policy)?;
-                for m in mapping.iter_mut() {
-                    *m = bare_column(&p.expr[*m], p.input.schema()).ok_or_else(|| {
-                        Error::Guard(format!(
-                            "output column `{}` is computed on top of the aggregates; output the \
-                             aggregates themselves (ratios and shares are computed from released \
-                             cells)",
-                            p.schema.field(*m).name()
-                        ))
-                    })?;
-                }
-                node = &p.input;
-            }
-            LogicalPlan::Sort(s) => {
-                let exprs: Vec<Expr> = s.expr.iter().map(|e| e.expr.clone()).collect();
-                check_expressions(&exprs, s.input.schema(), &BTreeSet::new(), &[], policy)?;
-                node = &s.input;
-            }
-            LogicalPlan::SubqueryAlias(s) => node = &s.input,
-            LogicalPlan::Filter(_) => {
-                return refuse(
-                    "HAVING is not allowed: the guard alone decides which rows are released",
-                );
-            }
-            LogicalPlan::Limit(_) => {
-                return refuse(
-                    "LIMIT is not allowed on the output: every row of the domain is released or suppressed",
-                );
-            }
-            LogicalPlan::Aggregate(a) => break a,
-            _ => {
-                return refuse(
-                    "the output must be an aggregate over the safe views (GROUP BY or COUNT)",
-                );
-            }
-        }
-    };
-    let members = member_columns(&aggregate.input, policy)?;
-    let Some(&member_index) = members.iter().next() else {
-        return refuse(
-            "output rows cannot be attributed to members: the aggregate's input must carry member_key",
-        );
-    };
-    let input_schema = aggregate.input.schema();
-    for group in &aggregate.group_expr {
-        if references(group, input_schema, &members) {
-            return refuse("member_key may not group the output");
-        }
-        if matches!(group, Expr::GroupingSet(_)) {
-            return refuse("ROLLUP, CUBE and GROUPING SETS are not allowed: totals leak");
-        }
-    }
-    check_expressions(&aggregate.group_expr, input_schema, &members, &[], policy)?;
-    check_expressions(
-        &aggregate.aggr_expr,
-        input_schema,
-        &members,
-        OUTPUT_AGGREGATES,
+    // Every other rule reads the output aggregate, so the rule that finds it runs first.
+    let output = named(output_shape::NAME, output_shape::output(plan, policy))?;
+    let lineage = Lineage::of(&output.aggregate.input);
+    let expressions = expressions::sites(&output, &lineage);
+    let query = Query {
         policy,
+        output,
+        lineage,
+        expressions,
+    };
+    for rule in RULES {
+        named(rule.name, (rule.check)(&query))?;
+    }
+    // The rules that passed computed these parts; asking them again cannot refuse.
+    let member_index = named(
+        one_member_per_row::RULE.name,
+        one_member_per_row::member_index(&query),
     )?;
-
-    let groups = aggregate.group_expr.len();
-    let dims = policy.dimensions.len();
-    let mut dimension_groups = Vec::with_capacity(dims);
-    for (i, (name, _)) in policy.dimensions.iter().enumerate() {
-        if mapping[i] >= groups {
-            return refuse(format!("dimension `{name}` must be a GROUP BY expression"));
-        }
-        dimension_groups.push(mapping[i]);
-    }
-    let covered: BTreeSet<usize> = dimension_groups.iter().copied().collect();
-    if covered.len() != groups || dimension_groups.len() != groups {
-        return refuse("every GROUP BY expression must be output once, as a declared dimension");
-    }
-    let mut metrics = Vec::with_capacity(policy.metrics.len());
-    for (j, name) in policy.metrics.iter().enumerate() {
-        let column = mapping[dims + j];
-        if column < groups {
-            return refuse(format!("metric `{name}` must be an aggregate"));
-        }
-        let index = column - groups;
-        let field = aggregate.schema.field(column);
-        if !field.data_type().is_integer() {
-            return refuse(format!(
-                "metric `{name}` must be a whole number (COUNT, or SUM of whole numbers) so that its noise can be exact"
-            ));
-        }
-        let mut expr = &aggregate.aggr_expr[index];
-        while let Expr::Alias(alias) = expr {
-            expr = &alias.expr;
-        }
-        let Expr::AggregateFunction(function) = expr else {
-            return refuse(format!("metric `{name}` must be COUNT or SUM"));
-        };
-        let counts_members = function.params.distinct
-            && function
-                .params
-                .args
-                .iter()
-                .any(|a| references(a, input_schema, &members));
-        if function.params.distinct && !counts_members {
-            return refuse(format!(
-                "metric `{name}`: COUNT(DISTINCT …) must count members; distinct values of other columns cannot be bounded per member"
-            ));
-        }
-        let member_count = function.func.name() == "count"
-            && counts_members
-            && function.params.filter.is_none()
-            && function.params.args.len() == 1
-            && bare_column(&function.params.args[0], input_schema)
-                .is_some_and(|i| members.contains(&i));
-        let bound = if counts_members {
-            1
-        } else {
-            match policy.metric_bounds.get(name) {
-                Some(bound) => *bound,
-                None => {
-                    return refuse(format!(
-                        "metric `{name}` needs a per-member bound in the query's metric_bounds: one member may add any amount to it"
-                    ));
-                }
-            }
-        };
-        metrics.push(MetricShape {
-            aggregate: index,
-            bound,
-            member_count,
-        });
-    }
+    let metrics = named(metric_bounds::RULE.name, metric_bounds::metrics(&query))?;
     Ok(Shape {
-        aggregate: aggregate.clone(),
+        aggregate: query.output.aggregate.clone(),
         member_index,
-        dimension_groups,
+        dimension_groups: query.output.dimension_groups.clone(),
         metrics,
     })
 }
@@ -324,283 +243,49 @@ pub(crate) fn per_member_plan(shape: &Shape) -> Result<LogicalPlan> {
     )?))
 }
 
-/// The output columns of `plan` that carry the member key, checking every node and expression of
-/// the subtree on the way. Member keys may be passed through, joined on, grouped by (inside a
-/// subquery) and counted; any other use is refused.
-fn member_columns(plan: &LogicalPlan, policy: &Policy) -> Result<BTreeSet<usize>> {
-    match plan {
-        LogicalPlan::TableScan(scan) => {
-            let name = scan.table_name.table();
-            if !SAFE_VIEWS.contains(&name) {
-                return refuse(format!("table `{name}` is not a safe view"));
-            }
-            if !scan.filters.is_empty() || scan.fetch.is_some() {
-                return refuse("pre-filtered scans are not allowed");
-            }
-            Ok(scan
-                .projected_schema
-                .fields()
-                .iter()
-                .position(|f| f.name() == MEMBER_KEY)
-                .into_iter()
-                .collect())
-        }
-        LogicalPlan::SubqueryAlias(SubqueryAlias { input, .. }) => member_columns(input, policy),
-        LogicalPlan::Filter(Filter {
-            predicate, input, ..
-        }) => {
-            let members = member_columns(input, policy)?;
-            if references(predicate, input.schema(), &members) {
-                return refuse("member_key may not be filtered on");
-            }
-            check_expressions(
-                std::slice::from_ref(predicate),
-                input.schema(),
-                &members,
-                &[],
-                policy,
-            )?;
-            Ok(members)
-        }
-        LogicalPlan::Projection(Projection { expr, input, .. }) => {
-            let members = member_columns(input, policy)?;
-            let mut out = BTreeSet::new();
-            for (i, e) in expr.iter().enumerate() {
-                if bare_column(e, input.schema()).is_some_and(|index| members.contains(&index)) {
-                    out.insert(i);
-                    continue;
-                }
-                if references(e, input.schema(), &members) {
-                    return refuse("member_key may only be passed through, joined on or counted");
-                }
-            }
-            check_expressions(expr, input.schema(), &members, &[], policy)?;
-            Ok(out)
-        }
-        LogicalPlan::Aggregate(Aggregate {
-            input,
-            group_expr,
-            aggr_expr,
-            ..
-        }) => {
-            let members = member_columns(input, policy)?;
-            let mut out = BTreeSet::new();
-            for (i, e) in group_expr.iter().enumerate() {
-                match bare_column(e, input.schema()) {
-                    Some(index) if members.contains(&index) => {
-                        out.insert(i);
-                    }
-                    _ if references(e, input.schema(), &members) => {
-                        return refuse("member_key may only be grouped on as a bare column");
-                    }
-                    _ => {}
-                }
-            }
-            check_expressions(group_expr, input.schema(), &members, &[], policy)?;
-            check_expressions(
-                aggr_expr,
-                input.schema(),
-                &members,
-                INNER_AGGREGATES,
-                policy,
-            )?;
-            Ok(out)
-        }
-        LogicalPlan::Join(join) => {
-            if join.join_type != JoinType::Inner {
-                return refuse("only inner joins on member_key are allowed");
-            }
-            let left = member_columns(&join.left, policy)?;
-            let right = member_columns(&join.right, policy)?;
-            if left.is_empty() || right.is_empty() {
-                return refuse("both sides of a join must carry member_key");
-            }
-            let left_len = join.left.schema().fields().len();
-            let members: BTreeSet<usize> = left
-                .iter()
-                .copied()
-                .chain(right.iter().map(|i| i + left_len))
-                .collect();
-            let mut equated = false;
-            for (l, r) in &join.on {
-                check_expressions(
-                    std::slice::from_ref(l),
-                    join.left.schema(),
-                    &left,
-                    &[],
-                    policy,
-                )?;
-                check_expressions(
-                    std::slice::from_ref(r),
-                    join.right.schema(),
-                    &right,
-                    &[],
-                    policy,
-                )?;
-                match (
-                    bare_column(l, join.left.schema()),
-                    bare_column(r, join.right.schema()),
-                ) {
-                    (Some(li), Some(ri)) if left.contains(&li) && right.contains(&ri) => {
-                        equated = true
-                    }
-                    _ if references(l, join.left.schema(), &left)
-                        || references(r, join.right.schema(), &right) =>
-                    {
-                        return refuse("member_key may only be equated with member_key");
-                    }
-                    _ => {}
-                }
-            }
-            if let Some(filter) = &join.filter {
-                for conjunct in split_conjunction(filter) {
-                    if let Expr::BinaryExpr(BinaryExpr {
-                        left: a,
-                        op: Operator::Eq,
-                        right: b,
-                    }) = conjunct
-                    {
-                        let (ai, bi) = (bare_column(a, &join.schema), bare_column(b, &join.schema));
-                        if let (Some(ai), Some(bi)) = (ai, bi) {
-                            let (lo, hi) = (ai.min(bi), ai.max(bi));
-                            if left.contains(&lo)
-                                && hi >= left_len
-                                && right.contains(&(hi - left_len))
-                            {
-                                equated = true;
-                                continue;
-                            }
-                        }
-                    }
-                    if references(conjunct, &join.schema, &members) {
-                        return refuse("member_key may only be equated with member_key");
-                    }
-                    check_expressions(
-                        std::slice::from_ref(conjunct),
-                        &join.schema,
-                        &members,
-                        &[],
-                        policy,
-                    )?;
-                }
-            }
-            if !equated {
-                return refuse("joins must equate member_key of both sides");
-            }
-            Ok(members)
-        }
-        other => refuse(format!("`{}` is not allowed in a query", node_name(other))),
+#[cfg(test)]
+mod tests {
+    use super::test_plans::*;
+    use super::*;
+
+    #[test]
+    fn every_rule_has_its_own_name() {
+        let mut names: Vec<&str> = RULES.iter().map(|r| r.name).collect();
+        names.push(output_shape::NAME);
+        let count = names.len();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), count, "{names:?}");
     }
-}
 
-fn node_name(plan: &LogicalPlan) -> String {
-    plan.display()
-        .to_string()
-        .split(':')
-        .next()
-        .unwrap_or("node")
-        .to_string()
-}
-
-/// The input index of `expr` if it is a bare column (possibly aliased).
-fn bare_column(expr: &Expr, schema: &DFSchema) -> Option<usize> {
-    match expr {
-        Expr::Column(c) => schema.index_of_column(c).ok(),
-        Expr::Alias(a) => bare_column(&a.expr, schema),
-        _ => None,
+    #[test]
+    fn an_accepted_plan_has_the_shape_the_guard_runs() {
+        let shape = check_plan(&buyers_by_category(), &policy(&["category"], &["buyers"]))
+            .expect("accepted");
+        assert_eq!(shape.dimension_groups, vec![0]);
+        let input = shape.aggregate.input.schema();
+        assert_eq!(input.field(shape.member_index).name(), "member_key");
+        assert_eq!(shape.metrics.len(), 1);
+        assert!(shape.metrics[0].member_count);
+        assert_eq!(shape.metrics[0].bound, 1);
     }
-}
 
-/// Whether `expr` reads any of the given input columns.
-fn references(expr: &Expr, schema: &DFSchema, columns: &BTreeSet<usize>) -> bool {
-    expr.column_refs().into_iter().any(|c| {
-        schema
-            .index_of_column(c)
-            .is_ok_and(|i| columns.contains(&i))
-    })
-}
-
-/// Checks every expression node: only allowed kinds, functions and aggregates; member keys only
-/// inside COUNT; no sensitive column.
-fn check_expressions(
-    exprs: &[Expr],
-    schema: &DFSchema,
-    members: &BTreeSet<usize>,
-    aggregates: &[&str],
-    policy: &Policy,
-) -> Result<()> {
-    for expr in exprs {
-        let mut verdict = Ok(());
-        expr.apply(|e| {
-            let problem = fallible::problem(e, schema).or_else(|| match e {
-                Expr::Alias(_)
-                | Expr::Literal(..)
-                | Expr::BinaryExpr(_)
-                | Expr::Like(_)
-                | Expr::Not(_)
-                | Expr::IsNotNull(_)
-                | Expr::IsNull(_)
-                | Expr::IsTrue(_)
-                | Expr::IsFalse(_)
-                | Expr::IsNotTrue(_)
-                | Expr::IsNotFalse(_)
-                | Expr::Negative(_)
-                | Expr::Between(_)
-                | Expr::Case(_)
-                | Expr::TryCast(_)
-                | Expr::InList(_)
-                | Expr::Cast(_)
-                | Expr::Placeholder(_) => None,
-                Expr::Column(c) => policy
-                    .sensitive_columns
-                    .contains(&c.name)
-                    .then(|| format!("column `{}` is tagged sensitive", c.name)),
-                Expr::ScalarFunction(f) => (!SCALAR_FUNCTIONS.contains(&f.name()))
-                    .then(|| format!("function `{}` is not allowed", f.name())),
-                Expr::AggregateFunction(f) => {
-                    let name = f.func.name();
-                    if !aggregates.contains(&name) {
-                        Some(format!("aggregate `{name}` is not allowed here"))
-                    } else if name != "count"
-                        && f.params.args.iter().any(|a| references(a, schema, members))
-                    {
-                        Some(format!(
-                            "member_key may only be counted, not passed to `{name}`"
-                        ))
-                    } else if f
-                        .params
-                        .filter
-                        .as_ref()
-                        .is_some_and(|flt| references(flt, schema, members))
-                    {
-                        Some("member_key may not be filtered on".to_string())
-                    } else {
-                        None
-                    }
-                }
-                Expr::WindowFunction(_) => Some("window functions are not allowed".to_string()),
-                Expr::GroupingSet(_) => {
-                    Some("ROLLUP, CUBE and GROUPING SETS are not allowed: totals leak".to_string())
-                }
-                Expr::ScalarSubquery(_)
-                | Expr::Exists(_)
-                | Expr::InSubquery(_)
-                | Expr::SetComparison(_)
-                | Expr::OuterReferenceColumn(..) => {
-                    Some("subqueries in expressions are not allowed".to_string())
-                }
-                other => Some(format!(
-                    "expression `{}` is not allowed",
-                    other.variant_name()
-                )),
-            });
-            if let Some(problem) = problem {
-                verdict = refuse(problem);
-                return Ok(TreeNodeRecursion::Stop);
-            }
-            Ok(TreeNodeRecursion::Continue)
-        })?;
-        verdict?;
+    #[test]
+    fn the_per_member_plan_groups_by_the_member_key_too() {
+        let shape = check_plan(&buyers_by_category(), &policy(&["category"], &["buyers"]))
+            .expect("accepted");
+        let LogicalPlan::Aggregate(per_member) = per_member_plan(&shape).expect("plans") else {
+            panic!("not an aggregate");
+        };
+        assert_eq!(per_member.group_expr.len(), 2);
+        // The member count is computed per member as a plain count, in the same column.
+        let names: Vec<String> = per_member
+            .schema
+            .fields()
+            .iter()
+            .map(|f| f.name().clone())
+            .collect();
+        assert_eq!(names, ["category", "member_key", "buyers"]);
+        assert!(!format!("{}", per_member.aggr_expr[0]).contains("DISTINCT"));
     }
-    Ok(())
 }

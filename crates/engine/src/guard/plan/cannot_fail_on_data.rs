@@ -21,29 +21,36 @@ use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
 use datafusion::common::{DFSchema, ScalarValue};
 use datafusion::logical_expr::{BinaryExpr, Cast, Expr, ExprSchemable, LogicalPlan, Operator};
 
+use super::expressions::first_problem;
+use super::{Query, Rule};
 use crate::{Error, Result};
 
 /// The rule's name, which prefixes its refusals.
-pub(crate) const RULE: &str = "cannot-fail-on-data";
+const NAME: &str = "cannot-fail-on-data";
 
-fn refusal(why: String) -> Option<String> {
-    Some(format!("{RULE}: {why}"))
+/// The rule in the list, over every expression of the plan as it is checked.
+pub(super) const RULE: Rule = Rule { name: NAME, check };
+
+fn check(query: &Query<'_>) -> std::result::Result<(), String> {
+    first_problem(&query.expressions, |expr, site| {
+        problem(expr, site.input.schema())
+    })
 }
 
 /// Why `expr` itself (not its children) can fail on a value of its input, if it can. `schema` is
 /// the schema the expression is evaluated against.
-pub(crate) fn problem(expr: &Expr, schema: &DFSchema) -> Option<String> {
+fn problem(expr: &Expr, schema: &DFSchema) -> Option<String> {
     match expr {
         Expr::Cast(cast) => cast_problem(cast, schema),
         Expr::BinaryExpr(binary) => binary_problem(binary, schema),
-        Expr::Like(like) if constant(&like.pattern).is_none() => refusal(
+        Expr::Like(like) if constant(&like.pattern).is_none() => Some(
             "a LIKE pattern must be a constant: a pattern read from a row can be malformed on one \
              row"
             .into(),
         ),
         Expr::Negative(inner) => match inner.get_type(schema) {
             Ok(t) if is_plain_number(&t) => None,
-            _ => refusal("only whole and floating-point numbers can be negated".into()),
+            _ => Some("only whole and floating-point numbers can be negated".into()),
         },
         Expr::ScalarFunction(f) => {
             let constant_arg = match f.name() {
@@ -52,7 +59,7 @@ pub(crate) fn problem(expr: &Expr, schema: &DFSchema) -> Option<String> {
                 _ => None,
             };
             match constant_arg {
-                Some(i) if f.args.get(i).and_then(constant).is_none() => refusal(format!(
+                Some(i) if f.args.get(i).and_then(constant).is_none() => Some(format!(
                     "argument {} of `{}` must be a constant: a value read from a row can be \
                      invalid on one row",
                     i + 1,
@@ -71,19 +78,19 @@ fn cast_problem(cast: &Cast, schema: &DFSchema) -> Option<String> {
         // A constant converts the same way on every run: if it converts now, it always does.
         return match value.cast_to(to) {
             Ok(_) => None,
-            Err(_) => refusal(format!(
+            Err(_) => Some(format!(
                 "a constant cannot be converted to {to}; compare values of one type"
             )),
         };
     }
     let from = match cast.expr.get_type(schema) {
         Ok(from) => from,
-        Err(_) => return refusal("the type of a cast's input cannot be determined".into()),
+        Err(_) => return Some("the type of a cast's input cannot be determined".into()),
     };
     if cannot_fail(&from, to) {
         return None;
     }
-    refusal(format!(
+    Some(format!(
         "converting {from} to {to} can fail on one row's value (DataFusion adds such casts \
          itself to compare or combine values of different types: a CASE, IN list or COALESCE \
          that mixes text and numbers, a time compared with text); compare values of one type, or \
@@ -103,22 +110,24 @@ fn binary_problem(binary: &BinaryExpr, schema: &DFSchema) -> Option<String> {
         | StringConcat => None,
         LikeMatch | ILikeMatch | NotLikeMatch | NotILikeMatch => {
             constant(&binary.right).is_none().then(|| {
-                format!("{RULE}: a LIKE pattern must be a constant: a pattern read from a row can be malformed on one row")
+                "a LIKE pattern must be a constant: a pattern read from a row can be malformed on \
+                 one row"
+                    .to_string()
             })
         }
         Plus | Minus | Multiply if numbers() => None,
-        Plus | Minus | Multiply => refusal(
+        Plus | Minus | Multiply => Some(
             "arithmetic is allowed on whole and floating-point numbers only: on dates, times \
              and decimals it can overflow on one row's value"
                 .into(),
         ),
         Divide | Modulo if numbers() && safe_divisor(&binary.right) => None,
-        Divide | Modulo => refusal(
+        Divide | Modulo => Some(
             "division and modulo need a constant divisor other than 0 and -1: dividing by a \
              column fails on a zero, which would answer differently for one row"
                 .into(),
         ),
-        other => refusal(format!("operator `{other}` is not allowed")),
+        other => Some(format!("operator `{other}` is not allowed")),
     }
 }
 
@@ -175,7 +184,7 @@ fn integer_digits(t: &DataType) -> Option<u8> {
 }
 
 /// Whether every value of `from` converts to `to` without an error.
-pub(crate) fn cannot_fail(from: &DataType, to: &DataType) -> bool {
+fn cannot_fail(from: &DataType, to: &DataType) -> bool {
     use DataType::*;
     if from == to {
         return true;
@@ -233,14 +242,14 @@ fn bits(t: &DataType) -> u32 {
 
 /// Checks every expression of every node of `plan`: the optimised plan, exactly as it will be
 /// executed, after every rewrite DataFusion made.
-pub(crate) fn check_plan_that_runs(plan: &LogicalPlan) -> Result<()> {
+pub(super) fn check_plan_that_runs(plan: &LogicalPlan) -> Result<()> {
     let mut verdict = Ok(());
     plan.apply(|node| {
         let schema = evaluation_schema(node)?;
         node.apply_expressions(|expr| {
             expr.apply(|e| {
                 if let Some(why) = problem(e, &schema) {
-                    verdict = Err(Error::Guard(why));
+                    verdict = Err(Error::Guard(format!("{NAME}: {why}")));
                     return Ok(TreeNodeRecursion::Stop);
                 }
                 Ok(TreeNodeRecursion::Continue)
@@ -268,7 +277,55 @@ fn evaluation_schema(node: &LogicalPlan) -> datafusion::error::Result<DFSchema> 
 
 #[cfg(test)]
 mod tests {
+    use datafusion::functions_aggregate::expr_fn::count_distinct;
+    use datafusion::logical_expr::{LogicalPlanBuilder, cast, col, lit};
+
+    use super::super::test_plans::*;
     use super::*;
+
+    /// Buyers by category, among purchases where `filter` holds.
+    fn buyers_where(filter: Expr) -> LogicalPlan {
+        purchases()
+            .filter(filter)
+            .unwrap()
+            .aggregate(
+                vec![col("category")],
+                vec![count_distinct(col("member_key")).alias("buyers")],
+            )
+            .and_then(LogicalPlanBuilder::build)
+            .unwrap()
+    }
+
+    #[test]
+    fn expressions_that_cannot_fail_are_accepted() {
+        let filter = (col("amount") / lit(2_i64))
+            .gt(lit(100_i64))
+            .and(cast(col("quantity"), DataType::Utf8).like(lit("1%")));
+        let plan = buyers_where(filter);
+        accepted(&plan, &policy(&["category"], &["buyers"]));
+        check_plan_that_runs(&plan).expect("nothing can fail");
+    }
+
+    #[test]
+    fn an_expression_that_can_fail_on_a_row_is_refused() {
+        let by_a_column = (col("amount") / col("quantity")).gt(lit(100_i64));
+        let refusal = refused_by(
+            NAME,
+            &buyers_where(by_a_column),
+            &policy(&["category"], &["buyers"]),
+        );
+        assert!(refusal.contains("constant divisor"), "{refusal}");
+
+        let text_as_number = cast(col("brand"), DataType::Int64).gt(lit(0_i64));
+        let plan = buyers_where(text_as_number);
+        let refusal = refused_by(NAME, &plan, &policy(&["category"], &["buyers"]));
+        assert!(refusal.contains("converting Utf8 to Int64"), "{refusal}");
+        // The plan that runs is held to the same rule, and its refusals name it too.
+        let Err(Error::Guard(refusal)) = check_plan_that_runs(&plan) else {
+            panic!("the plan that runs is not refused");
+        };
+        assert!(refusal.starts_with(&format!("{NAME}: ")), "{refusal}");
+    }
 
     #[test]
     fn only_conversions_that_cannot_fail_pass() {
