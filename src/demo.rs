@@ -52,6 +52,9 @@ pub async fn run(options: DemoOptions<'_>) -> Result<()> {
         run_partner_queries(&service.conn, partner, token).await?;
     }
     show_refusals(&service.conn, options.sample_dir, service.as_of).await?;
+    if !options.keep_serving {
+        end_collaboration(&service).await?;
+    }
     finish(service, options.keep_serving).await
 }
 
@@ -65,8 +68,10 @@ struct Service {
     tls: bool,
     /// The pinned clock: the sample's export date.
     as_of: DateTime<chrono::Utc>,
-    /// Held, never read: dropping it removes the throwaway data directory.
-    _data_dir: tempfile::TempDir,
+    /// The throwaway master secret, which signs the destruction certificate.
+    secret: MasterSecret,
+    /// Dropping it removes the throwaway data directory.
+    data_dir: tempfile::TempDir,
 }
 
 /// Starts a throwaway service on the sample's rules and allow-list (fresh data directory, random
@@ -78,12 +83,13 @@ async fn start(options: &DemoOptions<'_>) -> Result<Service> {
     let data_dir = tempfile::tempdir().context("creating a throwaway data directory")?;
     let mut secret = vec![0u8; 32];
     rand::rng().fill_bytes(&mut secret);
+    let secret = MasterSecret::new(secret)?;
     let as_of: DateTime<chrono::Utc> = DateTime::parse_from_rfc3339(sample::AS_OF)?.into();
     let app = cleanroom_server::App::new(cleanroom_server::AppConfig {
         data_dir: data_dir.path().join("data"),
         rules,
         allowlist,
-        secret: MasterSecret::new(secret)?,
+        secret: secret.clone(),
         clock: Arc::new(cleanroom_server::FixedClock(as_of)),
         // Edits of the rules or the allow-list take effect while the demo keeps serving.
         sources: Some(cleanroom_server::Sources {
@@ -104,7 +110,8 @@ async fn start(options: &DemoOptions<'_>) -> Result<Service> {
         server,
         tls: options.tls_dir.is_some(),
         as_of,
-        _data_dir: data_dir,
+        secret,
+        data_dir,
     })
 }
 
@@ -339,6 +346,49 @@ async fn refuse_analyst_method(conn: &Connection) -> Result<()> {
             other => tonic::Status::unknown(other.to_string()),
         }),
     );
+    Ok(())
+}
+
+/// Ends Kumo Denki's collaboration early: the analyst asks, the legal reviewer confirms, Kumo is
+/// refused from then on, and the certificate of destruction is printed.
+async fn end_collaboration(service: &Service) -> Result<()> {
+    const CONTRACT: &str = "ctr-kumo-2026";
+    println!("\n== the end of a collaboration: {CONTRACT} ends early");
+    service
+        .conn
+        .admin(sample::ANALYST_TOKEN)?
+        .request_destruction(cleanroom_proto::v1::RequestDestructionRequest {
+            contract_id: CONTRACT.into(),
+            reason: "the campaign ended early (demo)".into(),
+        })
+        .await?;
+    println!("  the analyst asks; nothing changes until a legal reviewer confirms");
+    let done = service
+        .conn
+        .legal(sample::LEGAL_TOKEN)?
+        .confirm_destruction(cleanroom_proto::v1::ConfirmDestructionRequest {
+            contract_id: CONTRACT.into(),
+        })
+        .await?
+        .into_inner();
+    println!(
+        "  legal confirms: {} files, {} stored answers and key {} destroyed",
+        done.files.len(),
+        done.stored_answers,
+        done.key_id
+    );
+    let kumo = sample::PARTNERS.iter().find(|(p, _)| *p == "kumo_denki");
+    if let Some((_, token)) = kumo {
+        let refused = service
+            .conn
+            .partner(token)?
+            .list_queries(cleanroom_proto::v1::ListQueriesRequest {})
+            .await;
+        show_refusal("Kumo Denki lists its queries", refused);
+    }
+    let data_dir = service.data_dir.path().join("data");
+    let certificate = crate::destruction::certificate(&data_dir, &service.secret, CONTRACT)?;
+    println!("\n{certificate}");
     Ok(())
 }
 

@@ -4,6 +4,7 @@
 mod bench;
 mod cluster;
 mod demo;
+mod destruction;
 mod r#gen;
 mod lint;
 mod rules_cmd;
@@ -90,11 +91,64 @@ enum Command {
     /// Retailer side: print a collaboration's match key for its partner's `prep` (made now in
     /// the key store if the collaboration has none yet).
     ExportKey(ExportKeyArgs),
+    /// Retailer analyst: ask to end a collaboration early. Its lists, member tokens, stored
+    /// answers and key are destroyed once a legal reviewer confirms (`confirm-destruction`).
+    Destroy(DestroyArgs),
+    /// Legal reviewer: confirm an analyst's request to end a collaboration, and destroy it
+    /// (prints what was destroyed: each file with its SHA-256 and rows, and the key's id).
+    ConfirmDestruction(ConfirmDestructionArgs),
+    /// Legal reviewer: print the certificate of a collaboration's destruction (Japanese and
+    /// English), read from the verified audit trail and signed with a key of the master secret.
+    /// Made again from the same trail it is the same text.
+    DestructionCertificate(DestructionCertificateArgs),
     /// The key store: each collaboration's keys, with creation and destruction dates.
     Keys {
         #[command(subcommand)]
         command: KeysCommand,
     },
+}
+
+#[derive(clap::Args)]
+struct DestroyArgs {
+    /// The contract (collaboration) id.
+    #[arg(long)]
+    contract: String,
+    /// Why the collaboration ends early (kept in the audit trail).
+    #[arg(long)]
+    reason: String,
+    /// Service address.
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    addr: String,
+    /// The analyst's bearer token.
+    #[arg(long, env = "CLEANROOM_TOKEN", hide_env_values = true)]
+    token: String,
+    #[command(flatten)]
+    tls: TlsArgs,
+}
+
+#[derive(clap::Args)]
+struct ConfirmDestructionArgs {
+    /// The contract (collaboration) id.
+    #[arg(long)]
+    contract: String,
+    /// Service address.
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    addr: String,
+    /// The legal reviewer's bearer token.
+    #[arg(long, env = "CLEANROOM_TOKEN", hide_env_values = true)]
+    token: String,
+    #[command(flatten)]
+    tls: TlsArgs,
+}
+
+#[derive(clap::Args)]
+struct DestructionCertificateArgs {
+    /// The service configuration file.
+    #[arg(long)]
+    config: PathBuf,
+    /// The contract (collaboration) id.
+    #[arg(long)]
+    contract: String,
 }
 
 #[derive(clap::Subcommand)]
@@ -496,6 +550,17 @@ fn run(cli: Cli) -> Result<()> {
         Command::Keys {
             command: KeysCommand::Status(args),
         } => keys_status(args),
+        Command::Destroy(args) => destroy(args),
+        Command::ConfirmDestruction(args) => confirm_destruction(args),
+        Command::DestructionCertificate(args) => {
+            let settings = settings::Settings::load(&args.config, None, None)?;
+            let secret = settings.master_secret()?;
+            print!(
+                "{}",
+                destruction::certificate(&settings.data_dir, &secret, &args.contract)?
+            );
+            Ok(())
+        }
     }
 }
 
@@ -662,9 +727,56 @@ fn export_key(args: ExportKeyArgs) -> Result<()> {
     Ok(())
 }
 
+fn destroy(args: DestroyArgs) -> Result<()> {
+    let status = runtime()?.block_on(async {
+        let conn = connect(&args.addr, &args.tls).await?;
+        let request = cleanroom_proto::v1::RequestDestructionRequest {
+            contract_id: args.contract,
+            reason: args.reason,
+        };
+        anyhow::Ok(
+            conn.admin(&args.token)?
+                .request_destruction(request)
+                .await?,
+        )
+    })?;
+    let status = status.into_inner();
+    println!(
+        "the end of {} is requested (audit {}); a legal reviewer confirms it with \
+         `cleanroom confirm-destruction --contract {}`",
+        status.contract_id, status.audit_id, status.contract_id
+    );
+    Ok(())
+}
+
+fn confirm_destruction(args: ConfirmDestructionArgs) -> Result<()> {
+    let status = runtime()?.block_on(async {
+        let conn = connect(&args.addr, &args.tls).await?;
+        let request = cleanroom_proto::v1::ConfirmDestructionRequest {
+            contract_id: args.contract,
+        };
+        anyhow::Ok(
+            conn.legal(&args.token)?
+                .confirm_destruction(request)
+                .await?,
+        )
+    })?;
+    let s = status.into_inner();
+    println!(
+        "{} destroyed at {} (asked by {}, confirmed by {}; reason: {}; audit {})",
+        s.contract_id, s.destroyed_at, s.requested_by, s.confirmed_by, s.reason, s.audit_id
+    );
+    println!("key v{} id {}", s.key_version, s.key_id);
+    for f in &s.files {
+        println!("file {} sha256 {} rows {}", f.name, f.sha256, f.rows);
+    }
+    println!("stored answers: {}", s.stored_answers);
+    Ok(())
+}
+
 fn keys_status(args: KeysStatusArgs) -> Result<()> {
     let settings = settings::Settings::load(&args.config, None, None)?;
-    let keys = settings.open_key_store()?;
+    let keys = settings.inspect_key_store()?;
     let mut table = comfy_table::Table::new();
     table.set_header([
         "contract",
@@ -742,8 +854,32 @@ fn verify_audit(data_dir: &Path, config: Option<&Path>, kept: Option<&Path>) -> 
             torn.dropped_bytes
         );
     }
+    check_nothing_destroyed_came_back(data_dir, config, &path)?;
     println!("checkpoint to keep elsewhere:");
     println!("{}", serde_json::to_string(&verified.checkpoint)?);
+    Ok(())
+}
+
+/// Fails if a file or key some destruction in the trail destroyed is back (the key store is
+/// checked when the configuration names it).
+fn check_nothing_destroyed_came_back(
+    data_dir: &Path,
+    config: Option<&Path>,
+    trail: &Path,
+) -> Result<()> {
+    let records = cleanroom_server::audit::read(trail)?;
+    let keys = match config {
+        Some(config) => Some(settings::Settings::load(config, None, None)?.inspect_key_store()?),
+        None => None,
+    };
+    let back = destruction::resurrected(&records, data_dir, keys.as_ref())?;
+    if !back.is_empty() {
+        bail!("destroyed data is back: {}", back.join("; "));
+    }
+    let ended = destruction::destructions(&records).len();
+    if ended > 0 {
+        println!("  {ended} destruction(s) recorded; nothing they destroyed is back");
+    }
     Ok(())
 }
 

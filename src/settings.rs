@@ -269,6 +269,13 @@ impl Settings {
             .with_context(|| format!("opening the key store {}", dir.display()))
     }
 
+    /// The key store as it is, for checks that must change nothing.
+    pub fn inspect_key_store(&self) -> Result<cleanroom_core::keys::KeyStore> {
+        let dir = self.key_store();
+        cleanroom_core::keys::KeyStore::inspect(&dir, self.master_secret()?)
+            .with_context(|| format!("reading the key store {}", dir.display()))
+    }
+
     /// `<data_dir>.<ending>`, beside the data directory.
     fn beside_data_dir(&self, ending: &str) -> PathBuf {
         let name = self

@@ -213,3 +213,255 @@ fn export_key_and_keys_status_through_the_binary() {
         "{inside:?}"
     );
 }
+
+/// The answers directory of a partner in the guard's store (the partner id, base64url).
+fn answers_dir(data_dir: &Path, partner: &str) -> std::path::PathBuf {
+    use base64::Engine as _;
+    let name = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(partner);
+    data_dir.join("guard/answers").join(name)
+}
+
+async fn request_end(h: &Harness, contract: &str, reason: &str) -> Result<(), tonic::Status> {
+    h.analyst()
+        .request_destruction(cleanroom_proto::v1::RequestDestructionRequest {
+            contract_id: contract.into(),
+            reason: reason.into(),
+        })
+        .await
+        .map(|_| ())
+}
+
+async fn confirm_end(
+    h: &Harness,
+    token: &str,
+    contract: &str,
+) -> Result<cleanroom_proto::v1::DestructionStatus, tonic::Status> {
+    h.conn
+        .legal(token)
+        .unwrap()
+        .confirm_destruction(cleanroom_proto::v1::ConfirmDestructionRequest {
+            contract_id: contract.into(),
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+/// Issue 16, item 3: an analyst asks, a legal reviewer confirms, and the collaboration's lists,
+/// member tokens, stored answers and key are destroyed, each file named with its SHA-256 and rows
+/// in the answer and in one audit record; the partner is refused with the date, uncharged; the
+/// other collaboration goes on; after a restart nothing comes back and the trail verifies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_confirmed_destruction_removes_the_collaboration_and_proves_it() {
+    use cleanroom_client::sample;
+    let h = Harness::start().await;
+    let (contract, _) = h.rules.contract_of("sakura_foods").unwrap();
+    let contract = contract.to_string();
+    h.run("sakura_foods", "matched_overlap", &[]).await.unwrap();
+    let answers = answers_dir(h.data_dir.path(), "sakura_foods");
+    assert!(answers.exists(), "a stored answer to destroy");
+
+    let refused = confirm_end(&h, sample::LEGAL_TOKEN, &contract)
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert!(
+        refused.message().contains("no pending request"),
+        "{refused:?}"
+    );
+    let refused = request_end(&h, &contract, "  ").await.unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    let refused = request_end(&h, "ctr-nobody", "x").await.unwrap_err();
+    assert_eq!(refused.code(), Code::NotFound, "{refused:?}");
+    request_end(&h, &contract, "the campaign was cancelled")
+        .await
+        .unwrap();
+    h.run("sakura_foods", "matched_overlap", &[])
+        .await
+        .expect("nothing changes until legal confirms");
+    let refused = confirm_end(&h, sample::ANALYST_TOKEN, &contract)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        refused.code(),
+        Code::PermissionDenied,
+        "the analyst cannot confirm"
+    );
+
+    let charges = h.app.guard.charges();
+    let done = confirm_end(&h, sample::LEGAL_TOKEN, &contract)
+        .await
+        .unwrap();
+    assert_eq!(done.state, "destroyed");
+    assert_eq!(done.reason, "the campaign was cancelled");
+    assert!(done.stored_answers >= 1);
+    assert!(done.key_id.len() == 16, "{done:?}");
+    assert!(
+        done.files
+            .iter()
+            .any(|f| f.name.starts_with("member_tokens-"))
+            && done
+                .files
+                .iter()
+                .any(|f| !f.name.starts_with("member_tokens-")),
+        "its member tokens and its list: {done:?}"
+    );
+    for file in &done.files {
+        assert!(file.rows > 0 && file.sha256.len() == 64, "{file:?}");
+        assert!(
+            !h.data_dir.path().join(&file.name).exists(),
+            "{} is gone",
+            file.name
+        );
+    }
+    assert!(!answers.exists(), "its stored answers are gone");
+    refused_with_date(&h, &done.key_id).await;
+    assert_eq!(h.app.guard.charges(), charges, "nothing was charged");
+    h.run("kumo_denki", "matched_overlap", &[]).await.unwrap();
+
+    let audit = h
+        .legal()
+        .list_audit(cleanroom_proto::v1::ListAuditRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let proof = audit
+        .records
+        .iter()
+        .find(|r| r.method == "ConfirmDestruction" && r.outcome == "ok")
+        .expect("the destruction is recorded");
+    for file in &done.files {
+        assert!(proof.details["files"].contains(&file.sha256), "{proof:?}");
+    }
+    assert!(proof.details["key"].contains(&done.key_id));
+
+    let h = h.restart().await;
+    refused_with_date(&h, &done.key_id).await;
+    for file in &done.files {
+        assert!(!h.data_dir.path().join(&file.name).exists());
+    }
+    let trail = h.data_dir.path().join("audit.jsonl");
+    let key = cleanroom_server::audit::ChainKey::new(&test_secret());
+    cleanroom_server::audit::verify(&trail, &key, None).expect("the trail verifies");
+    h.stop().await;
+}
+
+/// A destruction cut by a crash after its commit (its stored answers and key still there) is
+/// finished at the next start, not left half done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destruction_cut_after_its_commit_is_finished_at_the_next_start() {
+    use cleanroom_client::sample;
+    let mut h = Harness::start().await;
+    let (contract, _) = h.rules.contract_of("sakura_foods").unwrap();
+    let contract = contract.to_string();
+    h.run("sakura_foods", "matched_overlap", &[]).await.unwrap();
+    let keys_dir = keys_beside(h.data_dir.path());
+    let answers = answers_dir(h.data_dir.path(), "sakura_foods");
+    let (kept_keys, kept_answers) = (files_of(&keys_dir), files_of(&answers));
+    request_end(&h, &contract, "cut short").await.unwrap();
+    confirm_end(&h, sample::LEGAL_TOKEN, &contract)
+        .await
+        .unwrap();
+    h.halt().await;
+    // As the directory and key store were when the crash came: committed, nothing else done.
+    writes_back(&kept_keys, &keys_dir);
+    writes_back(&kept_answers, &answers);
+    assert!(keys_dir.join(format!("{contract}.v1.seed")).exists());
+    let h = h.restart_after(|_| {}).await;
+    assert!(
+        !answers.exists(),
+        "the stored answers were destroyed at start"
+    );
+    assert!(!keys_dir.join(format!("{contract}.v1.seed")).exists());
+    let tombstone = h.app.keys.tombstone(&contract, 1).unwrap().expect("ended");
+    refused_with_date(&h, &tombstone.key_id).await;
+    h.stop().await;
+}
+
+/// The legal reviewer's proof, through the real binary: `destruction-certificate` prints the
+/// same signed statement every time, naming each destroyed file and the key; `verify-audit`
+/// passes, and fails once a destroyed file or a destroyed key's seed is put back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_certificate_and_verify_audit_prove_the_destruction() {
+    use cleanroom_client::sample;
+    let h = Harness::start().await;
+    let (contract, _) = h.rules.contract_of("sakura_foods").unwrap();
+    let contract = contract.to_string();
+    let data = h.data_dir.path().to_path_buf();
+    let keys_dir = keys_beside(&data);
+    let (data_before, keys_before) = (files_of(&data), files_of(&keys_dir));
+    request_end(&h, &contract, "ended early").await.unwrap();
+    let done = confirm_end(&h, sample::LEGAL_TOKEN, &contract)
+        .await
+        .unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("cleanroom.toml");
+    let text = format!(
+        "data_dir = {:?}\nrules = {:?}\nqueries = {:?}\nkey_store = {:?}\n",
+        data.display().to_string(),
+        sample_dir().join("rules.toml").display().to_string(),
+        crate::util::root().join("queries").display().to_string(),
+        keys_dir.display().to_string(),
+    );
+    std::fs::write(&config, text).unwrap();
+    let secret_hex: String = b"cleanroom integration test secret, 32+ bytes"
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let cleanroom = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_cleanroom"))
+            .args(args)
+            .env("CLEANROOM_MASTER_SECRET", &secret_hex)
+            .output()
+            .unwrap()
+    };
+    let config = config.display().to_string();
+    let certify = || {
+        cleanroom(&[
+            "destruction-certificate",
+            "--config",
+            &config,
+            "--contract",
+            &contract,
+        ])
+    };
+    let first = certify();
+    assert!(first.status.success(), "{first:?}");
+    let text = String::from_utf8(first.stdout).unwrap();
+    assert_eq!(
+        String::from_utf8(certify().stdout).unwrap(),
+        text,
+        "the same text again"
+    );
+    assert!(text.contains("Certificate of destruction") && text.contains("データ消去証明書"));
+    assert!(text.contains(&done.key_id) && text.contains("signature"));
+    for file in &done.files {
+        assert!(text.contains(&file.sha256), "{text}");
+    }
+    let data_arg = data.display().to_string();
+    let verify = || cleanroom(&["verify-audit", "--data-dir", &data_arg, "--config", &config]);
+    let verified = verify();
+    assert!(verified.status.success(), "{verified:?}");
+    assert!(String::from_utf8_lossy(&verified.stdout).contains("nothing they destroyed is back"));
+
+    let file = data.join(&done.files[0].name);
+    std::fs::write(&file, &data_before[&file]).unwrap();
+    let refused = verify();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("is in the data directory again"));
+    assert!(
+        !certify().status.success(),
+        "no certificate while a destroyed file is back"
+    );
+    std::fs::remove_file(&file).unwrap();
+
+    let seed = keys_dir.join(format!("{contract}.v1.seed"));
+    std::fs::write(&seed, &keys_before[&seed]).unwrap();
+    let refused = verify();
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("beside its tombstone"),
+        "{refused:?}"
+    );
+    h.stop().await;
+}

@@ -113,6 +113,19 @@ impl KeyStore {
         Ok(Arc::new(store))
     }
 
+    /// The key store at `dir` as it is, for checking it (`verify-audit`): nothing is made,
+    /// finished or removed.
+    pub fn inspect(dir: &Path, secret: MasterSecret) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(storage(dir, "no key store here"));
+        }
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            secret,
+            cache: Mutex::new(HashMap::new()),
+        })
+    }
+
     /// The store's directory.
     pub fn dir(&self) -> &Path {
         &self.dir
@@ -169,7 +182,8 @@ impl KeyStore {
     }
 
     /// Destroys a key: the tombstone is written and synced first, then the seed is overwritten,
-    /// synced and removed, and the directory synced. After this nothing re-derives the key.
+    /// synced and removed, and the directory synced. After this nothing re-derives the key. A key
+    /// never made gets a tombstone too (its id `never made`), so it can never be made.
     pub fn destroy(
         &self,
         contract: &str,
@@ -180,16 +194,15 @@ impl KeyStore {
         if let Some(done) = self.tombstone(contract, version)? {
             return Ok(done);
         }
-        let seed = self.read_seed(contract, version)?.ok_or_else(|| {
-            Error::NotFound(format!(
-                "the key store has no key for contract `{contract}` version {version}"
-            ))
-        })?;
+        let (key_id, created) = match self.read_seed(contract, version)? {
+            Some(seed) => (key_id(&self.derive(&seed)), seed.created),
+            None => ("never made".to_string(), now),
+        };
         let tombstone = Tombstone {
             contract: contract.to_string(),
             version,
-            key_id: key_id(&self.derive(&seed)),
-            created: seed.created,
+            key_id,
+            created,
             destroyed: now,
             reason: reason.to_string(),
         };

@@ -441,6 +441,12 @@ impl Guard {
         self.ledger.torn().into_iter().cloned().collect()
     }
 
+    /// Destroys every stored answer of a partner whose collaboration ended; returns how many.
+    /// Its charges stay on the ledger: a budget is never refilled.
+    pub fn forget_answers(&self, partner: &str) -> Result<u64> {
+        self.answers.remove_partner(partner)
+    }
+
     /// Charges on the privacy ledger: never fewer than the charged answers the audit trail
     /// records, unless the ledger was lost or rolled back.
     pub fn charges(&self) -> usize {

@@ -163,6 +163,21 @@ pub struct CommitRecord {
     /// The consent snapshot it produced, for consent ingests.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub consent_snapshot_id: Option<String>,
+    /// The collaboration (contract) whose files it destroyed, for a destruction: start-up
+    /// finishes a destruction a crash cut after this commit (its stored answers and key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended: Option<String>,
+}
+
+/// One destroyed file, as a destruction's proof names it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DestroyedFile {
+    /// Its name in the data directory.
+    pub name: String,
+    /// The SHA-256 of its content.
+    pub sha256: String,
+    /// Rows it held.
+    pub rows: u64,
 }
 
 /// What a commit produced besides its files, for its record.
@@ -170,6 +185,7 @@ pub struct CommitRecord {
 struct Produced {
     list_version: Option<u32>,
     consent_snapshot_id: Option<String>,
+    ended: Option<String>,
 }
 
 /// What a write is, for its commit record (the store adds where it went).
@@ -611,9 +627,44 @@ impl Store {
             replaced,
             list_version: produced.list_version,
             consent_snapshot_id: produced.consent_snapshot_id,
+            ended: produced.ended,
         };
         manifest.log.push(record.clone());
         record
+    }
+
+    /// Destroys a collaboration's files: its member tokens and every version of its partner's
+    /// list. The manifest is the commit point, as for every write: once it no longer names them,
+    /// the files are removed (a file a crash left is removed at the next start, as any replaced
+    /// file is). Returns the commit and each file's name, SHA-256 and rows.
+    pub fn commit_destruction(
+        &self,
+        contract: &str,
+        partner: &str,
+        facts: WriteFacts,
+    ) -> Result<(CommitRecord, Vec<DestroyedFile>)> {
+        let mut destroyed = Vec::new();
+        let record = self.commit(facts, |manifest, _| {
+            let mut names: Vec<String> = manifest
+                .member_tokens
+                .remove(contract)
+                .into_iter()
+                .collect();
+            names.extend(manifest.lists.remove(partner).unwrap_or_default());
+            for name in names {
+                let rows = TableFile {
+                    path: self.dir.join(&name),
+                }
+                .rows()?;
+                let sha256 = manifest.digest(&name).to_string();
+                destroyed.push(DestroyedFile { name, sha256, rows });
+            }
+            Ok(Produced {
+                ended: Some(contract.to_string()),
+                ..Produced::default()
+            })
+        })?;
+        Ok((record, destroyed))
     }
 
     /// Replaces the member table and every collaboration's member tokens with a staged member

@@ -9,10 +9,10 @@ use cleanroom_engine::ingest::{ConsentIngest, Ingest, MembersIngest, PurchasesIn
 use cleanroom_engine::store::{CommitRecord, Staging, Store, WriteFacts};
 use cleanroom_proto::v1::admin_service_server::AdminService;
 use cleanroom_proto::v1::{
-    CustomerRecord, IngestConsentRequest, IngestHeader, IngestMembersRequest,
-    IngestPartnerListRequest, IngestPurchasesRequest, IngestSummary, UploadListResponse,
-    ingest_consent_request, ingest_members_request, ingest_partner_list_request,
-    ingest_purchases_request,
+    CustomerRecord, DestructionStatus, IngestConsentRequest, IngestHeader, IngestMembersRequest,
+    IngestPartnerListRequest, IngestPurchasesRequest, IngestSummary, RequestDestructionRequest,
+    UploadListResponse, ingest_consent_request, ingest_members_request,
+    ingest_partner_list_request, ingest_purchases_request,
 };
 use tonic::{Request, Response, Status, Streaming};
 
@@ -20,6 +20,7 @@ use crate::Result;
 use crate::audit::Entry;
 use crate::context::{Audited, Call};
 use crate::convert;
+use crate::ending;
 use crate::limit::CallSlot;
 use crate::partner::{ListHeader, receive_list};
 use crate::retry::{self, Claim};
@@ -84,7 +85,7 @@ where
     })
     .await?;
     let (slot, fed) = match (claim, fed) {
-        (Some(Claim::Replay(record)), _) => return Ok(Written::Replayed(record)),
+        (Some(Claim::Replay(record)), _) => return Ok(Written::Replayed(*record)),
         (Some(Claim::Run(slot)), Some(fed)) => (slot, fed),
         _ => {
             return Err(crate::Error::Internal(
@@ -282,6 +283,25 @@ impl AdminService for AdminApi {
             .purchases(&call, &mut entry, request.into_inner())
             .await;
         self.app.finish(call, entry, result).await
+    }
+
+    async fn request_destruction(
+        &self,
+        mut request: Request<RequestDestructionRequest>,
+    ) -> std::result::Result<Response<DestructionStatus>, Status> {
+        let (call, mut entry) = Call::take(&mut request)?;
+        let r = request.into_inner();
+        let (result, pending) =
+            match ending::request(&self.app, &call, &mut entry, &r.contract_id, &r.reason) {
+                Ok((status, pending)) => (Ok(status), Some(pending)),
+                Err(e) => (Err(e), None),
+            };
+        let response = self.app.finish(call, entry, result).await?;
+        // Only a request the audit trail holds waits for legal.
+        if let Some(pending) = pending {
+            ending::asked(&self.app, &r.contract_id, pending);
+        }
+        Ok(response)
     }
 
     async fn ingest_consent(

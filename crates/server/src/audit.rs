@@ -166,6 +166,37 @@ pub enum Event {
         /// Query files that failed validation in the new configuration.
         invalid_queries: Vec<String>,
     },
+    /// An analyst asked to end a collaboration early; nothing changes until legal confirms.
+    DestructionRequested {
+        /// The collaboration (contract id).
+        contract: String,
+        /// Why.
+        reason: String,
+    },
+    /// A collaboration ended: what was destroyed, each file with its SHA-256 and rows, and which
+    /// key. Never an identifier.
+    Destroyed(Box<Destruction>),
+}
+
+/// What one destruction destroyed, and on whose word: the proof a certificate is made from.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Destruction {
+    /// The collaboration (contract id).
+    pub contract: String,
+    /// Its partner.
+    pub partner: String,
+    /// Why: `manual` destructions carry the analyst's reason.
+    pub reason: String,
+    /// The analyst who asked.
+    pub requested_by: String,
+    /// The destroyed key's version.
+    pub key_version: u32,
+    /// The destroyed key's public id.
+    pub key_id: String,
+    /// The files destroyed.
+    pub files: Vec<cleanroom_engine::store::DestroyedFile>,
+    /// Stored answers destroyed.
+    pub stored_answers: u64,
 }
 
 impl Event {
@@ -214,8 +245,33 @@ impl Event {
                 queries,
                 invalid_queries,
             } => display_config_change(rules.as_deref(), queries, invalid_queries, &mut out),
+            Event::DestructionRequested { contract, reason } => {
+                out.insert("contract".into(), contract.clone());
+                out.insert("reason".into(), reason.clone());
+            }
+            Event::Destroyed(d) => display_destruction(d, &mut out),
         }
         out
+    }
+}
+
+/// A destruction as a reviewer reads it: each file with its digest and rows.
+fn display_destruction(d: &Destruction, out: &mut BTreeMap<String, String>) {
+    let files: Vec<String> = d
+        .files
+        .iter()
+        .map(|f| format!("{} sha256:{} rows:{}", f.name, f.sha256, f.rows))
+        .collect();
+    for (label, value) in [
+        ("contract", d.contract.clone()),
+        ("partner", d.partner.clone()),
+        ("reason", d.reason.clone()),
+        ("requested_by", d.requested_by.clone()),
+        ("key", format!("v{} id {}", d.key_version, d.key_id)),
+        ("files", files.join("; ")),
+        ("stored_answers", d.stored_answers.to_string()),
+    ] {
+        out.insert(label.to_string(), value);
     }
 }
 

@@ -12,9 +12,9 @@ use cleanroom_core::rules::{Role, Rules};
 use cleanroom_engine::guard::admission::shown;
 use cleanroom_proto::v1::legal_service_server::LegalService;
 use cleanroom_proto::v1::{
-    AllowListReview, ApproveQueryRequest, AuditPage, DiffLine, DimensionSpec, ListAllowListRequest,
-    ListAuditRequest, PartnerAccess, QueryDiff, QueryReview, RejectQueryRequest,
-    ReviewDecisionResponse, ReviewMetric, ReviewParameter, Viewer,
+    AllowListReview, ApproveQueryRequest, AuditPage, ConfirmDestructionRequest, DestructionStatus,
+    DiffLine, DimensionSpec, ListAllowListRequest, ListAuditRequest, PartnerAccess, QueryDiff,
+    QueryReview, RejectQueryRequest, ReviewDecisionResponse, ReviewMetric, ReviewParameter, Viewer,
 };
 use tonic::{Request, Response, Status};
 
@@ -321,6 +321,19 @@ impl LegalService for LegalApi {
         self.list(&call)
             .map(Response::new)
             .map_err(|e| to_status(&e, "-"))
+    }
+
+    async fn confirm_destruction(
+        &self,
+        mut request: Request<ConfirmDestructionRequest>,
+    ) -> std::result::Result<Response<DestructionStatus>, Status> {
+        let (call, mut entry) = Call::take(&mut request)?;
+        let contract = request.into_inner().contract_id;
+        let result = match reviewer(&call, "ConfirmDestruction", true) {
+            Ok(()) => crate::ending::confirm(&self.app, &call, &mut entry, &contract).await,
+            Err(e) => Err(e),
+        };
+        self.app.finish(call, entry, result).await
     }
 
     async fn approve_query(

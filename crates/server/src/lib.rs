@@ -16,6 +16,7 @@ pub mod audit;
 pub mod auth;
 pub mod context;
 pub mod convert;
+pub mod ending;
 pub mod error;
 pub mod layer;
 pub mod legal;

@@ -65,6 +65,11 @@ pub(crate) struct Opened {
 }
 
 impl Found {
+    /// The audit trail's records as found.
+    pub fn history(&self) -> &[crate::audit::Record] {
+        self.trail.records()
+    }
+
     /// Reads the data directory, its audit trail (verified), privacy ledger and archive index,
     /// the temporary files a crash left, and the high-water mark (verified with the secret).
     pub fn read(config: &AppConfig) -> Result<Self> {

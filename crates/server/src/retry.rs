@@ -19,7 +19,7 @@ const MAX_REQUEST_ID: usize = 64;
 /// What a write with a request id turned out to be.
 pub(crate) enum Claim {
     /// Committed before under this id: answer its result, write nothing.
-    Replay(CommitRecord),
+    Replay(Box<CommitRecord>),
     /// Not committed: run it, holding this place until its call ends so no retry runs beside it.
     Run(Option<CallSlot>),
 }
@@ -63,7 +63,7 @@ impl App {
             )
         })?;
         Ok(match self.store.committed(method, partner, id) {
-            Some(record) => Claim::Replay(record),
+            Some(record) => Claim::Replay(Box::new(record)),
             None => Claim::Run(Some(slot)),
         })
     }

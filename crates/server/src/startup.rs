@@ -51,6 +51,7 @@ impl App {
         )?;
         let keys = cleanroom_core::keys::KeyStore::open(&config.keys, config.secret.clone())?;
         let found = Found::read(&config)?;
+        let endings = crate::ending::Endings::from_history(found.history());
         let plan = found.decide(config.accept_restore)?;
         let opened = recovery::repair(found, plan, &config)?;
         opened.review.archive(&live.allowlist, config.clock.now())?;
@@ -69,9 +70,11 @@ impl App {
             mark: MarkWriter::new(config.mark, MarkKey::new(&config.secret)),
             secret: config.secret,
             keys,
+            endings,
             audit: Arc::new(opened.audit),
             clock: config.clock,
         });
+        crate::ending::finish_cut(&app, &app.store.log(), app.clock.now())?;
         app.follow_with_mark()?;
         Ok(app)
     }

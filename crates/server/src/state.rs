@@ -92,6 +92,8 @@ pub struct App {
     pub secret: MasterSecret,
     /// Each collaboration's key seed; with the master secret, its match key.
     pub keys: Arc<cleanroom_core::keys::KeyStore>,
+    /// Requests to end a collaboration waiting for legal.
+    pub(crate) endings: crate::ending::Endings,
     /// The audit trail.
     pub audit: Arc<AuditTrail>,
     /// Source of "now".

@@ -136,6 +136,27 @@ impl Answers {
         let bytes = serde_json::to_vec(outcome).map_err(storage)?;
         Ok(cleanroom_core::files::write_atomic(&path, &bytes)?)
     }
+
+    /// Removes every stored answer of a partner (the end of its collaboration) and returns how
+    /// many there were. Removing the files one by one and then the directory, synced, means a
+    /// crash leaves some of them at most, which the next call removes.
+    pub fn remove_partner(&self, partner: &str) -> Result<u64> {
+        let dir = self.path(partner, "-");
+        let dir = dir.parent().expect("answer paths have a parent");
+        let entries = match std::fs::read_dir(dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(storage(e)),
+        };
+        let mut removed = 0;
+        for entry in entries {
+            std::fs::remove_file(entry.map_err(storage)?.path()).map_err(storage)?;
+            removed += 1;
+        }
+        std::fs::remove_dir(dir).map_err(storage)?;
+        cleanroom_core::files::sync_dir(&self.dir)?;
+        Ok(removed)
+    }
 }
 
 #[cfg(test)]

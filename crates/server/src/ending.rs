@@ -1,0 +1,275 @@
+//! The end of a collaboration: an analyst asks (AdminService.RequestDestruction), a legal reviewer
+//! confirms (LegalService.ConfirmDestruction), and the service destroys what the collaboration
+//! left behind, in this order:
+//!
+//! 1. its partner's list versions and its member tokens, in one commit of the manifest (the
+//!    commit point of every write; the files it no longer names are removed, and a file a crash
+//!    left is removed at the next start like any replaced file);
+//! 2. its stored answers;
+//! 3. its keys: a tombstone, then each seed overwritten and removed ([`cleanroom_core::keys`]).
+//!
+//! One typed audit record ([`Event::Destroyed`]) names every file with its SHA-256 and rows and
+//! the key's public id. A crash after step 1 is finished at the next start ([`finish_cut`]), so a
+//! destruction is never left half done. Pending requests are rebuilt from the audit trail at
+//! start, as approvals are; the analyst who asks cannot confirm (the legal role does).
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+use chrono::{DateTime, Utc};
+use cleanroom_core::keys::KeyStore;
+use cleanroom_engine::ingest::IngestReport;
+use cleanroom_engine::store::CommitRecord;
+use cleanroom_proto::v1::{DestroyedFile as WireFile, DestructionStatus};
+
+use crate::Result;
+use crate::audit::{Destruction, Entry, Event, Record};
+use crate::context::Call;
+use crate::state::App;
+use cleanroom_engine::guard::admission::shown;
+
+/// The longest reason kept.
+const MAX_REASON_CHARS: usize = 2000;
+
+/// An analyst's request waiting for legal.
+#[derive(Debug, Clone)]
+pub struct Pending {
+    /// The partner of the collaboration.
+    pub partner: String,
+    /// Why.
+    pub reason: String,
+    /// The analyst who asked.
+    pub requested_by: String,
+}
+
+/// Requests to end a collaboration that legal has not yet confirmed, by contract.
+#[derive(Debug, Default)]
+pub struct Endings {
+    pending: Mutex<BTreeMap<String, Pending>>,
+}
+
+impl Endings {
+    /// The pending requests the audit trail holds: asked, and not destroyed since.
+    pub fn from_history(history: &[Record]) -> Self {
+        let mut pending = BTreeMap::new();
+        for record in history.iter().filter(|r| r.entry.outcome == "ok") {
+            match &record.entry.event {
+                Some(Event::DestructionRequested { contract, reason }) => {
+                    let asked = Pending {
+                        partner: record.entry.partner.clone().unwrap_or_default(),
+                        reason: reason.clone(),
+                        requested_by: record.entry.principal.clone(),
+                    };
+                    pending.insert(contract.clone(), asked);
+                }
+                Some(Event::Destroyed(d)) => {
+                    pending.remove(&d.contract);
+                }
+                _ => {}
+            }
+        }
+        Self {
+            pending: Mutex::new(pending),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Pending>> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn get(&self, contract: &str) -> Option<Pending> {
+        self.lock().get(contract).cloned()
+    }
+
+    fn insert(&self, contract: &str, pending: Pending) {
+        self.lock().insert(contract.to_string(), pending);
+    }
+
+    fn remove(&self, contract: &str) {
+        self.lock().remove(contract);
+    }
+}
+
+/// Checks an analyst's request and records it in `entry`; it takes effect once the audit trail
+/// holds it ([`asked`]).
+pub(crate) fn request(
+    app: &App,
+    call: &Call,
+    entry: &mut Entry,
+    contract_id: &str,
+    reason: &str,
+) -> Result<(DestructionStatus, Pending)> {
+    call.require(cleanroom_core::rules::Role::Analyst, "RequestDestruction")?;
+    let contract = call.live.rules.contracts.get(contract_id).ok_or_else(|| {
+        cleanroom_core::Error::NotFound(format!("no contract `{}`", shown(contract_id)))
+    })?;
+    entry.partner = Some(contract.partner.clone());
+    let reason: String = reason.trim().chars().take(MAX_REASON_CHARS).collect();
+    if reason.is_empty() {
+        return Err(cleanroom_core::Error::Input("a destruction needs a reason".into()).into());
+    }
+    if let Some(ended) = app.keys.tombstone(contract_id, contract.key_version)? {
+        return Err(ended.refusal().into());
+    }
+    entry.event = Some(Event::DestructionRequested {
+        contract: contract_id.to_string(),
+        reason: reason.clone(),
+    });
+    let pending = Pending {
+        partner: contract.partner.clone(),
+        reason,
+        requested_by: call.principal.name.clone(),
+    };
+    Ok((status_of(contract_id, "requested", &pending), pending))
+}
+
+/// Makes a recorded request pending.
+pub(crate) fn asked(app: &App, contract: &str, pending: Pending) {
+    app.endings.insert(contract, pending);
+}
+
+/// Confirms a pending request and destroys the collaboration (module docs), recording what was
+/// destroyed in `entry`.
+pub(crate) async fn confirm(
+    app: &std::sync::Arc<App>,
+    call: &Call,
+    entry: &mut Entry,
+    contract: &str,
+) -> Result<DestructionStatus> {
+    let pending = app.endings.get(contract).ok_or_else(|| {
+        cleanroom_core::Error::Precondition(format!(
+            "no pending request to end contract `{}`: an analyst asks first (RequestDestruction)",
+            shown(contract)
+        ))
+    })?;
+    entry.partner = Some(pending.partner.clone());
+    let facts = call.write_facts(
+        "ConfirmDestruction",
+        Some(&pending.partner),
+        None,
+        &IngestReport::default(),
+    );
+    let (owned, partner) = (contract.to_string(), pending.partner.clone());
+    let app2 = std::sync::Arc::clone(app);
+    let (record, files) = crate::state::blocking(move || {
+        Ok(app2.store.commit_destruction(&owned, &partner, facts)?)
+    })
+    .await?;
+    entry.committed(&record);
+    let stored_answers = app.guard.forget_answers(&pending.partner)?;
+    let current = call
+        .live
+        .rules
+        .contracts
+        .get(contract)
+        .map(|c| c.key_version);
+    let (key_version, key_id) =
+        destroy_keys(&app.keys, contract, current, &pending.reason, call.now)?;
+    let destruction = Destruction {
+        contract: contract.to_string(),
+        partner: pending.partner.clone(),
+        reason: pending.reason.clone(),
+        requested_by: pending.requested_by.clone(),
+        key_version,
+        key_id,
+        files,
+        stored_answers,
+    };
+    let mut status = destroyed_status(&destruction, &call.principal.name, call.now);
+    status.state = "destroyed".into();
+    entry.event = Some(Event::Destroyed(Box::new(destruction)));
+    app.endings.remove(contract);
+    Ok(status)
+}
+
+/// Destroys every key the store holds for `contract` (every version) and the `current` version
+/// of the rules even if it was never made (its tombstone keeps the collaboration ended). Returns
+/// the newest version and its public id.
+fn destroy_keys(
+    keys: &KeyStore,
+    contract: &str,
+    current: Option<u32>,
+    reason: &str,
+    now: DateTime<Utc>,
+) -> Result<(u32, String)> {
+    let mut held: Vec<u32> = keys
+        .status()?
+        .into_iter()
+        .filter(|k| k.contract == contract && k.destroyed.is_none())
+        .map(|k| k.version)
+        .collect();
+    held.extend(current.filter(|v| !held.contains(v)));
+    let mut newest = (0, "never made".to_string());
+    for version in held {
+        let tombstone = keys.destroy(contract, version, reason, now)?;
+        if version >= newest.0 {
+            newest = (version, tombstone.key_id);
+        }
+    }
+    Ok(newest)
+}
+
+/// Finishes destructions a crash cut after their commit: a commit that ended a collaboration
+/// whose stored answers or keys are still there. Run at start, before any call is served.
+pub(crate) fn finish_cut(app: &App, log: &[CommitRecord], now: DateTime<Utc>) -> Result<()> {
+    for record in log {
+        let (Some(contract), Some(partner)) = (&record.ended, &record.partner) else {
+            continue;
+        };
+        let answers = app.guard.forget_answers(partner)?;
+        let keys_left = app
+            .keys
+            .status()?
+            .iter()
+            .any(|k| &k.contract == contract && k.destroyed.is_none());
+        if answers > 0 || keys_left {
+            tracing::warn!(
+                contract = %contract,
+                stored_answers = answers,
+                "finishing a destruction a crash cut short"
+            );
+            destroy_keys(&app.keys, contract, None, "manual (finished at start)", now)?;
+        }
+    }
+    Ok(())
+}
+
+fn status_of(contract: &str, state: &str, pending: &Pending) -> DestructionStatus {
+    DestructionStatus {
+        contract_id: contract.to_string(),
+        state: state.to_string(),
+        reason: pending.reason.clone(),
+        requested_by: pending.requested_by.clone(),
+        ..Default::default()
+    }
+}
+
+fn destroyed_status(d: &Destruction, confirmed_by: &str, at: DateTime<Utc>) -> DestructionStatus {
+    DestructionStatus {
+        contract_id: d.contract.clone(),
+        state: "destroyed".into(),
+        reason: d.reason.clone(),
+        requested_by: d.requested_by.clone(),
+        confirmed_by: confirmed_by.to_string(),
+        destroyed_at: at.to_rfc3339(),
+        key_version: d.key_version,
+        key_id: d.key_id.clone(),
+        files: d
+            .files
+            .iter()
+            .map(|f| WireFile {
+                name: f.name.clone(),
+                sha256: f.sha256.clone(),
+                rows: f.rows,
+            })
+            .collect(),
+        stored_answers: d.stored_answers,
+        audit_id: String::new(),
+    }
+}
+
+impl crate::context::Audited for DestructionStatus {
+    fn set_audit_id(&mut self, id: String) {
+        self.audit_id = id;
+    }
+}
