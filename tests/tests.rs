@@ -31,6 +31,8 @@ mod lint;
 mod review;
 // TLS and mutual TLS on gRPC and the review page.
 mod tls;
+// The metrics endpoint: series that move with calls, for reviewers only, naming no member.
+mod metrics;
 // Minted tokens, demo tokens refused by `serve`, limited guesses.
 mod credentials;
 // Uploads read as they arrive, bounded in bytes and silence; one upload holds up no one else.

@@ -12,13 +12,14 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use datafusion::arrow::array::RecordBatch;
 use datafusion::execution::memory_pool::FairSpillPool;
 use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
 use datafusion::logical_expr::LogicalPlan;
 use datafusion::prelude::SessionContext;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, SemaphorePermit};
 
 use crate::audience::Audience;
 use crate::{Error, Result};
@@ -39,6 +40,72 @@ pub trait PlanExecutor: Send + Sync {
         plan: LogicalPlan,
         audience: Arc<Audience>,
     ) -> Result<Vec<RecordBatch>>;
+
+    /// Questions waiting for a place among the plans executing, and plans executing now.
+    fn queue(&self) -> Queue;
+}
+
+/// How many questions wait for a place among the plans executing, and how many execute.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Queue {
+    /// Questions waiting for a place.
+    pub waiting: usize,
+    /// Plans executing now.
+    pub running: usize,
+}
+
+/// The limit on plans executing at once, which also counts the questions waiting for a place
+/// (for the metrics: a queue that grows says the service needs more places or more cores).
+pub(crate) struct Gate {
+    places: Semaphore,
+    size: usize,
+    waiting: AtomicUsize,
+}
+
+/// One question counted as waiting until it has a place (or gave up waiting).
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn count(waiting: &'a AtomicUsize) -> Self {
+        waiting.fetch_add(1, Ordering::Relaxed);
+        Self(waiting)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Gate {
+    /// A gate of `size` places (at least one).
+    pub(crate) fn new(size: usize) -> Self {
+        let size = size.max(1);
+        Self {
+            places: Semaphore::new(size),
+            size,
+            waiting: AtomicUsize::new(0),
+        }
+    }
+
+    /// A place among the plans executing, once one is free.
+    pub(crate) async fn enter(&self) -> Result<SemaphorePermit<'_>> {
+        // Dropped when the place is had, or when the caller stops waiting (its call ended).
+        let _waiting = Waiting::count(&self.waiting);
+        self.places
+            .acquire()
+            .await
+            .map_err(|_| Error::Storage("the query executor is shut down".into()))
+    }
+
+    /// The questions waiting and the plans executing now.
+    pub(crate) fn queue(&self) -> Queue {
+        Queue {
+            waiting: self.waiting.load(Ordering::Relaxed),
+            running: self.size.saturating_sub(self.places.available_permits()),
+        }
+    }
 }
 
 /// The executor `config` asks for: a Ballista cluster if it names one, this machine otherwise.
@@ -97,7 +164,7 @@ impl Drop for CpuRuntime {
 pub struct LocalExecutor {
     env: Arc<RuntimeEnv>,
     cpu: CpuRuntime,
-    gate: Semaphore,
+    gate: Gate,
 }
 
 /// Removes what an earlier run left in `dir` under names starting with `prefix` (and nothing
@@ -132,7 +199,7 @@ impl LocalExecutor {
         Ok(Self {
             env,
             cpu: CpuRuntime(Some(cpu)),
-            gate: Semaphore::new(config.concurrent_queries.max(1)),
+            gate: Gate::new(config.concurrent_queries),
         })
     }
 
@@ -141,11 +208,7 @@ impl LocalExecutor {
         &self,
         work: impl std::future::Future<Output = Result<T>> + Send + 'static,
     ) -> Result<T> {
-        let _place = self
-            .gate
-            .acquire()
-            .await
-            .map_err(|_| Error::Storage("the query runtime is shut down".into()))?;
+        let _place = self.gate.enter().await?;
         let runtime = self
             .cpu
             .0
@@ -172,6 +235,10 @@ impl PlanExecutor for LocalExecutor {
         _audience: Arc<Audience>,
     ) -> Result<Vec<RecordBatch>> {
         self.run(async move { execute(&ctx, &plan).await }).await
+    }
+
+    fn queue(&self) -> Queue {
+        self.gate.queue()
     }
 }
 

@@ -44,7 +44,7 @@ use datafusion::prelude::SessionContext;
 use sha2::{Digest, Sha256};
 
 use crate::audience::{AudienceOf, Audiences};
-use crate::executor::{ExecutorConfig, PlanExecutor};
+use crate::executor::{ExecutorConfig, PlanExecutor, Queue};
 use crate::store::{CommitRecord, Snapshot, Staging, Store, WriteFacts};
 use crate::views::SafeViews;
 use crate::{Error, Result};
@@ -255,9 +255,37 @@ pub struct Guard {
     /// Where questions execute (this machine's memory pool, query threads and plans at once, or
     /// a Ballista cluster).
     executor: Arc<dyn PlanExecutor>,
+    /// The memory pool questions and kept audiences are charged to (on a cluster, only the
+    /// audiences: the executors hold the memory of execution).
+    memory: Arc<dyn datafusion::execution::memory_pool::MemoryPool>,
     ledger: RhoLedger,
     answers: answers::Answers,
     lists: Mutex<Lists>,
+}
+
+/// How busy query execution is now, for the metrics: nothing about any question or member.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Load {
+    /// Questions waiting for a place among the plans executing, and plans executing.
+    pub queue: Queue,
+    /// Bytes reserved in the query memory pool.
+    pub memory_bytes: usize,
+    /// The pool's limit, if it has one.
+    pub memory_limit_bytes: Option<usize>,
+}
+
+/// A partner's own spending in its contract's current period (a rolling window), for the
+/// metrics: what its answers cost, never anything about the members they counted.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Spending {
+    /// ρ spent in the period.
+    pub rho_used: f64,
+    /// ρ the period allows.
+    pub rho_budget: f64,
+    /// Fresh answers paid for in the period.
+    pub answers_used: u32,
+    /// Fresh answers the period pays for.
+    pub answers_per_period: u32,
 }
 
 /// Turns a checked parameter into the literal bound to its placeholder. Dates mean local midnight
@@ -378,10 +406,12 @@ impl Guard {
         let dir = data_dir.join("guard");
         std::fs::create_dir_all(&dir)?;
         let executor = crate::executor::from_config(executor)?;
+        let memory = Arc::clone(&executor.env().memory_pool);
         Ok(Self {
             noise_key: secret.guard_key("noise"),
-            audiences: Audiences::charged_to(Arc::clone(&executor.env().memory_pool)),
+            audiences: Audiences::charged_to(Arc::clone(&memory)),
             executor,
+            memory,
             ledger: RhoLedger::open(ledger)?,
             answers: answers::Answers::open(dir.join("answers"))?,
             lists: Mutex::new(Lists::open(uploads)),
@@ -445,6 +475,33 @@ impl Guard {
     /// Its charges stay on the ledger: a budget is never refilled.
     pub fn forget_answers(&self, partner: &str) -> Result<u64> {
         self.answers.remove_partner(partner)
+    }
+
+    /// How busy query execution is now: questions waiting and executing, memory reserved.
+    pub fn load(&self) -> Load {
+        use datafusion::execution::memory_pool::MemoryLimit;
+        Load {
+            queue: self.executor.queue(),
+            memory_bytes: self.memory.reserved(),
+            memory_limit_bytes: match self.memory.memory_limit() {
+                MemoryLimit::Finite(bytes) => Some(bytes),
+                MemoryLimit::Infinite | MemoryLimit::Unknown => None,
+            },
+        }
+    }
+
+    /// What the partner of `contract` spent in the contract's current period at `now`.
+    pub fn spending(&self, contract: &Contract, now: DateTime<Utc>) -> Result<Spending> {
+        let guarantee = contract.protection.guarantee()?;
+        let (rho_used, _) = self
+            .ledger
+            .usage(&contract.partner, guarantee.period_days, now);
+        Ok(Spending {
+            rho_used,
+            rho_budget: guarantee.rho_period,
+            answers_used: (rho_used / guarantee.rho_answer).round() as u32,
+            answers_per_period: guarantee.answers_per_period,
+        })
     }
 
     /// Charges on the privacy ledger: never fewer than the charged answers the audit trail

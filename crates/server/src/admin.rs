@@ -22,6 +22,7 @@ use crate::context::{Audited, Call};
 use crate::convert;
 use crate::ending;
 use crate::limit::CallSlot;
+use crate::metrics::Table;
 use crate::partner::{ListHeader, receive_list};
 use crate::retry::{self, Claim};
 use crate::state::App;
@@ -74,7 +75,8 @@ where
     let limits = StreamLimits::for_ingest(&call.live.rules);
     let method = entry.method.clone();
     let mut claim = None;
-    let (_, fed) = feed(stream, split, limits, |header| {
+    let bytes = app.metrics.stream_bytes(&method);
+    let (_, fed) = feed(stream, split, limits, bytes, |header| {
         let request_id = retry::parse(&header.request_id)?;
         entry.request_id = request_id.clone();
         let claimed = claim.insert(app.claim_write(&method, None, request_id.as_deref())?);
@@ -162,9 +164,13 @@ impl AdminApi {
             |h| Ok(MembersIngest::new(rules, secret, keys, call.now, h.strict)?),
         )
         .await?;
-        self.commit(call, entry, written, |store, staging, facts| {
-            store.commit_members(staging, facts)
-        })
+        self.commit(
+            call,
+            entry,
+            written,
+            Table::Members,
+            |store, staging, facts| store.commit_members(staging, facts),
+        )
     }
 
     async fn purchases(
@@ -184,9 +190,13 @@ impl AdminApi {
             |h| Ok(PurchasesIngest::new(rules, secret, h.strict)),
         )
         .await?;
-        self.commit(call, entry, written, |store, staging, facts| {
-            store.commit_purchases(staging, facts)
-        })
+        self.commit(
+            call,
+            entry,
+            written,
+            Table::Purchases,
+            |store, staging, facts| store.commit_purchases(staging, facts),
+        )
     }
 
     async fn consent(
@@ -206,9 +216,13 @@ impl AdminApi {
             |h| Ok(ConsentIngest::new(rules, secret, h.strict)),
         )
         .await?;
-        self.commit(call, entry, written, |store, staging, facts| {
-            store.commit_consent(staging, facts)
-        })
+        self.commit(
+            call,
+            entry,
+            written,
+            Table::Consent,
+            |store, staging, facts| store.commit_consent(staging, facts),
+        )
     }
 
     /// Commits what an ingest stream staged (its request id's place held until the call ends),
@@ -218,6 +232,7 @@ impl AdminApi {
         call: &Call,
         entry: &mut Entry,
         written: Written,
+        table: Table,
         commit: impl FnOnce(&Store, Staging, WriteFacts) -> cleanroom_engine::Result<CommitRecord>,
     ) -> Result<IngestSummary> {
         let record = match written {
@@ -232,7 +247,9 @@ impl AdminApi {
                     entry.request_id.as_deref(),
                     &fed.report,
                 );
-                commit(&self.app.store, fed.staging, facts)?
+                let record = commit(&self.app.store, fed.staging, facts)?;
+                self.app.metrics.ingested(table, record.accepted);
+                record
             }
         };
         entry.committed(&record);

@@ -101,12 +101,12 @@ impl App {
         let principal = match self.authenticate(&live, headers, presented_cert).await {
             Ok(principal) => principal,
             Err(e) => {
-                self.refused_calls.count(Refusal::Unauthenticated);
+                self.refuse(Refusal::Unauthenticated);
                 return Err(to_status(&e, "unrecorded"));
             }
         };
         let principal = self.within_limits(&live, principal).map_err(|e| {
-            self.refused_calls.count(Refusal::Limited);
+            self.refuse(Refusal::Limited);
             to_status(&e, "unrecorded")
         })?;
         let now = self.clock.now();
@@ -172,13 +172,14 @@ impl App {
     ) -> std::result::Result<Response<T>, Status> {
         // The principal, and with it the call's place in flight, is held until the answer.
         let _held = call;
+        let method = crate::metrics::known_method(&entry.method);
         entry.outcome = match &result {
             Ok(_) => "ok".to_string(),
             Err(e) => crate::status::outcome(e),
         };
         let (audit, at) = (Arc::clone(&self.audit), self.clock.now());
         let recorded = blocking(move || audit.append(entry, at)).await;
-        match (result, recorded) {
+        let answer = match (result, recorded) {
             (Ok(mut response), Ok(id)) => {
                 response.set_audit_id(id);
                 Ok(Response::new(response))
@@ -192,6 +193,21 @@ impl App {
                 tracing::error!(error = %audit_error, "audit trail write failed");
                 Err(to_status(&e, "unrecorded"))
             }
-        }
+        };
+        self.counted(method, answer)
+    }
+
+    /// Counts a call's answer in the metrics, by method and status code, and passes it on: every
+    /// handler's answer goes through here (through `finish` for the calls the trail records).
+    pub(crate) fn counted<T>(
+        &self,
+        method: &'static str,
+        answer: std::result::Result<Response<T>, Status>,
+    ) -> std::result::Result<Response<T>, Status> {
+        let code = answer
+            .as_ref()
+            .map_or_else(Status::code, |_| tonic::Code::Ok);
+        self.metrics.call(method, code);
+        answer
     }
 }

@@ -43,7 +43,7 @@ impl Audited for AuditPage {
 }
 
 /// Refuses a caller who is not a legal reviewer (or, to read, an analyst).
-fn reviewer(call: &Call, method: &str, write: bool) -> Result<()> {
+pub(crate) fn reviewer(call: &Call, method: &str, write: bool) -> Result<()> {
     let role = call.principal.role;
     if role == Role::Legal || (!write && role == Role::Analyst) {
         return Ok(());
@@ -317,10 +317,12 @@ impl LegalService for LegalApi {
         &self,
         mut request: Request<ListAllowListRequest>,
     ) -> std::result::Result<Response<AllowListReview>, Status> {
-        let (call, _) = Call::take(&mut request)?;
-        self.list(&call)
-            .map(Response::new)
-            .map_err(|e| to_status(&e, "-"))
+        let answer = Call::take(&mut request).and_then(|(call, _)| {
+            self.list(&call)
+                .map(Response::new)
+                .map_err(|e| to_status(&e, "-"))
+        });
+        self.app.counted("ListAllowList", answer)
     }
 
     async fn confirm_destruction(

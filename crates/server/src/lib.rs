@@ -23,6 +23,7 @@ pub mod legal;
 mod limit;
 pub mod live;
 pub mod mark;
+pub mod metrics;
 pub mod page;
 pub mod partner;
 mod recovery;

@@ -50,6 +50,7 @@ where
         .route("/api/audit", get(audit))
         .route("/api/queries/{id}/approve", post(approve))
         .route("/api/queries/{id}/reject", post(reject))
+        .route("/metrics", get(metrics))
         .with_state(api);
     axum::serve(listener, router)
         .with_graceful_shutdown(shutdown)
@@ -130,6 +131,25 @@ async fn allowlist(State(api): State<Arc<Page>>, headers: HeaderMap) -> Response
     match authenticated(&api, "ListAllowList", &headers, ListAllowListRequest {}).await {
         Ok(request) => json(api.legal.list_allow_list(request).await),
         Err(refused) => refused,
+    }
+}
+
+/// The service's metrics (Prometheus text), for the legal and analyst roles: authenticated like
+/// the page's API, refused to partners. A scrape reads state; it is not audited.
+async fn metrics(State(api): State<Arc<Page>>, headers: HeaderMap) -> Response {
+    const METHOD: &str = "Metrics";
+    let call = match api.app.open_call(METHOD, &headers, None).await {
+        Ok(call) => call,
+        Err(status) => return json::<()>(Err(status)),
+    };
+    if let Err(e) = crate::legal::reviewer(&call, METHOD, false) {
+        return json::<()>(Err(crate::status::to_status(&e, "-")));
+    }
+    match api.app.scrape() {
+        Ok(text) => {
+            hardened(([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response())
+        }
+        Err(e) => json::<()>(Err(crate::status::to_status(&e, "unrecorded"))),
     }
 }
 

@@ -19,6 +19,7 @@ use crate::Result;
 use crate::audit::{Entry, Event};
 use crate::context::{Audited, Call};
 use crate::convert;
+use crate::metrics::{Refused, Table};
 use crate::retry::{self, Claim};
 use crate::state::App;
 use crate::status::to_status;
@@ -109,6 +110,52 @@ impl PartnerApi {
             protection: Some(convert::protection(&answer)),
         })
     }
+
+    /// ListQueries: the queries the partner's contract lets it see, with their approval words.
+    fn list(
+        &self,
+        mut request: Request<ListQueriesRequest>,
+    ) -> std::result::Result<Response<ListQueriesResponse>, Status> {
+        let (call, _) = Call::take(&mut request)?;
+        let admitted = admitted(&call, &self.app, "ListQueries").map_err(|e| to_status(&e, "-"))?;
+        let queries = admitted
+            .visible_queries(&call.live.allowlist)
+            .into_iter()
+            .map(|q| QuerySummary {
+                id: q.id.clone(),
+                version: q.version,
+                title: q.title.clone(),
+                approval: self
+                    .app
+                    .review
+                    .approval(q, call.today)
+                    .partner_word()
+                    .to_string(),
+            })
+            .collect();
+        Ok(Response::new(ListQueriesResponse { queries }))
+    }
+
+    /// DescribeQuery: one visible query's parameters, output and effective k.
+    fn describe(
+        &self,
+        mut request: Request<DescribeQueryRequest>,
+    ) -> std::result::Result<Response<QueryDescription>, Status> {
+        let (call, _) = Call::take(&mut request)?;
+        let admitted =
+            admitted(&call, &self.app, "DescribeQuery").map_err(|e| to_status(&e, "-"))?;
+        let query = admitted
+            .visible(&call.live.allowlist, &request.get_ref().query_id)
+            .map_err(|e| to_status(&e.into(), "-"))?;
+        let rules = &call.live.rules;
+        let k = rules.effective_k(admitted.contract(), query.k);
+        Ok(Response::new(convert::description(
+            query,
+            rules,
+            admitted.partner(),
+            k,
+        )))
+    }
 }
 
 /// The header of a list upload: whose list (a partner's own upload names no one), whether one
@@ -140,7 +187,8 @@ where
     let limits = StreamLimits::of(rules);
     let method = entry.method.clone();
     let mut claim = None;
-    let (header, fed) = feed(stream, split, limits, |header: &ListHeader| {
+    let bytes = app.metrics.stream_bytes(&method);
+    let (header, fed) = feed(stream, split, limits, bytes, |header: &ListHeader| {
         let partner_id = own.or(header.partner_id.as_deref()).unwrap_or_default();
         entry.partner = Some(shown(partner_id));
         let partner = rules.partners.get(partner_id).ok_or_else(|| {
@@ -199,6 +247,7 @@ where
         facts,
         store: &app.store,
     })?;
+    app.metrics.ingested(Table::PartnerLists, record.accepted);
     entry.committed(&record);
     Ok(convert::upload_response(&record, false))
 }
@@ -219,55 +268,41 @@ fn split_upload(message: UploadListRequest) -> Part<ListHeader, CustomerRecord> 
 impl PartnerService for PartnerApi {
     async fn list_queries(
         &self,
-        mut request: Request<ListQueriesRequest>,
+        request: Request<ListQueriesRequest>,
     ) -> std::result::Result<Response<ListQueriesResponse>, Status> {
-        let (call, _) = Call::take(&mut request)?;
-        let admitted = admitted(&call, &self.app, "ListQueries").map_err(|e| to_status(&e, "-"))?;
-        let queries = admitted
-            .visible_queries(&call.live.allowlist)
-            .into_iter()
-            .map(|q| QuerySummary {
-                id: q.id.clone(),
-                version: q.version,
-                title: q.title.clone(),
-                approval: self
-                    .app
-                    .review
-                    .approval(q, call.today)
-                    .partner_word()
-                    .to_string(),
-            })
-            .collect();
-        Ok(Response::new(ListQueriesResponse { queries }))
+        let answer = self.list(request);
+        self.app.counted("ListQueries", answer)
     }
 
     async fn describe_query(
         &self,
-        mut request: Request<DescribeQueryRequest>,
+        request: Request<DescribeQueryRequest>,
     ) -> std::result::Result<Response<QueryDescription>, Status> {
-        let (call, _) = Call::take(&mut request)?;
-        let admitted =
-            admitted(&call, &self.app, "DescribeQuery").map_err(|e| to_status(&e, "-"))?;
-        let query = admitted
-            .visible(&call.live.allowlist, &request.get_ref().query_id)
-            .map_err(|e| to_status(&e.into(), "-"))?;
-        let rules = &call.live.rules;
-        let k = rules.effective_k(admitted.contract(), query.k);
-        Ok(Response::new(convert::description(
-            query,
-            rules,
-            admitted.partner(),
-            k,
-        )))
+        let answer = self.describe(request);
+        self.app.counted("DescribeQuery", answer)
     }
 
     async fn run_query(
         &self,
         mut request: Request<RunQueryRequest>,
     ) -> std::result::Result<Response<RunQueryResponse>, Status> {
+        let started = Instant::now();
         let (call, mut entry) = Call::take(&mut request)?;
         let result = self.run(&call, &mut entry, request.into_inner()).await;
-        self.app.finish(call, entry, result).await
+        if let Err(e) = &result
+            && let Some(reason) = refusal(e)
+        {
+            self.app.metrics.refused(reason);
+        }
+        let fresh = match &entry.event {
+            Some(Event::Answer(report)) => Some(report.fresh),
+            _ => None,
+        };
+        let answer = self.app.finish(call, entry, result).await;
+        if let (Ok(_), Some(fresh)) = (&answer, fresh) {
+            self.app.metrics.answered(fresh, started.elapsed());
+        }
+        answer
     }
 
     async fn upload_list(
@@ -291,6 +326,26 @@ impl PartnerService for PartnerApi {
             Err(e) => Err(e),
         };
         self.app.finish(call, entry, result).await
+    }
+}
+
+/// Why a question was refused, in one fixed word from the error's kind (never its message), or
+/// `None` for a failure that is not a refusal (short of memory, an internal error). Within
+/// RunQuery, only the partner's ledger refuses with a limit.
+fn refusal(error: &crate::Error) -> Option<Refused> {
+    use cleanroom_core::Error as Domain;
+    use cleanroom_engine::Error as Engine;
+    match error {
+        crate::Error::Engine(Engine::Guard(_)) => Some(Refused::Plan),
+        crate::Error::Engine(Engine::Domain(domain)) => match domain {
+            Domain::Limit(_) => Some(Refused::Budget),
+            Domain::Precondition(_) => Some(Refused::Precondition),
+            Domain::Input(_) => Some(Refused::Parameters),
+            Domain::NotFound(_) => Some(Refused::NotVisible),
+            Domain::Permission(_) => Some(Refused::Permission),
+            Domain::Busy(_) | Domain::Config(_) | Domain::Storage(_) => None,
+        },
+        _ => None,
     }
 }
 

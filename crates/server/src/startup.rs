@@ -64,6 +64,7 @@ impl App {
             in_flight: Arc::default(),
             writes_in_flight: Arc::default(),
             refused_calls: RefusedCalls::default(),
+            metrics: crate::metrics::Metrics::new(),
             guard: opened.guard,
             review: opened.review,
             store: opened.store,

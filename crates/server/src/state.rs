@@ -17,6 +17,7 @@ use cleanroom_engine::store::Store;
 
 use crate::audit::{AuditTrail, Entry};
 use crate::live::{Live, Reload, Sources, source_fingerprint};
+use crate::metrics::{Metrics, Readings, Refused};
 use crate::review::ReviewState;
 use crate::{Error, Result};
 
@@ -112,6 +113,8 @@ pub struct App {
     pub review: ReviewState,
     /// Keeps the high-water mark outside the data directory up to date.
     pub(crate) mark: crate::mark::MarkWriter,
+    /// What `/metrics` on the review page's port reports.
+    pub metrics: Metrics,
 }
 
 /// Calls refused before a handler ran: without valid credentials, or over a principal's limits.
@@ -156,6 +159,38 @@ impl App {
     /// The configuration in force now. Hold the returned value for the whole call.
     pub fn live(&self) -> Arc<Live> {
         self.live.read().expect("config lock poisoned").clone()
+    }
+
+    /// Counts a call refused before its handler ran: in the running counts that are logged, and
+    /// in the metrics.
+    pub(crate) fn refuse(&self, why: Refusal) {
+        self.refused_calls.count(why);
+        self.metrics.refused(match why {
+            Refusal::Unauthenticated => Refused::Unauthenticated,
+            Refusal::Limited => Refused::Limited,
+        });
+    }
+
+    /// The metrics in the Prometheus text format, with what is read rather than counted (each
+    /// partner's own spending in its current period, the query queue and memory) read now.
+    pub fn scrape(&self) -> Result<String> {
+        let live = self.live();
+        let now = self.clock.now();
+        let spending = live
+            .rules
+            .partners
+            .keys()
+            .filter_map(|partner| {
+                let (_, contract) = live.rules.contract_of(partner)?;
+                // A contract whose guarantee does not hold is refused at every call anyway.
+                let spending = self.guard.spending(contract, now).ok()?;
+                Some((partner.clone(), spending))
+            })
+            .collect();
+        self.metrics.encode(&Readings {
+            load: self.guard.load(),
+            spending,
+        })
     }
 
     /// Calls refused without valid credentials since start-up.

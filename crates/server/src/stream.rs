@@ -11,6 +11,7 @@ use std::time::Duration;
 use cleanroom_core::rules::Rules;
 use cleanroom_engine::ingest::{Ingest, IngestReport};
 use cleanroom_engine::store::Staging;
+use prometheus_client::metrics::counter::Counter;
 use tokio::sync::mpsc;
 use tonic::{Status, Streaming};
 
@@ -117,12 +118,14 @@ enum Message<R> {
 }
 
 /// Reads a whole stream: exactly one header first, on which `start` decides and builds the
-/// feed, then chunks, fed as they arrive, within `limits`. If `start` builds no feed (a retry of
-/// a write already committed), nothing more is read and no feed is returned.
+/// feed, then chunks, fed as they arrive, within `limits`, each message's bytes counted on
+/// `bytes` as it arrives. If `start` builds no feed (a retry of a write already committed),
+/// nothing more is read and no feed is returned.
 pub(crate) async fn feed<M, H, R, I>(
     mut stream: Streaming<M>,
     split: fn(M) -> Part<H, R>,
     limits: StreamLimits,
+    bytes: Counter,
     start: impl FnOnce(&H) -> Result<Option<Feed<I, R>>>,
 ) -> Result<(H, Option<Fed>)>
 where
@@ -131,7 +134,7 @@ where
     I: Ingest + 'static,
 {
     let input = |msg: &str| Error::from(cleanroom_core::Error::Input(msg.to_string()));
-    let mut received = Received::new(limits);
+    let mut received = Received::new(limits, bytes);
     let header = match received.next(&mut stream).await?.map(split) {
         Some(Part::Header(header)) => header,
         Some(Part::Empty) => return Err(input("empty stream message")),
@@ -179,14 +182,17 @@ struct Received {
     limits: StreamLimits,
     records: u64,
     bytes: u64,
+    /// The service's count of stream bytes (the metrics), over all streams of the method.
+    counted: Counter,
 }
 
 impl Received {
-    fn new(limits: StreamLimits) -> Self {
+    fn new(limits: StreamLimits, counted: Counter) -> Self {
         Self {
             limits,
             records: 0,
             bytes: 0,
+            counted,
         }
     }
 
@@ -206,7 +212,9 @@ impl Received {
             })?
             .map_err(|s| broken(&s))?;
         if let Some(message) = &message {
-            self.bytes += message.encoded_len() as u64;
+            let length = message.encoded_len() as u64;
+            self.counted.inc_by(length);
+            self.bytes += length;
             if self.bytes > self.limits.bytes {
                 return Err(cleanroom_core::Error::Limit(format!(
                     "this stream may carry at most {} bytes; nothing was stored",

@@ -12,6 +12,10 @@ use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
+use super::{ExecutorConfig, Gate, PlanExecutor, Queue, remove_leftovers};
+use crate::Result;
+use crate::audience::{Audience, KEPT};
+use crate::views::{audience_schema, with_standard_scans};
 use ballista::prelude::SessionContextExt;
 use datafusion::arrow::array::{Int64Array, RecordBatch, StringArray};
 use datafusion::execution::runtime_env::RuntimeEnv;
@@ -19,12 +23,6 @@ use datafusion::logical_expr::LogicalPlan;
 use datafusion::parquet::arrow::ArrowWriter;
 use datafusion::prelude::SessionContext;
 use sha2::{Digest, Sha256};
-use tokio::sync::Semaphore;
-
-use super::{ExecutorConfig, PlanExecutor, remove_leftovers};
-use crate::audience::{Audience, KEPT};
-use crate::views::{audience_schema, with_standard_scans};
-use crate::{Error, Result};
 
 /// The `[engine.cluster]` settings.
 #[derive(Debug, Clone)]
@@ -41,7 +39,7 @@ const AUDIENCE_PREFIX: &str = "audience-";
 /// Executes per-member plans on a Ballista cluster.
 pub struct ClusterExecutor {
     config: ClusterConfig,
-    gate: Semaphore,
+    gate: Gate,
     /// The audience files of recent questions, newest last.
     recent: Mutex<VecDeque<Arc<AudienceFile>>>,
 }
@@ -53,7 +51,7 @@ impl ClusterExecutor {
         remove_leftovers(&cluster.shared_dir, AUDIENCE_PREFIX)?;
         Ok(Self {
             config: cluster.clone(),
-            gate: Semaphore::new(config.concurrent_queries.max(1)),
+            gate: Gate::new(config.concurrent_queries),
             recent: Mutex::new(VecDeque::new()),
         })
     }
@@ -118,11 +116,7 @@ impl PlanExecutor for ClusterExecutor {
         plan: LogicalPlan,
         audience: Arc<Audience>,
     ) -> Result<Vec<RecordBatch>> {
-        let _place = self
-            .gate
-            .acquire()
-            .await
-            .map_err(|_| Error::Storage("the query executor is shut down".into()))?;
+        let _place = self.gate.enter().await?;
         self.reachable().await?;
         let file = self.audience_file(&audience)?;
         let plan = with_standard_scans(plan, &file.path)?;
@@ -130,6 +124,10 @@ impl PlanExecutor for ClusterExecutor {
         let batches = remote.execute_logical_plan(plan).await?.collect().await?;
         drop(file);
         Ok(batches)
+    }
+
+    fn queue(&self) -> Queue {
+        self.gate.queue()
     }
 }
 
