@@ -7,10 +7,11 @@
 # the server's peak resident set (VmHWM) once the demo is done, uploads a generated list of that
 # many customers as Sakura Foods over the real gRPC API (`cleanroom upload-list`, a
 # separate process), and reads the peak again. The difference is what the upload cost the server
-# at its worst moment. With PYTHON set to a Python that has grpcio and polars (for example the CI's
-# venv), it then times Sakura's first answer over the new list (fresh: the audience is matched
-# against the whole list) and its repeat (served from the answer store), through
-# examples/python/cleanroom_client.py; the difference is the server's work for the fresh answer.
+# at its worst moment. With PYTHON set to a Python that has the partner package (pip install
+# ./clients/python; the CI's venv has it), it then times Sakura's first answer over the new list
+# (fresh: the audience is matched against the whole list) and its repeat (served from the answer
+# store), through examples/python/partner.py; the difference is the server's work for the fresh
+# answer.
 # Give two binaries' figures from one run to compare builds.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -57,7 +58,7 @@ PY
     timed_query() {
       local t0 t1
       t0=$(date +%s.%N)
-      "$PYTHON" examples/python/cleanroom_client.py --addr "$addr" --token demo-sakura-token \
+      CLEANROOM_TOKEN=demo-sakura-token "$PYTHON" examples/python/partner.py --addr "$addr" \
         --query matched_overlap > /dev/null
       t1=$(date +%s.%N)
       echo "$t1 - $t0" | bc

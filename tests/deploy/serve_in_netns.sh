@@ -8,8 +8,9 @@
 #   - the analyst loads the sample with `cleanroom ingest`, the partners upload their lists with
 #     `cleanroom upload-list`, the legal reviewer approves the allow-list through the review
 #     page's API, all over TLS trusting the CA;
-#   - then the stub-less grpcio client (reflection), the Python partner client (Polars) and the
-#     review page in headless Chromium run against it.
+#   - then the stub-less grpcio client (reflection), the partner package's integration tests
+#     (clients/python: pytest, answers in Polars, uploads), the partner example built on it and
+#     the review page in headless Chromium run against it.
 #
 #   bash tests/deploy/serve_in_netns.sh <cleanroom binary> <python with the CI packages> <artifacts dir>
 set -euo pipefail
@@ -94,8 +95,20 @@ PY
 echo "== stub-less gRPC client (reflection over TLS)"
 "$python" tests/python/stubless_client.py "$host:50443" "$CLEANROOM_CA"
 
-echo "== Python partner client (examples/python)"
-"$python" tests/python/test_partner_client.py "$host:50443" "$CLEANROOM_CA"
+# The package's integration tests take the service from the environment and are skipped without
+# it: here they must run, so a skipped test fails the step.
+echo "== Python partner package (clients/python): integration tests against this deployment"
+CLEANROOM_TEST_ADDR="$grpc" CLEANROOM_TEST_CA="$CLEANROOM_CA" PYTHONDONTWRITEBYTECODE=1 \
+  "$python" -m pytest -p no:cacheprovider -v -rs clients/python/tests/test_integration.py \
+  | tee "$artifacts/pytest-integration.log"
+if grep -Eq '[0-9]+ skipped' "$artifacts/pytest-integration.log"; then
+  echo "the partner package's integration tests were skipped"
+  exit 1
+fi
+
+echo "== Python partner example on the package (examples/python/partner.py)"
+CLEANROOM_TOKEN=demo-sakura-token "$python" examples/python/partner.py --addr "$grpc" \
+  --query category_buyers_by_age_band --param start=2025-11-01 --param end=2026-11-01
 
 echo "== review page in headless Chromium (HTTPS)"
 SE_OFFLINE=true "$python" tests/python/review_page_test.py \

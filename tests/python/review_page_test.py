@@ -13,7 +13,7 @@ Steps (the DOM contract is the one the page promises: section.query[data-query-i
   2. edit the query's file in --queries-dir (k = N -> k = N+2, which changes its canonical
      content; a k that an earlier run already approved is skipped for N+3, ...); reload until the
      page shows it as data-state="changed" with a .diff (20 s);
-  3. over gRPC (examples/python/cleanroom_client.py) running it as demo-sakura-token is now
+  3. over gRPC (the cleanroom_client package, clients/python) running it as demo-sakura-token is now
      FAILED_PRECONDITION;
   4. sign out, sign in as demo-sakura-token: #message[data-kind=error], no query shown, and an
      approval posted with that token is refused; the query is still `changed`;
@@ -51,8 +51,7 @@ from selenium.common.exceptions import StaleElementReferenceException, WebDriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 
-REPO = Path(__file__).resolve().parents[2]
-sys.dont_write_bytecode = True  # no __pycache__ next to examples/python/cleanroom_client.py
+sys.dont_write_bytecode = True  # no __pycache__ under tests/python
 LEGAL = "demo-legal-token"  # sample data only
 SAKURA = "demo-sakura-token"
 WINDOW = {"start": "2025-11-01", "end": "2026-11-01"}
@@ -389,13 +388,15 @@ def edit_k(base: str, path: Path, query_id: str, restore: list, timeout: float) 
 
 
 def grpc_client(address: str, token: str, ca: str | None = None):
-    sys.path.insert(0, str(REPO / "examples" / "python"))
+    """The partner's client (pip install ./clients/python) and the package itself."""
     import cleanroom_client  # noqa: PLC0415 - only with gRPC on
 
-    return cleanroom_client, cleanroom_client.PartnerClient(address, token, cleanroom_client.load_stubs(), ca=ca)
+    return cleanroom_client, cleanroom_client.Client.connect(address, token, ca_file=ca)
 
 
 def run_params(cc, description) -> dict:
+    """Typed parameters for every declared one: the window for dates, the first allowed value of
+    an enum (built once, so the same request runs before and after the edit)."""
     raw = {}
     for spec in description.parameters:
         if spec.type == "date" and spec.name in WINDOW:
@@ -404,7 +405,7 @@ def run_params(cc, description) -> dict:
             raw[spec.name] = spec.allowed_values[0]
         else:
             fail(f"{description.id}: no test value for parameter {spec.name} ({spec.type})")
-    return cc.build_params(cc.load_stubs().pb2, description, raw)
+    return cc.build_params(description, raw)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -422,16 +423,17 @@ def run(args, steps: Steps, driver, restore: list):
     expect(qid in ids, f"/api/allowlist has no query {qid} (it lists {ids})")
     steps.ok(f"GET /api/allowlist as legal: {len(queries)} queries, viewer {data.get('viewer')}")
 
-    sakura = cc = description = None
+    sakura = cc = params = None
     if use_grpc:
         cc, sakura = grpc_client(args.grpc, SAKURA, args.ca)
         target = next(q for q in queries if q["id"] == qid)
         expect(target["state"] == "approved",
                f"{qid} must start approved (the demo approves every query); it is {target['state']!r}")
         description = sakura.describe_query(qid)
-        response = sakura.run_query(qid, run_params(cc, description))
-        steps.ok(f"gRPC: {qid} runs as {SAKURA} before the edit ({len(response.rows)} rows, "
-                 f"k={response.effective_k}, {response.audit_id})")
+        params = run_params(cc, description)
+        answer = sakura.run_with(qid, params)
+        steps.ok(f"gRPC: {qid} runs as {SAKURA} before the edit ({answer.released_rows} rows, "
+                 f"k={answer.effective_k}, {answer.audit_id})")
 
     # 1. The page, signed out, then as the legal reviewer.
     driver.get(base)
@@ -486,12 +488,11 @@ def run(args, steps: Steps, driver, restore: list):
         import grpc  # noqa: PLC0415
 
         try:
-            sakura.run_query(qid, run_params(cc, description))
+            sakura.run_with(qid, params)
             fail(f"{qid} ran as {SAKURA} although its content changed since approval")
-        except grpc.RpcError as error:
-            expect(error.code() == grpc.StatusCode.FAILED_PRECONDITION,
-                   f"expected FAILED_PRECONDITION, got {cc.format_rpc_error(error)}")
-            steps.ok(f"gRPC: running the changed {qid} as {SAKURA} is refused: {cc.format_rpc_error(error)}")
+        except cc.CleanroomError as error:
+            expect(error.code == grpc.StatusCode.FAILED_PRECONDITION, f"expected FAILED_PRECONDITION, got {error}")
+            steps.ok(f"gRPC: running the changed {qid} as {SAKURA} is refused: {error}")
 
     # 4. A partner's token gets an error and cannot approve.
     driver.find_element(By.CSS_SELECTOR, "button#logout").click()
@@ -535,10 +536,10 @@ def run(args, steps: Steps, driver, restore: list):
     steps.ok(f'approved {qid} through the page: data-state="approved", #message {state["message"]!r}')
 
     if use_grpc:
-        response = sakura.run_query(qid, run_params(cc, description))
-        expect(response.effective_k >= new_k, f"the approved version runs with k={response.effective_k}, expected >= {new_k}")
-        steps.ok(f"gRPC: {qid} runs again as {SAKURA} (v{response.query_version}, {len(response.rows)} rows, "
-                 f"k={response.effective_k}, {response.audit_id})")
+        answer = sakura.run_with(qid, params)
+        expect(answer.effective_k >= new_k, f"the approved version runs with k={answer.effective_k}, expected >= {new_k}")
+        steps.ok(f"gRPC: {qid} runs again as {SAKURA} (v{answer.query_version}, {answer.released_rows} rows, "
+                 f"k={answer.effective_k}, {answer.audit_id})")
 
     after = suffixed(args.screenshot, "-after-approve")
     width, height = screenshot(driver, after)
