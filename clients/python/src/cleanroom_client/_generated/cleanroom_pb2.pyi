@@ -717,3 +717,53 @@ class AuditRecord(_message.Message):
     outcome: str
     details: _containers.ScalarMap[str, str]
     def __init__(self, id: _Optional[str] = ..., seq: _Optional[int] = ..., at: _Optional[str] = ..., principal: _Optional[str] = ..., role: _Optional[str] = ..., partner: _Optional[str] = ..., method: _Optional[str] = ..., query_id: _Optional[str] = ..., query_sha256: _Optional[str] = ..., params: _Optional[_Mapping[str, str]] = ..., rows_released: _Optional[int] = ..., rows_suppressed: _Optional[int] = ..., consent_snapshot: _Optional[str] = ..., list_version: _Optional[int] = ..., outcome: _Optional[str] = ..., details: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class RequestDestructionRequest(_message.Message):
+    __slots__ = ("contract_id", "reason")
+    CONTRACT_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    contract_id: str
+    reason: str
+    def __init__(self, contract_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class ConfirmDestructionRequest(_message.Message):
+    __slots__ = ("contract_id",)
+    CONTRACT_ID_FIELD_NUMBER: _ClassVar[int]
+    contract_id: str
+    def __init__(self, contract_id: _Optional[str] = ...) -> None: ...
+
+class DestroyedFile(_message.Message):
+    __slots__ = ("name", "sha256", "rows")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    sha256: str
+    rows: int
+    def __init__(self, name: _Optional[str] = ..., sha256: _Optional[str] = ..., rows: _Optional[int] = ...) -> None: ...
+
+class DestructionStatus(_message.Message):
+    __slots__ = ("contract_id", "state", "reason", "requested_by", "confirmed_by", "destroyed_at", "key_version", "key_id", "files", "stored_answers", "audit_id")
+    CONTRACT_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    REQUESTED_BY_FIELD_NUMBER: _ClassVar[int]
+    CONFIRMED_BY_FIELD_NUMBER: _ClassVar[int]
+    DESTROYED_AT_FIELD_NUMBER: _ClassVar[int]
+    KEY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    STORED_ANSWERS_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_ID_FIELD_NUMBER: _ClassVar[int]
+    contract_id: str
+    state: str
+    reason: str
+    requested_by: str
+    confirmed_by: str
+    destroyed_at: str
+    key_version: int
+    key_id: str
+    files: _containers.RepeatedCompositeFieldContainer[DestroyedFile]
+    stored_answers: int
+    audit_id: str
+    def __init__(self, contract_id: _Optional[str] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., requested_by: _Optional[str] = ..., confirmed_by: _Optional[str] = ..., destroyed_at: _Optional[str] = ..., key_version: _Optional[int] = ..., key_id: _Optional[str] = ..., files: _Optional[_Iterable[_Union[DestroyedFile, _Mapping]]] = ..., stored_answers: _Optional[int] = ..., audit_id: _Optional[str] = ...) -> None: ...

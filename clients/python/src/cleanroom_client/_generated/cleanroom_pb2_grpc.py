@@ -279,6 +279,11 @@ class AdminServiceStub(object):
                 request_serializer=cleanroom_dot_v1_dot_cleanroom__pb2.IngestPartnerListRequest.SerializeToString,
                 response_deserializer=cleanroom_dot_v1_dot_cleanroom__pb2.UploadListResponse.FromString,
                 _registered_method=True)
+        self.RequestDestruction = channel.unary_unary(
+                '/cleanroom.v1.AdminService/RequestDestruction',
+                request_serializer=cleanroom_dot_v1_dot_cleanroom__pb2.RequestDestructionRequest.SerializeToString,
+                response_deserializer=cleanroom_dot_v1_dot_cleanroom__pb2.DestructionStatus.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer(object):
@@ -317,6 +322,16 @@ class AdminServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RequestDestruction(self, request, context):
+        """Asks to end a collaboration early: its partner's lists, its member tokens, its stored answers
+        and its key are destroyed once a legal reviewer confirms (LegalService.ConfirmDestruction).
+        Until then nothing changes. NOT_FOUND for an unknown contract, FAILED_PRECONDITION if its
+        key was already destroyed, INVALID_ARGUMENT without a reason.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -339,6 +354,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.IngestPartnerList,
                     request_deserializer=cleanroom_dot_v1_dot_cleanroom__pb2.IngestPartnerListRequest.FromString,
                     response_serializer=cleanroom_dot_v1_dot_cleanroom__pb2.UploadListResponse.SerializeToString,
+            ),
+            'RequestDestruction': grpc.unary_unary_rpc_method_handler(
+                    servicer.RequestDestruction,
+                    request_deserializer=cleanroom_dot_v1_dot_cleanroom__pb2.RequestDestructionRequest.FromString,
+                    response_serializer=cleanroom_dot_v1_dot_cleanroom__pb2.DestructionStatus.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -461,6 +481,33 @@ class AdminService(object):
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def RequestDestruction(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cleanroom.v1.AdminService/RequestDestruction',
+            cleanroom_dot_v1_dot_cleanroom__pb2.RequestDestructionRequest.SerializeToString,
+            cleanroom_dot_v1_dot_cleanroom__pb2.DestructionStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class LegalServiceStub(object):
     """What a legal reviewer calls: read the allow-list as a reviewer sees it (every query, its
@@ -497,6 +544,11 @@ class LegalServiceStub(object):
                 '/cleanroom.v1.LegalService/ListAudit',
                 request_serializer=cleanroom_dot_v1_dot_cleanroom__pb2.ListAuditRequest.SerializeToString,
                 response_deserializer=cleanroom_dot_v1_dot_cleanroom__pb2.AuditPage.FromString,
+                _registered_method=True)
+        self.ConfirmDestruction = channel.unary_unary(
+                '/cleanroom.v1.LegalService/ConfirmDestruction',
+                request_serializer=cleanroom_dot_v1_dot_cleanroom__pb2.ConfirmDestructionRequest.SerializeToString,
+                response_deserializer=cleanroom_dot_v1_dot_cleanroom__pb2.DestructionStatus.FromString,
                 _registered_method=True)
 
 
@@ -542,6 +594,16 @@ class LegalServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ConfirmDestruction(self, request, context):
+        """Confirms an analyst's request to end a collaboration, and destroys it: the files (named with
+        their SHA-256 and rows in the answer and in one audit record), the stored answers and the
+        key. It cannot be undone. FAILED_PRECONDITION without a pending request; PERMISSION_DENIED
+        unless the caller has the legal role (the analyst who asked cannot confirm).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LegalServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -564,6 +626,11 @@ def add_LegalServiceServicer_to_server(servicer, server):
                     servicer.ListAudit,
                     request_deserializer=cleanroom_dot_v1_dot_cleanroom__pb2.ListAuditRequest.FromString,
                     response_serializer=cleanroom_dot_v1_dot_cleanroom__pb2.AuditPage.SerializeToString,
+            ),
+            'ConfirmDestruction': grpc.unary_unary_rpc_method_handler(
+                    servicer.ConfirmDestruction,
+                    request_deserializer=cleanroom_dot_v1_dot_cleanroom__pb2.ConfirmDestructionRequest.FromString,
+                    response_serializer=cleanroom_dot_v1_dot_cleanroom__pb2.DestructionStatus.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -681,6 +748,33 @@ class LegalService(object):
             '/cleanroom.v1.LegalService/ListAudit',
             cleanroom_dot_v1_dot_cleanroom__pb2.ListAuditRequest.SerializeToString,
             cleanroom_dot_v1_dot_cleanroom__pb2.AuditPage.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ConfirmDestruction(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cleanroom.v1.LegalService/ConfirmDestruction',
+            cleanroom_dot_v1_dot_cleanroom__pb2.ConfirmDestructionRequest.SerializeToString,
+            cleanroom_dot_v1_dot_cleanroom__pb2.DestructionStatus.FromString,
             options,
             channel_credentials,
             insecure,
