@@ -73,7 +73,25 @@ pub fn validate(
     section(&mut out, "effective k", k_changes)?;
     let consent = consent_filter(&old, &new, data_dir, now)?;
     section(&mut out, "consent filter", consent)?;
+    section(&mut out, "destruction", destruction_dates(&new))?;
     Ok(out)
+}
+
+/// When each collaboration of the proposed rules is destroyed: its lists, member tokens, stored
+/// answers and key, the day after its last day plus its grace period.
+fn destruction_dates(rules: &Rules) -> Vec<String> {
+    rules
+        .contracts
+        .iter()
+        .map(|(id, c)| {
+            format!(
+                "contract {id}: in force until {}, destroyed on {} ({} days of grace)",
+                c.expires,
+                c.destruction_day(),
+                c.retention.grace_days
+            )
+        })
+        .collect()
 }
 
 /// The "settings" section: changes of the k floor, purposes, contracts, sensitive columns and
@@ -159,6 +177,12 @@ fn term_changes(o: &Contract, c: &Contract) -> Vec<String> {
         changes.push(format!(
             "answers per day {:?} -> {:?}",
             o.max_queries_per_day, c.max_queries_per_day
+        ));
+    }
+    if o.retention != c.retention {
+        changes.push(format!(
+            "grace after expiry {} -> {} days",
+            o.retention.grace_days, c.retention.grace_days
         ));
     }
     if o.protection != c.protection {

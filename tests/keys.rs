@@ -465,3 +465,88 @@ async fn the_certificate_and_verify_audit_prove_the_destruction() {
     );
     h.stop().await;
 }
+
+/// Noon in the retailer's time zone (+09:00) on `day`.
+fn local_noon(day: chrono::NaiveDate) -> chrono::DateTime<chrono::Utc> {
+    day.and_hms_opt(3, 0, 0).unwrap().and_utc()
+}
+
+/// The data files of Sakura Foods' collaboration: its member tokens and its list versions.
+fn sakura_files(data: &Path) -> Vec<String> {
+    std::fs::read_dir(data)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("member_tokens-ctr-sakura") || n.starts_with("list-sakura_foods"))
+        .collect()
+}
+
+/// Issue 16, item 2: on the last day of a contract's grace period nothing is destroyed; the day
+/// after, the start's sweep destroys its lists, member tokens, stored answers and key, with one
+/// `Sweep` record; the partner is refused, the privacy ledger is unchanged, the other
+/// collaboration is untouched and the trail verifies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_contract_past_its_expiry_and_grace_is_destroyed_by_the_sweep() {
+    let mut rules = crate::util::sample_rules();
+    let (contract, _) = rules.contract_of("sakura_foods").unwrap();
+    let contract = contract.to_string();
+    rules
+        .contracts
+        .get_mut(&contract)
+        .unwrap()
+        .retention
+        .grace_days = 7;
+    let expires = rules.contracts[&contract].expires;
+    let h = Harness::start_with(crate::util::Setup {
+        rules,
+        ..Default::default()
+    })
+    .await;
+    h.run("sakura_foods", "matched_overlap", &[]).await.unwrap();
+    let data = h.data_dir.path().to_path_buf();
+    let before = sakura_files(&data);
+    assert_eq!(before.len(), 2, "{before:?}");
+    let charges = h.app.guard.charges();
+
+    let h = h
+        .restart_at(local_noon(expires + chrono::Days::new(7)))
+        .await;
+    assert_eq!(
+        sakura_files(&data),
+        before,
+        "kept through the last day of grace"
+    );
+    assert!(h.app.keys.tombstone(&contract, 1).unwrap().is_none());
+
+    let h = h
+        .restart_at(local_noon(expires + chrono::Days::new(8)))
+        .await;
+    assert!(sakura_files(&data).is_empty(), "{:?}", sakura_files(&data));
+    assert!(!answers_dir(&data, "sakura_foods").exists());
+    let tombstone = h
+        .app
+        .keys
+        .tombstone(&contract, 1)
+        .unwrap()
+        .expect("destroyed");
+    assert_eq!(tombstone.reason, "expiry");
+    let status = h
+        .run("sakura_foods", "matched_overlap", &[])
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert_eq!(h.app.guard.charges(), charges, "the ledger is as it was");
+    assert!(
+        h.app.keys.tombstone("ctr-kumo-2026", 1).unwrap().is_none(),
+        "Kumo's contract runs on"
+    );
+    let trail = data.join("audit.jsonl");
+    let key = cleanroom_server::audit::ChainKey::new(&test_secret());
+    cleanroom_server::audit::verify(&trail, &key, None).expect("the trail verifies");
+    let records = cleanroom_server::audit::read(&trail).unwrap();
+    let sweeps: Vec<_> = records
+        .iter()
+        .filter(|r| r.entry.method == "Sweep")
+        .collect();
+    assert_eq!(sweeps.len(), 1, "one record of the destruction");
+    h.stop().await;
+}

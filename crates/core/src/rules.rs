@@ -219,6 +219,30 @@ pub struct Contract {
     /// How the guard defends this collaboration beyond the k threshold.
     #[serde(default)]
     pub protection: Protection,
+    /// How long what the collaboration leaves is kept after it ends.
+    #[serde(default)]
+    pub retention: Retention,
+}
+
+/// The longest grace period after a contract's expiry, in days.
+pub const MAX_GRACE_DAYS: u32 = 30;
+
+/// `[contracts.X.retention]`: what is kept of a collaboration, and for how long.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Retention {
+    /// Days after the contract's last day before its lists, member tokens, stored answers and
+    /// key are destroyed (0 to 30; default 0: the day after it expires).
+    #[serde(default)]
+    pub grace_days: u32,
+}
+
+impl Contract {
+    /// The first day on which the collaboration is destroyed: the day after its last day plus
+    /// its grace period, in the retailer's local time.
+    pub fn destruction_day(&self) -> NaiveDate {
+        self.expires + chrono::Days::new(u64::from(self.retention.grace_days) + 1)
+    }
 }
 
 /// The guard's settings for one contract beyond the k threshold (see the README's privacy
@@ -594,6 +618,11 @@ impl Rules {
         }
         if contract.key_version == 0 {
             return fail(format!("contracts.{id}.key_version must be positive"));
+        }
+        if contract.retention.grace_days > MAX_GRACE_DAYS {
+            return fail(format!(
+                "contracts.{id}.retention.grace_days must be between 0 and {MAX_GRACE_DAYS}"
+            ));
         }
         self.check_protection(id, contract)
     }

@@ -9,12 +9,9 @@
 //! 3. its keys: a tombstone, then each seed overwritten and removed ([`cleanroom_core::keys`]).
 //!
 //! One typed audit record ([`Event::Destroyed`]) names every file with its SHA-256 and rows and
-//! the key's public id. A crash after step 1 is finished at the next start ([`finish_cut`]), so a
+//! the key's public id. A crash after step 1 is finished at the next start (`finish_cut`), so a
 //! destruction is never left half done. Pending requests are rebuilt from the audit trail at
 //! start, as approvals are; the analyst who asks cannot confirm (the legal role does).
-
-use std::collections::BTreeMap;
-use std::sync::Mutex;
 
 use chrono::{DateTime, Utc};
 use cleanroom_core::keys::KeyStore;
@@ -23,72 +20,14 @@ use cleanroom_engine::store::CommitRecord;
 use cleanroom_proto::v1::{DestroyedFile as WireFile, DestructionStatus};
 
 use crate::Result;
-use crate::audit::{Destruction, Entry, Event, Record};
+use crate::audit::{Destruction, Entry, Event};
 use crate::context::Call;
+use crate::requests::Pending;
 use crate::state::App;
 use cleanroom_engine::guard::admission::shown;
 
 /// The longest reason kept.
 const MAX_REASON_CHARS: usize = 2000;
-
-/// An analyst's request waiting for legal.
-#[derive(Debug, Clone)]
-pub struct Pending {
-    /// The partner of the collaboration.
-    pub partner: String,
-    /// Why.
-    pub reason: String,
-    /// The analyst who asked.
-    pub requested_by: String,
-}
-
-/// Requests to end a collaboration that legal has not yet confirmed, by contract.
-#[derive(Debug, Default)]
-pub struct Endings {
-    pending: Mutex<BTreeMap<String, Pending>>,
-}
-
-impl Endings {
-    /// The pending requests the audit trail holds: asked, and not destroyed since.
-    pub fn from_history(history: &[Record]) -> Self {
-        let mut pending = BTreeMap::new();
-        for record in history.iter().filter(|r| r.entry.outcome == "ok") {
-            match &record.entry.event {
-                Some(Event::DestructionRequested { contract, reason }) => {
-                    let asked = Pending {
-                        partner: record.entry.partner.clone().unwrap_or_default(),
-                        reason: reason.clone(),
-                        requested_by: record.entry.principal.clone(),
-                    };
-                    pending.insert(contract.clone(), asked);
-                }
-                Some(Event::Destroyed(d)) => {
-                    pending.remove(&d.contract);
-                }
-                _ => {}
-            }
-        }
-        Self {
-            pending: Mutex::new(pending),
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Pending>> {
-        self.pending.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn get(&self, contract: &str) -> Option<Pending> {
-        self.lock().get(contract).cloned()
-    }
-
-    fn insert(&self, contract: &str, pending: Pending) {
-        self.lock().insert(contract.to_string(), pending);
-    }
-
-    fn remove(&self, contract: &str) {
-        self.lock().remove(contract);
-    }
-}
 
 /// Checks an analyst's request and records it in `entry`; it takes effect once the audit trail
 /// holds it ([`asked`]).
@@ -149,37 +88,116 @@ pub(crate) async fn confirm(
         None,
         &IngestReport::default(),
     );
-    let (owned, partner) = (contract.to_string(), pending.partner.clone());
-    let app2 = std::sync::Arc::clone(app);
-    let (record, files) = crate::state::blocking(move || {
-        Ok(app2.store.commit_destruction(&owned, &partner, facts)?)
-    })
-    .await?;
-    entry.committed(&record);
-    let stored_answers = app.guard.forget_answers(&pending.partner)?;
-    let current = call
-        .live
-        .rules
-        .contracts
-        .get(contract)
-        .map(|c| c.key_version);
-    let (key_version, key_id) =
-        destroy_keys(&app.keys, contract, current, &pending.reason, call.now)?;
-    let destruction = Destruction {
+    let ending = Ending {
         contract: contract.to_string(),
         partner: pending.partner.clone(),
+        current_version: call
+            .live
+            .rules
+            .contracts
+            .get(contract)
+            .map(|c| c.key_version),
         reason: pending.reason.clone(),
         requested_by: pending.requested_by.clone(),
+    };
+    let owned = std::sync::Arc::clone(app);
+    let (record, destruction) =
+        crate::state::blocking(move || destroy(&owned, &ending, facts)).await?;
+    entry.committed(&record);
+    let status = destroyed_status(&destruction, &call.principal.name, call.now);
+    entry.event = Some(Event::Destroyed(Box::new(destruction)));
+    app.endings.remove(contract);
+    Ok(status)
+}
+
+/// A collaboration to destroy, and on whose word.
+struct Ending {
+    contract: String,
+    partner: String,
+    /// The rules' key version, destroyed even if it was never made.
+    current_version: Option<u32>,
+    reason: String,
+    requested_by: String,
+}
+
+/// Destroys a collaboration in the order the module docs give: its files (one commit), its
+/// stored answers, its keys. Returns the commit and what was destroyed.
+fn destroy(
+    app: &App,
+    ending: &Ending,
+    facts: cleanroom_engine::store::WriteFacts,
+) -> Result<(CommitRecord, Destruction)> {
+    let now = facts.at;
+    let (record, files) = app
+        .store
+        .commit_destruction(&ending.contract, &ending.partner, facts)?;
+    let stored_answers = app.guard.forget_answers(&ending.partner)?;
+    let (key_version, key_id) = destroy_keys(
+        &app.keys,
+        &ending.contract,
+        ending.current_version,
+        &ending.reason,
+        now,
+    )?;
+    let destruction = Destruction {
+        contract: ending.contract.clone(),
+        partner: ending.partner.clone(),
+        reason: ending.reason.clone(),
+        requested_by: ending.requested_by.clone(),
         key_version,
         key_id,
         files,
         stored_answers,
     };
-    let mut status = destroyed_status(&destruction, &call.principal.name, call.now);
-    status.state = "destroyed".into();
-    entry.event = Some(Event::Destroyed(Box::new(destruction)));
-    app.endings.remove(contract);
-    Ok(status)
+    Ok((record, destruction))
+}
+
+/// Destroys every collaboration whose contract is past its last day plus its grace period (in
+/// the retailer's local time) and not destroyed yet, each with its own audit record (method
+/// `Sweep`, reason `expiry`). Runs at start and then every minute, so a contract ends within a
+/// minute of local midnight and a reload that shortens a contract takes effect at once. Returns
+/// how many it destroyed.
+pub(crate) fn sweep(app: &App) -> Result<usize> {
+    let live = app.live();
+    let now = app.clock.now();
+    let today = live.rules.retailer.today(now);
+    let mut ended = 0;
+    for (id, contract) in &live.rules.contracts {
+        let due = today >= contract.destruction_day();
+        if !due || app.keys.tombstone(id, contract.key_version)?.is_some() {
+            continue;
+        }
+        let ending = Ending {
+            contract: id.clone(),
+            partner: contract.partner.clone(),
+            current_version: Some(contract.key_version),
+            reason: "expiry".into(),
+            requested_by: "retention rules".into(),
+        };
+        let facts = cleanroom_engine::store::WriteFacts {
+            at: now,
+            method: "Sweep".into(),
+            partner: Some(contract.partner.clone()),
+            request_id: None,
+            report: IngestReport::default(),
+        };
+        let (record, destruction) = destroy(app, &ending, facts)?;
+        let mut entry = Entry {
+            principal: "retention rules".into(),
+            role: "service".into(),
+            partner: Some(contract.partner.clone()),
+            method: "Sweep".into(),
+            outcome: "ok".into(),
+            ..Entry::default()
+        };
+        entry.committed(&record);
+        entry.event = Some(Event::Destroyed(Box::new(destruction)));
+        app.audit.append(entry, now)?;
+        app.endings.remove(id);
+        tracing::info!(contract = %id, "destroyed at the end of its retention");
+        ended += 1;
+    }
+    Ok(ended)
 }
 
 /// Destroys every key the store holds for `contract` (every version) and the `current` version

@@ -27,6 +27,7 @@ pub mod metrics;
 pub mod page;
 pub mod partner;
 mod recovery;
+mod requests;
 mod retry;
 pub mod review;
 pub mod startup;

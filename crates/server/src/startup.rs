@@ -51,7 +51,7 @@ impl App {
         )?;
         let keys = cleanroom_core::keys::KeyStore::open(&config.keys, config.secret.clone())?;
         let found = Found::read(&config)?;
-        let endings = crate::ending::Endings::from_history(found.history());
+        let endings = crate::requests::Requests::from_history(found.history());
         let plan = found.decide(config.accept_restore)?;
         let opened = recovery::repair(found, plan, &config)?;
         opened.review.archive(&live.allowlist, config.clock.now())?;
@@ -77,6 +77,7 @@ impl App {
         });
         crate::ending::finish_cut(&app, &app.store.log(), app.clock.now())?;
         app.follow_with_mark()?;
+        crate::ending::sweep(&app)?;
         Ok(app)
     }
 
@@ -133,6 +134,7 @@ pub async fn serve(
         .as_ref()
         .map(|sources| watch_config(Arc::clone(&app), sources.poll, health_reporter.clone()));
     let preparer = tokio::spawn(prepare_audiences(Arc::clone(&app)));
+    let sweeper = sweep_every_minute(Arc::clone(&app));
     let mut builder = server_builder(&app, tls.as_ref())?;
     let served = builder
         .add_service(health)
@@ -148,6 +150,7 @@ pub async fn serve(
         watcher.abort();
     }
     preparer.abort();
+    sweeper.abort();
     served
 }
 
@@ -207,6 +210,23 @@ fn legal_service(app: &Arc<App>) -> Authenticated<LegalServiceServer<LegalApi>> 
         Arc::clone(app),
         LegalServiceServer::new(LegalApi::new(Arc::clone(app))),
     )
+}
+
+/// Destroys expired collaborations as their retention ends (`ending::sweep`): checked every
+/// minute, so within a minute of the retailer's local midnight and of a reload that changes a
+/// contract. A failed sweep is logged and tried again; it never stops the service.
+fn sweep_every_minute(app: Arc<App>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            let app = Arc::clone(&app);
+            match tokio::task::spawn_blocking(move || crate::ending::sweep(&app)).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::error!(error = %e, "retention sweep failed"),
+                Err(e) => tracing::error!(error = %e, "retention sweep panicked"),
+            }
+        }
+    })
 }
 
 /// Reloads the configuration every `poll`, reporting under [`CONFIG_HEALTH`] whether the

@@ -94,7 +94,7 @@ pub struct App {
     /// Each collaboration's key seed; with the master secret, its match key.
     pub keys: Arc<cleanroom_core::keys::KeyStore>,
     /// Requests to end a collaboration waiting for legal.
-    pub(crate) endings: crate::ending::Endings,
+    pub(crate) endings: crate::requests::Requests,
     /// The audit trail.
     pub audit: Arc<AuditTrail>,
     /// Source of "now".
