@@ -9,12 +9,9 @@
 //! 3. its keys: a tombstone, then each seed overwritten and removed ([`cleanroom_core::keys`]).
 //!
 //! One typed audit record ([`Event::Destroyed`]) names every file with its SHA-256 and rows and
-//! the key's public id. A crash after step 1 is finished at the next start ([`finish_cut`]), so a
+//! the key's public id. A crash after step 1 is finished at the next start (`finish_cut`), so a
 //! destruction is never left half done. Pending requests are rebuilt from the audit trail at
 //! start, as approvals are; the analyst who asks cannot confirm (the legal role does).
-
-use std::collections::BTreeMap;
-use std::sync::Mutex;
 
 use chrono::{DateTime, Utc};
 use cleanroom_core::keys::KeyStore;
@@ -23,72 +20,13 @@ use cleanroom_engine::store::CommitRecord;
 use cleanroom_proto::v1::{DestroyedFile as WireFile, DestructionStatus};
 
 use crate::Result;
-use crate::audit::{Destruction, Entry, Event, Record};
+use crate::audit::{Destruction, Entry, Event};
 use crate::context::Call;
-use crate::state::App;
+use crate::state::{App, Pending};
 use cleanroom_engine::guard::admission::shown;
 
 /// The longest reason kept.
 const MAX_REASON_CHARS: usize = 2000;
-
-/// An analyst's request waiting for legal.
-#[derive(Debug, Clone)]
-pub struct Pending {
-    /// The partner of the collaboration.
-    pub partner: String,
-    /// Why.
-    pub reason: String,
-    /// The analyst who asked.
-    pub requested_by: String,
-}
-
-/// Requests to end a collaboration that legal has not yet confirmed, by contract.
-#[derive(Debug, Default)]
-pub struct Endings {
-    pending: Mutex<BTreeMap<String, Pending>>,
-}
-
-impl Endings {
-    /// The pending requests the audit trail holds: asked, and not destroyed since.
-    pub fn from_history(history: &[Record]) -> Self {
-        let mut pending = BTreeMap::new();
-        for record in history.iter().filter(|r| r.entry.outcome == "ok") {
-            match &record.entry.event {
-                Some(Event::DestructionRequested { contract, reason }) => {
-                    let asked = Pending {
-                        partner: record.entry.partner.clone().unwrap_or_default(),
-                        reason: reason.clone(),
-                        requested_by: record.entry.principal.clone(),
-                    };
-                    pending.insert(contract.clone(), asked);
-                }
-                Some(Event::Destroyed(d)) => {
-                    pending.remove(&d.contract);
-                }
-                _ => {}
-            }
-        }
-        Self {
-            pending: Mutex::new(pending),
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Pending>> {
-        self.pending.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn get(&self, contract: &str) -> Option<Pending> {
-        self.lock().get(contract).cloned()
-    }
-
-    fn insert(&self, contract: &str, pending: Pending) {
-        self.lock().insert(contract.to_string(), pending);
-    }
-
-    fn remove(&self, contract: &str) {
-        self.lock().remove(contract);
-    }
-}
 
 /// Checks an analyst's request and records it in `entry`; it takes effect once the audit trail
 /// holds it ([`asked`]).

@@ -51,7 +51,7 @@ impl App {
         )?;
         let keys = cleanroom_core::keys::KeyStore::open(&config.keys, config.secret.clone())?;
         let found = Found::read(&config)?;
-        let endings = crate::ending::Endings::from_history(found.history());
+        let endings = crate::state::Endings::from_history(found.history());
         let plan = found.decide(config.accept_restore)?;
         let opened = recovery::repair(found, plan, &config)?;
         opened.review.archive(&live.allowlist, config.clock.now())?;

@@ -3,6 +3,7 @@
 //! reach a handler. Opening it is start-up's job ([`crate::startup`]); a call's own view of it is
 //! its context ([`crate::context::Call`]).
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -15,7 +16,7 @@ use cleanroom_core::token::MasterSecret;
 use cleanroom_engine::guard::Guard;
 use cleanroom_engine::store::Store;
 
-use crate::audit::{AuditTrail, Entry};
+use crate::audit::{AuditTrail, Entry, Event, Record};
 use crate::live::{Live, Reload, Sources, source_fingerprint};
 use crate::metrics::{Metrics, Readings, Refused};
 use crate::review::ReviewState;
@@ -79,6 +80,66 @@ pub struct AppConfig {
     pub keys: PathBuf,
 }
 
+/// An analyst's request waiting for legal.
+#[derive(Debug, Clone)]
+pub struct Pending {
+    /// The partner of the collaboration.
+    pub partner: String,
+    /// Why.
+    pub reason: String,
+    /// The analyst who asked.
+    pub requested_by: String,
+}
+
+/// Requests to end a collaboration that legal has not yet confirmed, by contract: state, kept
+/// here so that the state imports no handler (the requests themselves are [`crate::ending`]'s).
+#[derive(Debug, Default)]
+pub struct Endings {
+    pending: Mutex<BTreeMap<String, Pending>>,
+}
+
+impl Endings {
+    /// The pending requests the audit trail holds: asked, and not destroyed since.
+    pub fn from_history(history: &[Record]) -> Self {
+        let mut pending = BTreeMap::new();
+        for record in history.iter().filter(|r| r.entry.outcome == "ok") {
+            match &record.entry.event {
+                Some(Event::DestructionRequested { contract, reason }) => {
+                    let asked = Pending {
+                        partner: record.entry.partner.clone().unwrap_or_default(),
+                        reason: reason.clone(),
+                        requested_by: record.entry.principal.clone(),
+                    };
+                    pending.insert(contract.clone(), asked);
+                }
+                Some(Event::Destroyed(d)) => {
+                    pending.remove(&d.contract);
+                }
+                _ => {}
+            }
+        }
+        Self {
+            pending: Mutex::new(pending),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Pending>> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn get(&self, contract: &str) -> Option<Pending> {
+        self.lock().get(contract).cloned()
+    }
+
+    pub(crate) fn insert(&self, contract: &str, pending: Pending) {
+        self.lock().insert(contract.to_string(), pending);
+    }
+
+    pub(crate) fn remove(&self, contract: &str) {
+        self.lock().remove(contract);
+    }
+}
+
 /// State shared by every handler.
 pub struct App {
     pub(crate) live: RwLock<Arc<Live>>,
@@ -94,7 +155,7 @@ pub struct App {
     /// Each collaboration's key seed; with the master secret, its match key.
     pub keys: Arc<cleanroom_core::keys::KeyStore>,
     /// Requests to end a collaboration waiting for legal.
-    pub(crate) endings: crate::ending::Endings,
+    pub(crate) endings: Endings,
     /// The audit trail.
     pub audit: Arc<AuditTrail>,
     /// Source of "now".
