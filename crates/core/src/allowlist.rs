@@ -1,8 +1,10 @@
 //! The allow-list: reviewed query files in `queries/`, each SQL over the safe views plus metadata a
-//! lawyer can read, and the binding of a caller's parameters to typed values.
+//! lawyer can read, among it each parameter's declared type, range, granularity and allowed
+//! values.
 //!
-//! Parameters are checked against their declared type, range, granularity and allowed values, then
-//! handed to the engine as typed values for placeholders. They are never spliced into SQL text.
+//! A caller's parameters are checked against those declarations in one place, the guard's
+//! (`cleanroom_engine::guard::params`), and bound to placeholders as typed values: never spliced
+//! into SQL text.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -203,27 +205,6 @@ pub struct DimensionSpec {
     /// Domain name: built in (`age_band`, `prefecture`, `gender`, `partner_attribute`) or from the
     /// rules' `[domains]`.
     pub domain: String,
-}
-
-/// A parameter value as the caller sent it, before any check.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RawValue {
-    /// A string.
-    Str(String),
-    /// An integer.
-    Int(i64),
-    /// A date string.
-    Date(String),
-}
-
-impl RawValue {
-    fn kind_name(&self) -> &'static str {
-        match self {
-            RawValue::Str(_) => "a string",
-            RawValue::Int(_) => "an integer",
-            RawValue::Date(_) => "a date",
-        }
-    }
 }
 
 /// A checked, typed parameter value.
@@ -503,86 +484,6 @@ impl QueryDef {
                 (spec.name.clone(), value)
             })
             .collect()
-    }
-
-    /// Checks the caller's values against the declared parameters and returns them typed. Every
-    /// declared parameter must be present, no other name is accepted, and no error message echoes
-    /// a value (a caller could put anything in it). Snapping dates to their granularity and the
-    /// minimum window are privacy rules: the guard applies them to the typed values.
-    pub fn bind(
-        &self,
-        raw: &BTreeMap<String, RawValue>,
-        rules: &Rules,
-        partner: &str,
-    ) -> Result<BTreeMap<String, BoundValue>> {
-        let invalid =
-            |name: &str, msg: &str| Err(Error::Input(format!("parameter `{name}`: {msg}")));
-        if raw
-            .keys()
-            .any(|k| !self.params.iter().any(|p| &p.name == k))
-        {
-            // The unknown name is the caller's own text: never echo it.
-            let declared: Vec<&str> = self.params.iter().map(|p| p.name.as_str()).collect();
-            return Err(Error::Input(format!(
-                "query {} got a parameter it does not declare; its parameters are: {}",
-                self.id,
-                declared.join(", ")
-            )));
-        }
-        let mut bound = BTreeMap::new();
-        for spec in &self.params {
-            let Some(value) = raw.get(&spec.name) else {
-                return invalid(&spec.name, "missing");
-            };
-            let typed = match (spec.kind, value) {
-                (ParamKind::Date, RawValue::Date(text) | RawValue::Str(text)) => {
-                    let Ok(date) = NaiveDate::parse_from_str(text, "%Y-%m-%d") else {
-                        return invalid(&spec.name, "expected a date as YYYY-MM-DD");
-                    };
-                    let min = spec.min.as_ref().and_then(bound_date);
-                    let max = spec.max.as_ref().and_then(bound_date);
-                    if min.is_some_and(|m| date < m) || max.is_some_and(|m| date > m) {
-                        return invalid(
-                            &spec.name,
-                            &format!(
-                                "out of range {}..={}",
-                                min.map(|d| d.to_string()).unwrap_or_default(),
-                                max.map(|d| d.to_string()).unwrap_or_default()
-                            ),
-                        );
-                    }
-                    BoundValue::Date(date)
-                }
-                (ParamKind::Int, RawValue::Int(i)) => {
-                    let in_range =
-                        |bound: &Option<toml::Value>, ok: fn(i64, i64) -> bool| match bound {
-                            Some(toml::Value::Integer(b)) => ok(*i, *b),
-                            _ => true,
-                        };
-                    if !in_range(&spec.min, |v, b| v >= b) || !in_range(&spec.max, |v, b| v <= b) {
-                        return invalid(&spec.name, "out of range");
-                    }
-                    BoundValue::Int(*i)
-                }
-                (ParamKind::Enum, RawValue::Str(s)) => {
-                    if !self.allowed_values(spec, rules, partner).contains(s) {
-                        return invalid(
-                            &spec.name,
-                            "not one of the allowed values (see DescribeQuery)",
-                        );
-                    }
-                    BoundValue::Str(s.clone())
-                }
-                (kind, other) => {
-                    return invalid(
-                        &spec.name,
-                        &format!("expected {}, got {}", kind.as_str(), other.kind_name()),
-                    );
-                }
-            };
-            bound.insert(spec.name.clone(), typed);
-        }
-        Ok(bound)
     }
 }
 

@@ -2,10 +2,13 @@
 //! cannot switch any of it off: it works on the DataFusion `LogicalPlan` of every query and on the
 //! partner's ledger, whatever the template says.
 //!
-//! [`Guard::run`] is the only function that releases query results. It reads as its stages:
-//! 1. **snap** the parameters to the query's declared granularity and minimum window
-//!    ([`params`]), and **plan and check** the SQL against the safe views (`plan`). Both depend
-//!    only on the request and the allow-list, never on data, so their refusals cost nothing;
+//! [`Guard::answer`] is the only function that releases query results. Its front half (`ask`)
+//! admits the partner and the query ([`admission`]), then types and snaps the parameters to the
+//! query's declared granularity and minimum window ([`params`]), once; the run that follows
+//! reads as its stages:
+//! 1. **plan and check** the SQL against the safe views (`plan`). Admission, parameters and plan
+//!    depend only on the request and the allow-list, never on data, so their refusals cost
+//!    nothing;
 //! 2. **key** the answer by the question and the data's version (ingest and upload counters, the
 //!    day), and serve a stored answer again at no cost ([`answers`]);
 //! 3. **charge** the partner's ledger one answer's ρ, on disk, before anything is computed
@@ -29,9 +32,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use chrono::{DateTime, NaiveDate, NaiveTime, Utc};
+use chrono::{DateTime, Utc};
 use cleanroom_core::accounting::{Guarantee, NoisePlan, interval95};
-use cleanroom_core::allowlist::{BoundValue, QueryDef};
+use cleanroom_core::allowlist::QueryDef;
 use cleanroom_core::consent::Requirement;
 use cleanroom_core::rules::{Contract, Rules};
 use cleanroom_core::token::MasterSecret;
@@ -51,6 +54,7 @@ use crate::{Error, Result};
 
 pub mod admission;
 pub mod answers;
+mod ask;
 pub mod budget;
 mod fold;
 mod lists;
@@ -60,8 +64,10 @@ mod plan;
 
 pub use admission::{AdmittedPartner, AdmittedQuery, Approvals, admit_partner, admit_query};
 pub use answers::{NoiseReport, Outcome, Release, ReleaseFacts};
+pub use ask::{Answered, Ask, AuditFacts, Refused};
 pub use budget::{Charge, LedgerFile, RhoLedger, Spend, Terms};
 use lists::Lists;
+pub use params::{RawValue, bind_value};
 
 /// The suffix of the column that carries each metric's 95 % half-width.
 pub const INTERVAL_SUFFIX: &str = "_ci95";
@@ -123,26 +129,22 @@ impl Policy {
     }
 }
 
-/// A query to answer: only an admitted query makes one ([`admission`]), so nothing reaches
-/// [`Guard::run`] without passing admission.
-pub struct QueryRequest<'a> {
+/// A query to answer: only an admitted query with its checked parameters makes one
+/// ([`admission`], [`params`]), so nothing reaches [`Guard::run`] without passing both.
+struct QueryRequest<'a> {
     rules: &'a Rules,
     query: &'a QueryDef,
     partner: &'a str,
     contract_id: &'a str,
-    /// Typed parameters, not yet snapped.
-    params: &'a BTreeMap<String, BoundValue>,
+    /// The query's canonical parameters: typed and snapped.
+    params: params::Snapped,
     snapshot: Arc<Snapshot>,
     now: DateTime<Utc>,
 }
 
 impl<'a> QueryRequest<'a> {
-    /// The admitted query, asked with typed (not yet snapped) parameters of the data in `snapshot`.
-    pub fn new(
-        admitted: AdmittedQuery<'a>,
-        params: &'a BTreeMap<String, BoundValue>,
-        snapshot: Arc<Snapshot>,
-    ) -> Self {
+    /// The admitted query, asked with checked parameters of the data in `snapshot`.
+    fn new(admitted: AdmittedQuery<'a>, params: params::Snapped, snapshot: Arc<Snapshot>) -> Self {
         let partner = admitted.partner;
         Self {
             rules: partner.rules,
@@ -288,24 +290,6 @@ pub struct Spending {
     pub answers_per_period: u32,
 }
 
-/// Turns a checked parameter into the literal bound to its placeholder. Dates mean local midnight
-/// at the retailer's UTC offset.
-pub fn bind_value(value: &BoundValue, utc_offset_minutes: i32) -> ScalarValue {
-    match value {
-        BoundValue::Date(date) => {
-            let micros = local_midnight_micros(*date, utc_offset_minutes);
-            ScalarValue::TimestampMicrosecond(Some(micros), Some("UTC".into()))
-        }
-        BoundValue::Int(i) => ScalarValue::Int64(Some(*i)),
-        BoundValue::Str(s) => ScalarValue::Utf8(Some(s.clone())),
-    }
-}
-
-fn local_midnight_micros(date: NaiveDate, utc_offset_minutes: i32) -> i64 {
-    let midnight = date.and_time(NaiveTime::MIN).and_utc().timestamp_micros();
-    midnight - i64::from(utc_offset_minutes) * 60_000_000
-}
-
 /// Plans and checks a query without running it, over safe views with no rows, as `queries lint`,
 /// the allow-list's loading and the review page do: the same checks the guard makes before each
 /// answer, on the plan analysed with a value of each parameter's type.
@@ -316,7 +300,7 @@ pub async fn check(
     partner: &str,
 ) -> Result<()> {
     let policy = Policy::for_query(rules, query, contract, partner);
-    let values = param_values(
+    let values = params::literals(
         &query.example_params(rules, partner),
         rules.retailer.utc_offset_minutes,
     );
@@ -335,15 +319,6 @@ pub fn check_now(
     partner: &str,
 ) -> Result<()> {
     futures::executor::block_on(check(rules, query, contract, partner))
-}
-
-/// Canonical text of snapped parameters: equal questions have equal keys.
-fn params_key(params: &BTreeMap<String, BoundValue>) -> String {
-    params
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join(";")
 }
 
 /// What the guard decided for one cell of the output domain.
@@ -387,7 +362,6 @@ struct Question<'a> {
     contract: &'a Contract,
     guarantee: Guarantee,
     policy: Policy,
-    params: BTreeMap<String, BoundValue>,
     list: &'a crate::store::PartnerList,
     key: String,
 }
@@ -537,8 +511,9 @@ impl Guard {
         Ok(())
     }
 
-    /// Answers one query. This is the only function that releases query results.
-    pub async fn run(&self, request: QueryRequest<'_>) -> Result<Answer> {
+    /// Answers one admitted query with checked parameters: the guard's back half, which only
+    /// [`Guard::answer`] calls.
+    async fn run(&self, request: QueryRequest<'_>) -> Result<Answer> {
         let question = self.question(&request)?;
         let partner = request.partner;
         // A repeat is served before anything is planned: its answer was checked, charged and
@@ -586,7 +561,7 @@ impl Guard {
     }
 
     /// What is asked, from the request and the allow-list alone: the contract and its
-    /// guarantee, the policy, snapped parameters, the list, the answer's key. Nothing is planned.
+    /// guarantee, the policy, the list, the answer's key. Nothing is planned.
     fn question<'a>(&self, request: &'a QueryRequest<'a>) -> Result<Question<'a>> {
         let rules = request.rules;
         let contract = rules.contracts.get(request.contract_id).ok_or_else(|| {
@@ -594,7 +569,6 @@ impl Guard {
         })?;
         let guarantee = contract.protection.guarantee()?;
         let policy = Policy::for_query(rules, request.query, contract, request.partner);
-        let params = params::canonical(request.query, request.params, rules, request.partner)?;
         let Some(list) = request.snapshot.lists.get(request.partner) else {
             return Err(cleanroom_core::Error::Precondition(
                 "no customer list uploaded yet: call UploadList first".into(),
@@ -616,13 +590,12 @@ impl Guard {
             )
             .into());
         }
-        let key = self.answer_key(request, &params, list);
+        let key = self.answer_key(request, list);
         Ok(Question {
             request,
             contract,
             guarantee,
             policy,
-            params,
             list,
             key,
         })
@@ -634,7 +607,7 @@ impl Guard {
         let request = question.request;
         let ctx = SafeViews::empty().session()?;
         let offset = request.rules.retailer.utc_offset_minutes;
-        let values = param_values(&question.params, offset);
+        let values = request.params.literals(offset);
         let checked = checked_plan(&ctx, &request.query.sql, values, &question.policy).await?;
         let bounds: Vec<u64> = checked
             .shape
@@ -655,12 +628,7 @@ impl Guard {
     /// backup brings old counters back, so noise is never replayed on new data. Whether a key
     /// was seen before depends on the partner's own uploads and on whether the retailer ingested
     /// anything, never on one member.
-    fn answer_key(
-        &self,
-        request: &QueryRequest<'_>,
-        params: &BTreeMap<String, BoundValue>,
-        list: &crate::store::PartnerList,
-    ) -> String {
+    fn answer_key(&self, request: &QueryRequest<'_>, list: &crate::store::PartnerList) -> String {
         let day = request.rules.retailer.today(request.now);
         let text = format!(
             "answer/v2|{}|{}|{}|{}|{}|{}|{}|{}|{}",
@@ -668,7 +636,7 @@ impl Guard {
             request.contract_id,
             request.query.id,
             request.query.content_sha256,
-            params_key(params),
+            request.params.key(),
             request.snapshot.data_version,
             list.version,
             list.digest,
@@ -759,7 +727,7 @@ impl Guard {
         let ctx = views.session_in(self.executor.env())?;
         // Planned again over the real views: the same SQL and schemas give the same checks.
         let offset = request.rules.retailer.utc_offset_minutes;
-        let values = param_values(&question.params, offset);
+        let values = request.params.literals(offset);
         let checked = checked_plan(&ctx, &request.query.sql, values, &question.policy).await?;
         let batches = self
             .executor
@@ -887,11 +855,7 @@ impl Guard {
         Ok(Outcome::Released(Release {
             arrow_ipc: encode_ipc(&batch)?,
             suppressed_rows,
-            params: question
-                .params
-                .iter()
-                .map(|(k, v)| (k.clone(), v.to_string()))
-                .collect(),
+            params: question.request.params.shown(),
             list_version: question.list.version,
             consent_snapshot_id: question.request.snapshot.consent_snapshot_id.clone(),
             noise: report,
@@ -948,17 +912,6 @@ async fn checked_plan(
     let shape = plan::check_plan(&analysed, policy)?;
     let runs = plan::plan_that_runs(ctx, &plan::per_member_plan(&shape)?)?;
     Ok(CheckedPlan { shape, runs })
-}
-
-/// Snapped parameters as the values bound to their placeholders.
-fn param_values(
-    params: &BTreeMap<String, BoundValue>,
-    utc_offset_minutes: i32,
-) -> HashMap<String, ScalarValue> {
-    params
-        .iter()
-        .map(|(k, v)| (k.clone(), bind_value(v, utc_offset_minutes)))
-        .collect()
 }
 
 /// Whether execution failed for want of memory in the query pool.
@@ -1066,18 +1019,6 @@ fn decode_ipc(bytes: &[u8]) -> Result<RecordBatch> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn dates_bind_as_local_midnight() {
-        let date = NaiveDate::from_ymd_opt(2026, 4, 1).unwrap();
-        let ScalarValue::TimestampMicrosecond(Some(micros), _) =
-            bind_value(&BoundValue::Date(date), 540)
-        else {
-            panic!("not a timestamp");
-        };
-        let utc = chrono::DateTime::from_timestamp_micros(micros).unwrap();
-        assert_eq!(utc.to_rfc3339(), "2026-03-31T15:00:00+00:00");
-    }
 
     #[test]
     fn the_retailers_day_turns_at_local_midnight() {

@@ -84,6 +84,23 @@ impl Entry {
         }
     }
 
+    /// Notes what the guard decided for a question, answered or refused: the query, its
+    /// parameters, the data it read, what was released and the guard's report.
+    pub fn record(&mut self, facts: &cleanroom_engine::guard::AuditFacts) {
+        self.query_id = facts.query_id.clone();
+        self.query_sha256 = facts.query_sha256.clone();
+        self.params = facts
+            .params
+            .as_ref()
+            .map(|params| serde_json::json!(params));
+        self.consent_snapshot = facts.consent_snapshot.clone();
+        self.list_version = facts.list_version;
+        self.rows_released = facts.rows_released;
+        self.rows_suppressed = facts.rows_suppressed;
+        self.out_of_domain_rows = facts.out_of_domain_rows;
+        self.event = facts.report.clone().map(Event::Answer);
+    }
+
     /// Notes that this call was a retry of a write committed before under its request id: it
     /// wrote nothing, and answered the original commit's result.
     pub fn replayed(&mut self, record: &cleanroom_engine::store::CommitRecord) {

@@ -3,19 +3,20 @@
 //! decisions into the messages callers read.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
-use cleanroom_core::allowlist::{BoundValue, ParamKind, QueryDef, RawValue};
+use cleanroom_core::allowlist::{ParamKind, QueryDef};
 use cleanroom_core::rules::Rules;
 use cleanroom_engine::arrow::array::{Array, AsArray, RecordBatch};
 use cleanroom_engine::arrow::compute::cast;
 use cleanroom_engine::arrow::datatypes::{DataType, Float64Type, Int64Type};
-use cleanroom_engine::guard::Answer;
+use cleanroom_engine::guard::{Answer, Answered, RawValue};
 use cleanroom_engine::ingest::{ConsentInput, ListInput, MemberInput, PurchaseInput};
 use cleanroom_engine::store::CommitRecord;
 use cleanroom_proto::v1::{
     AuditRecord, Column, ConsentRecord, CustomerRecord, DimensionSpec, IngestSummary, MemberRecord,
     ParamValue, ParameterSpec, Protection, PurchaseRecord, QueryDescription, QueryVersion,
-    ReviewDecision, Row, UploadListResponse, Value, param_value, value::Kind,
+    ReviewDecision, Row, RunQueryResponse, UploadListResponse, Value, param_value, value::Kind,
 };
 
 use crate::audit::Record;
@@ -96,42 +97,52 @@ pub fn upload_response(record: &CommitRecord, already_committed: bool) -> Upload
     }
 }
 
-/// A RunQuery's parameters as raw values. A parameter sent without a value is named only by
-/// the query's own spelling: the caller's text is never echoed.
-pub fn raw_params(
-    query: &QueryDef,
-    params: BTreeMap<String, ParamValue>,
-) -> Result<BTreeMap<String, RawValue>> {
-    let mut raw = BTreeMap::new();
-    for (name, value) in params {
-        let value = match value.kind {
-            Some(param_value::Kind::StringValue(s)) => RawValue::Str(s),
-            Some(param_value::Kind::IntValue(i)) => RawValue::Int(i),
-            Some(param_value::Kind::DateValue(d)) => RawValue::Date(d),
-            None => {
-                let message = match query.params.iter().find(|p| p.name == name) {
-                    Some(spec) => format!("parameter `{}`: no value", spec.name),
-                    None => format!(
-                        "query {} got a parameter it does not declare, with no value",
-                        query.id
-                    ),
-                };
-                return Err(cleanroom_core::Error::Input(message).into());
-            }
-        };
-        raw.insert(name, value);
-    }
-    Ok(raw)
+/// A RunQuery's parameters as the guard takes them, unchecked: the guard types them (a parameter
+/// sent without a value is refused there, named by the query's own spelling).
+pub fn raw_params(params: BTreeMap<String, ParamValue>) -> BTreeMap<String, RawValue> {
+    params
+        .into_iter()
+        .map(|(name, value)| {
+            let value = match value.kind {
+                Some(param_value::Kind::StringValue(s)) => RawValue::Str(s),
+                Some(param_value::Kind::IntValue(i)) => RawValue::Int(i),
+                Some(param_value::Kind::DateValue(d)) => RawValue::Date(d),
+                None => RawValue::Absent,
+            };
+            (name, value)
+        })
+        .collect()
 }
 
-/// Checked parameters as the audit trail keeps them.
-pub fn params_json(params: &BTreeMap<String, BoundValue>) -> serde_json::Value {
-    serde_json::Value::Object(
-        params
-            .iter()
-            .map(|(k, v)| (k.clone(), serde_json::Value::String(v.to_string())))
-            .collect(),
-    )
+/// The answer to a RunQuery, as the partner reads it: typed rows beside the Arrow IPC bytes, the
+/// effective parameters, how the answer was protected and what it cost. `elapsed` is the
+/// server's time on it; the audit id is filled in once the record is written.
+pub fn run_response(answered: &Answered, elapsed: Duration) -> Result<RunQueryResponse> {
+    let answer = &answered.answer;
+    let release = &answer.release;
+    let (columns, rows) = rows(&answer.batch)?;
+    Ok(RunQueryResponse {
+        query_id: answered.query_id.clone(),
+        query_version: answered.query_version,
+        columns,
+        rows,
+        arrow_ipc: release.arrow_ipc.clone(),
+        suppressed_rows: release.suppressed_rows,
+        effective_k: answered.effective_k,
+        consent_snapshot_id: release.consent_snapshot_id.clone(),
+        list_version: release.list_version,
+        audit_id: String::new(),
+        elapsed_ms: coarse_millis(elapsed),
+        effective_params: release.params.clone(),
+        protection: Some(protection(answer)),
+    })
+}
+
+/// Server time rounded up to a multiple of 250 ms: coarse enough that it says little about the
+/// data or about other partners' load.
+fn coarse_millis(elapsed: Duration) -> u64 {
+    let millis = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX);
+    millis.div_ceil(250).max(1).saturating_mul(250)
 }
 
 /// A parameter bound (`min`, `max`) as text.

@@ -3,9 +3,9 @@
 //! A call's path: the authentication layer ([`layer`]) checks the caller's credentials and limits
 //! and builds the call's context ([`context::Call`]); a handler ([`partner`], [`admin`],
 //! [`legal`]) reads that context and the shared state ([`state::App`]), converts the request
-//! ([`convert`]), hands it to the engine (for a query, admission and
-//! [`cleanroom_engine::guard::Guard::run`]), and ends with [`state::App`]'s `finish`, which writes
-//! the audit record before anything is answered. [`startup`] opens the state and serves;
+//! ([`convert`]), hands it to the engine (for a query, one call:
+//! [`cleanroom_engine::guard::Guard::answer`]), and ends with [`state::App`]'s `finish`, which
+//! writes the audit record before anything is answered. [`startup`] opens the state and serves;
 //! [`status`] is the one place errors become gRPC statuses.
 //!
 //! Modules depend one way: state and configuration ([`live`], [`state`]) know no handler; the

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use cleanroom_engine::guard::admission::shown;
-use cleanroom_engine::guard::{self, AdmittedPartner, ListUpload, QueryRequest};
+use cleanroom_engine::guard::{self, AdmittedPartner, Ask, ListUpload};
 use cleanroom_engine::ingest::ListIngest;
 use cleanroom_proto::v1::partner_service_server::PartnerService;
 use cleanroom_proto::v1::{
@@ -60,6 +60,8 @@ fn admitted<'a>(call: &'a Call, app: &App, method: &str) -> Result<AdmittedPartn
 }
 
 impl PartnerApi {
+    /// RunQuery: the guard answers or refuses in one call, the audit entry takes what it decided,
+    /// and the answer goes back in its wire form.
     async fn run(
         &self,
         call: &Call,
@@ -67,48 +69,26 @@ impl PartnerApi {
         request: RunQueryRequest,
     ) -> Result<RunQueryResponse> {
         let started = Instant::now();
-        let partner = admitted(call, &self.app, "RunQuery")?;
-        let query = partner.visible(&call.live.allowlist, &request.query_id)?;
-        entry.query_id = Some(query.id.clone());
-        entry.query_sha256 = Some(query.content_sha256.clone());
-        let admitted = guard::admit_query(partner, query, &self.app.review)?;
-        let rules = &call.live.rules;
-        let raw = convert::raw_params(query, request.params)?;
-        let bound = query.bind(&raw, rules, partner.partner())?;
-        let snapshot = self.app.store.snapshot();
-        entry.consent_snapshot = Some(snapshot.consent_snapshot_id.clone());
-        let answer = self
-            .app
-            .guard
-            .run(QueryRequest::new(admitted, &bound, Arc::clone(&snapshot)))
-            .await
-            .inspect_err(|_| {
-                // The parameters the caller sent are typed and checked; record them.
-                entry.params = Some(convert::params_json(&bound));
-            })?;
-        let release = &answer.release;
-        entry.params = Some(serde_json::json!(release.params));
-        entry.list_version = Some(release.list_version);
-        entry.rows_released = Some(answer.batch.num_rows() as u64);
-        entry.rows_suppressed = Some(release.suppressed_rows);
-        entry.out_of_domain_rows = Some(release.audit.out_of_domain_rows);
-        entry.event = Some(Event::Answer(answer.report()));
-        let (columns, rows) = convert::rows(&answer.batch)?;
-        Ok(RunQueryResponse {
-            query_id: query.id.clone(),
-            query_version: query.version,
-            columns,
-            rows,
-            arrow_ipc: release.arrow_ipc.clone(),
-            suppressed_rows: release.suppressed_rows,
-            effective_k: rules.effective_k(partner.contract(), query.k),
-            consent_snapshot_id: release.consent_snapshot_id.clone(),
-            list_version: release.list_version,
-            audit_id: String::new(),
-            elapsed_ms: coarse_millis(started.elapsed()),
-            effective_params: release.params.clone(),
-            protection: Some(convert::protection(&answer)),
-        })
+        let ask = Ask {
+            rules: &call.live.rules,
+            keys: &self.app.keys,
+            allowlist: &call.live.allowlist,
+            approvals: &self.app.review,
+            store: &self.app.store,
+            partner: call.partner("RunQuery")?,
+            query_id: &request.query_id,
+            params: convert::raw_params(request.params),
+            now: call.now,
+        };
+        let answered = match self.app.guard.answer(ask).await {
+            Ok(answered) => answered,
+            Err(refused) => {
+                entry.record(&refused.facts);
+                return Err(refused.error.into());
+            }
+        };
+        entry.record(&answered.facts);
+        convert::run_response(&answered, started.elapsed())
     }
 
     /// ListQueries: the queries the partner's contract lets it see, with their approval words.
@@ -347,11 +327,4 @@ fn refusal(error: &crate::Error) -> Option<Refused> {
         },
         _ => None,
     }
-}
-
-/// Server time rounded up to a multiple of 250 ms: coarse enough that it says little about the
-/// data or about other partners' load.
-fn coarse_millis(elapsed: std::time::Duration) -> u64 {
-    let millis = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX);
-    millis.div_ceil(250).max(1).saturating_mul(250)
 }

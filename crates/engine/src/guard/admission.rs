@@ -2,8 +2,9 @@
 //! its contract while the contract is in force (in the retailer's local time); a query is
 //! admitted when it is on both the query's and the contract's list (otherwise it is not visible:
 //! the same "not on your allow-list" as a query that does not exist), serves the contract's
-//! purpose, and its current content is approved by legal. Only the admitted types below open
-//! [`super::Guard::run`] and [`super::Guard::store_list`], and only this module makes them.
+//! purpose, and its current content is approved by legal. Only the admitted types below open the
+//! guard's run (through [`super::Guard::answer`]) and [`super::Guard::store_list`], and only this
+//! module makes them.
 
 use chrono::{DateTime, NaiveDate, Utc};
 use cleanroom_core::allowlist::{AllowList, QueryDef};
