@@ -6,6 +6,7 @@
 
 use std::fs::File;
 use std::io::Read;
+use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -130,7 +131,7 @@ impl FileRead<'_> {
             .with_batch_size(BATCH_ROWS)
             .with_projection(projection)
             .build(counted)
-            .map_err(|e| self.fail(format!("not a CSV file: {e}")))?;
+            .map_err(|e| self.fail(format!("not a CSV file: {}", detail(&e))))?;
         let mut first_row = 1u64;
         for batch in reader {
             let batch = batch.map_err(|_| {
@@ -215,8 +216,22 @@ impl FileRead<'_> {
         messages: &mpsc::Sender<M>,
         progress: &Progress,
     ) -> Result<()> {
+        // The decoders unwrap parts of a file's metadata a damaged file may lack (the Arrow
+        // schema a Parquet file embeds): their panic is this file's error, not the tool's. What
+        // was sent before it goes nowhere: the error cancels the call.
+        let read = AssertUnwindSafe(|| self.read_parquet(chunk, messages, progress));
+        std::panic::catch_unwind(read)
+            .unwrap_or_else(|_| Err(self.fail("the Parquet file is damaged".into())))
+    }
+
+    fn read_parquet<M>(
+        &self,
+        chunk: fn(Vec<u8>) -> M,
+        messages: &mpsc::Sender<M>,
+        progress: &Progress,
+    ) -> Result<()> {
         let builder = ParquetRecordBatchReaderBuilder::try_new(self.open()?)
-            .map_err(|e| self.fail(format!("not a Parquet file: {e}")))?;
+            .map_err(|e| self.fail(format!("not a Parquet file: {}", detail(&e))))?;
         let names: Vec<String> = builder
             .schema()
             .fields()
@@ -231,10 +246,11 @@ impl FileRead<'_> {
             .with_projection(mask)
             .with_batch_size(BATCH_ROWS)
             .build()
-            .map_err(|e| self.fail(format!("cannot read the Parquet file: {e}")))?;
+            .map_err(|e| self.fail(format!("cannot read the Parquet file: {}", detail(&e))))?;
         let mut rows = 0u64;
         for batch in reader {
-            let batch = batch.map_err(|e| self.fail(format!("a row group is damaged: {e}")))?;
+            let batch =
+                batch.map_err(|e| self.fail(format!("a row group is damaged: {}", detail(&e))))?;
             let batch = self.as_sent(batch)?;
             rows += batch.num_rows() as u64;
             let bytes = file_bytes.saturating_mul(rows) / total_rows;
@@ -280,10 +296,29 @@ impl FileRead<'_> {
         progress: &Progress,
         bytes: u64,
     ) -> Result<bool> {
-        let ipc = ipc_of(batch).map_err(|e| self.fail(format!("cannot encode a batch: {e}")))?;
+        let ipc = ipc_of(batch)
+            .map_err(|e| self.fail(format!("cannot encode a batch: {}", detail(&e))))?;
         advanced(progress, batch.num_rows(), bytes);
         Ok(messages.blocking_send(chunk(ipc)).is_ok())
     }
+}
+
+/// A reader's error as a message shows it: one line of at most 160 characters. The Parquet
+/// reader quotes the file's names, and a damaged file may hold any bytes there.
+fn detail(e: &impl std::fmt::Display) -> String {
+    let mut shown = String::new();
+    for (i, c) in e.to_string().chars().enumerate() {
+        if i == 160 {
+            shown.push('…');
+            break;
+        }
+        if c.is_control() {
+            shown.extend(c.escape_default());
+        } else {
+            shown.push(c);
+        }
+    }
+    shown
 }
 
 /// One batch as an Arrow IPC stream: its schema, the batch, the end marker.
@@ -309,3 +344,6 @@ impl<R: Read> Read for Counted<R> {
         Ok(n)
     }
 }
+
+#[cfg(test)]
+mod fuzz;

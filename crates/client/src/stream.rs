@@ -168,3 +168,6 @@ fn read_chunks<T: CsvRecord, M>(
         }
     }
 }
+
+#[cfg(test)]
+mod fuzz;

@@ -13,6 +13,7 @@ use chrono::{Datelike, NaiveDate, Weekday};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
+use crate::files::excerpt;
 use crate::rules::Rules;
 use crate::{Error, Result};
 
@@ -255,7 +256,7 @@ impl QueryDef {
 
     /// A validation error about this query, prefixed with its id.
     fn fail<T>(&self, msg: String) -> Result<T> {
-        Err(Error::Config(format!("query {}: {msg}", self.id)))
+        Err(Error::Config(format!("query {}: {msg}", excerpt(&self.id))))
     }
 
     /// The query names at least one purpose, and only known ones.
@@ -265,7 +266,7 @@ impl QueryDef {
         }
         for purpose in &self.purposes {
             if !rules.purposes.contains_key(purpose) {
-                return self.fail(format!("unknown purpose `{purpose}`"));
+                return self.fail(format!("unknown purpose `{}`", excerpt(purpose)));
             }
         }
         Ok(())
@@ -293,7 +294,7 @@ impl QueryDef {
     fn check_partners(&self, rules: &Rules) -> Result<()> {
         for partner in &self.partners {
             if !rules.partners.contains_key(partner) {
-                return self.fail(format!("unknown partner `{partner}`"));
+                return self.fail(format!("unknown partner `{}`", excerpt(partner)));
             }
         }
         Ok(())
@@ -313,10 +314,13 @@ impl QueryDef {
         let mut names = BTreeSet::new();
         for p in &self.params {
             if !names.insert(p.name.as_str()) {
-                return self.fail(format!("parameter `{}` declared twice", p.name));
+                return self.fail(format!("parameter `{}` declared twice", excerpt(&p.name)));
             }
             if !self.sql.contains(&format!("${}", p.name)) {
-                return self.fail(format!("parameter `{}` is not used in the SQL", p.name));
+                return self.fail(format!(
+                    "parameter `{}` is not used in the SQL",
+                    excerpt(&p.name)
+                ));
             }
             self.check_param_constraints(p, rules)?;
             self.check_param_window(p)?;
@@ -328,29 +332,22 @@ impl QueryDef {
     /// integers integer bounds, enums a value list or a known domain.
     fn check_param_constraints(&self, p: &ParamSpec, rules: &Rules) -> Result<()> {
         match p.kind {
-            ParamKind::Date => {
-                let (Some(min), Some(max)) = (&p.min, &p.max) else {
-                    return self.fail(format!("date parameter `{}` needs min and max", p.name));
-                };
-                if bound_date(min).is_none() || bound_date(max).is_none() {
-                    return self.fail(format!(
-                        "date parameter `{}`: min/max must be dates",
-                        p.name
-                    ));
-                }
-                if p.granularity.is_none() {
-                    return self.fail(format!("date parameter `{}` needs a granularity", p.name));
-                }
-            }
+            ParamKind::Date => self.check_date_constraints(p)?,
             ParamKind::Int => {
-                let (Some(toml::Value::Integer(_)), Some(toml::Value::Integer(_))) =
+                let (Some(toml::Value::Integer(min)), Some(toml::Value::Integer(max))) =
                     (&p.min, &p.max)
                 else {
                     return self.fail(format!(
                         "int parameter `{}` needs integer min and max",
-                        p.name
+                        excerpt(&p.name)
                     ));
                 };
+                if min > max {
+                    return self.fail(format!(
+                        "int parameter `{}`: min {min} is above max {max}",
+                        excerpt(&p.name)
+                    ));
+                }
             }
             ParamKind::Enum => match (&p.values, &p.domain) {
                 (Some(values), None) if !values.is_empty() => {}
@@ -358,10 +355,40 @@ impl QueryDef {
                 _ => {
                     return self.fail(format!(
                         "enum parameter `{}` needs a non-empty `values` list or a known `domain`",
-                        p.name
+                        excerpt(&p.name)
                     ));
                 }
             },
+        }
+        Ok(())
+    }
+
+    /// A date parameter's constraints: a granularity, and min and max dates of the calendar's
+    /// years 1 to 9999 with min not after max.
+    fn check_date_constraints(&self, p: &ParamSpec) -> Result<()> {
+        let name = excerpt(&p.name);
+        let (Some(min), Some(max)) = (&p.min, &p.max) else {
+            return self.fail(format!("date parameter `{name}` needs min and max"));
+        };
+        let (Some(min), Some(max)) = (bound_date(min), bound_date(max)) else {
+            return self.fail(format!("date parameter `{name}`: min/max must be dates"));
+        };
+        // Snapping moves a date by up to a month: bounds at the ends of the calendar chrono
+        // knows made it overflow (found by the fuzzer); these years keep it far inside.
+        let years = NaiveDate::from_ymd_opt(1, 1, 1)..=NaiveDate::from_ymd_opt(9999, 12, 31);
+        if !years.contains(&Some(min)) || !years.contains(&Some(max)) {
+            return self.fail(format!(
+                "date parameter `{name}`: min and max must lie between 0001-01-01 and 9999-12-31"
+            ));
+        }
+        // A range no date falls in would refuse every request.
+        if min > max {
+            return self.fail(format!(
+                "date parameter `{name}`: min {min} is after max {max}"
+            ));
+        }
+        if p.granularity.is_none() {
+            return self.fail(format!("date parameter `{name}` needs a granularity"));
         }
         Ok(())
     }
@@ -377,7 +404,7 @@ impl QueryDef {
         {
             return self.fail(format!(
                 "parameter `{}`: `after` names no parameter of its type",
-                p.name
+                excerpt(&p.name)
             ));
         }
         match (&p.after, p.kind, p.min_window_days) {
@@ -385,13 +412,13 @@ impl QueryDef {
             (Some(_), ParamKind::Date, _) => {
                 return self.fail(format!(
                     "parameter `{}` ends a window: it needs min_window_days of at least 1",
-                    p.name
+                    excerpt(&p.name)
                 ));
             }
             (_, _, Some(_)) => {
                 return self.fail(format!(
                     "parameter `{}`: min_window_days belongs on a date with `after`",
-                    p.name
+                    excerpt(&p.name)
                 ));
             }
             _ => {}
@@ -412,16 +439,21 @@ impl QueryDef {
         for (metric, bound) in &self.metric_bounds {
             if *bound > MAX_METRIC_BOUND {
                 return self.fail(format!(
-                    "metric_bounds.{metric} must be at most {MAX_METRIC_BOUND}"
+                    "metric_bounds.{} must be at most {MAX_METRIC_BOUND}",
+                    excerpt(metric)
                 ));
             }
             if !self.metrics.contains(metric) {
                 return self.fail(format!(
-                    "metric_bounds names `{metric}`, which is not a metric"
+                    "metric_bounds names `{}`, which is not a metric",
+                    excerpt(metric)
                 ));
             }
             if *bound == 0 {
-                return self.fail(format!("metric_bounds.{metric} must be positive"));
+                return self.fail(format!(
+                    "metric_bounds.{} must be positive",
+                    excerpt(metric)
+                ));
             }
         }
         Ok(())
@@ -433,7 +465,8 @@ impl QueryDef {
             if !rules.has_domain(&d.domain) {
                 return self.fail(format!(
                     "dimension `{}`: unknown domain `{}`",
-                    d.name, d.domain
+                    excerpt(&d.name),
+                    excerpt(&d.domain)
                 ));
             }
         }
@@ -540,7 +573,10 @@ impl QueryDef {
                 .guarantee()
                 .and_then(|g| g.noise_plan(rows, &bounds))
                 .map_err(|e| {
-                    Error::Config(format!("query {} under contract {id}: {e}", self.id))
+                    Error::Config(format!(
+                        "query {} under contract {id}: {e}",
+                        excerpt(&self.id)
+                    ))
                 })?;
         }
         Ok(())
@@ -753,6 +789,54 @@ metrics = ["n"]
         }
     }
 
+    /// Found by the query file fuzzer: a range no value falls in was accepted, and every
+    /// request was then refused as out of range.
+    #[test]
+    fn a_parameter_range_that_admits_no_value_or_ends_off_the_calendar_is_refused() {
+        let rules = Rules::parse(
+            r#"
+[privacy]
+k_floor = 5
+[purposes.p]
+description = "d"
+min_notice_version = 1
+[partners]
+[contracts]
+"#,
+        )
+        .unwrap();
+        let with = |param: &str| {
+            let text = QUERY
+                .replace("SELECT 1", "SELECT $x")
+                .replace("partners = [\"acme\"]", "partners = []");
+            QueryDef::parse(&format!(
+                "{text}[[params]]\nname = \"x\"\ndescription = \"x\"\n{param}"
+            ))
+            .unwrap()
+            .validate(&rules)
+            .map_err(|e| e.to_string())
+        };
+        let e = with("type = \"int\"\nmin = 1000\nmax = 40").unwrap_err();
+        assert!(e.contains("min 1000 is above max 40"), "{e}");
+        let e =
+            with("type = \"date\"\nmin = 2027-01-01\nmax = \"2026-01-01\"\ngranularity = \"day\"")
+                .unwrap_err();
+        assert!(e.contains("min 2027-01-01 is after max 2026-01-01"), "{e}");
+        assert_eq!(with("type = \"int\"\nmin = 40\nmax = 40"), Ok(()));
+        // Found by the parameter fuzzer: with a bound at the end of chrono's calendar, a request
+        // for its last day made snapping to the next month overflow, a panic of the guard.
+        for (min, max) in [
+            ("2024-02-01", "+262142-12-31"),
+            ("-262143-01-01", "2024-01-01"),
+        ] {
+            let e = with(&format!(
+                "type = \"date\"\nmin = \"{min}\"\nmax = \"{max}\"\ngranularity = \"month\""
+            ))
+            .unwrap_err();
+            assert!(e.contains("between 0001-01-01 and 9999-12-31"), "{e}");
+        }
+    }
+
     #[test]
     fn dates_snap_to_their_unit() {
         let d = |s: &str| NaiveDate::parse_from_str(s, "%Y-%m-%d").unwrap();
@@ -765,3 +849,6 @@ metrics = ["n"]
         assert_eq!(Granularity::Day.ceil(d("2026-12-02")), d("2026-12-02"));
     }
 }
+
+#[cfg(test)]
+mod fuzz;

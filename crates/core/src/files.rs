@@ -1,7 +1,8 @@
 //! Reading the files the service is configured by (rules, query files, key files): regular files
 //! only (never a symlink, device or FIFO, so a file in `queries/` cannot point the service at
 //! `/proc/self/environ` or stall a reload on a pipe), at most [`MAX_CONFIG_BYTES`], UTF-8. Errors
-//! name the file and, for TOML, the line and column, and never quote the file's content.
+//! name the file and, for TOML, the line and column, and quote no more of the file's content
+//! than an [`excerpt`] of the name or value at fault.
 
 use std::io::Read;
 use std::path::Path;
@@ -60,7 +61,95 @@ fn io_reason(e: &std::io::Error) -> String {
     e.kind().to_string()
 }
 
-/// A TOML error as `line:column: message`, without the snippet of the source `toml` would quote.
+/// The most characters of a file's name or value an error quotes.
+pub const EXCERPT_CHARS: usize = 40;
+
+/// A name or value from a configuration file (or a client's schema) as an error quotes it: its
+/// first [`EXCERPT_CHARS`] characters, with control and invisible characters escaped, so that a
+/// message stays one short line whatever the file holds.
+pub fn excerpt(text: &str) -> String {
+    excerpt_of(text, EXCERPT_CHARS)
+}
+
+/// [`excerpt`] of at most `chars` characters.
+fn excerpt_of(text: &str, chars: usize) -> String {
+    let mut out = String::new();
+    for (i, c) in text.chars().enumerate() {
+        if i == chars {
+            out.push('…');
+            break;
+        }
+        match c {
+            '\'' | '"' | '\\' => out.push(c),
+            c => out.extend(c.escape_debug()),
+        }
+    }
+    out
+}
+
+/// The longest TOML error message shown: the longest serde writes of our own names (a list of
+/// every field of a query file) fits.
+const MAX_TOML_MESSAGE: usize = 400;
+
+/// A TOML error's message with the name or value at fault cut to an [`excerpt`]: serde's
+/// messages quote the name or value they refused, which may be all of a long string. What else
+/// they quote is ours (field and variant names); the result is one line, bounded whatever the
+/// file holds.
+fn toml_message(message: &str) -> String {
+    let mut shown = String::new();
+    let mut rest = message;
+    // An unknown field or variant is named raw, backticks and all: the name ends where the
+    // names expected instead begin.
+    for lead in ["unknown field `", "unknown variant `"] {
+        let Some(name_and_rest) = message.strip_prefix(lead) else {
+            continue;
+        };
+        let end = ["`, expected", "`, there are no"]
+            .iter()
+            .filter_map(|tail| name_and_rest.rfind(tail))
+            .max();
+        if let Some(end) = end {
+            shown = format!("{lead}{}`", excerpt(&name_and_rest[..end]));
+            rest = &name_and_rest[end + 1..];
+        }
+    }
+    shown.push_str(&quoted_excerpts(rest));
+    excerpt_of(&shown, MAX_TOML_MESSAGE)
+}
+
+/// `message` with every run in backticks or double quotes cut to an [`excerpt`]. serde writes a
+/// string value in double quotes with its own quotes escaped.
+fn quoted_excerpts(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(open) = rest.find(['`', '"']) {
+        let quote = if rest[open..].starts_with('`') {
+            '`'
+        } else {
+            '"'
+        };
+        out.push_str(&rest[..=open]);
+        let inside = &rest[open + 1..];
+        let mut escaped = false;
+        let close = inside.char_indices().find_map(|(i, c)| {
+            let ends = c == quote && !escaped;
+            escaped = quote == '"' && c == '\\' && !escaped;
+            ends.then_some(i)
+        });
+        let Some(close) = close else {
+            out.push_str(&excerpt(inside));
+            return out;
+        };
+        out.push_str(&excerpt(&inside[..close]));
+        out.push(quote);
+        rest = &inside[close + 1..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// A TOML error as `line:column: message`, without the snippet of the source `toml` would quote
+/// and with the name or value at fault cut to an [`excerpt`].
 pub fn toml_error(text: &str, e: &toml::de::Error) -> Error {
     let at = match e.span() {
         Some(span) => {
@@ -74,7 +163,7 @@ pub fn toml_error(text: &str, e: &toml::de::Error) -> Error {
         }
         None => String::new(),
     };
-    Error::Config(format!("{at}{}", e.message().trim()))
+    Error::Config(format!("{at}{}", toml_message(e.message().trim())))
 }
 
 /// An error about a file's content, prefixed with the file: `path:line:column: message` for a
@@ -411,6 +500,36 @@ mod tests {
         let shown = toml_error(text, &e).to_string();
         assert!(shown.contains("2:10"), "{shown}");
         assert!(!shown.contains("TOPSECRETVALUE"), "{shown}");
+    }
+
+    /// Found by the rules and query file fuzzers: serde's message quoted the whole of a value
+    /// or a name the file got wrong.
+    #[test]
+    fn toml_errors_quote_at_most_an_excerpt_of_a_value_or_name() {
+        let long = "SECRETVALUE".repeat(5);
+        for text in [
+            format!("k = \"{long}\""),
+            format!("role = \"{long}\\\"{long}\""),
+            format!("\"{long}`\\n{long}\" = 1"),
+        ] {
+            #[derive(Debug, serde::Deserialize)]
+            #[serde(deny_unknown_fields)]
+            #[allow(dead_code)]
+            struct Strict {
+                k: Option<u32>,
+                role: Option<crate::rules::Role>,
+            }
+            let e = toml::from_str::<Strict>(&text).unwrap_err();
+            let shown = toml_error(&text, &e).to_string();
+            assert!(!shown.contains(&long), "{shown}");
+            assert!(!shown.contains('\n'), "{shown}");
+            assert!(
+                shown.contains("SECRETVALUESECRE"),
+                "an excerpt is kept: {shown}"
+            );
+        }
+        assert_eq!(excerpt("a\u{202e}b"), "a\\u{202e}b");
+        assert_eq!(excerpt(&"x".repeat(50)), format!("{}…", "x".repeat(40)));
     }
 
     #[test]

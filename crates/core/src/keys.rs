@@ -445,7 +445,8 @@ pub fn check_contract_id(contract: &str) -> Result<()> {
         Ok(())
     } else {
         Err(Error::Config(format!(
-            "contract id `{contract}`: use 1 to 64 letters, digits, `_` or `-`"
+            "contract id `{}`: use 1 to 64 letters, digits, `_` or `-`",
+            crate::files::excerpt(contract)
         )))
     }
 }

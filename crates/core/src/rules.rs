@@ -8,6 +8,7 @@ use std::path::Path;
 use chrono::NaiveDate;
 use serde::Deserialize;
 
+use crate::files::excerpt;
 use crate::generalize::{AGE_BANDS, GENDERS, PREFECTURES};
 use crate::{Error, Result};
 
@@ -467,7 +468,7 @@ fn principal_credential(p: &PrincipalEntry) -> Result<&String> {
     {
         return fail(format!(
             "principal `{}`: client_cert_sha256 must be 64 lowercase hex digits",
-            p.name
+            excerpt(&p.name)
         ));
     }
     match (&p.token_id, &p.token_hash, &p.token_sha256) {
@@ -476,7 +477,7 @@ fn principal_credential(p: &PrincipalEntry) -> Result<&String> {
                 return fail(format!(
                     "principal `{}`: token_id must be 16 lowercase hex digits and \
                      token_hash an $argon2id$ string (as `cleanroom token new` prints)",
-                    p.name
+                    excerpt(&p.name)
                 ));
             }
             Ok(id)
@@ -484,12 +485,12 @@ fn principal_credential(p: &PrincipalEntry) -> Result<&String> {
         (None, None, Some(sha)) if is_sha256_hex(sha) => Ok(sha),
         (None, None, Some(_)) => fail(format!(
             "principal `{}`: token_sha256 must be 64 lowercase hex digits",
-            p.name
+            excerpt(&p.name)
         )),
         _ => fail(format!(
             "principal `{}`: needs token_id and token_hash (from `cleanroom token \
              new`), or the demo form token_sha256, and not both",
-            p.name
+            excerpt(&p.name)
         )),
     }
 }
@@ -553,7 +554,8 @@ impl Rules {
         for (name, values) in &self.domains {
             if values.is_empty() || values.iter().collect::<BTreeSet<_>>().len() != values.len() {
                 return fail(format!(
-                    "domains.{name}: must be a non-empty list of distinct values"
+                    "domains.{}: must be a non-empty list of distinct values",
+                    excerpt(name)
                 ));
             }
         }
@@ -569,12 +571,14 @@ impl Rules {
                 || distinct.len() != partner.attribute_values.len()
             {
                 return fail(format!(
-                    "partners.{id}.attribute_values: must be non-empty and distinct"
+                    "partners.{}.attribute_values: must be non-empty and distinct",
+                    excerpt(id)
                 ));
             }
             if distinct.contains(&UNKNOWN_ATTRIBUTE.to_string()) {
                 return fail(format!(
-                    "partners.{id}.attribute_values: `{UNKNOWN_ATTRIBUTE}` is reserved"
+                    "partners.{}.attribute_values: `{UNKNOWN_ATTRIBUTE}` is reserved",
+                    excerpt(id)
                 ));
             }
         }
@@ -589,7 +593,7 @@ impl Rules {
             if let Some(other) = contract_of_partner.insert(&contract.partner, id) {
                 return fail(format!(
                     "partner `{}` has two contracts ({other}, {id}); one collaboration per partner",
-                    contract.partner
+                    excerpt(&contract.partner)
                 ));
             }
         }
@@ -604,13 +608,13 @@ impl Rules {
         if !self.partners.contains_key(&contract.partner) {
             return fail(format!(
                 "contracts.{id}: unknown partner `{}`",
-                contract.partner
+                excerpt(&contract.partner)
             ));
         }
         if !self.purposes.contains_key(&contract.purpose) {
             return fail(format!(
                 "contracts.{id}: unknown purpose `{}`",
-                contract.purpose
+                excerpt(&contract.purpose)
             ));
         }
         if contract.k == 0 || contract.k > MAX_K {
@@ -664,8 +668,8 @@ impl Rules {
                 let known: Vec<&str> = SENSITIVE_CATEGORIES.iter().map(|(id, _)| *id).collect();
                 return fail(format!(
                     "sensitive column `{}`: category `{}` is not one of {}",
-                    c.column,
-                    c.category,
+                    excerpt(&c.column),
+                    excerpt(&c.category),
                     known.join(", ")
                 ));
             }
@@ -698,7 +702,7 @@ impl Rules {
             if !tokens.insert(credential) {
                 return fail(format!(
                     "principal `{}`: token shared with another principal",
-                    p.name
+                    excerpt(&p.name)
                 ));
             }
             self.check_principal_partner(p)?;
@@ -713,13 +717,13 @@ impl Rules {
             (Role::Partner, _) => {
                 return fail(format!(
                     "principal `{}`: a partner principal needs a known partner",
-                    p.name
+                    excerpt(&p.name)
                 ));
             }
             (_, Some(_)) => {
                 return fail(format!(
                     "principal `{}`: only partner principals name a partner",
-                    p.name
+                    excerpt(&p.name)
                 ));
             }
             (_, None) => {}
@@ -812,3 +816,6 @@ mod tests {
         assert!(Rules::parse(&unknown_key).is_err());
     }
 }
+
+#[cfg(test)]
+mod fuzz;

@@ -267,3 +267,6 @@ mod tests {
         ));
     }
 }
+
+#[cfg(test)]
+mod fuzz;

@@ -1017,6 +1017,9 @@ fn decode_ipc(bytes: &[u8]) -> Result<RecordBatch> {
 }
 
 #[cfg(test)]
+mod fuzz;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

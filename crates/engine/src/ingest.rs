@@ -133,3 +133,6 @@ impl IngestReport {
         usize::try_from(self.received - 1).unwrap_or(usize::MAX)
     }
 }
+
+#[cfg(test)]
+mod fuzz;
