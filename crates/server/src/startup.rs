@@ -53,7 +53,11 @@ impl App {
         let found = Found::read(&config)?;
         let endings = crate::requests::Requests::from_history(found.history());
         let plan = found.decide(config.accept_restore)?;
+        // Tampered records of receipt refuse the start before anything is repaired.
+        let chain = crate::audit::ChainKey::new(&config.secret);
+        crate::receipts::verify(&config.data_dir, &chain)?;
         let opened = recovery::repair(found, plan, &config)?;
+        let receipts = crate::receipts::Receipts::open(&config.data_dir, &chain)?;
         opened.review.archive(&live.allowlist, config.clock.now())?;
         let app = Arc::new(Self {
             live: RwLock::new(Arc::new(live)),
@@ -72,6 +76,7 @@ impl App {
             secret: config.secret,
             keys,
             endings,
+            receipts,
             audit: Arc::new(opened.audit),
             clock: config.clock,
         });
