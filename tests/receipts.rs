@@ -413,3 +413,154 @@ async fn a_member_is_disclosed_after_the_list_is_destroyed() {
     );
     h.stop().await;
 }
+
+/// A crash between a list's commit and its record of receipt (the commit comes first) is
+/// finished at the next start: the record is written then, naming the same members.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receipt_a_crash_cut_short_is_written_at_the_next_start() {
+    let h = Harness::start_with(Setup {
+        rules: relaxed_lists(sample_rules()),
+        ..Default::default()
+    })
+    .await;
+    let data = h.data_dir.path().to_path_buf();
+    let before_upload: Vec<(PathBuf, Vec<u8>)> = ["receipts.jsonl", "receipts.checkpoint"]
+        .iter()
+        .map(|name| (data.join(name), std::fs::read(data.join(name)).unwrap()))
+        .collect();
+    assert!(upload(&h, "sakura_foods").await.is_none());
+    let key = ChainKey::new(&test_secret());
+    let written = cleanroom_server::receipts::read(&data, &key).unwrap();
+    assert_eq!(written.len(), 3);
+    let h = h
+        .restart_after(|_| {
+            for (path, bytes) in &before_upload {
+                std::fs::write(path, bytes).unwrap();
+            }
+        })
+        .await;
+    let records = cleanroom_server::receipts::read(&data, &key).unwrap();
+    assert_eq!(records.len(), 3, "the lost record is written again");
+    let (lost, again) = (&written[2].entry, &records[2].entry);
+    assert_eq!(
+        (again.partner.as_str(), again.list_version),
+        ("sakura_foods", 2)
+    );
+    assert_eq!(again.members, lost.members);
+    assert_eq!(again.commit, lost.commit);
+    let h = h.restart().await;
+    assert_eq!(receipts(&h).await.receipts.len(), 3, "and only once");
+    h.stop().await;
+}
+
+/// The legal reviewer's exports: the review page's JSON and CSV (refused to a partner's token),
+/// `cleanroom receipts --csv` from the data directory, `cleanroom disclose` through the service
+/// in Japanese and English, and `verify-audit`, which checks the records' chain too and fails
+/// once a record is edited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_and_the_cli_export_verify_and_disclose_the_records() {
+    let h = Harness::start().await;
+    let page = h.review_addr();
+    let (status, headers, csv) =
+        crate::metrics::get(page, "/api/receipts.csv", Some(sample::LEGAL_TOKEN)).await;
+    assert_eq!(status, 200, "{csv}");
+    assert!(headers["content-type"].starts_with("text/csv"));
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(lines.len(), 3, "{csv}");
+    assert_eq!(lines[0], cleanroom_server::disclosure::CSV_HEADER);
+    assert!(lines[1..].iter().any(|l| l.contains("Sakura Foods K.K.")));
+    let (status, _, json) =
+        crate::metrics::get(page, "/api/receipts", Some(sample::LEGAL_TOKEN)).await;
+    assert_eq!(status, 200);
+    assert!(
+        json.contains("\"status\":\"current\"") && json.contains("declarations/sakura_foods.txt")
+    );
+    let partner_token = sample::partner_token("sakura_foods");
+    let (status, _, _) = crate::metrics::get(page, "/api/receipts.csv", Some(partner_token)).await;
+    assert_eq!(status, 403, "a partner's token is refused");
+
+    let data = h.data_dir.path().to_path_buf();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("cleanroom.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = {:?}\nrules = {:?}\nqueries = {:?}\nkey_store = {:?}\n",
+            data.display().to_string(),
+            crate::util::sample_dir()
+                .join("rules.toml")
+                .display()
+                .to_string(),
+            crate::util::root().join("queries").display().to_string(),
+            crate::util::keys_beside(&data).display().to_string(),
+        ),
+    )
+    .unwrap();
+    let secret_hex = hex::encode(b"cleanroom integration test secret, 32+ bytes");
+    let cleanroom = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_cleanroom"))
+            .args(args)
+            .env("CLEANROOM_MASTER_SECRET", &secret_hex)
+            .env("CLEANROOM_TOKEN", sample::LEGAL_TOKEN)
+            .output()
+            .unwrap()
+    };
+    let (config, out) = (
+        config.display().to_string(),
+        dir.path().join("receipts.csv"),
+    );
+    let exported = cleanroom(&[
+        "receipts",
+        "--config",
+        &config,
+        "--csv",
+        &out.display().to_string(),
+    ]);
+    assert!(exported.status.success(), "{exported:?}");
+    assert_eq!(
+        std::fs::read_to_string(&out).unwrap(),
+        csv,
+        "the same records as the page"
+    );
+
+    let member = {
+        let matched = Truth::load().matched("sakura_foods");
+        matched.keys().min().unwrap().clone()
+    };
+    let addr = format!("http://{}", h.addr());
+    let told = cleanroom(&["disclose", "--addr", &addr, "--member-id", &member]);
+    let text = String::from_utf8_lossy(&told.stdout);
+    assert!(told.status.success(), "{told:?}");
+    assert!(
+        text.contains("[日本語]")
+            && text.contains("受領記録")
+            && text.contains("Record of receipt"),
+        "{text}"
+    );
+
+    let data_arg = data.display().to_string();
+    let verify = || cleanroom(&["verify-audit", "--data-dir", &data_arg, "--config", &config]);
+    let verified = verify();
+    assert!(verified.status.success(), "{verified:?}");
+    assert!(
+        String::from_utf8_lossy(&verified.stdout).contains("2 records of receipt, keyed chain")
+    );
+    let file = data.join("receipts.jsonl");
+    let kept = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(
+        &file,
+        kept.replacen("\"list_version\":1", "\"list_version\":7", 1),
+    )
+    .unwrap();
+    let refused = verify();
+    assert!(
+        !refused.status.success(),
+        "an edited record fails verify-audit"
+    );
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("receipts.jsonl"),
+        "{refused:?}"
+    );
+    std::fs::write(&file, kept).unwrap();
+    h.stop().await;
+}

@@ -3,12 +3,9 @@
 //! member's consent events. Read a batch at a time; nothing here is released to a partner.
 
 use chrono::{DateTime, Utc};
-use datafusion::arrow::array::{Array, AsArray, RecordBatch};
-use datafusion::arrow::datatypes::{Int64Type, TimestampMicrosecondType, UInt32Type};
 
 use crate::Result;
 use crate::store::Snapshot;
-use crate::tables::consent;
 
 /// The retailer's members whose tokens for collaboration `contract_id` appear in `partner`'s
 /// current list, as member pseudonyms, ascending, with that list's version (`None` without a
@@ -49,46 +46,22 @@ pub fn consent_events(snapshot: &Snapshot, member: i64) -> Result<Vec<ConsentEve
     let mut events = Vec::new();
     for file in &snapshot.consent {
         for batch in file.batches()? {
-            events_of(&batch?, member, &mut events);
+            crate::audience::consent_rows(
+                &batch?,
+                |m, _| m == member,
+                |_, purpose, event, source| {
+                    events.push(ConsentEvent {
+                        purpose: purpose.to_string(),
+                        notice_version: event.notice_version,
+                        action: event.action.as_str().to_string(),
+                        at: event.at,
+                        source: source.to_string(),
+                        expires_at: event.expires_at,
+                    });
+                },
+            );
         }
     }
     events.sort_by_key(|e| e.at);
     Ok(events)
-}
-
-fn events_of(batch: &RecordBatch, member: i64, out: &mut Vec<ConsentEvent>) {
-    let members = batch
-        .column(consent::MEMBER_KEY)
-        .as_primitive::<Int64Type>();
-    let purposes = batch.column(consent::PURPOSE).as_string::<i32>();
-    let versions = batch
-        .column(consent::NOTICE_VERSION)
-        .as_primitive::<UInt32Type>();
-    let actions = batch.column(consent::ACTION).as_string::<i32>();
-    let sources = batch.column(consent::SOURCE).as_string::<i32>();
-    let ats = batch
-        .column(consent::AT)
-        .as_primitive::<TimestampMicrosecondType>();
-    let expiries = batch
-        .column(consent::EXPIRES_AT)
-        .as_primitive::<TimestampMicrosecondType>();
-    for i in 0..batch.num_rows() {
-        if members.value(i) != member {
-            continue;
-        }
-        let Some(at) = DateTime::from_timestamp_micros(ats.value(i)) else {
-            continue;
-        };
-        out.push(ConsentEvent {
-            purpose: purposes.value(i).to_string(),
-            notice_version: versions.value(i),
-            action: actions.value(i).to_string(),
-            at,
-            source: sources.value(i).to_string(),
-            expires_at: expiries
-                .is_valid(i)
-                .then(|| DateTime::from_timestamp_micros(expiries.value(i)))
-                .flatten(),
-        });
-    }
 }

@@ -81,6 +81,7 @@ impl App {
             clock: config.clock,
         });
         crate::ending::finish_cut(&app, &app.store.log(), app.clock.now())?;
+        crate::receiving::record_missing(&app)?;
         app.follow_with_mark()?;
         crate::ending::sweep(&app)?;
         Ok(app)
