@@ -437,10 +437,20 @@ async fn a_receipt_a_crash_cut_short_is_written_at_the_next_start() {
             for (path, bytes) in &before_upload {
                 std::fs::write(path, bytes).unwrap();
             }
+            // And the crash cut the record's write itself: a torn last line.
+            let mut torn = before_upload[0].1.clone();
+            torn.extend_from_slice(b"{\"seq\":3,\"id\":\"r-");
+            std::fs::write(&before_upload[0].0, torn).unwrap();
         })
         .await;
     let records = cleanroom_server::receipts::read(&data, &key).unwrap();
     assert_eq!(records.len(), 3, "the lost record is written again");
+    let trail = cleanroom_server::audit::read(&data.join("audit.jsonl")).unwrap();
+    assert!(
+        trail.iter().any(|r| matches!(&r.entry.event,
+            Some(Event::Recovered { file, .. }) if file == "receipts.jsonl")),
+        "the cut is recorded"
+    );
     let (lost, again) = (&written[2].entry, &records[2].entry);
     assert_eq!(
         (again.partner.as_str(), again.list_version),

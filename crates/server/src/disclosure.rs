@@ -386,33 +386,9 @@ fn text_of(mut d: MemberDisclosure) -> MemberDisclosure {
         en.push_str("No record of receipt from a third party names this member.\n");
     }
     for r in &d.receipts {
-        let _ = writeln!(
-            ja,
-            "受領記録 {}: {} に {} ({}、代表者 {}) から受領。取得の経緯: {}。根拠: {}。契約 {} (目的 {})。",
-            r.id,
-            r.received_on,
-            r.legal_name,
-            r.address,
-            r.representative,
-            r.acquisition,
-            r.basis,
-            r.contract,
-            r.purpose
-        );
-        let _ = writeln!(
-            en,
-            "Record of receipt {}: received on {} from {} ({}, represented by {}). Acquired: {}. \
-             Basis: {}. Contract {} (purpose {}).",
-            r.id,
-            r.received_on,
-            r.legal_name,
-            r.address,
-            r.representative,
-            r.acquisition,
-            r.basis,
-            r.contract,
-            r.purpose
-        );
+        let (line_ja, line_en) = receipt_lines(r);
+        ja.push_str(&line_ja);
+        en.push_str(&line_en);
     }
     for c in &d.consent {
         let _ = writeln!(
@@ -459,4 +435,34 @@ fn text_of(mut d: MemberDisclosure) -> MemberDisclosure {
     d.text_ja = ja;
     d.text_en = en;
     d
+}
+
+/// One record of receipt as the member reads it, in Japanese and English.
+fn receipt_lines(r: &ReceiptRecord) -> (String, String) {
+    let ja = format!(
+        "受領記録 {}: {} に {} ({}、代表者 {}) から受領。取得の経緯: {}。根拠: {}。契約 {} (目的 {})。\n",
+        r.id,
+        r.received_on,
+        r.legal_name,
+        r.address,
+        r.representative,
+        r.acquisition,
+        r.basis,
+        r.contract,
+        r.purpose
+    );
+    let en = format!(
+        "Record of receipt {}: received on {} from {} ({}, represented by {}). Acquired: {}. \
+         Basis: {}. Contract {} (purpose {}).\n",
+        r.id,
+        r.received_on,
+        r.legal_name,
+        r.address,
+        r.representative,
+        r.acquisition,
+        r.basis,
+        r.contract,
+        r.purpose
+    );
+    (ja, en)
 }

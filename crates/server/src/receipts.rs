@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use chrono::{DateTime, NaiveDate, Utc};
-use cleanroom_core::files::{self, AppendLog, read_jsonl};
+use cleanroom_core::files::{self, AppendLog, TornTail, read_jsonl};
 use serde::{Deserialize, Serialize};
 
 use crate::audit::{self, ChainKey, Checkpoint, Record};
@@ -130,17 +130,20 @@ pub fn chain_key(audit: &ChainKey) -> ChainKey {
     audit.derived("receipts")
 }
 
+/// What a read of the records found.
+struct Read {
+    /// Where the chain starts: the signed head of the records purged before it.
+    base: Checkpoint,
+    records: Vec<Record<Receipt>>,
+    /// A torn last record (a write cut by a crash): not a record; opening cuts it.
+    torn: Option<TornTail>,
+}
+
 /// The records of `path` after its purged start, verified against the chain key, the purged
-/// start and the checkpoint; with the start. Records at or before the start are a purge a crash
-/// cut short (the start is written first): the record at the start must be the one it names.
-fn read_verified(path: &Path, key: &ChainKey) -> Result<(Checkpoint, Vec<Record<Receipt>>)> {
+/// start and the checkpoint. Records at or before the start are a purge a crash cut short (the
+/// start is written first): the record at the start must be the one it names.
+fn read_verified(path: &Path, key: &ChainKey) -> Result<Read> {
     let (lines, torn) = read_jsonl(path, false)?;
-    if torn.is_some() {
-        return Err(Error::Internal(format!(
-            "{}: its last record is torn",
-            path.display()
-        )));
-    }
     let mut records: Vec<Record<Receipt>> = audit::parse_records(&lines)?;
     let base = match std::fs::read(base_path(path)) {
         Ok(bytes) => serde_json::from_slice(&bytes)
@@ -171,34 +174,46 @@ fn read_verified(path: &Path, key: &ChainKey) -> Result<(Checkpoint, Vec<Record<
         }
         None => {}
     }
-    Ok((base, records))
+    Ok(Read {
+        base,
+        records,
+        torn,
+    })
 }
 
 /// Verifies the records of receipt in `data_dir` without changing them; returns how many there
 /// are and the position the chain starts after (records purged before it).
 pub fn verify(data_dir: &Path, audit_key: &ChainKey) -> Result<(usize, u64)> {
-    let (base, records) = read_verified(&data_dir.join(FILE), &chain_key(audit_key))?;
-    Ok((records.len(), base.seq))
+    let read = read_verified(&data_dir.join(FILE), &chain_key(audit_key))?;
+    Ok((read.records.len(), read.base.seq))
 }
 
 /// Reads the verified records of receipt in `data_dir`, oldest first.
 pub fn read(data_dir: &Path, audit_key: &ChainKey) -> Result<Vec<Record<Receipt>>> {
-    Ok(read_verified(&data_dir.join(FILE), &chain_key(audit_key))?.1)
+    Ok(read_verified(&data_dir.join(FILE), &chain_key(audit_key))?.records)
 }
 
 impl Receipts {
     /// Opens the records of `data_dir`, verifying them, and finishes a purge a crash cut short.
-    pub fn open(data_dir: &Path, audit_key: &ChainKey) -> Result<Self> {
+    /// A torn last record (a crash mid-write) is cut and returned, for the caller to record.
+    pub fn open(data_dir: &Path, audit_key: &ChainKey) -> Result<(Self, Option<TornTail>)> {
         let path = data_dir.join(FILE);
         let key = chain_key(audit_key);
-        let (base, records) = read_verified(&path, &key)?;
+        let Read {
+            base,
+            records,
+            torn,
+        } = read_verified(&path, &key)?;
+        if let Some(torn) = &torn {
+            files::cut_torn_tail(torn)?;
+        }
         let (seq, hash) = records
             .last()
             .map_or((base.seq, base.head.clone()), |r| (r.seq, r.hash.clone()));
         rewrite(&path, &records)?;
         audit::write_checkpoint(&path, &key.checkpoint(seq, &hash))?;
         let log = AppendLog::open(&path, records.len() as u64)?;
-        Ok(Self {
+        let receipts = Self {
             path,
             key,
             tail: Mutex::new(Tail {
@@ -208,7 +223,8 @@ impl Receipts {
                 hash,
             }),
             uploads: Mutex::new(()),
-        })
+        };
+        Ok((receipts, torn))
     }
 
     /// Holds uploads back while one list is stored and its record written.
@@ -246,8 +262,8 @@ impl Receipts {
     /// (0 if none was purged).
     pub fn records_after_purge(&self) -> Result<(u64, Vec<Record<Receipt>>)> {
         let _tail = self.tail.lock().expect("receipts lock poisoned");
-        let (base, records) = read_verified(&self.path, &self.key)?;
-        Ok((base.seq, records))
+        let read = read_verified(&self.path, &self.key)?;
+        Ok((read.base.seq, read.records))
     }
 
     /// Removes the records whose keeping ended before `today` (the retailer's local date): the
@@ -261,7 +277,7 @@ impl Receipts {
         record: impl FnOnce(&Purged) -> Result<()>,
     ) -> Result<Option<Purged>> {
         let mut tail = self.tail.lock().expect("receipts lock poisoned");
-        let (_, records) = read_verified(&self.path, &self.key)?;
+        let records = read_verified(&self.path, &self.key)?.records;
         let ended = records
             .iter()
             .take_while(|r| r.entry.keep_until() < today)

@@ -57,7 +57,10 @@ impl App {
         let chain = crate::audit::ChainKey::new(&config.secret);
         crate::receipts::verify(&config.data_dir, &chain)?;
         let opened = recovery::repair(found, plan, &config)?;
-        let receipts = crate::receipts::Receipts::open(&config.data_dir, &chain)?;
+        let (receipts, torn) = crate::receipts::Receipts::open(&config.data_dir, &chain)?;
+        if let Some(torn) = torn {
+            recovery::record_torn(&opened.audit, &config.data_dir, &torn, config.clock.now())?;
+        }
         opened.review.archive(&live.allowlist, config.clock.now())?;
         let app = Arc::new(Self {
             live: RwLock::new(Arc::new(live)),
