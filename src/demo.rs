@@ -389,6 +389,40 @@ async fn end_collaboration(service: &Service) -> Result<()> {
     let data_dir = service.data_dir.path().join("data");
     let certificate = crate::destruction::certificate(&data_dir, &service.secret, CONTRACT)?;
     println!("\n{certificate}");
+    show_receipts(service).await
+}
+
+/// The records of receipt (APPI Art. 30), which the destruction keeps: per partner, how many and
+/// the latest, as the legal reviewer reads them.
+async fn show_receipts(service: &Service) -> Result<()> {
+    let page = service
+        .conn
+        .legal(sample::LEGAL_TOKEN)?
+        .list_receipts(cleanroom_proto::v1::ListReceiptsRequest::default())
+        .await?
+        .into_inner();
+    println!("== records of receipt (APPI Art. 30), kept after the destruction");
+    let mut by_partner: BTreeMap<&str, Vec<&cleanroom_proto::v1::ReceiptRecord>> = BTreeMap::new();
+    for r in &page.receipts {
+        by_partner.entry(r.partner.as_str()).or_default().push(r);
+    }
+    for (partner, records) in by_partner {
+        let Some(latest) = records.last() else {
+            continue;
+        };
+        println!(
+            "  {partner}: {} record(s); the latest, {}, received on {} from {} under {} ({} basis), \
+             names {} members by pseudonym and is kept until {}",
+            records.len(),
+            latest.id,
+            latest.received_on,
+            latest.legal_name,
+            latest.contract,
+            latest.basis,
+            latest.members,
+            latest.keep_until
+        );
+    }
     Ok(())
 }
 

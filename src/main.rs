@@ -7,6 +7,7 @@ mod demo;
 mod destruction;
 mod r#gen;
 mod lint;
+mod receipts_cmd;
 mod rules_cmd;
 mod settings;
 mod utility;
@@ -101,6 +102,14 @@ enum Command {
     /// English), read from the verified audit trail and signed with a key of the master secret.
     /// Made again from the same trail it is the same text.
     DestructionCertificate(DestructionCertificateArgs),
+    /// Legal reviewer: verify the records of receipt of partners' lists (APPI Art. 30) in the
+    /// service's data directory and write them as CSV (`--csv FILE`).
+    Receipts(ReceiptsArgs),
+    /// Legal reviewer: disclose to a member what the retailer received about them (APPI Art.
+    /// 33(5)), in Japanese and English: the records of receipt that name them, their consent,
+    /// the periods they were matched and consenting, and the destructions. The service records
+    /// the request with a keyed digest of the member id, never the id.
+    Disclose(DiscloseArgs),
     /// The key store: each collaboration's keys, with creation and destruction dates.
     Keys {
         #[command(subcommand)]
@@ -149,6 +158,31 @@ struct DestructionCertificateArgs {
     /// The contract (collaboration) id.
     #[arg(long)]
     contract: String,
+}
+
+#[derive(clap::Args)]
+struct ReceiptsArgs {
+    /// The service configuration file.
+    #[arg(long)]
+    config: PathBuf,
+    /// Write the records as CSV to this file.
+    #[arg(long)]
+    csv: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct DiscloseArgs {
+    /// The retailer's member id.
+    #[arg(long)]
+    member_id: String,
+    /// Service address.
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    addr: String,
+    /// The legal reviewer's bearer token.
+    #[arg(long, env = "CLEANROOM_TOKEN", hide_env_values = true)]
+    token: String,
+    #[command(flatten)]
+    tls: TlsArgs,
 }
 
 #[derive(clap::Subcommand)]
@@ -552,6 +586,14 @@ fn run(cli: Cli) -> Result<()> {
         } => keys_status(args),
         Command::Destroy(args) => destroy(args),
         Command::ConfirmDestruction(args) => confirm_destruction(args),
+        Command::Receipts(args) => {
+            let settings = settings::Settings::load(&args.config, None, None)?;
+            let secret = settings.master_secret()?;
+            let summary = receipts_cmd::export(&settings.data_dir, &secret, args.csv.as_deref())?;
+            println!("{summary}");
+            Ok(())
+        }
+        Command::Disclose(args) => disclose(args),
         Command::DestructionCertificate(args) => {
             let settings = settings::Settings::load(&args.config, None, None)?;
             let secret = settings.master_secret()?;
@@ -774,6 +816,21 @@ fn confirm_destruction(args: ConfirmDestructionArgs) -> Result<()> {
     Ok(())
 }
 
+fn disclose(args: DiscloseArgs) -> Result<()> {
+    let disclosure = runtime()?.block_on(async {
+        let conn = connect(&args.addr, &args.tls).await?;
+        let request = cleanroom_proto::v1::DiscloseMemberRequest {
+            member_id: args.member_id,
+        };
+        anyhow::Ok(conn.legal(&args.token)?.disclose_member(request).await?)
+    })?;
+    print!(
+        "{}",
+        receipts_cmd::disclosure_text(&disclosure.into_inner())
+    );
+    Ok(())
+}
+
 fn keys_status(args: KeysStatusArgs) -> Result<()> {
     let settings = settings::Settings::load(&args.config, None, None)?;
     let keys = settings.inspect_key_store()?;
@@ -855,6 +912,7 @@ fn verify_audit(data_dir: &Path, config: Option<&Path>, kept: Option<&Path>) -> 
         );
     }
     check_nothing_destroyed_came_back(data_dir, config, &path)?;
+    println!("{}", receipts_cmd::verify(data_dir, &secret)?);
     println!("checkpoint to keep elsewhere:");
     println!("{}", serde_json::to_string(&verified.checkpoint)?);
     Ok(())

@@ -74,7 +74,27 @@ pub fn validate(
     let consent = consent_filter(&old, &new, data_dir, now)?;
     section(&mut out, "consent filter", consent)?;
     section(&mut out, "destruction", destruction_dates(&new))?;
+    section(&mut out, "declarations", declarations(&new, now))?;
     Ok(out)
+}
+
+/// Each partner's declaration (APPI Art. 30) on the retailer's local date: a list is received
+/// only from a partner whose declaration is current.
+fn declarations(rules: &Rules, now: DateTime<Utc>) -> Vec<String> {
+    let today = rules.retailer.today(now);
+    rules
+        .partners
+        .keys()
+        .map(|id| {
+            let status = rules.declaration_status(id, today);
+            let effect = if status.is_current() {
+                ""
+            } else {
+                "; its uploads are refused"
+            };
+            format!("partner {id}: declaration {}{effect}", status.sentence())
+        })
+        .collect()
 }
 
 /// When each collaboration of the proposed rules is destroyed: its lists, member tokens, stored

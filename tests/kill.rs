@@ -13,7 +13,7 @@ use std::time::Duration;
 use cleanroom_client::{Connection, sample};
 use cleanroom_proto::v1::{IngestHeader, ListQueriesRequest, RunQueryResponse};
 
-use crate::util::{root, sample_dir, test_secret};
+use crate::util::{copy_declarations, root, sample_dir, test_secret};
 
 /// The master secret the served process uses (the tests' fixed one).
 fn secret_hex() -> String {
@@ -503,6 +503,7 @@ async fn a_crash_during_a_burst_never_refills_the_daily_answer_count() {
     );
     assert_ne!(limited, sample_rules, "Sakura's contract comes first");
     std::fs::write(&rules, limited).unwrap();
+    copy_declarations(dir.path());
     let config = write_config_with(dir.path(), &rules, &root().join("queries"), 60);
     let mut served = serve(&config);
     let conn = served.conn().await;

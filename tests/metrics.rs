@@ -12,7 +12,7 @@ use tonic::Code;
 use crate::util::{Harness, list_of, year};
 
 /// One HTTP/1.1 GET on the review page's port: status, headers (lower-cased names) and body.
-async fn get(
+pub async fn get(
     addr: std::net::SocketAddr,
     path: &str,
     token: Option<&str>,

@@ -47,3 +47,5 @@ mod kill;
 mod operator;
 // Writes retried with their request id after a broken connection: stored exactly once.
 mod retries;
+// Records of receipt (APPI Art. 30) and disclosure to a member (Art. 33(5)).
+mod receipts;

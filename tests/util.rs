@@ -32,6 +32,17 @@ pub fn sample_dir() -> PathBuf {
     root().join("sample_data")
 }
 
+/// Copies the sample partners' signed declarations into `dir`, beside a copy of the sample rules
+/// written there (the rules name them relative to the rules file).
+pub fn copy_declarations(dir: &Path) {
+    let to = dir.join("declarations");
+    std::fs::create_dir_all(&to).unwrap();
+    for entry in std::fs::read_dir(sample_dir().join("declarations")).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, to.join(path.file_name().unwrap())).unwrap();
+    }
+}
+
 pub fn sample_rules() -> Rules {
     Rules::load(&sample_dir().join("rules.toml")).expect("sample rules load")
 }

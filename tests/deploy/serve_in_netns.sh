@@ -31,8 +31,10 @@ work=$(mktemp -d)
 # shuts down, and a directory removed under it would fail the run.
 trap 'if [ -n "${server:-}" ]; then kill "$server" 2>/dev/null || true; wait "$server" 2>/dev/null || true; fi; rm -rf "$work"' EXIT
 cp -r queries "$work/queries"
-# The sample contracts end on a fixed date; this deployment runs on the real clock.
-sed -E 's/^expires = ".*"/expires = "2099-12-31"/' sample_data/rules.toml > "$work/rules.toml"
+# The sample contracts and partners' declarations end on fixed dates; this deployment runs on
+# the real clock. The declarations' signed documents sit beside the rules that name them.
+sed -E 's/^(expires|valid_until) = ".*"/\1 = "2099-12-31"/' sample_data/rules.toml > "$work/rules.toml"
+cp -r sample_data/declarations "$work/declarations"
 "$bin" throwaway-pki --dir "$work/tls" --name "$host" --client sakura_foods --client kumo_denki
 cat > "$work/serve.toml" <<TOML
 listen = "$host:50443"

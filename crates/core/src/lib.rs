@@ -7,6 +7,7 @@
 pub mod accounting;
 pub mod allowlist;
 pub mod consent;
+pub mod declaration;
 pub mod error;
 pub mod files;
 pub mod generalize;

@@ -44,6 +44,10 @@ pub struct Rules {
     /// Limits on each principal's calls.
     #[serde(default)]
     pub limits: Limits,
+    /// The directory of the file the rules were read from, where partners' declaration documents
+    /// are found; `None` for rules parsed from text.
+    #[serde(skip)]
+    pub base_dir: Option<std::path::PathBuf>,
 }
 
 /// Limits on each principal's calls, whatever its role: one caller cannot crowd out the others.
@@ -192,6 +196,10 @@ pub struct Partner {
     pub attribute: String,
     /// The values the attribute may take. A fixed list keeps a partner from tagging single customers.
     pub attribute_values: Vec<String>,
+    /// How the partner came by its customers' data (APPI Art. 30); no list is received without
+    /// a current one.
+    #[serde(default)]
+    pub declaration: Option<crate::declaration::Declaration>,
 }
 
 /// A contract between the retailer and one partner.
@@ -512,7 +520,25 @@ impl Rules {
     /// Reads and validates a rules file.
     pub fn load(path: &Path) -> Result<Self> {
         let text = crate::files::read_config_file(path)?;
-        Self::parse(&text).map_err(|e| crate::files::in_file(path, e))
+        let mut rules = Self::parse(&text).map_err(|e| crate::files::in_file(path, e))?;
+        rules.base_dir = Some(match path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+            _ => std::path::PathBuf::from("."),
+        });
+        Ok(rules)
+    }
+
+    /// Whether partner `partner`'s declaration is current on `today` (the retailer's local date).
+    pub fn declaration_status(
+        &self,
+        partner: &str,
+        today: NaiveDate,
+    ) -> crate::declaration::DeclarationStatus {
+        let declaration = self
+            .partners
+            .get(partner)
+            .and_then(|p| p.declaration.as_ref());
+        crate::declaration::status_of(declaration, self.base_dir.as_deref(), today)
     }
 
     /// Parses and validates rules from TOML text.
@@ -580,6 +606,9 @@ impl Rules {
                     "partners.{}.attribute_values: `{UNKNOWN_ATTRIBUTE}` is reserved",
                     excerpt(id)
                 ));
+            }
+            if let Some(declaration) = &partner.declaration {
+                declaration.check(id)?;
             }
         }
         Ok(())

@@ -441,6 +441,21 @@ pub(crate) fn for_each_event(
 
 /// Calls `f` with the consent events for `purpose` in one batch of the consent table.
 fn events_of(batch: &RecordBatch, purpose: &str, f: &mut impl FnMut(i64, Event)) {
+    consent_rows(
+        batch,
+        |_, p| p == purpose,
+        |member, _, event, _| f(member, event),
+    );
+}
+
+/// Calls `f` with each event of one batch of the consent table that `keep` keeps (by member and
+/// purpose): the member, the purpose, the event and its capture channel. Rows whose action or time
+/// does not parse are not events.
+pub(crate) fn consent_rows(
+    batch: &RecordBatch,
+    keep: impl Fn(i64, &str) -> bool,
+    mut f: impl FnMut(i64, &str, Event, &str),
+) {
     use crate::tables::consent;
     let members = batch
         .column(consent::MEMBER_KEY)
@@ -450,6 +465,7 @@ fn events_of(batch: &RecordBatch, purpose: &str, f: &mut impl FnMut(i64, Event))
         .column(consent::NOTICE_VERSION)
         .as_primitive::<UInt32Type>();
     let actions = batch.column(consent::ACTION).as_string::<i32>();
+    let sources = batch.column(consent::SOURCE).as_string::<i32>();
     let ats = batch
         .column(consent::AT)
         .as_primitive::<TimestampMicrosecondType>();
@@ -457,7 +473,7 @@ fn events_of(batch: &RecordBatch, purpose: &str, f: &mut impl FnMut(i64, Event))
         .column(consent::EXPIRES_AT)
         .as_primitive::<TimestampMicrosecondType>();
     for i in 0..batch.num_rows() {
-        if purposes.value(i) != purpose {
+        if !keep(members.value(i), purposes.value(i)) {
             continue;
         }
         let (Some(action), Some(at)) = (
@@ -470,15 +486,13 @@ fn events_of(batch: &RecordBatch, purpose: &str, f: &mut impl FnMut(i64, Event))
             .is_valid(i)
             .then(|| DateTime::from_timestamp_micros(expiries.value(i)))
             .flatten();
-        f(
-            members.value(i),
-            Event {
-                action,
-                notice_version: versions.value(i),
-                at,
-                expires_at,
-            },
-        );
+        let event = Event {
+            action,
+            notice_version: versions.value(i),
+            at,
+            expires_at,
+        };
+        f(members.value(i), purposes.value(i), event, sources.value(i));
     }
 }
 

@@ -16,6 +16,7 @@ pub mod guard;
 pub mod ingest;
 #[cfg(feature = "measurement")]
 pub mod measurement;
+pub mod member;
 pub mod store;
 pub mod tables;
 mod views;

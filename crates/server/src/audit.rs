@@ -193,6 +193,25 @@ pub enum Event {
     /// A collaboration ended: what was destroyed, each file with its SHA-256 and rows, and which
     /// key. Never an identifier.
     Destroyed(Box<Destruction>),
+    /// Records of receipt past their keeping period were purged from the start of their chain.
+    ReceiptsPurged {
+        /// Records removed.
+        records: u64,
+        /// The chain now starts after this record.
+        through_seq: u64,
+        /// That record's hash (the signed start of the chain).
+        head: String,
+        /// The newest day of receipt removed.
+        newest_received_on: NaiveDate,
+    },
+    /// A member's records were disclosed (APPI Art. 33(5)): the member is named by a keyed digest
+    /// of the id asked for, never the id.
+    Disclosed {
+        /// Keyed digest of the member id ([`ChainKey::digest`]).
+        member_digest: String,
+        /// Records of receipt that named the member.
+        receipts: u64,
+    },
 }
 
 /// What one destruction destroyed, and on whose word: the proof a certificate is made from.
@@ -267,6 +286,24 @@ impl Event {
                 out.insert("reason".into(), reason.clone());
             }
             Event::Destroyed(d) => display_destruction(d, &mut out),
+            Event::ReceiptsPurged {
+                records,
+                through_seq,
+                head,
+                newest_received_on,
+            } => {
+                out.insert("records".into(), records.to_string());
+                out.insert("through_seq".into(), through_seq.to_string());
+                out.insert("head".into(), head.clone());
+                out.insert("newest_received_on".into(), newest_received_on.to_string());
+            }
+            Event::Disclosed {
+                member_digest,
+                receipts,
+            } => {
+                out.insert("member_digest".into(), member_digest.clone());
+                out.insert("receipts".into(), receipts.to_string());
+            }
         }
         out
     }
@@ -387,9 +424,10 @@ impl UnrecordedWrite {
     }
 }
 
-/// One stored record.
+/// One stored record of a keyed chain: of the audit trail (an [`Entry`]), or of another chain
+/// kept the same way (the receipt records, [`crate::receipts`]).
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Record {
+pub struct Record<E = Entry> {
     /// Position in the chain, from 1.
     pub seq: u64,
     /// The id callers are given: `a-` and 16 hex digits keyed from the chain key and `seq`
@@ -397,9 +435,9 @@ pub struct Record {
     pub id: String,
     /// When it was written (RFC 3339).
     pub at: String,
-    /// The call.
+    /// The call (or the chain's own content).
     #[serde(flatten)]
-    pub entry: Entry,
+    pub entry: E,
     /// Hash of the previous record (64 zeros for the first).
     pub prev: String,
     /// HMAC-SHA256, keyed from the master secret, over `prev` and this record's content without
@@ -430,6 +468,23 @@ impl ChainKey {
         Self(secret.audit_key())
     }
 
+    /// The key of another chain kept like the trail (`name`, for example `receipts`): derived
+    /// from the trail's, so a record of one chain never verifies in another.
+    pub fn derived(&self, name: &str) -> Self {
+        Self(cleanroom_core::token::hmac_sha256(
+            &self.0,
+            format!("chain/{name}/v1").as_bytes(),
+        ))
+    }
+
+    /// A keyed digest of `value` under this key and `label`, in 16 hex digits: it names one
+    /// value (a member id a disclosure was asked for) without revealing it to whoever reads the
+    /// trail without the master secret.
+    pub fn digest(&self, label: &str, value: &[u8]) -> String {
+        let mac = self.mac(&[b"digest/v1", label.as_bytes(), value]);
+        mac[..16].to_string()
+    }
+
     fn mac(&self, parts: &[&[u8]]) -> String {
         let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(&self.0).expect("any key length");
         for part in parts {
@@ -438,7 +493,7 @@ impl ChainKey {
         hex::encode(mac.finalize().into_bytes())
     }
 
-    fn record_hash(&self, record: &Record) -> Result<String> {
+    pub(crate) fn record_hash<E: Serialize + Clone>(&self, record: &Record<E>) -> Result<String> {
         let mut unhashed = record.clone();
         unhashed.hash = String::new();
         let body =
@@ -448,7 +503,7 @@ impl ChainKey {
 
     /// The id a caller is given for record `seq`: keyed, so it reveals nothing about how many
     /// calls anyone else made between two of one's own.
-    fn record_id(&self, seq: u64) -> String {
+    pub(crate) fn record_id(&self, seq: u64) -> String {
         let mac = self.mac(&[b"record-id/v1", &seq.to_le_bytes()]);
         format!("a-{}", &mac[..16])
     }
@@ -467,15 +522,37 @@ impl ChainKey {
     }
 
     /// Checks a checkpoint's signature and that `records` extend it.
-    pub fn check(&self, checkpoint: &Checkpoint, records: &[Record]) -> Result<()> {
+    pub fn check<E>(&self, checkpoint: &Checkpoint, records: &[Record<E>]) -> Result<()> {
+        self.check_from(&self.genesis(), checkpoint, records)
+    }
+
+    /// The start of a whole chain: no record before the first.
+    pub fn genesis(&self) -> Checkpoint {
+        self.checkpoint(0, GENESIS)
+    }
+
+    /// As [`ChainKey::check`], for records that follow `base` (the signed head of records
+    /// purged from the chain's start; [`ChainKey::genesis`] for a whole chain).
+    pub fn check_from<E>(
+        &self,
+        base: &Checkpoint,
+        checkpoint: &Checkpoint,
+        records: &[Record<E>],
+    ) -> Result<()> {
         if self.checkpoint(checkpoint.seq, &checkpoint.head).mac != checkpoint.mac {
             return Err(Error::Internal(
                 "audit checkpoint does not verify with this service's key".into(),
             ));
         }
         let at = match checkpoint.seq {
-            0 => GENESIS,
-            n => match records.get(n as usize - 1) {
+            n if n == base.seq => base.head.as_str(),
+            n if n < base.seq => {
+                return Err(Error::Internal(format!(
+                    "checkpoint at record {n} is older than the purged start {}",
+                    base.seq
+                )));
+            }
+            n => match records.get((n - base.seq) as usize - 1) {
                 Some(record) => record.hash.as_str(),
                 None => {
                     return Err(Error::Internal(format!(
@@ -570,7 +647,7 @@ pub fn read_checkpoint(trail: &Path) -> Result<Option<Checkpoint>> {
     }
 }
 
-fn write_checkpoint(trail: &Path, checkpoint: &Checkpoint) -> Result<()> {
+pub(crate) fn write_checkpoint(trail: &Path, checkpoint: &Checkpoint) -> Result<()> {
     let bytes = serde_json::to_vec(checkpoint).map_err(|e| Error::Internal(e.to_string()))?;
     Ok(files::write_atomic(&checkpoint_path(trail), &bytes)?)
 }
@@ -641,6 +718,11 @@ impl AuditTrail {
     /// Where the trail is kept.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The chain's key, for keyed digests of what the trail must name without revealing.
+    pub fn key(&self) -> &ChainKey {
+        &self.key
     }
 
     /// Verifies records read from this trail with its key.
@@ -724,7 +806,9 @@ pub fn read(path: &Path) -> Result<Vec<Record>> {
     parse_records(&read_jsonl(path, false)?.0)
 }
 
-fn parse_records(lines: &[String]) -> Result<Vec<Record>> {
+pub(crate) fn parse_records<E: serde::de::DeserializeOwned>(
+    lines: &[String],
+) -> Result<Vec<Record<E>>> {
     lines
         .iter()
         .enumerate()
@@ -774,8 +858,24 @@ pub fn verify(path: &Path, key: &ChainKey, kept: Option<&Checkpoint>) -> Result<
 
 /// Verifies the chain of records already read and returns the last sequence number and hash.
 pub fn verify_records(key: &ChainKey, records: &[Record]) -> Result<(u64, String)> {
-    let mut prev = GENESIS.to_string();
-    let mut seq = 0;
+    verify_chain(key, &key.genesis(), records)
+}
+
+/// Verifies a chain of records that follows `base` (a signed head: [`ChainKey::genesis`] for a
+/// whole chain, or the head of records purged from its start) and returns the last sequence
+/// number and hash. A base not signed with `key` does not verify.
+pub fn verify_chain<E: Serialize + Clone>(
+    key: &ChainKey,
+    base: &Checkpoint,
+    records: &[Record<E>],
+) -> Result<(u64, String)> {
+    if key.checkpoint(base.seq, &base.head).mac != base.mac {
+        return Err(Error::Internal(
+            "the chain's purged start does not verify with this service's key".into(),
+        ));
+    }
+    let mut prev = base.head.clone();
+    let mut seq = base.seq;
     for record in records {
         if record.seq != seq + 1 || record.prev != prev || key.record_hash(record)? != record.hash {
             return Err(Error::Internal(format!(

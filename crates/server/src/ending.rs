@@ -197,7 +197,37 @@ pub(crate) fn sweep(app: &App) -> Result<usize> {
         tracing::info!(contract = %id, "destroyed at the end of its retention");
         ended += 1;
     }
+    purge_receipts(app, today, now)?;
     Ok(ended)
+}
+
+/// Purges the records of receipt whose keeping period ([`crate::receipts::KEEP_DAYS`] after
+/// their day of receipt, whatever the retention rules say) ended before `today`, recording the
+/// purge in the trail first.
+fn purge_receipts(app: &App, today: chrono::NaiveDate, now: DateTime<Utc>) -> Result<()> {
+    let purged = app.receipts.purge(today, |purged| {
+        let entry = Entry {
+            principal: "retention rules".into(),
+            role: "service".into(),
+            method: "PurgeReceipts".into(),
+            outcome: "ok".into(),
+            event: Some(Event::ReceiptsPurged {
+                records: purged.records,
+                through_seq: purged.base.seq,
+                head: purged.base.head.clone(),
+                newest_received_on: purged.newest_received_on,
+            }),
+            ..Entry::default()
+        };
+        app.audit.append(entry, now).map(|_| ())
+    })?;
+    if let Some(purged) = purged {
+        tracing::info!(
+            records = purged.records,
+            "records of receipt purged after their keeping period"
+        );
+    }
+    Ok(())
 }
 
 /// Destroys every key the store holds for `contract` (every version) and the `current` version

@@ -13,8 +13,9 @@ use cleanroom_engine::guard::admission::shown;
 use cleanroom_proto::v1::legal_service_server::LegalService;
 use cleanroom_proto::v1::{
     AllowListReview, ApproveQueryRequest, AuditPage, ConfirmDestructionRequest, DestructionStatus,
-    DiffLine, DimensionSpec, ListAllowListRequest, ListAuditRequest, PartnerAccess, QueryDiff,
-    QueryReview, RejectQueryRequest, ReviewDecisionResponse, ReviewMetric, ReviewParameter, Viewer,
+    DiffLine, DimensionSpec, DiscloseMemberRequest, ListAllowListRequest, ListAuditRequest,
+    ListReceiptsRequest, MemberDisclosure, PartnerAccess, QueryDiff, QueryReview, ReceiptsPage,
+    RejectQueryRequest, ReviewDecisionResponse, ReviewMetric, ReviewParameter, Viewer,
 };
 use tonic::{Request, Response, Status};
 
@@ -40,6 +41,16 @@ impl Audited for ReviewDecisionResponse {
 
 impl Audited for AuditPage {
     fn set_audit_id(&mut self, _id: String) {}
+}
+
+impl Audited for ReceiptsPage {
+    fn set_audit_id(&mut self, _id: String) {}
+}
+
+impl Audited for MemberDisclosure {
+    fn set_audit_id(&mut self, id: String) {
+        self.audit_id = id;
+    }
 }
 
 /// Refuses a caller who is not a legal reviewer (or, to read, an analyst).
@@ -382,6 +393,39 @@ impl LegalService for LegalApi {
         entry.partner = Some(shown(&filter.partner)).filter(|p| !p.is_empty());
         entry.query_id = Some(shown(&filter.query_id)).filter(|q| !q.is_empty());
         let result = self.audit_page(&call, filter).await;
+        self.app.finish(call, entry, result).await
+    }
+
+    async fn list_receipts(
+        &self,
+        mut request: Request<ListReceiptsRequest>,
+    ) -> std::result::Result<Response<ReceiptsPage>, Status> {
+        // Reading the records is itself recorded, like reading the trail.
+        let (call, mut entry) = Call::take(&mut request)?;
+        let partner = request.into_inner().partner;
+        entry.partner = Some(shown(&partner)).filter(|p| !p.is_empty());
+        let app = Arc::clone(&self.app);
+        let asked = call.clone();
+        let result = blocking(move || crate::disclosure::list(&app, &asked, &partner)).await;
+        self.app.finish(call, entry, result).await
+    }
+
+    async fn disclose_member(
+        &self,
+        mut request: Request<DiscloseMemberRequest>,
+    ) -> std::result::Result<Response<MemberDisclosure>, Status> {
+        let (call, entry) = Call::take(&mut request)?;
+        let member_id = request.into_inner().member_id;
+        let app = Arc::clone(&self.app);
+        let asked = call.clone();
+        let unfilled = entry.clone();
+        let outcome = blocking(move || {
+            let mut entry = entry;
+            let result = crate::disclosure::disclose(&app, &asked, &mut entry, &member_id);
+            Ok((result, entry))
+        })
+        .await;
+        let (result, entry) = outcome.unwrap_or_else(|e| (Err(e), unfilled));
         self.app.finish(call, entry, result).await
     }
 }

@@ -44,6 +44,8 @@ pub const METHODS: &[&str] = &[
     "RejectQuery",
     "ListAudit",
     "ConfirmDestruction",
+    "ListReceipts",
+    "DiscloseMember",
 ];
 
 /// The method's name from [`METHODS`], or `other`.

@@ -13,7 +13,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use cleanroom_proto::v1::legal_service_server::LegalService;
 use cleanroom_proto::v1::{
-    ApproveQueryRequest, ListAllowListRequest, ListAuditRequest, RejectQueryRequest,
+    ApproveQueryRequest, ListAllowListRequest, ListAuditRequest, ListReceiptsRequest,
+    RejectQueryRequest,
 };
 use serde::Deserialize;
 
@@ -48,6 +49,8 @@ where
         .route("/", get(page))
         .route("/api/allowlist", get(allowlist))
         .route("/api/audit", get(audit))
+        .route("/api/receipts", get(receipts))
+        .route("/api/receipts.csv", get(receipts_csv))
         .route("/api/queries/{id}/approve", post(approve))
         .route("/api/queries/{id}/reject", post(reject))
         .route("/metrics", get(metrics))
@@ -176,6 +179,41 @@ async fn audit(
     match authenticated(&api, "ListAudit", &headers, request).await {
         Ok(request) => json(api.legal.list_audit(request).await),
         Err(refused) => refused,
+    }
+}
+
+/// The records of receipt and the partners' declarations, for the page.
+async fn receipts(State(api): State<Arc<Page>>, headers: HeaderMap) -> Response {
+    let request = ListReceiptsRequest::default();
+    match authenticated(&api, "ListReceipts", &headers, request).await {
+        Ok(request) => json(api.legal.list_receipts(request).await),
+        Err(refused) => refused,
+    }
+}
+
+/// The records of receipt as a CSV file to download: the same call as [`receipts`], so the
+/// same roles and the same audit record.
+async fn receipts_csv(State(api): State<Arc<Page>>, headers: HeaderMap) -> Response {
+    let request = ListReceiptsRequest::default();
+    let request = match authenticated(&api, "ListReceipts", &headers, request).await {
+        Ok(request) => request,
+        Err(refused) => return refused,
+    };
+    match api.legal.list_receipts(request).await {
+        Ok(page) => hardened(
+            (
+                [
+                    (header::CONTENT_TYPE, "text/csv; charset=utf-8"),
+                    (
+                        header::CONTENT_DISPOSITION,
+                        "attachment; filename=\"receipts.csv\"",
+                    ),
+                ],
+                crate::disclosure::csv(&page.into_inner().receipts),
+            )
+                .into_response(),
+        ),
+        Err(status) => json::<()>(Err(status)),
     }
 }
 

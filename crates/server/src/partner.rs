@@ -171,9 +171,8 @@ where
     let (header, fed) = feed(stream, split, limits, bytes, |header: &ListHeader| {
         let partner_id = own.or(header.partner_id.as_deref()).unwrap_or_default();
         entry.partner = Some(shown(partner_id));
-        let partner = rules.partners.get(partner_id).ok_or_else(|| {
-            cleanroom_core::Error::NotFound(format!("no partner `{}`", shown(partner_id)))
-        })?;
+        // APPI Art. 30: nothing is received from a partner whose declaration is not current.
+        let partner = crate::receiving::declared_partner(rules, partner_id, call.today)?;
         let request_id = retry::parse(&header.request_id)?;
         entry.request_id = request_id.clone();
         let admitted = guard::admit_partner(rules, &app.keys, partner_id, call.now)?;
@@ -221,12 +220,13 @@ where
         entry.request_id.as_deref(),
         &report,
     );
-    let record = app.guard.store_list(ListUpload {
+    let upload = ListUpload {
         partner: guard::admit_partner(rules, &app.keys, partner_id, call.now)?,
         list: fed.staging,
         facts,
         store: &app.store,
-    })?;
+    };
+    let (record, _receipt) = crate::receiving::store_and_record(app, rules, upload, call.today)?;
     app.metrics.ingested(Table::PartnerLists, record.accepted);
     entry.committed(&record);
     Ok(convert::upload_response(&record, false))

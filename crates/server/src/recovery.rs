@@ -377,7 +377,7 @@ pub(crate) fn repair(found: Found, plan: Plan, config: &AppConfig) -> Result<Ope
     })
 }
 
-fn record_torn(
+pub(crate) fn record_torn(
     audit: &AuditTrail,
     data_dir: &Path,
     tail: &TornTail,

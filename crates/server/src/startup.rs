@@ -53,7 +53,14 @@ impl App {
         let found = Found::read(&config)?;
         let endings = crate::requests::Requests::from_history(found.history());
         let plan = found.decide(config.accept_restore)?;
+        // Tampered records of receipt refuse the start before anything is repaired.
+        let chain = crate::audit::ChainKey::new(&config.secret);
+        crate::receipts::verify(&config.data_dir, &chain)?;
         let opened = recovery::repair(found, plan, &config)?;
+        let (receipts, torn) = crate::receipts::Receipts::open(&config.data_dir, &chain)?;
+        if let Some(torn) = torn {
+            recovery::record_torn(&opened.audit, &config.data_dir, &torn, config.clock.now())?;
+        }
         opened.review.archive(&live.allowlist, config.clock.now())?;
         let app = Arc::new(Self {
             live: RwLock::new(Arc::new(live)),
@@ -72,10 +79,12 @@ impl App {
             secret: config.secret,
             keys,
             endings,
+            receipts,
             audit: Arc::new(opened.audit),
             clock: config.clock,
         });
         crate::ending::finish_cut(&app, &app.store.log(), app.clock.now())?;
+        crate::receiving::record_missing(&app)?;
         app.follow_with_mark()?;
         crate::ending::sweep(&app)?;
         Ok(app)

@@ -97,6 +97,8 @@ pub struct App {
     pub(crate) endings: crate::requests::Requests,
     /// The audit trail.
     pub audit: Arc<AuditTrail>,
+    /// The records of receipt of partners' lists, kept apart from the data they describe.
+    pub receipts: crate::receipts::Receipts,
     /// Source of "now".
     pub clock: Arc<dyn Clock>,
     /// Each principal's recent calls, for the per-minute limit (kept across reloads).

@@ -767,3 +767,170 @@ class DestructionStatus(_message.Message):
     stored_answers: int
     audit_id: str
     def __init__(self, contract_id: _Optional[str] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., requested_by: _Optional[str] = ..., confirmed_by: _Optional[str] = ..., destroyed_at: _Optional[str] = ..., key_version: _Optional[int] = ..., key_id: _Optional[str] = ..., files: _Optional[_Iterable[_Union[DestroyedFile, _Mapping]]] = ..., stored_answers: _Optional[int] = ..., audit_id: _Optional[str] = ...) -> None: ...
+
+class ListReceiptsRequest(_message.Message):
+    __slots__ = ("partner",)
+    PARTNER_FIELD_NUMBER: _ClassVar[int]
+    partner: str
+    def __init__(self, partner: _Optional[str] = ...) -> None: ...
+
+class ReceiptsPage(_message.Message):
+    __slots__ = ("generated_at", "declarations", "receipts", "purged_through")
+    GENERATED_AT_FIELD_NUMBER: _ClassVar[int]
+    DECLARATIONS_FIELD_NUMBER: _ClassVar[int]
+    RECEIPTS_FIELD_NUMBER: _ClassVar[int]
+    PURGED_THROUGH_FIELD_NUMBER: _ClassVar[int]
+    generated_at: str
+    declarations: _containers.RepeatedCompositeFieldContainer[PartnerDeclaration]
+    receipts: _containers.RepeatedCompositeFieldContainer[ReceiptRecord]
+    purged_through: int
+    def __init__(self, generated_at: _Optional[str] = ..., declarations: _Optional[_Iterable[_Union[PartnerDeclaration, _Mapping]]] = ..., receipts: _Optional[_Iterable[_Union[ReceiptRecord, _Mapping]]] = ..., purged_through: _Optional[int] = ...) -> None: ...
+
+class PartnerDeclaration(_message.Message):
+    __slots__ = ("partner", "name", "status", "status_detail", "legal_name", "address", "representative", "acquisition", "basis", "document", "sha256", "valid_until")
+    PARTNER_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    STATUS_DETAIL_FIELD_NUMBER: _ClassVar[int]
+    LEGAL_NAME_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    REPRESENTATIVE_FIELD_NUMBER: _ClassVar[int]
+    ACQUISITION_FIELD_NUMBER: _ClassVar[int]
+    BASIS_FIELD_NUMBER: _ClassVar[int]
+    DOCUMENT_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    VALID_UNTIL_FIELD_NUMBER: _ClassVar[int]
+    partner: str
+    name: str
+    status: str
+    status_detail: str
+    legal_name: str
+    address: str
+    representative: str
+    acquisition: str
+    basis: str
+    document: str
+    sha256: str
+    valid_until: str
+    def __init__(self, partner: _Optional[str] = ..., name: _Optional[str] = ..., status: _Optional[str] = ..., status_detail: _Optional[str] = ..., legal_name: _Optional[str] = ..., address: _Optional[str] = ..., representative: _Optional[str] = ..., acquisition: _Optional[str] = ..., basis: _Optional[str] = ..., document: _Optional[str] = ..., sha256: _Optional[str] = ..., valid_until: _Optional[str] = ...) -> None: ...
+
+class ReceiptRecord(_message.Message):
+    __slots__ = ("id", "seq", "recorded_at", "received_on", "keep_until", "partner", "legal_name", "address", "representative", "acquisition", "basis", "declaration_document", "declaration_sha256", "contract", "clause", "purpose", "items", "list_version", "commit", "records_received", "records_accepted", "members", "hash")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    RECORDED_AT_FIELD_NUMBER: _ClassVar[int]
+    RECEIVED_ON_FIELD_NUMBER: _ClassVar[int]
+    KEEP_UNTIL_FIELD_NUMBER: _ClassVar[int]
+    PARTNER_FIELD_NUMBER: _ClassVar[int]
+    LEGAL_NAME_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    REPRESENTATIVE_FIELD_NUMBER: _ClassVar[int]
+    ACQUISITION_FIELD_NUMBER: _ClassVar[int]
+    BASIS_FIELD_NUMBER: _ClassVar[int]
+    DECLARATION_DOCUMENT_FIELD_NUMBER: _ClassVar[int]
+    DECLARATION_SHA256_FIELD_NUMBER: _ClassVar[int]
+    CONTRACT_FIELD_NUMBER: _ClassVar[int]
+    CLAUSE_FIELD_NUMBER: _ClassVar[int]
+    PURPOSE_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    LIST_VERSION_FIELD_NUMBER: _ClassVar[int]
+    COMMIT_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    HASH_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    seq: int
+    recorded_at: str
+    received_on: str
+    keep_until: str
+    partner: str
+    legal_name: str
+    address: str
+    representative: str
+    acquisition: str
+    basis: str
+    declaration_document: str
+    declaration_sha256: str
+    contract: str
+    clause: str
+    purpose: str
+    items: _containers.RepeatedScalarFieldContainer[str]
+    list_version: int
+    commit: int
+    records_received: int
+    records_accepted: int
+    members: int
+    hash: str
+    def __init__(self, id: _Optional[str] = ..., seq: _Optional[int] = ..., recorded_at: _Optional[str] = ..., received_on: _Optional[str] = ..., keep_until: _Optional[str] = ..., partner: _Optional[str] = ..., legal_name: _Optional[str] = ..., address: _Optional[str] = ..., representative: _Optional[str] = ..., acquisition: _Optional[str] = ..., basis: _Optional[str] = ..., declaration_document: _Optional[str] = ..., declaration_sha256: _Optional[str] = ..., contract: _Optional[str] = ..., clause: _Optional[str] = ..., purpose: _Optional[str] = ..., items: _Optional[_Iterable[str]] = ..., list_version: _Optional[int] = ..., commit: _Optional[int] = ..., records_received: _Optional[int] = ..., records_accepted: _Optional[int] = ..., members: _Optional[int] = ..., hash: _Optional[str] = ...) -> None: ...
+
+class DiscloseMemberRequest(_message.Message):
+    __slots__ = ("member_id",)
+    MEMBER_ID_FIELD_NUMBER: _ClassVar[int]
+    member_id: str
+    def __init__(self, member_id: _Optional[str] = ...) -> None: ...
+
+class MemberDisclosure(_message.Message):
+    __slots__ = ("receipts", "consent", "periods", "destructions", "text_ja", "text_en", "audit_id")
+    RECEIPTS_FIELD_NUMBER: _ClassVar[int]
+    CONSENT_FIELD_NUMBER: _ClassVar[int]
+    PERIODS_FIELD_NUMBER: _ClassVar[int]
+    DESTRUCTIONS_FIELD_NUMBER: _ClassVar[int]
+    TEXT_JA_FIELD_NUMBER: _ClassVar[int]
+    TEXT_EN_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_ID_FIELD_NUMBER: _ClassVar[int]
+    receipts: _containers.RepeatedCompositeFieldContainer[ReceiptRecord]
+    consent: _containers.RepeatedCompositeFieldContainer[ConsentChange]
+    periods: _containers.RepeatedCompositeFieldContainer[MatchedPeriod]
+    destructions: _containers.RepeatedCompositeFieldContainer[DestructionNote]
+    text_ja: str
+    text_en: str
+    audit_id: str
+    def __init__(self, receipts: _Optional[_Iterable[_Union[ReceiptRecord, _Mapping]]] = ..., consent: _Optional[_Iterable[_Union[ConsentChange, _Mapping]]] = ..., periods: _Optional[_Iterable[_Union[MatchedPeriod, _Mapping]]] = ..., destructions: _Optional[_Iterable[_Union[DestructionNote, _Mapping]]] = ..., text_ja: _Optional[str] = ..., text_en: _Optional[str] = ..., audit_id: _Optional[str] = ...) -> None: ...
+
+class ConsentChange(_message.Message):
+    __slots__ = ("purpose", "notice_version", "action", "at", "source", "expires_at")
+    PURPOSE_FIELD_NUMBER: _ClassVar[int]
+    NOTICE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    AT_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    purpose: str
+    notice_version: int
+    action: str
+    at: str
+    source: str
+    expires_at: str
+    def __init__(self, purpose: _Optional[str] = ..., notice_version: _Optional[int] = ..., action: _Optional[str] = ..., at: _Optional[str] = ..., source: _Optional[str] = ..., expires_at: _Optional[str] = ...) -> None: ...
+
+class MatchedPeriod(_message.Message):
+    __slots__ = ("contract", "partner", "purpose", "until")
+    CONTRACT_FIELD_NUMBER: _ClassVar[int]
+    PARTNER_FIELD_NUMBER: _ClassVar[int]
+    PURPOSE_FIELD_NUMBER: _ClassVar[int]
+    FROM_FIELD_NUMBER: _ClassVar[int]
+    UNTIL_FIELD_NUMBER: _ClassVar[int]
+    contract: str
+    partner: str
+    purpose: str
+    until: str
+    def __init__(self, contract: _Optional[str] = ..., partner: _Optional[str] = ..., purpose: _Optional[str] = ..., until: _Optional[str] = ..., **kwargs) -> None: ...
+
+class DestructionNote(_message.Message):
+    __slots__ = ("contract", "partner", "destroyed_at", "reason", "key_id", "files", "audit_id")
+    CONTRACT_FIELD_NUMBER: _ClassVar[int]
+    PARTNER_FIELD_NUMBER: _ClassVar[int]
+    DESTROYED_AT_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_ID_FIELD_NUMBER: _ClassVar[int]
+    contract: str
+    partner: str
+    destroyed_at: str
+    reason: str
+    key_id: str
+    files: _containers.RepeatedScalarFieldContainer[str]
+    audit_id: str
+    def __init__(self, contract: _Optional[str] = ..., partner: _Optional[str] = ..., destroyed_at: _Optional[str] = ..., reason: _Optional[str] = ..., key_id: _Optional[str] = ..., files: _Optional[_Iterable[str]] = ..., audit_id: _Optional[str] = ...) -> None: ...

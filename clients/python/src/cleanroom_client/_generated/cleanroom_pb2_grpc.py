@@ -550,6 +550,16 @@ class LegalServiceStub(object):
                 request_serializer=cleanroom_dot_v1_dot_cleanroom__pb2.ConfirmDestructionRequest.SerializeToString,
                 response_deserializer=cleanroom_dot_v1_dot_cleanroom__pb2.DestructionStatus.FromString,
                 _registered_method=True)
+        self.ListReceipts = channel.unary_unary(
+                '/cleanroom.v1.LegalService/ListReceipts',
+                request_serializer=cleanroom_dot_v1_dot_cleanroom__pb2.ListReceiptsRequest.SerializeToString,
+                response_deserializer=cleanroom_dot_v1_dot_cleanroom__pb2.ReceiptsPage.FromString,
+                _registered_method=True)
+        self.DiscloseMember = channel.unary_unary(
+                '/cleanroom.v1.LegalService/DiscloseMember',
+                request_serializer=cleanroom_dot_v1_dot_cleanroom__pb2.DiscloseMemberRequest.SerializeToString,
+                response_deserializer=cleanroom_dot_v1_dot_cleanroom__pb2.MemberDisclosure.FromString,
+                _registered_method=True)
 
 
 class LegalServiceServicer(object):
@@ -604,6 +614,28 @@ class LegalServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListReceipts(self, request, context):
+        """The records of receipt of partners' lists (APPI Art. 30), oldest first, and each partner's
+        declaration with its status today. Records outlive the lists they describe (a destruction
+        keeps them) and are purged three years (1096 days) after their day of receipt. For the legal
+        and analyst roles; PERMISSION_DENIED for partners.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DiscloseMember(self, request, context):
+        """Disclosure to a member (APPI Art. 33(5)): the records of receipt that name the member, their
+        consent timeline, per contract the periods in which they were matched and consenting, and
+        the destructions of those collaborations, with the text in Japanese and English. A member no
+        record names gets an empty answer. The audit record holds only a keyed digest of the member
+        id. INVALID_ARGUMENT without a member id; PERMISSION_DENIED unless the caller has the legal
+        role.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LegalServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -631,6 +663,16 @@ def add_LegalServiceServicer_to_server(servicer, server):
                     servicer.ConfirmDestruction,
                     request_deserializer=cleanroom_dot_v1_dot_cleanroom__pb2.ConfirmDestructionRequest.FromString,
                     response_serializer=cleanroom_dot_v1_dot_cleanroom__pb2.DestructionStatus.SerializeToString,
+            ),
+            'ListReceipts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListReceipts,
+                    request_deserializer=cleanroom_dot_v1_dot_cleanroom__pb2.ListReceiptsRequest.FromString,
+                    response_serializer=cleanroom_dot_v1_dot_cleanroom__pb2.ReceiptsPage.SerializeToString,
+            ),
+            'DiscloseMember': grpc.unary_unary_rpc_method_handler(
+                    servicer.DiscloseMember,
+                    request_deserializer=cleanroom_dot_v1_dot_cleanroom__pb2.DiscloseMemberRequest.FromString,
+                    response_serializer=cleanroom_dot_v1_dot_cleanroom__pb2.MemberDisclosure.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -775,6 +817,60 @@ class LegalService(object):
             '/cleanroom.v1.LegalService/ConfirmDestruction',
             cleanroom_dot_v1_dot_cleanroom__pb2.ConfirmDestructionRequest.SerializeToString,
             cleanroom_dot_v1_dot_cleanroom__pb2.DestructionStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListReceipts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cleanroom.v1.LegalService/ListReceipts',
+            cleanroom_dot_v1_dot_cleanroom__pb2.ListReceiptsRequest.SerializeToString,
+            cleanroom_dot_v1_dot_cleanroom__pb2.ReceiptsPage.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DiscloseMember(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cleanroom.v1.LegalService/DiscloseMember',
+            cleanroom_dot_v1_dot_cleanroom__pb2.DiscloseMemberRequest.SerializeToString,
+            cleanroom_dot_v1_dot_cleanroom__pb2.MemberDisclosure.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,153 @@
+//! Receiving a partner's list as APPI Art. 30 asks: the partner's declaration is confirmed
+//! current before any record is read ([`confirm_declaration`]), and every accepted version
+//! writes a record of receipt ([`store_and_record`]) naming the members concerned by their
+//! pseudonyms, kept apart from the list ([`crate::receipts`]).
+
+use cleanroom_core::rules::{Partner, Rules};
+use cleanroom_engine::guard::ListUpload;
+use cleanroom_engine::guard::admission::shown;
+use cleanroom_engine::store::CommitRecord;
+
+use crate::Result;
+use crate::receipts::{Provider, Receipt};
+use crate::state::App;
+
+/// The partner `partner` of the rules (NOT_FOUND if there is none), if its declaration is
+/// current on `today` (the retailer's local date): in the rules, in date, and its document the
+/// one whose SHA-256 the rules hold. Otherwise the upload is refused (FAILED_PRECONDITION).
+pub(crate) fn declared_partner<'a>(
+    rules: &'a Rules,
+    partner: &str,
+    today: chrono::NaiveDate,
+) -> Result<&'a Partner> {
+    let found = rules.partners.get(partner).ok_or_else(|| {
+        cleanroom_core::Error::NotFound(format!("no partner `{}`", shown(partner)))
+    })?;
+    rules
+        .declaration_status(partner, today)
+        .require_current(partner)?;
+    Ok(found)
+}
+
+/// Stores an accepted list version and writes its record of receipt, one upload at a time (so
+/// the list the record's members are read from is the version just stored). Returns the commit
+/// and the record's id.
+pub(crate) fn store_and_record(
+    app: &App,
+    rules: &Rules,
+    upload: ListUpload<'_>,
+    today: chrono::NaiveDate,
+) -> Result<(CommitRecord, String)> {
+    let _one_at_a_time = app.receipts.hold();
+    let partner = upload.partner.partner().to_string();
+    let contract_id = upload.partner.contract_id().to_string();
+    let at = upload.facts.at;
+    let record = app.guard.store_list(upload)?;
+    let receipt = receipt_of(app, rules, &partner, &contract_id, &record, today)?;
+    let id = app.receipts.append(receipt, at)?;
+    Ok((record, id))
+}
+
+/// The record of receipt of the list version `record` stored for `partner`.
+fn receipt_of(
+    app: &App,
+    rules: &Rules,
+    partner: &str,
+    contract_id: &str,
+    record: &CommitRecord,
+    today: chrono::NaiveDate,
+) -> Result<Receipt> {
+    let declaration = rules
+        .partners
+        .get(partner)
+        .and_then(|p| p.declaration.clone())
+        .ok_or_else(|| crate::Error::Internal("a list was stored without a declaration".into()))?;
+    let contract = rules
+        .contracts
+        .get(contract_id)
+        .ok_or_else(|| crate::Error::Internal("a list was stored without its contract".into()))?;
+    let attribute = rules.partners.get(partner).map(|p| p.attribute.clone());
+    Ok(Receipt {
+        received_on: today,
+        partner: partner.to_string(),
+        provider: Provider {
+            legal_name: declaration.legal_name,
+            address: declaration.address,
+            representative: declaration.representative,
+        },
+        acquisition: declaration.acquisition,
+        basis: declaration.basis,
+        declaration_document: declaration.document.display().to_string(),
+        declaration_sha256: declaration.sha256,
+        declaration_valid_until: declaration.valid_until,
+        contract: contract_id.to_string(),
+        clause: contract.clause.clone(),
+        purpose: contract.purpose.clone(),
+        items: vec![
+            "e-mail address and phone number, as keyed match tokens (HMAC-SHA256 under the \
+             collaboration key)"
+                .to_string(),
+            format!(
+                "the partner's attribute of each customer (`{}`)",
+                attribute.unwrap_or_default()
+            ),
+        ],
+        list_version: record.list_version.unwrap_or_default(),
+        commit: record.seq,
+        records: (record.received, record.accepted),
+        members: members_of(app, contract_id, partner, record)?,
+    })
+}
+
+/// The retailer's members the stored list names, as member pseudonyms, ascending.
+fn members_of(
+    app: &App,
+    contract_id: &str,
+    partner: &str,
+    record: &CommitRecord,
+) -> Result<Vec<i64>> {
+    let snapshot = app.store.snapshot();
+    match cleanroom_engine::member::list_members(&snapshot, contract_id, partner)? {
+        Some((version, members)) if Some(version) == record.list_version => Ok(members),
+        _ => Err(crate::Error::Internal(
+            "the store's current list is not the version just stored".into(),
+        )),
+    }
+}
+
+/// Writes the record of receipt of each partner's current list that has none: a crash between
+/// the list's commit and its record (the commit comes first) is finished at the next start, as a
+/// destruction is. Run at start, before any call is served. Returns how many it wrote.
+pub(crate) fn record_missing(app: &App) -> Result<usize> {
+    let live = app.live();
+    let rules = &live.rules;
+    let recorded: std::collections::BTreeSet<u64> = app
+        .receipts
+        .records()?
+        .iter()
+        .map(|r| r.entry.commit)
+        .collect();
+    let snapshot = app.store.snapshot();
+    let mut written = 0;
+    for record in app.store.log() {
+        let Some(partner) = record.partner.as_deref() else {
+            continue;
+        };
+        let current = snapshot.lists.get(partner).map(|l| l.version);
+        if record.list_version.is_none()
+            || record.list_version != current
+            || recorded.contains(&record.seq)
+        {
+            continue;
+        }
+        let Some((contract_id, _)) = rules.contract_of(partner) else {
+            continue;
+        };
+        let today = rules.retailer.today(record.at);
+        let receipt = receipt_of(app, rules, partner, contract_id, &record, today)?;
+        app.receipts.append(receipt, record.at)?;
+        tracing::warn!(partner = %partner, "wrote a record of receipt a crash cut short");
+        written += 1;
+    }
+    Ok(written)
+}
