@@ -267,10 +267,10 @@ fn watch_config(
 fn reload_and_end_removed(app: &App) -> Result<Reload> {
     let before = app.live();
     let outcome = app.reload()?;
-    if outcome == Reload::Applied {
-        if let Err(e) = crate::retention::end_removed(app, &before.rules) {
-            tracing::error!(error = %e, "ending the collaborations a reload removed failed");
-        }
+    if outcome == Reload::Applied
+        && let Err(e) = crate::retention::end_removed(app, &before.rules)
+    {
+        tracing::error!(error = %e, "ending the collaborations a reload removed failed");
     }
     Ok(outcome)
 }
