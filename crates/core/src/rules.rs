@@ -947,7 +947,8 @@ mod tests {
         );
         assert_eq!(
             kept.retention.purchases_kept_from(day),
-            NaiveDate::from_ymd_opt(2024, 1, 1)
+            // 730 days back from 2026-01-01 crosses 29 February 2024.
+            NaiveDate::from_ymd_opt(2024, 1, 2)
         );
         let defaults = Rules::parse(MINIMAL).unwrap();
         assert_eq!(defaults.contracts["c1"].retention.keep_versions, 1);
