@@ -8,6 +8,7 @@ use std::path::Path;
 use anyhow::{Context, Result, bail};
 use cleanroom_core::keys::KeyStore;
 use cleanroom_core::token::MasterSecret;
+use cleanroom_engine::store::DestroyedFile;
 use cleanroom_server::audit::{self, Destruction, Event, Record};
 
 /// Every destruction the trail records, with its record.
@@ -22,6 +23,18 @@ pub fn destructions(records: &[Record]) -> Vec<(&Record, &Destruction)> {
         .collect()
 }
 
+/// Every file a retention destroyed (list versions, purchases files), with its record.
+fn retired_files(records: &[Record]) -> impl Iterator<Item = (&Record, &DestroyedFile)> {
+    records
+        .iter()
+        .filter(|r| r.entry.outcome == "ok")
+        .filter_map(|r| match &r.entry.event {
+            Some(Event::Retired(retired)) => Some((r, retired.files.as_slice())),
+            _ => None,
+        })
+        .flat_map(|(r, files)| files.iter().map(move |f| (r, f)))
+}
+
 /// What came back after it was destroyed: a file in `data_dir`, or a key seed in the store.
 pub fn resurrected(
     records: &[Record],
@@ -29,6 +42,15 @@ pub fn resurrected(
     keys: Option<&KeyStore>,
 ) -> Result<Vec<String>> {
     let mut back = Vec::new();
+    for (record, file) in retired_files(records) {
+        if data_dir.join(&file.name).exists() {
+            back.push(format!(
+                "{}: destroyed under the retention rules by audit record {} ({}), is in the \
+                 data directory again",
+                file.name, record.id, record.at
+            ));
+        }
+    }
     for (record, d) in destructions(records) {
         for file in &d.files {
             if data_dir.join(&file.name).exists() {

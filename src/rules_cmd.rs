@@ -73,7 +73,7 @@ pub fn validate(
     section(&mut out, "effective k", k_changes)?;
     let consent = consent_filter(&old, &new, data_dir, now)?;
     section(&mut out, "consent filter", consent)?;
-    section(&mut out, "destruction", destruction_dates(&new))?;
+    section(&mut out, "destruction", destruction_dates(&new, now))?;
     section(&mut out, "declarations", declarations(&new, now))?;
     Ok(out)
 }
@@ -97,21 +97,41 @@ fn declarations(rules: &Rules, now: DateTime<Utc>) -> Vec<String> {
         .collect()
 }
 
-/// When each collaboration of the proposed rules is destroyed: its lists, member tokens, stored
-/// answers and key, the day after its last day plus its grace period.
-fn destruction_dates(rules: &Rules) -> Vec<String> {
-    rules
-        .contracts
-        .iter()
-        .map(|(id, c)| {
-            format!(
-                "contract {id}: in force until {}, destroyed on {} ({} days of grace)",
-                c.expires,
-                c.destruction_day(),
-                c.retention.grace_days
-            )
-        })
-        .collect()
+/// When each collaboration of the proposed rules is destroyed (its lists, member tokens, stored
+/// answers and key, the day after its last day plus its grace period), what its list rules
+/// destroy before that, and which purchases a sweep today would remove.
+fn destruction_dates(rules: &Rules, now: DateTime<Utc>) -> Vec<String> {
+    let today = rules.retailer.today(now);
+    let mut dates = Vec::new();
+    for (id, c) in &rules.contracts {
+        dates.push(format!(
+            "contract {id}: in force until {}, destroyed on {} ({} days of grace)",
+            c.expires,
+            c.destruction_day(),
+            c.retention.grace_days
+        ));
+        let kept = c.retention.keep_versions;
+        let mut lists = format!(
+            "contract {id}: {kept} list version(s) kept, an older one destroyed once a newer \
+             upload leaves it behind"
+        );
+        if let (Some(days), Some(day)) = (c.retention.max_list_days, c.list_destruction_day(today))
+        {
+            let _ = write!(
+                lists,
+                "; a list is kept {days} days (one uploaded today is destroyed on {day})"
+            );
+        }
+        dates.push(lists);
+    }
+    dates.push(match rules.retention.purchases_kept_from(today) {
+        Some(day) => format!(
+            "purchases: kept {} days; today's sweep removes those before {day}",
+            rules.retention.purchases_days.unwrap_or_default()
+        ),
+        None => "purchases: kept without limit ([retention] purchases_days unset)".into(),
+    });
+    dates
 }
 
 /// The "settings" section: changes of the k floor, purposes, contracts, sensitive columns and
@@ -200,9 +220,16 @@ fn term_changes(o: &Contract, c: &Contract) -> Vec<String> {
         ));
     }
     if o.retention != c.retention {
+        let (o, c) = (&o.retention, &c.retention);
         changes.push(format!(
-            "grace after expiry {} -> {} days",
-            o.retention.grace_days, c.retention.grace_days
+            "retention: grace after expiry {} -> {} days, list versions kept {} -> {}, \
+             longest a list is kept {:?} -> {:?} days",
+            o.grace_days,
+            c.grace_days,
+            o.keep_versions,
+            c.keep_versions,
+            o.max_list_days,
+            c.max_list_days
         ));
     }
     if o.protection != c.protection {

@@ -591,3 +591,211 @@ async fn json_logs_are_one_object_per_line_and_name_no_member() {
     }
     assert!(records > 0, "the sample's load logs at info: {lines:?}");
 }
+
+/// The files of `dir` (recursively) named `name`.
+fn found_named(dir: &Path, name: &str) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            found.extend(found_named(&path, name));
+        } else if path.file_name().is_some_and(|n| n == name) {
+            found.push(path);
+        }
+    }
+    found
+}
+
+/// The data files of Sakura Foods' collaboration: its member tokens and list versions.
+fn sakura_data(data: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(data)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("member_tokens-ctr-sakura") || n.starts_with("list-sakura_foods"))
+        .collect();
+    names.sort();
+    names
+}
+
+/// Starts `cleanroom serve` told to pause at `point` (`faults::PAUSE_AT`), waits until it says it
+/// has, and kills it with SIGKILL there.
+fn kill_at_pause(config: &Path, point: &str, during: impl FnOnce(&str)) {
+    let mut during = Some(during);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cleanroom"))
+        .args(["serve", "--allow-demo-tokens", "--config"])
+        .arg(config)
+        .env("CLEANROOM_MASTER_SECRET", secret_hex())
+        .env(cleanroom_server::faults::PAUSE_AT, point)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let paused = format!("cleanroom paused at {point}");
+    let mut seen = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while std::time::Instant::now() < deadline {
+        if let Ok(line) = rx.recv_timeout(Duration::from_millis(100)) {
+            if let Some(addr) = line.strip_prefix("cleanroom serving gRPC on ") {
+                let during = during.take().expect("serves once");
+                during(addr.trim());
+            } else if line.starts_with(&paused) {
+                child.kill().unwrap();
+                child.wait().unwrap();
+                return;
+            }
+            seen.push(line);
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!("never paused at {point}: {}", seen.join("\n"));
+}
+
+/// Issue 16, item 3: `kill -9` at each step of a destruction (after its commit, after its stored
+/// answers, after its key), then a start: the destruction is complete (files, stored answers,
+/// key seed), the partner is refused, the trail verifies and records the destruction's commit,
+/// and the privacy ledger is byte for byte what it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_minus_nine_during_a_destruction_and_the_next_start_completes_it() {
+    for point in [
+        "end:committed",
+        "end:answers-forgotten",
+        "end:keys-destroyed",
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let rules = dir.path().join("rules.toml");
+        let sample_rules = std::fs::read_to_string(sample_dir().join("rules.toml")).unwrap();
+        std::fs::write(&rules, &sample_rules).unwrap();
+        let config = write_config_with(dir.path(), &rules, &root().join("queries"), 60);
+        let data = dir.path().join("data");
+        let served = serve(&config);
+        let conn = served.conn().await;
+        sample::approve_all(&conn).await.unwrap();
+        sample::load(&conn, &sample_dir()).await.unwrap();
+        overlap(&conn).await;
+        served.kill();
+        assert_eq!(sakura_data(&data).len(), 2);
+        assert!(!found_named(dir.path(), "ctr-sakura-2026.v1.seed").is_empty());
+        let ledger = std::fs::read(data.join("guard/ledger.jsonl")).unwrap();
+
+        // The contract ended 30 days ago; with its 14 days of grace it is due.
+        let ended = chrono::Utc::now().date_naive() - chrono::Days::new(30);
+        let expired = sample_rules.replacen(
+            "expires = \"2027-03-31\"",
+            &format!("expires = \"{ended}\""),
+            1,
+        );
+        assert_ne!(expired, sample_rules, "Sakura's contract expiry is edited");
+        std::fs::write(&rules, expired).unwrap();
+        kill_at_pause(&config, point, |_| {
+            panic!("{point}: served before the destruction")
+        });
+
+        let served = serve(&config);
+        assert!(
+            sakura_data(&data).is_empty(),
+            "{point}: {:?}",
+            sakura_data(&data)
+        );
+        assert!(
+            found_named(dir.path(), "ctr-sakura-2026.v1.seed").is_empty(),
+            "{point}: the key seed is destroyed"
+        );
+        let answers = data.join("guard/answers").join("c2FrdXJhX2Zvb2Rz");
+        assert!(!answers.exists(), "{point}: stored answers destroyed");
+        let refused = served
+            .conn()
+            .await
+            .partner(sample::partner_token("sakura_foods"))
+            .unwrap()
+            .run_query(crate::util::request("matched_overlap", &[]))
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{point}");
+        assert_eq!(
+            std::fs::read(data.join("guard/ledger.jsonl")).unwrap(),
+            ledger,
+            "{point}: the ledger is unchanged"
+        );
+        let key = cleanroom_server::audit::ChainKey::new(&test_secret());
+        cleanroom_server::audit::verify(&data.join("audit.jsonl"), &key, None)
+            .unwrap_or_else(|e| panic!("{point}: the trail does not verify: {e}"));
+        let records = cleanroom_server::audit::read(&data.join("audit.jsonl")).unwrap();
+        let recorded = records.iter().any(|r| match &r.entry.event {
+            Some(cleanroom_server::audit::Event::Destroyed(d)) => d.contract == "ctr-sakura-2026",
+            Some(cleanroom_server::audit::Event::Reconciled { writes, .. }) => {
+                writes.iter().any(|w| w.method == "Sweep")
+            }
+            _ => false,
+        });
+        assert!(recorded, "{point}: the trail records the destruction");
+        println!("{point}: killed there, completed at the next start");
+        served.kill();
+    }
+}
+
+/// Issue 16, items 2 and 3: `kill -9` after a list retention's commit (a second upload
+/// destroying the first version), then a start: the stored answers over the destroyed version
+/// are destroyed too, the new version answers, the trail verifies and the ledger is unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_minus_nine_during_a_list_retention_and_the_next_start_completes_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path());
+    let data = dir.path().join("data");
+    let served = serve(&config);
+    let conn = served.conn().await;
+    sample::approve_all(&conn).await.unwrap();
+    sample::load(&conn, &sample_dir()).await.unwrap();
+    assert_eq!(overlap(&conn).await.list_version, 1);
+    served.kill();
+    let answers = data.join("guard/answers").join("c2FrdXJhX2Zvb2Rz");
+    assert_eq!(std::fs::read_dir(&answers).unwrap().count(), 1);
+    let first = sakura_data(&data);
+
+    kill_at_pause(&config, "lists:committed", |addr| {
+        let addr = addr.to_string();
+        // The upload runs on its own thread: the pause holds its answer back until the kill.
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Runtime::new().unwrap();
+            runtime.block_on(async move {
+                let conn = Connection::open(&addr).await.unwrap();
+                let records = cleanroom_client::read_list(
+                    &sample_dir().join("partner_lists/sakura_foods.csv"),
+                )
+                .unwrap();
+                let mut partner = conn.partner(sample::partner_token("sakura_foods")).unwrap();
+                let _ = cleanroom_client::upload_list(&mut partner, false, records).await;
+            });
+        });
+    });
+    let ledger = std::fs::read(data.join("guard/ledger.jsonl")).unwrap();
+    let served = serve(&config);
+    let now = sakura_data(&data);
+    assert_eq!(now.len(), 2, "member tokens and one list version: {now:?}");
+    assert!(
+        first
+            .iter()
+            .any(|f| f.starts_with("list-") && !now.contains(f)),
+        "version 1 is gone"
+    );
+    assert_eq!(
+        std::fs::read_dir(&answers).map_or(0, |d| d.count()),
+        0,
+        "the answer over version 1 is destroyed at the start"
+    );
+    assert_eq!(overlap(&served.conn().await).await.list_version, 2);
+    let key = cleanroom_server::audit::ChainKey::new(&test_secret());
+    cleanroom_server::audit::verify(&data.join("audit.jsonl"), &key, None)
+        .expect("the trail verifies");
+    let after = std::fs::read(data.join("guard/ledger.jsonl")).unwrap();
+    assert!(after.starts_with(&ledger), "nothing charged before is gone");
+    served.kill();
+}

@@ -41,8 +41,10 @@ mod streams;
 mod crash;
 // Collaboration keys: a destroyed key stays destroyed, a restored backup does not bring it back.
 mod keys;
-// `kill -9` of the real binary during ingests, uploads and queries.
+// `kill -9` of the real binary during ingests, uploads, queries and destructions.
 mod kill;
+// Retention rules: superseded and old list versions, old purchases, contracts a reload removes.
+mod retention;
 // Operator faults: a lost or older manifest, refused starts that change nothing, audit ids.
 mod operator;
 // Writes retried with their request id after a broken connection: stored exactly once.

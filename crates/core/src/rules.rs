@@ -48,6 +48,31 @@ pub struct Rules {
     /// are found; `None` for rules parsed from text.
     #[serde(skip)]
     pub base_dir: Option<std::path::PathBuf>,
+    /// How long the retailer's own data is kept, whatever the contracts say.
+    #[serde(default)]
+    pub retention: DataRetention,
+}
+
+/// The longest `[retention] purchases_days`: ten years.
+pub const MAX_PURCHASES_DAYS: u32 = 3660;
+
+/// `[retention]`: how long the retailer's purchases are kept.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataRetention {
+    /// Days a purchase is kept, counted back from the retailer's local today: the sweep removes
+    /// every purchase made before local midnight of `today - purchases_days` from the purchases
+    /// files (1 to [`MAX_PURCHASES_DAYS`]; absent: kept for as long as the data directory).
+    #[serde(default)]
+    pub purchases_days: Option<u32>,
+}
+
+impl DataRetention {
+    /// The first local day whose purchases are kept on `today`; purchases before it are removed.
+    pub fn purchases_kept_from(&self, today: NaiveDate) -> Option<NaiveDate> {
+        let days = self.purchases_days?;
+        today.checked_sub_days(chrono::Days::new(u64::from(days)))
+    }
 }
 
 /// Limits on each principal's calls, whatever its role: one caller cannot crowd out the others.
@@ -236,14 +261,44 @@ pub struct Contract {
 /// The longest grace period after a contract's expiry, in days.
 pub const MAX_GRACE_DAYS: u32 = 30;
 
+/// The most list versions a contract may keep.
+pub const MAX_KEEP_VERSIONS: u32 = 12;
+
+/// The longest a contract may keep one list, in days.
+pub const MAX_LIST_DAYS: u32 = 3660;
+
 /// `[contracts.X.retention]`: what is kept of a collaboration, and for how long.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Retention {
     /// Days after the contract's last day before its lists, member tokens, stored answers and
     /// key are destroyed (0 to 30; default 0: the day after it expires).
     #[serde(default)]
     pub grace_days: u32,
+    /// List versions kept (1 to [`MAX_KEEP_VERSIONS`]; default 1): a new upload destroys the
+    /// versions beyond this, once no answer is being computed over them.
+    #[serde(default = "default_keep_versions")]
+    pub keep_versions: u32,
+    /// The longest a list is kept after its upload, in days (1 to [`MAX_LIST_DAYS`]; absent:
+    /// until a newer version or the collaboration's end replaces it). A list uploaded on day D
+    /// is destroyed on day D + `max_list_days`, and the partner's questions are refused until it
+    /// uploads a new one.
+    #[serde(default)]
+    pub max_list_days: Option<u32>,
+}
+
+fn default_keep_versions() -> u32 {
+    1
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Self {
+            grace_days: 0,
+            keep_versions: default_keep_versions(),
+            max_list_days: None,
+        }
+    }
 }
 
 impl Contract {
@@ -251,6 +306,13 @@ impl Contract {
     /// its grace period, in the retailer's local time.
     pub fn destruction_day(&self) -> NaiveDate {
         self.expires + chrono::Days::new(u64::from(self.retention.grace_days) + 1)
+    }
+
+    /// The day a list uploaded on `uploaded` (local date) is destroyed under `max_list_days`, if
+    /// the contract limits how long a list is kept.
+    pub fn list_destruction_day(&self, uploaded: NaiveDate) -> Option<NaiveDate> {
+        let days = self.retention.max_list_days?;
+        uploaded.checked_add_days(chrono::Days::new(u64::from(days)))
     }
 }
 
@@ -503,6 +565,29 @@ fn principal_credential(p: &PrincipalEntry) -> Result<&String> {
     }
 }
 
+/// A contract's `[retention]` values lie in their ranges.
+fn check_retention(id: &str, retention: &Retention) -> Result<()> {
+    if retention.grace_days > MAX_GRACE_DAYS {
+        return fail(format!(
+            "contracts.{id}.retention.grace_days must be between 0 and {MAX_GRACE_DAYS}"
+        ));
+    }
+    if !(1..=MAX_KEEP_VERSIONS).contains(&retention.keep_versions) {
+        return fail(format!(
+            "contracts.{id}.retention.keep_versions must be between 1 and {MAX_KEEP_VERSIONS}"
+        ));
+    }
+    if retention
+        .max_list_days
+        .is_some_and(|days| !(1..=MAX_LIST_DAYS).contains(&days))
+    {
+        return fail(format!(
+            "contracts.{id}.retention.max_list_days must be between 1 and {MAX_LIST_DAYS}"
+        ));
+    }
+    Ok(())
+}
+
 /// The largest k any floor, contract or query may set.
 pub const MAX_K: u32 = 1000;
 
@@ -557,7 +642,22 @@ impl Rules {
         self.check_contracts()?;
         self.check_sensitive_columns()?;
         self.check_limits()?;
+        self.check_data_retention()?;
         self.check_principals()
+    }
+
+    /// `[retention] purchases_days` lies between 1 and [`MAX_PURCHASES_DAYS`].
+    fn check_data_retention(&self) -> Result<()> {
+        if self
+            .retention
+            .purchases_days
+            .is_some_and(|days| !(1..=MAX_PURCHASES_DAYS).contains(&days))
+        {
+            return fail(format!(
+                "retention.purchases_days must be between 1 and {MAX_PURCHASES_DAYS}"
+            ));
+        }
+        Ok(())
     }
 
     /// The global k floor lies between 2 and [`MAX_K`].
@@ -652,11 +752,7 @@ impl Rules {
         if contract.key_version == 0 {
             return fail(format!("contracts.{id}.key_version must be positive"));
         }
-        if contract.retention.grace_days > MAX_GRACE_DAYS {
-            return fail(format!(
-                "contracts.{id}.retention.grace_days must be between 0 and {MAX_GRACE_DAYS}"
-            ));
-        }
+        check_retention(id, &contract.retention)?;
         self.check_protection(id, contract)
     }
 
@@ -833,6 +929,59 @@ mod tests {
         let (_, contract) = rules.contract_of("acme").unwrap();
         assert_eq!(rules.effective_k(contract, 3), 8);
         assert_eq!(rules.effective_k(contract, 20), 20);
+    }
+
+    #[test]
+    fn retention_values_out_of_range_are_refused_by_name() {
+        let with = |section: &str| format!("{MINIMAL}\n{section}\n");
+        let cases = [
+            (
+                "[contracts.c1.retention]\nkeep_versions = 0",
+                "contracts.c1.retention.keep_versions must be between 1 and 12",
+            ),
+            (
+                "[contracts.c1.retention]\nkeep_versions = 13",
+                "contracts.c1.retention.keep_versions must be between 1 and 12",
+            ),
+            (
+                "[contracts.c1.retention]\nmax_list_days = 0",
+                "contracts.c1.retention.max_list_days must be between 1 and 3660",
+            ),
+            (
+                "[retention]\npurchases_days = 0",
+                "retention.purchases_days must be between 1 and 3660",
+            ),
+            (
+                "[retention]\npurchases_days = 3661",
+                "retention.purchases_days must be between 1 and 3660",
+            ),
+        ];
+        for (section, message) in cases {
+            match Rules::parse(&with(section)) {
+                Err(Error::Config(m)) => assert_eq!(m, message, "{section}"),
+                other => panic!("{section}: {other:?}"),
+            }
+        }
+        let kept = Rules::parse(&with(
+            "[contracts.c1.retention]\nkeep_versions = 3\nmax_list_days = 30\n\
+             [retention]\npurchases_days = 730",
+        ))
+        .unwrap();
+        let contract = &kept.contracts["c1"];
+        assert_eq!(contract.retention.keep_versions, 3);
+        let day = NaiveDate::from_ymd_opt(2026, 1, 1).unwrap();
+        assert_eq!(
+            contract.list_destruction_day(day),
+            NaiveDate::from_ymd_opt(2026, 1, 31)
+        );
+        assert_eq!(
+            kept.retention.purchases_kept_from(day),
+            // 730 days back from 2026-01-01 crosses 29 February 2024.
+            NaiveDate::from_ymd_opt(2024, 1, 2)
+        );
+        let defaults = Rules::parse(MINIMAL).unwrap();
+        assert_eq!(defaults.contracts["c1"].retention.keep_versions, 1);
+        assert_eq!(defaults.retention.purchases_kept_from(day), None);
     }
 
     #[test]

@@ -451,6 +451,12 @@ impl Guard {
         self.answers.remove_partner(partner)
     }
 
+    /// Destroys a partner's stored answers computed over its list versions up to `through` (the
+    /// retention rules destroyed them); returns how many. Their charges stay on the ledger.
+    pub fn forget_answers_through(&self, partner: &str, through: u32) -> Result<u64> {
+        self.answers.remove_through(partner, through)
+    }
+
     /// How busy query execution is now: questions waiting and executing, memory reserved.
     pub fn load(&self) -> Load {
         use datafusion::execution::memory_pool::MemoryLimit;
@@ -556,7 +562,8 @@ impl Guard {
             // stored, and the caller sees an internal error.
             Err(other) => return Err(other),
         };
-        self.answers.put(partner, &question.key, &outcome)?;
+        self.answers
+            .put(partner, &question.key, question.list.version, &outcome)?;
         self.serve(&question, outcome, charge)
     }
 
@@ -570,6 +577,14 @@ impl Guard {
         let guarantee = contract.protection.guarantee()?;
         let policy = Policy::for_query(rules, request.query, contract, request.partner);
         let Some(list) = request.snapshot.lists.get(request.partner) else {
+            if let Some(day) = request.snapshot.lists_destroyed.get(request.partner) {
+                return Err(cleanroom_core::Error::Precondition(format!(
+                    "the customer list was destroyed on {day} under the contract's retention \
+                     rules (retention.max_list_days); nothing is charged, upload a new list \
+                     (UploadList) to ask again"
+                ))
+                .into());
+            }
             return Err(cleanroom_core::Error::Precondition(
                 "no customer list uploaded yet: call UploadList first".into(),
             )

@@ -39,6 +39,9 @@ use cleanroom_core::files;
 use crate::ingest::{BATCH_ROWS, IngestReport, Sink, Table};
 use crate::{Error, Result};
 
+mod retention;
+pub use retention::{ListVersion, PurchasesRemoved, SWEEP};
+
 /// A partner's current customer list. It is kept on disk only and read a batch at a time when an
 /// answer needs it, so a list of any length costs the service no memory between answers.
 #[derive(Debug, Clone)]
@@ -103,6 +106,9 @@ pub struct Snapshot {
     /// The member table's file and SHA-256 (each collaboration's member tokens are written with
     /// it): what a list's matches depend on, besides the list.
     pub members_version: String,
+    /// Partners whose every list version the retention rules destroyed (`max_list_days`), with
+    /// the local day they did, until the partner uploads a new list.
+    pub lists_destroyed: BTreeMap<String, chrono::NaiveDate>,
 }
 
 /// What the data directory holds; rewriting it is the commit point of every write.
@@ -127,6 +133,14 @@ struct Manifest {
     /// Every write committed since the log began, oldest first.
     #[serde(default)]
     log: Vec<CommitRecord>,
+    /// Per partner: list versions destroyed from the front of its `lists` (retention, or the
+    /// collaboration's end), so a version keeps its number when older ones are gone.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    lists_dropped: BTreeMap<String, u32>,
+    /// Per partner: the local day the retention rules destroyed its current list, until it
+    /// uploads a new one ([`Snapshot::lists_destroyed`]).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    lists_destroyed: BTreeMap<String, chrono::NaiveDate>,
 }
 
 /// One committed write, as the manifest remembers it: enough to answer a retry of it, to rebuild
@@ -248,10 +262,10 @@ impl Manifest {
             lists: self
                 .lists
                 .iter()
-                .filter_map(|(partner, files)| files.last().map(|f| (partner, files.len(), f)))
-                .map(|(partner, count, name)| {
+                .filter_map(|(partner, files)| files.last().map(|f| (partner, f)))
+                .map(|(partner, name)| {
                     let list = PartnerList {
-                        version: u32::try_from(count).unwrap_or(u32::MAX),
+                        version: self.list_version(partner),
                         digest: self.digest(name).to_string(),
                         file: dir.join(name),
                     };
@@ -261,7 +275,16 @@ impl Manifest {
             consent_snapshot_id: self.consent_snapshot_id(),
             data_version: self.data_version(),
             members_version: self.members_version(),
+            lists_destroyed: self.lists_destroyed.clone(),
         }
+    }
+
+    /// The number of a partner's newest list version: versions destroyed from the front keep
+    /// counting.
+    fn list_version(&self, partner: &str) -> u32 {
+        let held = self.lists.get(partner).map_or(0, Vec::len);
+        let dropped = self.lists_dropped.get(partner).copied().unwrap_or(0);
+        dropped.saturating_add(u32::try_from(held).unwrap_or(u32::MAX))
     }
 
     /// The member table's file and digest.
@@ -431,6 +454,9 @@ pub struct Store {
     /// Serializes commits (renames and the manifest, never the writing of a table); readers never
     /// wait for it.
     writer: Mutex<Manifest>,
+    /// Every snapshot this store replaced, weakly: one still alive is being read (an answer being
+    /// computed over it), so the list versions it names are not destroyed yet.
+    replaced: Mutex<Vec<std::sync::Weak<Snapshot>>>,
 }
 
 const MANIFEST: &str = "manifest.json";
@@ -477,6 +503,7 @@ impl Store {
             dir: dir.to_path_buf(),
             current: RwLock::new(Arc::new(snapshot)),
             writer: Mutex::new(manifest),
+            replaced: Mutex::new(Vec::new()),
         })
     }
 
@@ -586,7 +613,13 @@ impl Store {
             let _ = std::fs::remove_file(self.dir.join(file));
         }
         *committed = manifest;
-        *self.current.write().expect("snapshot lock poisoned") = Arc::new(snapshot);
+        let before = std::mem::replace(
+            &mut *self.current.write().expect("snapshot lock poisoned"),
+            Arc::new(snapshot),
+        );
+        let mut replaced = self.replaced.lock().expect("replaced lock poisoned");
+        replaced.retain(|old| old.strong_count() > 0);
+        replaced.push(Arc::downgrade(&before));
         Ok(record)
     }
 
@@ -650,7 +683,12 @@ impl Store {
                 .remove(contract)
                 .into_iter()
                 .collect();
-            names.extend(manifest.lists.remove(partner).unwrap_or_default());
+            let lists = manifest.lists.remove(partner).unwrap_or_default();
+            *manifest
+                .lists_dropped
+                .entry(partner.to_string())
+                .or_default() += u32::try_from(lists.len()).unwrap_or(u32::MAX);
+            names.extend(lists);
             for name in names {
                 let rows = TableFile {
                     path: self.dir.join(&name),
@@ -741,10 +779,14 @@ impl Store {
                 &format!("list-{}", file_safe(partner)),
                 staging.table(&Table::List)?,
             )?;
-            let history = manifest.lists.entry(partner.to_string()).or_default();
-            history.push(file);
+            manifest
+                .lists
+                .entry(partner.to_string())
+                .or_default()
+                .push(file);
+            manifest.lists_destroyed.remove(partner);
             Ok(Produced {
-                list_version: Some(u32::try_from(history.len()).unwrap_or(u32::MAX)),
+                list_version: Some(manifest.list_version(partner)),
                 ..Default::default()
             })
         })

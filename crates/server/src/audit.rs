@@ -212,6 +212,40 @@ pub enum Event {
         /// Records of receipt that named the member.
         receipts: u64,
     },
+    /// The retention rules destroyed part of what a collaboration or the retailer keeps (list
+    /// versions, old purchases) while the rest runs on: each file with its SHA-256 and rows.
+    /// Never an identifier or a row's content.
+    Retired(Box<Retirement>),
+}
+
+/// What one retention destroyed, under which rule: list versions of one partner, or purchases.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Retirement {
+    /// `list versions` or `purchases`.
+    pub what: String,
+    /// The collaboration (contract id), for list versions.
+    pub contract: Option<String>,
+    /// Its partner, for list versions.
+    pub partner: Option<String>,
+    /// Why: `retention`.
+    pub reason: String,
+    /// The rule that decided it (`keep_versions = 1`, `max_list_days = 30`, `purchases_days =
+    /// 730`).
+    pub rule: String,
+    /// Who: `retention rules`.
+    pub requested_by: String,
+    /// The collaboration's key the lists were matched under (kept: the collaboration runs on).
+    pub key_id: Option<String>,
+    /// The newest list version destroyed (every older one is gone too).
+    pub through_version: Option<u32>,
+    /// The files destroyed (a purchases file rewritten without its old rows included).
+    pub files: Vec<cleanroom_engine::store::DestroyedFile>,
+    /// The files written in place of rewritten ones (purchases).
+    pub written: Vec<cleanroom_engine::store::DestroyedFile>,
+    /// Purchase rows removed.
+    pub removed_rows: u64,
+    /// Stored answers destroyed with the list versions they were computed over.
+    pub stored_answers: u64,
 }
 
 /// What one destruction destroyed, and on whose word: the proof a certificate is made from.
@@ -304,8 +338,45 @@ impl Event {
                 out.insert("member_digest".into(), member_digest.clone());
                 out.insert("receipts".into(), receipts.to_string());
             }
+            Event::Retired(r) => display_retirement(r, &mut out),
         }
         out
+    }
+}
+
+/// Files as a reviewer reads them: each with its digest and rows.
+fn display_files(files: &[cleanroom_engine::store::DestroyedFile]) -> String {
+    files
+        .iter()
+        .map(|f| format!("{} sha256:{} rows:{}", f.name, f.sha256, f.rows))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// A retention as a reviewer reads it: what, under which rule, each file with its digest.
+fn display_retirement(r: &Retirement, out: &mut BTreeMap<String, String>) {
+    let optional = [
+        ("contract", r.contract.clone()),
+        ("partner", r.partner.clone()),
+        ("key", r.key_id.clone()),
+        ("through_version", r.through_version.map(|v| v.to_string())),
+    ];
+    for (label, value) in optional {
+        if let Some(value) = value {
+            out.insert(label.to_string(), value);
+        }
+    }
+    for (label, value) in [
+        ("what", r.what.clone()),
+        ("reason", r.reason.clone()),
+        ("rule", r.rule.clone()),
+        ("requested_by", r.requested_by.clone()),
+        ("files", display_files(&r.files)),
+        ("written", display_files(&r.written)),
+        ("removed_rows", r.removed_rows.to_string()),
+        ("stored_answers", r.stored_answers.to_string()),
+    ] {
+        out.insert(label.to_string(), value);
     }
 }
 

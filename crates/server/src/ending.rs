@@ -131,7 +131,9 @@ fn destroy(
     let (record, files) = app
         .store
         .commit_destruction(&ending.contract, &ending.partner, facts)?;
+    crate::faults::pause_point("end:committed");
     let stored_answers = app.guard.forget_answers(&ending.partner)?;
+    crate::faults::pause_point("end:answers-forgotten");
     let (key_version, key_id) = destroy_keys(
         &app.keys,
         &ending.contract,
@@ -167,34 +169,7 @@ pub(crate) fn sweep(app: &App) -> Result<usize> {
         if !due || app.keys.tombstone(id, contract.key_version)?.is_some() {
             continue;
         }
-        let ending = Ending {
-            contract: id.clone(),
-            partner: contract.partner.clone(),
-            current_version: Some(contract.key_version),
-            reason: "expiry".into(),
-            requested_by: "retention rules".into(),
-        };
-        let facts = cleanroom_engine::store::WriteFacts {
-            at: now,
-            method: "Sweep".into(),
-            partner: Some(contract.partner.clone()),
-            request_id: None,
-            report: IngestReport::default(),
-        };
-        let (record, destruction) = destroy(app, &ending, facts)?;
-        let mut entry = Entry {
-            principal: "retention rules".into(),
-            role: "service".into(),
-            partner: Some(contract.partner.clone()),
-            method: "Sweep".into(),
-            outcome: "ok".into(),
-            ..Entry::default()
-        };
-        entry.committed(&record);
-        entry.event = Some(Event::Destroyed(Box::new(destruction)));
-        app.audit.append(entry, now)?;
-        app.endings.remove(id);
-        tracing::info!(contract = %id, "destroyed at the end of its retention");
+        end_by_rules(app, id, &contract.partner, contract.key_version, "expiry")?;
         ended += 1;
     }
     purge_receipts(app, today, now)?;
@@ -227,6 +202,48 @@ fn purge_receipts(app: &App, today: chrono::NaiveDate, now: DateTime<Utc>) -> Re
             "records of receipt purged after their keeping period"
         );
     }
+    Ok(())
+}
+
+/// Destroys one collaboration on the rules' word (its expiry, or its removal from the rules),
+/// with one audit record (method `Sweep`, principal `retention rules`).
+pub(crate) fn end_by_rules(
+    app: &App,
+    contract: &str,
+    partner: &str,
+    key_version: u32,
+    reason: &str,
+) -> Result<()> {
+    let now = app.clock.now();
+    let ending = Ending {
+        contract: contract.to_string(),
+        partner: partner.to_string(),
+        current_version: Some(key_version),
+        reason: reason.to_string(),
+        requested_by: "retention rules".into(),
+    };
+    let facts = cleanroom_engine::store::WriteFacts {
+        at: now,
+        method: cleanroom_engine::store::SWEEP.into(),
+        partner: Some(partner.to_string()),
+        request_id: None,
+        report: IngestReport::default(),
+    };
+    let (record, destruction) = destroy(app, &ending, facts)?;
+    crate::faults::pause_point("end:keys-destroyed");
+    let mut entry = Entry {
+        principal: "retention rules".into(),
+        role: "service".into(),
+        partner: Some(partner.to_string()),
+        method: cleanroom_engine::store::SWEEP.into(),
+        outcome: "ok".into(),
+        ..Entry::default()
+    };
+    entry.committed(&record);
+    entry.event = Some(Event::Destroyed(Box::new(destruction)));
+    app.audit.append(entry, now)?;
+    app.endings.remove(contract);
+    tracing::info!(contract = %contract, reason, "collaboration destroyed by its rules");
     Ok(())
 }
 

@@ -305,7 +305,18 @@ impl PartnerService for PartnerApi {
             }
             Err(e) => Err(e),
         };
-        self.app.finish(call, entry, result).await
+        let partner = call.principal.partner.clone();
+        let answered = self.app.finish(call, entry, result).await;
+        if let (Some(partner), true) = (partner, answered.is_ok()) {
+            // After the upload's own record: the version it superseded goes now, unless an
+            // answer is being computed over it (then the minute's sweep destroys it).
+            let app = std::sync::Arc::clone(&self.app);
+            let retire = move || crate::retention::after_upload(&app, &partner);
+            if let Err(e) = tokio::task::spawn_blocking(retire).await {
+                tracing::error!(error = %e, "list retention after an upload panicked");
+            }
+        }
+        answered
     }
 }
 

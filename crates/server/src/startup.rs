@@ -80,13 +80,16 @@ impl App {
             keys,
             endings,
             receipts,
+            purchases_swept_on: std::sync::Mutex::new(None),
             audit: Arc::new(opened.audit),
             clock: config.clock,
         });
         crate::ending::finish_cut(&app, &app.store.log(), app.clock.now())?;
         crate::receiving::record_missing(&app)?;
+        crate::retention::finish_cut(&app, &app.store.log())?;
         app.follow_with_mark()?;
         crate::ending::sweep(&app)?;
+        crate::retention::sweep(&app)?;
         Ok(app)
     }
 
@@ -221,15 +224,21 @@ fn legal_service(app: &Arc<App>) -> Authenticated<LegalServiceServer<LegalApi>> 
     )
 }
 
-/// Destroys expired collaborations as their retention ends (`ending::sweep`): checked every
-/// minute, so within a minute of the retailer's local midnight and of a reload that changes a
-/// contract. A failed sweep is logged and tried again; it never stops the service.
+/// Destroys expired collaborations as their retention ends (`ending::sweep`) and what the
+/// retention rules no longer keep (`retention::sweep`): checked every minute, so within a minute
+/// of the retailer's local midnight, of a reload that changes a contract, and of the end of an
+/// answer that held a superseded list version. A failed sweep is logged and tried again; it
+/// never stops the service.
 fn sweep_every_minute(app: Arc<App>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         loop {
             tokio::time::sleep(Duration::from_secs(60)).await;
             let app = Arc::clone(&app);
-            match tokio::task::spawn_blocking(move || crate::ending::sweep(&app)).await {
+            let sweep = move || {
+                crate::ending::sweep(&app)?;
+                crate::retention::sweep(&app)
+            };
+            match tokio::task::spawn_blocking(sweep).await {
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => tracing::error!(error = %e, "retention sweep failed"),
                 Err(e) => tracing::error!(error = %e, "retention sweep panicked"),
@@ -249,7 +258,7 @@ fn watch_config(
         loop {
             tokio::time::sleep(poll).await;
             let app = Arc::clone(&app);
-            let outcome = tokio::task::spawn_blocking(move || app.reload()).await;
+            let outcome = tokio::task::spawn_blocking(move || reload_and_end_removed(&app)).await;
             let status = if config_in_force(outcome) {
                 tonic_health::ServingStatus::Serving
             } else {
@@ -260,6 +269,19 @@ fn watch_config(
                 .await;
         }
     })
+}
+
+/// Reloads the configuration and ends the collaborations whose contracts the new rules removed
+/// (`retention::end_removed`; a failure there is logged, and the reload stands).
+fn reload_and_end_removed(app: &App) -> Result<Reload> {
+    let before = app.live();
+    let outcome = app.reload()?;
+    if outcome == Reload::Applied
+        && let Err(e) = crate::retention::end_removed(app, &before.rules)
+    {
+        tracing::error!(error = %e, "ending the collaborations a reload removed failed");
+    }
+    Ok(outcome)
 }
 
 /// Whether a reload's outcome leaves the configuration on disk in force.

@@ -95,6 +95,8 @@ pub struct App {
     pub keys: Arc<cleanroom_core::keys::KeyStore>,
     /// Requests to end a collaboration waiting for legal.
     pub(crate) endings: crate::requests::Requests,
+    /// The retailer's local day the purchases retention last ran on: it runs once a day.
+    pub(crate) purchases_swept_on: Mutex<Option<chrono::NaiveDate>>,
     /// The audit trail.
     pub audit: Arc<AuditTrail>,
     /// The records of receipt of partners' lists, kept apart from the data they describe.

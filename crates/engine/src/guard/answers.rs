@@ -91,6 +91,33 @@ mod base64_bytes {
     }
 }
 
+/// An answer as its file holds it: with the list version it was computed over, so that the
+/// answers over a destroyed version can be found ([`Answers::remove_through`]). Files written
+/// before versions were recorded hold the bare outcome.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(untagged)]
+enum Stored {
+    Versioned { list_version: u32, outcome: Outcome },
+    Bare(Outcome),
+}
+
+impl Stored {
+    fn outcome(self) -> Outcome {
+        match self {
+            Stored::Versioned { outcome, .. } | Stored::Bare(outcome) => outcome,
+        }
+    }
+
+    /// The list version it was computed over; unknown for a bare refusal.
+    fn list_version(&self) -> Option<u32> {
+        match self {
+            Stored::Versioned { list_version, .. } => Some(*list_version),
+            Stored::Bare(Outcome::Released(release)) => Some(release.list_version),
+            Stored::Bare(Outcome::Refused(_)) => None,
+        }
+    }
+}
+
 /// The answers directory.
 #[derive(Debug)]
 pub struct Answers {
@@ -119,21 +146,34 @@ impl Answers {
     pub fn get(&self, partner: &str, key: &str) -> Result<Option<Outcome>> {
         let path = self.path(partner, key);
         match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(storage),
+            Ok(bytes) => serde_json::from_slice::<Stored>(&bytes)
+                .map(|stored| Some(stored.outcome()))
+                .map_err(storage),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(storage(e)),
         }
     }
 
-    /// Stores an outcome whole: a reader sees the old file or the new one, never part of one.
-    pub fn put(&self, partner: &str, key: &str, outcome: &Outcome) -> Result<()> {
+    /// Stores an outcome computed over `list_version` whole: a reader sees the old file or the
+    /// new one, never part of one.
+    pub fn put(
+        &self,
+        partner: &str,
+        key: &str,
+        list_version: u32,
+        outcome: &Outcome,
+    ) -> Result<()> {
         let path = self.path(partner, key);
         let dir = path.parent().expect("answer paths have a parent");
         if !dir.exists() {
             std::fs::create_dir_all(dir).map_err(storage)?;
             cleanroom_core::files::sync_dir(&self.dir)?;
         }
-        let bytes = serde_json::to_vec(outcome).map_err(storage)?;
+        let stored = Stored::Versioned {
+            list_version,
+            outcome: outcome.clone(),
+        };
+        let bytes = serde_json::to_vec(&stored).map_err(storage)?;
         Ok(cleanroom_core::files::write_atomic(&path, &bytes)?)
     }
 
@@ -159,6 +199,36 @@ impl Answers {
     }
 }
 
+impl Answers {
+    /// Removes a partner's stored answers computed over list versions up to `through` (they were
+    /// destroyed) and returns how many there were. A refusal stored before versions were
+    /// recorded names none and is kept: it holds a fixed message, nothing of a list. Each file
+    /// is removed on its own, so a crash leaves some at most, which the next call removes.
+    pub fn remove_through(&self, partner: &str, through: u32) -> Result<u64> {
+        let dir = self.path(partner, "-");
+        let dir = dir.parent().expect("answer paths have a parent");
+        let entries = match std::fs::read_dir(dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(storage(e)),
+        };
+        let mut removed = 0;
+        for entry in entries {
+            let path = entry.map_err(storage)?.path();
+            let bytes = std::fs::read(&path).map_err(storage)?;
+            let stored: Stored = serde_json::from_slice(&bytes).map_err(storage)?;
+            if stored.list_version().is_some_and(|v| v <= through) {
+                std::fs::remove_file(&path).map_err(storage)?;
+                removed += 1;
+            }
+        }
+        if removed > 0 {
+            cleanroom_core::files::sync_dir(dir)?;
+        }
+        Ok(removed)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -176,16 +246,33 @@ mod tests {
             noise: NoiseReport::default(),
             audit: ReleaseFacts::default(),
         });
-        answers.put("p", "abc", &outcome).unwrap();
+        answers.put("p", "abc", 2, &outcome).unwrap();
         assert_eq!(answers.get("p", "abc").unwrap(), Some(outcome));
         assert_eq!(answers.get("q", "abc").unwrap(), None);
         answers
-            .put("p", "r", &Outcome::Refused("no".into()))
+            .put("p", "r", 3, &Outcome::Refused("no".into()))
             .unwrap();
         let reopened = Answers::open(dir.path().join("answers")).unwrap();
         assert_eq!(
             reopened.get("p", "r").unwrap(),
             Some(Outcome::Refused("no".into()))
         );
+        // Version 2's answer goes with version 2; version 3's refusal stays.
+        assert_eq!(reopened.remove_through("p", 2).unwrap(), 1);
+        assert_eq!(reopened.get("p", "abc").unwrap(), None);
+        assert!(reopened.get("p", "r").unwrap().is_some());
+        assert_eq!(reopened.remove_through("p", 2).unwrap(), 0, "idempotent");
+    }
+
+    #[test]
+    fn answers_stored_before_versions_were_recorded_still_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let answers = Answers::open(dir.path().join("answers")).unwrap();
+        let bare = Outcome::Refused("too few".into());
+        let path = answers.path("p", "old");
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, serde_json::to_vec(&bare).unwrap()).unwrap();
+        assert_eq!(answers.get("p", "old").unwrap(), Some(bare));
+        assert_eq!(answers.remove_through("p", u32::MAX).unwrap(), 0);
     }
 }
