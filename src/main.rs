@@ -125,14 +125,8 @@ struct DestroyArgs {
     /// Why the collaboration ends early (kept in the audit trail).
     #[arg(long)]
     reason: String,
-    /// Service address.
-    #[arg(long, default_value = "http://127.0.0.1:50051")]
-    addr: String,
-    /// The analyst's bearer token.
-    #[arg(long, env = "CLEANROOM_TOKEN", hide_env_values = true)]
-    token: String,
     #[command(flatten)]
-    tls: TlsArgs,
+    service: ServiceArgs,
 }
 
 #[derive(clap::Args)]
@@ -140,14 +134,8 @@ struct ConfirmDestructionArgs {
     /// The contract (collaboration) id.
     #[arg(long)]
     contract: String,
-    /// Service address.
-    #[arg(long, default_value = "http://127.0.0.1:50051")]
-    addr: String,
-    /// The legal reviewer's bearer token.
-    #[arg(long, env = "CLEANROOM_TOKEN", hide_env_values = true)]
-    token: String,
     #[command(flatten)]
-    tls: TlsArgs,
+    service: ServiceArgs,
 }
 
 #[derive(clap::Args)]
@@ -175,14 +163,8 @@ struct DiscloseArgs {
     /// The retailer's member id.
     #[arg(long)]
     member_id: String,
-    /// Service address.
-    #[arg(long, default_value = "http://127.0.0.1:50051")]
-    addr: String,
-    /// The legal reviewer's bearer token.
-    #[arg(long, env = "CLEANROOM_TOKEN", hide_env_values = true)]
-    token: String,
     #[command(flatten)]
-    tls: TlsArgs,
+    service: ServiceArgs,
 }
 
 #[derive(clap::Subcommand)]
@@ -283,12 +265,8 @@ struct IngestArgs {
     /// goes to the service as Arrow record batches).
     #[arg(long)]
     file: PathBuf,
-    /// Service address.
-    #[arg(long, default_value = "http://127.0.0.1:50051")]
-    addr: String,
-    /// The analyst's bearer token.
-    #[arg(long, env = "CLEANROOM_TOKEN", hide_env_values = true)]
-    token: String,
+    #[command(flatten)]
+    service: ServiceArgs,
     /// Fail the whole file on the first invalid record instead of skipping it.
     #[arg(long)]
     strict: bool,
@@ -297,8 +275,6 @@ struct IngestArgs {
     /// printed id again to retry a write whose outcome was not known.
     #[arg(long)]
     request_id: Option<String>,
-    #[command(flatten)]
-    tls: TlsArgs,
 }
 
 #[derive(clap::Args)]
@@ -306,12 +282,8 @@ struct UploadListArgs {
     /// The list: email,phone,attribute or email_token,phone_token,attribute.
     #[arg(long)]
     file: PathBuf,
-    /// Service address.
-    #[arg(long, default_value = "http://127.0.0.1:50051")]
-    addr: String,
-    /// The partner's bearer token.
-    #[arg(long, env = "CLEANROOM_TOKEN", hide_env_values = true)]
-    token: String,
+    #[command(flatten)]
+    service: ServiceArgs,
     /// Fail the whole upload on the first invalid identifier instead of skipping it.
     #[arg(long)]
     strict: bool,
@@ -323,8 +295,6 @@ struct UploadListArgs {
     /// printed id again to retry a write whose outcome was not known.
     #[arg(long)]
     request_id: Option<String>,
-    #[command(flatten)]
-    tls: TlsArgs,
 }
 
 #[derive(clap::Args)]
@@ -420,6 +390,25 @@ struct ExportKeyArgs {
     /// The contract (collaboration) id.
     #[arg(long)]
     contract: String,
+}
+
+/// Where a command-line client reaches the service, and as whom.
+#[derive(clap::Args, Debug)]
+struct ServiceArgs {
+    /// Service address.
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    addr: String,
+    /// The caller's bearer token, of the role the command is for.
+    #[arg(long, env = "CLEANROOM_TOKEN", hide_env_values = true)]
+    token: String,
+    #[command(flatten)]
+    tls: TlsArgs,
+}
+
+impl ServiceArgs {
+    async fn connect(&self) -> Result<cleanroom_client::Connection> {
+        connect(&self.addr, &self.tls).await
+    }
 }
 
 /// How a command-line client reaches a service over TLS.
@@ -705,26 +694,26 @@ fn validate_rules(args: RulesValidateArgs) -> Result<()> {
 
 fn ingest(args: IngestArgs) -> Result<()> {
     runtime()?.block_on(async {
-        let conn = connect(&args.addr, &args.tls).await?;
+        let conn = args.service.connect().await?;
         let write = write_cmd::Write {
             file: &args.file,
             strict: args.strict,
             request_id: args.request_id,
         };
-        write_cmd::ingest(args.kind, write, &conn, &args.token).await
+        write_cmd::ingest(args.kind, write, &conn, &args.service.token).await
     })
 }
 
 fn upload_list(args: UploadListArgs) -> Result<()> {
     runtime()?.block_on(async {
-        let conn = connect(&args.addr, &args.tls).await?;
+        let conn = args.service.connect().await?;
         let write = write_cmd::Write {
             file: &args.file,
             strict: args.strict,
             request_id: args.request_id,
         };
         let on_behalf_of = args.on_behalf_of.as_deref();
-        write_cmd::upload_list(write, on_behalf_of, &conn, &args.token).await
+        write_cmd::upload_list(write, on_behalf_of, &conn, &args.service.token).await
     })
 }
 
@@ -771,13 +760,13 @@ fn export_key(args: ExportKeyArgs) -> Result<()> {
 
 fn destroy(args: DestroyArgs) -> Result<()> {
     let status = runtime()?.block_on(async {
-        let conn = connect(&args.addr, &args.tls).await?;
+        let conn = args.service.connect().await?;
         let request = cleanroom_proto::v1::RequestDestructionRequest {
             contract_id: args.contract,
             reason: args.reason,
         };
         anyhow::Ok(
-            conn.admin(&args.token)?
+            conn.admin(&args.service.token)?
                 .request_destruction(request)
                 .await?,
         )
@@ -793,12 +782,12 @@ fn destroy(args: DestroyArgs) -> Result<()> {
 
 fn confirm_destruction(args: ConfirmDestructionArgs) -> Result<()> {
     let status = runtime()?.block_on(async {
-        let conn = connect(&args.addr, &args.tls).await?;
+        let conn = args.service.connect().await?;
         let request = cleanroom_proto::v1::ConfirmDestructionRequest {
             contract_id: args.contract,
         };
         anyhow::Ok(
-            conn.legal(&args.token)?
+            conn.legal(&args.service.token)?
                 .confirm_destruction(request)
                 .await?,
         )
@@ -818,11 +807,15 @@ fn confirm_destruction(args: ConfirmDestructionArgs) -> Result<()> {
 
 fn disclose(args: DiscloseArgs) -> Result<()> {
     let disclosure = runtime()?.block_on(async {
-        let conn = connect(&args.addr, &args.tls).await?;
+        let conn = args.service.connect().await?;
         let request = cleanroom_proto::v1::DiscloseMemberRequest {
             member_id: args.member_id,
         };
-        anyhow::Ok(conn.legal(&args.token)?.disclose_member(request).await?)
+        anyhow::Ok(
+            conn.legal(&args.service.token)?
+                .disclose_member(request)
+                .await?,
+        )
     })?;
     print!(
         "{}",

@@ -674,6 +674,7 @@ async fn kill_minus_nine_during_a_destruction_and_the_next_start_completes_it() 
         let rules = dir.path().join("rules.toml");
         let sample_rules = std::fs::read_to_string(sample_dir().join("rules.toml")).unwrap();
         std::fs::write(&rules, &sample_rules).unwrap();
+        copy_declarations(dir.path());
         let config = write_config_with(dir.path(), &rules, &root().join("queries"), 60);
         let data = dir.path().join("data");
         let served = serve(&config);

@@ -64,7 +64,7 @@ pub(crate) fn request(
 
 /// Makes a recorded request pending.
 pub(crate) fn asked(app: &App, contract: &str, pending: Pending) {
-    app.endings.insert(contract, pending);
+    app.destruction_requests.insert(contract, pending);
 }
 
 /// Confirms a pending request and destroys the collaboration (module docs), recording what was
@@ -75,7 +75,7 @@ pub(crate) async fn confirm(
     entry: &mut Entry,
     contract: &str,
 ) -> Result<DestructionStatus> {
-    let pending = app.endings.get(contract).ok_or_else(|| {
+    let pending = app.destruction_requests.get(contract).ok_or_else(|| {
         cleanroom_core::Error::Precondition(format!(
             "no pending request to end contract `{}`: an analyst asks first (RequestDestruction)",
             shown(contract)
@@ -106,7 +106,7 @@ pub(crate) async fn confirm(
     entry.committed(&record);
     let status = destroyed_status(&destruction, &call.principal.name, call.now);
     entry.event = Some(Event::Destroyed(Box::new(destruction)));
-    app.endings.remove(contract);
+    app.destruction_requests.remove(contract);
     Ok(status)
 }
 
@@ -242,7 +242,7 @@ pub(crate) fn end_by_rules(
     entry.committed(&record);
     entry.event = Some(Event::Destroyed(Box::new(destruction)));
     app.audit.append(entry, now)?;
-    app.endings.remove(contract);
+    app.destruction_requests.remove(contract);
     tracing::info!(contract = %contract, reason, "collaboration destroyed by its rules");
     Ok(())
 }

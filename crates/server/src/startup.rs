@@ -51,7 +51,7 @@ impl App {
         )?;
         let keys = cleanroom_core::keys::KeyStore::open(&config.keys, config.secret.clone())?;
         let found = Found::read(&config)?;
-        let endings = crate::requests::Requests::from_history(found.history());
+        let destruction_requests = crate::requests::Requests::from_history(found.history());
         let plan = found.decide(config.accept_restore)?;
         // Tampered records of receipt refuse the start before anything is repaired.
         let chain = crate::audit::ChainKey::new(&config.secret);
@@ -78,7 +78,7 @@ impl App {
             mark: MarkWriter::new(config.mark, MarkKey::new(&config.secret)),
             secret: config.secret,
             keys,
-            endings,
+            destruction_requests,
             receipts,
             purchases_swept_on: std::sync::Mutex::new(None),
             audit: Arc::new(opened.audit),

@@ -94,7 +94,7 @@ pub struct App {
     /// Each collaboration's key seed; with the master secret, its match key.
     pub keys: Arc<cleanroom_core::keys::KeyStore>,
     /// Requests to end a collaboration waiting for legal.
-    pub(crate) endings: crate::requests::Requests,
+    pub(crate) destruction_requests: crate::requests::Requests,
     /// The retailer's local day the purchases retention last ran on: it runs once a day.
     pub(crate) purchases_swept_on: Mutex<Option<chrono::NaiveDate>>,
     /// The audit trail.
