@@ -237,3 +237,47 @@ pub const TOML_POOL: &[&str] = &[
     "role = \"partner\"\n",
     "token_sha256 = \"00\"\n",
 ];
+
+/// Every reason normalizing an e-mail address or a phone number gives (`cleanroom-core`'s
+/// `normalize`): the identifier fuzzers of core and of the ingests accept exactly these.
+pub const IDENTIFIER_REASONS: &[&str] = &[
+    "email: empty",
+    "email: contains whitespace",
+    "email: no @",
+    "email: more than one @",
+    "email: empty local part",
+    "email: invalid domain",
+    "phone: empty",
+    "phone: no digits",
+    "phone: invalid character",
+    "phone: too short",
+    "phone: too long",
+    "phone: no country code",
+    "phone: invalid country code",
+];
+
+/// A query file with the parameter kinds the reviewed ones lack (an int range, a value list),
+/// for the query-file and parameter fuzzers.
+pub const INT_AND_VALUES_QUERY: &str = r#"
+id = "int_and_values"
+version = 1
+title = "t"
+description = "d"
+purposes = ["product_insight"]
+contract_clause = "c"
+partners = ["sakura_foods"]
+k = 10
+sql = "SELECT COUNT(*) AS n FROM purchases WHERE quantity >= $min_quantity AND brand = $brand"
+metrics = ["n"]
+[[params]]
+name = "min_quantity"
+type = "int"
+description = "q"
+min = -3
+max = 40
+[[params]]
+name = "brand"
+type = "enum"
+description = "b"
+values = ["Sakura Cha", "Kumo Air"]
+"#;

@@ -19,29 +19,7 @@ const QUERIES: &[&str] = &[
     include_str!("../../../../queries/category_buyers_by_age_band.toml"),
     include_str!("../../../../queries/matched_overlap.toml"),
     include_str!("../../../../queries/repeat_purchase_rate.toml"),
-    r#"
-id = "int_and_values"
-version = 1
-title = "t"
-description = "d"
-purposes = ["product_insight"]
-contract_clause = "c"
-partners = ["sakura_foods"]
-k = 10
-sql = "SELECT COUNT(*) AS n FROM purchases WHERE quantity >= $min_quantity AND brand = $brand"
-metrics = ["n"]
-[[params]]
-name = "min_quantity"
-type = "int"
-description = "q"
-min = -3
-max = 40
-[[params]]
-name = "brand"
-type = "enum"
-description = "b"
-values = ["Sakura Cha", "Kumo Air"]
-"#,
+    cleanroom_fuzzing::INT_AND_VALUES_QUERY,
 ];
 
 fn rules() -> &'static Rules {

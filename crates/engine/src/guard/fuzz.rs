@@ -247,29 +247,7 @@ fn with_bounds(q: usize, bounds: &[Option<&str>]) -> String {
     text
 }
 
-const INT_AND_VALUES: &str = r#"
-id = "int_and_values"
-version = 1
-title = "t"
-description = "d"
-purposes = ["product_insight"]
-contract_clause = "c"
-partners = ["sakura_foods"]
-k = 10
-sql = "SELECT COUNT(*) AS n FROM purchases WHERE quantity >= $min_quantity AND brand = $brand"
-metrics = ["n"]
-[[params]]
-name = "min_quantity"
-type = "int"
-description = "q"
-min = -3
-max = 40
-[[params]]
-name = "brand"
-type = "enum"
-description = "b"
-values = ["Sakura Cha", "Kumo Air"]
-"#;
+const INT_AND_VALUES: &str = cleanroom_fuzzing::INT_AND_VALUES_QUERY;
 
 /// A request: which query (with which date bounds), the caller's values for its parameters
 /// (each declared one most of the time, now and then a name it does not declare), the partner.
