@@ -449,25 +449,36 @@ fn tokens_against_hmac(figures: &mut Figures) {
     let emails: Vec<String> = (0..N).map(|i| format!("member.{i}@example.jp")).collect();
     let secret = MasterSecret::new(vec![7; 32]).expect("a 32-byte secret");
     let key = secret.collaboration_key("bench", 1, &[9; 32]);
-    let started = Instant::now();
-    let mut sink = 0u8;
-    for email in &emails {
-        let normalized = cleanroom_core::normalize::email(email).expect("a valid e-mail");
-        sink ^= key.token(&normalized).mac[0];
-    }
-    figures.tokens_per_s = N as f64 / started.elapsed().as_secs_f64();
     // The baseline is the fastest bare loop: the key's blocks hashed once, its state cloned.
     use hmac::{KeyInit, Mac};
     let keyed = hmac::Hmac::<sha2::Sha256>::new_from_slice(&[7u8; 32]).expect("a 32-byte key");
-    let started = Instant::now();
-    for email in &emails {
-        let mut mac = keyed.clone();
-        mac.update(email.as_bytes());
-        sink ^= mac.finalize().into_bytes()[0];
+    let mut sink = 0u8;
+    let mut normalized = String::new();
+    // Each loop takes a few tens of milliseconds, so one stray pause would decide the ratio:
+    // the two alternate, and each keeps its best of several rounds.
+    for _ in 0..TOKEN_ROUNDS {
+        let started = Instant::now();
+        for email in &emails {
+            // As the members ingest does: one buffer for every address.
+            cleanroom_core::normalize::email_into(email, &mut normalized).expect("a valid e-mail");
+            sink ^= key.token(&normalized).mac[0];
+        }
+        let rate = N as f64 / started.elapsed().as_secs_f64();
+        figures.tokens_per_s = figures.tokens_per_s.max(rate);
+        let started = Instant::now();
+        for email in &emails {
+            let mut mac = keyed.clone();
+            mac.update(email.as_bytes());
+            sink ^= mac.finalize().into_bytes()[0];
+        }
+        let rate = N as f64 / started.elapsed().as_secs_f64();
+        figures.hmac_per_s = figures.hmac_per_s.max(rate);
     }
-    figures.hmac_per_s = N as f64 / started.elapsed().as_secs_f64();
     std::hint::black_box(sink);
 }
+
+/// How many times each of the token loops runs, its best round kept.
+const TOKEN_ROUNDS: usize = 5;
 
 #[derive(Clone, Copy)]
 enum Load {

@@ -119,6 +119,13 @@ impl Matched {
         self.members.len()
     }
 
+    /// The members it matches, as pseudonyms, ascending.
+    pub fn members(&self) -> Vec<i64> {
+        let mut members: Vec<i64> = self.members.keys().copied().collect();
+        members.sort_unstable();
+        members
+    }
+
     /// Whether it matches no member.
     pub fn is_empty(&self) -> bool {
         self.members.is_empty()
@@ -285,7 +292,7 @@ impl Audiences {
         Ok(())
     }
 
-    async fn matched(
+    pub(crate) async fn matched(
         &self,
         snapshot: &Arc<Snapshot>,
         contract_id: &str,

@@ -499,6 +499,22 @@ impl Guard {
             .commit_list(upload.partner.partner, upload.list, upload.facts)
     }
 
+    /// The list version `partner` holds on `snapshot` and the members it matches under
+    /// `contract_id` (pseudonyms, ascending), matched once for this and every question that
+    /// follows: the same kept matching [`Guard::prepare`] and the questions use.
+    pub async fn list_members(
+        &self,
+        snapshot: &Arc<Snapshot>,
+        contract_id: &str,
+        partner: &str,
+    ) -> Result<Option<(u32, Vec<i64>)>> {
+        let Some(list) = snapshot.lists.get(partner) else {
+            return Ok(None);
+        };
+        let matched = self.audiences.matched(snapshot, contract_id, list).await?;
+        Ok(Some((list.version, matched.members())))
+    }
+
     /// Computes ahead what questions on `snapshot` will share: each contract's matched list and
     /// its purpose's consent state, as many as the audience cache keeps. Run after a commit, so
     /// the first question after an upload or an ingest does not wait for them. Nothing is

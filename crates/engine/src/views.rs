@@ -251,9 +251,10 @@ impl TableProvider for SafeView {
 }
 
 /// Members whose tokens for this collaboration appear in a list, with the partner's attribute for
-/// them (the first one given, if several records match). The list is read from disk a batch at a
-/// time and only its tokens that some member has are kept, so the work's memory follows the
-/// retailer's members, never the list's length.
+/// them: that of the member's first token (in the stored order) whose list record gives one,
+/// taken from the first list record that carries the token. The list is read from disk a batch at
+/// a time and only its tokens that some member has are kept, so the work's memory follows the
+/// retailer's members, never the list's length. Two passes: the member tokens once, the list once.
 pub fn matched_members(
     snapshot: &Snapshot,
     contract_id: &str,
@@ -262,40 +263,27 @@ pub fn matched_members(
     let Some(tokens) = snapshot.member_tokens.get(contract_id) else {
         return Ok(MemberMap::default());
     };
-    // Each member token, and the attribute of the first list record that carries it (`None`
-    // until a record does). Millions of keys: a faster hash than std's SipHash, which guards
-    // against keys chosen to collide, and these are MACs nobody can choose.
-    let mut in_list: datafusion::common::HashMap<TokenKey, Option<Option<String>>> =
-        datafusion::common::HashMap::default();
-    for batch in tokens.batches()? {
-        let batch = batch?;
-        let versions = batch
-            .column(tokens::KEY_VERSION)
-            .as_primitive::<UInt32Type>();
-        let macs = batch.column(tokens::MAC).as_fixed_size_binary();
-        for i in 0..batch.num_rows() {
-            in_list.insert(token_key(versions.value(i), macs.value(i)), None);
-        }
-    }
-    for batch in list.batches()? {
-        let batch = batch?;
-        let versions = batch
-            .column(tokens::KEY_VERSION)
-            .as_primitive::<UInt32Type>();
-        let macs = batch.column(tokens::MAC).as_fixed_size_binary();
-        let attributes = batch.column(tokens::ATTRIBUTE).as_string::<i32>();
-        for i in 0..batch.num_rows() {
-            if let Some(slot @ None) = in_list.get_mut(&token_key(versions.value(i), macs.value(i)))
-            {
-                *slot = Some(
-                    attributes
-                        .is_valid(i)
-                        .then(|| attributes.value(i).to_string()),
-                );
-            }
-        }
-    }
-    let mut matched = MemberMap::default();
+    let mut in_list = member_tokens(tokens)?;
+    mark_listed(&mut in_list, list)?;
+    Ok(owners_of_listed(in_list))
+}
+
+/// A member token's owner, its place in the stored order, and the attribute of the first list
+/// record that carries it (`None` until a record does).
+struct Listed {
+    owner: i64,
+    ordinal: u64,
+    attribute: Option<Option<String>>,
+}
+
+/// Millions of keys: a faster hash than std's SipHash, which guards against keys chosen to
+/// collide, and these are MACs nobody can choose.
+type TokenIndex = datafusion::common::HashMap<TokenKey, Listed>;
+
+/// Every member token of the collaboration, not yet marked as listed.
+fn member_tokens(tokens: &TableFile) -> Result<TokenIndex> {
+    let mut index = TokenIndex::default();
+    let mut ordinal = 0u64;
     for batch in tokens.batches()? {
         let batch = batch?;
         let owners = batch.column(tokens::OWNER).as_primitive::<Int64Type>();
@@ -304,19 +292,59 @@ pub fn matched_members(
             .as_primitive::<UInt32Type>();
         let macs = batch.column(tokens::MAC).as_fixed_size_binary();
         for i in 0..batch.num_rows() {
-            if let Some(Some(attribute)) = in_list.get(&token_key(versions.value(i), macs.value(i)))
-            {
-                let entry = matched.entry(owners.value(i)).or_insert(None);
-                if entry.is_none() {
-                    *entry = attribute.clone();
-                }
+            let listed = Listed {
+                owner: owners.value(i),
+                ordinal,
+                attribute: None,
+            };
+            index.insert(token_key(versions.value(i), macs.value(i)), listed);
+            ordinal += 1;
+        }
+    }
+    Ok(index)
+}
+
+/// Marks each member token that a list record carries, with the first such record's attribute.
+fn mark_listed(index: &mut TokenIndex, list: &PartnerList) -> Result<()> {
+    for batch in list.batches()? {
+        let batch = batch?;
+        let versions = batch
+            .column(tokens::KEY_VERSION)
+            .as_primitive::<UInt32Type>();
+        let macs = batch.column(tokens::MAC).as_fixed_size_binary();
+        let attributes = batch.column(tokens::ATTRIBUTE).as_string::<i32>();
+        for i in 0..batch.num_rows() {
+            let Some(listed) = index.get_mut(&token_key(versions.value(i), macs.value(i))) else {
+                continue;
+            };
+            if listed.attribute.is_none() {
+                let attribute = attributes.is_valid(i).then(|| attributes.value(i));
+                listed.attribute = Some(attribute.map(str::to_string));
             }
         }
     }
-    Ok(matched)
+    Ok(())
 }
 
-/// A match token as a map key: its key version and MAC.
+/// The owners of the listed tokens, each with the attribute of its first listed token (in the
+/// stored order) that has one: the hash map's own order never decides.
+fn owners_of_listed(index: TokenIndex) -> MemberMap<Option<String>> {
+    let mut first: MemberMap<(u64, Option<String>)> = MemberMap::default();
+    for listed in index.into_values() {
+        let Some(attribute) = listed.attribute else {
+            continue;
+        };
+        let entry = first.entry(listed.owner).or_insert((u64::MAX, None));
+        if attribute.is_some() && listed.ordinal < entry.0 {
+            *entry = (listed.ordinal, attribute);
+        }
+    }
+    first
+        .into_iter()
+        .map(|(owner, (_, a))| (owner, a))
+        .collect()
+}
+
 type TokenKey = (u32, [u8; 32]);
 
 fn token_key(version: u32, mac: &[u8]) -> TokenKey {
@@ -371,4 +399,41 @@ fn consented_where(
         .filter(|(_, event)| consent::admits(event.as_ref(), requirement, now))
         .map(|(member, _)| member)
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn token(index: &mut TokenIndex, byte: u8, owner: i64, ordinal: u64, listed: Option<&str>) {
+        let attribute = match listed {
+            Some("") => Some(None),
+            Some(a) => Some(Some(a.to_string())),
+            None => None,
+        };
+        let listed = Listed {
+            owner,
+            ordinal,
+            attribute,
+        };
+        index.insert((1, [byte; 32]), listed);
+    }
+
+    #[test]
+    fn a_member_takes_the_attribute_of_its_first_listed_token_that_has_one() {
+        let mut index = TokenIndex::default();
+        // Member 7: its first token is listed without an attribute, its second with "b", its
+        // third with "a"; the second's wins, whatever order the map gives.
+        token(&mut index, 1, 7, 0, Some(""));
+        token(&mut index, 2, 7, 5, Some("a"));
+        token(&mut index, 3, 7, 1, Some("b"));
+        // Member 8: listed, never with an attribute. Member 9: not listed.
+        token(&mut index, 4, 8, 2, Some(""));
+        token(&mut index, 5, 9, 3, None);
+        let owners = owners_of_listed(index);
+        assert_eq!(owners.len(), 2);
+        assert_eq!(owners[&7], Some("b".to_string()));
+        assert_eq!(owners[&8], None);
+        assert!(!owners.contains_key(&9));
+    }
 }

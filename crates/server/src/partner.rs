@@ -226,7 +226,8 @@ where
         facts,
         store: &app.store,
     };
-    let (record, _receipt) = crate::receiving::store_and_record(app, rules, upload, call.today)?;
+    let (record, _receipt) =
+        crate::receiving::store_and_record(app, rules, upload, call.today).await?;
     app.metrics.ingested(Table::PartnerLists, record.accepted);
     entry.committed(&record);
     Ok(convert::upload_response(&record, false))

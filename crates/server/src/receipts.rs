@@ -117,7 +117,7 @@ pub struct Receipts {
     key: ChainKey,
     tail: Mutex<Tail>,
     /// Held from a list's commit to its record, so uploads are recorded one at a time.
-    uploads: Mutex<()>,
+    uploads: tokio::sync::Mutex<()>,
 }
 
 /// Where the signed start of a purged chain is kept.
@@ -222,14 +222,14 @@ impl Receipts {
                 seq,
                 hash,
             }),
-            uploads: Mutex::new(()),
+            uploads: tokio::sync::Mutex::new(()),
         };
         Ok((receipts, torn))
     }
 
     /// Holds uploads back while one list is stored and its record written.
-    pub fn hold(&self) -> std::sync::MutexGuard<'_, ()> {
-        self.uploads.lock().expect("receipts lock poisoned")
+    pub async fn hold(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.uploads.lock().await
     }
 
     /// Appends one record and returns its id once it and its checkpoint are on disk. Blocking.

@@ -32,30 +32,56 @@ pub(crate) fn declared_partner<'a>(
 /// Stores an accepted list version and writes its record of receipt, one upload at a time (so
 /// the list the record's members are read from is the version just stored). Returns the commit
 /// and the record's id.
-pub(crate) fn store_and_record(
+pub(crate) async fn store_and_record(
     app: &App,
     rules: &Rules,
     upload: ListUpload<'_>,
     today: chrono::NaiveDate,
 ) -> Result<(CommitRecord, String)> {
-    let _one_at_a_time = app.receipts.hold();
+    let _one_at_a_time = app.receipts.hold().await;
     let partner = upload.partner.partner().to_string();
     let contract_id = upload.partner.contract_id().to_string();
     let at = upload.facts.at;
     let record = app.guard.store_list(upload)?;
-    let receipt = receipt_of(app, rules, &partner, &contract_id, &record, today)?;
+    let members = matched_now(app, &contract_id, &partner, &record).await?;
+    let receipt = receipt_of(rules, &partner, &contract_id, &record, today, members)?;
     let id = app.receipts.append(receipt, at)?;
     Ok((record, id))
 }
 
-/// The record of receipt of the list version `record` stored for `partner`.
-fn receipt_of(
+/// The members the list version just stored names, matched once for both this record and the
+/// questions that follow (the guard keeps the matching). Should the guard's query memory not hold
+/// it now, the record is still written: it is matched here, outside the pool, as at start-up.
+async fn matched_now(
     app: &App,
+    contract_id: &str,
+    partner: &str,
+    record: &CommitRecord,
+) -> Result<Vec<i64>> {
+    let snapshot = app.store.snapshot();
+    let found = match app
+        .guard
+        .list_members(&snapshot, contract_id, partner)
+        .await
+    {
+        Ok(found) => found,
+        Err(e) => {
+            tracing::warn!(error = %e, "matching a new list in query memory failed; matching it outside");
+            cleanroom_engine::member::list_members(&snapshot, contract_id, partner)?
+        }
+    };
+    current_members(found, record)
+}
+
+/// The record of receipt of the list version `record` stored for `partner`, which names
+/// `members` (pseudonyms, ascending).
+fn receipt_of(
     rules: &Rules,
     partner: &str,
     contract_id: &str,
     record: &CommitRecord,
     today: chrono::NaiveDate,
+    members: Vec<i64>,
 ) -> Result<Receipt> {
     let declaration = rules
         .partners
@@ -95,19 +121,13 @@ fn receipt_of(
         list_version: record.list_version.unwrap_or_default(),
         commit: record.seq,
         records: (record.received, record.accepted),
-        members: members_of(app, contract_id, partner, record)?,
+        members,
     })
 }
 
-/// The retailer's members the stored list names, as member pseudonyms, ascending.
-fn members_of(
-    app: &App,
-    contract_id: &str,
-    partner: &str,
-    record: &CommitRecord,
-) -> Result<Vec<i64>> {
-    let snapshot = app.store.snapshot();
-    match cleanroom_engine::member::list_members(&snapshot, contract_id, partner)? {
+/// The members of the store's current list, if it is the version `record` stored.
+fn current_members(found: Option<(u32, Vec<i64>)>, record: &CommitRecord) -> Result<Vec<i64>> {
+    match found {
         Some((version, members)) if Some(version) == record.list_version => Ok(members),
         _ => Err(crate::Error::Internal(
             "the store's current list is not the version just stored".into(),
@@ -144,7 +164,9 @@ pub(crate) fn record_missing(app: &App) -> Result<usize> {
             continue;
         };
         let today = rules.retailer.today(record.at);
-        let receipt = receipt_of(app, rules, partner, contract_id, &record, today)?;
+        let members = cleanroom_engine::member::list_members(&snapshot, contract_id, partner)?;
+        let members = current_members(members, &record)?;
+        let receipt = receipt_of(rules, partner, contract_id, &record, today, members)?;
         app.receipts.append(receipt, record.at)?;
         tracing::warn!(partner = %partner, "wrote a record of receipt a crash cut short");
         written += 1;

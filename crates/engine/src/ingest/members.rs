@@ -71,7 +71,28 @@ pub struct MembersIngest {
     rows: MemberRows,
     /// Member pseudonyms seen so far (8 bytes a member), to refuse duplicates across chunks.
     seen: HashSet<i64>,
+    /// The member's normalized identifiers, kept between members so that normalizing millions
+    /// of them allocates once, not once each.
+    identifiers: Identifiers,
     report: IngestReport,
+}
+
+/// One member's normalized e-mail and phone number, either of which may be missing or refused.
+#[derive(Default)]
+struct Identifiers {
+    email: String,
+    phone: String,
+    has_email: bool,
+    has_phone: bool,
+}
+
+impl Identifiers {
+    /// The identifiers that normalized.
+    fn present(&self) -> impl Iterator<Item = &str> {
+        [(self.has_email, &self.email), (self.has_phone, &self.phone)]
+            .into_iter()
+            .filter_map(|(present, id)| present.then_some(id.as_str()))
+    }
 }
 
 impl Ingest for MembersIngest {
@@ -127,8 +148,27 @@ impl MembersIngest {
             strict,
             rows: MemberRows::default(),
             seen: HashSet::new(),
+            identifiers: Identifiers::default(),
             report: IngestReport::default(),
         })
+    }
+
+    /// Normalizes the member's e-mail and phone number into the kept buffers. A bad one is
+    /// dropped and counted; the member stays.
+    fn normalize_identifiers(&mut self, index: usize, record: &MemberInput) -> Result<()> {
+        let ids = &mut self.identifiers;
+        let email = (!record.email.trim().is_empty())
+            .then(|| normalize::email_into(&record.email, &mut ids.email));
+        let phone = (!record.phone.trim().is_empty())
+            .then(|| normalize::phone(&record.phone).map(|p| ids.phone = p));
+        ids.has_email = matches!(email, Some(Ok(())));
+        ids.has_phone = matches!(phone, Some(Ok(())));
+        for outcome in [email, phone] {
+            if let Some(Err(Rejection(reason))) = outcome {
+                self.report.reject(index, reason, self.strict)?;
+            }
+        }
+        Ok(())
     }
 
     fn member(&mut self, index: usize, record: &MemberInput) -> Result<()> {
@@ -145,25 +185,9 @@ impl MembersIngest {
         if !self.seen.insert(member_key) {
             return self.report.reject(index, "member_id: duplicate", strict);
         }
-        let mut identifiers = Vec::with_capacity(2);
-        for (raw, normalize) in [
-            (
-                &record.email,
-                normalize::email as fn(&str) -> Result<String, Rejection>,
-            ),
-            (&record.phone, normalize::phone),
-        ] {
-            if raw.trim().is_empty() {
-                continue;
-            }
-            match normalize(raw) {
-                Ok(normalized) => identifiers.push(normalized),
-                // The member stays; only the bad identifier is dropped, and counted.
-                Err(reason) => self.report.reject(index, reason.0, strict)?,
-            }
-        }
+        self.normalize_identifiers(index, record)?;
         for (_, key, tokens) in &mut self.keys {
-            for id in &identifiers {
+            for id in self.identifiers.present() {
                 tokens.push(member_key, key.token(id), None)?;
             }
         }
