@@ -16,7 +16,8 @@ use tonic::Code;
 
 use crate::truth::Truth;
 use crate::util::{
-    Harness, Setup, as_of, files_of, list_of, relaxed_lists, sample_rules, test_secret,
+    Harness, Setup, as_of, files_of, list_of, mark_beside, relaxed_lists, sample_rules,
+    test_secret, try_app,
 };
 
 /// Noon, the retailer's local time, `days` after the sample's export date.
@@ -424,10 +425,19 @@ async fn a_receipt_a_crash_cut_short_is_written_at_the_next_start() {
     })
     .await;
     let data = h.data_dir.path().to_path_buf();
-    let before_upload: Vec<(PathBuf, Vec<u8>)> = ["receipts.jsonl", "receipts.checkpoint"]
-        .iter()
-        .map(|name| (data.join(name), std::fs::read(data.join(name)).unwrap()))
-        .collect();
+    // A crash between the list's commit and its record also comes before the high-water mark
+    // counts the record: the mark goes back with the records.
+    let before_upload: Vec<(PathBuf, Vec<u8>)> = [
+        data.join("receipts.jsonl"),
+        data.join("receipts.checkpoint"),
+        mark_beside(&data),
+    ]
+    .into_iter()
+    .map(|path| {
+        let bytes = std::fs::read(&path).unwrap();
+        (path, bytes)
+    })
+    .collect();
     assert!(upload(&h, "sakura_foods").await.is_none());
     let key = ChainKey::new(&test_secret());
     let written = cleanroom_server::receipts::read(&data, &key).unwrap();
@@ -460,6 +470,66 @@ async fn a_receipt_a_crash_cut_short_is_written_at_the_next_start() {
     assert_eq!(again.commit, lost.commit);
     let h = h.restart().await;
     assert_eq!(receipts(&h).await.receipts.len(), 3, "and only once");
+    h.stop().await;
+}
+
+/// Records of receipt rolled back on their own (an older copy of the file and its checkpoint put
+/// back, everything else as the service left it) are seen at the next start: the high-water mark
+/// counts them. The start is refused, naming the records the directory lacks and changing nothing;
+/// accepted, the restore names them in the trail, and the record of the list still current is
+/// written again from the list. Control: the same restart without the rollback starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_of_receipt_rolled_back_are_refused_and_named_when_accepted() {
+    let h = Harness::start_with(Setup {
+        rules: relaxed_lists(sample_rules()),
+        ..Default::default()
+    })
+    .await;
+    let data = h.data_dir.path().to_path_buf();
+    let older: Vec<(PathBuf, Vec<u8>)> = ["receipts.jsonl", "receipts.checkpoint"]
+        .iter()
+        .map(|name| (data.join(name), std::fs::read(data.join(name)).unwrap()))
+        .collect();
+    let kept = receipts(&h).await.receipts.len();
+    assert!(upload(&h, "sakura_foods").await.is_none());
+    let key = ChainKey::new(&test_secret());
+    let written = cleanroom_server::receipts::read(&data, &key).unwrap();
+    assert_eq!(written.len(), kept + 1);
+    let mut h = h.restart().await;
+    h.halt().await;
+
+    for (path, bytes) in &older {
+        std::fs::write(path, bytes).unwrap();
+    }
+    let rolled_back = files_of(&data);
+    let message = try_app(&data).err().expect("refused").to_string();
+    let lost = kept + 1;
+    assert!(
+        message.contains(&format!(
+            "its records of receipt end at record {kept}, the mark's at {lost}"
+        )) && message.contains(&format!("Records of receipt {lost} to {lost}")),
+        "{message}"
+    );
+    assert_eq!(
+        files_of(&data),
+        rolled_back,
+        "the refused start changed nothing"
+    );
+
+    let h = h.start_accepting_restore().await;
+    let trail = cleanroom_server::audit::read(&data.join("audit.jsonl")).unwrap();
+    let named = trail.iter().find_map(|r| match &r.entry.event {
+        Some(Event::RestoreAccepted { lost_receipts, .. }) => Some(*lost_receipts),
+        _ => None,
+    });
+    assert_eq!(named, Some(Some((lost as u64, lost as u64))));
+    let again = cleanroom_server::receipts::read(&data, &key).unwrap();
+    assert_eq!(
+        again.len(),
+        lost,
+        "the current list's record is written again"
+    );
+    assert_eq!(again[kept].entry.members, written[kept].entry.members);
     h.stop().await;
 }
 

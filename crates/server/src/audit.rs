@@ -167,6 +167,11 @@ pub enum Event {
         carried_charges: u64,
         /// List uploads carried over into the list allowances.
         carried_uploads: Vec<Upload>,
+        /// The records of receipt the restored directory lacked (first and last position):
+        /// nothing can rebuild them, so they are named here, and their positions are used again
+        /// by the records that follow.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        lost_receipts: Option<(u64, u64)>,
     },
     /// A retry of a write committed before under the same request id: nothing was written, the
     /// original result was answered.
@@ -302,10 +307,14 @@ impl Event {
                 reasons,
                 carried_charges,
                 carried_uploads,
+                lost_receipts,
             } => {
                 out.insert("reasons".into(), reasons.join("; "));
                 out.insert("carried_charges".into(), carried_charges.to_string());
                 out.insert("carried_uploads".into(), carried_uploads.len().to_string());
+                if let Some((first, last)) = lost_receipts {
+                    out.insert("lost_receipts".into(), format!("{first} to {last}"));
+                }
             }
             Event::Replayed { commit } => {
                 out.insert("replay_of_commit".into(), commit.to_string());

@@ -42,6 +42,14 @@ pub struct Mark {
     pub charges: Vec<Spend>,
     /// Every list upload that can still count against an allowance.
     pub uploads: Vec<Upload>,
+    /// Records of receipt ever appended (purged ones included) when the mark was written: the
+    /// law keeps them three years, so a restore that loses some is named, never silent. Left
+    /// out of a mark with none, so a mark written before receipts were marked still verifies.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub receipts: u64,
+    /// The hash of the last of them.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub receipts_head: String,
     /// When it was written.
     pub written_at: DateTime<Utc>,
     /// HMAC-SHA256 over the rest, keyed from the master secret.
@@ -70,13 +78,21 @@ impl MarkKey {
     }
 }
 
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// Where a chain of records ends: how many were ever appended, and the last one's hash.
+pub type ChainEnd = (u64, String);
+
 impl Mark {
     /// The mark of a service's state: charges and uploads older than any window are left out.
     pub fn of(
-        trail: (u64, String),
+        trail: ChainEnd,
         commits: u64,
         charges: Vec<Spend>,
         uploads: Vec<Upload>,
+        receipts: ChainEnd,
         now: DateTime<Utc>,
     ) -> Self {
         let horizon = now - Duration::days(i64::from(MAX_WINDOW_DAYS) + 1);
@@ -86,6 +102,8 @@ impl Mark {
             commits,
             charges: charges.into_iter().filter(|c| c.at > horizon).collect(),
             uploads: uploads.into_iter().filter(|u| u.at > horizon).collect(),
+            receipts: receipts.0,
+            receipts_head: receipts.1,
             written_at: now,
             mac: String::new(),
         }
@@ -129,15 +147,18 @@ impl Mark {
     }
 
     /// How the data directory falls short of this mark, if it does: read from its trail, its
-    /// manifest's commit count, its ledger's charges and its list uploads.
+    /// manifest's commit count, its ledger's charges, its list uploads and where its records of
+    /// receipt end.
     pub fn shortfall(
         &self,
         trail: &[Record],
         commits: u64,
         charges: &[Spend],
         uploads: &[Upload],
+        receipts: &ChainEnd,
     ) -> Option<Shortfall> {
         let mut reasons = Vec::new();
+        let lost_receipts = self.receipts_lost(receipts, &mut reasons);
         let trail_seq = trail.len() as u64;
         if trail_seq < self.trail_seq {
             reasons.push(format!(
@@ -189,7 +210,30 @@ impl Mark {
             reasons,
             missing_charges,
             missing_uploads,
+            lost_receipts,
         })
+    }
+
+    /// The records of receipt the mark counts and the directory lacks (as positions), naming
+    /// the difference in `reasons`; also when the directory's last record is not the mark's.
+    fn receipts_lost(
+        &self,
+        (held, head): &ChainEnd,
+        reasons: &mut Vec<String>,
+    ) -> Option<(u64, u64)> {
+        if *held < self.receipts {
+            reasons.push(format!(
+                "its records of receipt end at record {held}, the mark's at {}",
+                self.receipts
+            ));
+            return Some((held + 1, self.receipts));
+        }
+        if *held == self.receipts && self.receipts > 0 && *head != self.receipts_head {
+            reasons.push(format!(
+                "its records of receipt differ from the mark's at record {held}"
+            ));
+        }
+        None
     }
 }
 
@@ -203,6 +247,9 @@ pub struct Shortfall {
     pub missing_charges: Vec<Spend>,
     /// List uploads the mark holds and the directory lacks: carried over too.
     pub missing_uploads: Vec<Upload>,
+    /// The records of receipt (first and last position) the directory lacks. They cannot be
+    /// carried over (the mark holds none of their content): an accepted restore names them.
+    pub lost_receipts: Option<(u64, u64)>,
 }
 
 impl Shortfall {
@@ -215,12 +262,27 @@ impl Shortfall {
              and writes made since). Nothing was changed. To go on from this data directory, \
              start once with --accept-restore: the {} charges and {} list uploads it lacks are \
              carried over from the mark (budgets are not refilled) and the restore is recorded \
-             in the audit trail. Otherwise put back the newest data directory",
+             in the audit trail. Otherwise put back the newest data directory{}",
             mark.display(),
             self.reasons.join("; "),
             self.missing_charges.len(),
-            self.missing_uploads.len()
+            self.missing_uploads.len(),
+            self.receipts_advice()
         )
+    }
+
+    /// What the refusal says of lost records of receipt, if any were lost.
+    fn receipts_advice(&self) -> String {
+        match self.lost_receipts {
+            Some((first, last)) => format!(
+                ". Records of receipt {first} to {last} (which the law keeps three years) are \
+                 not in this directory and cannot be rebuilt: before accepting, put back a newer \
+                 copy of {} and its checkpoint if you have one; an accepted restore names them \
+                 as lost in the audit trail",
+                crate::receipts::FILE
+            ),
+            None => String::new(),
+        }
     }
 }
 
@@ -230,7 +292,7 @@ pub struct MarkWriter {
     key: MarkKey,
     /// What the last mark written held, besides the trail's head: a new mark is written when
     /// this changes, or when a record that matters (a decision, a configuration change) is added.
-    last: Mutex<(u64, usize, usize)>,
+    last: Mutex<(u64, usize, usize, u64)>,
 }
 
 impl MarkWriter {
@@ -239,7 +301,7 @@ impl MarkWriter {
         Self {
             path,
             key,
-            last: Mutex::new((u64::MAX, usize::MAX, usize::MAX)),
+            last: Mutex::new((u64::MAX, usize::MAX, usize::MAX, u64::MAX)),
         }
     }
 
@@ -251,7 +313,12 @@ impl MarkWriter {
     /// Writes `mark` if it holds more than the last one written, or `always`.
     pub fn update(&self, mark: Mark, always: bool) -> Result<()> {
         let mut last = self.last.lock().expect("mark lock poisoned");
-        let now = (mark.commits, mark.charges.len(), mark.uploads.len());
+        let now = (
+            mark.commits,
+            mark.charges.len(),
+            mark.uploads.len(),
+            mark.receipts,
+        );
         if !always && *last == now {
             return Ok(());
         }
@@ -284,6 +351,7 @@ mod tests {
             2,
             vec![spend("a", now), spend("old", old)],
             vec![],
+            (0, String::new()),
             now,
         );
         assert_eq!(
@@ -310,15 +378,58 @@ mod tests {
     fn a_directory_behind_its_mark_falls_short_and_one_ahead_does_not() {
         let now = Utc::now();
         let charges = vec![spend("a", now), spend("b", now)];
-        let mark = Mark::of((0, String::new()), 2, charges.clone(), vec![], now);
-        assert!(mark.shortfall(&[], 2, &charges, &[]).is_none());
+        let receipts = (4, "r4".to_string());
+        let mark = Mark::of(
+            (0, String::new()),
+            2,
+            charges.clone(),
+            vec![],
+            receipts.clone(),
+            now,
+        );
+        assert!(mark.shortfall(&[], 2, &charges, &[], &receipts).is_none());
         let more = vec![spend("a", now), spend("b", now), spend("c", now)];
+        let later = (5, "r5".to_string());
         assert!(
-            mark.shortfall(&[], 3, &more, &[]).is_none(),
+            mark.shortfall(&[], 3, &more, &[], &later).is_none(),
             "ahead is fine"
         );
-        let short = mark.shortfall(&[], 1, &charges[..1], &[]).unwrap();
+        let short = mark
+            .shortfall(&[], 1, &charges[..1], &[], &(2, "r2".into()))
+            .unwrap();
         assert_eq!(short.missing_charges, vec![spend("b", now)]);
-        assert_eq!(short.reasons.len(), 2, "{:?}", short.reasons);
+        assert_eq!(short.lost_receipts, Some((3, 4)));
+        assert_eq!(short.reasons.len(), 3, "{:?}", short.reasons);
+        assert!(
+            short
+                .refusal(Path::new("m"))
+                .contains("Records of receipt 3 to 4")
+        );
+    }
+
+    #[test]
+    fn records_of_receipt_rolled_back_alone_fall_short() {
+        let now = Utc::now();
+        let mark = Mark::of((0, String::new()), 2, vec![], vec![], (4, "r4".into()), now);
+        // Everything else as the mark has it: only the records of receipt are older, or
+        // another chain of the same length.
+        let short = mark.shortfall(&[], 2, &[], &[], &(3, "r3".into())).unwrap();
+        assert_eq!(short.lost_receipts, Some((4, 4)));
+        let other = mark.shortfall(&[], 2, &[], &[], &(4, "x4".into())).unwrap();
+        assert_eq!(other.lost_receipts, None);
+        assert_eq!(other.reasons.len(), 1, "{:?}", other.reasons);
+    }
+
+    #[test]
+    fn a_mark_without_records_of_receipt_reads_as_before_they_were_marked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mark.json");
+        let now = Utc::now();
+        Mark::of((1, "h".into()), 1, vec![], vec![], (0, String::new()), now)
+            .write(&path, &key())
+            .unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(!text.contains("receipts"), "{text}");
+        assert_eq!(Mark::read(&path, &key()).unwrap().unwrap().receipts, 0);
     }
 }

@@ -116,6 +116,9 @@ pub struct Receipts {
     path: PathBuf,
     key: ChainKey,
     tail: Mutex<Tail>,
+    /// Where the chain ends, apart from `tail`: the high-water mark reads it while a purge,
+    /// holding `tail`, appends its audit record (which rewrites the mark).
+    end: Mutex<crate::mark::ChainEnd>,
     /// Held from a list's commit to its record, so uploads are recorded one at a time.
     uploads: tokio::sync::Mutex<()>,
 }
@@ -188,6 +191,18 @@ pub fn verify(data_dir: &Path, audit_key: &ChainKey) -> Result<(usize, u64)> {
     Ok((read.records.len(), read.base.seq))
 }
 
+/// Where the verified records of receipt in `data_dir` end: how many were ever appended (purged
+/// ones included) and the last one's hash, as the high-water mark counts them.
+pub fn end(data_dir: &Path, audit_key: &ChainKey) -> Result<crate::mark::ChainEnd> {
+    let read = read_verified(&data_dir.join(FILE), &chain_key(audit_key))?;
+    Ok(read
+        .records
+        .last()
+        .map_or((read.base.seq, read.base.head.clone()), |r| {
+            (r.seq, r.hash.clone())
+        }))
+}
+
 /// Reads the verified records of receipt in `data_dir`, oldest first.
 pub fn read(data_dir: &Path, audit_key: &ChainKey) -> Result<Vec<Record<Receipt>>> {
     Ok(read_verified(&data_dir.join(FILE), &chain_key(audit_key))?.records)
@@ -216,6 +231,7 @@ impl Receipts {
         let receipts = Self {
             path,
             key,
+            end: Mutex::new((seq, hash.clone())),
             tail: Mutex::new(Tail {
                 log,
                 base,
@@ -225,6 +241,11 @@ impl Receipts {
             uploads: tokio::sync::Mutex::new(()),
         };
         Ok((receipts, torn))
+    }
+
+    /// Where the records end: how many were ever appended and the last one's hash.
+    pub fn end(&self) -> crate::mark::ChainEnd {
+        self.end.lock().expect("receipts lock poisoned").clone()
     }
 
     /// Holds uploads back while one list is stored and its record written.
@@ -249,6 +270,7 @@ impl Receipts {
         tail.log.append(&line)?;
         audit::write_checkpoint(&self.path, &self.key.checkpoint(seq, &record.hash))?;
         tail.seq = seq;
+        *self.end.lock().expect("receipts lock poisoned") = (seq, record.hash.clone());
         tail.hash = record.hash;
         Ok(record.id)
     }

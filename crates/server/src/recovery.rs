@@ -42,6 +42,8 @@ pub(crate) struct Found {
     ledger: LedgerFile,
     index: IndexFile,
     temporaries: Vec<PathBuf>,
+    /// Where its records of receipt end.
+    receipts: crate::mark::ChainEnd,
     mark: Option<Mark>,
     mark_path: PathBuf,
 }
@@ -81,6 +83,7 @@ impl Found {
             ledger: LedgerFile::read(Guard::ledger_path(&data_dir))?,
             index: ReviewState::read_index(&data_dir)?,
             temporaries: temporaries(&data_dir)?,
+            receipts: crate::receipts::end(&data_dir, &key)?,
             mark: Mark::read(&config.mark, &MarkKey::new(&config.secret))?,
             mark_path: config.mark.clone(),
             data_dir,
@@ -104,6 +107,7 @@ impl Found {
                 self.store.commits(),
                 self.ledger.spends(),
                 &self.uploads(),
+                &self.receipts,
             ),
             None => None,
         };
@@ -466,6 +470,7 @@ fn carry_over(
                 reasons: short.reasons,
                 carried_charges: short.missing_charges.len() as u64,
                 carried_uploads: short.missing_uploads,
+                lost_receipts: short.lost_receipts,
             }),
             ..Default::default()
         },

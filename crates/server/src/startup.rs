@@ -120,6 +120,7 @@ impl App {
             self.store.commits(),
             self.guard.spends(),
             uploads,
+            self.receipts.end(),
             self.clock.now(),
         )
     }
