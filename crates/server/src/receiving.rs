@@ -1,7 +1,7 @@
 //! Receiving a partner's list as APPI Art. 30 asks: the partner's declaration is confirmed
 //! current before any record is read ([`confirm_declaration`]), and every accepted version
-//! writes a record of receipt ([`store_and_record`]) naming the members concerned by their
-//! pseudonyms, kept apart from the list ([`crate::receipts`]).
+//! writes a record of receipt ([`store_and_record`]) naming the members concerned by a keyed
+//! digest of their pseudonyms, kept apart from the list ([`crate::receipts`]).
 
 use cleanroom_core::rules::{Partner, Rules};
 use cleanroom_engine::guard::ListUpload;
@@ -99,7 +99,8 @@ fn receipt_of(
     })
 }
 
-/// The retailer's members the stored list names, as member pseudonyms, ascending.
+/// The retailer's members the stored list names, by their receipts digest
+/// ([`crate::receipts::member_digest`]), ascending.
 fn members_of(
     app: &App,
     contract_id: &str,
@@ -108,7 +109,14 @@ fn members_of(
 ) -> Result<Vec<i64>> {
     let snapshot = app.store.snapshot();
     match cleanroom_engine::member::list_members(&snapshot, contract_id, partner)? {
-        Some((version, members)) if Some(version) == record.list_version => Ok(members),
+        Some((version, members)) if Some(version) == record.list_version => {
+            let mut named: Vec<i64> = members
+                .into_iter()
+                .map(|m| crate::receipts::member_digest(&app.secret, m))
+                .collect();
+            named.sort_unstable();
+            Ok(named)
+        }
         _ => Err(crate::Error::Internal(
             "the store's current list is not the version just stored".into(),
         )),
