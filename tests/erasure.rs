@@ -17,7 +17,10 @@ use cleanroom_engine::arrow::array::{Array, Int64Array, StringArray};
 use cleanroom_engine::datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use cleanroom_engine::ingest::consent::ERASED;
 use cleanroom_engine::store::Snapshot;
-use cleanroom_proto::v1::{ConsentRecord, EraseMembersRequest, ErasureSummary, IngestHeader};
+use cleanroom_proto::v1::{
+    ConsentRecord, DiscloseMemberRequest, EraseMembersRequest, ErasureSummary, IngestHeader,
+    ListAuditRequest,
+};
 use cleanroom_server::audit::{ChainKey, ErasureCounts, Event};
 use tonic::Code;
 
@@ -238,6 +241,38 @@ async fn an_erased_member_is_in_no_file_and_the_counts_fall_by_their_rows() {
     assert_eq!((record.members_asked, record.members_found), (2, 2));
     assert_eq!(record.rows_removed["purchases"], expected_purchases);
     assert_eq!(record.requested_by, "Retailer analyst");
+    // The record of receipt naming the matched member stays (kept three years by law), and
+    // disclosure still finds it from the member id; their consent events are gone.
+    let disclosed = h
+        .legal()
+        .disclose_member(DiscloseMemberRequest {
+            member_id: on_list.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(disclosed.receipts.len(), 1, "the record of receipt stays");
+    assert!(
+        disclosed.consent.is_empty(),
+        "their consent events are erased"
+    );
+    // The review page's trail shows it, counts only.
+    let page = h
+        .legal()
+        .list_audit(ListAuditRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let shown = page
+        .records
+        .iter()
+        .find(|r| r.method == "EraseMembers")
+        .expect("the trail lists the erasure");
+    assert_eq!(shown.details["members_found"], "2");
+    assert_eq!(
+        shown.details["purchases_rows_removed"],
+        expected_purchases.to_string()
+    );
     h.stop().await;
 }
 

@@ -98,7 +98,7 @@ impl Store {
         let mut erased = Erased::default();
         let mut purposes: BTreeMap<i64, BTreeSet<String>> = BTreeMap::new();
         let mut plans = Vec::new();
-        let files = self.retailer_files(&read);
+        let files = self.retailer_files(&read)?;
         for (name, table, kind) in files {
             let mut note = |removed: &RecordBatch| {
                 if kind == "consent" {
@@ -148,7 +148,7 @@ impl Store {
     }
 
     /// Every retailer table file, with its table and its kind's name.
-    fn retailer_files(&self, read: &Read) -> Vec<(String, Table, &'static str)> {
+    fn retailer_files(&self, read: &Read) -> Result<Vec<(String, Table, &'static str)>> {
         let mut files = Vec::new();
         if let Some(name) = &read.members {
             files.push((name.clone(), Table::Members, "members"));
@@ -158,14 +158,18 @@ impl Store {
             files.push((name.clone(), table, "member_tokens"));
         }
         for name in &read.purchases {
-            let month = super::retention::month_of(name).unwrap_or("0000-00");
+            let month = super::retention::month_of(name).ok_or_else(|| {
+                Error::Storage(format!(
+                    "{name}: not a purchases file name (purchases-YYYY-MM-n.parquet)"
+                ))
+            })?;
             let table = Table::Purchases(month.to_string());
             files.push((name.clone(), table, "purchases"));
         }
         for name in &read.consent {
             files.push((name.clone(), Table::Consent, "consent"));
         }
-        files
+        Ok(files)
     }
 
     /// What the erasure does to one file: nothing (`None`) when it holds none of `members`' rows,
