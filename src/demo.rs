@@ -412,7 +412,7 @@ async fn show_receipts(service: &Service) -> Result<()> {
         };
         println!(
             "  {partner}: {} record(s); the latest, {}, received on {} from {} under {} ({} basis), \
-             names {} members by pseudonym and is kept until {}",
+             names {} members by keyed digest and is kept until {}",
             records.len(),
             latest.id,
             latest.received_on,

@@ -95,6 +95,10 @@ enum Command {
     /// Retailer analyst: ask to end a collaboration early. Its lists, member tokens, stored
     /// answers and key are destroyed once a legal reviewer confirms (`confirm-destruction`).
     Destroy(DestroyArgs),
+    /// Retailer analyst: erase members (`--members FILE`, one member id per line): their rows
+    /// leave the member table, every collaboration's member tokens, the purchases and the consent
+    /// log in one commit, leaving a withdrawal tombstone per purpose. Prints counts only.
+    Erase(EraseArgs),
     /// Legal reviewer: confirm an analyst's request to end a collaboration, and destroy it
     /// (prints what was destroyed: each file with its SHA-256 and rows, and the key's id).
     ConfirmDestruction(ConfirmDestructionArgs),
@@ -125,6 +129,15 @@ struct DestroyArgs {
     /// Why the collaboration ends early (kept in the audit trail).
     #[arg(long)]
     reason: String,
+    #[command(flatten)]
+    service: ServiceArgs,
+}
+
+#[derive(clap::Args)]
+struct EraseArgs {
+    /// The member ids to erase: UTF-8 text, one id per line, no header (at most 10,000).
+    #[arg(long)]
+    members: PathBuf,
     #[command(flatten)]
     service: ServiceArgs,
 }
@@ -575,6 +588,7 @@ fn run(cli: Cli) -> Result<()> {
         } => keys_status(args),
         Command::Destroy(args) => destroy(args),
         Command::ConfirmDestruction(args) => confirm_destruction(args),
+        Command::Erase(args) => erase(args),
         Command::Receipts(args) => {
             let settings = settings::Settings::load(&args.config, None, None)?;
             let secret = settings.master_secret()?;
@@ -776,6 +790,36 @@ fn destroy(args: DestroyArgs) -> Result<()> {
         "the end of {} is requested (audit {}); a legal reviewer confirms it with \
          `cleanroom confirm-destruction --contract {}`",
         status.contract_id, status.audit_id, status.contract_id
+    );
+    Ok(())
+}
+
+fn erase(args: EraseArgs) -> Result<()> {
+    // The file is read and checked whole before the service is called: a bad file erases no one.
+    let member_ids = cleanroom_client::read_member_ids(&args.members)?;
+    let summary = runtime()?.block_on(async {
+        let conn = args.service.connect().await?;
+        let request = cleanroom_proto::v1::EraseMembersRequest { member_ids };
+        anyhow::Ok(
+            conn.admin(&args.service.token)?
+                .erase_members(request)
+                .await?,
+        )
+    })?;
+    let s = summary.into_inner();
+    println!(
+        "erased {} of {} members asked (commit {}, audit {})",
+        s.members_found, s.members_asked, s.commit, s.audit_id
+    );
+    println!(
+        "rows removed: members {}, member tokens {}, purchases {}, consent {}; {} withdrawal \
+         tombstones; {} files replaced",
+        s.member_rows,
+        s.member_token_rows,
+        s.purchase_rows,
+        s.consent_rows,
+        s.tombstones,
+        s.files_replaced
     );
     Ok(())
 }

@@ -800,3 +800,74 @@ async fn kill_minus_nine_during_a_list_retention_and_the_next_start_completes_it
     assert!(after.starts_with(&ledger), "nothing charged before is gone");
     served.kill();
 }
+
+/// Issue 16, item 7: `kill -9` during a member's erasure, once with every file staged and once
+/// right after its commit, then a start: the erasure is all there or not at all (both members'
+/// rows and pseudonyms in no file, or every row still there), no staged or replaced file is left
+/// beside the manifest's, and the trail verifies, recording the commit a crash cut from its call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_minus_nine_during_an_erasure_leaves_all_or_nothing() {
+    let truth = crate::truth::Truth::load();
+    let (on_list, on_none) = crate::erasure::two_members(&truth);
+    let ids = vec![on_list, on_none];
+    let key = test_secret().pseudonym_key();
+    let pseudonyms: Vec<i64> = ids.iter().map(|id| key.pseudonym(id)).collect();
+    for (point, erased) in [("erase:staged", false), ("erase:committed", true)] {
+        let dir = tempfile::tempdir().unwrap();
+        let config = write_config(dir.path());
+        let data = dir.path().join("data");
+        let served = serve(&config);
+        let conn = served.conn().await;
+        sample::approve_all(&conn).await.unwrap();
+        sample::load(&conn, &sample_dir()).await.unwrap();
+        served.kill();
+        assert!(!crate::erasure::traces(&data, &ids, &pseudonyms).is_empty());
+
+        let asked = ids.clone();
+        kill_at_pause(&config, point, move |addr| {
+            let addr = addr.to_string();
+            // The erasure runs on its own thread: the pause holds its answer back until the kill.
+            std::thread::spawn(move || {
+                let runtime = tokio::runtime::Runtime::new().unwrap();
+                runtime.block_on(async move {
+                    let conn = Connection::open(&addr).await.unwrap();
+                    let request = cleanroom_proto::v1::EraseMembersRequest { member_ids: asked };
+                    let _ = conn
+                        .admin(sample::ANALYST_TOKEN)
+                        .unwrap()
+                        .erase_members(request)
+                        .await;
+                });
+            });
+        });
+        let served = serve(&config);
+        overlap(&served.conn().await).await;
+        let found = crate::erasure::traces(&data, &ids, &pseudonyms);
+        assert_eq!(found.is_empty(), erased, "{point}: {found:?}");
+        let store = cleanroom_engine::store::Store::open(&data).unwrap();
+        let members = store.snapshot().members.as_ref().unwrap().rows().unwrap();
+        let all = truth.members.len() as u64;
+        assert_eq!(members, if erased { all - 2 } else { all }, "{point}");
+        let found = cleanroom_engine::store::Found::read(&data).unwrap();
+        assert!(found.orphans().is_empty(), "{point}: {:?}", found.orphans());
+        let stray: Vec<String> = std::fs::read_dir(&data)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("staging-"))
+            .collect();
+        assert!(stray.is_empty(), "{point}: {stray:?}");
+        let key = cleanroom_server::audit::ChainKey::new(&test_secret());
+        cleanroom_server::audit::verify(&data.join("audit.jsonl"), &key, None)
+            .unwrap_or_else(|e| panic!("{point}: the trail does not verify: {e}"));
+        let records = cleanroom_server::audit::read(&data.join("audit.jsonl")).unwrap();
+        let reconciled = records.iter().any(|r| match &r.entry.event {
+            Some(cleanroom_server::audit::Event::Reconciled { writes, .. }) => {
+                writes.iter().any(|w| w.method == "EraseMembers")
+            }
+            _ => false,
+        });
+        assert_eq!(reconciled, erased, "{point}: the trail records the commit");
+        println!("{point}: killed there; erased: {erased}");
+        served.kill();
+    }
+}

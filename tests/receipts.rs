@@ -1,8 +1,9 @@
 //! Issue 16, items 4 and 5: records of receipt (APPI Art. 30) and disclosure to a member (Art.
 //! 33(5)). No list is received from a partner without a current declaration; every accepted list
-//! version writes a record naming the members it matched by their pseudonyms; the records outlive
-//! the list's destruction and are purged three years and a day later; a legal reviewer discloses
-//! to a member what was received about them, and the trail never holds the member's id.
+//! version writes a record naming the members it matched by a keyed digest of their pseudonyms;
+//! the records outlive the list's destruction and are purged three years and a day later; a legal
+//! reviewer discloses to a member what was received about them, and the trail never holds the
+//! member's id.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -178,8 +179,8 @@ async fn a_changed_declaration_document_refuses_the_upload() {
 }
 
 /// Each accepted list version writes one record of receipt with the items the Enforcement Rules
-/// name, and the members it names are exactly the pseudonyms of the members the sample CSVs match
-/// (computed from the raw files, apart from the service).
+/// name, and the members it names are exactly the members the sample CSVs match (computed from the
+/// raw files, apart from the service), by the receipts' keyed digest of their pseudonyms.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_receipt_names_the_members_the_sample_lists_match() {
     let h = Harness::start().await;
@@ -193,11 +194,18 @@ async fn a_receipt_names_the_members_the_sample_lists_match() {
         let mut expected: Vec<i64> = truth
             .matched(partner)
             .keys()
-            .map(|m| pseudonyms.pseudonym(m))
+            .map(|m| {
+                cleanroom_server::receipts::member_digest(&test_secret(), pseudonyms.pseudonym(m))
+            })
             .collect();
         expected.sort_unstable();
         assert!(!expected.is_empty());
         assert_eq!(record.entry.members, expected, "{partner}");
+        // Named by their receipts digest, never by the engine's pseudonym (which an erasure
+        // removes from every file, while these records stay).
+        for m in truth.matched(partner).keys() {
+            assert!(!record.entry.members.contains(&pseudonyms.pseudonym(m)));
+        }
         let r = &record.entry;
         assert_eq!(r.basis, "consent");
         assert_eq!(r.received_on, h.rules.retailer.today(as_of()));

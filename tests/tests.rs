@@ -51,3 +51,5 @@ mod operator;
 mod retries;
 // Records of receipt (APPI Art. 30) and disclosure to a member (Art. 33(5)).
 mod receipts;
+// A member's erasure: in no file afterwards, counts that fall by their rows, no consent back.
+mod erasure;

@@ -618,3 +618,44 @@ fn chunks<T>(records: Vec<T>) -> impl Iterator<Item = Vec<T>> {
         Some(records.by_ref().take(CHUNK_RECORDS).collect())
     })
 }
+
+/// The most member ids one erasure call takes (`AdminService.EraseMembers`; the service refuses
+/// more the same way).
+pub const MAX_ERASE_MEMBERS: usize = 10_000;
+
+/// Reads a file of member ids to erase: UTF-8 text, one member id per line (no header; spaces
+/// around an id are ignored; a final newline is fine). Refused, naming the line but never an id:
+/// an empty file, a blank line, an id over 256 characters, or more than [`MAX_ERASE_MEMBERS`].
+pub fn read_member_ids(path: &Path) -> Result<Vec<String>> {
+    let fail = |message: String| Error::File {
+        path: path.display().to_string(),
+        message,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
+    let lines: Vec<&str> = text
+        .strip_suffix('\n')
+        .unwrap_or(&text)
+        .split('\n')
+        .collect();
+    if text.trim().is_empty() {
+        return Err(fail("no member id: the file is empty".into()));
+    }
+    if lines.len() > MAX_ERASE_MEMBERS {
+        return Err(fail(format!(
+            "{} member ids: at most {MAX_ERASE_MEMBERS} a call; split the file",
+            lines.len()
+        )));
+    }
+    let mut ids = Vec::with_capacity(lines.len());
+    for (at, line) in lines.iter().enumerate() {
+        let id = line.trim();
+        if id.is_empty() {
+            return Err(fail(format!("line {}: blank member id", at + 1)));
+        }
+        if id.chars().count() > 256 {
+            return Err(fail(format!("line {}: longer than 256 characters", at + 1)));
+        }
+        ids.push(id.to_string());
+    }
+    Ok(ids)
+}

@@ -85,6 +85,19 @@ impl MasterSecret {
         ))
     }
 
+    /// The key of one use's member digests (`receipts`, `erasure`): keyed hashes of a member's
+    /// pseudonym that files kept apart from the tables hold instead of it. Each use has its own
+    /// key, separate from the pseudonym key, so the engine's pseudonym (the key every table joins
+    /// on) appears in none of those files, and a digest of one use matches nothing of another:
+    /// once a member is erased from the tables, what remains names them only to whoever holds the
+    /// master secret and asks with their member id.
+    pub fn member_digest_key(&self, purpose: &str) -> MemberDigestKey {
+        MemberDigestKey(Keyed::new(&self.derive(
+            b"cleanroom/member-digest",
+            format!("{purpose}/v1").as_bytes(),
+        )))
+    }
+
     /// A key of the guard's own, for one use (`noise`, `fingerprint`): seeds of sticky noise and
     /// the keyed hashes inside member-set fingerprints. Separate from every other key, so neither
     /// a leaked fingerprint store nor a partner's match key helps to predict the other.
@@ -229,6 +242,19 @@ impl PseudonymKey {
     }
 }
 
+/// The key of one use's member digests ([`MasterSecret::member_digest_key`]).
+#[derive(Clone)]
+pub struct MemberDigestKey(Keyed);
+
+impl MemberDigestKey {
+    /// The digest of the member with pseudonym `pseudonym`: the first 8 bytes of a keyed hash of
+    /// it, as the pseudonym is of the member id.
+    pub fn digest(&self, pseudonym: i64) -> i64 {
+        let mac = self.0.mac(&pseudonym.to_be_bytes());
+        i64::from_be_bytes(mac[..8].try_into().expect("8 bytes"))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -257,6 +283,18 @@ mod tests {
         let token = key.token("user@example.com");
         assert_eq!(token.to_string().parse::<Token>().unwrap(), token);
         assert!(token.to_string().starts_with("v3."));
+    }
+
+    #[test]
+    fn member_digests_differ_from_the_pseudonym_and_between_uses() {
+        let s = secret();
+        let pseudonym = s.pseudonym_key().pseudonym("M000001");
+        let receipts = s.member_digest_key("receipts").digest(pseudonym);
+        let erasure = s.member_digest_key("erasure").digest(pseudonym);
+        assert_ne!(receipts, pseudonym);
+        assert_ne!(erasure, pseudonym);
+        assert_ne!(receipts, erasure);
+        assert_eq!(receipts, s.member_digest_key("receipts").digest(pseudonym));
     }
 
     #[test]

@@ -80,6 +80,8 @@ pub enum Table {
     Consent,
     /// A partner's customer list.
     List,
+    /// Erasure tombstones, replaced whole by each erasure.
+    Erasures,
 }
 
 /// Where an ingest's rows go as they are built, one batch at a time: the store's staging area

@@ -39,7 +39,9 @@ use cleanroom_core::files;
 use crate::ingest::{BATCH_ROWS, IngestReport, Sink, Table};
 use crate::{Error, Result};
 
+mod erasure;
 mod retention;
+pub use erasure::{ERASE_MEMBERS, Erased, ErasureAsk, tombstone_rows};
 pub use retention::{ListVersion, PurchasesRemoved, SWEEP};
 
 /// A partner's current customer list. It is kept on disk only and read a batch at a time when an
@@ -109,6 +111,9 @@ pub struct Snapshot {
     /// Partners whose every list version the retention rules destroyed (`max_list_days`), with
     /// the local day they did, until the partner uploads a new list.
     pub lists_destroyed: BTreeMap<String, chrono::NaiveDate>,
+    /// Erasure tombstones (`tables::erasures`), once a member has been erased: read by consent
+    /// ingests only, so not part of [`Snapshot::data_version`].
+    pub erasures: Option<TableFile>,
 }
 
 /// What the data directory holds; rewriting it is the commit point of every write.
@@ -141,6 +146,9 @@ struct Manifest {
     /// uploads a new one ([`Snapshot::lists_destroyed`]).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     lists_destroyed: BTreeMap<String, chrono::NaiveDate>,
+    /// The erasure tombstones' file, replaced whole by each erasure.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    erasures: Option<String>,
 }
 
 /// One committed write, as the manifest remembers it: enough to answer a retry of it, to rebuild
@@ -276,6 +284,7 @@ impl Manifest {
             data_version: self.data_version(),
             members_version: self.members_version(),
             lists_destroyed: self.lists_destroyed.clone(),
+            erasures: self.erasures.as_ref().map(file),
         }
     }
 
@@ -316,6 +325,7 @@ impl Manifest {
             .chain(&self.purchases)
             .chain(&self.consent)
             .chain(self.lists.values().flatten())
+            .chain(&self.erasures)
     }
 }
 
@@ -748,11 +758,26 @@ impl Store {
         })
     }
 
-    /// Appends a staged consent ingest; its record names the new consent snapshot.
-    pub fn commit_consent(&self, mut staging: Staging, facts: WriteFacts) -> Result<CommitRecord> {
+    /// Appends a staged consent ingest; its record names the new consent snapshot. `erasures` is
+    /// the tombstones file the ingest checked its events against: an erasure committed since
+    /// refuses the commit (busy), so no event of a member erased meanwhile gets in.
+    pub fn commit_consent(
+        &self,
+        mut staging: Staging,
+        facts: WriteFacts,
+        erasures: Option<&TableFile>,
+    ) -> Result<CommitRecord> {
         staging.close()?;
         let digest = staging.table(&Table::Consent)?.digest;
         self.commit(facts, |manifest, place| {
+            if manifest.erasures.as_ref().map(|name| self.dir.join(name))
+                != erasures.map(|f| f.path.clone())
+            {
+                return Err(cleanroom_core::Error::Busy(
+                    "members were erased while the consent export was read; send it again".into(),
+                )
+                .into());
+            }
             let file = place("consent", staging.table(&Table::Consent)?)?;
             let mut chain = Sha256::new();
             chain.update(manifest.consent_chain.as_bytes());

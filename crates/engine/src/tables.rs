@@ -155,6 +155,31 @@ pub mod consent {
     }
 }
 
+/// Erasure tombstones: for every erased member and purpose, a withdrawal at the erasure, so a
+/// later consent ingest cannot bring back an event from before it. The member is named by a keyed
+/// digest of their pseudonym under a key of its own (`MasterSecret::member_digest_key("erasure")`),
+/// never by the pseudonym: every table joins on the pseudonym, and an erased member's must be in
+/// no file. This table is read only by consent ingests; no question or view reads it.
+pub mod erasures {
+    use super::*;
+
+    /// The member's erasure digest.
+    pub const MEMBER_DIGEST: usize = 0;
+    /// The purpose withdrawn.
+    pub const PURPOSE: usize = 1;
+    /// When the member was erased, UTC: consent events up to then are refused.
+    pub const ERASED_AT: usize = 2;
+
+    /// The stored tombstones.
+    pub fn schema() -> SchemaRef {
+        schema_of(vec![
+            (MEMBER_DIGEST, "member_digest", DataType::Int64, false),
+            (PURPOSE, "purpose", DataType::Utf8, false),
+            (ERASED_AT, "erased_at", timestamp(), false),
+        ])
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -168,6 +193,7 @@ mod tests {
             (tokens::schema(false), tokens::MAC, "mac"),
             (purchases::schema(), purchases::AMOUNT, "amount"),
             (consent::schema(), consent::EXPIRES_AT, "expires_at"),
+            (erasures::schema(), erasures::ERASED_AT, "erased_at"),
         ];
         for (schema, last, name) in named {
             assert_eq!(schema.fields().len(), last + 1);

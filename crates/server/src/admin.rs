@@ -9,10 +9,10 @@ use cleanroom_engine::ingest::{ConsentIngest, Ingest, MembersIngest, PurchasesIn
 use cleanroom_engine::store::{CommitRecord, Staging, Store, WriteFacts};
 use cleanroom_proto::v1::admin_service_server::AdminService;
 use cleanroom_proto::v1::{
-    CustomerRecord, DestructionStatus, IngestConsentRequest, IngestHeader, IngestMembersRequest,
-    IngestPartnerListRequest, IngestPurchasesRequest, IngestSummary, RequestDestructionRequest,
-    UploadListResponse, ingest_consent_request, ingest_members_request,
-    ingest_partner_list_request, ingest_purchases_request,
+    CustomerRecord, DestructionStatus, EraseMembersRequest, ErasureSummary, IngestConsentRequest,
+    IngestHeader, IngestMembersRequest, IngestPartnerListRequest, IngestPurchasesRequest,
+    IngestSummary, RequestDestructionRequest, UploadListResponse, ingest_consent_request,
+    ingest_members_request, ingest_partner_list_request, ingest_purchases_request,
 };
 use tonic::{Request, Response, Status, Streaming};
 
@@ -37,6 +37,12 @@ impl AdminApi {
     /// Wraps the shared state.
     pub fn new(app: Arc<App>) -> Self {
         Self { app }
+    }
+}
+
+impl Audited for ErasureSummary {
+    fn set_audit_id(&mut self, id: String) {
+        self.audit_id = id;
     }
 }
 
@@ -206,6 +212,9 @@ impl AdminApi {
         stream: Streaming<IngestConsentRequest>,
     ) -> Result<IngestSummary> {
         let (rules, secret) = (&call.live.rules, &self.app.secret);
+        // The erasure tombstones the events are checked against; the commit checks no erasure
+        // came since.
+        let erasures = self.app.store.snapshot().erasures.clone();
         let written = ingest(
             call,
             entry,
@@ -213,7 +222,7 @@ impl AdminApi {
             stream,
             split_consent,
             convert::consent_input,
-            |h| Ok(ConsentIngest::new(rules, secret, h.strict)),
+            |h| Ok(ConsentIngest::new(rules, secret, h.strict).after_erasures(erasures.as_ref())?),
         )
         .await?;
         self.commit(
@@ -221,7 +230,7 @@ impl AdminApi {
             entry,
             written,
             Table::Consent,
-            |store, staging, facts| store.commit_consent(staging, facts),
+            |store, staging, facts| store.commit_consent(staging, facts, erasures.as_ref()),
         )
     }
 
@@ -319,6 +328,17 @@ impl AdminService for AdminApi {
             ending::asked(&self.app, &r.contract_id, pending);
         }
         Ok(response)
+    }
+
+    async fn erase_members(
+        &self,
+        mut request: Request<EraseMembersRequest>,
+    ) -> std::result::Result<Response<ErasureSummary>, Status> {
+        let (call, mut entry) = Call::take(&mut request)?;
+        let ids = request.into_inner().member_ids;
+        let result = crate::erasure::erase(&self.app, &call, &mut entry, &ids).await;
+        drop(ids);
+        self.app.finish(call, entry, result).await
     }
 
     async fn ingest_consent(

@@ -221,6 +221,26 @@ pub enum Event {
     /// versions, old purchases) while the rest runs on: each file with its SHA-256 and rows.
     /// Never an identifier or a row's content.
     Retired(Box<Retirement>),
+    /// Members were erased at an analyst's request (a member's erasure): counts only, never a
+    /// member id, a pseudonym or a digest of either.
+    Erased(Box<ErasureCounts>),
+}
+
+/// What one erasure removed, in counts.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ErasureCounts {
+    /// Distinct member ids asked.
+    pub members_asked: u64,
+    /// Of those, members the member table held.
+    pub members_found: u64,
+    /// Rows removed, by table (`members`, `member_tokens`, `purchases`, `consent`).
+    pub rows_removed: BTreeMap<String, u64>,
+    /// Withdrawal tombstones written.
+    pub tombstones: u64,
+    /// Data files replaced or removed.
+    pub files_replaced: u64,
+    /// The analyst who asked.
+    pub requested_by: String,
 }
 
 /// What one retention destroyed, under which rule: list versions of one partner, or purchases.
@@ -348,9 +368,26 @@ impl Event {
                 out.insert("receipts".into(), receipts.to_string());
             }
             Event::Retired(r) => display_retirement(r, &mut out),
+            Event::Erased(e) => display_erasure(e, &mut out),
         }
         out
     }
+}
+
+/// An erasure as a reviewer reads it: counts only.
+fn display_erasure(e: &ErasureCounts, out: &mut BTreeMap<String, String>) {
+    for (label, value) in [
+        ("members_asked", e.members_asked),
+        ("members_found", e.members_found),
+        ("tombstones", e.tombstones),
+        ("files_replaced", e.files_replaced),
+    ] {
+        out.insert(label.to_string(), value.to_string());
+    }
+    for (table, rows) in &e.rows_removed {
+        out.insert(format!("{table}_rows_removed"), rows.to_string());
+    }
+    out.insert("requested_by".into(), e.requested_by.clone());
 }
 
 /// Files as a reviewer reads them: each with its digest and rows.

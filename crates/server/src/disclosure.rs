@@ -4,7 +4,9 @@
 //! which they were matched and consenting, and the destructions of those collaborations.
 //!
 //! The member id asked for is turned into the member's pseudonym at once and is never written
-//! anywhere: the audit record names it by a keyed digest only ([`Event::Disclosed`]).
+//! anywhere: the audit record names it by a keyed digest only ([`Event::Disclosed`]). The records
+//! of receipt name members by their receipts digest ([`crate::receipts`]), computed here from the
+//! pseudonym as it was when the record was written.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -194,11 +196,12 @@ pub(crate) fn disclose(
     }
     let member_digest = app.audit.key().digest("member-id", member_id.as_bytes());
     let member = app.secret.pseudonym_key().pseudonym(member_id);
+    let named = crate::receipts::member_digest(&app.secret, member);
     let receipts: Vec<Record<Receipt>> = app
         .receipts
         .records()?
         .into_iter()
-        .filter(|r| r.entry.names(member))
+        .filter(|r| r.entry.names(named))
         .collect();
     entry.event = Some(Event::Disclosed {
         member_digest,
@@ -211,7 +214,7 @@ pub(crate) fn disclose(
     let consent = cleanroom_engine::member::consent_events(&app.store.snapshot(), member)?;
     let destructions = destructions_of(app, &receipts)?;
     let all = app.receipts.records()?;
-    let periods = matched_periods(&all, member, &consent, &destructions, call.now);
+    let periods = matched_periods(&all, named, &consent, &destructions, call.now);
     Ok(text_of(MemberDisclosure {
         receipts: receipts.iter().map(receipt_record).collect(),
         consent: consent.iter().map(consent_change).collect(),

@@ -18,6 +18,7 @@ pub mod context;
 pub mod convert;
 pub mod disclosure;
 pub mod ending;
+pub mod erasure;
 pub mod error;
 pub mod faults;
 pub mod layer;

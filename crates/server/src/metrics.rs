@@ -39,6 +39,7 @@ pub const METHODS: &[&str] = &[
     "IngestConsent",
     "IngestPartnerList",
     "RequestDestruction",
+    "EraseMembers",
     "ListAllowList",
     "ApproveQuery",
     "RejectQuery",

@@ -1,7 +1,13 @@
 //! Records of receipt (APPI Art. 30(3); which items, to be checked against the official text of
 //! the Enforcement Rules): one record per accepted list version, with the date, the provider and
-//! how it acquired the data (its declaration), the items received, the members concerned (as the
-//! engine's member pseudonyms, never an identifier), the contract and the consent basis.
+//! how it acquired the data (its declaration), the items received, the members concerned (by a
+//! keyed digest of their pseudonym, [`member_digest`]: never an identifier, nor the engine's
+//! pseudonym), the contract and the consent basis.
+//!
+//! Why a digest of its own: the law asks these records to be kept three years whatever else
+//! happens, a member's erasure included, while an erased member's pseudonym (the key every table
+//! joins on) must be in no file. The digest is under its own key derived from the master secret,
+//! so it matches nothing in the tables; disclosure computes it from the member id asked for.
 //!
 //! They are kept apart from the data a collaboration's destruction removes (`receipts.jsonl`
 //! in the data directory, named by no manifest), because the law asks the retailer to keep them
@@ -76,7 +82,7 @@ pub struct Receipt {
     pub commit: u64,
     /// Records received and accepted.
     pub records: (u64, u64),
-    /// The retailer's members the list named (matched), as member pseudonyms, ascending.
+    /// The retailer's members the list named (matched), by [`member_digest`], ascending.
     pub members: Vec<i64>,
 }
 
@@ -86,7 +92,7 @@ impl Receipt {
         self.received_on + chrono::Days::new(KEEP_DAYS)
     }
 
-    /// Whether it names the member with pseudonym `member`.
+    /// Whether it names the member whose [`member_digest`] is `member`.
     pub fn names(&self, member: i64) -> bool {
         self.members.binary_search(&member).is_ok()
     }
@@ -126,6 +132,11 @@ pub struct Receipts {
 /// Where the signed start of a purged chain is kept.
 fn base_path(path: &Path) -> PathBuf {
     path.with_extension("base")
+}
+
+/// How a record of receipt names the member with pseudonym `pseudonym` (module docs).
+pub fn member_digest(secret: &cleanroom_core::token::MasterSecret, pseudonym: i64) -> i64 {
+    secret.member_digest_key("receipts").digest(pseudonym)
 }
 
 /// The key of the receipts' chain, from the audit trail's.

@@ -1,7 +1,7 @@
 //! Receiving a partner's list as APPI Art. 30 asks: the partner's declaration is confirmed
 //! current before any record is read ([`confirm_declaration`]), and every accepted version
-//! writes a record of receipt ([`store_and_record`]) naming the members concerned by their
-//! pseudonyms, kept apart from the list ([`crate::receipts`]).
+//! writes a record of receipt ([`store_and_record`]) naming the members concerned by a keyed
+//! digest of their pseudonyms, kept apart from the list ([`crate::receipts`]).
 
 use cleanroom_core::rules::{Partner, Rules};
 use cleanroom_engine::guard::ListUpload;
@@ -70,7 +70,7 @@ async fn matched_now(
             cleanroom_engine::member::list_members(&snapshot, contract_id, partner)?
         }
     };
-    current_members(found, record)
+    current_members(app, found, record)
 }
 
 /// The record of receipt of the list version `record` stored for `partner`, which names
@@ -125,10 +125,22 @@ fn receipt_of(
     })
 }
 
-/// The members of the store's current list, if it is the version `record` stored.
-fn current_members(found: Option<(u32, Vec<i64>)>, record: &CommitRecord) -> Result<Vec<i64>> {
+/// The members of the store's current list, if it is the version `record` stored, by their
+/// receipts digest ([`crate::receipts::member_digest`]), ascending.
+fn current_members(
+    app: &App,
+    found: Option<(u32, Vec<i64>)>,
+    record: &CommitRecord,
+) -> Result<Vec<i64>> {
     match found {
-        Some((version, members)) if Some(version) == record.list_version => Ok(members),
+        Some((version, members)) if Some(version) == record.list_version => {
+            let mut named: Vec<i64> = members
+                .into_iter()
+                .map(|m| crate::receipts::member_digest(&app.secret, m))
+                .collect();
+            named.sort_unstable();
+            Ok(named)
+        }
         _ => Err(crate::Error::Internal(
             "the store's current list is not the version just stored".into(),
         )),
@@ -165,7 +177,7 @@ pub(crate) fn record_missing(app: &App) -> Result<usize> {
         };
         let today = rules.retailer.today(record.at);
         let members = cleanroom_engine::member::list_members(&snapshot, contract_id, partner)?;
-        let members = current_members(members, &record)?;
+        let members = current_members(app, members, &record)?;
         let receipt = receipt_of(rules, partner, contract_id, &record, today, members)?;
         app.receipts.append(receipt, record.at)?;
         tracing::warn!(partner = %partner, "wrote a record of receipt a crash cut short");

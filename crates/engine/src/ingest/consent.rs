@@ -1,17 +1,18 @@
 //! The consent export: every grant and withdrawal, appended to the consent log.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use cleanroom_core::consent::Action;
 use cleanroom_core::rules::Rules;
-use cleanroom_core::token::{MasterSecret, PseudonymKey};
+use cleanroom_core::token::{MasterSecret, MemberDigestKey, PseudonymKey};
 use datafusion::arrow::array::{
     ArrayBuilder, Int64Builder, StringBuilder, TimestampMicrosecondBuilder, UInt32Builder,
 };
 use datafusion::arrow::record_batch::RecordBatch;
 
 use super::{Ingest, IngestReport, Rows, Sink, Table, flush, parse_time};
+use crate::store::TableFile;
 use crate::{Result, tables};
 
 /// One consent event.
@@ -86,7 +87,13 @@ pub struct ConsentIngest {
     strict: bool,
     rows: ConsentRows,
     report: IngestReport,
+    /// Erased members' tombstones: (erasure digest, purpose) to the erasure's instant (µs).
+    tombstones: HashMap<(i64, String), i64>,
+    digests: MemberDigestKey,
 }
+
+/// The reason an event of an erased member from before their erasure is refused.
+pub const ERASED: &str = "member_id: erased; the event is from before the erasure";
 
 impl Ingest for ConsentIngest {
     type Input = ConsentInput;
@@ -114,7 +121,32 @@ impl ConsentIngest {
             strict,
             rows: ConsentRows::default(),
             report: IngestReport::default(),
+            tombstones: HashMap::new(),
+            digests: secret.member_digest_key("erasure"),
         }
+    }
+
+    /// Refuses, from the erasure tombstones `erasures` (a snapshot's), every event of an erased member for a
+    /// purpose up to the instant they were erased ([`ERASED`]): a re-ingest of an old export
+    /// cannot make them consent again, while a grant they give after the erasure counts.
+    pub fn after_erasures(mut self, erasures: Option<&TableFile>) -> Result<Self> {
+        if let Some(file) = erasures {
+            for (digest, purpose, at) in crate::store::tombstone_rows(file)? {
+                self.tombstones.insert((digest, purpose), at);
+            }
+        }
+        Ok(self)
+    }
+
+    /// Whether the tombstones refuse an event of `member` for `purpose` at `at` (µs).
+    fn erased(&self, member: i64, purpose: &str, at: i64) -> bool {
+        if self.tombstones.is_empty() {
+            return false;
+        }
+        let key = (self.digests.digest(member), purpose.to_string());
+        self.tombstones
+            .get(&key)
+            .is_some_and(|erased| at <= *erased)
     }
 
     fn event(&mut self, index: usize, r: &ConsentInput) -> Result<()> {
@@ -144,9 +176,12 @@ impl ConsentIngest {
             let reason = reason.unwrap_or("record: invalid");
             return self.report.reject(index, reason, self.strict);
         };
+        let member = self.pseudonyms.pseudonym(&r.member_id);
+        if self.erased(member, r.purpose.trim(), at.timestamp_micros()) {
+            return self.report.reject(index, ERASED, self.strict);
+        }
         let rows = &mut self.rows;
-        rows.key
-            .append_value(self.pseudonyms.pseudonym(&r.member_id));
+        rows.key.append_value(member);
         rows.purpose.append_value(r.purpose.trim());
         rows.version.append_value(r.notice_version);
         rows.action.append_value(action.as_str());

@@ -302,6 +302,6 @@ impl Store {
 }
 
 /// The month (`YYYY-MM`) of a purchases file's name (`purchases-YYYY-MM-n.parquet`).
-fn month_of(name: &str) -> Option<&str> {
+pub(super) fn month_of(name: &str) -> Option<&str> {
     name.strip_prefix("purchases-")?.get(..7)
 }

@@ -284,6 +284,11 @@ class AdminServiceStub(object):
                 request_serializer=cleanroom_dot_v1_dot_cleanroom__pb2.RequestDestructionRequest.SerializeToString,
                 response_deserializer=cleanroom_dot_v1_dot_cleanroom__pb2.DestructionStatus.FromString,
                 _registered_method=True)
+        self.EraseMembers = channel.unary_unary(
+                '/cleanroom.v1.AdminService/EraseMembers',
+                request_serializer=cleanroom_dot_v1_dot_cleanroom__pb2.EraseMembersRequest.SerializeToString,
+                response_deserializer=cleanroom_dot_v1_dot_cleanroom__pb2.ErasureSummary.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer(object):
@@ -332,6 +337,18 @@ class AdminServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def EraseMembers(self, request, context):
+        """Erases members (the retailer's member ids, at most 10,000 a call): their rows leave the member
+        table, every collaboration's member tokens, the purchases and the consent log, in one commit;
+        a withdrawal tombstone per purpose (a keyed digest, never the id or the pseudonym) keeps a
+        later consent ingest from bringing back an event from before the erasure. Ids the data does
+        not hold are counted, not an error. Analysts only (PERMISSION_DENIED otherwise);
+        INVALID_ARGUMENT for no id, a blank or over-long id, or too many.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -359,6 +376,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.RequestDestruction,
                     request_deserializer=cleanroom_dot_v1_dot_cleanroom__pb2.RequestDestructionRequest.FromString,
                     response_serializer=cleanroom_dot_v1_dot_cleanroom__pb2.DestructionStatus.SerializeToString,
+            ),
+            'EraseMembers': grpc.unary_unary_rpc_method_handler(
+                    servicer.EraseMembers,
+                    request_deserializer=cleanroom_dot_v1_dot_cleanroom__pb2.EraseMembersRequest.FromString,
+                    response_serializer=cleanroom_dot_v1_dot_cleanroom__pb2.ErasureSummary.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -498,6 +520,33 @@ class AdminService(object):
             '/cleanroom.v1.AdminService/RequestDestruction',
             cleanroom_dot_v1_dot_cleanroom__pb2.RequestDestructionRequest.SerializeToString,
             cleanroom_dot_v1_dot_cleanroom__pb2.DestructionStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EraseMembers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cleanroom.v1.AdminService/EraseMembers',
+            cleanroom_dot_v1_dot_cleanroom__pb2.EraseMembersRequest.SerializeToString,
+            cleanroom_dot_v1_dot_cleanroom__pb2.ErasureSummary.FromString,
             options,
             channel_credentials,
             insecure,
