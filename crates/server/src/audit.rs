@@ -21,6 +21,9 @@ use sha2::Sha256;
 
 use crate::{Error, Result};
 
+/// Where a chain of records ends: how many were ever appended, and the last one's hash.
+pub type ChainEnd = (u64, String);
+
 /// What one call did. Filled by the handler; the trail adds the chain fields.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct Entry {

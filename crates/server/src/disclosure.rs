@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use chrono::{DateTime, Utc};
+use cleanroom_core::consent::Requirement;
 use cleanroom_core::declaration::DeclarationStatus;
 use cleanroom_core::rules::{Role, Rules};
 use cleanroom_engine::member::ConsentEvent;
@@ -214,7 +215,8 @@ pub(crate) fn disclose(
     let consent = cleanroom_engine::member::consent_events(&app.store.snapshot(), member)?;
     let destructions = destructions_of(app, &receipts)?;
     let all = app.receipts.records()?;
-    let periods = matched_periods(&all, named, &consent, &destructions, call.now);
+    let judged = (&call.live.rules, call.now);
+    let periods = matched_periods(&all, named, &consent, &destructions, judged);
     Ok(text_of(MemberDisclosure {
         receipts: receipts.iter().map(receipt_record).collect(),
         consent: consent.iter().map(consent_change).collect(),
@@ -286,7 +288,7 @@ fn matched_periods(
     member: i64,
     consent: &[ConsentEvent],
     destructions: &[(String, DateTime<Utc>, Destruction)],
-    now: DateTime<Utc>,
+    (rules, now): (&Rules, DateTime<Utc>),
 ) -> Vec<MatchedPeriod> {
     let mut by_contract: BTreeMap<&str, Vec<&Record<Receipt>>> = BTreeMap::new();
     for record in all {
@@ -307,7 +309,15 @@ fn matched_periods(
             continue;
         }
         let first = &versions[0].entry;
-        let consenting = consent_spans(consent, &first.purpose, now);
+        // A purpose the rules no longer hold admits no grant, as a question would find.
+        let Some(purpose) = rules.purposes.get(&first.purpose) else {
+            continue;
+        };
+        let requirement = Requirement {
+            min_notice_version: purpose.min_notice_version,
+            grant_valid_days: purpose.grant_valid_days,
+        };
+        let consenting = consent_spans(consent, &first.purpose, &requirement, now);
         for (from, until) in intersect(&listed, &consenting) {
             periods.push(MatchedPeriod {
                 contract: contract.to_string(),
@@ -346,20 +356,33 @@ fn listed_spans(
     spans
 }
 
-/// The spans in which the member's latest event for `purpose` was a grant that had not lapsed
-/// (as recorded; the purpose's notice-version and grant-age rules are applied at query time).
-fn consent_spans(events: &[ConsentEvent], purpose: &str, now: DateTime<Utc>) -> Vec<Span> {
+/// The spans in which the member's latest event for `purpose` was a grant that counted, as a
+/// question judges it ([`cleanroom_core::consent::admits`]): for a notice version the purpose
+/// still accepts, until the next event, the grant's own expiry or the end of the purpose's
+/// `grant_valid_days`, whichever comes first. The rules in force judge every grant, as they
+/// would if the question were asked now.
+fn consent_spans(
+    events: &[ConsentEvent],
+    purpose: &str,
+    requirement: &Requirement,
+    now: DateTime<Utc>,
+) -> Vec<Span> {
     let events: Vec<&ConsentEvent> = events.iter().filter(|e| e.purpose == purpose).collect();
     let mut spans = Vec::new();
     for (i, event) in events.iter().enumerate() {
-        if event.action != "granted" || event.at > now {
+        if event.action != "granted"
+            || event.at > now
+            || event.notice_version < requirement.min_notice_version
+        {
             continue;
         }
-        let next = events.get(i + 1).map(|e| e.at);
-        let until = match (next, event.expires_at) {
-            (Some(n), Some(e)) => Some(n.min(e)),
-            (n, e) => n.or(e),
-        };
+        let aged = requirement
+            .grant_valid_days
+            .map(|days| event.at + chrono::Duration::days(i64::from(days)));
+        let until = [events.get(i + 1).map(|e| e.at), event.expires_at, aged]
+            .into_iter()
+            .flatten()
+            .min();
         spans.push((event.at, until));
     }
     spans
@@ -468,4 +491,63 @@ fn receipt_lines(r: &ReceiptRecord) -> (String, String) {
         r.purpose
     );
     (ja, en)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn day(d: u32) -> DateTime<Utc> {
+        format!("2026-10-{d:02}T00:00:00Z").parse().unwrap()
+    }
+
+    fn event(action: &str, notice_version: u32, at: u32, expires: Option<u32>) -> ConsentEvent {
+        ConsentEvent {
+            purpose: "p".into(),
+            notice_version,
+            action: action.into(),
+            at: day(at),
+            source: "app".into(),
+            expires_at: expires.map(day),
+        }
+    }
+
+    const RULES: Requirement = Requirement {
+        min_notice_version: 2,
+        grant_valid_days: Some(5),
+    };
+
+    #[test]
+    fn a_grant_counts_only_as_a_question_would_count_it() {
+        let events = [
+            // Notice version 1: the purpose no longer accepts it.
+            event("granted", 1, 1, None),
+            // Counts from the 3rd until it is five days old (the 8th), before the withdrawal.
+            event("granted", 2, 3, None),
+            event("withdrawn", 2, 10, None),
+            // Counts until its own expiry (the 14th), before its five days end.
+            event("granted", 3, 12, Some(14)),
+            // Another purpose's grant is not this purpose's.
+            ConsentEvent {
+                purpose: "other".into(),
+                ..event("granted", 3, 20, None)
+            },
+        ];
+        let spans = consent_spans(&events, "p", &RULES, day(30));
+        assert_eq!(
+            spans,
+            vec![(day(3), Some(day(8))), (day(12), Some(day(14)))]
+        );
+        // With no age limit and every notice accepted, the first grant counts until the next
+        // event and the last until its expiry.
+        let lenient = Requirement {
+            min_notice_version: 1,
+            grant_valid_days: None,
+        };
+        let spans = consent_spans(&events, "p", &lenient, day(30));
+        assert_eq!(spans[0], (day(1), Some(day(3))));
+        assert_eq!(spans[1], (day(3), Some(day(10))));
+        // A grant after `now` has not happened yet.
+        assert_eq!(consent_spans(&events, "p", &lenient, day(2)).len(), 1);
+    }
 }

@@ -26,7 +26,7 @@ use hmac::{Hmac, KeyInit, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
-use crate::audit::{Record, Upload};
+use crate::audit::{ChainEnd, Record, Upload};
 use crate::{Error, Result};
 
 /// What the data directory must at least hold.
@@ -81,9 +81,6 @@ impl MarkKey {
 fn is_zero(n: &u64) -> bool {
     *n == 0
 }
-
-/// Where a chain of records ends: how many were ever appended, and the last one's hash.
-pub type ChainEnd = (u64, String);
 
 impl Mark {
     /// The mark of a service's state: charges and uploads older than any window are left out.

@@ -124,7 +124,7 @@ pub struct Receipts {
     tail: Mutex<Tail>,
     /// Where the chain ends, apart from `tail`: the high-water mark reads it while a purge,
     /// holding `tail`, appends its audit record (which rewrites the mark).
-    end: Mutex<crate::mark::ChainEnd>,
+    end: Mutex<audit::ChainEnd>,
     /// Held from a list's commit to its record, so uploads are recorded one at a time.
     uploads: tokio::sync::Mutex<()>,
 }
@@ -204,7 +204,7 @@ pub fn verify(data_dir: &Path, audit_key: &ChainKey) -> Result<(usize, u64)> {
 
 /// Where the verified records of receipt in `data_dir` end: how many were ever appended (purged
 /// ones included) and the last one's hash, as the high-water mark counts them.
-pub fn end(data_dir: &Path, audit_key: &ChainKey) -> Result<crate::mark::ChainEnd> {
+pub fn end(data_dir: &Path, audit_key: &ChainKey) -> Result<audit::ChainEnd> {
     let read = read_verified(&data_dir.join(FILE), &chain_key(audit_key))?;
     Ok(read
         .records
@@ -255,7 +255,7 @@ impl Receipts {
     }
 
     /// Where the records end: how many were ever appended and the last one's hash.
-    pub fn end(&self) -> crate::mark::ChainEnd {
+    pub fn end(&self) -> audit::ChainEnd {
         self.end.lock().expect("receipts lock poisoned").clone()
     }
 

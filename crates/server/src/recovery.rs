@@ -43,7 +43,7 @@ pub(crate) struct Found {
     index: IndexFile,
     temporaries: Vec<PathBuf>,
     /// Where its records of receipt end.
-    receipts: crate::mark::ChainEnd,
+    receipts: crate::audit::ChainEnd,
     mark: Option<Mark>,
     mark_path: PathBuf,
 }
