@@ -218,3 +218,122 @@ impl ListIngest {
         Ok((tokens, rejected))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use chrono::TimeZone as _;
+    use cleanroom_core::token::MasterSecret;
+
+    use super::*;
+
+    /// Counts nothing: these tests read the ingest's report and errors.
+    struct Discard;
+
+    impl crate::ingest::Sink for Discard {
+        fn write(
+            &mut self,
+            _: &Table,
+            _: datafusion::arrow::record_batch::RecordBatch,
+        ) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    fn key(version: u32) -> CollaborationKey {
+        MasterSecret::new(vec![7; 32])
+            .unwrap()
+            .collaboration_key("c", version, &[1; 32])
+    }
+
+    fn partner() -> Partner {
+        Partner {
+            name: "P".into(),
+            attribute: "tier".into(),
+            attribute_values: vec!["a".into()],
+            declaration: None,
+        }
+    }
+
+    fn tokens(version: u32, email: &str) -> ListInput {
+        ListInput {
+            email_token: key(version).token(email).to_string(),
+            ..ListInput::default()
+        }
+    }
+
+    /// Version 2 is current, version 1 in its overlap, version 0 destroyed by a rotation.
+    fn keys(stored: Option<u32>) -> ListKeys {
+        let destroyed = chrono::Utc.with_ymd_and_hms(2026, 11, 8, 3, 0, 0).unwrap();
+        ListKeys {
+            current: key(2),
+            older: vec![1],
+            destroyed: vec![Tombstone {
+                contract: "c".into(),
+                version: 0,
+                key_id: "id0".into(),
+                created: destroyed,
+                destroyed,
+                reason: cleanroom_core::keys::ROTATION.into(),
+            }],
+            stored,
+        }
+    }
+
+    fn ingest(keys: ListKeys, records: Vec<ListInput>) -> Result<IngestReport> {
+        let mut ingest = ListIngest::new(&partner(), keys, false);
+        ingest.push(records, &mut Discard)?;
+        ingest.finish(&mut Discard)
+    }
+
+    #[test]
+    fn a_list_is_under_one_version_of_those_the_collaboration_accepts() {
+        let old = ingest(keys(None), vec![tokens(1, "a@x.jp"), tokens(1, "b@x.jp")]).unwrap();
+        assert_eq!(old.accepted, 2, "the overlap's version is accepted");
+        let mixed = ingest(
+            keys(None),
+            vec![
+                tokens(1, "a@x.jp"),
+                tokens(2, "b@x.jp"),
+                ListInput {
+                    email: "c@x.jp".into(),
+                    ..ListInput::default()
+                },
+            ],
+        )
+        .unwrap();
+        assert_eq!(mixed.accepted, 1, "{mixed:?}");
+        assert_eq!(
+            mixed.rejected["token: key version differs from the list's first record"], 2,
+            "a raw record is hashed under the current version, not the list's"
+        );
+        let unknown = ingest(keys(None), vec![tokens(3, "a@x.jp")]).unwrap();
+        assert_eq!(
+            unknown.rejected["token: key version is not one the collaboration accepts now"],
+            1
+        );
+    }
+
+    #[test]
+    fn a_destroyed_or_superseded_version_refuses_the_whole_upload() {
+        let destroyed = ingest(keys(None), vec![tokens(2, "a@x.jp"), tokens(0, "b@x.jp")]);
+        match destroyed {
+            Err(crate::Error::Domain(cleanroom_core::Error::Precondition(m))) => {
+                assert!(m.contains("destroyed on 2026-11-08"), "{m}");
+            }
+            other => panic!("{other:?}"),
+        }
+        match ingest(keys(Some(2)), vec![tokens(1, "a@x.jp")]) {
+            Err(crate::Error::Domain(cleanroom_core::Error::Precondition(m))) => {
+                assert!(m.contains("stored list is under key version 2"), "{m}");
+            }
+            other => panic!("{other:?}"),
+        }
+        // Control: the same list before the partner moved on is received.
+        assert_eq!(
+            ingest(keys(Some(1)), vec![tokens(1, "a@x.jp")])
+                .unwrap()
+                .accepted,
+            1
+        );
+    }
+}

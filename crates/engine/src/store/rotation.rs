@@ -9,7 +9,7 @@ use datafusion::arrow::datatypes::UInt32Type;
 use serde::{Deserialize, Serialize};
 
 use super::{CommitRecord, DestroyedFile, Produced, Staging, Store, TableFile, WriteFacts};
-use super::{ListVersion, file_safe};
+use super::{ListVersion, Manifest, Placer, file_safe};
 use crate::ingest::{Sink, Table};
 use crate::tables::tokens::KEY_VERSION;
 use crate::{Error, Result};
@@ -101,41 +101,14 @@ impl Store {
         }
         let kept = tokens.as_ref().map_or(0, |p| p.kept);
         let record = self.commit(facts, |manifest, place| {
-            if let Some(mut plan) = tokens {
-                if manifest.member_tokens.get(contract) != Some(&plan.name) {
-                    return Err(Error::Storage(format!(
-                        "{}: replaced while the rotation read it; the next sweep tries again",
-                        plan.name
-                    )));
-                }
-                match plan.staging.as_mut() {
-                    Some(staging) => {
-                        let staged = staging.table(&Table::MemberTokens(contract.to_string()))?;
-                        let stem = format!("member_tokens-{}", file_safe(contract));
-                        let file = place(&stem, staged)?;
-                        manifest.member_tokens.insert(contract.to_string(), file);
-                    }
-                    None => {
-                        manifest.member_tokens.remove(contract);
-                    }
-                }
+            if let Some(plan) = tokens {
+                replace_tokens(manifest, place, contract, plan)?;
             }
-            let files = manifest.lists.entry(partner.to_string()).or_default();
-            let gone = files.drain(..doomed.len().min(files.len())).count();
-            let left = files.len();
-            *manifest
-                .lists_dropped
-                .entry(partner.to_string())
-                .or_default() += u32::try_from(gone).unwrap_or(u32::MAX);
-            if gone > 0 && left == 0 {
-                let destroyed = KeyDestroyed {
-                    key_version: version,
-                    on,
-                };
-                manifest
-                    .lists_key_destroyed
-                    .insert(partner.to_string(), destroyed);
-            }
+            let gone = KeyDestroyed {
+                key_version: version,
+                on,
+            };
+            drop_oldest_lists(manifest, partner, doomed.len(), gone);
             Ok(Produced {
                 list_version: removed.through_list_version,
                 ..Produced::default()
@@ -200,5 +173,50 @@ impl Store {
             staging,
             kept,
         })
+    }
+}
+
+/// Puts the rewritten member tokens of `contract` in place of the file `plan` read (or removes
+/// the entry if no token was left), unless a members ingest replaced that file meanwhile.
+fn replace_tokens(
+    manifest: &mut Manifest,
+    place: &mut Placer<'_>,
+    contract: &str,
+    mut plan: TokensPlan,
+) -> Result<()> {
+    if manifest.member_tokens.get(contract) != Some(&plan.name) {
+        return Err(Error::Storage(format!(
+            "{}: replaced while the rotation read it; the next sweep tries again",
+            plan.name
+        )));
+    }
+    match plan.staging.as_mut() {
+        Some(staging) => {
+            let staged = staging.table(&Table::MemberTokens(contract.to_string()))?;
+            let stem = format!("member_tokens-{}", file_safe(contract));
+            let file = place(&stem, staged)?;
+            manifest.member_tokens.insert(contract.to_string(), file);
+        }
+        None => {
+            manifest.member_tokens.remove(contract);
+        }
+    }
+    Ok(())
+}
+
+/// Drops `partner`'s `count` oldest list versions (they keep their numbers); with none left,
+/// the partner's questions are refused naming `gone` until it uploads a new list.
+fn drop_oldest_lists(manifest: &mut Manifest, partner: &str, count: usize, gone: KeyDestroyed) {
+    let files = manifest.lists.entry(partner.to_string()).or_default();
+    let dropped = files.drain(..count.min(files.len())).count();
+    let left = files.len();
+    *manifest
+        .lists_dropped
+        .entry(partner.to_string())
+        .or_default() += u32::try_from(dropped).unwrap_or(u32::MAX);
+    if dropped > 0 && left == 0 {
+        manifest
+            .lists_key_destroyed
+            .insert(partner.to_string(), gone);
     }
 }
