@@ -35,6 +35,27 @@ fn retired_files(records: &[Record]) -> impl Iterator<Item = (&Record, &Destroye
         .flat_map(|(r, files)| files.iter().map(move |f| (r, f)))
 }
 
+/// Key versions a rotation's end destroyed whose seed is in the key store again.
+fn rotated_back(records: &[Record], keys: &KeyStore) -> Result<Vec<String>> {
+    let mut back = Vec::new();
+    for record in records.iter().filter(|r| r.entry.outcome == "ok") {
+        let Some(Event::Retired(r)) = &record.entry.event else {
+            continue;
+        };
+        let (Some(contract), Some(version)) = (&r.contract, r.key_version) else {
+            continue;
+        };
+        if keys.existing_key(contract, version)?.is_some() {
+            back.push(format!(
+                "the key store holds a seed of contract {contract} v{version}, which audit \
+                 record {} destroyed at the end of its rotation overlap",
+                record.id
+            ));
+        }
+    }
+    Ok(back)
+}
+
 /// What came back after it was destroyed: a file in `data_dir`, or a key seed in the store.
 pub fn resurrected(
     records: &[Record],
@@ -50,6 +71,9 @@ pub fn resurrected(
                 file.name, record.id, record.at
             ));
         }
+    }
+    if let Some(keys) = keys {
+        back.extend(rotated_back(records, keys)?);
     }
     for (record, d) in destructions(records) {
         for file in &d.files {

@@ -871,6 +871,7 @@ fn disclose(args: DiscloseArgs) -> Result<()> {
 fn keys_status(args: KeysStatusArgs) -> Result<()> {
     let settings = settings::Settings::load(&args.config, None, None)?;
     let keys = settings.inspect_key_store()?;
+    let rules = settings.rules()?;
     let mut table = comfy_table::Table::new();
     table.set_header([
         "contract",
@@ -881,10 +882,10 @@ fn keys_status(args: KeysStatusArgs) -> Result<()> {
         "why",
     ]);
     for key in keys.status()? {
-        let (destroyed, why) = key.destroyed.map_or_else(
-            || ("-".into(), "-".into()),
-            |(at, why)| (at.to_rfc3339(), why),
-        );
+        let (destroyed, why) = match key.destroyed {
+            Some((at, why)) => (at.to_rfc3339(), why),
+            None => scheduled_destruction(&keys, &rules, &key.contract, key.version)?,
+        };
         table.add_row([
             key.contract,
             key.version.to_string(),
@@ -897,6 +898,30 @@ fn keys_status(args: KeysStatusArgs) -> Result<()> {
     println!("key store {}", keys.dir().display());
     println!("{table}");
     Ok(())
+}
+
+/// When a live key is due to be destroyed: an old version in its rotation overlap is, at the
+/// overlap's end (the service's sweep destroys it then); any other live key is not scheduled.
+fn scheduled_destruction(
+    keys: &cleanroom_core::keys::KeyStore,
+    rules: &cleanroom_core::rules::Rules,
+    contract: &str,
+    version: u32,
+) -> Result<(String, String)> {
+    let unscheduled = ("-".to_string(), "-".to_string());
+    let Some(c) = rules.contracts.get(contract) else {
+        return Ok(unscheduled);
+    };
+    let due = keys
+        .overlaps(contract, c.key_version, c.key_overlap_days)?
+        .into_iter()
+        .find(|r| r.version == version);
+    Ok(due.map_or(unscheduled, |r| {
+        (
+            format!("due {}", r.ends.to_rfc3339()),
+            format!("rotation (key_overlap_days = {})", c.key_overlap_days),
+        )
+    }))
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {

@@ -195,6 +195,35 @@ fn contract_changes(old: &Rules, new: &Rules) -> Vec<String> {
     changes
 }
 
+/// What a change of a contract's match key version (or its overlap) does.
+fn key_change(o: &Contract, c: &Contract) -> String {
+    let (from, to, days) = (o.key_version, c.key_version, c.key_overlap_days);
+    if to < from {
+        return format!(
+            "match key version {from} -> {to}: going back is not a rotation; a version destroyed \
+             stays destroyed, and the collaboration is refused if version {to} was"
+        );
+    }
+    if to == from {
+        return format!(
+            "key_overlap_days {} -> {days} (an overlap under way counts from the current \
+             version's key being made)",
+            o.key_overlap_days
+        );
+    }
+    let old = match days {
+        0 => format!("version {from} is destroyed at once"),
+        _ => format!(
+            "version {from} stays usable for {days} days (lists of either version are \
+             accepted), then is destroyed with its member tokens and lists"
+        ),
+    };
+    format!(
+        "match key version {from} -> {to}: {old}; the partner uploads its list again under \
+         version {to}, and the members are ingested again to compute its tokens"
+    )
+}
+
 /// What moved between two versions of one contract.
 fn term_changes(o: &Contract, c: &Contract) -> Vec<String> {
     let mut changes = Vec::new();
@@ -207,11 +236,8 @@ fn term_changes(o: &Contract, c: &Contract) -> Vec<String> {
     if o.purpose != c.purpose {
         changes.push(format!("purpose {} -> {}", o.purpose, c.purpose));
     }
-    if o.key_version != c.key_version {
-        changes.push(format!(
-            "match key version {} -> {} (the partner must upload its list again)",
-            o.key_version, c.key_version
-        ));
+    if o.key_version != c.key_version || o.key_overlap_days != c.key_overlap_days {
+        changes.push(key_change(o, c));
     }
     if o.max_queries_per_day != c.max_queries_per_day {
         changes.push(format!(
@@ -344,7 +370,9 @@ fn consent_filter(
 ) -> Result<Vec<String>> {
     let Some(dir) = data_dir else {
         return Ok(vec![
-            "(give --data-dir to count the members each consent filter admits)".into(),
+            "(give --data-dir to count the members each consent filter admits, and to be \
+             warned of contracts whose members have no tokens under their key version yet)"
+                .into(),
         ]);
     };
     let store =
@@ -397,20 +425,36 @@ fn show_count(c: Option<(usize, Option<usize>)>) -> String {
     }
 }
 
-/// Contracts whose members have no tokens yet (added since the last members ingest): their
-/// partners' questions are refused, uncharged, until the members are ingested again.
+/// Contracts whose members have no tokens under their current key version yet (added, or
+/// rotated, since the last members ingest): their partners' questions over a list of that
+/// version are refused, uncharged, until the members are ingested again.
 fn missing_tokens(snapshot: &cleanroom_engine::store::Snapshot, rules: &Rules) -> Vec<String> {
-    rules
-        .contracts
-        .keys()
-        .filter(|id| !snapshot.member_tokens.contains_key(*id))
-        .map(|id| {
-            format!(
-                "{id}: no member tokens yet; ingest the members again before its partner's \
-                 questions can be answered (they are refused, uncharged, until then)"
-            )
-        })
-        .collect()
+    let mut missing = Vec::new();
+    for (id, contract) in &rules.contracts {
+        let line = match snapshot.member_token_versions.get(id) {
+            None => "no member tokens yet".to_string(),
+            Some(held) if !held.contains(&contract.key_version) => format!(
+                "no member tokens under key version {} yet (the members were last ingested \
+                 under {})",
+                contract.key_version,
+                versions_text(held)
+            ),
+            Some(_) => continue,
+        };
+        missing.push(format!(
+            "warning: {id}: {line}; ingest the members again before its partner's questions \
+             can be answered (they are refused, uncharged, until then)"
+        ));
+    }
+    missing
+}
+
+fn versions_text(versions: &std::collections::BTreeSet<u32>) -> String {
+    if versions.is_empty() {
+        return "no version".into();
+    }
+    let names: Vec<String> = versions.iter().map(|v| format!("v{v}")).collect();
+    names.join(", ")
 }
 
 fn section(out: &mut String, title: &str, lines: Vec<String>) -> Result<()> {

@@ -366,7 +366,8 @@ async fn an_analyst_ingests_a_partner_list_on_its_behalf() {
 
 /// A contract added after the last members ingest has no member tokens, so its list can match
 /// nobody: its partner's question is refused before anything is charged (a retailer's ingest
-/// decides it, never a member), and asking again stays free until the members are ingested.
+/// decides it, never a member), and asking again stays free until the members are ingested;
+/// then (with its list uploaded under the new contract's key) it is answered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_contract_without_member_tokens_is_refused_uncharged() {
     let mut h = Harness::start().await;
@@ -396,5 +397,24 @@ async fn a_contract_without_member_tokens_is_refused_uncharged() {
     // The other collaboration's tokens are there: its partner is answered (and charged).
     h.run("kumo_denki", "matched_overlap", &[]).await.unwrap();
     assert_eq!(h.app.guard.charges(), charges + 1);
+    // Control: once the members are ingested again, the same question is answered (and charged).
+    let members =
+        cleanroom_client::read_members(&crate::util::sample_dir().join("members.csv")).unwrap();
+    let header = cleanroom_proto::v1::IngestHeader {
+        source: "members.csv".into(),
+        strict: false,
+        request_id: cleanroom_client::new_request_id(),
+    };
+    cleanroom_client::ingest_members(&mut h.analyst(), header, members)
+        .await
+        .unwrap();
+    // The list on file was hashed under the old contract's key: the partner uploads it again.
+    let list = crate::util::sample_dir().join("partner_lists/sakura_foods.csv");
+    let records = cleanroom_client::read_list(&list).unwrap();
+    cleanroom_client::upload_list(&mut h.partner("sakura_foods"), false, records)
+        .await
+        .unwrap();
+    h.run("sakura_foods", "matched_overlap", &[]).await.unwrap();
+    assert_eq!(h.app.guard.charges(), charges + 2);
     h.stop().await;
 }

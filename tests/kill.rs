@@ -871,3 +871,88 @@ async fn kill_minus_nine_during_an_erasure_leaves_all_or_nothing() {
         served.kill();
     }
 }
+
+/// Issue 16, item 6: `kill -9` at each step of a rotation's end (after its commit, after the old
+/// key's destruction), then a start: the old version is gone (its member tokens, its list, its
+/// key seed, a tombstone left), the partner is refused, the trail verifies and records it, and
+/// the privacy ledger is byte for byte what it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_minus_nine_during_a_rotations_end_and_the_next_start_completes_it() {
+    for point in ["rotation:committed", "rotation:key-destroyed"] {
+        let dir = tempfile::tempdir().unwrap();
+        let rules = dir.path().join("rules.toml");
+        let sample_rules = std::fs::read_to_string(sample_dir().join("rules.toml")).unwrap();
+        std::fs::write(&rules, &sample_rules).unwrap();
+        copy_declarations(dir.path());
+        let config = write_config_with(dir.path(), &rules, &root().join("queries"), 60);
+        let data = dir.path().join("data");
+        let served = serve(&config);
+        let conn = served.conn().await;
+        sample::approve_all(&conn).await.unwrap();
+        sample::load(&conn, &sample_dir()).await.unwrap();
+        overlap(&conn).await;
+        served.kill();
+        assert_eq!(sakura_data(&data).len(), 2);
+        let ledger = std::fs::read(data.join("guard/ledger.jsonl")).unwrap();
+
+        // Sakura's key moves to version 2 with no overlap: version 1 ends at the first sweep.
+        let rotated = sample_rules.replacen(
+            "key_version = 1\n",
+            "key_version = 2\nkey_overlap_days = 0\n",
+            1,
+        );
+        std::fs::write(&rules, rotated).unwrap();
+        kill_at_pause(&config, point, |_| {
+            panic!("{point}: served before the rotation's end")
+        });
+
+        let served = serve(&config);
+        assert!(
+            sakura_data(&data).is_empty(),
+            "{point}: {:?}",
+            sakura_data(&data)
+        );
+        assert!(
+            found_named(dir.path(), "ctr-sakura-2026.v1.seed").is_empty(),
+            "{point}: the old key seed is destroyed"
+        );
+        assert_eq!(
+            found_named(dir.path(), "ctr-sakura-2026.v1.destroyed").len(),
+            1,
+            "{point}: its tombstone is there"
+        );
+        assert_eq!(found_named(dir.path(), "ctr-sakura-2026.v2.seed").len(), 1);
+        let refused = served
+            .conn()
+            .await
+            .partner(sample::partner_token("sakura_foods"))
+            .unwrap()
+            .run_query(crate::util::request("matched_overlap", &[]))
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{point}");
+        assert!(
+            refused.message().contains("with key version 1"),
+            "{point}: {refused:?}"
+        );
+        assert_eq!(
+            std::fs::read(data.join("guard/ledger.jsonl")).unwrap(),
+            ledger,
+            "{point}: the ledger is unchanged"
+        );
+        let key = cleanroom_server::audit::ChainKey::new(&test_secret());
+        cleanroom_server::audit::verify(&data.join("audit.jsonl"), &key, None)
+            .unwrap_or_else(|e| panic!("{point}: the trail does not verify: {e}"));
+        let records = cleanroom_server::audit::read(&data.join("audit.jsonl")).unwrap();
+        let recorded = records.iter().any(|r| match &r.entry.event {
+            Some(cleanroom_server::audit::Event::Retired(r)) => r.key_version == Some(1),
+            Some(cleanroom_server::audit::Event::Reconciled { writes, .. }) => {
+                writes.iter().any(|w| w.method == "Sweep")
+            }
+            _ => false,
+        });
+        assert!(recorded, "{point}: the trail records the rotation's end");
+        println!("{point}: killed there, completed at the next start");
+        served.kill();
+    }
+}

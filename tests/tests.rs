@@ -45,6 +45,8 @@ mod keys;
 mod kill;
 // Retention rules: superseded and old list versions, old purchases, contracts a reload removes.
 mod retention;
+// Key rotation with an overlap: both versions match during it, the old key is gone after it.
+mod rotation;
 // Operator faults: a lost or older manifest, refused starts that change nothing, audit ids.
 mod operator;
 // Writes retried with their request id after a broken connection: stored exactly once.

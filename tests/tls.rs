@@ -178,7 +178,9 @@ async fn the_review_page_is_served_over_https_only() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_tls_only_loopback_is_served() {
-    let dir = tempfile::tempdir().unwrap();
+    // A data directory of its own: a bare temporary directory would put the high-water mark and
+    // the key store straight into the shared /tmp, beside every other run's.
+    let dir = crate::util::DataDir::new();
     let everywhere = std::net::SocketAddr::from(([0, 0, 0, 0], 0));
     let refused = cleanroom_server::spawn_with_page(bare_app(dir.path()), everywhere, everywhere)
         .await

@@ -54,8 +54,22 @@ pub struct Tombstone {
 }
 
 impl Tombstone {
-    /// The refusal every call of the ended collaboration gets: fixed, naming the date.
+    /// The refusal every call of the ended collaboration gets: fixed, naming the date. A version
+    /// a rotation destroyed names the end of its overlap instead: the collaboration runs on
+    /// under its current version.
     pub fn refusal(&self) -> Error {
+        if self.reason == ROTATION {
+            return Error::Precondition(format!(
+                "key version {} of contract {} (id {}) was destroyed on {} at the end of its \
+                 rotation overlap: nothing is charged; use the contract's current key version \
+                 (prepare the list again with the key `cleanroom export-key` gives now, or \
+                 upload raw identifiers)",
+                self.version,
+                self.contract,
+                self.key_id,
+                self.destroyed.date_naive()
+            ));
+        }
         Error::Precondition(format!(
             "the collaboration of contract {} ended: its key (version {}, id {}) was destroyed \
              on {} ({})",
@@ -67,6 +81,9 @@ impl Tombstone {
         ))
     }
 }
+
+/// The reason a key a rotation's overlap ended is destroyed with.
+pub const ROTATION: &str = "rotation";
 
 /// One key of the store as `cleanroom keys status` lists it: never key material.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -480,6 +497,9 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
             storage(path, &e.kind().to_string())
         })
 }
+
+mod rotation;
+pub use rotation::Retiring;
 
 #[cfg(test)]
 mod tests;

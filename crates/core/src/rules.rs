@@ -244,6 +244,11 @@ pub struct Contract {
     /// Version of the match key in use. Raising it rotates the key.
     #[serde(default = "default_key_version")]
     pub key_version: u32,
+    /// Days the previous key version stays usable after a rotation (0 to
+    /// [`MAX_KEY_OVERLAP_DAYS`]; default 0: it is destroyed at once). Counted from the moment
+    /// the new version's key was made in the key store, so a restart cannot extend it.
+    #[serde(default)]
+    pub key_overlap_days: u32,
     /// Ids of the allow-listed queries the partner may run.
     pub queries: Vec<String>,
     /// The most answers the partner may receive in any 24 hours; unlimited if absent. Bounds how
@@ -260,6 +265,9 @@ pub struct Contract {
 
 /// The longest grace period after a contract's expiry, in days.
 pub const MAX_GRACE_DAYS: u32 = 30;
+
+/// The longest a previous key version stays usable after a rotation, in days.
+pub const MAX_KEY_OVERLAP_DAYS: u32 = 90;
 
 /// The most list versions a contract may keep.
 pub const MAX_KEEP_VERSIONS: u32 = 12;
@@ -565,6 +573,18 @@ fn principal_credential(p: &PrincipalEntry) -> Result<&String> {
     }
 }
 
+/// A contract's rotation overlap lies in its range.
+fn check_key_overlap(id: &str, contract: &Contract) -> Result<()> {
+    if contract.key_overlap_days > MAX_KEY_OVERLAP_DAYS {
+        return fail(format!(
+            "contracts.{id}.key_overlap_days must be between 0 and {MAX_KEY_OVERLAP_DAYS} \
+             (got {})",
+            contract.key_overlap_days
+        ));
+    }
+    Ok(())
+}
+
 /// A contract's `[retention]` values lie in their ranges.
 fn check_retention(id: &str, retention: &Retention) -> Result<()> {
     if retention.grace_days > MAX_GRACE_DAYS {
@@ -753,6 +773,7 @@ impl Rules {
             return fail(format!("contracts.{id}.key_version must be positive"));
         }
         check_retention(id, &contract.retention)?;
+        check_key_overlap(id, contract)?;
         self.check_protection(id, contract)
     }
 
@@ -948,6 +969,10 @@ mod tests {
                 "contracts.c1.retention.max_list_days must be between 1 and 3660",
             ),
             (
+                "[contracts.c1.retention]\ngrace_days = 31",
+                "contracts.c1.retention.grace_days must be between 0 and 30",
+            ),
+            (
                 "[retention]\npurchases_days = 0",
                 "retention.purchases_days must be between 1 and 3660",
             ),
@@ -982,6 +1007,31 @@ mod tests {
         let defaults = Rules::parse(MINIMAL).unwrap();
         assert_eq!(defaults.contracts["c1"].retention.keep_versions, 1);
         assert_eq!(defaults.retention.purchases_kept_from(day), None);
+    }
+
+    #[test]
+    fn key_overlap_days_defaults_to_zero_and_is_bounded() {
+        let with =
+            |days: &str| MINIMAL.replace("k = 8", &format!("k = 8\nkey_overlap_days = {days}"));
+        assert_eq!(
+            Rules::parse(MINIMAL).unwrap().contracts["c1"].key_overlap_days,
+            0
+        );
+        assert_eq!(
+            Rules::parse(&with("90")).unwrap().contracts["c1"].key_overlap_days,
+            90
+        );
+        match Rules::parse(&with("91")) {
+            Err(Error::Config(m)) => assert_eq!(
+                m,
+                "contracts.c1.key_overlap_days must be between 0 and 90 (got 91)"
+            ),
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            Rules::parse(&with("-1")).is_err(),
+            "a negative overlap is not a u32"
+        );
     }
 
     #[test]

@@ -72,6 +72,61 @@ pub use params::{RawValue, bind_value};
 /// The suffix of the column that carries each metric's 95 % half-width.
 pub const INTERVAL_SUFFIX: &str = "_ci95";
 
+/// The partner's current list, or why it has none: never uploaded, or destroyed by a retention
+/// rule or a rotation's end (naming the day). Refused before anything is charged.
+fn current_list<'a>(
+    snapshot: &'a Snapshot,
+    partner: &str,
+) -> Result<&'a crate::store::PartnerList> {
+    if let Some(list) = snapshot.lists.get(partner) {
+        return Ok(list);
+    }
+    let why = if let Some(day) = snapshot.lists_destroyed.get(partner) {
+        format!(
+            "the customer list was destroyed on {day} under the contract's retention rules \
+             (retention.max_list_days); nothing is charged, upload a new list (UploadList) to \
+             ask again"
+        )
+    } else if let Some(gone) = snapshot.lists_key_destroyed.get(partner) {
+        format!(
+            "the customer list was destroyed on {} with key version {}, at the end of its \
+             rotation overlap; nothing is charged, upload a new list under the contract's \
+             current key version (UploadList) to ask again",
+            gone.on, gone.key_version
+        )
+    } else {
+        "no customer list uploaded yet: call UploadList first".to_string()
+    };
+    Err(cleanroom_core::Error::Precondition(why).into())
+}
+
+/// Refuses a question whose list's key version has no member tokens: a contract added, or a
+/// key rotated, after the retailer's last members ingest.
+fn require_member_tokens(
+    snapshot: &Snapshot,
+    contract_id: &str,
+    list: &crate::store::PartnerList,
+) -> Result<()> {
+    let Some(held) = snapshot.member_token_versions.get(contract_id) else {
+        return Err(cleanroom_core::Error::Precondition(
+            "the retailer has not yet computed its members' tokens for this contract (it \
+             was added, or its key rotated, after the last members ingest); nothing is \
+             charged, ask again after the retailer's next members ingest"
+                .into(),
+        )
+        .into());
+    };
+    match list.key_versions.iter().find(|v| !held.contains(v)) {
+        None => Ok(()),
+        Some(version) => Err(cleanroom_core::Error::Precondition(format!(
+            "the retailer has not yet computed its members' tokens under key version \
+             {version} of this contract (the key was rotated after the last members ingest); \
+             nothing is charged, ask again after the retailer's next members ingest"
+        ))
+        .into()),
+    }
+}
+
 /// The one refusal for a query whose execution failed: the same words whatever the data, and
 /// charged like an answer.
 const EXECUTION_REFUSAL: &str = "this query could not be answered for these parameters; the \
@@ -592,35 +647,10 @@ impl Guard {
         })?;
         let guarantee = contract.protection.guarantee()?;
         let policy = Policy::for_query(rules, request.query, contract, request.partner);
-        let Some(list) = request.snapshot.lists.get(request.partner) else {
-            if let Some(day) = request.snapshot.lists_destroyed.get(request.partner) {
-                return Err(cleanroom_core::Error::Precondition(format!(
-                    "the customer list was destroyed on {day} under the contract's retention \
-                     rules (retention.max_list_days); nothing is charged, upload a new list \
-                     (UploadList) to ask again"
-                ))
-                .into());
-            }
-            return Err(cleanroom_core::Error::Precondition(
-                "no customer list uploaded yet: call UploadList first".into(),
-            )
-            .into());
-        };
-        // Whether the retailer has computed its members' tokens for this collaboration depends on
-        // its ingests, never on a member: refused here, before anything is charged.
-        if !request
-            .snapshot
-            .member_tokens
-            .contains_key(request.contract_id)
-        {
-            return Err(cleanroom_core::Error::Precondition(
-                "the retailer has not yet computed its members' tokens for this contract (it \
-                 was added after the last members ingest); nothing is charged, ask again after \
-                 the retailer's next members ingest"
-                    .into(),
-            )
-            .into());
-        }
+        let list = current_list(&request.snapshot, request.partner)?;
+        // Whether the retailer has computed its members' tokens under the list's key version
+        // depends on its ingests, never on a member: refused here, before anything is charged.
+        require_member_tokens(&request.snapshot, request.contract_id, list)?;
         let key = self.answer_key(request, list);
         Ok(Question {
             request,

@@ -28,7 +28,7 @@ pub mod purchases;
 mod tokens;
 
 pub use consent::{ConsentIngest, ConsentInput};
-pub use lists::{ListIngest, ListInput};
+pub use lists::{ListIngest, ListInput, ListKeys};
 pub use members::{MemberInput, MembersIngest};
 pub use purchases::{PurchaseInput, PurchasesIngest};
 

@@ -41,8 +41,10 @@ use crate::{Error, Result};
 
 mod erasure;
 mod retention;
+mod rotation;
 pub use erasure::{ERASE_MEMBERS, Erased, ErasureAsk, tombstone_rows};
 pub use retention::{ListVersion, PurchasesRemoved, SWEEP};
+pub use rotation::{KeyDestroyed, Rotated, TokensRemoved};
 
 /// A partner's current customer list. It is kept on disk only and read a batch at a time when an
 /// answer needs it, so a list of any length costs the service no memory between answers.
@@ -52,6 +54,8 @@ pub struct PartnerList {
     pub version: u32,
     /// SHA-256 of the list's file: the content the answers over it read.
     pub digest: String,
+    /// The key versions of its tokens: one (a list is under one version), or none if empty.
+    pub key_versions: BTreeSet<u32>,
     file: PathBuf,
 }
 
@@ -91,6 +95,9 @@ pub struct Snapshot {
     pub members: Option<TableFile>,
     /// Member tokens by collaboration (contract) id.
     pub member_tokens: BTreeMap<String, TableFile>,
+    /// The key versions each collaboration's member tokens were computed under (during a
+    /// rotation's overlap, two), by contract id.
+    pub member_token_versions: BTreeMap<String, BTreeSet<u32>>,
     /// Purchases: a file per month of each ingest, in ingest order.
     pub purchases: Vec<TableFile>,
     /// Consent events: a file per ingest, in ingest order.
@@ -114,6 +121,9 @@ pub struct Snapshot {
     /// Erasure tombstones (`tables::erasures`), once a member has been erased: read by consent
     /// ingests only, so not part of [`Snapshot::data_version`].
     pub erasures: Option<TableFile>,
+    /// Partners whose every list version went with a key version a rotation destroyed, until
+    /// the partner uploads a new list.
+    pub lists_key_destroyed: BTreeMap<String, KeyDestroyed>,
 }
 
 /// What the data directory holds; rewriting it is the commit point of every write.
@@ -149,6 +159,14 @@ struct Manifest {
     /// The erasure tombstones' file, replaced whole by each erasure.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     erasures: Option<String>,
+    /// The key versions of the tokens in each token file (member tokens, lists), by file name:
+    /// recorded as the file is written (files of older manifests are read when opened).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    key_versions: BTreeMap<String, BTreeSet<u32>>,
+    /// Per partner: the key version a rotation destroyed with its last list versions, and the
+    /// day, until it uploads a new list ([`Snapshot::lists_key_destroyed`]).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    lists_key_destroyed: BTreeMap<String, KeyDestroyed>,
 }
 
 /// One committed write, as the manifest remembers it: enough to answer a retry of it, to rebuild
@@ -265,6 +283,11 @@ impl Manifest {
                 .iter()
                 .map(|(contract, name)| (contract.clone(), file(name)))
                 .collect(),
+            member_token_versions: self
+                .member_tokens
+                .iter()
+                .map(|(contract, name)| (contract.clone(), self.versions_in(name)))
+                .collect(),
             purchases: self.purchases.iter().map(file).collect(),
             consent: self.consent.iter().map(file).collect(),
             lists: self
@@ -275,6 +298,7 @@ impl Manifest {
                     let list = PartnerList {
                         version: self.list_version(partner),
                         digest: self.digest(name).to_string(),
+                        key_versions: self.versions_in(name),
                         file: dir.join(name),
                     };
                     (partner.clone(), list)
@@ -285,7 +309,20 @@ impl Manifest {
             members_version: self.members_version(),
             lists_destroyed: self.lists_destroyed.clone(),
             erasures: self.erasures.as_ref().map(file),
+            lists_key_destroyed: self.lists_key_destroyed.clone(),
         }
+    }
+
+    /// The key versions of a token file's tokens, as recorded.
+    fn versions_in(&self, file: &str) -> BTreeSet<u32> {
+        self.key_versions.get(file).cloned().unwrap_or_default()
+    }
+
+    /// Every token file the manifest names: member tokens and list versions.
+    fn token_files(&self) -> impl Iterator<Item = &String> {
+        self.member_tokens
+            .values()
+            .chain(self.lists.values().flatten())
     }
 
     /// The number of a partner's newest list version: versions destroyed from the front keep
@@ -488,7 +525,8 @@ impl Store {
             files::sync_dir(&found.dir)?;
         }
         let mut manifest = found.manifest.unwrap_or_default();
-        if add_digests(&found.dir, &mut manifest)? {
+        let digested = add_digests(&found.dir, &mut manifest)?;
+        if add_key_versions(&found.dir, &mut manifest)? || digested {
             write_manifest(&found.dir, &manifest)?;
         }
         Self::load(&found.dir, manifest)
@@ -504,6 +542,7 @@ impl Store {
         std::fs::create_dir_all(dir)?;
         let mut manifest = found.manifest.unwrap_or_default();
         add_digests(dir, &mut manifest)?;
+        add_key_versions(dir, &mut manifest)?;
         Self::load(dir, manifest)
     }
 
@@ -578,6 +617,7 @@ impl Store {
         let mut committed = self.writer.lock().expect("writer lock poisoned");
         let mut manifest = committed.clone();
         let mut placed: Vec<(String, String)> = Vec::new();
+        let mut versions: Vec<(String, BTreeSet<u32>)> = Vec::new();
         let mut next_file = manifest.next_file;
         let result = {
             let mut place = |stem: &str, staged: &mut Staged| -> Result<String> {
@@ -586,6 +626,9 @@ impl Store {
                 std::fs::rename(&staged.tmp, self.dir.join(&name))?;
                 staged.placed = true;
                 placed.push((name.clone(), hex::encode(staged.digest)));
+                if let Some(held) = &staged.key_versions {
+                    versions.push((name.clone(), held.clone()));
+                }
                 Ok(name)
             };
             stage(&mut manifest, &mut place).and_then(|produced| {
@@ -603,6 +646,7 @@ impl Store {
                 return Err(e);
             }
         };
+        manifest.key_versions.extend(versions);
         let record = self.record(
             &mut manifest,
             &committed,
@@ -656,6 +700,7 @@ impl Store {
             .collect();
         for file in &replaced {
             manifest.digests.remove(file);
+            manifest.key_versions.remove(file);
         }
         let record = CommitRecord {
             seq: manifest.commits,
@@ -810,6 +855,7 @@ impl Store {
                 .or_default()
                 .push(file);
             manifest.lists_destroyed.remove(partner);
+            manifest.lists_key_destroyed.remove(partner);
             Ok(Produced {
                 list_version: Some(manifest.list_version(partner)),
                 ..Default::default()
@@ -837,13 +883,15 @@ struct Staged {
     digest: [u8; 32],
     /// Renamed into place by a commit: no longer this staging's to remove.
     placed: bool,
+    /// For a table of match tokens, the key versions of the tokens written to it.
+    key_versions: Option<BTreeSet<u32>>,
 }
 
 /// Numbers staging files within this process; files of earlier processes are collected at start.
 static STAGED_FILES: AtomicU64 = AtomicU64::new(0);
 
 impl Staged {
-    fn create(dir: &Path, schema: SchemaRef) -> Result<Self> {
+    fn create(dir: &Path, table: &Table, schema: SchemaRef) -> Result<Self> {
         let n = STAGED_FILES.fetch_add(1, Ordering::Relaxed);
         let tmp = dir.join(format!("staging-{}-{n}.tmp", std::process::id()));
         let file = HashingFile {
@@ -856,6 +904,7 @@ impl Staged {
             writer: Some(writer),
             digest: [0; 32],
             placed: false,
+            key_versions: matches!(table, Table::MemberTokens(_) | Table::List).then(BTreeSet::new),
         })
     }
 }
@@ -863,10 +912,13 @@ impl Staged {
 impl Sink for Staging {
     fn write(&mut self, table: &Table, batch: RecordBatch) -> Result<()> {
         if !self.tables.contains_key(table) {
-            let staged = Staged::create(&self.dir, batch.schema())?;
+            let staged = Staged::create(&self.dir, table, batch.schema())?;
             self.tables.insert(table.clone(), staged);
         }
         let staged = self.tables.get_mut(table).expect("inserted above");
+        if let Some(held) = &mut staged.key_versions {
+            held.extend(key_versions_of(&batch)?);
+        }
         let writer = staged
             .writer
             .as_mut()
@@ -960,6 +1012,36 @@ fn add_digests(dir: &Path, manifest: &mut Manifest) -> Result<bool> {
             .insert(file.clone(), hex::encode(hashing.sha.finalize()));
     }
     Ok(!lacking.is_empty())
+}
+
+/// Records the key versions of every token file the manifest names but has none for (manifests
+/// written before they were kept): read from the files. Returns whether any was added.
+fn add_key_versions(dir: &Path, manifest: &mut Manifest) -> Result<bool> {
+    let lacking: Vec<String> = manifest
+        .token_files()
+        .filter(|f| !manifest.key_versions.contains_key(*f))
+        .cloned()
+        .collect();
+    for file in &lacking {
+        let mut held = BTreeSet::new();
+        for batch in parquet_batches(&dir.join(file))? {
+            held.extend(key_versions_of(&batch?)?);
+        }
+        manifest.key_versions.insert(file.clone(), held);
+    }
+    Ok(!lacking.is_empty())
+}
+
+/// The distinct key versions of a batch of match tokens.
+fn key_versions_of(batch: &RecordBatch) -> Result<BTreeSet<u32>> {
+    use datafusion::arrow::array::AsArray as _;
+    use datafusion::arrow::datatypes::UInt32Type;
+    let column = batch
+        .columns()
+        .get(crate::tables::tokens::KEY_VERSION)
+        .and_then(|c| c.as_primitive_opt::<UInt32Type>())
+        .ok_or_else(|| Error::Storage("a token table without its key_version column".into()))?;
+    Ok(column.values().iter().copied().collect())
 }
 
 /// Replaces the manifest: the commit point of every write.

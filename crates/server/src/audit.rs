@@ -249,28 +249,32 @@ pub struct ErasureCounts {
 /// What one retention destroyed, under which rule: list versions of one partner, or purchases.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct Retirement {
-    /// `list versions` or `purchases`.
+    /// `list versions`, `purchases` or `key version` (a rotation's end).
     pub what: String,
     /// The collaboration (contract id), for list versions.
     pub contract: Option<String>,
     /// Its partner, for list versions.
     pub partner: Option<String>,
-    /// Why: `retention`.
+    /// Why: `retention`, or `rotation`.
     pub reason: String,
     /// The rule that decided it (`keep_versions = 1`, `max_list_days = 30`, `purchases_days =
-    /// 730`).
+    /// 730`, `key_overlap_days = 7 (...)`).
     pub rule: String,
     /// Who: `retention rules`.
     pub requested_by: String,
-    /// The collaboration's key the lists were matched under (kept: the collaboration runs on).
+    /// The collaboration's key the lists were matched under (kept: the collaboration runs on),
+    /// or, for a rotation's end, the destroyed key version's.
     pub key_id: Option<String>,
+    /// The key version a rotation's end destroyed (`what` = `key version`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_version: Option<u32>,
     /// The newest list version destroyed (every older one is gone too).
     pub through_version: Option<u32>,
     /// The files destroyed (a purchases file rewritten without its old rows included).
     pub files: Vec<cleanroom_engine::store::DestroyedFile>,
     /// The files written in place of rewritten ones (purchases).
     pub written: Vec<cleanroom_engine::store::DestroyedFile>,
-    /// Purchase rows removed.
+    /// Purchase rows (or, for a rotation's end, member-token rows) removed.
     pub removed_rows: u64,
     /// Stored answers destroyed with the list versions they were computed over.
     pub stored_answers: u64,
@@ -408,6 +412,7 @@ fn display_retirement(r: &Retirement, out: &mut BTreeMap<String, String>) {
         ("contract", r.contract.clone()),
         ("partner", r.partner.clone()),
         ("key", r.key_id.clone()),
+        ("key_version", r.key_version.map(|v| v.to_string())),
         ("through_version", r.through_version.map(|v| v.to_string())),
     ];
     for (label, value) in optional {

@@ -36,6 +36,7 @@ mod requests;
 mod retention;
 mod retry;
 pub mod review;
+mod rotation;
 pub mod startup;
 pub mod state;
 pub mod status;

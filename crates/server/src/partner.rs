@@ -182,12 +182,9 @@ where
             return Ok(None);
         }
         app.guard.check_list_allowance(&admitted)?;
-        let key = app.keys.key(
-            admitted.contract_id(),
-            admitted.contract().key_version,
-            call.now,
-        )?;
-        let ingest = ListIngest::new(partner, key, header.strict);
+        let keys =
+            crate::rotation::list_keys(app, admitted.contract_id(), admitted.contract(), call.now)?;
+        let ingest = ListIngest::new(partner, keys, header.strict);
         Ok(Some(Feed::new(
             ingest,
             app.store.staging(),

@@ -233,7 +233,7 @@ pub(crate) fn finish_cut(app: &App, log: &[CommitRecord]) -> Result<()> {
 }
 
 /// What the service's own destructions commit under.
-fn sweep_facts(now: DateTime<Utc>, partner: Option<&String>) -> WriteFacts {
+pub(crate) fn sweep_facts(now: DateTime<Utc>, partner: Option<&String>) -> WriteFacts {
     WriteFacts {
         at: now,
         method: SWEEP.into(),

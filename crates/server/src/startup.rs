@@ -90,6 +90,7 @@ impl App {
         app.follow_with_mark()?;
         crate::ending::sweep(&app)?;
         crate::retention::sweep(&app)?;
+        crate::rotation::sweep(&app)?;
         Ok(app)
     }
 
@@ -225,8 +226,9 @@ fn legal_service(app: &Arc<App>) -> Authenticated<LegalServiceServer<LegalApi>> 
     )
 }
 
-/// Destroys expired collaborations as their retention ends (`ending::sweep`) and what the
-/// retention rules no longer keep (`retention::sweep`): checked every minute, so within a minute
+/// Destroys expired collaborations as their retention ends (`ending::sweep`), what the
+/// retention rules no longer keep (`retention::sweep`) and key versions whose rotation overlap
+/// ended (`rotation::sweep`): checked every minute, so within a minute
 /// of the retailer's local midnight, of a reload that changes a contract, and of the end of an
 /// answer that held a superseded list version. A failed sweep is logged and tried again; it
 /// never stops the service.
@@ -237,7 +239,8 @@ fn sweep_every_minute(app: Arc<App>) -> tokio::task::JoinHandle<()> {
             let app = Arc::clone(&app);
             let sweep = move || {
                 crate::ending::sweep(&app)?;
-                crate::retention::sweep(&app)
+                crate::retention::sweep(&app)?;
+                crate::rotation::sweep(&app)
             };
             match tokio::task::spawn_blocking(sweep).await {
                 Ok(Ok(_)) => {}
@@ -272,15 +275,19 @@ fn watch_config(
     })
 }
 
-/// Reloads the configuration and ends the collaborations whose contracts the new rules removed
-/// (`retention::end_removed`; a failure there is logged, and the reload stands).
+/// Reloads the configuration, ends the collaborations whose contracts the new rules removed
+/// (`retention::end_removed`) and anchors (or, with no overlap, ends) the rotations it starts
+/// (`rotation::sweep`); a failure there is logged, and the reload stands.
 fn reload_and_end_removed(app: &App) -> Result<Reload> {
     let before = app.live();
     let outcome = app.reload()?;
-    if outcome == Reload::Applied
-        && let Err(e) = crate::retention::end_removed(app, &before.rules)
-    {
-        tracing::error!(error = %e, "ending the collaborations a reload removed failed");
+    if outcome == Reload::Applied {
+        if let Err(e) = crate::retention::end_removed(app, &before.rules) {
+            tracing::error!(error = %e, "ending the collaborations a reload removed failed");
+        }
+        if let Err(e) = crate::rotation::sweep(app) {
+            tracing::error!(error = %e, "the rotation sweep after a reload failed");
+        }
     }
     Ok(outcome)
 }

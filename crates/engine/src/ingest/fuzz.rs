@@ -65,7 +65,8 @@ const REASONS: &[&str] = &[
     "record: mixes raw identifiers and tokens",
     "record: no identifier",
     "attribute: not one of the partner's declared values",
-    "token: key version is not the collaboration's current one",
+    "token: key version is not one the collaboration accepts now",
+    "token: key version differs from the list's first record",
     "token: malformed",
 ];
 

@@ -1,6 +1,9 @@
 //! A partner's customer list: raw identifiers hashed here, or tokens made by `cleanroom prep`
-//! checked, one row per token.
+//! checked, one row per token. A list is under one key version: raw identifiers are hashed under
+//! the current one; tokens may be of any version the collaboration accepts now (during a
+//! rotation's overlap, the previous one too), and the list's first record decides.
 
+use cleanroom_core::keys::Tombstone;
 use cleanroom_core::normalize::{self, Rejection};
 use cleanroom_core::rules::Partner;
 use cleanroom_core::token::{CollaborationKey, Token};
@@ -24,11 +27,62 @@ pub struct ListInput {
     pub attribute: String,
 }
 
+/// The keys a list upload is checked against.
+#[derive(Debug, Clone)]
+pub struct ListKeys {
+    /// The current key: raw identifiers are hashed under it.
+    pub current: CollaborationKey,
+    /// Older versions still accepted (a rotation's overlap).
+    pub older: Vec<u32>,
+    /// Versions a rotation destroyed: a token of one refuses the whole upload, naming the date.
+    pub destroyed: Vec<Tombstone>,
+    /// The partner's stored list is under this version: an older one is refused, so a
+    /// partner's list versions never go back to a key about to be destroyed.
+    pub stored: Option<u32>,
+}
+
+impl ListKeys {
+    /// Keys with only the current one (no rotation under way).
+    pub fn current(key: CollaborationKey) -> Self {
+        Self {
+            current: key,
+            older: Vec::new(),
+            destroyed: Vec::new(),
+            stored: None,
+        }
+    }
+
+    /// Whether a token of `version` may be in a list now.
+    fn accepts(&self, version: u32) -> bool {
+        let live = version == self.current.version || self.older.contains(&version);
+        live && self.stored.is_none_or(|stored| version >= stored)
+    }
+
+    /// Why a token of `version` cannot be in this list at all (a destroyed key, or one older
+    /// than the partner's stored list): the whole upload is refused.
+    fn refusal(&self, version: u32) -> Option<cleanroom_core::Error> {
+        if let Some(t) = self.destroyed.iter().find(|t| t.version == version) {
+            return Some(t.refusal());
+        }
+        let stored = self.stored?;
+        (version < stored).then(|| {
+            cleanroom_core::Error::Precondition(format!(
+                "the partner's stored list is under key version {stored}; a list under the \
+                 older version {version} is no longer accepted: nothing is charged, use the \
+                 current key version {}",
+                self.current.version
+            ))
+        })
+    }
+}
+
 /// A partner's customer list being ingested: one row per token, `owner` being the record number
 /// in the stream, so that a customer given by both email and phone still counts once.
 pub struct ListIngest {
     attribute_values: Vec<String>,
-    key: CollaborationKey,
+    keys: ListKeys,
+    /// The list's key version, once its first record decided it.
+    version: Option<u32>,
     strict: bool,
     rows: TokenBuilder,
     report: IngestReport,
@@ -52,11 +106,13 @@ impl Ingest for ListIngest {
 }
 
 impl ListIngest {
-    /// Starts a list of `partner`'s, hashed (or its tokens checked) under `key`.
-    pub fn new(partner: &Partner, key: CollaborationKey, strict: bool) -> Self {
+    /// Starts a list of `partner`'s, hashed under the current key (or its tokens checked
+    /// against `keys`).
+    pub fn new(partner: &Partner, keys: ListKeys, strict: bool) -> Self {
         Self {
             attribute_values: partner.attribute_values.clone(),
-            key,
+            keys,
+            version: None,
             strict,
             rows: TokenBuilder::new(true),
             report: IngestReport::default(),
@@ -95,6 +151,14 @@ impl ListIngest {
             }
             return Ok(());
         }
+        let version = *self.version.get_or_insert(tokens[0].version);
+        if tokens.iter().any(|t| t.version != version) {
+            return self.report.reject(
+                index,
+                "token: key version differs from the list's first record",
+                strict,
+            );
+        }
         let owner = i64::try_from(index).unwrap_or(i64::MAX);
         let attribute = (!attribute.is_empty()).then_some(attribute);
         for token in tokens {
@@ -119,7 +183,7 @@ impl ListIngest {
                 continue;
             }
             match normalize(raw) {
-                Ok(normalized) => tokens.push(self.key.token(&normalized)),
+                Ok(normalized) => tokens.push(self.keys.current.token(&normalized)),
                 Err(reason) => {
                     self.report.reject(index, reason.0, self.strict)?;
                     rejected = true;
@@ -138,16 +202,138 @@ impl ListIngest {
                 continue;
             }
             let reason = match text.parse::<Token>() {
-                Ok(token) if token.version == self.key.version => {
+                Ok(token) if self.keys.accepts(token.version) => {
                     tokens.push(token);
                     continue;
                 }
-                Ok(_) => "token: key version is not the collaboration's current one",
+                Ok(token) => match self.keys.refusal(token.version) {
+                    Some(refusal) => return Err(refusal.into()),
+                    None => "token: key version is not one the collaboration accepts now",
+                },
                 Err(_) => "token: malformed",
             };
             self.report.reject(index, reason, self.strict)?;
             rejected = true;
         }
         Ok((tokens, rejected))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::TimeZone as _;
+    use cleanroom_core::token::MasterSecret;
+
+    use super::*;
+
+    /// Counts nothing: these tests read the ingest's report and errors.
+    struct Discard;
+
+    impl crate::ingest::Sink for Discard {
+        fn write(
+            &mut self,
+            _: &Table,
+            _: datafusion::arrow::record_batch::RecordBatch,
+        ) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    fn key(version: u32) -> CollaborationKey {
+        MasterSecret::new(vec![7; 32])
+            .unwrap()
+            .collaboration_key("c", version, &[1; 32])
+    }
+
+    fn partner() -> Partner {
+        Partner {
+            name: "P".into(),
+            attribute: "tier".into(),
+            attribute_values: vec!["a".into()],
+            declaration: None,
+        }
+    }
+
+    fn tokens(version: u32, email: &str) -> ListInput {
+        ListInput {
+            email_token: key(version).token(email).to_string(),
+            ..ListInput::default()
+        }
+    }
+
+    /// Version 2 is current, version 1 in its overlap, version 0 destroyed by a rotation.
+    fn keys(stored: Option<u32>) -> ListKeys {
+        let destroyed = chrono::Utc.with_ymd_and_hms(2026, 11, 8, 3, 0, 0).unwrap();
+        ListKeys {
+            current: key(2),
+            older: vec![1],
+            destroyed: vec![Tombstone {
+                contract: "c".into(),
+                version: 0,
+                key_id: "id0".into(),
+                created: destroyed,
+                destroyed,
+                reason: cleanroom_core::keys::ROTATION.into(),
+            }],
+            stored,
+        }
+    }
+
+    fn ingest(keys: ListKeys, records: Vec<ListInput>) -> Result<IngestReport> {
+        let mut ingest = ListIngest::new(&partner(), keys, false);
+        ingest.push(records, &mut Discard)?;
+        ingest.finish(&mut Discard)
+    }
+
+    #[test]
+    fn a_list_is_under_one_version_of_those_the_collaboration_accepts() {
+        let old = ingest(keys(None), vec![tokens(1, "a@x.jp"), tokens(1, "b@x.jp")]).unwrap();
+        assert_eq!(old.accepted, 2, "the overlap's version is accepted");
+        let mixed = ingest(
+            keys(None),
+            vec![
+                tokens(1, "a@x.jp"),
+                tokens(2, "b@x.jp"),
+                ListInput {
+                    email: "c@x.jp".into(),
+                    ..ListInput::default()
+                },
+            ],
+        )
+        .unwrap();
+        assert_eq!(mixed.accepted, 1, "{mixed:?}");
+        assert_eq!(
+            mixed.rejected["token: key version differs from the list's first record"], 2,
+            "a raw record is hashed under the current version, not the list's"
+        );
+        let unknown = ingest(keys(None), vec![tokens(3, "a@x.jp")]).unwrap();
+        assert_eq!(
+            unknown.rejected["token: key version is not one the collaboration accepts now"],
+            1
+        );
+    }
+
+    #[test]
+    fn a_destroyed_or_superseded_version_refuses_the_whole_upload() {
+        let destroyed = ingest(keys(None), vec![tokens(2, "a@x.jp"), tokens(0, "b@x.jp")]);
+        match destroyed {
+            Err(crate::Error::Domain(cleanroom_core::Error::Precondition(m))) => {
+                assert!(m.contains("destroyed on 2026-11-08"), "{m}");
+            }
+            other => panic!("{other:?}"),
+        }
+        match ingest(keys(Some(2)), vec![tokens(1, "a@x.jp")]) {
+            Err(crate::Error::Domain(cleanroom_core::Error::Precondition(m))) => {
+                assert!(m.contains("stored list is under key version 2"), "{m}");
+            }
+            other => panic!("{other:?}"),
+        }
+        // Control: the same list before the partner moved on is received.
+        assert_eq!(
+            ingest(keys(Some(1)), vec![tokens(1, "a@x.jp")])
+                .unwrap()
+                .accepted,
+            1
+        );
     }
 }

@@ -60,12 +60,13 @@ impl Rows for MemberRows {
     }
 }
 
-/// A member export being ingested: the member table and each collaboration's member tokens. A
-/// member without any usable identifier is still kept (it may buy and consent) but can never be
-/// matched.
+/// A member export being ingested: the member table and each collaboration's member tokens,
+/// under every key version the collaboration accepts now (during a rotation's overlap, the
+/// previous one as well as the current one). A member without any usable identifier is still
+/// kept (it may buy and consent) but can never be matched.
 pub struct MembersIngest {
     pseudonyms: PseudonymKey,
-    keys: Vec<(Table, CollaborationKey, TokenBuilder)>,
+    keys: Vec<(Table, Vec<CollaborationKey>, TokenBuilder)>,
     as_of: NaiveDate,
     strict: bool,
     rows: MemberRows,
@@ -121,8 +122,9 @@ impl Ingest for MembersIngest {
 
 impl MembersIngest {
     /// Starts an ingest under the rules' collaborations, their keys from the key store (made
-    /// now for a collaboration that has none yet); ages are taken on the retailer's date of
-    /// `now`. A collaboration whose key was destroyed gets no tokens: it has ended.
+    /// now for a collaboration that has none yet): each version the collaboration accepts at
+    /// `now` (`KeyStore::live_versions`). Ages are taken on the retailer's date of `now`. A
+    /// collaboration whose current key was destroyed gets no tokens: it has ended.
     pub fn new(
         rules: &Rules,
         secret: &MasterSecret,
@@ -132,12 +134,18 @@ impl MembersIngest {
     ) -> Result<Self> {
         let mut collaborations = Vec::new();
         for (id, contract) in &rules.contracts {
-            if keys.tombstone(id, contract.key_version)?.is_some() {
+            let versions =
+                keys.live_versions(id, contract.key_version, contract.key_overlap_days, now)?;
+            if versions.is_empty() {
                 continue;
             }
+            let keys = versions
+                .into_iter()
+                .map(|version| keys.key(id, version, now))
+                .collect::<cleanroom_core::Result<Vec<_>>>()?;
             collaborations.push((
                 Table::MemberTokens(id.clone()),
-                keys.key(id, contract.key_version, now)?,
+                keys,
                 TokenBuilder::new(false),
             ));
         }
@@ -186,9 +194,11 @@ impl MembersIngest {
             return self.report.reject(index, "member_id: duplicate", strict);
         }
         self.normalize_identifiers(index, record)?;
-        for (_, key, tokens) in &mut self.keys {
-            for id in self.identifiers.present() {
-                tokens.push(member_key, key.token(id), None)?;
+        for (_, keys, tokens) in &mut self.keys {
+            for key in keys.iter() {
+                for id in self.identifiers.present() {
+                    tokens.push(member_key, key.token(id), None)?;
+                }
             }
         }
         self.rows.key.append_value(member_key);

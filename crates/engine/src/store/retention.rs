@@ -158,7 +158,11 @@ impl Store {
     }
 
     /// A file about to be destroyed, by name, SHA-256 and rows.
-    fn destroyed_file(&self, manifest: &Manifest, name: String) -> Result<DestroyedFile> {
+    pub(super) fn destroyed_file(
+        &self,
+        manifest: &Manifest,
+        name: String,
+    ) -> Result<DestroyedFile> {
         let rows = TableFile {
             path: self.dir.join(&name),
         }

@@ -5,8 +5,8 @@ use proptest::prelude::*;
 
 use super::*;
 use crate::ingest::{
-    ConsentIngest, ConsentInput, ListIngest, ListInput, MemberInput, MembersIngest, PurchaseInput,
-    PurchasesIngest,
+    ConsentIngest, ConsentInput, ListIngest, ListInput, ListKeys, MemberInput, MembersIngest,
+    PurchaseInput, PurchasesIngest,
 };
 
 const MEMBER_IDS: &[&str] = &["M0000001", "M0000002", "M0000003", " M0000001", "", " "];
@@ -212,7 +212,7 @@ proptest! {
         let records = chunks.iter().map(Vec::len).sum();
         let rules = rules();
         let partner = &rules.partners["sakura_foods"];
-        let ingest = |strict| ListIngest::new(partner, list_key(1), strict);
+        let ingest = |strict| ListIngest::new(partner, ListKeys::current(list_key(1)), strict);
         let mut rows = Batches::default();
         let lenient = run(ingest(false), chunks.clone(), &mut rows)
             .expect("a lenient ingest takes anything");
