@@ -1075,6 +1075,36 @@ mod tests {
         assert_eq!(on_disk, ids);
     }
 
+    /// About one double in ten printed shortest (as serde_json writes it) did not parse back to
+    /// the same double with serde_json's fast parser: a trail holding one (a charge's ρ, a
+    /// parameter) stopped verifying, and the service refused to start on its own trail.
+    #[test]
+    fn doubles_in_a_record_read_back_exactly_and_the_trail_verifies() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let trail = open(&path, key(&[7; 32])).unwrap();
+        // Each is printed shortest and parsed back one unit off without exact parsing.
+        let doubles = [0.9856906946328695, 0.21291890726713458, 0.0930719618838648];
+        for x in doubles {
+            let entry = Entry {
+                method: "RunQuery".into(),
+                outcome: "ok".into(),
+                params: Some(serde_json::json!({ "rho": x })),
+                ..Default::default()
+            };
+            trail.append(entry, chrono::Utc::now()).unwrap();
+        }
+        drop(trail);
+        let verified = verify(&path, &key(&[7; 32]), None).unwrap();
+        assert_eq!(verified.records, doubles.len() as u64);
+        let read = read(&path).unwrap();
+        let back: Vec<f64> = read
+            .iter()
+            .map(|r| r.entry.params.as_ref().unwrap()["rho"].as_f64().unwrap())
+            .collect();
+        assert_eq!(back, doubles);
+    }
+
     #[test]
     fn edits_cuts_and_rewrites_do_not_verify() {
         let dir = tempfile::tempdir().unwrap();
