@@ -606,6 +606,36 @@ fn found_named(dir: &Path, name: &str) -> Vec<PathBuf> {
     found
 }
 
+/// A service over the sample, in `dir`, with its own copy of the sample rules (reloaded every
+/// 60 seconds), that has answered one question and was then killed: what a test of a
+/// collaboration's end changes the rules of and kills again.
+struct Collaborating {
+    rules: PathBuf,
+    sample_rules: String,
+    config: PathBuf,
+    data: PathBuf,
+}
+
+async fn collaborating(dir: &Path) -> Collaborating {
+    let rules = dir.join("rules.toml");
+    let sample_rules = std::fs::read_to_string(sample_dir().join("rules.toml")).unwrap();
+    std::fs::write(&rules, &sample_rules).unwrap();
+    copy_declarations(dir);
+    let config = write_config_with(dir, &rules, &root().join("queries"), 60);
+    let served = serve(&config);
+    let conn = served.conn().await;
+    sample::approve_all(&conn).await.unwrap();
+    sample::load(&conn, &sample_dir()).await.unwrap();
+    overlap(&conn).await;
+    served.kill();
+    Collaborating {
+        rules,
+        sample_rules,
+        config,
+        data: dir.join("data"),
+    }
+}
+
 /// The data files of Sakura Foods' collaboration: its member tokens and list versions.
 fn sakura_data(data: &Path) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(data)
@@ -671,18 +701,12 @@ async fn kill_minus_nine_during_a_destruction_and_the_next_start_completes_it() 
         "end:keys-destroyed",
     ] {
         let dir = tempfile::tempdir().unwrap();
-        let rules = dir.path().join("rules.toml");
-        let sample_rules = std::fs::read_to_string(sample_dir().join("rules.toml")).unwrap();
-        std::fs::write(&rules, &sample_rules).unwrap();
-        copy_declarations(dir.path());
-        let config = write_config_with(dir.path(), &rules, &root().join("queries"), 60);
-        let data = dir.path().join("data");
-        let served = serve(&config);
-        let conn = served.conn().await;
-        sample::approve_all(&conn).await.unwrap();
-        sample::load(&conn, &sample_dir()).await.unwrap();
-        overlap(&conn).await;
-        served.kill();
+        let Collaborating {
+            rules,
+            sample_rules,
+            config,
+            data,
+        } = collaborating(dir.path()).await;
         assert_eq!(sakura_data(&data).len(), 2);
         assert!(!found_named(dir.path(), "ctr-sakura-2026.v1.seed").is_empty());
         let ledger = std::fs::read(data.join("guard/ledger.jsonl")).unwrap();
@@ -880,18 +904,12 @@ async fn kill_minus_nine_during_an_erasure_leaves_all_or_nothing() {
 async fn kill_minus_nine_during_a_rotations_end_and_the_next_start_completes_it() {
     for point in ["rotation:committed", "rotation:key-destroyed"] {
         let dir = tempfile::tempdir().unwrap();
-        let rules = dir.path().join("rules.toml");
-        let sample_rules = std::fs::read_to_string(sample_dir().join("rules.toml")).unwrap();
-        std::fs::write(&rules, &sample_rules).unwrap();
-        copy_declarations(dir.path());
-        let config = write_config_with(dir.path(), &rules, &root().join("queries"), 60);
-        let data = dir.path().join("data");
-        let served = serve(&config);
-        let conn = served.conn().await;
-        sample::approve_all(&conn).await.unwrap();
-        sample::load(&conn, &sample_dir()).await.unwrap();
-        overlap(&conn).await;
-        served.kill();
+        let Collaborating {
+            rules,
+            sample_rules,
+            config,
+            data,
+        } = collaborating(dir.path()).await;
         assert_eq!(sakura_data(&data).len(), 2);
         let ledger = std::fs::read(data.join("guard/ledger.jsonl")).unwrap();
 
