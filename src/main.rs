@@ -514,6 +514,10 @@ struct RulesValidateArgs {
     /// A data directory, to count the members each consent filter admits (read only).
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// The service's settings: their key store opens the partners' sealed lists, to count the
+    /// members in them too (read only).
+    #[arg(long, requires = "data_dir")]
+    config: Option<PathBuf>,
     /// Evaluate consent and contract dates at this instant (RFC 3339) instead of now.
     #[arg(long)]
     as_of: Option<chrono::DateTime<chrono::FixedOffset>>,
@@ -695,13 +699,17 @@ fn lint_queries(args: QueriesLintArgs) -> Result<()> {
 
 fn validate_rules(args: RulesValidateArgs) -> Result<()> {
     let now = args.as_of.map(Into::into).unwrap_or_else(chrono::Utc::now);
-    let report = rules_cmd::validate(
-        &args.current,
-        &args.rules,
-        &args.queries,
-        args.data_dir.as_deref(),
-        now,
-    )?;
+    let keys = match &args.config {
+        Some(config) => Some(std::sync::Arc::new(
+            settings::Settings::load(config, None, None)?.inspect_key_store()?,
+        )),
+        None => None,
+    };
+    let data_dir = args
+        .data_dir
+        .as_deref()
+        .map(|dir| rules_cmd::DataDir { dir, keys });
+    let report = rules_cmd::validate(&args.current, &args.rules, &args.queries, data_dir, now)?;
     print!("{report}");
     Ok(())
 }

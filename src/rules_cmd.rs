@@ -42,13 +42,22 @@ fn requirement(rules: &Rules, purpose: &str) -> Option<Requirement> {
     })
 }
 
+/// A data directory to count members in, and the key store its partners' lists are sealed with
+/// (without one, the lists are not read).
+pub struct DataDir<'a> {
+    /// The data directory.
+    pub dir: &'a Path,
+    /// Its key store, from the service's settings.
+    pub keys: Option<std::sync::Arc<cleanroom_core::keys::KeyStore>>,
+}
+
 /// Validates `proposed` and describes its effect against `current`. Returns the report, or the
 /// reason the proposed rules are invalid.
 pub fn validate(
     current: &Path,
     proposed: &Path,
     queries: &Path,
-    data_dir: Option<&Path>,
+    data_dir: Option<DataDir<'_>>,
     now: DateTime<Utc>,
 ) -> Result<String> {
     let old = Rules::load(current).context("the rules in force")?;
@@ -365,19 +374,22 @@ fn k_changes(
 fn consent_filter(
     old: &Rules,
     new: &Rules,
-    data_dir: Option<&Path>,
+    data_dir: Option<DataDir<'_>>,
     now: DateTime<Utc>,
 ) -> Result<Vec<String>> {
-    let Some(dir) = data_dir else {
+    let Some(DataDir { dir, keys }) = data_dir else {
         return Ok(vec![
             "(give --data-dir to count the members each consent filter admits, and to be \
              warned of contracts whose members have no tokens under their key version yet)"
                 .into(),
         ]);
     };
-    let store =
-        Store::open(dir).with_context(|| format!("opening data directory {}", dir.display()))?;
-    let snapshot = store.snapshot();
+    let store = match keys {
+        Some(keys) => Store::open_with_keys(dir, keys),
+        None => Store::open(dir),
+    }
+    .with_context(|| format!("opening data directory {}", dir.display()))?;
+    let (snapshot, sealed) = readable_lists(&store);
     let mut consent = Vec::new();
     let ids: BTreeSet<&String> = old.contracts.keys().chain(new.contracts.keys()).collect();
     for id in ids {
@@ -393,7 +405,30 @@ fn consent_filter(
         ));
     }
     consent.extend(missing_tokens(&snapshot, new));
+    if !sealed.is_empty() {
+        consent.push(format!(
+            "(the lists of {} are sealed with their collaborations' keys and were not read: give \
+             --config, the service's settings, to count their members)",
+            sealed.into_iter().collect::<Vec<_>>().join(", ")
+        ));
+    }
     Ok(consent)
+}
+
+/// The store's snapshot without the partners' lists it cannot open (sealed, and the store was
+/// opened without its key store), and those partners.
+fn readable_lists(store: &Store) -> (cleanroom_engine::store::Snapshot, BTreeSet<String>) {
+    let mut snapshot = (*store.snapshot()).clone();
+    let sealed: BTreeSet<String> = snapshot
+        .lists
+        .iter()
+        .filter(|(_, list)| list.sealed().is_some() && !store.opens_sealed())
+        .map(|(partner, _)| partner.clone())
+        .collect();
+    snapshot
+        .lists
+        .retain(|partner, _| !sealed.contains(partner));
+    (snapshot, sealed)
 }
 
 /// Members consenting under contract `id` of `rules`, and how many of them are in the partner's

@@ -101,11 +101,13 @@ async fn measure(
     let allowlist = AllowList::load(queries_dir, &rules)?;
     let state = tempfile::tempdir()?;
     let app = cleanroom_server::App::new(app_config(&rules, &allowlist, state.path(), now)?)?;
+    // The lists are sealed with their collaborations' keys: read them with the app's key store.
+    let keys: Arc<dyn cleanroom_engine::store::DataKeys> = app.keys.clone();
     let server = cleanroom_server::spawn(app, SocketAddr::from(([127, 0, 0, 1], 0))).await?;
     let conn = Connection::open(&format!("http://{}", server.addr)).await?;
     sample::approve_all(&conn).await?;
     sample::load(&conn, sample_dir).await?;
-    let store = Store::open(&state.path().join("data"))?;
+    let store = Store::open_with_keys(&state.path().join("data"), keys)?;
     let snapshot = store.snapshot();
     let run = Run {
         setting,

@@ -7,14 +7,12 @@
 //! refilled.
 
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::path::Path;
 use std::process::Command;
 
 use cleanroom_client::sample;
 use cleanroom_core::token::MasterSecret;
 use cleanroom_engine::arrow::array::{Array, Int64Array, StringArray};
-use cleanroom_engine::datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use cleanroom_engine::ingest::consent::ERASED;
 use cleanroom_engine::store::Snapshot;
 use cleanroom_proto::v1::{
@@ -25,7 +23,7 @@ use cleanroom_server::audit::{ChainKey, ErasureCounts, Event};
 use tonic::Code;
 
 use crate::truth::Truth;
-use crate::util::{Harness, as_of, files_of, test_secret};
+use crate::util::{Harness, as_of, data_file_batches, files_of, test_secret};
 
 /// Where `ids` or their `pseudonyms` appear under `dir`: Parquet files read back through the
 /// Parquet reader (every 64-bit integer and every string, as pages are compressed), and every file
@@ -58,12 +56,8 @@ pub fn traces(dir: &Path, ids: &[String], pseudonyms: &[i64]) -> Vec<String> {
 /// The values of a Parquet file that are one of `ids` or `pseudonyms`.
 fn parquet_traces(path: &Path, ids: &[String], pseudonyms: &[i64]) -> Vec<String> {
     let mut found = Vec::new();
-    let reader = ParquetRecordBatchReaderBuilder::try_new(File::open(path).unwrap())
-        .unwrap()
-        .build()
-        .unwrap();
-    for batch in reader {
-        let batch = batch.unwrap();
+    let (dir, name) = (path.parent().unwrap(), path.file_name().unwrap());
+    for batch in data_file_batches(dir, &name.to_string_lossy()) {
         for (at, column) in batch.columns().iter().enumerate() {
             let field = batch.schema().field(at).name().clone();
             if let Some(values) = column.as_any().downcast_ref::<Int64Array>() {

@@ -4,30 +4,49 @@
 use std::collections::HashSet;
 use std::path::Path;
 
+use std::sync::Arc;
+
 use cleanroom_core::keys::KeyStore;
+use cleanroom_core::token::DataKey;
 use cleanroom_engine::arrow::array::{Array, FixedSizeBinaryArray};
-use cleanroom_engine::datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use cleanroom_engine::datafusion::parquet::arrow::arrow_reader::{
+    ArrowReaderOptions, ParquetRecordBatchReaderBuilder,
+};
+use cleanroom_engine::datafusion::parquet::encryption::decrypt::FileDecryptionProperties;
+use cleanroom_engine::guard::answers::Answers;
 use cleanroom_proto::v1::ListQueriesRequest;
 use tonic::Code;
 
 use crate::util::{Harness, as_of, files_of, keys_beside, list_of, sample_dir, test_secret};
 
-/// Every match token stored in `dir`'s member-token files of `contract`.
-fn stored_tokens(dir: &Path, contract: &str) -> HashSet<Vec<u8>> {
+/// Every match token in `dir`'s sealed files whose names start with one of `stems` (member
+/// tokens of a collaboration, versions of its partner's list), opened with `key`; the error of
+/// the first file that does not open.
+fn sealed_tokens(
+    dir: &Path,
+    stems: &[String],
+    key: Option<&DataKey>,
+) -> Result<HashSet<Vec<u8>>, String> {
     let mut macs = HashSet::new();
     for entry in std::fs::read_dir(dir).unwrap() {
         let path = entry.unwrap().path();
         let name = path.file_name().unwrap().to_string_lossy().into_owned();
-        if !name.starts_with(&format!("member_tokens-{contract}")) {
+        if !stems.iter().any(|stem| name.starts_with(stem.as_str())) {
             continue;
         }
+        let mut options = ArrowReaderOptions::new();
+        if let Some(key) = key {
+            let decryption = FileDecryptionProperties::builder(key.bytes().to_vec())
+                .build()
+                .unwrap();
+            options = options.with_file_decryption_properties(decryption);
+        }
         let file = std::fs::File::open(&path).unwrap();
-        for batch in ParquetRecordBatchReaderBuilder::try_new(file)
-            .unwrap()
-            .build()
-            .unwrap()
-        {
-            let batch = batch.unwrap();
+        let reader = ParquetRecordBatchReaderBuilder::try_new_with_options(file, options)
+            .and_then(|b| b.build())
+            .map_err(|e| format!("{name}: {e}"))?;
+        for batch in reader {
+            let batch = batch.map_err(|e| format!("{name}: {e}"))?;
             let column = batch.column_by_name("mac").unwrap();
             let mac = column
                 .as_any()
@@ -36,7 +55,29 @@ fn stored_tokens(dir: &Path, contract: &str) -> HashSet<Vec<u8>> {
             macs.extend((0..mac.len()).map(|i| mac.value(i).to_vec()));
         }
     }
-    macs
+    Ok(macs)
+}
+
+/// Opens every stored answer of `partner` in `data_dir` with data keys from `keys`: how many
+/// opened, and how many were refused.
+fn open_answers(data_dir: &Path, partner: &str, keys: Arc<KeyStore>) -> (usize, usize) {
+    let answers = Answers::open(data_dir.join("guard/answers"), keys).unwrap();
+    let (mut opened, mut refused) = (0, 0);
+    for entry in std::fs::read_dir(answers_dir(data_dir, partner)).unwrap() {
+        let path = entry.unwrap().path();
+        let stored = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            stored.contains("\"sealed\"") && !stored.contains("outcome"),
+            "an answer stored in the clear: {}",
+            path.display()
+        );
+        let key = path.file_stem().unwrap().to_string_lossy().into_owned();
+        match answers.get(partner, &key) {
+            Ok(Some(_)) => opened += 1,
+            _ => refused += 1,
+        }
+    }
+    (opened, refused)
 }
 
 /// The normalized e-mail of a sample member, as someone who knows the member would write it.
@@ -83,10 +124,11 @@ async fn refused_with_date(h: &Harness, key_id: &str) {
 
 /// The test issue 16 names: back up the data directory and the key store, destroy a
 /// collaboration, restore the old data directory with today's key store and the master secret.
-/// The collaboration stays ended (every call of its partner refused with the date, uncharged),
-/// and a known member's e-mail matches none of the restored member tokens, whatever key the
-/// master secret can make now. The kept key-store backup still matches it: destruction is of
-/// the key store and of its backups.
+/// The collaboration stays ended (every call of its partner refused with the date, uncharged).
+/// None of its member tokens, list versions or stored answers in the restored directory can be
+/// read: not with today's key store, not with a key the master secret makes now; so a known
+/// member's e-mail matches nothing. The kept key-store backup still opens them all and finds the
+/// member: destruction is of the key store and of its backups.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_destroyed_key_does_not_come_back_with_a_restored_data_directory() {
     let mut h = Harness::start().await;
@@ -113,23 +155,32 @@ async fn a_destroyed_key_does_not_come_back_with_a_restored_data_directory() {
     let h = h.start_accepting_restore().await;
     refused_with_date(&h, &tombstone.key_id).await;
 
+    let dir = h.data_dir.path();
+    let stems = [
+        format!("member_tokens-{contract}-"),
+        "list-sakura_foods-".to_string(),
+    ];
     let email = known_email();
-    let stored = stored_tokens(h.data_dir.path(), &contract);
     assert!(
-        !stored.is_empty(),
-        "the restored directory holds the old tokens"
+        h.app.keys.data_key(&contract, 1).is_err(),
+        "today's key store"
     );
     assert!(h.app.keys.existing_key(&contract, 1).unwrap().is_none());
     assert!(h.app.keys.key(&contract, 1, as_of()).is_err());
-    let fresh = tempfile::tempdir().unwrap();
-    let remade = KeyStore::open(fresh.path(), test_secret())
-        .unwrap()
-        .key(&contract, 1, as_of())
-        .unwrap();
     assert!(
-        !stored.contains(remade.token(&email).mac.as_slice()),
-        "the master secret alone re-derives nothing"
+        sealed_tokens(dir, &stems, None).is_err(),
+        "read with no key"
     );
+    let fresh = tempfile::tempdir().unwrap();
+    let remade = KeyStore::open(fresh.path(), test_secret()).unwrap();
+    let remade_key = remade.key(&contract, 1, as_of()).unwrap();
+    let remade_data = remade.data_key(&contract, 1).unwrap();
+    assert!(
+        sealed_tokens(dir, &stems, Some(&remade_data)).is_err(),
+        "the master secret alone opens nothing"
+    );
+    assert_eq!(open_answers(dir, "sakura_foods", remade).0, 0);
+
     let old = tempfile::tempdir().unwrap();
     let old_keys = old.path().join("keys");
     writes_back(
@@ -139,13 +190,23 @@ async fn a_destroyed_key_does_not_come_back_with_a_restored_data_directory() {
             .collect(),
         &old_keys,
     );
-    let backed_up = KeyStore::open(&old_keys, test_secret())
-        .unwrap()
-        .key(&contract, 1, as_of())
-        .unwrap();
+    let backed_up = KeyStore::open(&old_keys, test_secret()).unwrap();
+    let stored = sealed_tokens(
+        dir,
+        &stems,
+        Some(&backed_up.data_key(&contract, 1).unwrap()),
+    )
+    .expect("control: the key store's old backup opens the restored files");
+    let old_key = backed_up.key(&contract, 1, as_of()).unwrap();
     assert!(
-        stored.contains(backed_up.token(&email).mac.as_slice()),
-        "control: with the key store's old backup the member is found, so the check above can fail"
+        stored.contains(old_key.token(&email).mac.as_slice()),
+        "control: with the key store's old backup the member is found, so the checks above can fail"
+    );
+    assert!(!stored.contains(remade_key.token(&email).mac.as_slice()));
+    let (opened, refused) = open_answers(dir, "sakura_foods", backed_up);
+    assert!(
+        opened > 0 && refused == 0,
+        "control: {opened} opened, {refused} refused"
     );
     h.stop().await;
 }

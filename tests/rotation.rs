@@ -12,7 +12,6 @@ use chrono::{DateTime, Days, Utc};
 use cleanroom_core::consent::Requirement;
 use cleanroom_core::token::CollaborationKey;
 use cleanroom_engine::arrow::array::{Array, UInt32Array};
-use cleanroom_engine::datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use cleanroom_proto::v1::{CustomerRecord, IngestHeader};
 use cleanroom_server::audit::{Event, Retirement};
 use tonic::Code;
@@ -57,13 +56,7 @@ fn files_named(dir: &Path, prefix: &str) -> Vec<String> {
 fn token_versions(data: &Path) -> BTreeSet<u32> {
     let mut versions = BTreeSet::new();
     for name in files_named(data, "member_tokens-ctr-sakura") {
-        let file = std::fs::File::open(data.join(name)).unwrap();
-        let reader = ParquetRecordBatchReaderBuilder::try_new(file)
-            .unwrap()
-            .build()
-            .unwrap();
-        for batch in reader {
-            let batch = batch.unwrap();
+        for batch in crate::util::data_file_batches(data, &name) {
             let column = batch.column_by_name("key_version").unwrap();
             let column = column.as_any().downcast_ref::<UInt32Array>().unwrap();
             versions.extend((0..column.len()).map(|i| column.value(i)));

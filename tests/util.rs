@@ -645,3 +645,40 @@ pub async fn open_upload() -> (
     .unwrap();
     (tx, tokio_stream::wrappers::ReceiverStream::new(rx))
 }
+
+/// The rows of the data file `name` of `data_dir`, a batch at a time; a file the manifest says
+/// is sealed is opened with its collaboration's data key, from the key store beside the data
+/// directory (where the harness or the settings keep it).
+pub fn data_file_batches(
+    data_dir: &Path,
+    name: &str,
+) -> Vec<cleanroom_engine::arrow::record_batch::RecordBatch> {
+    use cleanroom_engine::datafusion::parquet::arrow::arrow_reader::{
+        ArrowReaderOptions, ParquetRecordBatchReaderBuilder,
+    };
+    use cleanroom_engine::datafusion::parquet::encryption::decrypt::FileDecryptionProperties;
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(data_dir.join("manifest.json")).unwrap()).unwrap();
+    let mut options = ArrowReaderOptions::new();
+    if let Some(key) = manifest.get("keys").and_then(|keys| keys.get(name)) {
+        // The harness keeps it in `keys`, the settings' default is `<data dir>.keys`.
+        let harness = data_dir.with_file_name("keys");
+        let settings = data_dir.with_extension("keys");
+        let dir = if harness.is_dir() { harness } else { settings };
+        let keys = cleanroom_core::keys::KeyStore::inspect(&dir, test_secret()).unwrap();
+        let contract = key["contract"].as_str().unwrap();
+        let version = u32::try_from(key["version"].as_u64().unwrap()).unwrap();
+        let data_key = keys.data_key(contract, version).unwrap();
+        let decryption = FileDecryptionProperties::builder(data_key.bytes().to_vec())
+            .build()
+            .unwrap();
+        options = options.with_file_decryption_properties(decryption);
+    }
+    let file = std::fs::File::open(data_dir.join(name)).unwrap();
+    ParquetRecordBatchReaderBuilder::try_new_with_options(file, options)
+        .unwrap()
+        .build()
+        .unwrap()
+        .map(Result::unwrap)
+        .collect()
+}

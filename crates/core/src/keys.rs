@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::files::{self, TEMPORARY_SUFFIX};
-use crate::token::{CollaborationKey, MasterSecret};
+use crate::token::{CollaborationKey, DataKey, MasterSecret};
 use crate::{Error, Result};
 
 /// What a seed file holds. The seed is the only secret in the store.
@@ -184,6 +184,26 @@ impl KeyStore {
             Some(seed) => Ok(Some(self.derive(&seed))),
             None => Ok(None),
         }
+    }
+
+    /// The data key of `contract` at `version`, to seal or open what is stored for it. Never
+    /// makes a key: a file is sealed only under a key its collaboration already has. Refused
+    /// with the tombstone's message once the key was destroyed, and as a storage fault when the
+    /// store holds no such key (a data directory restored beside the wrong key store).
+    pub fn data_key(&self, contract: &str, version: u32) -> Result<DataKey> {
+        if let Some(tombstone) = self.tombstone(contract, version)? {
+            return Err(tombstone.refusal());
+        }
+        let Some(seed) = self.read_seed(contract, version)? else {
+            return Err(storage(
+                &self.dir,
+                &format!(
+                    "holds no key of contract {contract} version {version}: a data directory \
+                     is read with the key store it was written beside"
+                ),
+            ));
+        };
+        Ok(self.secret.data_key(contract, version, &seed.bytes))
     }
 
     /// The tombstone of a destroyed key, if it was destroyed.

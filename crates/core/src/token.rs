@@ -71,6 +71,16 @@ impl MasterSecret {
         CollaborationKey::new(version, self.derive(seed, info.as_bytes()))
     }
 
+    /// Derives the data key of one collaboration at one key version: the key everything stored
+    /// for that collaboration is sealed with (its member tokens and list versions as encrypted
+    /// Parquet, its stored answers with AES-256-GCM). From the same seed as the match key under
+    /// another HKDF label, so destroying the seed makes those files unreadable too, even to the
+    /// holder of the master secret with a backup of the data directory.
+    pub fn data_key(&self, collaboration_id: &str, version: u32, seed: &[u8; 32]) -> DataKey {
+        let info = format!("cleanroom/data-key/{collaboration_id}/v{version}");
+        DataKey(self.derive(seed, info.as_bytes()))
+    }
+
     /// The key of the audit trail's chain and checkpoints: without the master secret nobody can
     /// extend, rewrite or re-anchor the trail so that it still verifies.
     pub fn audit_key(&self) -> [u8; 32] {
@@ -103,6 +113,23 @@ impl MasterSecret {
     /// a leaked fingerprint store nor a partner's match key helps to predict the other.
     pub fn guard_key(&self, purpose: &str) -> [u8; 32] {
         self.derive(b"cleanroom/guard", format!("{purpose}/v1").as_bytes())
+    }
+}
+
+/// A collaboration's data key (AES-256). It lives only in memory; `Debug` never prints it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct DataKey([u8; 32]);
+
+impl DataKey {
+    /// The key's bytes, for the cipher that seals a file.
+    pub fn bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for DataKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DataKey(..)")
     }
 }
 

@@ -431,6 +431,7 @@ impl Guard {
         ledger: LedgerFile,
         uploads: impl IntoIterator<Item = (String, DateTime<Utc>)>,
         executor: &ExecutorConfig,
+        keys: Arc<dyn crate::store::DataKeys>,
     ) -> Result<Self> {
         let dir = data_dir.join("guard");
         std::fs::create_dir_all(&dir)?;
@@ -442,7 +443,7 @@ impl Guard {
             executor,
             memory,
             ledger: RhoLedger::open(ledger)?,
-            answers: answers::Answers::open(dir.join("answers"))?,
+            answers: answers::Answers::open(dir.join("answers"), keys)?,
             lists: Mutex::new(Lists::open(uploads)),
         })
     }
@@ -633,8 +634,15 @@ impl Guard {
             // stored, and the caller sees an internal error.
             Err(other) => return Err(other),
         };
-        self.answers
-            .put(partner, &question.key, question.list.version, &outcome)?;
+        // Sealed with the list's key: the answer goes when the collaboration's key goes.
+        let sealed = question.list.sealed();
+        self.answers.put(
+            partner,
+            &question.key,
+            question.list.version,
+            &outcome,
+            sealed,
+        )?;
         self.serve(&question, outcome, charge)
     }
 

@@ -84,6 +84,14 @@ pub enum Table {
     Erasures,
 }
 
+impl Table {
+    /// Whether the table holds a collaboration's match tokens (member tokens, a list): such a
+    /// table is sealed with the collaboration's data key.
+    pub fn holds_tokens(&self) -> bool {
+        matches!(self, Table::MemberTokens(_) | Table::List)
+    }
+}
+
 /// Where an ingest's rows go as they are built, one batch at a time: the store's staging area
 /// ([`crate::store::Staging`]). Nothing written here is visible until the store commits it.
 pub trait Sink {
@@ -110,6 +118,12 @@ pub trait Ingest: Send {
 
     /// Writes what is left and reports what happened to the records.
     fn finish(self, sink: &mut dyn Sink) -> Result<IngestReport>;
+
+    /// The tables of collaborations this ingest writes, each with the key to seal it with
+    /// ([`crate::store::Staging::seal`]).
+    fn seals(&self) -> Vec<(Table, crate::store::KeyRef)> {
+        Vec::new()
+    }
 }
 
 /// The Arrow builders of one table: rows gather here and leave as one batch.

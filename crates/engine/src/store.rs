@@ -28,7 +28,7 @@ use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::parquet::arrow::ArrowWriter;
 use datafusion::parquet::arrow::arrow_reader::{
-    ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder,
+    ArrowReaderOptions, ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder,
 };
 use datafusion::parquet::file::properties::WriterProperties;
 use serde::{Deserialize, Serialize};
@@ -42,9 +42,11 @@ use crate::{Error, Result};
 mod erasure;
 mod retention;
 mod rotation;
+mod sealing;
 pub use erasure::{ERASE_MEMBERS, Erased, ErasureAsk, tombstone_rows};
 pub use retention::{ListVersion, PurchasesRemoved, SWEEP};
 pub use rotation::{KeyDestroyed, Rotated, TokensRemoved};
+pub use sealing::{DataKeys, KeyRef, NoKeys, Sealed};
 
 /// A partner's current customer list. It is kept on disk only and read a batch at a time when an
 /// answer needs it, so a list of any length costs the service no memory between answers.
@@ -56,13 +58,18 @@ pub struct PartnerList {
     pub digest: String,
     /// The key versions of its tokens: one (a list is under one version), or none if empty.
     pub key_versions: BTreeSet<u32>,
-    file: PathBuf,
+    file: TableFile,
 }
 
 impl PartnerList {
     /// The list's rows (`tables::tokens::schema(true)`), a batch at a time.
     pub fn batches(&self) -> Result<impl Iterator<Item = Result<RecordBatch>> + use<>> {
-        Ok(parquet_batches(&self.file)?.map(|batch| Ok(batch?)))
+        self.file.batches()
+    }
+
+    /// The key its file is sealed with: answers over it are stored sealed with the same key.
+    pub fn sealed(&self) -> Option<&Sealed> {
+        self.file.sealed.as_ref()
     }
 }
 
@@ -71,18 +78,33 @@ impl PartnerList {
 pub struct TableFile {
     /// Where it is.
     pub path: PathBuf,
+    /// The key it is sealed with, for a collaboration's file (member tokens, a list version).
+    pub sealed: Option<Sealed>,
 }
 
 impl TableFile {
     /// How many rows it holds (from its footer).
     pub fn rows(&self) -> Result<u64> {
-        let builder = ParquetRecordBatchReaderBuilder::try_new(File::open(&self.path)?)?;
+        let builder = self.reader()?;
         Ok(u64::try_from(builder.metadata().file_metadata().num_rows()).unwrap_or(0))
     }
 
     /// Its rows, a batch at a time.
     pub fn batches(&self) -> Result<impl Iterator<Item = Result<RecordBatch>> + use<>> {
-        Ok(parquet_batches(&self.path)?.map(|batch| Ok(batch?)))
+        let reader = self.reader()?.with_batch_size(BATCH_ROWS).build()?;
+        Ok(reader.map(|batch| Ok(batch?)))
+    }
+
+    /// A reader of the file, opened with its data key if it is sealed.
+    fn reader(&self) -> Result<ParquetRecordBatchReaderBuilder<File>> {
+        let mut options = ArrowReaderOptions::new();
+        if let Some(sealed) = &self.sealed {
+            options = options.with_file_decryption_properties(sealed.decryption()?);
+        }
+        Ok(ParquetRecordBatchReaderBuilder::try_new_with_options(
+            File::open(&self.path)?,
+            options,
+        )?)
     }
 }
 
@@ -167,6 +189,15 @@ struct Manifest {
     /// day, until it uploads a new list ([`Snapshot::lists_key_destroyed`]).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     lists_key_destroyed: BTreeMap<String, KeyDestroyed>,
+    /// The key each sealed file (a collaboration's member tokens, a list version) was sealed
+    /// with, by file name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    keys: BTreeMap<String, KeyRef>,
+    /// The SHA-256 of each sealed file's content as unsealed Parquet, by file name: what the
+    /// data version and a list's digest are made of, so that sealing (a fresh nonce each time)
+    /// changes no answer's key, and the same content keeps the same noise.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    contents: BTreeMap<String, String>,
 }
 
 /// One committed write, as the manifest remembers it: enough to answer a retry of it, to rebuild
@@ -251,7 +282,7 @@ impl Manifest {
     fn data_version(&self) -> String {
         let mut hash = Sha256::new();
         let mut part = |role: &str, file: &str| {
-            for field in [role, file, self.digest(file)] {
+            for field in [role, file, self.content(file)] {
                 hash.update(field.as_bytes());
                 hash.update([0]);
             }
@@ -271,11 +302,9 @@ impl Manifest {
         hex::encode(hash.finalize())
     }
 
-    /// The state this manifest commits, as files under `dir`.
-    fn snapshot(&self, dir: &Path) -> Snapshot {
-        let file = |name: &String| TableFile {
-            path: dir.join(name),
-        };
+    /// The state this manifest commits, as files under `dir`, sealed files opened through `keys`.
+    fn snapshot(&self, dir: &Path, keys: &Arc<dyn DataKeys>) -> Snapshot {
+        let file = |name: &String| self.table_file(dir, keys, name);
         Snapshot {
             members: self.members.as_ref().map(file),
             member_tokens: self
@@ -297,9 +326,9 @@ impl Manifest {
                 .map(|(partner, name)| {
                     let list = PartnerList {
                         version: self.list_version(partner),
-                        digest: self.digest(name).to_string(),
+                        digest: self.content(name).to_string(),
                         key_versions: self.versions_in(name),
-                        file: dir.join(name),
+                        file: file(name),
                     };
                     (partner.clone(), list)
                 })
@@ -310,6 +339,17 @@ impl Manifest {
             lists_destroyed: self.lists_destroyed.clone(),
             erasures: self.erasures.as_ref().map(file),
             lists_key_destroyed: self.lists_key_destroyed.clone(),
+        }
+    }
+
+    /// The committed file `name` under `dir`, with the key it is sealed with.
+    fn table_file(&self, dir: &Path, keys: &Arc<dyn DataKeys>, name: &str) -> TableFile {
+        TableFile {
+            path: dir.join(name),
+            sealed: self
+                .keys
+                .get(name)
+                .map(|key| Sealed::new(key.clone(), Arc::clone(keys))),
         }
     }
 
@@ -344,6 +384,14 @@ impl Manifest {
     /// A file's SHA-256, as recorded.
     fn digest(&self, file: &str) -> &str {
         self.digests.get(file).map_or("", String::as_str)
+    }
+
+    /// The SHA-256 of a file's content: of its bytes, or for a sealed file of its content as
+    /// unsealed Parquet.
+    fn content(&self, file: &str) -> &str {
+        self.contents
+            .get(file)
+            .map_or_else(|| self.digest(file), String::as_str)
     }
 
     fn consent_snapshot_id(&self) -> String {
@@ -504,6 +552,8 @@ pub struct Store {
     /// Every snapshot this store replaced, weakly: one still alive is being read (an answer being
     /// computed over it), so the list versions it names are not destroyed yet.
     replaced: Mutex<Vec<std::sync::Weak<Snapshot>>>,
+    /// Where the data keys of sealed files come from.
+    keys: Arc<dyn DataKeys>,
 }
 
 const MANIFEST: &str = "manifest.json";
@@ -513,7 +563,8 @@ impl Store {
     /// the data files no manifest names (a crash between writing and committing; files a commit
     /// replaced), records the digests an older manifest lacks, and loads the committed state.
     /// Refuses what [`Found::refusal`] refuses. Only the one service of a directory may do this.
-    pub fn open_found(found: Found) -> Result<Self> {
+    /// A collaboration's files are sealed and opened with data keys from `keys`.
+    pub fn open_found(found: Found, keys: Arc<dyn DataKeys>) -> Result<Self> {
         if let Some(why) = found.refusal() {
             return Err(Error::Storage(why));
         }
@@ -529,12 +580,18 @@ impl Store {
         if add_key_versions(&found.dir, &mut manifest)? || digested {
             write_manifest(&found.dir, &manifest)?;
         }
-        Self::load(&found.dir, manifest)
+        Self::load(&found.dir, manifest, keys)
     }
 
     /// Opens a data directory to read it beside a running service (tools), changing nothing on
-    /// disk; refuses what [`Found::refusal`] refuses.
+    /// disk; refuses what [`Found::refusal`] refuses. A collaboration's sealed files cannot be
+    /// read this way ([`NoKeys`]); [`Store::open_with_keys`] reads them.
     pub fn open(dir: &Path) -> Result<Self> {
+        Self::open_with_keys(dir, Arc::new(NoKeys))
+    }
+
+    /// [`Store::open`], opening sealed files with data keys from `keys`.
+    pub fn open_with_keys(dir: &Path, keys: Arc<dyn DataKeys>) -> Result<Self> {
         let found = Found::read(dir)?;
         if let Some(why) = found.refusal() {
             return Err(Error::Storage(why));
@@ -543,17 +600,43 @@ impl Store {
         let mut manifest = found.manifest.unwrap_or_default();
         add_digests(dir, &mut manifest)?;
         add_key_versions(dir, &mut manifest)?;
-        Self::load(dir, manifest)
+        Self::load(dir, manifest, keys)
     }
 
-    fn load(dir: &Path, manifest: Manifest) -> Result<Self> {
-        let snapshot = manifest.snapshot(dir);
+    fn load(dir: &Path, manifest: Manifest, keys: Arc<dyn DataKeys>) -> Result<Self> {
+        let snapshot = manifest.snapshot(dir, &keys);
         Ok(Self {
             dir: dir.to_path_buf(),
             current: RwLock::new(Arc::new(snapshot)),
             writer: Mutex::new(manifest),
             replaced: Mutex::new(Vec::new()),
+            keys,
         })
+    }
+
+    /// The committed file `name`, with the key it is sealed with.
+    fn table_file(&self, manifest: &Manifest, name: &str) -> TableFile {
+        manifest.table_file(&self.dir, &self.keys, name)
+    }
+
+    /// The committed file `name` as the manifest records it now, and a staging for the file that
+    /// rewrites it as `table`, sealed with the same key: a rewrite (an erasure, a rotation, a
+    /// retention) keeps a file's seal.
+    fn rewrite_of(&self, name: &str, table: &Table) -> Result<(TableFile, Staging)> {
+        let file = {
+            let manifest = self.writer.lock().expect("writer lock poisoned");
+            self.table_file(&manifest, name)
+        };
+        let mut staging = self.staging();
+        if let Some(sealed) = &file.sealed {
+            staging.seal(table.clone(), sealed.key.clone())?;
+        }
+        Ok((file, staging))
+    }
+
+    /// Whether the store opens sealed files: false when it was opened without its key store.
+    pub fn opens_sealed(&self) -> bool {
+        self.keys.seals()
     }
 
     /// Writes committed so far.
@@ -601,6 +684,8 @@ impl Store {
         Staging {
             dir: self.dir.clone(),
             tables: BTreeMap::new(),
+            keys: Arc::clone(&self.keys),
+            seals: BTreeMap::new(),
         }
     }
 
@@ -618,6 +703,7 @@ impl Store {
         let mut manifest = committed.clone();
         let mut placed: Vec<(String, String)> = Vec::new();
         let mut versions: Vec<(String, BTreeSet<u32>)> = Vec::new();
+        let mut sealed: Vec<(String, KeyRef, String)> = Vec::new();
         let mut next_file = manifest.next_file;
         let result = {
             let mut place = |stem: &str, staged: &mut Staged| -> Result<String> {
@@ -628,6 +714,9 @@ impl Store {
                 placed.push((name.clone(), hex::encode(staged.digest)));
                 if let Some(held) = &staged.key_versions {
                     versions.push((name.clone(), held.clone()));
+                }
+                if let Some(seal) = &staged.seal {
+                    sealed.push((name.clone(), seal.key.clone(), hex::encode(seal.content)));
                 }
                 Ok(name)
             };
@@ -647,6 +736,10 @@ impl Store {
             }
         };
         manifest.key_versions.extend(versions);
+        for (name, key, content) in sealed {
+            manifest.keys.insert(name.clone(), key);
+            manifest.contents.insert(name, content);
+        }
         let record = self.record(
             &mut manifest,
             &committed,
@@ -655,7 +748,7 @@ impl Store {
             next_file,
             produced,
         );
-        let snapshot = manifest.snapshot(&self.dir);
+        let snapshot = manifest.snapshot(&self.dir, &self.keys);
         if let Err(e) = write_manifest(&self.dir, &manifest) {
             for (name, _) in placed {
                 let _ = std::fs::remove_file(self.dir.join(name));
@@ -701,6 +794,8 @@ impl Store {
         for file in &replaced {
             manifest.digests.remove(file);
             manifest.key_versions.remove(file);
+            manifest.keys.remove(file);
+            manifest.contents.remove(file);
         }
         let record = CommitRecord {
             seq: manifest.commits,
@@ -745,10 +840,7 @@ impl Store {
                 .or_default() += u32::try_from(lists.len()).unwrap_or(u32::MAX);
             names.extend(lists);
             for name in names {
-                let rows = TableFile {
-                    path: self.dir.join(&name),
-                }
-                .rows()?;
+                let rows = self.table_file(manifest, &name).rows()?;
                 let sha256 = manifest.digest(&name).to_string();
                 destroyed.push(DestroyedFile { name, sha256, rows });
             }
@@ -873,6 +965,9 @@ type Placer<'a> = dyn FnMut(&str, &mut Staged) -> Result<String> + 'a;
 pub struct Staging {
     dir: PathBuf,
     tables: BTreeMap<Table, Staged>,
+    keys: Arc<dyn DataKeys>,
+    /// The key each collaboration's table is to be sealed with ([`Staging::seal`]).
+    seals: BTreeMap<Table, KeyRef>,
 }
 
 /// One staged table.
@@ -885,26 +980,64 @@ struct Staged {
     placed: bool,
     /// For a table of match tokens, the key versions of the tokens written to it.
     key_versions: Option<BTreeSet<u32>>,
+    /// For a sealed table, its key and the digest of its content as unsealed Parquet.
+    seal: Option<Seal>,
+}
+
+/// A staged table's seal: the key its file is encrypted with, and the same rows written as
+/// unsealed Parquet to nothing but a hash, for the content digest ([`Manifest::content`]).
+struct Seal {
+    key: KeyRef,
+    plain: Option<ArrowWriter<HashingFile<std::io::Sink>>>,
+    content: [u8; 32],
 }
 
 /// Numbers staging files within this process; files of earlier processes are collected at start.
 static STAGED_FILES: AtomicU64 = AtomicU64::new(0);
 
 impl Staged {
-    fn create(dir: &Path, table: &Table, schema: SchemaRef) -> Result<Self> {
+    /// A new staged file for `table`, sealed with `sealed` when given.
+    fn create(
+        dir: &Path,
+        table: &Table,
+        schema: SchemaRef,
+        sealed: Option<Sealed>,
+    ) -> Result<Self> {
         let n = STAGED_FILES.fetch_add(1, Ordering::Relaxed);
         let tmp = dir.join(format!("staging-{}-{n}.tmp", std::process::id()));
+        let mut properties = writer_properties();
+        let mut seal = None;
+        if let Some(sealed) = sealed {
+            properties = properties
+                .into_builder()
+                .with_file_encryption_properties(sealed.encryption()?)
+                .build();
+            let plain = HashingFile {
+                file: std::io::sink(),
+                sha: Sha256::new(),
+            };
+            seal = Some(Seal {
+                key: sealed.key,
+                plain: Some(ArrowWriter::try_new(
+                    plain,
+                    Arc::clone(&schema),
+                    Some(writer_properties()),
+                )?),
+                content: [0; 32],
+            });
+        }
         let file = HashingFile {
             file: File::create(&tmp)?,
             sha: Sha256::new(),
         };
-        let writer = ArrowWriter::try_new(file, schema, Some(writer_properties()))?;
+        let writer = ArrowWriter::try_new(file, schema, Some(properties))?;
         Ok(Self {
             tmp,
             writer: Some(writer),
             digest: [0; 32],
             placed: false,
-            key_versions: matches!(table, Table::MemberTokens(_) | Table::List).then(BTreeSet::new),
+            key_versions: table.holds_tokens().then(BTreeSet::new),
+            seal,
         })
     }
 }
@@ -912,12 +1045,16 @@ impl Staged {
 impl Sink for Staging {
     fn write(&mut self, table: &Table, batch: RecordBatch) -> Result<()> {
         if !self.tables.contains_key(table) {
-            let staged = Staged::create(&self.dir, table, batch.schema())?;
+            let sealed = self.sealed(table)?;
+            let staged = Staged::create(&self.dir, table, batch.schema(), sealed)?;
             self.tables.insert(table.clone(), staged);
         }
         let staged = self.tables.get_mut(table).expect("inserted above");
         if let Some(held) = &mut staged.key_versions {
             held.extend(key_versions_of(&batch)?);
+        }
+        if let Some(plain) = staged.seal.as_mut().and_then(|s| s.plain.as_mut()) {
+            plain.write(&batch)?;
         }
         let writer = staged
             .writer
@@ -948,6 +1085,31 @@ impl<W: std::io::Write> std::io::Write for HashingFile<W> {
 }
 
 impl Staging {
+    /// Seals `table` with `key`: its file is written encrypted with that key's data key. Every
+    /// table of a collaboration's match tokens must be sealed before its first row is written,
+    /// unless the store has no keys at all ([`NoKeys`]: tools and engine tests).
+    pub fn seal(&mut self, table: Table, key: KeyRef) -> Result<()> {
+        if self.tables.contains_key(&table) && self.seals.get(&table) != Some(&key) {
+            return Err(Error::Storage(format!(
+                "the {table:?} table was sealed after its first rows were written"
+            )));
+        }
+        self.seals.insert(table, key);
+        Ok(())
+    }
+
+    /// The seal of a new staged `table`, refusing a collaboration's table nobody sealed.
+    fn sealed(&self, table: &Table) -> Result<Option<Sealed>> {
+        match self.seals.get(table) {
+            Some(key) => Ok(Some(Sealed::new(key.clone(), Arc::clone(&self.keys)))),
+            None if table.holds_tokens() && self.keys.seals() => Err(Error::Storage(format!(
+                "the {table:?} table holds a collaboration's tokens and was not sealed with \
+                 its key"
+            ))),
+            None => Ok(None),
+        }
+    }
+
     /// Finishes every table's file and syncs it to disk. A commit does this too; done before,
     /// on the thread that wrote the tables, the commit has only renames and the manifest left.
     pub fn close(&mut self) -> Result<()> {
@@ -956,6 +1118,11 @@ impl Staging {
                 let written = writer.into_inner()?;
                 written.file.sync_all()?;
                 staged.digest = written.sha.finalize().into();
+            }
+            if let Some(seal) = &mut staged.seal
+                && let Some(plain) = seal.plain.take()
+            {
+                seal.content = plain.into_inner()?.sha.finalize().into();
             }
         }
         Ok(())
@@ -1058,6 +1225,7 @@ fn writer_properties() -> WriterProperties {
         .build()
 }
 
+/// An unsealed file's rows, a batch at a time.
 fn parquet_batches(path: &Path) -> Result<ParquetRecordBatchReader> {
     Ok(ParquetRecordBatchReaderBuilder::try_new(File::open(path)?)?
         .with_batch_size(BATCH_ROWS)

@@ -88,7 +88,7 @@ where
         let claimed = claim.insert(app.claim_write(&method, None, request_id.as_deref())?);
         Ok(match claimed {
             Claim::Replay(_) => None,
-            Claim::Run(_) => Some(Feed::new(start(header)?, app.store.staging(), convert)),
+            Claim::Run(_) => Some(Feed::new(start(header)?, app.store.staging(), convert)?),
         })
     })
     .await?;

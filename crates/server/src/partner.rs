@@ -189,7 +189,7 @@ where
             ingest,
             app.store.staging(),
             convert::list_input,
-        )))
+        )?))
     })
     .await?;
     let (_slot, fed) = match (claim, fed) {

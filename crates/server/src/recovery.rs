@@ -11,11 +11,13 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use cleanroom_core::files::{self, TornTail};
+use cleanroom_core::keys::KeyStore;
 use cleanroom_engine::guard::{Guard, LedgerFile};
-use cleanroom_engine::store::{self, CommitRecord, Store};
+use cleanroom_engine::store::{self, CommitRecord, DataKeys, Store};
 
 use crate::audit::{
     AuditTrail, ChainKey, Entry, Event, Record, TrailFile, UnrecordedWrite, Upload,
@@ -336,7 +338,13 @@ fn temporaries(data_dir: &Path) -> Result<Vec<PathBuf>> {
 /// checkpoint), the store (removing orphaned data files), the guard and the review archive, then
 /// records every repair in the trail: torn records, orphans and unrecorded writes (by name), an
 /// accepted restore with what it carried over.
-pub(crate) fn repair(found: Found, plan: Plan, config: &AppConfig) -> Result<Opened> {
+/// A collaboration's files and stored answers are sealed and opened with data keys from `keys`.
+pub(crate) fn repair(
+    found: Found,
+    plan: Plan,
+    config: &AppConfig,
+    keys: &Arc<KeyStore>,
+) -> Result<Opened> {
     let now = config.clock.now();
     std::fs::create_dir_all(&config.data_dir)
         .map_err(|e| Error::Internal(format!("{}: {e}", config.data_dir.display())))?;
@@ -357,13 +365,14 @@ pub(crate) fn repair(found: Found, plan: Plan, config: &AppConfig) -> Result<Ope
     .collect();
     let history = found.trail.records().to_vec();
     let audit = AuditTrail::open(found.trail, ChainKey::new(&config.secret))?;
-    let store = Store::open_found(found.store)?;
+    let store = Store::open_found(found.store, Arc::clone(keys) as Arc<dyn DataKeys>)?;
     let guard = Guard::open(
         &config.data_dir,
         &config.secret,
         found.ledger,
         uploads.into_iter().map(|u| (u.partner, u.at)),
         &config.engine,
+        Arc::clone(keys) as Arc<dyn DataKeys>,
     )?;
     let review = ReviewState::open(&config.data_dir, found.index, &history)?;
     for tail in torn {

@@ -77,6 +77,7 @@ pub(crate) fn list_keys(
         .get(&contract.partner)
         .and_then(|list| list.key_versions.iter().max().copied());
     Ok(ListKeys {
+        contract: id.to_string(),
         current: app.keys.key(id, current, now)?,
         older: live.into_iter().filter(|v| *v != current).collect(),
         destroyed,

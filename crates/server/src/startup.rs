@@ -56,7 +56,7 @@ impl App {
         // Tampered records of receipt refuse the start before anything is repaired.
         let chain = crate::audit::ChainKey::new(&config.secret);
         crate::receipts::verify(&config.data_dir, &chain)?;
-        let opened = recovery::repair(found, plan, &config)?;
+        let opened = recovery::repair(found, plan, &config, &keys)?;
         let (receipts, torn) = crate::receipts::Receipts::open(&config.data_dir, &chain)?;
         if let Some(torn) = torn {
             recovery::record_torn(&opened.audit, &config.data_dir, &torn, config.clock.now())?;

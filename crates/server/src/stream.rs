@@ -71,13 +71,17 @@ pub(crate) struct Feed<I: Ingest, R> {
 }
 
 impl<I: Ingest, R> Feed<I, R> {
-    /// Feeds `ingest`, staging its rows in `staging`, each record converted with `convert`.
-    pub fn new(ingest: I, staging: Staging, convert: fn(R) -> I::Input) -> Self {
-        Self {
+    /// Feeds `ingest`, staging its rows in `staging` (a collaboration's tables sealed with the
+    /// keys the ingest names), each record converted with `convert`.
+    pub fn new(ingest: I, mut staging: Staging, convert: fn(R) -> I::Input) -> Result<Self> {
+        for (table, key) in ingest.seals() {
+            staging.seal(table, key)?;
+        }
+        Ok(Self {
             ingest,
             staging,
             convert,
-        }
+        })
     }
 
     /// Ingests chunks until the end of the stream is signalled, then finishes and closes the

@@ -3,13 +3,19 @@
 //! either the old state or the new one. A repeat of a question on the same data is served from here, byte for
 //! byte, at no cost and with no fresh noise; a refusal that was charged (a too-small audience, a
 //! failed execution) is stored and repeated the same way.
+//!
+//! An answer over a sealed list is stored sealed with the same collaboration key (AES-256-GCM,
+//! bound to its partner and key): once that key is destroyed, a backup of the directory holds no
+//! answer of the collaboration that can be read.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use base64::Engine;
 use serde::{Deserialize, Serialize};
 
+use crate::store::{DataKeys, KeyRef, Sealed};
 use crate::{Error, Result};
 
 /// What was answered, as stored.
@@ -97,21 +103,40 @@ mod base64_bytes {
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(untagged)]
 enum Stored {
-    Versioned { list_version: u32, outcome: Outcome },
+    /// Sealed with `key`: the outcome's JSON, sealed, in base64.
+    Sealed {
+        key: KeyRef,
+        list_version: u32,
+        sealed: String,
+    },
+    Versioned {
+        list_version: u32,
+        outcome: Outcome,
+    },
     Bare(Outcome),
 }
 
 impl Stored {
-    fn outcome(self) -> Outcome {
+    /// The outcome, opened with its key from `keys` when it is sealed for `context`.
+    fn outcome(self, keys: &Arc<dyn DataKeys>, context: &[u8]) -> Result<Outcome> {
         match self {
-            Stored::Versioned { outcome, .. } | Stored::Bare(outcome) => outcome,
+            Stored::Versioned { outcome, .. } | Stored::Bare(outcome) => Ok(outcome),
+            Stored::Sealed { key, sealed, .. } => {
+                let bytes = base64::engine::general_purpose::STANDARD
+                    .decode(sealed)
+                    .map_err(storage)?;
+                let plain = Sealed::new(key, Arc::clone(keys)).open_bytes(context, &bytes)?;
+                serde_json::from_slice(&plain).map_err(storage)
+            }
         }
     }
 
     /// The list version it was computed over; unknown for a bare refusal.
     fn list_version(&self) -> Option<u32> {
         match self {
-            Stored::Versioned { list_version, .. } => Some(*list_version),
+            Stored::Versioned { list_version, .. } | Stored::Sealed { list_version, .. } => {
+                Some(*list_version)
+            }
             Stored::Bare(Outcome::Released(release)) => Some(release.list_version),
             Stored::Bare(Outcome::Refused(_)) => None,
         }
@@ -119,9 +144,15 @@ impl Stored {
 }
 
 /// The answers directory.
-#[derive(Debug)]
 pub struct Answers {
     dir: PathBuf,
+    keys: Arc<dyn DataKeys>,
+}
+
+impl std::fmt::Debug for Answers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Answers({})", self.dir.display())
+    }
 }
 
 fn storage(e: impl std::fmt::Display) -> Error {
@@ -129,10 +160,15 @@ fn storage(e: impl std::fmt::Display) -> Error {
 }
 
 impl Answers {
-    /// Opens (or creates) the store.
-    pub fn open(dir: PathBuf) -> Result<Self> {
+    /// Opens (or creates) the store; sealed answers open with data keys from `keys`.
+    pub fn open(dir: PathBuf, keys: Arc<dyn DataKeys>) -> Result<Self> {
         std::fs::create_dir_all(&dir).map_err(storage)?;
-        Ok(Self { dir })
+        Ok(Self { dir, keys })
+    }
+
+    /// What a sealed answer is bound to: its partner and key, so it opens nowhere else.
+    fn context(partner: &str, key: &str) -> Vec<u8> {
+        format!("cleanroom/answer/v1|{partner}|{key}").into_bytes()
     }
 
     fn path(&self, partner: &str, key: &str) -> PathBuf {
@@ -147,21 +183,23 @@ impl Answers {
         let path = self.path(partner, key);
         match std::fs::read(&path) {
             Ok(bytes) => serde_json::from_slice::<Stored>(&bytes)
-                .map(|stored| Some(stored.outcome()))
-                .map_err(storage),
+                .map_err(storage)?
+                .outcome(&self.keys, &Self::context(partner, key))
+                .map(Some),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(storage(e)),
         }
     }
 
-    /// Stores an outcome computed over `list_version` whole: a reader sees the old file or the
-    /// new one, never part of one.
+    /// Stores an outcome computed over `list_version` whole, sealed with `sealed` (the list's
+    /// key) when given: a reader sees the old file or the new one, never part of one.
     pub fn put(
         &self,
         partner: &str,
         key: &str,
         list_version: u32,
         outcome: &Outcome,
+        sealed: Option<&Sealed>,
     ) -> Result<()> {
         let path = self.path(partner, key);
         let dir = path.parent().expect("answer paths have a parent");
@@ -169,9 +207,20 @@ impl Answers {
             std::fs::create_dir_all(dir).map_err(storage)?;
             cleanroom_core::files::sync_dir(&self.dir)?;
         }
-        let stored = Stored::Versioned {
-            list_version,
-            outcome: outcome.clone(),
+        let stored = match sealed {
+            Some(sealed) => {
+                let plain = serde_json::to_vec(outcome).map_err(storage)?;
+                let bytes = sealed.seal_bytes(&Self::context(partner, key), &plain)?;
+                Stored::Sealed {
+                    key: sealed.key.clone(),
+                    list_version,
+                    sealed: base64::engine::general_purpose::STANDARD.encode(bytes),
+                }
+            }
+            None => Stored::Versioned {
+                list_version,
+                outcome: outcome.clone(),
+            },
         };
         let bytes = serde_json::to_vec(&stored).map_err(storage)?;
         Ok(cleanroom_core::files::write_atomic(&path, &bytes)?)
@@ -232,11 +281,43 @@ impl Answers {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::NoKeys;
+
+    #[test]
+    fn an_answer_over_a_sealed_list_is_stored_sealed_and_unreadable_once_its_key_is_destroyed() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = cleanroom_core::token::MasterSecret::new(vec![9; 32]).unwrap();
+        let keys = cleanroom_core::keys::KeyStore::open(&dir.path().join("keys"), secret).unwrap();
+        let now = chrono::Utc::now();
+        keys.key("c", 1, now).unwrap();
+        let data_keys: Arc<dyn DataKeys> = keys.clone();
+        let answers = Answers::open(dir.path().join("answers"), Arc::clone(&data_keys)).unwrap();
+        let key = KeyRef {
+            contract: "c".into(),
+            version: 1,
+        };
+        let sealed = Sealed::new(key, Arc::clone(&data_keys));
+        let outcome = Outcome::Refused("a fixed refusal".into());
+        answers.put("p", "abc", 1, &outcome, Some(&sealed)).unwrap();
+        let on_disk = std::fs::read(answers.path("p", "abc")).unwrap();
+        assert!(
+            !on_disk.windows(5).any(|w| w == b"fixed"),
+            "stored in the clear"
+        );
+        assert_eq!(answers.get("p", "abc").unwrap(), Some(outcome));
+        // Moved to another key's name, it does not open.
+        std::fs::copy(answers.path("p", "abc"), answers.path("p", "abd")).unwrap();
+        assert!(answers.get("p", "abd").is_err());
+        assert_eq!(answers.remove_through("p", 0).unwrap(), 0);
+        keys.destroy("c", 1, "manual", now).unwrap();
+        assert!(answers.get("p", "abc").is_err());
+        assert_eq!(answers.remove_through("p", 1).unwrap(), 2);
+    }
 
     #[test]
     fn outcomes_round_trip_and_partners_are_apart() {
         let dir = tempfile::tempdir().unwrap();
-        let answers = Answers::open(dir.path().join("answers")).unwrap();
+        let answers = Answers::open(dir.path().join("answers"), Arc::new(NoKeys)).unwrap();
         let outcome = Outcome::Released(Release {
             arrow_ipc: vec![1, 2, 3],
             suppressed_rows: 4,
@@ -246,13 +327,13 @@ mod tests {
             noise: NoiseReport::default(),
             audit: ReleaseFacts::default(),
         });
-        answers.put("p", "abc", 2, &outcome).unwrap();
+        answers.put("p", "abc", 2, &outcome, None).unwrap();
         assert_eq!(answers.get("p", "abc").unwrap(), Some(outcome));
         assert_eq!(answers.get("q", "abc").unwrap(), None);
         answers
-            .put("p", "r", 3, &Outcome::Refused("no".into()))
+            .put("p", "r", 3, &Outcome::Refused("no".into()), None)
             .unwrap();
-        let reopened = Answers::open(dir.path().join("answers")).unwrap();
+        let reopened = Answers::open(dir.path().join("answers"), Arc::new(NoKeys)).unwrap();
         assert_eq!(
             reopened.get("p", "r").unwrap(),
             Some(Outcome::Refused("no".into()))
@@ -267,7 +348,7 @@ mod tests {
     #[test]
     fn answers_stored_before_versions_were_recorded_still_read() {
         let dir = tempfile::tempdir().unwrap();
-        let answers = Answers::open(dir.path().join("answers")).unwrap();
+        let answers = Answers::open(dir.path().join("answers"), Arc::new(NoKeys)).unwrap();
         let bare = Outcome::Refused("too few".into());
         let path = answers.path("p", "old");
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();

@@ -11,6 +11,7 @@ use cleanroom_core::token::{CollaborationKey, Token};
 use super::tokens::TokenBuilder;
 use super::{Ingest, IngestReport, Sink, Table, flush};
 use crate::Result;
+use crate::store::KeyRef;
 
 /// One record of a partner's customer list: raw identifiers or pre-computed tokens.
 #[derive(Debug, Clone, Default)]
@@ -30,6 +31,8 @@ pub struct ListInput {
 /// The keys a list upload is checked against.
 #[derive(Debug, Clone)]
 pub struct ListKeys {
+    /// The collaboration (contract id): the list is sealed with its current key's data key.
+    pub contract: String,
     /// The current key: raw identifiers are hashed under it.
     pub current: CollaborationKey,
     /// Older versions still accepted (a rotation's overlap).
@@ -43,8 +46,9 @@ pub struct ListKeys {
 
 impl ListKeys {
     /// Keys with only the current one (no rotation under way).
-    pub fn current(key: CollaborationKey) -> Self {
+    pub fn current(contract: &str, key: CollaborationKey) -> Self {
         Self {
+            contract: contract.to_string(),
             current: key,
             older: Vec::new(),
             destroyed: Vec::new(),
@@ -102,6 +106,16 @@ impl Ingest for ListIngest {
     fn finish(mut self, sink: &mut dyn Sink) -> Result<IngestReport> {
         flush(&mut self.rows, &Table::List, sink, true)?;
         Ok(self.report)
+    }
+
+    /// A list is sealed with its collaboration's current key, whatever version its tokens
+    /// carry: during a rotation's overlap the new key outlives the list's own.
+    fn seals(&self) -> Vec<(Table, KeyRef)> {
+        let key = KeyRef {
+            contract: self.keys.contract.clone(),
+            version: self.keys.current.version,
+        };
+        vec![(Table::List, key)]
     }
 }
 
@@ -265,6 +279,7 @@ mod tests {
     fn keys(stored: Option<u32>) -> ListKeys {
         let destroyed = chrono::Utc.with_ymd_and_hms(2026, 11, 8, 3, 0, 0).unwrap();
         ListKeys {
+            contract: "c".into(),
             current: key(2),
             older: vec![1],
             destroyed: vec![Tombstone {

@@ -14,6 +14,7 @@ use datafusion::arrow::record_batch::RecordBatch;
 
 use super::tokens::TokenBuilder;
 use super::{Ingest, IngestReport, Rows, Sink, Table, flush};
+use crate::store::KeyRef;
 use crate::{Result, tables};
 
 /// One retailer member as ingest receives it. Names, addresses and postal codes never get this far.
@@ -117,6 +118,27 @@ impl Ingest for MembersIngest {
             flush(tokens, table, sink, true)?;
         }
         Ok(self.report)
+    }
+
+    /// Each collaboration's member tokens are sealed with its newest key version's data key:
+    /// during a rotation's overlap that is the new version, whose key outlives the old one.
+    fn seals(&self) -> Vec<(Table, KeyRef)> {
+        self.keys
+            .iter()
+            .filter_map(|(table, keys, _)| {
+                let Table::MemberTokens(contract) = table else {
+                    return None;
+                };
+                let version = keys.iter().map(|k| k.version).max()?;
+                Some((
+                    table.clone(),
+                    KeyRef {
+                        contract: contract.clone(),
+                        version,
+                    },
+                ))
+            })
+            .collect()
     }
 }
 

@@ -184,10 +184,7 @@ impl Store {
         keep_empty: bool,
         removed: &mut dyn FnMut(&RecordBatch),
     ) -> Result<Option<(FilePlan, u64)>> {
-        let file = TableFile {
-            path: self.dir.join(name),
-        };
-        let mut staging = self.staging();
+        let (file, mut staging) = self.rewrite_of(name, &table)?;
         let (mut gone, mut kept) = (0u64, 0u64);
         let mut schema = None;
         for batch in file.batches()? {
@@ -246,9 +243,7 @@ impl Store {
     ) -> Result<(Staging, u64)> {
         let mut all: BTreeMap<(i64, String), i64> = BTreeMap::new();
         if let Some(name) = &read.erasures {
-            let file = TableFile {
-                path: self.dir.join(name),
-            };
+            let (file, _) = self.rewrite_of(name, &Table::Erasures)?;
             for (digest, purpose, at) in tombstone_rows(&file)? {
                 all.insert((digest, purpose), at);
             }

@@ -9,9 +9,7 @@ use chrono::{DateTime, NaiveDate, Utc};
 use datafusion::arrow::array::{Array, BooleanArray, TimestampMicrosecondArray};
 use datafusion::arrow::compute::filter_record_batch;
 
-use super::{
-    CommitRecord, DestroyedFile, Produced, Snapshot, Staging, Store, TableFile, WriteFacts,
-};
+use super::{CommitRecord, DestroyedFile, Produced, Snapshot, Staging, Store, WriteFacts};
 use super::{Manifest, file_safe};
 use crate::ingest::{Sink, Table};
 use crate::tables::purchases::PURCHASED_AT;
@@ -79,9 +77,11 @@ impl Store {
             .enumerate()
             .map(|(at, file)| {
                 let path = self.dir.join(&file);
-                let in_use = readers
-                    .iter()
-                    .any(|s| s.lists.get(partner).is_some_and(|list| list.file == path));
+                let in_use = readers.iter().any(|s| {
+                    s.lists
+                        .get(partner)
+                        .is_some_and(|list| list.file.path == path)
+                });
                 let uploaded = manifest
                     .log
                     .iter()
@@ -163,10 +163,7 @@ impl Store {
         manifest: &Manifest,
         name: String,
     ) -> Result<DestroyedFile> {
-        let rows = TableFile {
-            path: self.dir.join(&name),
-        }
-        .rows()?;
+        let rows = self.table_file(manifest, &name).rows()?;
         let sha256 = manifest.digest(&name).to_string();
         Ok(DestroyedFile { name, sha256, rows })
     }
@@ -258,9 +255,7 @@ impl Store {
         if first_day >= kept_from_day {
             return Ok(None);
         }
-        let file = TableFile {
-            path: self.dir.join(name),
-        };
+        let (file, _) = self.rewrite_of(name, &Table::Purchases(month.to_string()))?;
         let rows = file.rows()?;
         let next_month = first_day
             .checked_add_months(chrono::Months::new(1))

@@ -8,8 +8,8 @@ use datafusion::arrow::compute::filter_record_batch;
 use datafusion::arrow::datatypes::UInt32Type;
 use serde::{Deserialize, Serialize};
 
-use super::{CommitRecord, DestroyedFile, Produced, Staging, Store, TableFile, WriteFacts};
-use super::{ListVersion, Manifest, Placer, file_safe};
+use super::{CommitRecord, DestroyedFile, Produced, Staging, Store, WriteFacts};
+use super::{KeyRef, ListVersion, Manifest, Placer, file_safe};
 use crate::ingest::{Sink, Table};
 use crate::tables::tokens::KEY_VERSION;
 use crate::{Error, Result};
@@ -144,12 +144,26 @@ impl Store {
     /// Reads the member-tokens file `name` of `contract` and stages it without the tokens of
     /// key `version` or older.
     fn tokens_plan(&self, contract: &str, name: &str, version: u32) -> Result<TokensPlan> {
-        let file = TableFile {
-            path: self.dir.join(name),
-        };
-        let rows = file.rows()?;
-        let mut staging = self.staging();
         let table = Table::MemberTokens(contract.to_string());
+        let (file, mut staging) = self.rewrite_of(name, &table)?;
+        if let Some(sealed) = &file.sealed
+            && sealed.key.version <= version
+        {
+            // Sealed with the key this rotation destroys: the tokens kept go under the newest.
+            let manifest = self.writer.lock().expect("writer lock poisoned").clone();
+            if let Some(newest) = manifest
+                .versions_in(name)
+                .into_iter()
+                .rfind(|v| *v > version)
+            {
+                let key = KeyRef {
+                    contract: contract.to_string(),
+                    version: newest,
+                };
+                staging.seal(table.clone(), key)?;
+            }
+        }
+        let rows = file.rows()?;
         let mut kept = 0u64;
         for batch in file.batches()? {
             let batch = batch?;

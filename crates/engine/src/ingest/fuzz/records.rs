@@ -212,7 +212,7 @@ proptest! {
         let records = chunks.iter().map(Vec::len).sum();
         let rules = rules();
         let partner = &rules.partners["sakura_foods"];
-        let ingest = |strict| ListIngest::new(partner, ListKeys::current(list_key(1)), strict);
+        let ingest = |strict| ListIngest::new(partner, ListKeys::current("c", list_key(1)), strict);
         let mut rows = Batches::default();
         let lenient = run(ingest(false), chunks.clone(), &mut rows)
             .expect("a lenient ingest takes anything");
