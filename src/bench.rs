@@ -273,6 +273,7 @@ async fn ingest_all(conn: &Connection, files: &Files, figures: &mut Figures) -> 
         source: source.into(),
         strict: false,
         request_id: cleanroom_client::new_request_id(),
+        tokens_only: false,
     };
     let progress = || Arc::new(Progress::default());
     for name in ["members.csv", "purchases.csv", "consent_events.csv"] {

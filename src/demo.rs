@@ -526,6 +526,7 @@ async fn withdrawal(
             source: "app-withdrawals".into(),
             strict: true,
             request_id: cleanroom_client::new_request_id(),
+            tokens_only: false,
         },
         withdrawals,
     )

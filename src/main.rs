@@ -288,6 +288,11 @@ struct IngestArgs {
     /// printed id again to retry a write whose outcome was not known.
     #[arg(long)]
     request_id: Option<String>,
+    /// Members only: compute the member tokens of the collaborations that have none under
+    /// their current key version (a contract added, a key rotated) from the export of the last
+    /// members ingest, leaving the member table and the other collaborations' tokens as they are.
+    #[arg(long)]
+    tokens_only: bool,
 }
 
 #[derive(clap::Args)]
@@ -715,12 +720,16 @@ fn validate_rules(args: RulesValidateArgs) -> Result<()> {
 }
 
 fn ingest(args: IngestArgs) -> Result<()> {
+    if args.tokens_only && !matches!(args.kind, IngestKind::Members) {
+        bail!("--tokens-only is for --kind members: only members have tokens");
+    }
     runtime()?.block_on(async {
         let conn = args.service.connect().await?;
         let write = write_cmd::Write {
             file: &args.file,
             strict: args.strict,
             request_id: args.request_id,
+            tokens_only: args.tokens_only,
         };
         write_cmd::ingest(args.kind, write, &conn, &args.service.token).await
     })
@@ -733,6 +742,7 @@ fn upload_list(args: UploadListArgs) -> Result<()> {
             file: &args.file,
             strict: args.strict,
             request_id: args.request_id,
+            tokens_only: false,
         };
         let on_behalf_of = args.on_behalf_of.as_deref();
         write_cmd::upload_list(write, on_behalf_of, &conn, &args.service.token).await

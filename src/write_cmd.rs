@@ -55,6 +55,8 @@ pub struct Write<'a> {
     pub strict: bool,
     /// The request id given, or a new one.
     pub request_id: Option<String>,
+    /// A members ingest computes only the missing collaborations' tokens.
+    pub tokens_only: bool,
 }
 
 impl Write<'_> {
@@ -73,6 +75,7 @@ impl Write<'_> {
                 .unwrap_or_default(),
             strict: self.strict,
             request_id: request_id.to_string(),
+            tokens_only: self.tokens_only,
         }
     }
 }

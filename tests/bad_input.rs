@@ -404,6 +404,7 @@ async fn a_contract_without_member_tokens_is_refused_uncharged() {
         source: "members.csv".into(),
         strict: false,
         request_id: cleanroom_client::new_request_id(),
+        tokens_only: false,
     };
     cleanroom_client::ingest_members(&mut h.analyst(), header, members)
         .await

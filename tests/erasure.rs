@@ -432,3 +432,63 @@ async fn refusals_change_nothing_and_the_command_checks_its_file() {
     assert_eq!(erasures(&data).len(), 1);
     h.stop().await;
 }
+
+/// A restore from a backup taken before an erasure would bring the erased members back. The
+/// high-water mark remembers each erasure by its tombstone's digest: a start on the restored
+/// directory is refused naming the erasure, and a restore accepted with `--accept-restore`
+/// erases the members again, and puts their tombstones back, before any call is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_erasure_a_restore_lost_is_done_again_when_the_restore_is_accepted() {
+    let mut h = Harness::start().await;
+    let truth = Truth::load();
+    let (on_list, on_none) = two_members(&truth);
+    let ids = vec![on_list, on_none];
+    let pseudonyms = pseudonyms_of(&test_secret(), &ids);
+    let data = h.data_dir.path().to_path_buf();
+    h.halt().await;
+    let backup = files_of(&data);
+    let mut h = h.restart_after(|_| {}).await;
+    erase(&h, &ids).await.expect("the analyst erases");
+    assert!(traces(&data, &ids, &pseudonyms).is_empty());
+    h.halt().await;
+
+    std::fs::remove_dir_all(&data).unwrap();
+    for (path, bytes) in &backup {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, bytes).unwrap();
+    }
+    assert!(
+        !traces(&data, &ids, &pseudonyms).is_empty(),
+        "the control: the backup holds the members"
+    );
+    let refused = crate::util::try_app(&data)
+        .err()
+        .expect("a directory that lost an erasure is refused");
+    let message = refused.to_string();
+    assert!(
+        message.contains("it lacks the erasure of 2 members the mark records")
+            && message.contains("the 2 members whose erasure it lacks are erased again"),
+        "{message}"
+    );
+    assert!(
+        ids.iter().all(|id| !message.contains(id.as_str())),
+        "{message}"
+    );
+
+    let h = h.start_accepting_restore().await;
+    let found = traces(&data, &ids, &pseudonyms);
+    assert!(found.is_empty(), "after the accepted restore: {found:?}");
+    let again = erasures(&data);
+    let last = again.last().expect("the erasure done again is recorded");
+    assert_eq!((last.members_asked, last.members_found), (2, 2), "{last:?}");
+    assert!(last.requested_by.contains("accepted restore"), "{last:?}");
+    let tombstones = h.app.store.erased();
+    let digests = test_secret().member_digest_key("erasure");
+    assert!(
+        pseudonyms
+            .iter()
+            .all(|p| tombstones.contains_key(&digests.digest(*p))),
+        "the tombstones are back"
+    );
+    h.stop().await;
+}

@@ -207,6 +207,7 @@ async fn a_write_cut_after_its_last_chunk_and_retried_is_stored_exactly_once() {
             source: format!("retry-{i}"),
             strict: false,
             request_id: id.clone(),
+            tokens_only: false,
         };
         let records = purchases(ROWS, i);
         let first = ingest_then_cut(&h, &proxy, header.clone(), records.clone(), cut).await;

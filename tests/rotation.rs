@@ -120,6 +120,7 @@ async fn ingest_members(h: &Harness) {
         source: "members.csv".into(),
         strict: false,
         request_id: cleanroom_client::new_request_id(),
+        tokens_only: false,
     };
     cleanroom_client::ingest_members(&mut h.analyst(), header, members)
         .await
@@ -336,6 +337,88 @@ async fn without_an_overlap_the_old_version_goes_at_once_and_new_tokens_wait_for
     // The other collaboration was never touched.
     assert!(h.app.keys.tombstone("ctr-kumo-2026", 1).unwrap().is_none());
     h.run("kumo_denki", "matched_overlap", &[]).await.unwrap();
+    h.stop().await;
+}
+
+/// The sample's members ingested again for their missing tokens only.
+async fn ingest_tokens_only(
+    h: &Harness,
+    members: Vec<cleanroom_proto::v1::MemberRecord>,
+) -> Result<(), tonic::Status> {
+    let header = IngestHeader {
+        source: "members.csv".into(),
+        strict: false,
+        request_id: cleanroom_client::new_request_id(),
+        tokens_only: true,
+    };
+    match cleanroom_client::ingest_members(&mut h.analyst(), header, members).await {
+        Ok(_) => Ok(()),
+        Err(cleanroom_client::Error::Status(status)) => Err(status),
+        Err(other) => panic!("not a status: {other}"),
+    }
+}
+
+/// The manifest's member table file and Kumo Denki's member-token file.
+fn member_files(data: &Path) -> (String, String) {
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(data.join("manifest.json")).unwrap()).unwrap();
+    let name = |v: &serde_json::Value| v.as_str().unwrap().to_string();
+    (
+        name(&manifest["members"]),
+        name(&manifest["member_tokens"]["ctr-kumo-2026"]),
+    )
+}
+
+/// Issue 16, item 6: after a rotation without an overlap, a tokens-only ingest of the same
+/// export computes Sakura's tokens under the new key and nothing else: the member table and
+/// Kumo Denki's tokens are the same files, and Sakura's question over a new-version list is
+/// answered. An export with a member missing is refused by name and changes nothing; with no
+/// collaboration lacking tokens there is nothing to do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tokens_only_ingest_computes_the_missing_tokens_and_nothing_else() {
+    let h = Harness::start_with(setup(|_| {})).await;
+    let data = h.data_dir.path().to_path_buf();
+    let h = rotate(h, days_later(1)).await;
+    assert!(token_versions(&data).is_empty());
+    assert_eq!(upload_raw(&h).await.unwrap(), 2);
+    let (members_before, kumo_before) = member_files(&data);
+
+    let mut members = cleanroom_client::read_members(&sample_dir().join("members.csv")).unwrap();
+    let last = members.pop().unwrap();
+    let manifest_before = std::fs::read(data.join("manifest.json")).unwrap();
+    let refused = ingest_tokens_only(&h, members.clone()).await.unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    assert!(
+        refused.message().contains("lacks 1 of its members"),
+        "{refused:?}"
+    );
+    assert!(!refused.message().contains(&last.member_id), "{refused:?}");
+    assert_eq!(
+        std::fs::read(data.join("manifest.json")).unwrap(),
+        manifest_before
+    );
+
+    members.push(last);
+    ingest_tokens_only(&h, members.clone()).await.unwrap();
+    let (members_after, kumo_after) = member_files(&data);
+    assert_eq!(
+        members_after, members_before,
+        "the member table is not rewritten"
+    );
+    assert_eq!(
+        kumo_after, kumo_before,
+        "the other collaboration's tokens stay"
+    );
+    assert_eq!(token_versions(&data), BTreeSet::from([2]));
+    let answer = h.run("sakura_foods", "matched_overlap", &[]).await.unwrap();
+    assert!(answer.protection.as_ref().unwrap().fresh);
+
+    let nothing = ingest_tokens_only(&h, members).await.unwrap_err();
+    assert_eq!(nothing.code(), Code::FailedPrecondition, "{nothing:?}");
+    assert!(
+        nothing.message().contains("nothing to compute"),
+        "{nothing:?}"
+    );
     h.stop().await;
 }
 

@@ -51,6 +51,7 @@ pub async fn load(conn: &Connection, dir: &Path) -> Result<Loaded> {
         source: source.into(),
         strict: false,
         request_id: crate::new_request_id(),
+        tokens_only: false,
     };
     let mut ingests = Vec::new();
 

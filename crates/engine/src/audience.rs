@@ -298,7 +298,15 @@ impl Audiences {
         contract_id: &str,
         list: &PartnerList,
     ) -> Result<Arc<Matched>> {
-        let key = format!("{contract_id}|{}|{}", snapshot.members_version, list.digest);
+        // The matches change with the member table, the collaboration's member tokens (a
+        // tokens-only ingest, a rotation) and the list, and with nothing else.
+        let tokens = snapshot.member_tokens_version.get(contract_id);
+        let key = format!(
+            "{contract_id}|{}|{}|{}",
+            snapshot.members_version,
+            tokens.map_or("-", String::as_str),
+            list.digest
+        );
         let cell = kept(&self.matched, key);
         let (snapshot, contract, list) =
             (Arc::clone(snapshot), contract_id.to_string(), list.clone());

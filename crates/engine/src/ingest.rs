@@ -29,7 +29,7 @@ mod tokens;
 
 pub use consent::{ConsentIngest, ConsentInput};
 pub use lists::{ListIngest, ListInput, ListKeys};
-pub use members::{MemberInput, MembersIngest};
+pub use members::{MemberInput, MembersIngest, TokensOnly};
 pub use purchases::{PurchaseInput, PurchasesIngest};
 
 /// What an ingest did with its records.

@@ -120,6 +120,10 @@ pub struct Snapshot {
     /// The key versions each collaboration's member tokens were computed under (during a
     /// rotation's overlap, two), by contract id.
     pub member_token_versions: BTreeMap<String, BTreeSet<u32>>,
+    /// Each collaboration's member-tokens file and the digest of its content, by contract id:
+    /// what a list's matches depend on besides the list and the member table (a tokens-only
+    /// ingest or a rotation changes it alone).
+    pub member_tokens_version: BTreeMap<String, String>,
     /// Purchases: a file per month of each ingest, in ingest order.
     pub purchases: Vec<TableFile>,
     /// Consent events: a file per ingest, in ingest order.
@@ -317,6 +321,13 @@ impl Manifest {
                 .iter()
                 .map(|(contract, name)| (contract.clone(), self.versions_in(name)))
                 .collect(),
+            member_tokens_version: self
+                .member_tokens
+                .iter()
+                .map(|(contract, name)| {
+                    (contract.clone(), format!("{name}:{}", self.content(name)))
+                })
+                .collect(),
             purchases: self.purchases.iter().map(file).collect(),
             consent: self.consent.iter().map(file).collect(),
             lists: self
@@ -508,6 +519,17 @@ impl Found {
         self.manifest.as_ref().map_or(&[], |m| m.log.as_slice())
     }
 
+    /// The members the tombstones file names, by digest, with the instant of their latest
+    /// erasure ([`Store::erased`]).
+    pub fn erased(&self) -> Result<BTreeMap<i64, i64>> {
+        let file = self.manifest.as_ref().and_then(|m| m.erasures.as_ref());
+        let file = file.map(|name| TableFile {
+            path: self.dir.join(name),
+            sealed: None,
+        });
+        erasure::erased_in(file.as_ref())
+    }
+
     /// Data files no manifest names; opening the store removes them.
     pub fn orphans(&self) -> &[String] {
         &self.orphans
@@ -554,6 +576,8 @@ pub struct Store {
     replaced: Mutex<Vec<std::sync::Weak<Snapshot>>>,
     /// Where the data keys of sealed files come from.
     keys: Arc<dyn DataKeys>,
+    /// The erased members, by digest ([`Store::erased`]), as the tombstones file holds them.
+    erased: Mutex<BTreeMap<i64, i64>>,
 }
 
 const MANIFEST: &str = "manifest.json";
@@ -605,7 +629,9 @@ impl Store {
 
     fn load(dir: &Path, manifest: Manifest, keys: Arc<dyn DataKeys>) -> Result<Self> {
         let snapshot = manifest.snapshot(dir, &keys);
+        let erased = erasure::erased_in(snapshot.erasures.as_ref())?;
         Ok(Self {
+            erased: Mutex::new(erased),
             dir: dir.to_path_buf(),
             current: RwLock::new(Arc::new(snapshot)),
             writer: Mutex::new(manifest),
@@ -860,6 +886,35 @@ impl Store {
             let members = staging.table(&Table::Members)?;
             manifest.members = Some(place("members", members)?);
             manifest.member_tokens.clear();
+            for (table, staged) in &mut staging.tables {
+                let Table::MemberTokens(contract) = table else {
+                    continue;
+                };
+                let file = place(&format!("member_tokens-{}", file_safe(contract)), staged)?;
+                manifest.member_tokens.insert(contract.clone(), file);
+            }
+            Ok(Produced::default())
+        })
+    }
+
+    /// Replaces the member tokens of the collaborations a tokens-only members ingest staged,
+    /// leaving the member table and every other collaboration's tokens. Refused (busy) when the
+    /// member table is no longer `members_version`, the one the ingest checked its export against.
+    pub fn commit_member_tokens(
+        &self,
+        mut staging: Staging,
+        facts: WriteFacts,
+        members_version: &str,
+    ) -> Result<CommitRecord> {
+        staging.close()?;
+        self.commit(facts, |manifest, place| {
+            if manifest.members_version() != members_version {
+                return Err(cleanroom_core::Error::Busy(
+                    "the members were ingested while the tokens were computed; send it again"
+                        .into(),
+                )
+                .into());
+            }
             for (table, staged) in &mut staging.tables {
                 let Table::MemberTokens(contract) = table else {
                     continue;

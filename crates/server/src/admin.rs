@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use cleanroom_core::rules::Role;
-use cleanroom_engine::ingest::{ConsentIngest, Ingest, MembersIngest, PurchasesIngest};
+use cleanroom_engine::ingest::{ConsentIngest, Ingest, MembersIngest, PurchasesIngest, TokensOnly};
 use cleanroom_engine::store::{CommitRecord, Staging, Store, WriteFacts};
 use cleanroom_proto::v1::admin_service_server::AdminService;
 use cleanroom_proto::v1::{
@@ -108,6 +108,17 @@ where
     Ok(Written::Fed(fed, slot))
 }
 
+/// Refuses `tokens_only` on an ingest that is not of members.
+fn members_only(header: &IngestHeader) -> crate::Result<()> {
+    if header.tokens_only {
+        return Err(cleanroom_core::Error::Input(
+            "tokens_only is for a members ingest; this ingest is not one".into(),
+        )
+        .into());
+    }
+    Ok(())
+}
+
 fn split_members(m: IngestMembersRequest) -> Part<IngestHeader, cleanroom_proto::v1::MemberRecord> {
     match m.kind {
         Some(ingest_members_request::Kind::Header(h)) => Part::Header(h),
@@ -160,6 +171,8 @@ impl AdminApi {
         stream: Streaming<IngestMembersRequest>,
     ) -> Result<IngestSummary> {
         let (rules, secret, keys) = (&call.live.rules, &self.app.secret, &self.app.keys);
+        // A tokens-only ingest commits against the member table it checked its export with.
+        let mut tokens_only: Option<String> = None;
         let written = ingest(
             call,
             entry,
@@ -167,7 +180,17 @@ impl AdminApi {
             stream,
             split_members,
             convert::member_input,
-            |h| Ok(MembersIngest::new(rules, secret, keys, call.now, h.strict)?),
+            |h| {
+                if !h.tokens_only {
+                    return Ok(MembersIngest::new(rules, secret, keys, call.now, h.strict)?);
+                }
+                let only = TokensOnly::of(&self.app.store.snapshot(), rules)?;
+                tokens_only = Some(only.members_version.clone());
+                let now = call.now;
+                Ok(MembersIngest::tokens_only(
+                    rules, secret, keys, now, h.strict, only,
+                )?)
+            },
         )
         .await?;
         self.commit(
@@ -175,7 +198,10 @@ impl AdminApi {
             entry,
             written,
             Table::Members,
-            |store, staging, facts| store.commit_members(staging, facts),
+            |store, staging, facts| match &tokens_only {
+                Some(members) => store.commit_member_tokens(staging, facts, members),
+                None => store.commit_members(staging, facts),
+            },
         )
     }
 
@@ -193,7 +219,10 @@ impl AdminApi {
             stream,
             split_purchases,
             convert::purchase_input,
-            |h| Ok(PurchasesIngest::new(rules, secret, h.strict)),
+            |h| {
+                members_only(h)?;
+                Ok(PurchasesIngest::new(rules, secret, h.strict))
+            },
         )
         .await?;
         self.commit(
@@ -215,16 +244,21 @@ impl AdminApi {
         // The erasure tombstones the events are checked against; the commit checks no erasure
         // came since.
         let erasures = self.app.store.snapshot().erasures.clone();
-        let written = ingest(
-            call,
-            entry,
-            &self.app,
-            stream,
-            split_consent,
-            convert::consent_input,
-            |h| Ok(ConsentIngest::new(rules, secret, h.strict).after_erasures(erasures.as_ref())?),
-        )
-        .await?;
+        let written =
+            ingest(
+                call,
+                entry,
+                &self.app,
+                stream,
+                split_consent,
+                convert::consent_input,
+                |h| {
+                    members_only(h)?;
+                    Ok(ConsentIngest::new(rules, secret, h.strict)
+                        .after_erasures(erasures.as_ref())?)
+                },
+            )
+            .await?;
         self.commit(
             call,
             entry,

@@ -56,6 +56,7 @@ pub(crate) async fn erase(
             digests: &digests,
             purposes: &purposes,
             at,
+            restored: &std::collections::BTreeMap::new(),
             before_commit: &|| crate::faults::pause_point("erase:staged"),
         };
         let done = owned.store.commit_erasure(&ask, facts)?;

@@ -13,7 +13,7 @@
 //! Started with `--accept-restore`, the service carries the charges and uploads the directory
 //! lacks over into it (budgets are never refilled) and records the restore in the audit trail.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -50,6 +50,12 @@ pub struct Mark {
     /// The hash of the last of them.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub receipts_head: String,
+    /// Every member erased, by the keyed digest its tombstone holds (never the pseudonym), with
+    /// the instant of the erasure (microseconds): a restore that lost an erasure would bring the
+    /// members back, so it is seen, and an accepted restore erases them again. Left out of a mark
+    /// with none, so older marks still verify.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub erased: BTreeMap<i64, i64>,
     /// When it was written.
     pub written_at: DateTime<Utc>,
     /// HMAC-SHA256 over the rest, keyed from the master secret.
@@ -90,6 +96,7 @@ impl Mark {
         charges: Vec<Spend>,
         uploads: Vec<Upload>,
         receipts: ChainEnd,
+        erased: BTreeMap<i64, i64>,
         now: DateTime<Utc>,
     ) -> Self {
         let horizon = now - Duration::days(i64::from(MAX_WINDOW_DAYS) + 1);
@@ -101,6 +108,7 @@ impl Mark {
             uploads: uploads.into_iter().filter(|u| u.at > horizon).collect(),
             receipts: receipts.0,
             receipts_head: receipts.1,
+            erased,
             written_at: now,
             mac: String::new(),
         }
@@ -153,9 +161,22 @@ impl Mark {
         charges: &[Spend],
         uploads: &[Upload],
         receipts: &ChainEnd,
+        erased: &BTreeMap<i64, i64>,
     ) -> Option<Shortfall> {
         let mut reasons = Vec::new();
         let lost_receipts = self.receipts_lost(receipts, &mut reasons);
+        let missing_erasures: BTreeMap<i64, i64> = self
+            .erased
+            .iter()
+            .filter(|(digest, _)| !erased.contains_key(digest))
+            .map(|(digest, at)| (*digest, *at))
+            .collect();
+        if !missing_erasures.is_empty() {
+            reasons.push(format!(
+                "it lacks the erasure of {} members the mark records",
+                missing_erasures.len()
+            ));
+        }
         let trail_seq = trail.len() as u64;
         if trail_seq < self.trail_seq {
             reasons.push(format!(
@@ -208,6 +229,7 @@ impl Mark {
             missing_charges,
             missing_uploads,
             lost_receipts,
+            missing_erasures,
         })
     }
 
@@ -247,6 +269,9 @@ pub struct Shortfall {
     /// The records of receipt (first and last position) the directory lacks. They cannot be
     /// carried over (the mark holds none of their content): an accepted restore names them.
     pub lost_receipts: Option<(u64, u64)>,
+    /// Erasures the mark records and the directory lacks (member digest, instant): an accepted
+    /// restore erases those members again, so no erased member comes back.
+    pub missing_erasures: BTreeMap<i64, i64>,
 }
 
 impl Shortfall {
@@ -258,14 +283,23 @@ impl Shortfall {
              it would give partners back privacy budget they spent since (and forget approvals \
              and writes made since). Nothing was changed. To go on from this data directory, \
              start once with --accept-restore: the {} charges and {} list uploads it lacks are \
-             carried over from the mark (budgets are not refilled) and the restore is recorded \
-             in the audit trail. Otherwise put back the newest data directory{}",
+             carried over from the mark (budgets are not refilled){} and the restore is \
+             recorded in the audit trail. Otherwise put back the newest data directory{}",
             mark.display(),
             self.reasons.join("; "),
             self.missing_charges.len(),
             self.missing_uploads.len(),
+            self.erasures_advice(),
             self.receipts_advice()
         )
+    }
+
+    /// What the refusal says of lost erasures, if any were lost.
+    fn erasures_advice(&self) -> String {
+        match self.missing_erasures.len() {
+            0 => String::new(),
+            n => format!(", the {n} members whose erasure it lacks are erased again"),
+        }
     }
 
     /// What the refusal says of lost records of receipt, if any were lost.
@@ -289,7 +323,7 @@ pub struct MarkWriter {
     key: MarkKey,
     /// What the last mark written held, besides the trail's head: a new mark is written when
     /// this changes, or when a record that matters (a decision, a configuration change) is added.
-    last: Mutex<(u64, usize, usize, u64)>,
+    last: Mutex<(u64, usize, usize, u64, usize)>,
 }
 
 impl MarkWriter {
@@ -298,7 +332,7 @@ impl MarkWriter {
         Self {
             path,
             key,
-            last: Mutex::new((u64::MAX, usize::MAX, usize::MAX, u64::MAX)),
+            last: Mutex::new((u64::MAX, usize::MAX, usize::MAX, u64::MAX, usize::MAX)),
         }
     }
 
@@ -315,6 +349,7 @@ impl MarkWriter {
             mark.charges.len(),
             mark.uploads.len(),
             mark.receipts,
+            mark.erased.len(),
         );
         if !always && *last == now {
             return Ok(());
@@ -349,6 +384,7 @@ mod tests {
             vec![spend("a", now), spend("old", old)],
             vec![],
             (0, String::new()),
+            BTreeMap::from([(-7, 1_000), (42, 2_000)]),
             now,
         );
         assert_eq!(
@@ -359,6 +395,7 @@ mod tests {
         mark.clone().write(&path, &key()).unwrap();
         let read = Mark::read(&path, &key()).unwrap().unwrap();
         assert_eq!(read.charges, mark.charges);
+        assert_eq!(read.erased, mark.erased);
         let edited = std::fs::read_to_string(&path)
             .unwrap()
             .replace("\"commits\": 2", "\"commits\": 1");
@@ -382,17 +419,29 @@ mod tests {
             charges.clone(),
             vec![],
             receipts.clone(),
+            BTreeMap::new(),
             now,
         );
-        assert!(mark.shortfall(&[], 2, &charges, &[], &receipts).is_none());
+        assert!(
+            mark.shortfall(&[], 2, &charges, &[], &receipts, &BTreeMap::new())
+                .is_none()
+        );
         let more = vec![spend("a", now), spend("b", now), spend("c", now)];
         let later = (5, "r5".to_string());
         assert!(
-            mark.shortfall(&[], 3, &more, &[], &later).is_none(),
+            mark.shortfall(&[], 3, &more, &[], &later, &BTreeMap::new())
+                .is_none(),
             "ahead is fine"
         );
         let short = mark
-            .shortfall(&[], 1, &charges[..1], &[], &(2, "r2".into()))
+            .shortfall(
+                &[],
+                1,
+                &charges[..1],
+                &[],
+                &(2, "r2".into()),
+                &BTreeMap::new(),
+            )
             .unwrap();
         assert_eq!(short.missing_charges, vec![spend("b", now)]);
         assert_eq!(short.lost_receipts, Some((3, 4)));
@@ -405,14 +454,53 @@ mod tests {
     }
 
     #[test]
+    fn an_erasure_the_directory_lacks_falls_short_and_is_named() {
+        let now = Utc::now();
+        let erased = BTreeMap::from([(1, 10), (2, 20)]);
+        let mark = Mark::of(
+            (0, String::new()),
+            2,
+            vec![],
+            vec![],
+            (0, String::new()),
+            erased,
+            now,
+        );
+        let none = (0, String::new());
+        let held = BTreeMap::from([(1, 10), (2, 20), (3, 30)]);
+        assert!(mark.shortfall(&[], 2, &[], &[], &none, &held).is_none());
+        let short = mark
+            .shortfall(&[], 2, &[], &[], &none, &BTreeMap::from([(1, 10)]))
+            .unwrap();
+        assert_eq!(short.missing_erasures, BTreeMap::from([(2, 20)]));
+        assert!(
+            short
+                .refusal(Path::new("m"))
+                .contains("1 members whose erasure it lacks are erased again")
+        );
+    }
+
+    #[test]
     fn records_of_receipt_rolled_back_alone_fall_short() {
         let now = Utc::now();
-        let mark = Mark::of((0, String::new()), 2, vec![], vec![], (4, "r4".into()), now);
+        let mark = Mark::of(
+            (0, String::new()),
+            2,
+            vec![],
+            vec![],
+            (4, "r4".into()),
+            BTreeMap::new(),
+            now,
+        );
         // Everything else as the mark has it: only the records of receipt are older, or
         // another chain of the same length.
-        let short = mark.shortfall(&[], 2, &[], &[], &(3, "r3".into())).unwrap();
+        let short = mark
+            .shortfall(&[], 2, &[], &[], &(3, "r3".into()), &BTreeMap::new())
+            .unwrap();
         assert_eq!(short.lost_receipts, Some((4, 4)));
-        let other = mark.shortfall(&[], 2, &[], &[], &(4, "x4".into())).unwrap();
+        let other = mark
+            .shortfall(&[], 2, &[], &[], &(4, "x4".into()), &BTreeMap::new())
+            .unwrap();
         assert_eq!(other.lost_receipts, None);
         assert_eq!(other.reasons.len(), 1, "{:?}", other.reasons);
     }
@@ -422,9 +510,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("mark.json");
         let now = Utc::now();
-        Mark::of((1, "h".into()), 1, vec![], vec![], (0, String::new()), now)
-            .write(&path, &key())
-            .unwrap();
+        Mark::of(
+            (1, "h".into()),
+            1,
+            vec![],
+            vec![],
+            (0, String::new()),
+            BTreeMap::new(),
+            now,
+        )
+        .write(&path, &key())
+        .unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
         assert!(!text.contains("receipts"), "{text}");
         assert_eq!(Mark::read(&path, &key()).unwrap().unwrap().receipts, 0);

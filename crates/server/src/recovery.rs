@@ -9,7 +9,7 @@
 //! data files exist, one that counts fewer commits than the trail records, or one that disagrees
 //! with the trail about a commit, stops the start instead.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -17,10 +17,13 @@ use chrono::{DateTime, Utc};
 use cleanroom_core::files::{self, TornTail};
 use cleanroom_core::keys::KeyStore;
 use cleanroom_engine::guard::{Guard, LedgerFile};
-use cleanroom_engine::store::{self, CommitRecord, DataKeys, Store};
+use cleanroom_engine::ingest::IngestReport;
+use cleanroom_engine::store::{
+    self, CommitRecord, DataKeys, ERASE_MEMBERS, ErasureAsk, Store, WriteFacts,
+};
 
 use crate::audit::{
-    AuditTrail, ChainKey, Entry, Event, Record, TrailFile, UnrecordedWrite, Upload,
+    AuditTrail, ChainKey, Entry, ErasureCounts, Event, Record, TrailFile, UnrecordedWrite, Upload,
 };
 use crate::mark::{Mark, MarkKey, Shortfall};
 use crate::review::{IndexFile, ReviewState};
@@ -110,6 +113,7 @@ impl Found {
                 self.ledger.spends(),
                 &self.uploads(),
                 &self.receipts,
+                &self.store.erased()?,
             ),
             None => None,
         };
@@ -380,6 +384,7 @@ pub(crate) fn repair(
     }
     reconcile(&audit, orphan_files, &plan, now)?;
     if let Some(short) = plan.restore {
+        erase_again(&audit, &store, config, &short.missing_erasures, now)?;
         carry_over(&audit, &guard, short, now)?;
     }
     Ok(Opened {
@@ -456,6 +461,67 @@ fn reconcile(
 
 /// An accepted restore: the charges and list uploads the mark holds and the restored directory
 /// lacks are carried over, so the restore refills no budget, and the trail records it.
+/// Erases again the members of the erasures an accepted restore lost (the high-water mark keeps
+/// them by digest), in one commit with its audit record, before any call is served: no erased
+/// member comes back with a backup. Their tombstones are put back as they were, so an old
+/// consent export still brings none of them back.
+fn erase_again(
+    audit: &AuditTrail,
+    store: &Store,
+    config: &AppConfig,
+    missing: &BTreeMap<i64, i64>,
+    now: DateTime<Utc>,
+) -> Result<()> {
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let digests = config.secret.member_digest_key("erasure");
+    let members = store.members_with_digests(missing, &digests)?;
+    let purposes: Vec<String> = config.rules.purposes.keys().cloned().collect();
+    let report = IngestReport {
+        received: missing.len() as u64,
+        accepted: members.len() as u64,
+        ..IngestReport::default()
+    };
+    let facts = WriteFacts {
+        at: now,
+        method: ERASE_MEMBERS.into(),
+        partner: None,
+        request_id: None,
+        report,
+    };
+    let ask = ErasureAsk {
+        members: &members,
+        digests: &digests,
+        purposes: &purposes,
+        at: now,
+        restored: missing,
+        before_commit: &|| {},
+    };
+    let (record, erased) = store.commit_erasure(&ask, facts)?;
+    tracing::warn!(
+        members = missing.len(),
+        "erasures a restore lost were done again"
+    );
+    let mut entry = Entry {
+        principal: "service".into(),
+        method: ERASE_MEMBERS.into(),
+        outcome: "ok".into(),
+        event: Some(Event::Erased(Box::new(ErasureCounts {
+            members_asked: missing.len() as u64,
+            members_found: erased.members_found,
+            rows_removed: erased.rows_removed,
+            tombstones: erased.tombstones,
+            files_replaced: erased.files_replaced,
+            requested_by: "service (erasures an accepted restore lost)".into(),
+        }))),
+        ..Default::default()
+    };
+    entry.committed(&record);
+    audit.append(entry, now)?;
+    Ok(())
+}
+
 fn carry_over(
     audit: &AuditTrail,
     guard: &Guard,

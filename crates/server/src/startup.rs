@@ -122,6 +122,7 @@ impl App {
             self.guard.spends(),
             uploads,
             self.receipts.end(),
+            self.store.erased(),
             self.clock.now(),
         )
     }

@@ -1,6 +1,6 @@
 //! The member export: the member table and, for every collaboration, its member tokens.
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 use std::sync::Arc;
 
 use chrono::{DateTime, NaiveDate, Utc};
@@ -9,13 +9,13 @@ use cleanroom_core::keys::KeyStore;
 use cleanroom_core::normalize::{self, Rejection};
 use cleanroom_core::rules::Rules;
 use cleanroom_core::token::{CollaborationKey, MasterSecret, PseudonymKey};
-use datafusion::arrow::array::{ArrayBuilder, Int64Builder, StringBuilder};
+use datafusion::arrow::array::{ArrayBuilder, Int64Array, Int64Builder, StringBuilder};
 use datafusion::arrow::record_batch::RecordBatch;
 
 use super::tokens::TokenBuilder;
 use super::{Ingest, IngestReport, Rows, Sink, Table, flush};
-use crate::store::KeyRef;
-use crate::{Result, tables};
+use crate::store::{KeyRef, Snapshot};
+use crate::{Error, Result, tables};
 
 /// One retailer member as ingest receives it. Names, addresses and postal codes never get this far.
 #[derive(Debug, Clone, Default)]
@@ -77,6 +77,80 @@ pub struct MembersIngest {
     /// of them allocates once, not once each.
     identifiers: Identifiers,
     report: IngestReport,
+    /// For a tokens-only ingest, the members of the member table and how many of them the
+    /// export held so far, and how many it held that the table does not.
+    only: Option<Only>,
+}
+
+/// What a tokens-only ingest computes: the member tokens of the collaborations that have none
+/// under their current key version (a contract added, a key rotated, since the last members
+/// ingest), from the same export, leaving the member table and every other collaboration's
+/// tokens as they are. The export must hold exactly the members of the member table.
+#[derive(Debug, Clone)]
+pub struct TokensOnly {
+    /// The collaborations (contract ids) to compute tokens for.
+    pub contracts: BTreeSet<String>,
+    /// The pseudonyms of the member table's members.
+    pub members: HashSet<i64>,
+    /// The member table it was read from (its file and digest), which the commit checks.
+    pub members_version: String,
+}
+
+impl TokensOnly {
+    /// What a tokens-only ingest over `snapshot` computes under `rules`: the collaborations in
+    /// force whose member tokens lack their current key version. Refused when no members were
+    /// ingested yet, or no collaboration lacks tokens.
+    pub fn of(snapshot: &Snapshot, rules: &Rules) -> Result<Self> {
+        let Some(table) = &snapshot.members else {
+            return Err(cleanroom_core::Error::Precondition(
+                "no members were ingested yet: ingest the members in full".into(),
+            )
+            .into());
+        };
+        let contracts: BTreeSet<String> = rules
+            .contracts
+            .iter()
+            .filter(|(id, c)| {
+                snapshot
+                    .member_token_versions
+                    .get(*id)
+                    .is_none_or(|held| !held.contains(&c.key_version))
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        if contracts.is_empty() {
+            return Err(cleanroom_core::Error::Precondition(
+                "every collaboration has its members' tokens under its current key version: \
+                 a tokens-only ingest has nothing to compute"
+                    .into(),
+            )
+            .into());
+        }
+        let mut members = HashSet::new();
+        for batch in table.batches()? {
+            let batch = batch?;
+            let keys = batch
+                .column(0)
+                .as_any()
+                .downcast_ref::<Int64Array>()
+                .ok_or_else(|| {
+                    Error::Storage("the member table's first column is no key".into())
+                })?;
+            members.extend(keys.values().iter().copied());
+        }
+        Ok(Self {
+            contracts,
+            members,
+            members_version: snapshot.members_version.clone(),
+        })
+    }
+}
+
+/// A tokens-only ingest's count of the export's members against the member table's.
+struct Only {
+    members: HashSet<i64>,
+    found: usize,
+    not_in_table: usize,
 }
 
 /// One member's normalized e-mail and phone number, either of which may be missing or refused.
@@ -105,7 +179,9 @@ impl Ingest for MembersIngest {
             let index = self.report.next_index();
             self.member(index, &record)?;
         }
-        flush(&mut self.rows, &Table::Members, sink, false)?;
+        if self.only.is_none() {
+            flush(&mut self.rows, &Table::Members, sink, false)?;
+        }
         for (table, _, tokens) in &mut self.keys {
             flush(tokens, table, sink, false)?;
         }
@@ -113,7 +189,10 @@ impl Ingest for MembersIngest {
     }
 
     fn finish(mut self, sink: &mut dyn Sink) -> Result<IngestReport> {
-        flush(&mut self.rows, &Table::Members, sink, true)?;
+        self.check_same_members()?;
+        if self.only.is_none() {
+            flush(&mut self.rows, &Table::Members, sink, true)?;
+        }
         for (table, _, tokens) in &mut self.keys {
             flush(tokens, table, sink, true)?;
         }
@@ -180,7 +259,57 @@ impl MembersIngest {
             seen: HashSet::new(),
             identifiers: Identifiers::default(),
             report: IngestReport::default(),
+            only: None,
         })
+    }
+
+    /// A tokens-only ingest ([`TokensOnly`]): only the member tokens of `only.contracts`, each
+    /// member checked against the member table.
+    pub fn tokens_only(
+        rules: &Rules,
+        secret: &MasterSecret,
+        keys: &KeyStore,
+        now: DateTime<Utc>,
+        strict: bool,
+        only: TokensOnly,
+    ) -> Result<Self> {
+        let mut ingest = Self::new(rules, secret, keys, now, strict)?;
+        ingest.keys.retain(
+            |(table, _, _)| matches!(table, Table::MemberTokens(id) if only.contracts.contains(id)),
+        );
+        if ingest.keys.is_empty() {
+            return Err(cleanroom_core::Error::Precondition(
+                "the collaborations without tokens have no key in force (ended): a tokens-only \
+                 ingest has nothing to compute"
+                    .into(),
+            )
+            .into());
+        }
+        ingest.only = Some(Only {
+            members: only.members,
+            found: 0,
+            not_in_table: 0,
+        });
+        Ok(ingest)
+    }
+
+    /// For a tokens-only ingest, refuses an export whose members are not the member table's:
+    /// its tokens would name members the table lacks, or leave some of the table's without.
+    fn check_same_members(&self) -> Result<()> {
+        let Some(only) = &self.only else {
+            return Ok(());
+        };
+        let missing = only.members.len() - only.found;
+        if only.not_in_table == 0 && missing == 0 {
+            return Ok(());
+        }
+        Err(cleanroom_core::Error::Input(format!(
+            "a tokens-only ingest needs the export of the last members ingest: this one holds \
+             {} members the member table does not, and lacks {missing} of its members; ingest \
+             the members in full instead",
+            only.not_in_table
+        ))
+        .into())
     }
 
     /// Normalizes the member's e-mail and phone number into the kept buffers. A bad one is
@@ -216,6 +345,13 @@ impl MembersIngest {
             return self.report.reject(index, "member_id: duplicate", strict);
         }
         self.normalize_identifiers(index, record)?;
+        if let Some(only) = &mut self.only {
+            if only.members.contains(&member_key) {
+                only.found += 1;
+            } else {
+                only.not_in_table += 1;
+            }
+        }
         for (_, keys, tokens) in &mut self.keys {
             for key in keys.iter() {
                 for id in self.identifiers.present() {
@@ -223,14 +359,16 @@ impl MembersIngest {
                 }
             }
         }
-        self.rows.key.append_value(member_key);
-        self.rows
-            .age_band
-            .append_value(generalize::age_band(&record.birth_date, self.as_of));
-        self.rows.prefecture.append_value(prefecture);
-        self.rows
-            .gender
-            .append_value(generalize::gender(&record.gender));
+        if self.only.is_none() {
+            self.rows.key.append_value(member_key);
+            self.rows
+                .age_band
+                .append_value(generalize::age_band(&record.birth_date, self.as_of));
+            self.rows.prefecture.append_value(prefecture);
+            self.rows
+                .gender
+                .append_value(generalize::gender(&record.gender));
+        }
         self.report.accepted += 1;
         Ok(())
     }

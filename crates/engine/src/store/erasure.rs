@@ -38,6 +38,10 @@ pub struct ErasureAsk<'a> {
     pub purposes: &'a [String],
     /// When: consent events up to this instant are refused for the members from now on.
     pub at: DateTime<Utc>,
+    /// Tombstones to put back as they were, by member digest, with the instant of their erasure
+    /// (microseconds), each for every configured purpose: erasures a restore from backup lost,
+    /// which the high-water mark remembers, including members no table holds any more.
+    pub restored: &'a BTreeMap<i64, i64>,
     /// Called once every file is staged, before the commit (crash tests pause here).
     pub before_commit: &'a dyn Fn(),
 }
@@ -144,6 +148,8 @@ impl Store {
                 ..Produced::default()
             })
         })?;
+        let now_erased = erased_in(self.snapshot().erasures.as_ref())?;
+        *self.erased.lock().expect("erased lock poisoned") = now_erased;
         Ok((record, erased))
     }
 
@@ -258,6 +264,12 @@ impl Store {
                 written += 1;
             }
         }
+        for (digest, at) in ask.restored {
+            for purpose in ask.purposes {
+                all.insert((*digest, purpose.clone()), *at);
+                written += 1;
+            }
+        }
         let mut staging = self.staging();
         let mut digests = datafusion::arrow::array::Int64Builder::new();
         let mut names = StringBuilder::new();
@@ -279,6 +291,59 @@ impl Store {
         staging.close()?;
         Ok((staging, written))
     }
+}
+
+impl Store {
+    /// The members erased so far, by member digest, with the instant (microseconds) of their
+    /// latest erasure: what the high-water mark keeps, so that a restore from backup that lost an
+    /// erasure is seen and the erasure done again.
+    pub fn erased(&self) -> BTreeMap<i64, i64> {
+        self.erased.lock().expect("erased lock poisoned").clone()
+    }
+
+    /// The pseudonyms, in any retailer table (members, purchases, consent), whose member digest
+    /// under `digests` is one of `wanted`: the members of erasures a restore lost.
+    pub fn members_with_digests(
+        &self,
+        wanted: &BTreeMap<i64, i64>,
+        digests: &MemberDigestKey,
+    ) -> Result<HashSet<i64>> {
+        let snapshot = self.snapshot();
+        let mut found = HashSet::new();
+        let files = snapshot
+            .members
+            .iter()
+            .chain(&snapshot.purchases)
+            .chain(&snapshot.consent);
+        for file in files {
+            for batch in file.batches()? {
+                let batch = batch?;
+                let keys = batch
+                    .column(0)
+                    .as_any()
+                    .downcast_ref::<Int64Array>()
+                    .ok_or_else(|| Error::Storage("a retailer table without its key".into()))?;
+                for key in keys.values().iter() {
+                    if !found.contains(key) && wanted.contains_key(&digests.digest(*key)) {
+                        found.insert(*key);
+                    }
+                }
+            }
+        }
+        Ok(found)
+    }
+}
+
+/// The members a tombstones file names, by digest, with the instant of their latest erasure.
+pub(super) fn erased_in(tombstones: Option<&TableFile>) -> Result<BTreeMap<i64, i64>> {
+    let mut erased = BTreeMap::new();
+    if let Some(file) = tombstones {
+        for (digest, _, at) in tombstone_rows(file)? {
+            let latest = erased.entry(digest).or_insert(at);
+            *latest = (*latest).max(at);
+        }
+    }
+    Ok(erased)
 }
 
 /// The running SHA-256 over the consent files' digests, in ingest order, as consent ingests

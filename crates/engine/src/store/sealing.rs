@@ -11,8 +11,8 @@ use std::sync::Arc;
 
 use cleanroom_core::keys::KeyStore;
 use cleanroom_core::token::DataKey;
-use datafusion::parquet::encryption::decrypt::FileDecryptionProperties;
-use datafusion::parquet::encryption::encrypt::FileEncryptionProperties;
+use parquet::encryption::decrypt::FileDecryptionProperties;
+use parquet::encryption::encrypt::FileEncryptionProperties;
 use ring::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
 use serde::{Deserialize, Serialize};
 

@@ -338,14 +338,16 @@ class PartnerListHeader(_message.Message):
     def __init__(self, partner_id: _Optional[str] = ..., strict: bool = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class IngestHeader(_message.Message):
-    __slots__ = ("source", "strict", "request_id")
+    __slots__ = ("source", "strict", "request_id", "tokens_only")
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     STRICT_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_ONLY_FIELD_NUMBER: _ClassVar[int]
     source: str
     strict: bool
     request_id: str
-    def __init__(self, source: _Optional[str] = ..., strict: bool = ..., request_id: _Optional[str] = ...) -> None: ...
+    tokens_only: bool
+    def __init__(self, source: _Optional[str] = ..., strict: bool = ..., request_id: _Optional[str] = ..., tokens_only: bool = ...) -> None: ...
 
 class MemberChunk(_message.Message):
     __slots__ = ("records",)
