@@ -211,11 +211,14 @@ class StderrProgress:
         self.stream = stream if stream is not None else sys.stderr
         self.every = every
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.last = 0.0
+        # None until the first line: the monotonic clock starts near 0 at boot, so "0.0" would
+        # hide the first line on a machine up for less than `every` seconds.
+        self.last: Optional[float] = None
 
     def __call__(self, progress: UploadProgress) -> None:
         now = time.monotonic()
-        if not progress.done and not self.tty and now - self.last < self.every:
+        recent = self.last is not None and now - self.last < self.every
+        if not progress.done and not self.tty and recent:
             return
         self.last = now
         text = f"upload {progress.source}: {progress.records_sent:,} records sent"
