@@ -140,6 +140,11 @@ struct EraseArgs {
     members: PathBuf,
     #[command(flatten)]
     service: ServiceArgs,
+    /// Names this erasure for its retries: a retry of one that committed is answered with its
+    /// counts and erases nothing again. Default: a new id, printed; give the printed id again to
+    /// retry an erasure whose outcome was not known.
+    #[arg(long)]
+    request_id: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -815,16 +820,10 @@ fn destroy(args: DestroyArgs) -> Result<()> {
 fn erase(args: EraseArgs) -> Result<()> {
     // The file is read and checked whole before the service is called: a bad file erases no one.
     let member_ids = cleanroom_client::read_member_ids(&args.members)?;
-    let summary = runtime()?.block_on(async {
+    let s = runtime()?.block_on(async {
         let conn = args.service.connect().await?;
-        let request = cleanroom_proto::v1::EraseMembersRequest { member_ids };
-        anyhow::Ok(
-            conn.admin(&args.service.token)?
-                .erase_members(request)
-                .await?,
-        )
+        write_cmd::erase(member_ids, args.request_id, &conn, &args.service.token).await
     })?;
-    let s = summary.into_inner();
     println!(
         "erased {} of {} members asked (commit {}, audit {})",
         s.members_found, s.members_asked, s.commit, s.audit_id

@@ -15,7 +15,8 @@ use std::time::Instant;
 use anyhow::{Result, bail};
 use cleanroom_client::{Connection, Progress};
 use cleanroom_proto::v1::{
-    IngestHeader, IngestSummary, PartnerListHeader, UploadListHeader, UploadListResponse,
+    EraseMembersRequest, ErasureSummary, IngestHeader, IngestSummary, PartnerListHeader,
+    UploadListHeader, UploadListResponse,
 };
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -45,6 +46,35 @@ impl Committed for UploadListResponse {
     fn already_committed(&self) -> bool {
         self.already_committed
     }
+}
+
+impl Committed for ErasureSummary {
+    fn already_committed(&self) -> bool {
+        self.already_committed
+    }
+}
+
+/// Erases members as the analyst under a request id (`request_id`, or a new one), sent again
+/// while its connection breaks: a retry of an erasure that committed answers its counts.
+pub async fn erase(
+    member_ids: Vec<String>,
+    request_id: Option<String>,
+    conn: &Connection,
+    token: &str,
+) -> Result<ErasureSummary> {
+    let id = request_id.unwrap_or_else(cleanroom_client::new_request_id);
+    send(&id, || {
+        let conn = conn.clone();
+        let request = EraseMembersRequest {
+            member_ids: member_ids.clone(),
+            request_id: id.clone(),
+        };
+        async move {
+            let answer = conn.admin(token)?.erase_members(request).await?;
+            Ok(answer.into_inner())
+        }
+    })
+    .await
 }
 
 /// What a write command streams, and under which request id.

@@ -123,6 +123,7 @@ async fn erase(h: &Harness, ids: &[String]) -> Result<ErasureSummary, tonic::Sta
     h.analyst()
         .erase_members(EraseMembersRequest {
             member_ids: ids.to_vec(),
+            request_id: String::new(),
         })
         .await
         .map(|r| r.into_inner())
@@ -355,6 +356,7 @@ async fn refusals_change_nothing_and_the_command_checks_its_file() {
     let member = vec!["M0000001".to_string()];
     let request = || EraseMembersRequest {
         member_ids: member.clone(),
+        ..Default::default()
     };
     let partner = h
         .conn
@@ -490,5 +492,73 @@ async fn an_erasure_a_restore_lost_is_done_again_when_the_restore_is_accepted() 
             .all(|p| tombstones.contains_key(&digests.digest(*p))),
         "the tombstones are back"
     );
+    h.stop().await;
+}
+
+/// A client that retries: an erasure sent again under its request id (its answer lost, say) is
+/// answered with the original counts, marked already committed, and erases nothing again (no
+/// new commit, no second erasure record, the tombstones as they were). A malformed request id is
+/// refused before anything is read. The control: without a request id the same erasure runs
+/// again, as a new commit that finds nobody.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_erasure_retried_under_its_request_id_is_answered_and_not_done_twice() {
+    let h = Harness::start().await;
+    let truth = Truth::load();
+    let (on_list, on_none) = two_members(&truth);
+    let ids = vec![on_list, on_none];
+    let request = EraseMembersRequest {
+        member_ids: ids.clone(),
+        request_id: "erase-2026-12-05".into(),
+    };
+    let malformed = EraseMembersRequest {
+        request_id: "not an id".into(),
+        ..request.clone()
+    };
+    let refused = h.analyst().erase_members(malformed).await.unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    assert!(erasures(h.data_dir.path()).is_empty());
+
+    let first = h
+        .analyst()
+        .erase_members(request.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(first.members_found, 2, "{first:?}");
+    let (commits, tombstones) = (h.app.store.commits(), h.app.store.erased());
+    let again = h
+        .analyst()
+        .erase_members(request)
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(again.already_committed && !first.already_committed);
+    let counts = |s: &ErasureSummary| {
+        (
+            s.members_asked,
+            s.members_found,
+            s.member_rows,
+            s.member_token_rows,
+            s.purchase_rows,
+            s.consent_rows,
+            s.tombstones,
+            s.files_replaced,
+            s.commit,
+        )
+    };
+    assert_eq!(counts(&again), counts(&first));
+    assert_eq!(h.app.store.commits(), commits, "nothing committed again");
+    assert_eq!(
+        h.app.store.erased(),
+        tombstones,
+        "the tombstones as they were"
+    );
+    assert_eq!(erasures(h.data_dir.path()).len(), 1);
+
+    let unnamed = erase(&h, &ids).await.unwrap();
+    assert!(!unnamed.already_committed);
+    assert_eq!(unnamed.members_found, 0);
+    assert_eq!(h.app.store.commits(), commits + 1);
+    assert_eq!(erasures(h.data_dir.path()).len(), 2);
     h.stop().await;
 }

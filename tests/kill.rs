@@ -855,7 +855,10 @@ async fn kill_minus_nine_during_an_erasure_leaves_all_or_nothing() {
                 let runtime = tokio::runtime::Runtime::new().unwrap();
                 runtime.block_on(async move {
                     let conn = Connection::open(&addr).await.unwrap();
-                    let request = cleanroom_proto::v1::EraseMembersRequest { member_ids: asked };
+                    let request = cleanroom_proto::v1::EraseMembersRequest {
+                        member_ids: asked,
+                        request_id: String::new(),
+                    };
                     let _ = conn
                         .admin(sample::ANALYST_TOKEN)
                         .unwrap()

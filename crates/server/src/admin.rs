@@ -369,9 +369,9 @@ impl AdminService for AdminApi {
         mut request: Request<EraseMembersRequest>,
     ) -> std::result::Result<Response<ErasureSummary>, Status> {
         let (call, mut entry) = Call::take(&mut request)?;
-        let ids = request.into_inner().member_ids;
-        let result = crate::erasure::erase(&self.app, &call, &mut entry, &ids).await;
-        drop(ids);
+        let asked = request.into_inner();
+        let result = crate::erasure::erase(&self.app, &call, &mut entry, &asked).await;
+        drop(asked);
         self.app.finish(call, entry, result).await
     }
 

@@ -16,12 +16,13 @@ use std::sync::Arc;
 
 use cleanroom_core::rules::Role;
 use cleanroom_engine::ingest::IngestReport;
-use cleanroom_engine::store::{ERASE_MEMBERS, Erased, ErasureAsk};
-use cleanroom_proto::v1::ErasureSummary;
+use cleanroom_engine::store::{CommitRecord, ERASE_MEMBERS, Erased, ErasureAsk};
+use cleanroom_proto::v1::{EraseMembersRequest, ErasureSummary};
 
 use crate::Result;
 use crate::audit::{Entry, ErasureCounts, Event};
 use crate::context::Call;
+use crate::retry::Claim;
 use crate::state::App;
 
 /// The most member ids one call may erase: the request is one message, bounded as the stream
@@ -36,17 +37,24 @@ pub(crate) async fn erase(
     app: &Arc<App>,
     call: &Call,
     entry: &mut Entry,
-    member_ids: &[String],
+    asked: &EraseMembersRequest,
 ) -> Result<ErasureSummary> {
     call.require(Role::Analyst, ERASE_MEMBERS)?;
+    let member_ids = &asked.member_ids;
     let members = pseudonyms(app, member_ids)?;
+    let request_id = crate::retry::parse(&asked.request_id)?;
+    entry.request_id = request_id.clone();
+    let _slot = match app.claim_write(ERASE_MEMBERS, None, request_id.as_deref())? {
+        Claim::Replay(record) => return replayed(app, entry, &record),
+        Claim::Run(slot) => slot,
+    };
     let asked = members.len() as u64;
     let report = IngestReport {
         received: member_ids.len() as u64,
         accepted: asked,
         ..IngestReport::default()
     };
-    let facts = call.write_facts(ERASE_MEMBERS, None, None, &report);
+    let facts = call.write_facts(ERASE_MEMBERS, None, request_id.as_deref(), &report);
     let purposes: Vec<String> = call.live.rules.purposes.keys().cloned().collect();
     let (owned, at) = (Arc::clone(app), call.now);
     let (record, erased) = crate::state::blocking(move || {
@@ -79,6 +87,33 @@ pub(crate) async fn erase(
 
 /// The pseudonyms of the members asked (an id given twice counts once). The ids themselves are
 /// checked and dropped here: an error names an id by its position, never its text.
+/// The answer to a retry of an erasure committed before under its request id: the original
+/// counts, from the audit record of its commit, and nothing erased again. (The answer's
+/// `audit_id` is this call's own record, which names the commit it replayed.)
+fn replayed(app: &App, entry: &mut Entry, record: &CommitRecord) -> Result<ErasureSummary> {
+    entry.replayed(record);
+    let trail = crate::audit::read(app.audit.path())?;
+    let original = trail.iter().rev().find_map(|r| match &r.entry.event {
+        Some(Event::Erased(counts)) if r.entry.commit == Some(record.seq) => Some(counts),
+        _ => None,
+    });
+    let Some(counts) = original else {
+        return Err(crate::Error::Internal(format!(
+            "erasure commit {} has no erasure record in the audit trail",
+            record.seq
+        )));
+    };
+    let erased = Erased {
+        members_found: counts.members_found,
+        rows_removed: counts.rows_removed.clone(),
+        tombstones: counts.tombstones,
+        files_replaced: counts.files_replaced,
+    };
+    let mut summary = summary_of(counts.members_asked, &erased, record.seq);
+    summary.already_committed = true;
+    Ok(summary)
+}
+
 fn pseudonyms(app: &App, member_ids: &[String]) -> Result<HashSet<i64>> {
     let bad = |why: String| crate::Error::from(cleanroom_core::Error::Input(why));
     if member_ids.is_empty() {
@@ -120,5 +155,6 @@ fn summary_of(asked: u64, erased: &Erased, commit: u64) -> ErasureSummary {
         files_replaced: erased.files_replaced,
         commit,
         audit_id: String::new(),
+        already_committed: false,
     }
 }

@@ -771,13 +771,15 @@ class DestructionStatus(_message.Message):
     def __init__(self, contract_id: _Optional[str] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., requested_by: _Optional[str] = ..., confirmed_by: _Optional[str] = ..., destroyed_at: _Optional[str] = ..., key_version: _Optional[int] = ..., key_id: _Optional[str] = ..., files: _Optional[_Iterable[_Union[DestroyedFile, _Mapping]]] = ..., stored_answers: _Optional[int] = ..., audit_id: _Optional[str] = ...) -> None: ...
 
 class EraseMembersRequest(_message.Message):
-    __slots__ = ("member_ids",)
+    __slots__ = ("member_ids", "request_id")
     MEMBER_IDS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     member_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, member_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    request_id: str
+    def __init__(self, member_ids: _Optional[_Iterable[str]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class ErasureSummary(_message.Message):
-    __slots__ = ("members_asked", "members_found", "member_rows", "member_token_rows", "purchase_rows", "consent_rows", "tombstones", "files_replaced", "commit", "audit_id")
+    __slots__ = ("members_asked", "members_found", "member_rows", "member_token_rows", "purchase_rows", "consent_rows", "tombstones", "files_replaced", "commit", "audit_id", "already_committed")
     MEMBERS_ASKED_FIELD_NUMBER: _ClassVar[int]
     MEMBERS_FOUND_FIELD_NUMBER: _ClassVar[int]
     MEMBER_ROWS_FIELD_NUMBER: _ClassVar[int]
@@ -788,6 +790,7 @@ class ErasureSummary(_message.Message):
     FILES_REPLACED_FIELD_NUMBER: _ClassVar[int]
     COMMIT_FIELD_NUMBER: _ClassVar[int]
     AUDIT_ID_FIELD_NUMBER: _ClassVar[int]
+    ALREADY_COMMITTED_FIELD_NUMBER: _ClassVar[int]
     members_asked: int
     members_found: int
     member_rows: int
@@ -798,7 +801,8 @@ class ErasureSummary(_message.Message):
     files_replaced: int
     commit: int
     audit_id: str
-    def __init__(self, members_asked: _Optional[int] = ..., members_found: _Optional[int] = ..., member_rows: _Optional[int] = ..., member_token_rows: _Optional[int] = ..., purchase_rows: _Optional[int] = ..., consent_rows: _Optional[int] = ..., tombstones: _Optional[int] = ..., files_replaced: _Optional[int] = ..., commit: _Optional[int] = ..., audit_id: _Optional[str] = ...) -> None: ...
+    already_committed: bool
+    def __init__(self, members_asked: _Optional[int] = ..., members_found: _Optional[int] = ..., member_rows: _Optional[int] = ..., member_token_rows: _Optional[int] = ..., purchase_rows: _Optional[int] = ..., consent_rows: _Optional[int] = ..., tombstones: _Optional[int] = ..., files_replaced: _Optional[int] = ..., commit: _Optional[int] = ..., audit_id: _Optional[str] = ..., already_committed: bool = ...) -> None: ...
 
 class ListReceiptsRequest(_message.Message):
     __slots__ = ("partner",)
