@@ -691,8 +691,9 @@ fn kill_at_pause(config: &Path, point: &str, during: impl FnOnce(&str)) {
 
 /// Issue 16, item 3: `kill -9` at each step of a destruction (after its commit, after its stored
 /// answers, after its key), then a start: the destruction is complete (files, stored answers,
-/// key seed), the partner is refused, the trail verifies and records the destruction's commit,
-/// and the privacy ledger is byte for byte what it was.
+/// key seed), the partner is refused, the trail verifies and holds the destruction's one typed
+/// record (files, hashes, rows, reason, key id), and the privacy ledger is byte for byte what it
+/// was.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_minus_nine_during_a_destruction_and_the_next_start_completes_it() {
     for point in [
@@ -753,15 +754,32 @@ async fn kill_minus_nine_during_a_destruction_and_the_next_start_completes_it() 
         let key = cleanroom_server::audit::ChainKey::new(&test_secret());
         cleanroom_server::audit::verify(&data.join("audit.jsonl"), &key, None)
             .unwrap_or_else(|e| panic!("{point}: the trail does not verify: {e}"));
+        // Every step's crash leaves the typed record, written at the start when the crash came
+        // before it: the files with their hashes and rows, the reason, the destroyed key's id.
         let records = cleanroom_server::audit::read(&data.join("audit.jsonl")).unwrap();
-        let recorded = records.iter().any(|r| match &r.entry.event {
-            Some(cleanroom_server::audit::Event::Destroyed(d)) => d.contract == "ctr-sakura-2026",
-            Some(cleanroom_server::audit::Event::Reconciled { writes, .. }) => {
-                writes.iter().any(|w| w.method == "Sweep")
-            }
-            _ => false,
-        });
-        assert!(recorded, "{point}: the trail records the destruction");
+        let proofs: Vec<_> = records
+            .iter()
+            .filter_map(|r| match &r.entry.event {
+                Some(cleanroom_server::audit::Event::Destroyed(d)) => Some(d),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(proofs.len(), 1, "{point}: one destruction record");
+        let proof = proofs[0];
+        assert_eq!(
+            (proof.contract.as_str(), proof.reason.as_str()),
+            ("ctr-sakura-2026", "expiry"),
+            "{point}"
+        );
+        assert_eq!(proof.files.len(), 2, "{point}: {proof:?}");
+        assert!(
+            proof
+                .files
+                .iter()
+                .all(|f| f.sha256.len() == 64 && f.rows > 0),
+            "{point}: {proof:?}"
+        );
+        assert_ne!(proof.key_id, "never made", "{point}");
         println!("{point}: killed there, completed at the next start");
         served.kill();
     }

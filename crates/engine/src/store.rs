@@ -242,6 +242,13 @@ pub struct CommitRecord {
     /// finishes a destruction a crash cut after this commit (its stored answers and key).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ended: Option<String>,
+    /// For a destruction, each file it destroyed (name, SHA-256, rows): the proof start-up writes
+    /// when a crash cut the destruction before its audit record.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub destroyed: Vec<DestroyedFile>,
+    /// For a destruction, why (`expiry`, `manual`, ...), for the same proof.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// One destroyed file, as a destruction's proof names it.
@@ -261,6 +268,8 @@ struct Produced {
     list_version: Option<u32>,
     consent_snapshot_id: Option<String>,
     ended: Option<String>,
+    destroyed: Vec<DestroyedFile>,
+    reason: Option<String>,
 }
 
 /// What a write is, for its commit record (the store adds where it went).
@@ -837,6 +846,8 @@ impl Store {
             list_version: produced.list_version,
             consent_snapshot_id: produced.consent_snapshot_id,
             ended: produced.ended,
+            destroyed: produced.destroyed,
+            reason: produced.reason,
         };
         manifest.log.push(record.clone());
         record
@@ -850,6 +861,7 @@ impl Store {
         &self,
         contract: &str,
         partner: &str,
+        reason: &str,
         facts: WriteFacts,
     ) -> Result<(CommitRecord, Vec<DestroyedFile>)> {
         let mut destroyed = Vec::new();
@@ -872,6 +884,8 @@ impl Store {
             }
             Ok(Produced {
                 ended: Some(contract.to_string()),
+                destroyed: destroyed.clone(),
+                reason: Some(reason.to_string()),
                 ..Produced::default()
             })
         })?;

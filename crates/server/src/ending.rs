@@ -128,9 +128,9 @@ fn destroy(
     facts: cleanroom_engine::store::WriteFacts,
 ) -> Result<(CommitRecord, Destruction)> {
     let now = facts.at;
-    let (record, files) = app
-        .store
-        .commit_destruction(&ending.contract, &ending.partner, facts)?;
+    let (record, files) =
+        app.store
+            .commit_destruction(&ending.contract, &ending.partner, &ending.reason, facts)?;
     crate::faults::pause_point("end:committed");
     let stored_answers = app.guard.forget_answers(&ending.partner)?;
     crate::faults::pause_point("end:answers-forgotten");
@@ -275,12 +275,17 @@ fn destroy_keys(
 }
 
 /// Finishes destructions a crash cut after their commit: a commit that ended a collaboration
-/// whose stored answers or keys are still there. Run at start, before any call is served.
+/// whose stored answers or keys are still there, or whose typed audit record is missing (the
+/// crash came before it). The record is then written from the commit (files, hashes, rows,
+/// reason) and the key store, so every destruction has its proof. Run at start, before any call
+/// is served.
 pub(crate) fn finish_cut(app: &App, log: &[CommitRecord], now: DateTime<Utc>) -> Result<()> {
+    let mut recorded = None;
     for record in log {
         let (Some(contract), Some(partner)) = (&record.ended, &record.partner) else {
             continue;
         };
+        let reason = record.reason.as_deref().unwrap_or("manual");
         let answers = app.guard.forget_answers(partner)?;
         let keys_left = app
             .keys
@@ -293,10 +298,64 @@ pub(crate) fn finish_cut(app: &App, log: &[CommitRecord], now: DateTime<Utc>) ->
                 stored_answers = answers,
                 "finishing a destruction a crash cut short"
             );
-            destroy_keys(&app.keys, contract, None, "manual (finished at start)", now)?;
         }
+        let (key_version, key_id) = match destroy_keys(&app.keys, contract, None, reason, now)? {
+            (0, _) => newest_destroyed(&app.keys, contract)?,
+            destroyed => destroyed,
+        };
+        let recorded = match &mut recorded {
+            Some(seqs) => seqs,
+            None => recorded.insert(destruction_records(app)?),
+        };
+        if recorded.contains(&record.seq) {
+            continue;
+        }
+        let pending = app.destruction_requests.get(contract);
+        let destruction = Destruction {
+            contract: contract.clone(),
+            partner: partner.clone(),
+            reason: pending.as_ref().map_or(reason, |p| &p.reason).to_string(),
+            requested_by: pending.map_or_else(|| "retention rules".into(), |p| p.requested_by),
+            key_version,
+            key_id,
+            files: record.destroyed.clone(),
+            stored_answers: answers,
+        };
+        let mut entry = Entry {
+            principal: "service".into(),
+            role: "service".into(),
+            partner: Some(partner.clone()),
+            method: record.method.clone(),
+            outcome: "ok".into(),
+            ..Entry::default()
+        };
+        entry.committed(record);
+        entry.event = Some(Event::Destroyed(Box::new(destruction)));
+        app.audit.append(entry, now)?;
+        app.destruction_requests.remove(contract);
+        tracing::warn!(contract = %contract, "a destruction's record a crash cut was written");
     }
     Ok(())
+}
+
+/// The newest destroyed key of `contract`: its version and public id.
+fn newest_destroyed(keys: &KeyStore, contract: &str) -> Result<(u32, String)> {
+    Ok(keys
+        .status()?
+        .into_iter()
+        .filter(|k| k.contract == contract && k.destroyed.is_some())
+        .max_by_key(|k| k.version)
+        .map_or((0, "never made".to_string()), |k| (k.version, k.key_id)))
+}
+
+/// The commits the trail's destruction records name.
+fn destruction_records(app: &App) -> Result<std::collections::BTreeSet<u64>> {
+    let trail = crate::audit::read(app.audit.path())?;
+    Ok(trail
+        .iter()
+        .filter(|r| matches!(r.entry.event, Some(Event::Destroyed(_))))
+        .filter_map(|r| r.entry.commit)
+        .collect())
 }
 
 fn status_of(contract: &str, state: &str, pending: &Pending) -> DestructionStatus {
