@@ -116,15 +116,26 @@ async fn upload_raw(h: &Harness) -> Result<u32, tonic::Status> {
 
 async fn ingest_members(h: &Harness) {
     let members = cleanroom_client::read_members(&sample_dir().join("members.csv")).unwrap();
+    send_members(h, members, false).await.unwrap();
+}
+
+/// Sends `members` as a members ingest, in full or (`tokens_only`) for the missing tokens.
+async fn send_members(
+    h: &Harness,
+    members: Vec<cleanroom_proto::v1::MemberRecord>,
+    tokens_only: bool,
+) -> Result<(), tonic::Status> {
     let header = IngestHeader {
         source: "members.csv".into(),
         strict: false,
         request_id: cleanroom_client::new_request_id(),
-        tokens_only: false,
+        tokens_only,
     };
-    cleanroom_client::ingest_members(&mut h.analyst(), header, members)
-        .await
-        .unwrap();
+    match cleanroom_client::ingest_members(&mut h.analyst(), header, members).await {
+        Ok(_) => Ok(()),
+        Err(cleanroom_client::Error::Status(status)) => Err(status),
+        Err(other) => panic!("not a status: {other}"),
+    }
 }
 
 /// The key versions Sakura's current list is under.
@@ -340,24 +351,6 @@ async fn without_an_overlap_the_old_version_goes_at_once_and_new_tokens_wait_for
     h.stop().await;
 }
 
-/// The sample's members ingested again for their missing tokens only.
-async fn ingest_tokens_only(
-    h: &Harness,
-    members: Vec<cleanroom_proto::v1::MemberRecord>,
-) -> Result<(), tonic::Status> {
-    let header = IngestHeader {
-        source: "members.csv".into(),
-        strict: false,
-        request_id: cleanroom_client::new_request_id(),
-        tokens_only: true,
-    };
-    match cleanroom_client::ingest_members(&mut h.analyst(), header, members).await {
-        Ok(_) => Ok(()),
-        Err(cleanroom_client::Error::Status(status)) => Err(status),
-        Err(other) => panic!("not a status: {other}"),
-    }
-}
-
 /// The manifest's member table file and Kumo Denki's member-token file.
 fn member_files(data: &Path) -> (String, String) {
     let manifest: serde_json::Value =
@@ -386,7 +379,7 @@ async fn a_tokens_only_ingest_computes_the_missing_tokens_and_nothing_else() {
     let mut members = cleanroom_client::read_members(&sample_dir().join("members.csv")).unwrap();
     let last = members.pop().unwrap();
     let manifest_before = std::fs::read(data.join("manifest.json")).unwrap();
-    let refused = ingest_tokens_only(&h, members.clone()).await.unwrap_err();
+    let refused = send_members(&h, members.clone(), true).await.unwrap_err();
     assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
     assert!(
         refused.message().contains("lacks 1 of its members"),
@@ -399,7 +392,7 @@ async fn a_tokens_only_ingest_computes_the_missing_tokens_and_nothing_else() {
     );
 
     members.push(last);
-    ingest_tokens_only(&h, members.clone()).await.unwrap();
+    send_members(&h, members.clone(), true).await.unwrap();
     let (members_after, kumo_after) = member_files(&data);
     assert_eq!(
         members_after, members_before,
@@ -413,7 +406,7 @@ async fn a_tokens_only_ingest_computes_the_missing_tokens_and_nothing_else() {
     let answer = h.run("sakura_foods", "matched_overlap", &[]).await.unwrap();
     assert!(answer.protection.as_ref().unwrap().fresh);
 
-    let nothing = ingest_tokens_only(&h, members).await.unwrap_err();
+    let nothing = send_members(&h, members, true).await.unwrap_err();
     assert_eq!(nothing.code(), Code::FailedPrecondition, "{nothing:?}");
     assert!(
         nothing.message().contains("nothing to compute"),

@@ -107,6 +107,8 @@ pub struct KeyStore {
     secret: MasterSecret,
     /// Keys already read or made: a members ingest asks once per collaboration, an upload once.
     cache: Mutex<HashMap<(String, u32), CollaborationKey>>,
+    /// Data keys already derived: every sealed file or stored answer opened asks for one.
+    data_keys: Mutex<HashMap<(String, u32), DataKey>>,
 }
 
 impl std::fmt::Debug for KeyStore {
@@ -124,6 +126,7 @@ impl KeyStore {
             dir: dir.to_path_buf(),
             secret,
             cache: Mutex::new(HashMap::new()),
+            data_keys: Mutex::new(HashMap::new()),
         };
         store.finish_destructions()?;
         store.remove_stale_temporaries()?;
@@ -140,6 +143,7 @@ impl KeyStore {
             dir: dir.to_path_buf(),
             secret,
             cache: Mutex::new(HashMap::new()),
+            data_keys: Mutex::new(HashMap::new()),
         })
     }
 
@@ -191,6 +195,10 @@ impl KeyStore {
     /// with the tombstone's message once the key was destroyed, and as a storage fault when the
     /// store holds no such key (a data directory restored beside the wrong key store).
     pub fn data_key(&self, contract: &str, version: u32) -> Result<DataKey> {
+        let id = (contract.to_string(), version);
+        if let Some(key) = lock(&self.data_keys).get(&id) {
+            return Ok(key.clone());
+        }
         if let Some(tombstone) = self.tombstone(contract, version)? {
             return Err(tombstone.refusal());
         }
@@ -203,7 +211,9 @@ impl KeyStore {
                 ),
             ));
         };
-        Ok(self.secret.data_key(contract, version, &seed.bytes))
+        let key = self.secret.data_key(contract, version, &seed.bytes);
+        lock(&self.data_keys).insert(id, key.clone());
+        Ok(key)
     }
 
     /// The tombstone of a destroyed key, if it was destroyed.
@@ -249,6 +259,7 @@ impl KeyStore {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&(contract.to_string(), version));
+        lock(&self.data_keys).remove(&(contract.to_string(), version));
         self.shred(&self.path(contract, version, SEED)?)?;
         Ok(tombstone)
     }
@@ -486,6 +497,11 @@ pub fn check_contract_id(contract: &str) -> Result<()> {
             crate::files::excerpt(contract)
         )))
     }
+}
+
+/// A lock of a key cache: a poisoned one still holds whole keys.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn storage(path: &Path, why: &str) -> Error {

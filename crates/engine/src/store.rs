@@ -900,13 +900,7 @@ impl Store {
             let members = staging.table(&Table::Members)?;
             manifest.members = Some(place("members", members)?);
             manifest.member_tokens.clear();
-            for (table, staged) in &mut staging.tables {
-                let Table::MemberTokens(contract) = table else {
-                    continue;
-                };
-                let file = place(&format!("member_tokens-{}", file_safe(contract)), staged)?;
-                manifest.member_tokens.insert(contract.clone(), file);
-            }
+            place_member_tokens(manifest, place, &mut staging)?;
             Ok(Produced::default())
         })
     }
@@ -929,13 +923,7 @@ impl Store {
                 )
                 .into());
             }
-            for (table, staged) in &mut staging.tables {
-                let Table::MemberTokens(contract) = table else {
-                    continue;
-                };
-                let file = place(&format!("member_tokens-{}", file_safe(contract)), staged)?;
-                manifest.member_tokens.insert(contract.clone(), file);
-            }
+            place_member_tokens(manifest, place, &mut staging)?;
             Ok(Produced::default())
         })
     }
@@ -1023,6 +1011,22 @@ impl Store {
             })
         })
     }
+}
+
+/// Places every collaboration's member tokens `staging` holds as that collaboration's file.
+fn place_member_tokens(
+    manifest: &mut Manifest,
+    place: &mut Placer<'_>,
+    staging: &mut Staging,
+) -> Result<()> {
+    for (table, staged) in &mut staging.tables {
+        let Table::MemberTokens(contract) = table else {
+            continue;
+        };
+        let file = place(&format!("member_tokens-{}", file_safe(contract)), staged)?;
+        manifest.member_tokens.insert(contract.clone(), file);
+    }
+    Ok(())
 }
 
 /// Moves a staged table into the data directory under a new name (`<stem>-<n>.parquet`).

@@ -13,6 +13,8 @@
 //! destruction is never left half done. Pending requests are rebuilt from the audit trail at
 //! start, as approvals are; the analyst who asks cannot confirm (the legal role does).
 
+use std::collections::BTreeSet;
+
 use chrono::{DateTime, Utc};
 use cleanroom_core::keys::KeyStore;
 use cleanroom_engine::ingest::IngestReport;
@@ -275,66 +277,83 @@ fn destroy_keys(
 }
 
 /// Finishes destructions a crash cut after their commit: a commit that ended a collaboration
-/// whose stored answers or keys are still there, or whose typed audit record is missing (the
-/// crash came before it). The record is then written from the commit (files, hashes, rows,
-/// reason) and the key store, so every destruction has its proof. Run at start, before any call
-/// is served.
-pub(crate) fn finish_cut(app: &App, log: &[CommitRecord], now: DateTime<Utc>) -> Result<()> {
-    let mut recorded = None;
+/// whose stored answers or keys are still there, or whose typed audit record is missing from
+/// `recorded` (the crash came before it). The record is then written from the commit (files,
+/// hashes, rows, reason) and the key store, so every destruction has its proof. Run at start,
+/// before any call is served.
+pub(crate) fn finish_cut(
+    app: &App,
+    log: &[CommitRecord],
+    recorded: &BTreeSet<u64>,
+    now: DateTime<Utc>,
+) -> Result<()> {
     for record in log {
         let (Some(contract), Some(partner)) = (&record.ended, &record.partner) else {
             continue;
         };
-        let reason = record.reason.as_deref().unwrap_or("manual");
         let answers = app.guard.forget_answers(partner)?;
         let keys_left = app
             .keys
             .status()?
             .iter()
             .any(|k| &k.contract == contract && k.destroyed.is_none());
-        if answers > 0 || keys_left {
-            tracing::warn!(
-                contract = %contract,
-                stored_answers = answers,
-                "finishing a destruction a crash cut short"
-            );
+        let has_record = recorded.contains(&record.seq);
+        if has_record && answers == 0 && !keys_left {
+            continue;
         }
+        tracing::warn!(
+            contract = %contract,
+            stored_answers = answers,
+            "finishing a destruction a crash cut short"
+        );
+        let reason = record.reason.as_deref().unwrap_or("manual");
         let (key_version, key_id) = match destroy_keys(&app.keys, contract, None, reason, now)? {
             (0, _) => newest_destroyed(&app.keys, contract)?,
             destroyed => destroyed,
         };
-        let recorded = match &mut recorded {
-            Some(seqs) => seqs,
-            None => recorded.insert(destruction_records(app)?),
-        };
-        if recorded.contains(&record.seq) {
-            continue;
+        if !has_record {
+            let key = (key_version, key_id);
+            record_cut(app, record, (contract, partner), reason, key, answers, now)?;
         }
-        let pending = app.destruction_requests.get(contract);
-        let destruction = Destruction {
-            contract: contract.clone(),
-            partner: partner.clone(),
-            reason: pending.as_ref().map_or(reason, |p| &p.reason).to_string(),
-            requested_by: pending.map_or_else(|| "retention rules".into(), |p| p.requested_by),
-            key_version,
-            key_id,
-            files: record.destroyed.clone(),
-            stored_answers: answers,
-        };
-        let mut entry = Entry {
-            principal: "service".into(),
-            role: "service".into(),
-            partner: Some(partner.clone()),
-            method: record.method.clone(),
-            outcome: "ok".into(),
-            ..Entry::default()
-        };
-        entry.committed(record);
-        entry.event = Some(Event::Destroyed(Box::new(destruction)));
-        app.audit.append(entry, now)?;
-        app.destruction_requests.remove(contract);
-        tracing::warn!(contract = %contract, "a destruction's record a crash cut was written");
     }
+    Ok(())
+}
+
+/// Writes the typed record of a destruction a crash cut before it, from its commit: the
+/// reason and requester of the pending request if there was one, else the commit's reason.
+fn record_cut(
+    app: &App,
+    record: &CommitRecord,
+    (contract, partner): (&String, &String),
+    reason: &str,
+    (key_version, key_id): (u32, String),
+    stored_answers: u64,
+    now: DateTime<Utc>,
+) -> Result<()> {
+    let pending = app.destruction_requests.get(contract);
+    let destruction = Destruction {
+        contract: contract.clone(),
+        partner: partner.clone(),
+        reason: pending.as_ref().map_or(reason, |p| &p.reason).to_string(),
+        requested_by: pending.map_or_else(|| "retention rules".into(), |p| p.requested_by),
+        key_version,
+        key_id,
+        files: record.destroyed.clone(),
+        stored_answers,
+    };
+    let mut entry = Entry {
+        principal: "service".into(),
+        role: "service".into(),
+        partner: Some(partner.clone()),
+        method: record.method.clone(),
+        outcome: "ok".into(),
+        ..Entry::default()
+    };
+    entry.committed(record);
+    entry.event = Some(Event::Destroyed(Box::new(destruction)));
+    app.audit.append(entry, now)?;
+    app.destruction_requests.remove(contract);
+    tracing::warn!(contract = %contract, "a destruction's record a crash cut was written");
     Ok(())
 }
 
@@ -349,13 +368,12 @@ fn newest_destroyed(keys: &KeyStore, contract: &str) -> Result<(u32, String)> {
 }
 
 /// The commits the trail's destruction records name.
-fn destruction_records(app: &App) -> Result<std::collections::BTreeSet<u64>> {
-    let trail = crate::audit::read(app.audit.path())?;
-    Ok(trail
+pub(crate) fn recorded_destructions(history: &[crate::audit::Record]) -> BTreeSet<u64> {
+    history
         .iter()
         .filter(|r| matches!(r.entry.event, Some(Event::Destroyed(_))))
         .filter_map(|r| r.entry.commit)
-        .collect())
+        .collect()
 }
 
 fn status_of(contract: &str, state: &str, pending: &Pending) -> DestructionStatus {

@@ -52,6 +52,7 @@ impl App {
         let keys = cleanroom_core::keys::KeyStore::open(&config.keys, config.secret.clone())?;
         let found = Found::read(&config)?;
         let destruction_requests = crate::requests::Requests::from_history(found.history());
+        let destructions_recorded = crate::ending::recorded_destructions(found.history());
         let plan = found.decide(config.accept_restore)?;
         // Tampered records of receipt refuse the start before anything is repaired.
         let chain = crate::audit::ChainKey::new(&config.secret);
@@ -84,7 +85,8 @@ impl App {
             audit: Arc::new(opened.audit),
             clock: config.clock,
         });
-        crate::ending::finish_cut(&app, &app.store.log(), app.clock.now())?;
+        let log = app.store.log();
+        crate::ending::finish_cut(&app, &log, &destructions_recorded, app.clock.now())?;
         crate::receiving::record_missing(&app)?;
         crate::retention::finish_cut(&app, &app.store.log())?;
         app.follow_with_mark()?;
