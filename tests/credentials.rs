@@ -262,23 +262,28 @@ async fn each_principal_has_its_own_calls_in_flight() {
     let (tx, stalled) = open_upload().await;
     let mut uploader = h.partner("sakura_foods");
     let upload = tokio::spawn(async move { uploader.upload_list(stalled).await });
+    // Sakura's own calls wait until the upload holds the place: one of them in flight when
+    // the upload arrives would take the place first, and the upload would be the call refused
+    // (this raced on a loaded machine).
+    let mut waited = 0;
+    while h.app.calls_in_flight("Sakura Foods data team") == 0 {
+        assert!(
+            !upload.is_finished(),
+            "the upload ended: {:?}",
+            upload.await
+        );
+        assert!(waited < 1200, "the upload never reached the service");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        waited += 1;
+    }
     let list = || async {
         h.partner("sakura_foods")
             .list_queries(ListQueriesRequest {})
             .await
     };
-    let mut refused = None;
-    // Generous: on a loaded machine the upload may take a while to be in flight.
-    for _ in 0..400 {
-        match list().await {
-            Err(status) => {
-                refused = Some(status);
-                break;
-            }
-            Ok(_) => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
-        }
-    }
-    let refused = refused.expect("the stalled stream's place is held");
+    let refused = list()
+        .await
+        .expect_err("the stalled stream's place is held");
     assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
     assert_eq!(h.app.limited_calls(), 1, "counted as limited, not audited");
     assert_eq!(h.app.unauthenticated_calls(), 0);

@@ -54,6 +54,12 @@ pub struct CallSlot {
 }
 
 impl InFlight {
+    /// How many calls of `key` are in flight now.
+    pub fn count(&self, key: &str) -> usize {
+        let counts = self.0.lock().expect("limit lock poisoned");
+        counts.get(key).copied().unwrap_or(0)
+    }
+
     /// A place for one more call of `key`, if it has fewer than `limit` in flight.
     pub fn enter(self: &std::sync::Arc<Self>, key: &str, limit: usize) -> Option<CallSlot> {
         let mut counts = self.0.lock().expect("limit lock poisoned");

@@ -207,6 +207,11 @@ impl App {
         self.refused_calls.limited.load(Ordering::Relaxed)
     }
 
+    /// How many calls of `principal` are in flight now (what its concurrency limit counts).
+    pub fn calls_in_flight(&self, principal: &str) -> usize {
+        self.in_flight.count(principal)
+    }
+
     /// Appends an audit record and returns its id.
     pub fn record(&self, entry: Entry) -> Result<String> {
         self.audit.append(entry, self.clock.now())
