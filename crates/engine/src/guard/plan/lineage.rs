@@ -104,6 +104,26 @@ impl<'a> Lineage<'a> {
         bare_column(expr, input.schema()).is_some_and(|i| self.members(input).contains(&i))
     }
 
+    /// Whether every value `expr` can take on `input`'s output is a member key or NULL: a bare
+    /// member-key column, or a CASE whose every result is one (its conditions may read
+    /// anything). Such an expression's distinct values are members.
+    pub(super) fn yields_member_keys(&self, expr: &Expr, input: &LogicalPlan) -> bool {
+        match expr {
+            Expr::Alias(a) => self.yields_member_keys(&a.expr, input),
+            Expr::Literal(value, _) => value.is_null(),
+            Expr::Case(case) => {
+                case.when_then_expr
+                    .iter()
+                    .all(|(_, then)| self.yields_member_keys(then, input))
+                    && case
+                        .else_expr
+                        .as_deref()
+                        .is_none_or(|other| self.yields_member_keys(other, input))
+            }
+            _ => self.is_member_key(expr, input),
+        }
+    }
+
     /// Whether `expr`, evaluated on `input`'s output, reads a member-key column at all.
     pub(super) fn reads_member_key(&self, expr: &Expr, input: &LogicalPlan) -> bool {
         references(expr, input.schema(), self.members(input))

@@ -2,7 +2,7 @@
 //! the guard can clamp each contribution and scale the metric's noise to it. A count of distinct
 //! members adds at most 1; any other metric needs the query's declared per-member bound. COUNT
 //! of distinct values of any other column has no such bound (one member can bring many values),
-//! so it is refused.
+//! so it is refused, also when the member key only chooses which values are counted.
 
 use super::lineage::bare_column;
 use super::output_shape::OutputMetric;
@@ -35,11 +35,11 @@ fn metric_shape(
 ) -> Result<MetricShape, String> {
     let input = &query.output.aggregate.input;
     let params = &metric.function.params;
+    // What is counted must be the member key itself: a member key that only chooses which
+    // values of another column are counted (`CASE WHEN member_key … THEN sku END`) counts those.
     let counts_members = params.distinct
-        && params
-            .args
-            .iter()
-            .any(|a| query.lineage.reads_member_key(a, input));
+        && params.args.len() == 1
+        && query.lineage.yields_member_keys(&params.args[0], input);
     if params.distinct && !counts_members {
         return Err(format!(
             "metric `{name}`: COUNT(DISTINCT …) must count members; distinct values of other \
@@ -121,5 +121,23 @@ mod tests {
         declared.metric_bounds.insert("products".into(), 5);
         let refusal = refused_by(RULE.name, &plan, &declared);
         assert!(refusal.contains("must count members"), "{refusal}");
+    }
+
+    #[test]
+    fn distinct_values_chosen_by_the_member_key_are_still_values_of_another_column() {
+        // The member key only in the condition: the distinct values counted are SKUs, of which
+        // one member can bring many, so the count is no count of members.
+        let skus_of_members = when(col("member_key").is_not_null(), col("sku"))
+            .end()
+            .unwrap();
+        let plan = by_category(vec![count_distinct(skus_of_members).alias("products")]);
+        let refusal = refused_by(RULE.name, &plan, &policy(&["category"], &["products"]));
+        assert!(refusal.contains("must count members"), "{refusal}");
+        // A choice that yields the member key or nothing still counts members.
+        let big_buyers = when(col("amount").gt(lit(10_000)), col("member_key"))
+            .otherwise(lit(datafusion::scalar::ScalarValue::Int64(None)))
+            .unwrap();
+        let plan = by_category(vec![count_distinct(big_buyers).alias("big_buyers")]);
+        check_plan(&plan, &policy(&["category"], &["big_buyers"])).expect("accepted");
     }
 }
