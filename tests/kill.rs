@@ -995,3 +995,118 @@ async fn kill_minus_nine_during_a_rotations_end_and_the_next_start_completes_it(
         served.kill();
     }
 }
+
+/// A full disk at the append of a list's record of receipt (issue 16, item 4): the list's commit
+/// comes first and goes through, the record cannot be written, and the upload fails. Its retry
+/// under the same request id, once space is back, is answered with the version stored and
+/// writes the record; a start after `kill -9` finds nothing missing and writes no second one.
+/// The file-size limit is set just past the records' end, after enough uploads that the records
+/// are larger than every other file an upload writes (the new list file, the manifest, the
+/// high-water mark), so the record's append is the write that fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_at_a_record_of_receipt_is_finished_by_the_retry() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("rules.toml");
+    let sample_rules = std::fs::read_to_string(sample_dir().join("rules.toml")).unwrap();
+    let relaxed = sample_rules.replace("max_list_versions = 4", "max_list_versions = 1000");
+    assert_ne!(relaxed, sample_rules);
+    std::fs::write(&rules, relaxed).unwrap();
+    copy_declarations(dir.path());
+    let config = write_config_with(dir.path(), &rules, &root().join("queries"), 60);
+    let data = dir.path().join("data");
+    let served = serve(&config);
+    let conn = served.conn().await;
+    sample::approve_all(&conn).await.unwrap();
+    sample::load(&conn, &sample_dir()).await.unwrap();
+    let key = cleanroom_server::audit::ChainKey::new(&test_secret());
+    let receipts = || cleanroom_server::receipts::read(&data, &key).unwrap();
+    let list =
+        cleanroom_client::read_list(&sample_dir().join("partner_lists/sakura_foods.csv")).unwrap();
+    let upload = |request_id: &str| {
+        let (conn, records) = (conn.clone(), list.clone());
+        let header = cleanroom_proto::v1::UploadListHeader {
+            strict: false,
+            request_id: request_id.to_string(),
+        };
+        async move {
+            let mut sakura = conn.partner(sample::partner_token("sakura_foods")).unwrap();
+            cleanroom_client::upload_list_as(&mut sakura, header, records).await
+        }
+    };
+    let mut uploads = 0;
+    while size(&data.join(cleanroom_server::receipts::FILE)) <= written_by_an_upload(&data) {
+        upload(&cleanroom_client::new_request_id()).await.unwrap();
+        uploads += 1;
+        assert!(uploads < 40, "the records never outgrew the other files");
+    }
+    let before = receipts();
+    let stored = upload_version(&data);
+
+    served.limit_file_size(Some(
+        size(&data.join(cleanroom_server::receipts::FILE)) + 20,
+    ));
+    let id = cleanroom_client::new_request_id();
+    let failed = upload(&id)
+        .await
+        .expect_err("the record of receipt cannot be written");
+    served.limit_file_size(None);
+    println!("the upload on a full disk: {failed}");
+    assert_eq!(
+        upload_version(&data),
+        stored + 1,
+        "the list's commit went through"
+    );
+    assert_eq!(receipts().len(), before.len(), "and its record did not");
+
+    let retried = upload(&id).await.expect("the retry is answered");
+    assert!(retried.already_committed, "{retried:?}");
+    assert_eq!(retried.list_version, stored + 1);
+    let after = receipts();
+    assert_eq!(after.len(), before.len() + 1, "the retry wrote the record");
+    let written = &after.last().unwrap().entry;
+    assert_eq!(
+        (written.partner.as_str(), written.list_version),
+        ("sakura_foods", stored + 1)
+    );
+    assert_eq!(written.members, before.last().unwrap().entry.members);
+    served.kill();
+    let served = serve(&config);
+    overlap(&served.conn().await).await;
+    assert_eq!(
+        receipts().len(),
+        after.len(),
+        "no second record at the next start"
+    );
+    cleanroom_server::receipts::verify(&data, &key).unwrap();
+    served.kill();
+}
+
+/// The largest file a list upload writes whole: its list file (as large as the last one), the
+/// manifest and the high-water mark beside the data directory (all but the mark in `data`).
+fn written_by_an_upload(data: &Path) -> u64 {
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(data.join("manifest.json")).unwrap()).unwrap();
+    let last_list = manifest["lists"]["sakura_foods"]
+        .as_array()
+        .and_then(|versions| versions.last())
+        .and_then(|file| file.as_str())
+        .map_or(0, |file| size(&data.join(file)));
+    // Where `serve` keeps it by default: `<data_dir>.high-water-mark.json`.
+    let mark = data.with_file_name("data.high-water-mark.json");
+    last_list
+        .max(size(&data.join("manifest.json")))
+        .max(size(&mark))
+}
+
+/// Sakura's newest list version, as the manifest counts them.
+fn upload_version(data: &Path) -> u32 {
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(data.join("manifest.json")).unwrap()).unwrap();
+    let held = manifest["lists"]["sakura_foods"]
+        .as_array()
+        .map_or(0, |versions| versions.len());
+    let dropped = manifest["lists_dropped"]["sakura_foods"]
+        .as_u64()
+        .unwrap_or(0);
+    (held as u64 + dropped) as u32
+}

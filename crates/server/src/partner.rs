@@ -195,6 +195,9 @@ where
     let (_slot, fed) = match (claim, fed) {
         (Some(Claim::Replay(record)), _) => {
             entry.replayed(&record);
+            // The first attempt may have committed the list and then failed to write its record
+            // of receipt (a full disk): its retry writes it, as the next start would.
+            crate::receiving::record_missing_now(app).await?;
             return Ok(convert::upload_response(&record, true));
         }
         (Some(Claim::Run(slot)), Some(fed)) => (slot, fed),

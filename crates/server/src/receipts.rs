@@ -279,10 +279,13 @@ impl Receipts {
         record.hash = self.key.record_hash(&record)?;
         let line = serde_json::to_vec(&record).map_err(|e| Error::Internal(e.to_string()))?;
         tail.log.append(&line)?;
-        audit::write_checkpoint(&self.path, &self.key.checkpoint(seq, &record.hash))?;
+        // The record is on disk: the chain goes on from it even if its checkpoint cannot be
+        // written (a checkpoint behind the chain verifies), or the next record would repeat its
+        // place in the chain.
         tail.seq = seq;
         *self.end.lock().expect("receipts lock poisoned") = (seq, record.hash.clone());
-        tail.hash = record.hash;
+        tail.hash = record.hash.clone();
+        audit::write_checkpoint(&self.path, &self.key.checkpoint(seq, &record.hash))?;
         Ok(record.id)
     }
 

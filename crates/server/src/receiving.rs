@@ -147,6 +147,13 @@ fn current_members(
     }
 }
 
+/// [`record_missing`] while the service runs, one upload's record at a time: for a retried
+/// upload whose first attempt committed its list but could not write the record.
+pub(crate) async fn record_missing_now(app: &App) -> Result<usize> {
+    let _one_at_a_time = app.receipts.hold().await;
+    record_missing(app)
+}
+
 /// Writes the record of receipt of each partner's current list that has none: a crash between
 /// the list's commit and its record (the commit comes first) is finished at the next start, as a
 /// destruction is. Run at start, before any call is served. Returns how many it wrote.
@@ -180,7 +187,7 @@ pub(crate) fn record_missing(app: &App) -> Result<usize> {
         let members = current_members(app, members, &record)?;
         let receipt = receipt_of(rules, partner, contract_id, &record, today, members)?;
         app.receipts.append(receipt, record.at)?;
-        tracing::warn!(partner = %partner, "wrote a record of receipt a crash cut short");
+        tracing::warn!(partner = %partner, "wrote a record of receipt a crash or a full disk cut short");
         written += 1;
     }
     Ok(written)
