@@ -379,17 +379,33 @@ async fn a_confirmed_destruction_removes_the_collaboration_and_proves_it() {
     assert_eq!(h.app.guard.charges(), charges, "nothing was charged");
     h.run("kumo_denki", "matched_overlap", &[]).await.unwrap();
 
+    // The confirmation sent again, as a client whose answer was lost does: answered with the
+    // destruction that happened, and nothing is destroyed or recorded as destroyed again.
+    let again = confirm_end(&h, sample::LEGAL_TOKEN, &contract)
+        .await
+        .expect("a confirmation sent again is answered");
+    assert_eq!(
+        (again.state.as_str(), &again.reason, &again.key_id),
+        ("destroyed", &done.reason, &done.key_id)
+    );
+    assert_eq!(again.files, done.files);
+    assert_eq!(again.stored_answers, done.stored_answers);
+    assert_eq!(again.confirmed_by, done.confirmed_by);
+    assert!(!again.destroyed_at.is_empty());
+
     let audit = h
         .legal()
         .list_audit(cleanroom_proto::v1::ListAuditRequest::default())
         .await
         .unwrap()
         .into_inner();
-    let proof = audit
+    let proofs: Vec<_> = audit
         .records
         .iter()
-        .find(|r| r.method == "ConfirmDestruction" && r.outcome == "ok")
-        .expect("the destruction is recorded");
+        .filter(|r| r.method == "ConfirmDestruction" && r.details.contains_key("files"))
+        .collect();
+    assert_eq!(proofs.len(), 1, "one destruction recorded: {proofs:?}");
+    let proof = proofs[0];
     for file in &done.files {
         assert!(proof.details["files"].contains(&file.sha256), "{proof:?}");
     }

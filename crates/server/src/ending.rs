@@ -77,12 +77,17 @@ pub(crate) async fn confirm(
     entry: &mut Entry,
     contract: &str,
 ) -> Result<DestructionStatus> {
-    let pending = app.destruction_requests.get(contract).ok_or_else(|| {
-        cleanroom_core::Error::Precondition(format!(
+    let Some(pending) = app.destruction_requests.get(contract) else {
+        // A confirmation sent again because its answer was lost: the destruction as recorded.
+        if let Some(done) = already_destroyed(app, contract).await? {
+            return Ok(done);
+        }
+        return Err(cleanroom_core::Error::Precondition(format!(
             "no pending request to end contract `{}`: an analyst asks first (RequestDestruction)",
             shown(contract)
         ))
-    })?;
+        .into());
+    };
     entry.partner = Some(pending.partner.clone());
     let facts = call.write_facts(
         "ConfirmDestruction",
@@ -110,6 +115,37 @@ pub(crate) async fn confirm(
     entry.event = Some(Event::Destroyed(Box::new(destruction)));
     app.destruction_requests.remove(contract);
     Ok(status)
+}
+
+/// The answer a confirmation got, for `contract` destroyed before: read from its typed audit
+/// record (the latest, should there be several), so a legal reviewer's client that retries sees
+/// the destruction that happened and nothing is done again. `None` if none is recorded.
+async fn already_destroyed(
+    app: &std::sync::Arc<App>,
+    contract: &str,
+) -> Result<Option<DestructionStatus>> {
+    let path = app.audit.path().to_path_buf();
+    let trail = crate::state::blocking(move || crate::audit::read(&path)).await?;
+    let found = trail
+        .iter()
+        .rev()
+        .find_map(|record| match &record.entry.event {
+            Some(Event::Destroyed(d)) if d.contract == contract && record.entry.outcome == "ok" => {
+                Some((record, d))
+            }
+            _ => None,
+        });
+    let Some((record, destruction)) = found else {
+        return Ok(None);
+    };
+    let at = DateTime::parse_from_rfc3339(&record.at)
+        .map_err(|e| crate::Error::Internal(format!("an audit record's time: {e}")))?
+        .with_timezone(&Utc);
+    Ok(Some(destroyed_status(
+        destruction,
+        &record.entry.principal,
+        at,
+    )))
 }
 
 /// A collaboration to destroy, and on whose word.
