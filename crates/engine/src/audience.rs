@@ -264,8 +264,9 @@ impl Audiences {
         Ok(Arc::new(part))
     }
 
-    /// Forgets every kept part, so that the memory they hold goes back to the pool.
-    fn forget_all(&self) {
+    /// Forgets every kept part, so that the memory they hold goes back to the pool (and what
+    /// they hold of data since destroyed or erased is not kept in memory either).
+    pub(crate) fn forget_all(&self) {
         self.matched
             .lock()
             .expect("audience cache lock poisoned")
@@ -274,6 +275,18 @@ impl Audiences {
             .lock()
             .expect("audience cache lock poisoned")
             .clear();
+    }
+
+    /// Forgets the kept matches of `contract_id`'s list versions other than `current` (by
+    /// digest; all of them when it has none): a retention destroyed them.
+    pub(crate) fn forget_matches_except(&self, contract_id: &str, current: Option<&str>) {
+        self.matched
+            .lock()
+            .expect("audience cache lock poisoned")
+            .retain(|(key, _)| {
+                key.split('|').next() != Some(contract_id)
+                    || current.is_some_and(|d| key.rsplit('|').next() == Some(d))
+            });
     }
 
     /// Computes and keeps what the questions of `contract_id` on `snapshot` will share (its
@@ -537,6 +550,39 @@ mod tests {
         assert_eq!(pool.reserved(), bytes);
         drop(kept);
         assert_eq!(pool.reserved(), 0);
+    }
+
+    #[test]
+    fn forgetting_the_kept_parts_gives_their_memory_back() {
+        let pool: Arc<dyn MemoryPool> = Arc::new(GreedyMemoryPool::new(1 << 20));
+        let audiences = Audiences::charged_to(Arc::clone(&pool));
+        let cell = kept(&audiences.matched, "a list".into());
+        let part = audiences.charged("matched list", matched(1_000)).unwrap();
+        assert!(cell.set(part).is_ok());
+        drop(cell);
+        assert!(pool.reserved() > 0, "kept, and charged while kept");
+        audiences.forget_all();
+        assert_eq!(pool.reserved(), 0);
+        assert!(audiences.matched.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_retention_forgets_the_matches_of_the_versions_it_destroyed_only() {
+        let audiences = Audiences::default();
+        for key in ["ctr-a|m1|t1|old", "ctr-a|m1|t1|new", "ctr-b|m1|t1|old"] {
+            kept(&audiences.matched, key.into());
+        }
+        audiences.forget_matches_except("ctr-a", Some("new"));
+        let left: Vec<String> = audiences
+            .matched
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(k, _)| k.clone())
+            .collect();
+        assert_eq!(left, ["ctr-a|m1|t1|new", "ctr-b|m1|t1|old"]);
+        audiences.forget_matches_except("ctr-a", None);
+        assert_eq!(audiences.matched.lock().unwrap().len(), 1);
     }
 
     #[test]

@@ -507,6 +507,19 @@ impl Guard {
         self.answers.remove_partner(partner)
     }
 
+    /// Forgets the audiences kept for the next questions (matched lists, consent states): after a
+    /// destruction, a retention or an erasure nothing of what went stays in memory either. The
+    /// next question computes what it needs again.
+    pub fn forget_kept_audiences(&self) {
+        self.audiences.forget_all();
+    }
+
+    /// Forgets the kept matches of `contract_id`'s list versions a retention destroyed: all but
+    /// the current one (`current`, by digest; all when the retention destroyed every version).
+    pub fn forget_destroyed_matches(&self, contract_id: &str, current: Option<&str>) {
+        self.audiences.forget_matches_except(contract_id, current);
+    }
+
     /// Destroys a partner's stored answers computed over its list versions up to `through` (the
     /// retention rules destroyed them); returns how many. Their charges stay on the ledger.
     pub fn forget_answers_through(&self, partner: &str, through: u32) -> Result<u64> {

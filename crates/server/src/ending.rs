@@ -171,6 +171,7 @@ fn destroy(
             .commit_destruction(&ending.contract, &ending.partner, &ending.reason, facts)?;
     crate::faults::pause_point("end:committed");
     let stored_answers = app.guard.forget_answers(&ending.partner)?;
+    app.guard.forget_kept_audiences();
     crate::faults::pause_point("end:answers-forgotten");
     let (key_version, key_id) = destroy_keys(
         &app.keys,

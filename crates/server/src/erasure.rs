@@ -68,6 +68,8 @@ pub(crate) async fn erase(
             before_commit: &|| crate::faults::pause_point("erase:staged"),
         };
         let done = owned.store.commit_erasure(&ask, facts)?;
+        // The kept matched lists name the erased members' pseudonyms.
+        owned.guard.forget_kept_audiences();
         crate::faults::pause_point("erase:committed");
         Ok(done)
     })

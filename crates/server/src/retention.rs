@@ -132,6 +132,13 @@ fn retire_lists(app: &App, rules: &Rules, id: &str, contract: &Contract) -> Resu
     };
     crate::faults::pause_point("lists:committed");
     let stored_answers = app.guard.forget_answers_through(partner, through)?;
+    let current = app
+        .store
+        .snapshot()
+        .lists
+        .get(partner)
+        .map(|l| l.digest.clone());
+    app.guard.forget_destroyed_matches(id, current.as_deref());
     let key_id = app
         .keys
         .status()?
@@ -149,7 +156,7 @@ fn retire_lists(app: &App, rules: &Rules, id: &str, contract: &Contract) -> Resu
         stored_answers,
         ..retirement()
     };
-    append_record(app, Some(partner), &record, retirement, now)?;
+    append_record(app, Some(partner), Some(&record), retirement, now)?;
     tracing::info!(contract = %id, through_version = through, "list versions destroyed by the retention rules");
     Ok(Lists::Destroyed)
 }
@@ -177,7 +184,7 @@ fn remove_old_purchases(app: &App, rules: &Rules, today: NaiveDate) -> Result<bo
         removed_rows: removed.removed_rows,
         ..retirement()
     };
-    append_record(app, None, &record, retirement, now)?;
+    append_record(app, None, Some(&record), retirement, now)?;
     tracing::info!(rows = removed.removed_rows, kept_from = %day, "old purchases removed by the retention rules");
     Ok(true)
 }
@@ -252,23 +259,26 @@ fn retirement() -> Retirement {
     }
 }
 
-/// Appends a retention's audit record.
-fn append_record(
+/// Appends the audit record of what the rules retired (a retention, or a rotation's end), with
+/// its commit if the store held anything.
+pub(crate) fn append_record(
     app: &App,
-    partner: Option<&String>,
-    committed: &CommitRecord,
+    partner: Option<&str>,
+    committed: Option<&CommitRecord>,
     retirement: Retirement,
     now: DateTime<Utc>,
 ) -> Result<()> {
     let mut entry = Entry {
         principal: RULES.into(),
         role: "service".into(),
-        partner: partner.cloned(),
+        partner: partner.map(str::to_string),
         method: SWEEP.into(),
         outcome: "ok".into(),
         ..Entry::default()
     };
-    entry.committed(committed);
+    if let Some(record) = committed {
+        entry.committed(record);
+    }
     entry.event = Some(Event::Retired(Box::new(retirement)));
     app.audit.append(entry, now)?;
     Ok(())

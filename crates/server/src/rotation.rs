@@ -19,10 +19,10 @@ use chrono::{DateTime, Utc};
 use cleanroom_core::keys::{ROTATION, Retiring};
 use cleanroom_core::rules::{Contract, Rules};
 use cleanroom_engine::ingest::ListKeys;
-use cleanroom_engine::store::{CommitRecord, Rotated, TokensRemoved};
+use cleanroom_engine::store::{Rotated, TokensRemoved};
 
 use crate::Result;
-use crate::audit::{Entry, Event, Retirement};
+use crate::audit::Retirement;
 use crate::state::App;
 
 /// Who destroys a key version whose overlap ended, as audit records name it.
@@ -143,31 +143,7 @@ fn end_overlap(
         removed_rows: removed.removed_rows,
         stored_answers,
     };
-    append_record(app, partner, record.as_ref(), retirement, now)?;
+    crate::retention::append_record(app, Some(partner), record.as_ref(), retirement, now)?;
     tracing::info!(contract = %id, version = old.version, "key version destroyed at the end of its rotation overlap");
     Ok(true)
-}
-
-/// Appends the audit record of a rotation's end (with its commit, if the store held anything).
-fn append_record(
-    app: &App,
-    partner: &str,
-    committed: Option<&CommitRecord>,
-    retirement: Retirement,
-    now: DateTime<Utc>,
-) -> Result<()> {
-    let mut entry = Entry {
-        principal: RULES.into(),
-        role: "service".into(),
-        partner: Some(partner.to_string()),
-        method: cleanroom_engine::store::SWEEP.into(),
-        outcome: "ok".into(),
-        ..Entry::default()
-    };
-    if let Some(record) = committed {
-        entry.committed(record);
-    }
-    entry.event = Some(Event::Retired(Box::new(retirement)));
-    app.audit.append(entry, now)?;
-    Ok(())
 }
