@@ -282,7 +282,11 @@ type TokenIndex = datafusion::common::HashMap<TokenKey, Listed>;
 
 /// Every member token of the collaboration, not yet marked as listed.
 fn member_tokens(tokens: &TableFile) -> Result<TokenIndex> {
-    let mut index = TokenIndex::default();
+    // Sized from the file's footer once: grown as it fills, the table of millions of tokens was
+    // moved to a new allocation again and again (most of a list upload's time at a million
+    // members went to the kernel zeroing those allocations' pages).
+    let rows = usize::try_from(tokens.rows()?).unwrap_or(0);
+    let mut index = TokenIndex::with_capacity_and_hasher(rows, Default::default());
     let mut ordinal = 0u64;
     for batch in tokens.batches()? {
         let batch = batch?;
