@@ -336,6 +336,9 @@ async fn a_confirmed_destruction_removes_the_collaboration_and_proves_it() {
     request_end(&h, &contract, "the campaign was cancelled")
         .await
         .unwrap();
+    request_end(&h, &contract, "the campaign was cancelled")
+        .await
+        .expect("a request sent again is answered with the one waiting");
     h.run("sakura_foods", "matched_overlap", &[])
         .await
         .expect("nothing changes until legal confirms");
@@ -405,6 +408,15 @@ async fn a_confirmed_destruction_removes_the_collaboration_and_proves_it() {
         .filter(|r| r.method == "ConfirmDestruction" && r.details.contains_key("files"))
         .collect();
     assert_eq!(proofs.len(), 1, "one destruction recorded: {proofs:?}");
+    let requests = audit
+        .records
+        .iter()
+        .filter(|r| r.method == "RequestDestruction" && r.details.contains_key("reason"))
+        .count();
+    assert_eq!(
+        requests, 1,
+        "the request sent again is not a second request"
+    );
     let proof = proofs[0];
     for file in &done.files {
         assert!(proof.details["files"].contains(&file.sha256), "{proof:?}");

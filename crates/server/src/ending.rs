@@ -52,6 +52,13 @@ pub(crate) fn request(
     if let Some(ended) = app.keys.tombstone(contract_id, contract.key_version)? {
         return Err(ended.refusal().into());
     }
+    if let Some(waiting) = app.destruction_requests.get(contract_id)
+        && waiting.reason == reason
+        && waiting.requested_by == call.principal.name
+    {
+        // Sent again (its answer lost on the way): the request already waiting, not a second.
+        return Ok((status_of(contract_id, "requested", &waiting), waiting));
+    }
     entry.event = Some(Event::DestructionRequested {
         contract: contract_id.to_string(),
         reason: reason.clone(),
