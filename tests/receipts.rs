@@ -284,19 +284,37 @@ async fn records_outlive_the_list_and_are_purged_three_years_and_a_day_later() {
         "{broken}"
     );
     std::fs::write(&file, kept).unwrap();
+    let unpurged: Vec<(PathBuf, Vec<u8>)> = ["receipts.jsonl", "receipts.checkpoint"]
+        .into_iter()
+        .map(|name| (data.join(name), std::fs::read(data.join(name)).unwrap()))
+        .collect();
     let h = h.restart_at(days_later(1097)).await;
     let page = receipts(&h).await;
     assert!(page.receipts.is_empty(), "gone three years and a day later");
     assert_eq!(page.purged_through, 2);
-    let trail = cleanroom_server::audit::read(&data.join("audit.jsonl")).unwrap();
-    let purges: Vec<_> = trail
-        .iter()
-        .filter_map(|r| match &r.entry.event {
-            Some(Event::ReceiptsPurged { records, .. }) => Some(*records),
-            _ => None,
+    let purges = || {
+        let trail = cleanroom_server::audit::read(&data.join("audit.jsonl")).unwrap();
+        trail
+            .iter()
+            .filter_map(|r| match &r.entry.event {
+                Some(Event::ReceiptsPurged { records, .. }) => Some(*records),
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(purges(), [2], "one audit record of the purge");
+    // A crash that cut the purge after its audit record (the record comes first): the records
+    // are still there at the next start, which purges them without recording it a second time.
+    let h = h
+        .restart_at_after(days_later(1097), |_| {
+            for (path, bytes) in &unpurged {
+                std::fs::write(path, bytes).unwrap();
+            }
+            std::fs::remove_file(data.join("receipts.base")).unwrap();
         })
-        .collect();
-    assert_eq!(purges, [2], "one audit record of the purge");
+        .await;
+    assert!(receipts(&h).await.receipts.is_empty(), "purged again");
+    assert_eq!(purges(), [2], "still one audit record of the purge");
     assert_eq!(
         cleanroom_server::receipts::verify(&data, &key).unwrap(),
         (0, 2)

@@ -461,6 +461,15 @@ impl Harness {
         self.relaunch(as_of(), damage, false).await
     }
 
+    /// [`Harness::restart_after`] with the clock pinned to `now`.
+    pub async fn restart_at_after(
+        self,
+        now: chrono::DateTime<chrono::Utc>,
+        damage: impl FnOnce(&Path),
+    ) -> Self {
+        self.relaunch(now, damage, false).await
+    }
+
     /// Starts the service again on its data directory, accepting that it is behind its
     /// high-water mark (`serve --accept-restore`). The service must be stopped.
     pub async fn start_accepting_restore(self) -> Self {

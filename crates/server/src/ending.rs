@@ -224,9 +224,13 @@ pub(crate) fn sweep(app: &App) -> Result<usize> {
 
 /// Purges the records of receipt whose keeping period ([`crate::receipts::KEEP_DAYS`] after
 /// their day of receipt, whatever the retention rules say) ended before `today`, recording the
-/// purge in the trail first.
+/// purge in the trail first: once, since a purge a crash cut after its record is finished
+/// without a second one.
 fn purge_receipts(app: &App, today: chrono::NaiveDate, now: DateTime<Utc>) -> Result<()> {
     let purged = app.receipts.purge(today, |purged| {
+        if purge_recorded(app, purged)? {
+            return Ok(());
+        }
         let entry = Entry {
             principal: "retention rules".into(),
             role: "service".into(),
@@ -249,6 +253,16 @@ fn purge_receipts(app: &App, today: chrono::NaiveDate, now: DateTime<Utc>) -> Re
         );
     }
     Ok(())
+}
+
+/// Whether the trail already records the purge through `purged`'s new start: read only when a
+/// purge is due, at most once a day.
+fn purge_recorded(app: &App, purged: &crate::receipts::Purged) -> Result<bool> {
+    let trail = crate::audit::read(app.audit.path())?;
+    Ok(trail.iter().rev().any(|r| {
+        matches!(&r.entry.event, Some(Event::ReceiptsPurged { through_seq, head, .. })
+            if *through_seq == purged.base.seq && *head == purged.base.head)
+    }))
 }
 
 /// Destroys one collaboration on the rules' word (its expiry, or its removal from the rules),
