@@ -32,6 +32,24 @@ fn schema_of(columns: Vec<(usize, &str, DataType, bool)>) -> SchemaRef {
     Arc::new(Schema::new(fields))
 }
 
+/// Every retailer table (members, purchases, consent) keeps its member key at the same place.
+const _: () = assert!(
+    members::MEMBER_KEY == purchases::MEMBER_KEY && members::MEMBER_KEY == consent::MEMBER_KEY
+);
+
+/// The member keys of a batch of a retailer table (members, purchases, consent); `None` if the
+/// batch has no such column.
+pub fn member_keys(
+    batch: &datafusion::arrow::record_batch::RecordBatch,
+) -> Option<&datafusion::arrow::array::Int64Array> {
+    use datafusion::arrow::array::AsArray as _;
+    use datafusion::arrow::datatypes::Int64Type;
+    batch
+        .columns()
+        .get(members::MEMBER_KEY)
+        .and_then(|c| c.as_primitive_opt::<Int64Type>())
+}
+
 /// The member table: one row per retailer member, replaced whole by a member ingest.
 pub mod members {
     use super::*;

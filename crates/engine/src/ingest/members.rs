@@ -9,7 +9,7 @@ use cleanroom_core::keys::KeyStore;
 use cleanroom_core::normalize::{self, Rejection};
 use cleanroom_core::rules::Rules;
 use cleanroom_core::token::{CollaborationKey, MasterSecret, PseudonymKey};
-use datafusion::arrow::array::{ArrayBuilder, Int64Array, Int64Builder, StringBuilder};
+use datafusion::arrow::array::{ArrayBuilder, Int64Builder, StringBuilder};
 use datafusion::arrow::record_batch::RecordBatch;
 
 use super::tokens::TokenBuilder;
@@ -129,13 +129,9 @@ impl TokensOnly {
         let mut members = HashSet::new();
         for batch in table.batches()? {
             let batch = batch?;
-            let keys = batch
-                .column(0)
-                .as_any()
-                .downcast_ref::<Int64Array>()
-                .ok_or_else(|| {
-                    Error::Storage("the member table's first column is no key".into())
-                })?;
+            let keys = crate::tables::member_keys(&batch).ok_or_else(|| {
+                Error::Storage("the member table's first column is no key".into())
+            })?;
             members.extend(keys.values().iter().copied());
         }
         Ok(Self {

@@ -196,10 +196,7 @@ impl Store {
         for batch in file.batches()? {
             let batch = batch?;
             schema.get_or_insert_with(|| batch.schema());
-            let keys = batch
-                .column(0)
-                .as_any()
-                .downcast_ref::<Int64Array>()
+            let keys = tables::member_keys(&batch)
                 .ok_or_else(|| Error::Storage(format!("{name}: its first column is no key")))?;
             let erase: BooleanArray = keys
                 .iter()
@@ -318,10 +315,7 @@ impl Store {
         for file in files {
             for batch in file.batches()? {
                 let batch = batch?;
-                let keys = batch
-                    .column(0)
-                    .as_any()
-                    .downcast_ref::<Int64Array>()
+                let keys = tables::member_keys(&batch)
                     .ok_or_else(|| Error::Storage("a retailer table without its key".into()))?;
                 for key in keys.values().iter() {
                     if !found.contains(key) && wanted.contains_key(&digests.digest(*key)) {
